@@ -1,0 +1,53 @@
+"""Artifacts a benchmark needs: ONNX exports (validation off: timing only) and TensorRT engines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.benchmarks.models import Sweep
+
+
+def export_for_bench(model: Any, path: Path, precision: str, sweep: Sweep, source: str = "") -> Path:
+    """Export ``model`` to ``path`` accepting every shape of ``sweep`` (no parity check: timing only).
+
+    ``vitdeploy deploy`` and ``vitdeploy verify`` check parity; a benchmark only needs the graph.
+    """
+    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+
+    options = ExportOptions(
+        batch=sweep.batch_range, height=sweep.height_range, width=sweep.width_range, precision=precision,
+        validate=False, preflight=False, source=source,
+    )
+    return export_onnx(model, path, options).path
+
+
+def engine_profiles(sweep: Sweep) -> list[str]:
+    """``--profile`` specs for a sweep: a latency profile (small batches, optimum at the smallest batch
+    and size) and, when the sweep goes past batch 8, a throughput profile (optimum at its largest batch
+    and size). The runtime picks the profile whose optimum is nearest each shape.
+    """
+    low_b, high_b = sweep.batch_range
+    low_h, high_h = sweep.height_range
+    if high_b <= 8:
+        return [f"batch={low_b}:{low_b}:{high_b},resolution={low_h}:{low_h}:{high_h}"]
+    return [f"batch={low_b}:{low_b}:8,resolution={low_h}:{low_h}:{high_h}",
+            f"batch={low_b}:{high_b}:{high_b},resolution={low_h}:{high_h}:{high_h}"]
+
+
+def build_engine_for_bench(onnx_path: Path, engine_path: Path, sweep: Sweep,
+                           log: Callable[[str], None] | None = None) -> Path:
+    """Build a TensorRT engine whose profiles (:func:`engine_profiles`) cover the sweep."""
+    from vitdeploy.exporters.tensorrt_build import run_build
+    from vitdeploy.exporters.trt_plan import BuildOptions, plan_build
+
+    low_h, high_h = sweep.height_range
+    low_w, high_w = sweep.width_range
+    if (low_h, high_h) != (low_w, high_w):
+        raise ValueError(f"engines for non-square sweeps are not supported here (height {low_h}..{high_h}, "
+                         f"width {low_w}..{high_w}); build one with `vitdeploy build`")
+    options = BuildOptions(timing_cache=str(engine_path.with_name("tensorrt.timing-cache")))
+    plan = plan_build(onnx_path, engine_path, options=options, profile_specs=engine_profiles(sweep))
+    run_build(plan, show_progress=False, log=log or (lambda message: None))
+    return engine_path

@@ -1,0 +1,216 @@
+"""One session per (model, runtime): loads the runtime once and hands the harness a timed callable per shape.
+
+Each session times what a deployed model spends per request with the input already where
+the runtime wants it: on CPU the whole runtime call (numpy in, logits out); on GPU the
+forward pass on a device-resident input (host<->device copies excluded), timed with CUDA
+events for torch and with a wall clock around onnxruntime's synchronous ``run_with_iobinding``
+and the TensorRT runtime's synchronous device call.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from vitdeploy.benchmarks.models import BenchModel, Sweep
+from vitdeploy.benchmarks.specs import RuntimeSpec
+from vitdeploy.benchmarks.timing import CudaEventTimer, Timer, WallTimer
+
+Log = Callable[[str], None]
+
+
+class Skip(Exception):
+    """The runtime cannot run on this machine (missing library, no GPU); the message says why."""
+
+
+class Session(Protocol):
+    timer: Timer
+    threads: int | None
+    artifact: str | None
+    device_index: int | None
+
+    def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _input(batch: int, height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, channels, height, width), dtype=np.float32)
+
+
+def _require_cuda(what: str) -> None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        raise Skip(f"{what} needs torch to time CUDA work") from None
+    if not torch.cuda.is_available():
+        raise Skip(f"{what} needs a CUDA GPU; none is visible here (torch.cuda.is_available() is False)")
+
+
+class TorchSession:
+    """Eager (or ``torch.compile``-d) PyTorch: the model cast to the precision, fused SDPA attention."""
+
+    artifact = None
+
+    def __init__(self, spec: RuntimeSpec, model: BenchModel, threads: int | None, compile_mode: str | None = None) -> None:
+        import torch
+
+        if spec.device == "cuda":
+            _require_cuda(spec.label)
+        self._torch = torch
+        self.device = torch.device(spec.device)
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
+        if spec.device == "cpu" and threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads() if spec.device == "cpu" else None
+        module = copy.deepcopy(model.torch_model()).to(device=self.device, dtype=self.dtype).eval()
+        module.requires_grad_(False)
+        self.module = module
+        if spec.compile:
+            kwargs = {"mode": compile_mode} if compile_mode else {}
+            self.forward = torch.compile(module, **kwargs)
+        else:
+            self.forward = module
+        self.device_index = (self.device.index or 0) if spec.device == "cuda" else None
+        self.timer: Timer = CudaEventTimer(device=self.device_index) if spec.device == "cuda" else WallTimer()
+
+    def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
+        torch = self._torch
+        pixels = torch.from_numpy(_input(batch, height, width, self.module.config.in_channels))
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        forward = self.forward
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return forward(pixels)
+
+        return run
+
+    def close(self) -> None:
+        self.module = None
+        self.forward = None
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+class OrtSession:
+    """onnxruntime through :class:`vitdeploy.runtimes.onnxruntime.OrtRuntime` (CPU, CUDA or TensorRT EP)."""
+
+    def __init__(self, spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: int | None,
+                 log: Log | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            raise Skip(f"onnxruntime is not installed ({error}); pip install onnxruntime") from None
+        from vitdeploy.runtimes.onnxruntime import PROVIDERS, OrtRuntime
+
+        available = ort.get_available_providers()
+        if PROVIDERS[spec.provider] not in available:
+            package = "onnxruntime-gpu" if spec.provider != "cpu" else "onnxruntime"
+            raise Skip(f"onnxruntime provider {PROVIDERS[spec.provider]} is not available "
+                       f"(installed: {', '.join(available)}); needs {package}")
+        if spec.provider != "cpu":
+            _require_cuda(spec.label)
+        path = model.onnx(spec.precision, sweep, log)
+        self.artifact = str(path)
+        self._ort = ort
+        options: dict[str, Any] = {"provider": spec.provider}
+        if spec.provider == "cpu":
+            options.update(intra_op_threads=threads or 0, inter_op_threads=1)
+        if spec.provider == "tensorrt":
+            options["cache_dir"] = Path(model.cache_dir) / f"{model.name}-{spec.precision}.ort_trt_cache"
+        if log is not None and spec.provider == "tensorrt":
+            log(f"onnxruntime TensorRT EP builds its engine on the first call of each new profile (cached in "
+                f"{options['cache_dir']})")
+        self.runtime = OrtRuntime(path, **options)
+        self.provider = spec.provider
+        self.threads = (threads or None) if spec.provider == "cpu" else None
+        self.device_index = None if spec.provider == "cpu" else self.runtime.device_id
+        self.timer: Timer = WallTimer()
+
+    def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
+        spec = self.runtime.input_spec
+        pixels = _input(batch, height, width, spec.channels).astype(spec.dtype)
+        from vitdeploy.runtimes.base import validate_input
+
+        validate_input(spec, pixels)  # an out-of-range point fails here with the runtime's own message
+        if self.provider == "cpu":
+            runtime = self.runtime
+            return lambda: runtime(pixels)
+        session = getattr(self.runtime, "session", None) or self.runtime._session
+        device = self.runtime.device_id
+        value = self._ort.OrtValue.ortvalue_from_numpy(pixels, "cuda", device)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(spec.name, value)
+        binding.bind_output(self.runtime.output_name, "cuda", device)
+        self._keep = value  # the bound device buffer must outlive the callable
+
+        def run() -> None:
+            session.run_with_iobinding(binding)
+
+        return run
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+class TensorRTSession:
+    """A TensorRT engine through :class:`vitdeploy.runtimes.tensorrt.TensorRTRuntime`."""
+
+    threads = None
+
+    def __init__(self, spec: RuntimeSpec, model: BenchModel, sweep: Sweep, log: Log | None = None) -> None:
+        try:
+            import tensorrt  # noqa: F401
+        except Exception as error:  # ImportError, or a stub wheel failing to find libnvinfer
+            raise Skip(f"TensorRT is not importable here ({type(error).__name__}: {error})") from None
+        _require_cuda(spec.label)
+        from vitdeploy.runtimes.tensorrt import TensorRTRuntime, TensorRTUnavailable
+
+        try:
+            import cuda  # noqa: F401  (cuda-python, which the runtime drives the GPU with)
+        except ImportError as error:
+            raise Skip(f"cuda-python is not installed ({error}); pip install 'vitdeploy[gpu]'") from None
+        path = model.engine(spec.precision, sweep, log)
+        self.artifact = str(path)
+        try:
+            self.runtime = TensorRTRuntime(path)
+        except TensorRTUnavailable as error:
+            raise Skip(str(error)) from None
+        self.device_index = 0
+        self.timer: Timer = WallTimer()
+
+    def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
+        import torch
+
+        spec = self.runtime.input_spec
+        dtype = {"float32": torch.float32, "float16": torch.float16}[spec.dtype]
+        pixels = torch.from_numpy(_input(batch, height, width, spec.channels)).to("cuda", dtype).contiguous()
+        probe = self.runtime.run_device(pixels)  # the engine's real output shape and dtype
+        logits = torch.empty(probe.shape, device="cuda", dtype=getattr(torch, str(probe.dtype)))
+        torch.cuda.synchronize()
+        runtime = self.runtime
+
+        # run_device enqueues on the runtime's own stream and synchronises it before returning.
+        def run() -> Any:
+            return runtime.run_device(pixels, out=logits)
+
+        return run
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def open_session(spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: int | None,
+                 log: Log | None = None, compile_mode: str | None = None) -> Session:
+    """Load ``spec`` for ``model``; raises :class:`Skip` when it cannot run on this machine."""
+    if spec.backend == "torch":
+        return TorchSession(spec, model, threads, compile_mode)
+    if spec.backend == "onnxruntime":
+        return OrtSession(spec, model, sweep, threads, log)
+    return TensorRTSession(spec, model, sweep, log)

@@ -1,0 +1,126 @@
+"""Dense matmul peaks: the denominator of "fraction of peak" for each (device, precision)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Square matrix sizes: big enough to reach the BLAS/cuBLAS plateau, small enough to be quick.
+_SIZES = {"cpu": 2048, "cuda": 8192}
+
+
+@dataclass(frozen=True)
+class Peak:
+    device: str
+    precision: str
+    gflops: float
+    source: str  # "measured" | "given"
+    method: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "gflops": self.gflops,
+                "source": self.source, "method": self.method}
+
+
+def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
+                        size: int | None = None, seconds: float = 1.0) -> Peak:
+    """Best achieved GFLOP/s of ``torch.matmul`` on square ``size`` matrices over about ``seconds``.
+
+    On CPU it runs with ``threads`` intra-op threads (the benchmark's own setting); on CUDA it
+    is timed with CUDA events. TF32 stays off for fp32, so that is the true fp32 peak.
+    """
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    n = size or _SIZES[device]
+    previous_threads = torch.get_num_threads()
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+        flops = 2.0 * n**3
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(3):
+                torch.matmul(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            deadline = time.perf_counter() + seconds
+            runs = 0
+            while runs < 5 or time.perf_counter() < deadline:
+                if device == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    torch.matmul(a, b)
+                    end.record()
+                    end.synchronize()
+                    elapsed = start.elapsed_time(end) * 1e-3
+                else:
+                    t0 = time.perf_counter()
+                    torch.matmul(a, b)
+                    elapsed = time.perf_counter() - t0
+                best = min(best, elapsed)
+                runs += 1
+    finally:
+        torch.set_num_threads(previous_threads)
+    where = f"{threads} threads" if device == "cpu" else "CUDA events"
+    method = f"torch.matmul {n}x{n} {precision}, {where}, best of {runs}"
+    return Peak(device=device, precision=precision, gflops=flops / best / 1e9, source="measured", method=method)
+
+
+def parse_peaks(text: str) -> dict[str, float]:
+    """``"345"`` (every precision) or ``"fp32=345,fp16=990000"`` → ``{precision or "*": GFLOP/s}``."""
+    peaks: dict[str, float] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.rpartition("=")
+        key = key.strip() or "*"
+        if key not in ("*", "fp32", "fp16", "bf16"):
+            raise ValueError(f"--peak-gflops {text!r}: {key!r} is not fp32, fp16 or bf16")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--peak-gflops {text!r}: {value!r} is not a number of GFLOP/s") from None
+        if not number > 0:
+            raise ValueError(f"--peak-gflops {text!r}: peaks must be > 0 GFLOP/s")
+        peaks[key] = number
+    if not peaks:
+        raise ValueError(f"--peak-gflops {text!r} gives no peak; expected e.g. 345 or fp32=345,fp16=990000")
+    return peaks
+
+
+class PeakTable:
+    """Peaks per (device, precision): given ones first, else measured once on first use."""
+
+    def __init__(self, given: dict[str, float] | None = None, measure: bool = True,
+                 threads: int | None = None, log: Callable[[str], None] | None = None) -> None:
+        self.given = dict(given or {})
+        self.measure = measure
+        self.threads = threads
+        self.log = log
+        self._peaks: dict[tuple[str, str], Peak | None] = {}
+
+    def get(self, device: str, precision: str) -> Peak | None:
+        key = (device, precision)
+        if key not in self._peaks:
+            value = self.given.get(precision, self.given.get("*"))
+            if value is not None:
+                self._peaks[key] = Peak(device, precision, value, "given", "--peak-gflops")
+            elif self.measure:
+                if self.log is not None:
+                    self.log(f"measuring the {device} {precision} matmul peak (torch.matmul) ...")
+                self._peaks[key] = peak = measure_matmul_peak(device, precision, self.threads)
+                if self.log is not None:
+                    self.log(f"{device} {precision} matmul peak: {peak.gflops:.1f} GFLOP/s ({peak.method})")
+            else:
+                self._peaks[key] = None
+        return self._peaks[key]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [peak.to_dict() for peak in self._peaks.values() if peak is not None]

@@ -1,0 +1,127 @@
+"""PNG plots with matplotlib (Agg): latency vs batch per runtime, throughput vs resolution per runtime."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.atomic import atomic_path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(count: int) -> tuple[int, int]:
+    cols = min(count, 3)
+    return math.ceil(count / cols), cols
+
+
+def _plain_ticks(ax: Any, xticks: list[int] | None = None) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    if xticks:
+        ax.set_xticks(sorted(set(xticks)))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
+    """One panel per (model, size): p50 latency (ms, log) against batch size, a line per runtime."""
+    ok = [r for r in document["records"] if r["status"] == "ok"]
+    panels = list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in ok))
+    if not panels:
+        return None
+    plt = _pyplot()
+    rows, cols = _grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
+    for ax, (model, height, width) in zip(axes.flat, panels, strict=False):
+        batches_here: list[int] = []
+        for runtime in runtimes:
+            points = sorted((r["batch"], r["latency_ms"]["p50"], r["latency_ms"]["p90"]) for r in ok
+                            if r["runtime"] == runtime and (r["model"], r["height"], r["width"]) == (model, height, width))
+            if points:
+                batches, p50, p90 = zip(*points, strict=True)
+                batches_here += batches
+                line, = ax.plot(batches, p50, marker="o", label=runtime)
+                ax.fill_between(batches, p50, p90, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _plain_ticks(ax, batches_here)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("latency p50 ms (band to p90)")
+        ax.set_title(f"{model} {height}x{width}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Latency vs batch size", fontsize=11)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | None:
+    """One panel per model: images/s against input height at the largest batch run, a line per runtime."""
+    ok = [r for r in document["records"] if r["status"] == "ok"]
+    models = list(OrderedDict.fromkeys(r["model"] for r in ok))
+    if not models:
+        return None
+    plt = _pyplot()
+    rows, cols = _grid(len(models))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
+    for ax, model in zip(axes.flat, models, strict=False):
+        batch = max(r["batch"] for r in ok if r["model"] == model)
+        sizes_here: list[int] = []
+        for runtime in runtimes:
+            points = sorted((r["height"], r["throughput_ips"]) for r in ok
+                            if r["model"] == model and r["runtime"] == runtime and r["batch"] == batch)
+            if points:
+                sizes, ips = zip(*points, strict=True)
+                sizes_here += sizes
+                ax.plot(sizes, ips, marker="o", label=runtime)
+        ax.set_yscale("log")
+        _plain_ticks(ax, sizes_here)
+        ax.set_xlabel("resolution (height)")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{model}, batch {batch}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    fig.suptitle("Throughput vs resolution", fontsize=11)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write_plots(document: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    """Write both plots into ``output_dir``; returns ``{name: path}`` for those with data."""
+    out = Path(output_dir)
+    written: dict[str, Path] = {}
+    for name, function in (("latency_vs_batch", latency_vs_batch), ("throughput_vs_resolution", throughput_vs_resolution)):
+        path = function(document, out / f"{name}.png")
+        if path is not None:
+            written[name] = path
+    return written

@@ -1,0 +1,571 @@
+"""Export a ViT to ONNX with dynamic batch, height and width, in fp32 or fp16, validated before hand-over.
+
+The graph takes ``pixel_values [batch, 3, height, width]`` and returns ``logits [batch,
+num_classes]`` (plus ``last_hidden_state [batch, sequence, hidden]`` with ``features``). Nothing
+in it is tied to one batch or sequence length: the position embeddings are resampled inside
+the graph (bicubic ``Resize``, antialias off) to whatever grid the input gives. Attention is
+exported in its explicit form, ``MatMul(Q * scale, K^T) -> Softmax -> MatMul(., V)``, the shape
+TensorRT's fused multi-head attention recognises; LayerNorm becomes ``LayerNormalization``
+(opset >= 17).
+
+fp16 graphs come from the model cast to fp16 with the precision policy applied
+(``fp32_ops`` computing in fp32), so the eager model under the same policy is a like-for-like
+reference; :func:`vitdeploy.exporters.fp16.keep_ops_in_fp32` then makes sure the listed ops
+really run in fp32 in the graph.
+
+The file is written under a temporary name in the target folder, validated with onnxruntime
+against the eager model, and only then renamed to its final name (design decision 7). Graphs
+larger than ``external_data_threshold`` keep their weights in ``<name>.data`` beside the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.parity import ParityReport
+
+from .fp16 import DEFAULT_FP32_OPS, keep_ops_in_fp32, prepare_eager, set_metadata
+
+PRECISIONS = ("fp32", "fp16")
+INPUT_NAME = "pixel_values"
+MIN_OPSET = 17
+# Protobuf cannot serialise messages of 2 GiB or more; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+Progress = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    """The exporter produced a graph that breaks one of the artifact's guarantees."""
+
+
+class ExportValidationError(ExportError):
+    """The exported graph does not match the eager model within tolerance; carries the report."""
+
+    def __init__(self, report: ParityReport, kept: Path | None = None) -> None:
+        self.report = report
+        self.kept = kept
+        where = f"; the failed file was kept as {kept}" if kept else " (pass keep_failed to keep the file)"
+        super().__init__(
+            f"exported graph failed validation{where}:\n" + report.format_table()
+        )
+
+
+@dataclass
+class ExportOptions:
+    """What to export and how to check it. Sizes are inclusive ``(min, max)`` ranges.
+
+    ``height``/``width`` default to half to twice the model's native size, rounded to its
+    stride; every bound must be a multiple of ``config.stride``. The batch size used in
+    validation is capped at ``validation_max_batch`` (the report says so).
+    """
+
+    batch: tuple[int, int] = (1, 64)
+    height: tuple[int, int] | None = None
+    width: tuple[int, int] | None = None
+    opset: int = 18
+    precision: str = "fp32"
+    fp32_ops: tuple[str, ...] = DEFAULT_FP32_OPS
+    fp16_io: bool = False
+    features: bool = False
+    simplify: bool = False
+    validate: bool = True
+    keep_failed: bool = False
+    source: str = ""
+    source_sha256: str = ""
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    validation_max_batch: int = 8
+    validation_images: Sequence[Any] | None = None
+    preflight: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if int(self.opset) < MIN_OPSET:
+            raise ValueError(
+                f"opset {self.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET} (default 18)"
+            )
+        if self.fp16_io and self.precision != "fp16":
+            raise ValueError("fp16_io needs precision='fp16'")
+        self.fp32_ops = tuple(self.fp32_ops)
+        unknown = sorted(set(self.fp32_ops) - set(DEFAULT_FP32_OPS))
+        if unknown:
+            raise ValueError(
+                f"fp32_ops {unknown} are not supported by the model's precision policy; "
+                f"expected a subset of {list(DEFAULT_FP32_OPS)}"
+            )
+        if self.validation_max_batch < 1:
+            raise ValueError(f"validation_max_batch must be >= 1, got {self.validation_max_batch}")
+
+    def shape_range(self, config: Any) -> ShapeRange:
+        """The declared range for ``config``; raises ``ValueError`` naming a bound off the stride."""
+        from vitdeploy.runtimes.torch import default_size_range
+
+        stride = config.stride
+        default = default_size_range(config.image_size, stride)
+        shape_range = ShapeRange(batch=tuple(self.batch), height=tuple(self.height or default),
+                                 width=tuple(self.width or default))
+        for axis in ("height", "width"):
+            for bound in getattr(shape_range, axis):
+                if bound % stride:
+                    raise ValueError(
+                        f"{axis} bound {bound} is not a multiple of the model's stride {stride} "
+                        f"(patch size x backbone stride); use e.g. {max(stride, bound // stride * stride)}"
+                    )
+        return shape_range
+
+
+@dataclass
+class ExportResult:
+    """A validated ONNX file and what was measured on it."""
+
+    path: Path
+    metadata: ArtifactMetadata
+    report: ParityReport | None
+    seconds: float
+    data_path: Path | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    preflight: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "data_path": str(self.data_path) if self.data_path else None,
+            "seconds": round(self.seconds, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "precision": self.metadata.precision,
+            "shape_range": {"batch": list(self.metadata.shape_range.batch),
+                            "height": list(self.metadata.shape_range.height),
+                            "width": list(self.metadata.shape_range.width)},
+            "validation": self.report.to_dict() if self.report else None,
+            "preflight": _preflight_dict(self.preflight),
+        }
+
+
+def _preflight_dict(report: Any) -> Any:
+    if report is None:
+        return None
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    return {"ok": bool(getattr(report, "ok", True)), "findings": [str(f) for f in getattr(report, "findings", [])]}
+
+
+class _Stages:
+    """Times the stages and reports them through the progress callback."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.say(f"{name} ...")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self.say(f"{name} done in {self.seconds[name]:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+
+
+def _export_module(model: Any, precision: str, fp16_io: bool, features: bool) -> Any:
+    """The module torch.onnx traces: casts in/out around the (policy-prepared) model."""
+    import torch
+
+    class ExportWrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.dtype = torch.float16 if precision == "fp16" else torch.float32
+            self.out_dtype = torch.float16 if fp16_io else torch.float32
+
+        def forward(self, pixel_values: torch.Tensor) -> Any:
+            hidden = self.model.forward_features(pixel_values.to(self.dtype))
+            logits = self.model.forward_head(hidden).to(self.out_dtype)
+            if features:
+                return logits, hidden.to(self.out_dtype)
+            return logits
+
+    return ExportWrapper().eval()
+
+
+def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
+    """``torch.onnx.export(dynamo=True)`` with dynamic batch, height and width → ``onnx.ModelProto``."""
+    import torch
+
+    config = model.config
+    stride = config.stride
+    param = next(model.parameters())
+    if options.precision == "fp32" and param.dtype == torch.float32 and param.device.type == "cpu":
+        prepared = model  # no copy (saves the model's size in memory); attention switched below
+    else:
+        prepared = prepare_eager(model, options.precision, options.fp32_ops, device="cpu")
+    module = _export_module(prepared, options.precision, options.fp16_io, options.features)
+    in_dtype = torch.float16 if options.fp16_io else torch.float32
+    example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
+    max_grid = max(1024, 4 * config.image_size // stride)
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    grid_h = torch.export.Dim("grid_h", min=1, max=max_grid)
+    grid_w = torch.export.Dim("grid_w", min=1, max=max_grid)
+    dynamic = {"pixel_values": {0: batch, 2: stride * grid_h, 3: stride * grid_w}}
+    output_names = ["logits", "last_hidden_state"] if options.features else ["logits"]
+    # torch.onnx prints its own progress to stdout; keep stdout clean for command results.
+    with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), _explicit_attention(prepared), _quiet_exporter():
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=output_names,
+            dynamic_shapes=dynamic, opset_version=int(options.opset), optimize=True, verbose=False,
+        )
+    _fold_constants(program.model)
+    proto = program.model_proto
+    del program, module, prepared
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence exporter noise that says nothing about this model (torchvision ops, pytree deprecations)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: Any) -> Iterator[None]:
+    """Temporarily select the explicit MatMul -> Softmax -> MatMul attention (and eval mode)."""
+    from vitdeploy.model import Attention
+
+    saved = [(module, module.fused) for module in model.modules() if isinstance(module, Attention)]
+    training = model.training
+    model.eval()
+    for module, _ in saved:
+        module.fused = False
+    try:
+        yield
+    finally:
+        for module, fused in saved:
+            module.fused = fused
+        model.train(training)
+
+
+def _fold_constants(ir_model: Any) -> None:
+    """Fold every constant subgraph, however large (the exporter's own pass stops at 8192 elements).
+
+    This bakes e.g. the hybrid backbone's weight standardisation into the conv weights instead
+    of recomputing it in the graph. Skipped quietly if onnxscript's optimizer API differs.
+    """
+    try:
+        from onnxscript import optimizer
+    except ImportError:  # pragma: no cover - onnxscript is a dependency of torch.onnx's exporter
+        return
+    with contextlib.suppress(Exception):  # folding is an optimisation; validation checks the result
+        optimizer.optimize(ir_model, input_size_limit=2**40, output_size_limit=2**40)
+
+
+def _dim_names(value: Any) -> list[Any]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def name_dynamic_dims(proto: Any, features: bool) -> None:
+    """Rename the exporter's symbolic dims (``8*grid_h``) to ``batch``/``height``/``width``/``sequence``."""
+    graph_input = proto.graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    mapping = {}
+    for index, new in ((0, "batch"), (2, "height"), (3, "width")):
+        if not dims[index].dim_param:
+            raise ExportError(
+                f"the exported input {INPUT_NAME} has a fixed {new} ({dims[index].dim_value}); expected a dynamic dim"
+            )
+        mapping[dims[index].dim_param] = new
+    if features:
+        seq = proto.graph.output[1].type.tensor_type.shape.dim[1]
+        if not seq.dim_param:
+            raise ExportError(f"last_hidden_state has a fixed sequence length {seq.dim_value}")
+        mapping[seq.dim_param] = "sequence"
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+
+
+def strip_exporter_metadata(proto: Any) -> None:
+    """Drop per-node stack traces and names of local files the exporter records (size, privacy)."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        del value.metadata_props[:]
+    for init in proto.graph.initializer:
+        del init.metadata_props[:]
+    del proto.metadata_props[:]
+    proto.doc_string = ""
+
+
+def check_graph(proto: Any, features: bool) -> list[str]:
+    """Structural guarantees of an exported graph; returns the problems found (empty when fine)."""
+    import onnx
+
+    problems = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        problems.append(f"opset {opset} < {MIN_OPSET}")
+    if proto.functions:
+        problems.append(f"graph has {len(proto.functions)} local functions; expected them inlined")
+    inputs = [v.name for v in proto.graph.input]
+    outputs = [v.name for v in proto.graph.output]
+    expected_outputs = ["logits", "last_hidden_state"] if features else ["logits"]
+    if inputs != [INPUT_NAME]:
+        problems.append(f"graph inputs are {inputs}; expected [{INPUT_NAME!r}]")
+    if outputs != expected_outputs:
+        problems.append(f"graph outputs are {outputs}; expected {expected_outputs}")
+    if inputs == [INPUT_NAME]:
+        dims = _dim_names(proto.graph.input[0])
+        if dims[0] != "batch" or dims[2:] != ["height", "width"]:
+            problems.append(f"{INPUT_NAME} dims are {dims}; expected ['batch', C, 'height', 'width']")
+    for value in proto.graph.output:
+        if _dim_names(value)[0] != "batch":
+            problems.append(f"output {value.name} dims are {_dim_names(value)}; expected a dynamic 'batch' first")
+    for node in proto.graph.node:
+        if node.op_type == "Resize":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("antialias", 0):
+                problems.append(f"Resize node {node.name} has antialias=1 (TensorRT rejects it)")
+    ops = {node.op_type for node in proto.graph.node}
+    for op in ("LayerNormalization", "Softmax", "Resize"):
+        if op not in ops:
+            problems.append(f"no {op} node in the graph")
+    return problems
+
+
+def simplify_graph(proto: Any) -> Any:
+    """Run onnxslim (optional dependency) on the graph; returns the simplified ``ModelProto``."""
+    try:
+        import onnxslim
+    except ImportError:
+        raise ExportError("simplify needs the optional package onnxslim: pip install 'vitdeploy[simplify]'") from None
+    with contextlib.redirect_stdout(sys.stderr):
+        return onnxslim.slim(proto)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata and saving
+
+
+def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) -> ArtifactMetadata:
+    """The :class:`ArtifactMetadata` an export writes into ``metadata_props``."""
+    from vitdeploy import __version__
+
+    config = model.config
+    io_dtype = "float16" if options.fp16_io else "float32"
+    outputs = [TensorInfo("logits", io_dtype, ["batch", config.num_classes])]
+    if options.features:
+        outputs.append(TensorInfo("last_hidden_state", io_dtype, ["batch", "sequence", config.hidden_size]))
+    return ArtifactMetadata(
+        model_config=config.to_dict(),
+        preprocessing=Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
+                                              config.interpolation),
+        inputs=[TensorInfo(INPUT_NAME, io_dtype, ["batch", config.in_channels, "height", "width"])],
+        outputs=outputs,
+        shape_range=shape_range,
+        precision=options.precision,
+        fp32_ops=list(options.fp32_ops) if options.precision != "fp32" else [],
+        opset=int(options.opset),
+        source=options.source,
+        source_sha256=options.source_sha256,
+        vitdeploy_version=__version__,
+        labels=list(config.labels) if config.labels else None,
+    )
+
+
+def _initializer_bytes(proto: Any) -> int:
+    return sum(len(init.raw_data) for init in proto.graph.initializer) + sum(
+        4 * (len(init.float_data) + len(init.int32_data)) + 8 * len(init.int64_data) for init in proto.graph.initializer
+    )
+
+
+def _save(proto: Any, path: Path, external: bool) -> None:
+    """Write ``proto`` to ``path``; with ``external``, weights go to ``<path.name>.data`` beside it.
+
+    The in-memory ``proto`` then refers to the external file (its weights are moved out).
+    """
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _relocate_external_data(proto: Any, location: str) -> None:
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+def _keep_failed(proto: Any, tmp_model: Path, target: Path, external: bool) -> Path:
+    """Move a failed export to ``<stem>.failed.onnx`` (and its data file, renamed consistently)."""
+    import onnx
+
+    failed = target.with_name(f"{target.stem}.failed{target.suffix or '.onnx'}")
+    if external:
+        data = failed.with_name(f"{failed.name}.data")
+        os.replace(tmp_model.with_name(f"{target.name}.data"), data)
+        _relocate_external_data(proto, data.name)
+        onnx.save_model(proto, str(tmp_model))
+    os.replace(tmp_model, failed)
+    return failed
+
+
+def _run_preflight(path: Path, stages: _Stages) -> Any:
+    """The TensorRT support pre-flight (``exporters/trt_support.py``) when present; warnings only."""
+    try:
+        from vitdeploy.exporters.trt_support import check_onnx
+    except ImportError:
+        return None
+    try:
+        report = check_onnx(path)
+    except Exception as error:  # noqa: BLE001 - a pre-flight problem must not fail the export
+        stages.say(f"TensorRT pre-flight could not run: {error}")
+        return None
+    findings = list(getattr(report, "findings", []) or [])
+    if findings and hasattr(report, "format_text"):
+        for line in report.format_text().splitlines():
+            stages.say(f"TensorRT pre-flight: {line.strip()}")
+    elif findings:
+        for finding in findings:
+            stages.say(f"TensorRT pre-flight: {finding}")
+    else:
+        stages.say("TensorRT pre-flight: nothing would make TensorRT's ONNX parser reject the graph")
+    return report
+
+
+def export_onnx(model: Any, output_path: str | os.PathLike[str], options: ExportOptions | None = None,
+                progress: Progress | None = None) -> ExportResult:
+    """Export ``model`` (a ``VisionTransformer``) to ``output_path``; validate; hand over atomically.
+
+    Raises :class:`ExportValidationError` (with the parity report) when validation fails, and
+    ``ValueError`` for options that do not fit the model. ``progress`` receives one line per
+    stage (``vitdeploy.cli.common.progress`` prints them).
+    """
+    import onnx
+
+    options = options or ExportOptions()
+    start = time.perf_counter()
+    stages = _Stages(progress)
+    target = Path(output_path)
+    if target.is_dir():
+        raise IsADirectoryError(f"output path {str(target)!r} is a folder; expected a file name such as model.onnx")
+    config = model.config
+    shape_range = options.shape_range(config)
+    metadata = build_metadata(model, options, shape_range)
+
+    with stages("trace"):
+        proto = trace_to_onnx(model, options)
+    with stages("convert"):
+        strip_exporter_metadata(proto)
+        name_dynamic_dims(proto, options.features)
+        if options.precision == "fp16":
+            keep_ops_in_fp32(proto, options.fp32_ops)
+        if options.simplify:
+            proto = simplify_graph(proto)
+        proto.producer_name, proto.producer_version = "vitdeploy", metadata.vitdeploy_version
+        proto.graph.name = config.name
+        problems = check_graph(proto, options.features)
+        if problems:
+            raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
+        set_metadata(proto, metadata.to_props())
+
+    external = _initializer_bytes(proto) > options.external_data_threshold
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp_model = folder / target.name
+    data_path = target.with_name(f"{target.name}.data") if external else None
+    report = None
+    try:
+        with stages("save"):
+            _save(proto, tmp_model, external)
+            onnx.checker.check_model(str(tmp_model))
+        if options.validate:
+            from vitdeploy.exporters.validation import validate_onnx
+
+            with stages("validate"):
+                report = validate_onnx(
+                    tmp_model, model, metadata, features=options.features,
+                    max_batch=options.validation_max_batch, images=options.validation_images,
+                    on_case=lambda case: stages.say(
+                        f"  {case.batch}x{config.in_channels}x{case.height}x{case.width} {case.output} vs "
+                        f"{case.reference}: rel-max {case.metrics.rel_max_error:.2e}, cosine {case.metrics.cosine:.6f} "
+                        f"{'ok' if case.passed else 'FAIL'}"
+                    ),
+                )
+            if not report.passed:
+                kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
+                raise ExportValidationError(report, kept)
+            metadata.validation = {
+                **report.summary(),
+                "runtime": _runtime_versions(),
+                "validated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        else:
+            metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
+            stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
+        set_metadata(proto, metadata.to_props())
+        _hand_over(proto, folder, target, data_path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
+                          stage_seconds=stages.seconds)
+    if options.preflight:
+        result.preflight = _run_preflight(target, stages)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _hand_over(proto: Any, folder: Path, target: Path, data_path: Path | None) -> None:
+    """Move the validated files to their final names: data file first, then the graph (atomically)."""
+    from vitdeploy.atomic import atomic_path
+
+    if data_path is not None:
+        data = folder / data_path.name
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(data, 0o666 & ~umask)  # onnx writes it 0600; give it a plain open()'s permissions
+        os.replace(data, data_path)
+    with atomic_path(target, suffix=".onnx") as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    stale = target.with_name(f"{target.name}.data")
+    if data_path is None and stale.exists():
+        stale.unlink()  # left over from an earlier, larger export to the same name
+
+
+def _runtime_versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    return {"onnxruntime": onnxruntime.__version__, "provider": "CPUExecutionProvider", "torch": torch.__version__}

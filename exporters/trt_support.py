@@ -1,0 +1,334 @@
+"""Pre-flight for TensorRT: what its ONNX parser would reject or treat specially, without TensorRT.
+
+``vitdeploy check model.onnx --target tensorrt`` (and ``vitdeploy export``, which warns) runs
+:func:`check_onnx` on any machine. The operator support table is data,
+``trt_support_table.json`` beside this file, taken from onnx-tensorrt's ``docs/operators.md``
+(the TensorRT 10.15 revision: opset 9 to 24) and its parser source for ``Resize``; see the
+``sources`` entry of that file. It flags:
+
+- op types the parser does not import, and ops from non-default domains (custom ops);
+- ``Resize`` with ``antialias=1``, an unsupported ``mode``, coordinate transformation,
+  nearest mode or aspect-ratio policy;
+- the default-domain opset outside the supported range;
+- dynamic dimensions of graph inputs/outputs without a name (``dim_param``);
+- ``LayerNormalization``/``Softmax`` computing in fp16, which overflows on large activations
+  (a strongly typed TensorRT network computes them in the graph's dtype);
+- more than 2 GB of weights stored inside the protobuf instead of external data;
+- a few other documented restrictions (extra ``LayerNormalization`` outputs, ``TopK`` with
+  ``sorted=0``, ``ScatterND`` with a reduction).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+TABLE_PATH = Path(__file__).with_name("trt_support_table.json")
+TWO_GB = 2**31 - 1
+SEVERITIES = ("error", "warning")
+_FLOAT16 = onnx.TensorProto.FLOAT16
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@functools.lru_cache(maxsize=1)
+def load_support_table() -> dict[str, Any]:
+    """The operator support table (with its ``sources``) as a dict."""
+    return json.loads(TABLE_PATH.read_text(encoding="utf-8"))
+
+
+def opset_range(tensorrt_version: str | None = None) -> tuple[int, int]:
+    """Inclusive (min, max) default-domain opset the parser supports.
+
+    ``None`` gives the range every supported TensorRT version (10.x, 11.x) accepts.
+    """
+    versions = load_support_table()["tensorrt_versions"]
+    if tensorrt_version is None:
+        ranges = [tuple(v["opset"]) for v in versions.values()]
+        return max(r[0] for r in ranges), min(r[1] for r in ranges)
+    parts = [int(p) for p in str(tensorrt_version).split(".")[:2] if p.isdigit()]
+    major = str(parts[0]) if parts else ""
+    if major not in versions:
+        raise ValueError(f"TensorRT version {tensorrt_version!r} is not one of the supported majors {sorted(versions)}")
+    entry = versions[major]
+    low, high = entry["opset"]
+    minor = parts[1] if len(parts) > 1 else 0
+    for since, opset in entry.get("opset_max_from", {}).items():
+        if minor >= int(since.split(".")[1]):
+            high = max(high, opset)
+    return low, high
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One node (or graph-level fact) TensorRT's parser would reject (``error``) or treat specially."""
+
+    severity: str
+    node: str
+    op_type: str
+    message: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity {self.severity!r} is not one of {SEVERITIES}")
+
+
+@dataclass
+class PreflightReport:
+    """The findings of :func:`check_onnx` for one model."""
+
+    model: str
+    target: str
+    opset: int | None
+    opset_range: tuple[int, int]
+    tensorrt_version: str | None
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing would make TensorRT's parser reject the model (warnings allowed)."""
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "ok": self.ok,
+            "opset": self.opset,
+            "supported_opsets": list(self.opset_range),
+            "tensorrt_version": self.tensorrt_version or "10.x/11.x",
+            "support_table": load_support_table()["sources"]["operators"],
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def format_text(self) -> str:
+        """A human-readable report: a summary line, then one line per finding."""
+        return format_report(self)
+
+
+def format_report(report: PreflightReport) -> str:
+    """Render ``report`` as text (summary line, then ``severity op node: message`` lines)."""
+    versions = report.tensorrt_version or "10.x/11.x"
+    head = (
+        f"TensorRT {versions} pre-flight of {report.model} (opset {report.opset}; parser supports "
+        f"{report.opset_range[0]}..{report.opset_range[1]}): {len(report.errors)} error(s), "
+        f"{len(report.warnings)} warning(s)"
+    )
+    lines = [head]
+    for finding in report.findings:
+        lines.append(f"  {finding.severity:<7} {finding.op_type or '-':<20} {finding.node}: {finding.message}")
+    if report.ok:
+        lines.append("  nothing here would make TensorRT's ONNX parser reject the model")
+    return "\n".join(lines)
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    values = {}
+    for attribute in node.attribute:
+        value = onnx.helper.get_attribute_value(attribute)
+        values[attribute.name] = value.decode() if isinstance(value, bytes) else value
+    return values
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}#{index}"
+
+
+def _check_resize(node: onnx.NodeProto, name: str, table: dict[str, Any]) -> list[Finding]:
+    rules, attrs, findings = table["resize"], _attrs(node), []
+
+    def bad(kind: str, message: str) -> None:
+        findings.append(Finding("error", name, node.op_type, message, kind))
+
+    if int(attrs.get("antialias", 0)) not in rules["antialias"]:
+        bad("resize-antialias", "antialias=1: TensorRT's parser rejects antialiased Resize "
+            "(resample without antialias, as vitdeploy.pos_embed does)")
+    mode = attrs.get("mode", "nearest")
+    if mode not in rules["modes"]:
+        bad("resize-mode", f"mode {mode!r} is not one of {rules['modes']}")
+    transform = attrs.get("coordinate_transformation_mode", "half_pixel")
+    if transform not in rules["coordinate_transformation_modes"]:
+        bad("resize-coordinate-transform",
+            f"coordinate_transformation_mode {transform!r} is not one of {rules['coordinate_transformation_modes']}")
+    nearest = attrs.get("nearest_mode", "round_prefer_floor")
+    if mode == "nearest" and nearest not in rules["nearest_modes"]:
+        bad("resize-nearest-mode", f"nearest_mode {nearest!r} is not one of {rules['nearest_modes']}")
+    if transform == "tf_half_pixel_for_nn" and nearest != "round_prefer_floor":
+        bad("resize-nearest-mode", "tf_half_pixel_for_nn needs nearest_mode round_prefer_floor")
+    policy = attrs.get("keep_aspect_ratio_policy", "stretch")
+    if policy not in rules["keep_aspect_ratio_policies"]:
+        bad("resize-aspect-ratio", f"keep_aspect_ratio_policy {policy!r} is not supported (only 'stretch')")
+    return findings
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+    return used
+
+
+def _restriction_findings(node: onnx.NodeProto, name: str, used: set[str]) -> list[Finding]:
+    attrs = _attrs(node)
+    if node.op_type == "LayerNormalization" and any(o and o in used for o in node.output[1:]):
+        return [Finding("error", name, node.op_type, "only the first output Y is supported (Mean/InvStdDev are used)",
+                        "layernorm-extra-outputs")]
+    if node.op_type == "TopK" and int(attrs.get("sorted", 1)) == 0:
+        return [Finding("error", name, node.op_type, "sorted=0 is not supported", "topk-unsorted")]
+    if node.op_type == "ScatterND" and attrs.get("reduction", "none") != "none":
+        return [Finding("error", name, node.op_type, f"reduction {attrs['reduction']!r} is not supported",
+                        "scatternd-reduction")]
+    return []
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every named tensor, from shape inference (best effort)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference is a hint here; an exotic graph must not stop the pre-flight
+        inferred = model
+    graph = inferred.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    for node in graph.node:
+        if node.op_type == "Cast":
+            to = _attrs(node).get("to")
+            if to is not None:
+                types.setdefault(node.output[0], int(to))
+    return types
+
+
+def _initializer_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 4
+    return count * itemsize
+
+
+def _graph_findings(model: onnx.ModelProto) -> list[Finding]:
+    findings = []
+    graph = model.graph
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        initializers = {t.name for t in graph.initializer}
+        for value in values:
+            if value.name in initializers or not value.type.HasField("tensor_type"):
+                continue
+            tensor = value.type.tensor_type
+            for axis, dim in enumerate(tensor.shape.dim):
+                if not dim.HasField("dim_value") and not dim.HasField("dim_param"):
+                    findings.append(Finding(
+                        "warning", value.name, "", f"graph {kind} {value.name!r} axis {axis} is dynamic without a "
+                        "name; name it (dim_param) so optimization profiles and runtimes can tell the axes apart",
+                        "unnamed-dynamic-dim"))
+            if kind == "input" and tensor.elem_type == onnx.TensorProto.DOUBLE:
+                findings.append(Finding("warning", value.name, "", "float64 input: TensorRT casts DOUBLE down to FLOAT",
+                                        "double-input"))
+    inline = sum(_initializer_bytes(t) for t in graph.initializer)
+    if inline > TWO_GB:
+        findings.append(Finding(
+            "error", graph.name or "graph", "", f"{inline / 2**30:.2f} GiB of weights are stored inside the protobuf; "
+            "a model over 2 GB must keep them in external data (onnx.save(..., save_as_external_data=True))",
+            "weights-over-2gb"))
+    return findings
+
+
+def _node_findings(model: onnx.ModelProto, table: dict[str, Any], types: dict[str, int]) -> list[Finding]:
+    operators = table["operators"]
+    risky = set(table["fp16_overflow_risk"]["ops"])
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    findings: list[Finding] = []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        used = _used_names(graph)
+        for index, node in enumerate(graph.node):
+            name = _node_name(node, index)
+            if (node.domain, node.op_type) in local_functions:
+                continue  # the parser inlines model-local functions; their bodies are checked below
+            if node.domain not in _DEFAULT_DOMAINS:
+                findings.append(Finding(
+                    "error", name, node.op_type, f"custom op from domain {node.domain!r}: TensorRT's parser imports "
+                    "only default-domain ONNX ops (or a registered plugin of that name)", "custom-domain"))
+                continue
+            entry = operators.get(node.op_type)
+            if entry is None or not entry["supported"]:
+                note = f" ({entry['restrictions']})" if entry and entry["restrictions"] else ""
+                findings.append(Finding(
+                    "error", name, node.op_type,
+                    f"op {node.op_type} is not supported by TensorRT's ONNX parser{note}", "unsupported-op"))
+                continue
+            if node.op_type == "Resize":
+                findings.extend(_check_resize(node, name, table))
+            findings.extend(_restriction_findings(node, name, used))
+            if node.op_type in risky and node.input and types.get(node.input[0]) == _FLOAT16:
+                findings.append(Finding(
+                    "warning", name, node.op_type, f"{node.op_type} computes in fp16 and may overflow (fp16 max 65504); "
+                    "keep it in fp32 (vitdeploy export --precision fp16 does by default)", "fp16-overflow"))
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attribute.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    for function in model.functions:
+        visit(onnx.helper.make_graph(list(function.node), function.name, [], []))
+    return findings
+
+
+def check_onnx(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    target: str = "tensorrt",
+    tensorrt_version: str | None = None,
+) -> PreflightReport:
+    """Check an ONNX file or ``ModelProto`` against TensorRT's ONNX parser; returns a :class:`PreflightReport`.
+
+    ``tensorrt_version`` (``"10.15"``, ``"11"`` ...) narrows the opset range; by default the
+    range all of TensorRT 10.x and 11.x accept. External data is not loaded.
+    """
+    if target != "tensorrt":
+        raise ValueError(f"target {target!r} is not supported; expected 'tensorrt'")
+    if isinstance(model, onnx.ModelProto):
+        proto, label = model, model.graph.name or "<ModelProto>"
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX file {path} not found")
+        proto, label = onnx.load(str(path), load_external_data=False), str(path)
+    table = load_support_table()
+    low, high = opset_range(tensorrt_version)
+    opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    report = PreflightReport(label, target, opset, (low, high), tensorrt_version)
+    if opset is not None and not low <= opset <= high:
+        report.findings.append(Finding(
+            "error", "model", "", f"opset {opset} is outside the range {low}..{high} TensorRT's parser supports; "
+            f"export with --opset {min(max(opset, low), high)}", "opset"))
+    report.findings.extend(_graph_findings(proto))
+    report.findings.extend(_node_findings(proto, table, _elem_types(proto)))
+    return report

@@ -1,0 +1,89 @@
+"""The interface every runtime shares, and the input checks they all run (numpy only)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitdeploy.metadata import ArtifactMetadata
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a runtime accepts: one NCHW image batch within validated ranges."""
+
+    name: str = "pixel_values"
+    dtype: str = "float32"
+    channels: int = 3
+    batch: tuple[int, int] = (1, 64)
+    height: tuple[int, int] = (1, 1 << 16)
+    width: tuple[int, int] = (1, 1 << 16)
+    multiple_of: int = 16
+
+    @classmethod
+    def from_metadata(cls, metadata: ArtifactMetadata) -> InputSpec:
+        first = metadata.inputs[0]
+        rng = metadata.shape_range
+        return cls(
+            name=first.name, dtype=first.dtype, channels=int(metadata.model_config.get("in_channels", 3)),
+            batch=tuple(rng.batch), height=tuple(rng.height), width=tuple(rng.width),
+            multiple_of=metadata.stride,
+        )
+
+
+def validate_input(spec: InputSpec, pixel_values: np.ndarray, check_finite: bool = False) -> None:
+    """Raise ``ValueError`` naming the offending value if ``pixel_values`` does not fit ``spec``."""
+    if not isinstance(pixel_values, np.ndarray):
+        raise ValueError(f"{spec.name} must be a numpy.ndarray, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"{spec.name} must have 4 dimensions [batch, {spec.channels}, height, width], "
+            f"got shape {tuple(pixel_values.shape)}"
+        )
+    batch, channels, height, width = pixel_values.shape
+    if pixel_values.dtype != np.dtype(spec.dtype):
+        raise ValueError(f"{spec.name} must have dtype {spec.dtype}, got {pixel_values.dtype}")
+    if channels != spec.channels:
+        raise ValueError(f"{spec.name} must have {spec.channels} channels, got {channels} (shape {pixel_values.shape})")
+    if not spec.batch[0] <= batch <= spec.batch[1]:
+        raise ValueError(f"batch size {batch} is outside the validated range {spec.batch[0]}..{spec.batch[1]}")
+    for axis, size, (low, high) in (("height", height, spec.height), ("width", width, spec.width)):
+        if size % spec.multiple_of:
+            raise ValueError(f"{axis} {size} is not a multiple of the patch stride {spec.multiple_of}")
+        if not low <= size <= high:
+            raise ValueError(f"{axis} {size} is outside the validated range {low}..{high}")
+    if check_finite and not np.isfinite(pixel_values).all():
+        bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
+        raise ValueError(f"{spec.name} contains {bad} NaN or Inf values")
+
+
+class Runtime(abc.ABC):
+    """A loaded model: call it with ``[N, 3, H, W]`` float pixels, get ``[N, num_classes]`` logits.
+
+    Subclasses implement :meth:`_run`, which receives inputs already checked against
+    :attr:`input_spec`, and :meth:`close`.
+    """
+
+    input_spec: InputSpec
+    metadata: ArtifactMetadata | None = None
+    check_finite: bool = False
+
+    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        validate_input(self.input_spec, pixel_values, self.check_finite)
+        return self._run(pixel_values)
+
+    @abc.abstractmethod
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Run the backend on validated input and return logits."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what the runtime holds; calling it twice is harmless."""
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

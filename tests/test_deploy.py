@@ -1,0 +1,109 @@
+"""`vitdeploy deploy` end to end on a tiny checkpoint (no TensorRT here: the trtexec command is written)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model, tiny_config
+
+import vitdeploy.cli as cli
+
+
+@pytest.fixture
+def main(monkeypatch):
+    """The real ``vitdeploy`` entry point with the commands deploy relies on registered."""
+    monkeypatch.setattr(cli, "COMMANDS", ["deploy", "bench"])
+    return cli.main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from vitdeploy.checkpoints import save_model
+
+    model = make_model(tiny_config())
+    return save_model(model, tmp_path_factory.mktemp("deploy_model") / "tiny.safetensors"), model
+
+
+def _tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_tensorrt_available(), reason="checks the no-TensorRT path; this machine has TensorRT and a GPU")
+def test_deploy_pipeline_without_tensorrt(main, capsys, checkpoint, tmp_path):
+    path, model = checkpoint
+    out = tmp_path / "out"
+    status = main(["deploy", str(path), "-o", str(out), "--batch", "1:4", "--resolution", "32:48",
+                   "--bench-batch", "1,2", "--time-budget", "0.2", "--validation-max-batch", "2", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    report = json.loads((out / "report.json").read_text())
+
+    artifacts = {a["path"]: a for a in report["artifacts"]}
+    for precision in ("fp32", "fp16"):
+        onnx = artifacts[f"tiny.safetensors-{precision}.onnx"]
+        assert onnx["passed"] is True and onnx["parity"]["passed"] is True
+        assert onnx["bytes"] > 0 and len(onnx["sha256"]) == 64
+    script = artifacts["build_engine.sh"]
+    assert script["kind"] == "trtexec-command"
+    text = (out / "build_engine.sh").read_text()
+    assert "trtexec --onnx=tiny.safetensors-fp16.onnx" in text and "--stronglyTyped" in text
+
+    stages = {s["name"]: s for s in report["stages"]}
+    assert [s["name"] for s in report["stages"]] == ["load", "export fp32", "export fp16", "TensorRT pre-flight",
+                                                      "TensorRT build", "benchmark"]
+    assert stages["TensorRT build"]["status"] == "skipped"
+    assert report["tensorrt"]["built"] is False and report["tensorrt"]["reason"]
+    assert report["tensorrt_preflight"]["ok"] is True
+
+    points = report["benchmark"]["points"]
+    assert {(p["runtime"], p["batch"]) for p in points} == {
+        (r, b) for r in ("torch-eager-fp32", "ort-cpu-fp32", "ort-cpu-fp16") for b in (1, 2)}
+    assert all(p["status"] == "ok" and p["p50_ms"] > 0 for p in points)
+    results = json.loads((out / "bench" / "results.json").read_text())
+    from vitdeploy.benchmarks.schema import validate
+
+    validate(results)
+    assert results["command"] == report["command"] and "--bench-batch 1,2" in report["command"]
+    assert (out / "bench" / "latency_vs_batch.png").is_file()
+
+    markdown = (out / "report.md").read_text()
+    assert "## What was produced" in markdown and "not built here" in markdown
+    assert "## Speed on this machine" in markdown and "ort-cpu-fp16" in markdown
+
+    # The parity the report claims holds for the file on disk: run it and compare with the eager model.
+    from vitdeploy.runtimes.onnxruntime import OrtRuntime
+
+    pixels = np.random.default_rng(3).standard_normal((2, 3, 48, 40), dtype=np.float32)
+    with OrtRuntime(out / "tiny.safetensors-fp32.onnx") as runtime:
+        logits = runtime(pixels)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "1:8", "--bench-batch", "16"], "--bench-batch"),
+    (["--resolution", "30:60"], "stride"),
+    (["--time-budget", "0"], "--time-budget"),
+    (["--batch", "8:1"], "--batch"),
+])
+def test_deploy_bad_arguments_give_one_line_errors(main, capsys, checkpoint, tmp_path, argv, message):
+    path, _ = checkpoint
+    status = main(["deploy", str(path), "-o", str(tmp_path / "out"), *argv])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("vitdeploy deploy: error:") and message in lines[0]
+    assert not any((tmp_path / "out").glob("*.onnx"))
+
+
+def test_deploy_unknown_source(main, capsys, tmp_path):
+    status = main(["deploy", "vit_unknown_patch16_224", "-o", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert status == 2 and len(err) == 1 and "vit_unknown_patch16_224" in err[0]

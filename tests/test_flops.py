@@ -1,0 +1,37 @@
+"""The analytic FLOP count equals torch's own FLOP counter on real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, tiny_config, tiny_hybrid_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitdeploy.flops import count_flops, count_macs
+from vitdeploy.variants import get_config
+
+
+@pytest.mark.parametrize(("config", "size"), [
+    (tiny_config(), (32, 48)),
+    (tiny_config(representation_size=32, pooling="avg"), (40, 32)),
+    (tiny_hybrid_config(), (64, 96)),
+])
+def test_count_matches_torch_flop_counter(config, size) -> None:
+    model = make_model(config)
+    model.set_precision_policy(fused_attention=False)  # the counter does not see CPU SDPA kernels
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, *size))
+    assert count_flops(config, *size) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize(("name", "timm_gmacs"), [
+    ("vit_base_patch16_224", 17.6), ("vit_large_patch16_224", 61.6), ("vit_huge_patch14_224", 167.4),
+    ("vit_base_patch16_384", 55.5), ("vit_base_r50_s16_384", 67.4)])
+def test_variants_match_published_gmacs(name: str, timm_gmacs: float) -> None:
+    # timm's model cards round to 0.1 GMACs (and also count norms); we agree within 1%.
+    assert count_macs(get_config(name)) / 1e9 == pytest.approx(timm_gmacs, rel=0.01)
+
+
+def test_bad_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match="not a multiple of the patch stride 16"):
+        count_flops(get_config("vit_base_patch16_224"), 200)

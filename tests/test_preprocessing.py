@@ -1,0 +1,181 @@
+"""Preprocessing (numpy + Pillow) against an independent torch reference, on real photographs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.preprocessing import (
+    DATA_DIR,
+    bundled_images,
+    center_crop,
+    load_image,
+    load_labels,
+    preprocess,
+    preprocess_batch,
+    resized_size,
+)
+
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# Mean |difference| in normalised units between PIL's bicubic (a = -0.5, uint8 output) and
+# torch's antialiased bicubic (a = -0.75, rounded here): measured 0.0012..0.0035 (max-abs
+# 0.018..0.154) on the bundled photos at 32..384 px, about 0.2 of a grey level. A 1 px crop
+# shift gives 0.067..0.234 and bilinear instead of bicubic about 0.018, so the bound catches both.
+MEAN_ABS_BOUND = 0.008
+MAX_ABS_BOUND = 0.25
+
+
+def torch_reference(image: Image.Image, pre: Preprocessing, shift: int = 0) -> np.ndarray:
+    """timm's eval transform rebuilt on torch ops: antialiased bicubic resize, centre crop, normalise."""
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
+    width, height = image.size
+    short = min(width, height)
+    new_h = pre.resize_size if height == short else int(pre.resize_size * height / short)
+    new_w = pre.resize_size if width == short else int(pre.resize_size * width / short)
+    resized = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    resized = resized.clamp(0, 255).round()[0]
+    top = int(round((new_h - pre.crop_size) / 2)) + shift
+    left = int(round((new_w - pre.crop_size) / 2)) + shift
+    crop = resized[:, top:top + pre.crop_size, left:left + pre.crop_size] / 255.0
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return ((crop - mean) / std).numpy()
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [load_image(path) for path in bundled_images()]
+
+
+@pytest.mark.parametrize("size, crop_pct", [(224, 0.9), (384, 1.0), (32, 1.0), (112, 0.875)])
+def test_matches_an_independent_torch_reference(photos, size, crop_pct):
+    pre = Preprocessing.for_model(size, crop_pct, interpolation="bicubic", **IMAGENET)
+    for photo in photos:
+        ours = preprocess(photo, pre)
+        assert ours.shape == (3, size, size) and ours.dtype == np.float32
+        diff = np.abs(ours - torch_reference(photo, pre))
+        assert diff.mean() < MEAN_ABS_BOUND, (size, photo.size, float(diff.mean()))
+        assert diff.max() < MAX_ABS_BOUND, (size, photo.size, float(diff.max()))
+
+
+def test_the_reference_comparison_detects_a_one_pixel_crop_shift(photos):
+    pre = Preprocessing.for_model(224, 0.9, interpolation="bicubic", **IMAGENET)
+    shifted = [np.abs(preprocess(p, pre) - torch_reference(p, pre, shift=1)).mean() for p in photos]
+    assert min(shifted) > MEAN_ABS_BOUND
+
+
+def test_interpolation_and_resize_size_matter(photos):
+    pre = Preprocessing.for_model(224, 0.9, interpolation="bicubic", **IMAGENET)
+    bicubic = preprocess(photos[0], pre)
+    bilinear = preprocess(photos[0], dataclasses.replace(pre, interpolation="bilinear"))
+    larger = preprocess(photos[0], dataclasses.replace(pre, resize_size=256))
+    assert np.abs(bicubic - bilinear).mean() > 1e-3
+    assert np.abs(bicubic - larger).mean() > 1e-2
+    with pytest.raises(ValueError, match="interpolation 'cubic' is not one of"):
+        preprocess(photos[0], dataclasses.replace(pre, interpolation="cubic"))
+
+
+def test_constant_image_normalises_exactly():
+    color = (200, 100, 50)
+    image = Image.new("RGB", (90, 60), color)
+    pre = Preprocessing(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), resize_size=40, crop_size=32)
+    out = preprocess(image, pre)
+    expected = (np.array(color, np.float32) / 255 - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
+    np.testing.assert_allclose(out, np.broadcast_to(expected[:, None, None], (3, 32, 32)), rtol=1e-6)
+
+
+def test_resize_rule_keeps_aspect_like_torchvision():
+    assert resized_size(600, 400, 256) == (int(256 * 600 / 400), 256)
+    assert resized_size(400, 600, 256) == (256, int(256 * 600 / 400))
+    assert resized_size(451, 300, 248) == (int(248 * 451 / 300), 248)
+    assert resized_size(300, 300, 100) == (100, 100)
+
+
+def test_center_crop_takes_the_middle_and_pads_small_images():
+    grid = np.arange(7 * 9).reshape(7, 9, 1)
+    crop = center_crop(grid, 3)
+    assert crop[0, 0, 0] == grid[2, 3, 0] and crop.shape == (3, 3, 1)
+    small = np.ones((2, 3, 3))
+    padded = center_crop(small, 5)
+    assert padded.shape == (5, 5, 3)
+    assert padded.sum() == small.sum()
+    assert padded[1:3, 1:4].all() and not padded[0].any() and not padded[:, 0].any()
+
+
+def test_load_image_accepts_paths_pil_and_arrays(tmp_path):
+    path = bundled_images()[0]
+    from_path = load_image(path)
+    assert from_path.mode == "RGB"
+    gray = Image.new("L", (20, 10), 77)
+    assert load_image(gray).mode == "RGB"
+    assert load_image(np.zeros((10, 20, 3), np.uint8)).size == (20, 10)
+    with pytest.raises(ValueError, match="must be uint8"):
+        load_image(np.zeros((10, 20, 3), np.float32))
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        load_image(tmp_path / "nope.jpg")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.jpg.*not an image Pillow can read"):
+        load_image(text)
+
+
+def test_preprocess_batch_stacks_single_results(photos):
+    pre = Preprocessing.for_model(64, 0.875, interpolation="bicubic", **IMAGENET)
+    batch = preprocess_batch(bundled_images(), pre)
+    assert batch.shape == (len(photos), 3, 64, 64) and batch.dtype == np.float32
+    for row, photo in zip(batch, photos, strict=True):
+        np.testing.assert_array_equal(row, preprocess(photo, pre))
+    with pytest.raises(ValueError, match="at least one image"):
+        preprocess_batch([], pre)
+
+
+def test_bundled_images_are_small_real_photographs():
+    paths = bundled_images()
+    assert len(paths) >= 3
+    assert sum(p.stat().st_size for p in paths) < 200_000
+    readme = (DATA_DIR / "README.md").read_text()
+    for path in paths:
+        assert path.name in readme
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert min(image.size) <= 256
+            assert np.asarray(image).std() > 20  # a photograph, not a flat placeholder
+    assert "public domain" in readme.lower() and "CC0" in readme
+
+
+def _metadata(labels: list[str] | None, num_classes: int = 3) -> ArtifactMetadata:
+    return ArtifactMetadata(
+        model_config={"patch_size": 16, "num_classes": num_classes}, preprocessing=Preprocessing(),
+        inputs=[TensorInfo("pixel_values", "float32", ["batch", 3, "height", "width"])],
+        outputs=[TensorInfo("logits", "float32", ["batch", num_classes])],
+        shape_range=ShapeRange(), labels=labels,
+    )
+
+
+def test_load_labels_from_metadata_or_indices():
+    assert load_labels(_metadata(["cat", "dog", "rocket"])) == ["cat", "dog", "rocket"]
+    assert load_labels(_metadata(None, num_classes=4)) == ["0", "1", "2", "3"]
+    with pytest.raises(ValueError, match="2 labels but the model has 3 classes"):
+        load_labels(_metadata(["cat", "dog"]))
+
+
+def test_preprocessing_does_not_import_torch():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        from vitdeploy.metadata import Preprocessing
+        from vitdeploy.preprocessing import bundled_images, preprocess
+        out = preprocess(bundled_images()[0], Preprocessing())
+        assert out.shape == (3, 224, 224)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,93 @@
+"""Helpers for the runtime tests: small real ONNX files with vitdeploy metadata.
+
+These stand in for the real exporter (which has its own tests) so the runtime tests do not
+depend on it: a plain ``torch.onnx.export(..., dynamo=True)`` of a tiny model plus
+:class:`ArtifactMetadata` written into ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from vitdeploy.config import ViTConfig
+from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.model import VisionTransformer
+
+
+def make_metadata(config: ViTConfig, shape_range: ShapeRange | None = None, input_dtype: str = "float32",
+                  output_dtype: str = "float32", precision: str = "fp32",
+                  labels: list[str] | None = None) -> ArtifactMetadata:
+    """Metadata for ``config`` as the exporter would write it."""
+    return ArtifactMetadata(
+        model_config=config.to_dict(),
+        preprocessing=Preprocessing.for_model(
+            config.image_size, config.crop_pct, config.mean, config.std, config.interpolation
+        ),
+        inputs=[TensorInfo("pixel_values", input_dtype, ["batch", config.in_channels, "height", "width"])],
+        outputs=[TensorInfo("logits", output_dtype, ["batch", config.num_classes])],
+        shape_range=shape_range or ShapeRange(batch=(1, 8), height=(16, 64), width=(16, 64)),
+        precision=precision,
+        fp32_ops=["LayerNormalization", "Softmax"] if precision == "fp16" else [],
+        source="tests",
+        labels=labels,
+    )
+
+
+def attach_metadata(path: Path, metadata: ArtifactMetadata | None) -> None:
+    """Rewrite ``path`` with ``metadata`` in its ``metadata_props`` (none when ``metadata`` is None)."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    if metadata is not None:
+        for key, value in metadata.to_props().items():
+            model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def export_onnx(model: VisionTransformer, path: Path, metadata: ArtifactMetadata | None) -> Path:
+    """Export ``model`` with dynamic batch/height/width (multiples of the stride) and attach metadata."""
+    stride = model.config.stride
+    size = model.config.image_size
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    rows = torch.export.Dim("rows", min=1, max=256)
+    cols = torch.export.Dim("cols", min=1, max=256)
+    example = torch.randn(2, model.config.in_channels, size, size)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, opset_version=18, verbose=False,
+        input_names=["pixel_values"], output_names=["logits"],
+        dynamic_shapes={"pixel_values": {0: batch, 2: stride * rows, 3: stride * cols}},
+    )
+    program.save(str(path))
+    attach_metadata(path, metadata)
+    return path
+
+
+def fp16_io_graph(path: Path, config: ViTConfig, metadata: ArtifactMetadata, seed: int = 0) -> np.ndarray:
+    """A hand-built graph with float16 input and output: global average pool → MatMul → logits.
+
+    Returns the fp16 weight matrix so a test can compute the expected logits.
+    """
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(config.in_channels, config.num_classes)).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["pixel_values"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
+        ],
+        "fp16_io",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT16, ["batch", config.in_channels, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", config.num_classes])],
+        [onnx.numpy_helper.from_array(weight, "weight")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    for key, value in metadata.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return weight

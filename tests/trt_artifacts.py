@@ -1,0 +1,104 @@
+"""Real exported ONNX graphs for the TensorRT tests, and the edits that make them fail the pre-flight.
+
+The tiny model is exported with ``vitdeploy.exporters.onnx_export.export_onnx`` (dynamic batch
+and resolution, metadata included). The flagged variants are edits of that real graph: an
+antialiased Resize, an op TensorRT's parser lacks, and an fp16 LayerNormalization.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import helper, numpy_helper
+
+from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+
+SHAPE_RANGE = ShapeRange(batch=(1, 8), height=(16, 64), width=(16, 64))
+
+
+def tiny_metadata(config, precision: str = "fp32") -> ArtifactMetadata:
+    """Metadata as ``vitdeploy export`` writes it, for the tiny test config (stride 8)."""
+    return ArtifactMetadata(
+        model_config=config.to_dict(),
+        preprocessing=Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
+                                              config.interpolation),
+        inputs=[TensorInfo("pixel_values", "float32", ["batch", config.in_channels, "height", "width"])],
+        outputs=[TensorInfo("logits", "float32", ["batch", config.num_classes])],
+        shape_range=SHAPE_RANGE,
+        precision=precision,
+        fp32_ops=["LayerNormalization", "Softmax"],
+        opset=18,
+        source="tests/trt_artifacts.py",
+    )
+
+
+@functools.cache
+def tiny_onnx(precision: str = "fp32") -> Path:
+    """Export the tiny ViT (32x32, patch 8) with ``vitdeploy.exporters.onnx_export`` once per session.
+
+    Batch 1..8, height and width 16..64 (:data:`SHAPE_RANGE`); the exporter's own validation is
+    skipped here (its tests cover it) to keep this suite fast.
+    """
+    from conftest import make_model, tiny_config
+
+    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+
+    path = Path(tempfile.mkdtemp(prefix="vitdeploy-trt-tests-")) / f"tiny_{precision}.onnx"
+    options = ExportOptions(batch=SHAPE_RANGE.batch, height=SHAPE_RANGE.height, width=SHAPE_RANGE.width,
+                            precision=precision, validate=False, preflight=False)
+    return export_onnx(make_model(tiny_config()), path, options).path
+
+
+def load_tiny() -> onnx.ModelProto:
+    return onnx.load(str(tiny_onnx()))
+
+
+def with_antialias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its position-embedding Resize switched to ``antialias=1``."""
+    model = copy.deepcopy(model)
+    resize = next(n for n in model.graph.node if n.op_type == "Resize")
+    for attribute in resize.attribute:
+        if attribute.name == "antialias":
+            attribute.i = 1
+            break
+    else:
+        resize.attribute.append(helper.make_attribute("antialias", 1))
+    return model
+
+
+def with_unsupported_op(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An extra output sampled with ``Bernoulli`` (no TensorRT importer) from the sigmoid of the logits."""
+    model = copy.deepcopy(model)
+    model.graph.node.extend([
+        helper.make_node("Sigmoid", ["logits"], ["probabilities"], name="extra_sigmoid"),
+        helper.make_node("Bernoulli", ["probabilities"], ["sample"], name="extra_bernoulli"),
+    ])
+    model.graph.output.append(helper.make_tensor_value_info("sample", onnx.TensorProto.FLOAT, ["batch", 10]))
+    return model
+
+
+def with_fp16_layernorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The first LayerNormalization computing in fp16: Cast in, fp16 scale/bias, Cast back out."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    index, node = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "LayerNormalization")
+    initializers = {t.name: t for t in graph.initializer}
+    half_inputs = [node.input[0] + "_fp16"]
+    for name in node.input[1:]:
+        array = numpy_helper.to_array(initializers[name]).astype("float16")
+        graph.initializer.remove(initializers[name])
+        graph.initializer.append(numpy_helper.from_array(array, name + "_fp16"))
+        half_inputs.append(name + "_fp16")
+    output = node.output[0]
+    cast_in = helper.make_node("Cast", [node.input[0]], [half_inputs[0]], to=onnx.TensorProto.FLOAT16, name="ln_cast_in")
+    cast_out = helper.make_node("Cast", [output + "_fp16"], [output], to=onnx.TensorProto.FLOAT, name="ln_cast_out")
+    del node.input[:]
+    node.input.extend(half_inputs)
+    node.output[0] = output + "_fp16"
+    graph.node.insert(index, cast_in)
+    graph.node.insert(index + 2, cast_out)
+    return model

@@ -1,0 +1,5 @@
+import sys
+
+from vitdeploy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""Checkpoint import and export: native, timm, Hugging Face transformers and original JAX ViTs.
+
+``load_model(source)`` detects the format, reads tensors without ever unpickling code
+(safetensors, ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``), converts them
+to vitdeploy's (= timm's) names, infers the architecture where the format stores none, and loads
+strictly. ``save_model`` writes the native format. ``resolve_source`` is what the CLI commands
+use: a checkpoint path, or a registry variant name (random weights, with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdeploy.checkpoints.common import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointWarning,
+    file_sha256,
+    instantiate,
+    state_dict_sha256,
+)
+from vitdeploy.checkpoints.detect import EXPECTED, FORMATS, checkpoint_path, detect_format
+from vitdeploy.checkpoints.huggingface import read_huggingface
+from vitdeploy.checkpoints.jax import read_jax
+from vitdeploy.checkpoints.native import read_native, save_model
+from vitdeploy.checkpoints.timm import read_timm
+from vitdeploy.model import VisionTransformer, create_model
+from vitdeploy.variants import VARIANTS, list_variants
+
+__all__ = [
+    "FORMATS",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointWarning",
+    "ResolvedModel",
+    "detect_format",
+    "file_sha256",
+    "load_model",
+    "read_checkpoint",
+    "resolve_source",
+    "save_model",
+]
+
+logger = logging.getLogger("vitdeploy.checkpoints")
+
+RANDOM_SEED = 0
+
+
+def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | None = None) -> Checkpoint:
+    """Read ``source`` into a :class:`Checkpoint` (config + tensors in our names) without building a model."""
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    path = checkpoint_path(source)
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "huggingface" and not path.is_dir():
+        raise CheckpointError(f"a Hugging Face checkpoint is a folder with config.json; {path} is a file")
+    if fmt == "jax" and path.is_dir():
+        raise CheckpointError(f"a JAX checkpoint is an .npz file; {path} is a folder")
+    if fmt == "native":
+        return read_native(path)
+    if fmt == "timm":
+        return read_timm(path, num_heads=num_heads)
+    if fmt == "huggingface":
+        return read_huggingface(path)
+    return read_jax(path, num_heads=num_heads)
+
+
+def _load(source: str | Path, format: str, overrides: dict[str, Any]) -> tuple[VisionTransformer, Checkpoint]:
+    checkpoint = read_checkpoint(source, format, num_heads=overrides.get("num_heads"))
+    model = instantiate(checkpoint, f"{checkpoint.format} checkpoint {source}", overrides)
+    for message in checkpoint.notes:
+        logger.info("%s: %s", source, message)
+    return model, checkpoint
+
+
+def load_model(source: str | Path, format: str = "auto", **overrides: Any) -> VisionTransformer:
+    """Load a checkpoint file or folder in any supported format as an eval-mode :class:`VisionTransformer`.
+
+    ``format`` is ``"auto"`` (detected) or one of ``native``, ``timm``, ``huggingface``, ``jax``.
+    ``overrides`` edit the config: ``num_classes`` (a new zero-initialised head when it differs),
+    ``image_size`` (position embeddings resampled), ``num_heads`` (formats that do not store it),
+    ``mean``/``std``/``labels`` and the like.
+    """
+    if not Path(source).expanduser().exists() and str(source) in VARIANTS:
+        raise FileNotFoundError(
+            f"{source!r} is a variant name, not a checkpoint; use create_model({str(source)!r}) or "
+            "resolve_source() for random weights"
+        )
+    return _load(source, format, overrides)[0]
+
+
+@dataclass
+class ResolvedModel:
+    """A model with where it came from: ``source`` (path or variant name), ``format``, weight ``sha256``.
+
+    ``format`` is ``"variant"`` and ``random_weights`` True for a registry name; the hash is then
+    that of the (seeded, reproducible) state dict rather than of a file.
+    """
+
+    model: VisionTransformer
+    source: str
+    format: str
+    sha256: str
+    random_weights: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_source(source: str, format: str = "auto", **overrides: Any) -> ResolvedModel:
+    """A checkpoint path (loaded like :func:`load_model`) or a registry variant name (random weights, warned)."""
+    path = Path(source).expanduser()
+    if not path.exists() and source in VARIANTS:
+        message = (f"{source} is a variant name, not a checkpoint: using RANDOM weights (seed {RANDOM_SEED}); "
+                   "its outputs are meaningless beyond testing the pipeline")
+        warnings.warn(message, CheckpointWarning, stacklevel=2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = create_model(source, **overrides)
+        return ResolvedModel(model, source, "variant", state_dict_sha256(model.state_dict()), True, [message])
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{source!r} is neither an existing checkpoint nor a model variant; {EXPECTED}; "
+            f"or a variant name: {', '.join(list_variants())}"
+        )
+    model, checkpoint = _load(path, format, overrides)
+    sha256 = file_sha256(checkpoint_path(path))
+    return ResolvedModel(model, str(source), checkpoint.format, sha256, False, checkpoint.notes)

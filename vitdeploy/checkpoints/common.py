@@ -1,0 +1,442 @@
+"""Pieces every checkpoint format shares: errors, safe tensor I/O, config inference, strict loading.
+
+Every format reader turns its file(s) into a :class:`Checkpoint`: a :class:`ViTConfig` and a
+state dict in *our* parameter names (which are timm's). :func:`instantiate` then builds the model
+and loads that state dict strictly, so each format only has to rename and reshape tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdeploy.config import HybridConfig, ViTConfig
+from vitdeploy.model import VisionTransformer
+from vitdeploy.pos_embed import infer_grid, resample_pos_embed
+from vitdeploy.variants import VARIANTS
+
+StateDict = dict[str, torch.Tensor]
+
+# Names of the weight files a checkpoint folder may hold, in the order they are looked for.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something about a loaded checkpoint the user should know (resampling, guesses, random weights)."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: config and tensors in vitdeploy (= timm) parameter names.
+
+    ``unexpected`` lists source tensors that map to no parameter (reported by strict loading);
+    ``notes`` are human-readable remarks about the conversion.
+    """
+
+    config: ViTConfig
+    state_dict: StateDict
+    format: str
+    weight_files: list[Path]
+    unexpected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def note(notes: list[str], message: str, warn: bool = False) -> None:
+    """Record ``message`` (logged by the loader), and issue it as a :class:`CheckpointWarning` when ``warn``."""
+    notes.append(message)
+    if warn:
+        warnings.warn(message, CheckpointWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def _hash_files(files: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_weight_files(folder: Path) -> list[Path]:
+    """The weight file(s) of a checkpoint folder: shards listed by an index, or the single weight file."""
+    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{index} is not a valid shard index: {error}") from None
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    for name in FOLDER_WEIGHTS:
+        if (folder / name).is_file():
+            return [folder / name]
+    candidates = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".npz", *TORCH_SUFFIXES)
+    )
+    if len(candidates) == 1:
+        return candidates
+    raise CheckpointError(
+        f"no weight file in folder {folder}; expected {' or '.join(FOLDER_WEIGHTS)} "
+        f"(or a {SAFETENSORS_INDEX} with its shards)"
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a weight file, streamed; for a folder, of its weight file (shards hashed in order)."""
+    path = Path(path)
+    if path.is_dir():
+        return _hash_files(folder_weight_files(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return _hash_files([path])
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict (for weights with no file)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- reading tensors
+
+
+def read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    """All tensors of a .safetensors file and its metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    return tensors, metadata
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """Only the metadata of a .safetensors file (the header; tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def read_torch(path: Path) -> Any:
+    """A PyTorch pickle loaded with ``weights_only=True``: tensors and plain containers, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} could not be read as a weights-only PyTorch checkpoint ({first_line}); vitdeploy only "
+            "loads tensors (torch.load weights_only=True) and never unpickles code: re-save the state dict "
+            "alone, ideally as .safetensors"
+        ) from None
+
+
+def read_weight_files(files: list[Path]) -> StateDict:
+    """Tensors of one or more weight files (.safetensors or weights-only torch pickles), merged."""
+    merged: StateDict = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            tensors, _ = read_safetensors(path)
+        else:
+            tensors, _ = unwrap_state_dict(read_torch(path), path)
+        merged.update(tensors)
+    return merged
+
+
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> tuple[StateDict, list[str]]:
+    """Find the tensors in a loaded pickle: a bare state dict or one under a wrapper key.
+
+    EMA weights are preferred when a training checkpoint holds both (as timm's loader does).
+    """
+    notes: list[str] = []
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        notes.append(f"using the tensors under the {key!r} key")
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"{path} holds no tensors at the top level or under any of the keys {list(WRAPPER_KEYS)}"
+        )
+    skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if skipped:
+        notes.append(f"ignored non-tensor entries {skipped}")
+    return tensors, notes
+
+
+def strip_prefixes(state_dict: StateDict, prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> tuple[StateDict, list[str]]:
+    """Remove wrapper prefixes (DataParallel's ``module.``, torch.compile's ``_orig_mod.``) shared by every key."""
+    notes: list[str] = []
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in prefixes:
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+                notes.append(f"stripped the {prefix!r} prefix from every key")
+                changed = True
+    return state_dict, notes
+
+
+# --------------------------------------------------------------------------- config inference
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_STAGE_BLOCK = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.")
+_ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size", "qkv_bias",
+                "pooling", "hybrid")
+
+
+def registry_heads(hidden_size: int, depth: int) -> int | None:
+    """Heads of the registry variant with this hidden size (and depth, where that decides)."""
+    exact = {c.num_heads for c in VARIANTS.values() if (c.hidden_size, c.depth) == (hidden_size, depth)}
+    if len(exact) == 1:
+        return exact.pop()
+    by_hidden = {c.num_heads for c in VARIANTS.values() if c.hidden_size == hidden_size}
+    return by_hidden.pop() if len(by_hidden) == 1 else None
+
+
+def match_variant(config: ViTConfig) -> str | None:
+    """The registry name whose architecture (heads aside) equals ``config``'s, if any."""
+    for name in sorted(VARIANTS):
+        variant = VARIANTS[name]
+        if all(getattr(variant, f) == getattr(config, f) for f in _ARCH_FIELDS):
+            return name
+    return None
+
+
+def _require(state_dict: StateDict, key: str, what: str) -> torch.Tensor:
+    if key not in state_dict:
+        sample = ", ".join(sorted(state_dict)[:8])
+        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...)")
+    return state_dict[key]
+
+
+def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
+                 base: Mapping[str, Any] | None = None) -> tuple[ViTConfig, list[str]]:
+    """Derive the :class:`ViTConfig` of a timm-named state dict from its tensor shapes.
+
+    Heads leave no trace in the shapes of a fused qkv: ``num_heads`` if given, else the registry
+    variant with the same width, else ``hidden_size // 64``. ``base`` supplies fields the shapes
+    cannot (preprocessing, labels, layer-norm eps). A matching registry variant lends its name
+    and preprocessing defaults.
+    """
+    notes: list[str] = []
+    if any(k.startswith(("fc_norm.", "reg_token", "attn_pool.")) for k in state_dict):
+        raise CheckpointError(
+            f"{what}: timm variants with fc_norm, register tokens or attention pooling are not supported; "
+            "expected a classic ViT (final LayerNorm, then [CLS] token or mean pooling)"
+        )
+    proj = _require(state_dict, "patch_embed.proj.weight", what)
+    if proj.ndim != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise CheckpointError(f"{what}: patch_embed.proj.weight has shape {tuple(proj.shape)}; expected [D, C, p, p]")
+    hidden, patch = int(proj.shape[0]), int(proj.shape[-1])
+
+    hybrid = None
+    in_channels = int(proj.shape[1])
+    if any(k.startswith("patch_embed.backbone.") for k in state_dict):
+        stem = _require(state_dict, "patch_embed.backbone.stem.conv.weight", what)
+        stage_blocks: dict[int, int] = {}
+        for key in state_dict:
+            if match := _STAGE_BLOCK.match(key):
+                stage, block = int(match[1]), int(match[2])
+                stage_blocks[stage] = max(stage_blocks.get(stage, 0), block + 1)
+        layers = tuple(stage_blocks.get(i, 0) for i in range(len(stage_blocks)))
+        if not layers or 0 in layers:
+            raise CheckpointError(f"{what}: could not count the ResNet stages/blocks of the hybrid backbone")
+        conv3 = _require(state_dict, "patch_embed.backbone.stages.0.blocks.0.conv3.weight", what)
+        width_factor = max(int(conv3.shape[0]) // 256, 1)
+        hybrid = HybridConfig(layers=layers, stem_width=int(stem.shape[0]) // width_factor, width_factor=width_factor)
+        in_channels = int(stem.shape[1])
+
+    depth = len({int(m[1]) for k in state_dict if (m := _BLOCK.match(k))})
+    if depth == 0:
+        raise CheckpointError(f"{what}: no transformer blocks (blocks.N.*) found")
+    mlp = int(_require(state_dict, "blocks.0.mlp.fc1.weight", what).shape[0])
+    pooling = "token" if "cls_token" in state_dict else "avg"
+    pos = _require(state_dict, "pos_embed", what)
+    try:
+        grid = infer_grid(int(pos.shape[1]), 1 if pooling == "token" else 0)
+    except ValueError as error:
+        raise CheckpointError(f"{what}: {error}") from None
+    stride = patch * (hybrid.stride if hybrid else 1)
+    head = state_dict.get("head.weight")
+    pre_logits = state_dict.get("pre_logits.fc.weight")
+
+    fields: dict[str, Any] = dict(base or {})
+    fields.update(
+        image_size=grid[0] * stride, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        mlp_size=mlp, num_classes=int(head.shape[0]) if head is not None else 0,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict, pooling=pooling,
+        representation_size=int(pre_logits.shape[0]) if pre_logits is not None else None, hybrid=hybrid,
+    )
+    heads_from = "given"
+    if num_heads is None:
+        num_heads = registry_heads(hidden, depth)
+        heads_from = "registry"
+        if num_heads is None:
+            num_heads = max(hidden // 64, 1) if hidden % max(hidden // 64, 1) == 0 else 1
+            heads_from = "guess"
+    fields["num_heads"] = num_heads
+
+    try:
+        probe = ViTConfig(**{k: v for k, v in fields.items() if k in _ARCH_FIELDS or k == "num_heads"})
+    except ValueError as error:
+        raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
+    name = match_variant(probe)
+    if name is not None:
+        variant = VARIANTS[name]
+        defaults = {k: getattr(variant, k) for k in ("name", "mean", "std", "crop_pct", "interpolation",
+                                                     "layer_norm_eps")}
+        fields = {**defaults, **fields}
+        notes.append(f"inferred variant {name} from the tensor shapes")
+    else:
+        kind = "hybrid " if hybrid else ""
+        tag = "_r" if hybrid else ""
+        fields.setdefault("name", f"vit{tag}_d{hidden}_l{depth}_p{patch}_{fields['image_size']}")
+        fields.setdefault("crop_pct", 0.9 if fields["image_size"] == 224 else 1.0)
+        notes.append(
+            f"inferred a {kind}ViT from the tensor shapes: hidden {hidden}, depth {depth}, patch {patch}, "
+            f"mlp {mlp}, image {fields['image_size']} (no registry variant matches)"
+        )
+    if heads_from == "guess":
+        note(notes, f"{what}: the number of attention heads is not stored in the weights; guessed "
+             f"{num_heads} (hidden_size // 64). Pass num_heads= (CLI: --num-heads) if that is wrong", warn=True)
+    try:
+        return ViTConfig(**fields), notes
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
+
+
+# --------------------------------------------------------------------------- building the model
+
+
+def _resample_checkpoint_pos_embed(tensor: torch.Tensor, config: ViTConfig, what: str,
+                                   notes: list[str]) -> torch.Tensor | None:
+    """The checkpoint's position embeddings resampled to ``config``'s grid, or None if they cannot be."""
+    prefix = config.num_prefix_tokens
+    if tensor.ndim != 3 or tensor.shape[-1] != config.hidden_size:
+        return None
+    try:
+        old_grid = infer_grid(int(tensor.shape[1]), prefix)
+    except ValueError:
+        return None
+    new_grid = config.grid_size
+    note(notes, f"{what}: resampled position embeddings {old_grid[0]}x{old_grid[1]} → "
+         f"{new_grid[0]}x{new_grid[1]} (checkpoint grid differs from image_size {config.image_size})", warn=True)
+    return resample_pos_embed(tensor.float(), new_grid, old_grid, prefix)
+
+
+def load_strict(model: VisionTransformer, state_dict: StateDict, what: str,
+                unexpected_sources: Iterable[str] = (), notes: list[str] | None = None) -> None:
+    """Load ``state_dict`` into ``model`` (built on any device, ``meta`` included) or raise one error.
+
+    Every missing, unexpected or wrongly-shaped tensor is listed. Position embeddings of another
+    square grid are resampled rather than rejected. Floating tensors are loaded as float32.
+    """
+    notes = notes if notes is not None else []
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state_dict = dict(state_dict)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = sorted([k for k in state_dict if k not in expected] + list(unexpected_sources))
+    wrong: list[str] = []
+    for name, shape in expected.items():
+        tensor = state_dict.get(name)
+        if tensor is None or tuple(tensor.shape) == shape:
+            continue
+        if name == "pos_embed":
+            resampled = _resample_checkpoint_pos_embed(tensor, model.config, what, notes)
+            if resampled is not None and tuple(resampled.shape) == shape:
+                state_dict[name] = resampled
+                continue
+        wrong.append(f"{name} (checkpoint {list(tensor.shape)}, model {list(shape)})")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shape {len(wrong)}: {', '.join(wrong)}")
+        raise CheckpointError(
+            f"{what} does not fit the {model.config.name} model ({model.config.hidden_size} wide, "
+            f"{model.config.depth} blocks): " + "; ".join(parts)
+        )
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor = tensor.float()
+        state_dict[name] = tensor.contiguous()
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a buffer the state dict does not carry; cannot happen with today's model
+        raise CheckpointError(f"{what}: tensors {leftover} were not initialised by the checkpoint")
+
+
+_SPECIAL_OVERRIDES = ("num_classes", "image_size", "labels")
+
+
+def instantiate(checkpoint: Checkpoint, what: str, overrides: Mapping[str, Any]) -> VisionTransformer:
+    """Build the model of ``checkpoint``, load its weights strictly, then apply ``overrides``.
+
+    ``num_classes`` different from the checkpoint's gives a new zero-initialised head;
+    ``image_size`` resamples the position embeddings for good; ``labels`` replaces the class
+    names; every other override edits the config before the weights are loaded.
+    """
+    overrides = dict(overrides)
+    special = {k: overrides.pop(k) for k in _SPECIAL_OVERRIDES if k in overrides}
+    config = checkpoint.config.replace(**overrides) if overrides else checkpoint.config
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    load_strict(model, checkpoint.state_dict, what, checkpoint.unexpected, checkpoint.notes)
+    num_classes = special.get("num_classes")
+    if num_classes is not None and int(num_classes) != model.config.num_classes:
+        note(checkpoint.notes, f"replaced the {model.config.num_classes}-class head with a zero-initialised "
+             f"{num_classes}-class head")
+        model.reset_head(int(num_classes))
+    image_size = special.get("image_size")
+    if image_size is not None and int(image_size) != model.config.image_size:
+        old = model.config.grid_size
+        model.set_image_size(int(image_size))
+        new = model.config.grid_size
+        note(checkpoint.notes, f"{what}: resampled position embeddings {old[0]}x{old[1]} → {new[0]}x{new[1]} "
+             f"for image_size {image_size}", warn=True)
+    if "labels" in special:
+        labels = special["labels"]
+        if labels is not None and len(labels) != model.config.num_classes:
+            raise CheckpointError(f"{len(labels)} labels given for a {model.config.num_classes}-class head")
+        model.config = model.config.replace(labels=list(labels) if labels is not None else None)
+    return model.eval()

@@ -1,0 +1,43 @@
+"""The ``vitdeploy`` command line: one module per subcommand, each with ``register`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+from vitdeploy import __version__
+from vitdeploy.cli.common import CLIError
+
+# Subcommand modules in help order; each defines register(subparsers) that sets func=run.
+COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "check", "build", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitdeploy",
+        description="Vision Transformer checkpoints to fast, verified ONNX / TensorRT / onnxruntime artifacts.",
+    )
+    parser.add_argument("--version", action="version", version=f"vitdeploy {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        import_module(f"vitdeploy.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vitdeploy`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+        print(f"vitdeploy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitdeploy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

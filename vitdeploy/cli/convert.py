@@ -1,0 +1,73 @@
+"""``vitdeploy convert``: any supported checkpoint → vitdeploy's native format."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+from vitdeploy.cli.common import CLIError, progress
+
+FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a timm / Hugging Face / JAX checkpoint to vitdeploy's native format",
+        description=(
+            "Load a checkpoint in any supported format (detected automatically: a timm state dict "
+            ".pth/.pt/.bin/.safetensors or timm Hub folder, a Hugging Face transformers ViT folder, an "
+            "original JAX .npz, or a native vitdeploy checkpoint) and write it in vitdeploy's native format: "
+            "a folder with model.safetensors + config.json, or one .safetensors file when OUT ends in "
+            ".safetensors. A registry variant name gives random weights (for pipeline tests)."
+        ),
+    )
+    parser.add_argument("source", metavar="SOURCE", help="checkpoint file or folder (or a variant name)")
+    parser.add_argument("-o", "--output", metavar="OUT", required=True,
+                        help="output folder, or a file path ending in .safetensors")
+    parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
+                        help="format of SOURCE (default: detect)")
+    parser.add_argument("--num-classes", type=int, metavar="N",
+                        help="replace the head with a zero-initialised N-class head (0: no head)")
+    parser.add_argument("--image-size", type=int, metavar="S",
+                        help="resample the position embeddings to S x S inputs for good")
+    parser.add_argument("--num-heads", type=int, metavar="H",
+                        help="attention heads, for timm checkpoints of non-registry widths (not stored in them)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitdeploy.checkpoints import resolve_source, save_model
+
+    overrides = {}
+    for name in ("num_classes", "image_size", "num_heads"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 0 or (value == 0 and name != "num_classes"):
+                flag = "--" + name.replace("_", "-")
+                raise CLIError(f"{flag} {value} must be {'>= 0' if name == 'num_classes' else 'positive'}")
+            overrides[name] = value
+    output = Path(args.output)
+    if output.suffix != ".safetensors" and output.exists() and not output.is_dir():
+        raise CLIError(f"-o {output} is an existing file; give a folder or a path ending in .safetensors")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = resolve_source(args.source, format=args.format, **overrides)
+    for warning in caught:
+        progress(f"warning: {warning.message}")
+    for message in resolved.notes:
+        if not any(str(w.message) == message for w in caught):
+            progress(message)
+
+    model = resolved.model
+    config = model.config
+    kind = "hybrid ViT" if config.hybrid else "ViT"
+    print(f"loaded {resolved.format} checkpoint {resolved.source}: {config.name} ({kind}, "
+          f"{model.num_parameters() / 1e6:.2f}M parameters, {config.image_size}px, patch {config.patch_size}, "
+          f"{config.num_classes} classes)")
+    written = save_model(model, output)
+    layout = "single file" if written.suffix == ".safetensors" else "folder: model.safetensors + config.json"
+    print(f"wrote native checkpoint {written} ({layout})")
+    return 0

@@ -1,0 +1,129 @@
+"""`vitdeploy export`: a checkpoint (or variant name) to a validated ONNX file with dynamic shapes."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.cli.common import CLIError, parse_range, progress, write_json
+
+DEFAULT_FP32_OPS = "LayerNormalization,Softmax"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (dynamic batch and resolution, fp32 or fp16), validated against eager",
+        description="Export SOURCE (a checkpoint file/folder in any supported format, or a variant name, which "
+        "uses random weights) to ONNX with dynamic batch, height and width: input pixel_values "
+        "[batch, 3, height, width], output logits [batch, num_classes]. Position embeddings are resampled in "
+        "the graph, so one file serves every resolution in the declared range. The file is validated with "
+        "onnxruntime against the eager model at the minimum, a middle and the maximum of the range and only "
+        "written under its final name when it passes; a failing validation prints the numbers and exits 1.",
+    )
+    parser.add_argument("source", help="checkpoint file or folder, or a variant name such as vit_base_patch16_224")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the ONNX file to write (model.onnx)")
+    parser.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch size range (default 1:64)")
+    parser.add_argument("--resolution", metavar="MIN:MAX",
+                        help="height and width range in pixels, multiples of the patch stride "
+                        "(default: half to twice the native size)")
+    parser.add_argument("--height", metavar="MIN:MAX", help="height range (instead of --resolution)")
+    parser.add_argument("--width", metavar="MIN:MAX", help="width range (instead of --resolution)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 17 (default 18)")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                        help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from")
+    parser.add_argument("--fp32-ops", default=DEFAULT_FP32_OPS, metavar="OPS",
+                        help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default {DEFAULT_FP32_OPS})")
+    parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
+    parser.add_argument("--features", action="store_true",
+                        help="also output last_hidden_state [batch, 1 + (H/p)(W/p), hidden]")
+    parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (optional package)")
+    parser.add_argument("--keep-failed", action="store_true",
+                        help="keep a graph that fails validation as <name>.failed.onnx for inspection")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip the onnxruntime-vs-eager validation (not recommended)")
+    parser.add_argument("--validation-max-batch", type=int, default=8, metavar="N",
+                        help="largest batch used in validation (default 8; the maximum resolution is always tested)")
+    parser.add_argument("--json", metavar="PATH", help="write the export and validation report as JSON to PATH")
+    parser.set_defaults(func=run)
+
+
+def parse_fp32_ops(text: str) -> tuple[str, ...]:
+    """``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
+def size_ranges(args: argparse.Namespace) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``(height, width)`` ranges from ``--resolution`` or ``--height``/``--width`` (None = default)."""
+    if args.resolution and (args.height or args.width):
+        raise CLIError("give either --resolution or --height/--width, not both")
+    if args.resolution:
+        both = parse_range(args.resolution, "resolution")
+        return both, both  # type: ignore[return-value]
+    height = parse_range(args.height, "height") if args.height else None
+    width = parse_range(args.width, "width") if args.width else None
+    return height, width  # type: ignore[return-value]
+
+
+def resolve(source: str) -> Any:
+    """``checkpoints.resolve_source`` with its warnings (random weights) printed as progress lines."""
+    from vitdeploy.checkpoints import resolve_source
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = resolve_source(source)
+    for warning in caught:
+        progress(f"warning: {warning.message}")
+    return resolved
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".onnx":
+        raise CLIError(f"--output {args.output!r} must end in .onnx")
+    if output.is_dir():
+        raise CLIError(f"--output {args.output!r} is a folder; expected a file name such as model.onnx")
+    if args.validation_max_batch < 1:
+        raise CLIError(f"--validation-max-batch must be >= 1, got {args.validation_max_batch}")
+    batch = parse_range(args.batch, "batch")
+    height, width = size_ranges(args)
+    progress(f"loading {args.source}")
+    resolved = resolve(args.source)
+    options = ExportOptions(
+        batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
+        fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,
+        simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
+        source=str(resolved.source), source_sha256=resolved.sha256,
+        validation_max_batch=args.validation_max_batch,
+    )
+    source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
+                   "random_weights": resolved.random_weights}
+    try:
+        result = export_onnx(resolved.model, output, options, progress=progress)
+    except ExportValidationError as error:
+        print(error.report.format_table())
+        if args.json:
+            write_json(args.json, {"passed": False, "output": str(output), "kept": str(error.kept) if error.kept else None,
+                                   **source_info, "validation": error.report.to_dict()})
+        print(f"vitdeploy export: validation failed; {output} was not written"
+              + (f" (kept as {error.kept})" if error.kept else ""))
+        return 1
+    if result.report is not None:
+        print(result.report.format_table())
+    size = output.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
+    rng = result.metadata.shape_range
+    print(
+        f"wrote {output} ({size / 2**20:.1f} MiB{', weights in ' + result.data_path.name if result.data_path else ''}; "
+        f"{result.metadata.precision}; batch {rng.batch[0]}..{rng.batch[1]}, height {rng.height[0]}..{rng.height[1]}, "
+        f"width {rng.width[0]}..{rng.width[1]}) in {result.seconds:.1f}s"
+    )
+    if args.json:
+        write_json(args.json, {"passed": result.report.passed if result.report else None, **source_info,
+                               **result.to_dict()})
+    return 0

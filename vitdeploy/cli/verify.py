@@ -1,0 +1,190 @@
+"""`vitdeploy verify`: parity of any artifact with the eager model over real and synthetic images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.cli.common import CLIError, parse_int_list, progress, write_json
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="compare an artifact (ONNX, TensorRT engine, checkpoint) with the eager model: max-abs, cosine, top-k",
+        description="Run ARTIFACT (anything vitdeploy.runtimes.load opens) and the eager PyTorch model from "
+        "--reference on the same batches — real photographs (the --images folder, or the bundled ones) and "
+        "synthetic images — at several batch sizes and resolutions. Prints one row per shape with max-abs, "
+        "mean-abs, relative max error (max-abs / max |reference logit|), cosine similarity, top-1 and top-5 "
+        "agreement and pass/fail against the tolerance of the artifact's precision; exits 1 on any failure. "
+        "fp16 artifacts are compared with the eager model in fp16 under the same precision policy and with "
+        "the eager fp32 model.",
+    )
+    parser.add_argument("artifact", help="an .onnx file, a TensorRT .engine/.plan, or a checkpoint")
+    parser.add_argument("--reference", required=True, metavar="SOURCE",
+                        help="checkpoint (or variant name) of the eager reference model")
+    parser.add_argument("--images", metavar="DIR", help="folder of images to use (default: the bundled photographs)")
+    parser.add_argument("--batch", default="1,4", metavar="N,N", help="batch sizes (default 1,4)")
+    parser.add_argument("--resolution", metavar="R,R",
+                        help="resolutions: 224 for square or 224x320 for height x width, comma-separated "
+                        "(default: native, smallest and a non-square size within the artifact's range)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                        help="precision of the artifact, which picks the eager reference and tolerance "
+                        "(default: from the artifact's metadata)")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"],
+                        help="onnxruntime provider for .onnx artifacts (default cpu)")
+    parser.add_argument("--no-synthetic", action="store_true", help="use real images only")
+    parser.add_argument("--max-rel-error", type=float, metavar="X", help="override the tolerance's relative max error")
+    parser.add_argument("--min-cosine", type=float, metavar="X", help="override the tolerance's minimum cosine")
+    parser.add_argument("--json", metavar="PATH", help="write the full report as JSON to PATH")
+    parser.set_defaults(func=run)
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """``"224,256x320"`` → ``[(224, 224), (256, 320)]``."""
+    sizes = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        pieces = item.lower().split("x")
+        try:
+            values = [int(p) for p in pieces]
+        except ValueError:
+            raise CLIError(f"--resolution entry {item!r} is not N or HxW with integers") from None
+        if len(values) not in (1, 2) or any(v <= 0 for v in values):
+            raise CLIError(f"--resolution entry {item!r} must be a positive N or HxW")
+        sizes.append((values[0], values[-1]))
+    if not sizes:
+        raise CLIError(f"--resolution {text!r} lists no sizes")
+    return sizes
+
+
+def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
+    """Native size, the smallest size, and a non-square size, all inside the runtime's range."""
+    stride = spec.multiple_of
+
+    def clamp(value: int, low: int, high: int) -> int:
+        return max(low, min(high, value // stride * stride))
+
+    h = clamp(native, *spec.height)
+    w = clamp(native, *spec.width)
+    wide = clamp(native + 2 * stride, *spec.width)
+    if wide == h:
+        wide = clamp(native - 2 * stride, *spec.width)
+    sizes = [(h, w), (spec.height[0], spec.width[0]), (h, wide)]
+    return list(dict.fromkeys(sizes))
+
+
+def image_files(folder: str) -> list[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise CLIError(f"--images {folder!r} is not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CLIError(f"--images {folder!r} contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def check_shapes(shapes: list[tuple[int, int, int]], spec: Any) -> None:
+    for batch, height, width in shapes:
+        if not spec.batch[0] <= batch <= spec.batch[1]:
+            raise CLIError(f"--batch {batch} is outside the artifact's range {spec.batch[0]}..{spec.batch[1]}")
+        for axis, size, (low, high) in (("height", height, spec.height), ("width", width, spec.width)):
+            if size % spec.multiple_of:
+                raise CLIError(f"--resolution {axis} {size} is not a multiple of the patch stride {spec.multiple_of}")
+            if not low <= size <= high:
+                raise CLIError(f"--resolution {axis} {size} is outside the artifact's range {low}..{high}")
+
+
+def references(model: Any, precision: str, fp32_ops: list[str], shapes: list[tuple[int, int, int]],
+               args: argparse.Namespace) -> list[Any]:
+    """Eager references (as TorchRuntimes) with their tolerances for an artifact of ``precision``."""
+    from dataclasses import replace
+
+    from vitdeploy.parity import Reference, tolerance_for
+    from vitdeploy.runtimes.torch import TorchRuntime
+
+    bounds = {
+        "batch": (1, max(b for b, _, _ in shapes)),
+        "height": (min(h for _, h, _ in shapes), max(h for _, h, _ in shapes)),
+        "width": (min(w for _, _, w in shapes), max(w for _, _, w in shapes)),
+    }
+
+    def tolerance(against_fp32: bool) -> Any:
+        tol = tolerance_for(precision, against_fp32)
+        if args.max_rel_error is not None:
+            tol = replace(tol, max_rel_error=args.max_rel_error)
+        if args.min_cosine is not None:
+            tol = replace(tol, min_cosine=args.min_cosine)
+        return tol
+
+    refs = []
+    if precision != "fp32":
+        ops = fp32_ops or ["LayerNormalization", "Softmax"]
+        runtime = TorchRuntime(model, precision=precision, fp32_ops=ops, **bounds)
+        refs.append(Reference(f"eager {precision} (fp32 ops: {','.join(ops)})", runtime, tolerance(False)))
+    refs.append(Reference("eager fp32", TorchRuntime(model, precision="fp32", **bounds), tolerance(True)))
+    return refs
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitdeploy.cli.export import resolve
+    from vitdeploy.parity import InputFactory, verify
+    from vitdeploy.runtimes import load, runtime_kind
+
+    kind = runtime_kind(args.artifact)
+    if kind != "torch" and not Path(args.artifact).is_file():
+        raise CLIError(f"artifact {args.artifact!r} does not exist")
+    batches = parse_int_list(args.batch, "batch")
+    images = image_files(args.images) if args.images else None
+    options: dict[str, Any] = {}
+    if args.provider:
+        if kind != "onnxruntime":
+            raise CLIError(f"--provider applies to .onnx artifacts, not to a {kind} artifact")
+        options["provider"] = args.provider
+    progress(f"loading {args.artifact} ({kind})")
+    runtime = load(args.artifact, **options)
+    try:
+        metadata = runtime.metadata
+        if metadata is None:
+            raise CLIError(f"{args.artifact} has no vitdeploy metadata (preprocessing and stride unknown)")
+        progress(f"loading reference {args.reference}")
+        resolved = resolve(args.reference)
+        model = resolved.model
+        if model.config.num_classes != metadata.num_classes:
+            raise CLIError(
+                f"--reference {args.reference} has {model.config.num_classes} classes but the artifact has "
+                f"{metadata.num_classes}; pass the checkpoint the artifact was exported from"
+            )
+        spec = runtime.input_spec
+        sizes = parse_resolutions(args.resolution) if args.resolution else default_resolutions(
+            spec, int(metadata.model_config["image_size"]))
+        shapes = [(b, h, w) for b in batches for h, w in sizes]
+        check_shapes(shapes, spec)
+        precision = args.precision or metadata.precision
+        refs = references(model, precision, list(metadata.fp32_ops), shapes, args)
+        inputs = InputFactory(metadata.preprocessing, images=images, synthetic=not args.no_synthetic)
+        notes = []
+        if metadata.source_sha256 and resolved.sha256 != metadata.source_sha256:
+            notes.append(
+                f"the reference weights (sha256 {resolved.sha256[:12]}) differ from those the artifact was "
+                f"exported from ({metadata.source or '?'}, sha256 {metadata.source_sha256[:12]})"
+            )
+            progress(f"warning: {notes[-1]}")
+        progress(f"verifying {len(shapes)} shape(s) against {', '.join(r.name for r in refs)}")
+        report = verify(
+            runtime, refs, shapes, inputs, candidate_name=f"{args.artifact} ({kind})", notes=notes,
+            on_case=lambda c: progress(
+                f"  {c.batch}x3x{c.height}x{c.width} vs {c.reference}: rel-max {c.metrics.rel_max_error:.2e}, "
+                f"cosine {c.metrics.cosine:.6f} {'ok' if c.passed else 'FAIL'}"),
+        )
+    finally:
+        runtime.close()
+    print(report.format_table())
+    if args.json:
+        write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "reference": args.reference,
+                               "precision": precision, **report.to_dict()})
+    return 0 if report.passed else 1

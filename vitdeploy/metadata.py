@@ -1,0 +1,116 @@
+"""Self-description of exported artifacts (ONNX ``metadata_props``), importable without torch.
+
+Every ONNX file vitdeploy writes carries an :class:`ArtifactMetadata`. Runtimes read it to
+know the input range they may accept and the preprocessing the model expects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PREFIX = "vitdeploy."
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes ``pixel_values``: resize the short side, centre-crop, normalise."""
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize_size: int = 248
+    crop_size: int = 224
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+
+    @classmethod
+    def for_model(cls, image_size: int, crop_pct: float, mean, std, interpolation: str) -> Preprocessing:
+        """timm's eval transform: resize the short side to ``floor(size / crop_pct)``, then crop."""
+        return cls(
+            mean=tuple(mean), std=tuple(std), resize_size=int(image_size / crop_pct),
+            crop_size=image_size, interpolation=interpolation,
+        )
+
+
+@dataclass
+class ShapeRange:
+    """Inclusive ranges of batch size, height and width an artifact was validated on."""
+
+    batch: tuple[int, int] = (1, 64)
+    height: tuple[int, int] = (112, 448)
+    width: tuple[int, int] = (112, 448)
+
+    def __post_init__(self) -> None:
+        for axis in ("batch", "height", "width"):
+            low, high = (int(v) for v in getattr(self, axis))
+            if not 0 < low <= high:
+                raise ValueError(f"{axis} range {low}:{high} is invalid; expected 0 < min <= max")
+            setattr(self, axis, (low, high))
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class ArtifactMetadata:
+    """What an exported model says about itself."""
+
+    model_config: dict[str, Any]
+    preprocessing: Preprocessing
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    shape_range: ShapeRange
+    precision: str = "fp32"
+    fp32_ops: list[str] = field(default_factory=list)
+    opset: int = 18
+    source: str = ""
+    source_sha256: str = ""
+    vitdeploy_version: str = ""
+    labels: list[str] | None = None
+    validation: dict[str, Any] | None = None
+
+    @property
+    def stride(self) -> int:
+        """Input sizes must be multiples of this (patch size x backbone stride)."""
+        hybrid = self.model_config.get("hybrid")
+        backbone = 4 * 2 ** (len(hybrid["layers"]) - 1) if hybrid else 1
+        return int(self.model_config["patch_size"]) * backbone
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model_config["num_classes"])
+
+    def to_props(self) -> dict[str, str]:
+        """Flatten into string key/value pairs for ONNX ``metadata_props``."""
+        data = asdict(self)
+        return {PREFIX + key: json.dumps(value, sort_keys=True) for key, value in data.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ArtifactMetadata:
+        """Inverse of :meth:`to_props`; raises ``ValueError`` naming a missing key."""
+        data: dict[str, Any] = {}
+        for key, text in props.items():
+            if key.startswith(PREFIX):
+                data[key[len(PREFIX):]] = json.loads(text)
+        required = ("model_config", "preprocessing", "inputs", "outputs", "shape_range")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise ValueError(
+                f"artifact has no vitdeploy metadata {[PREFIX + k for k in missing]}; "
+                "was it written by `vitdeploy export`?"
+            )
+        known = set(cls.__dataclass_fields__)
+        data = {key: value for key, value in data.items() if key in known}
+        data["preprocessing"] = Preprocessing(**data["preprocessing"])
+        data["shape_range"] = ShapeRange(**data["shape_range"])
+        data["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
+        data["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
+        return cls(**data)

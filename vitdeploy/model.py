@@ -1,0 +1,278 @@
+"""The Vision Transformer (Dosovitskiy et al. 2020) in PyTorch, laid out like timm's.
+
+Parameter names match timm's ``VisionTransformer`` (and its hybrid ``HybridEmbed``), so a
+timm state dict loads without renaming. The forward pass accepts any input size that is a
+multiple of the patch stride and resamples the position embeddings to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitdeploy.config import ViTConfig
+from vitdeploy.pos_embed import resample_pos_embed
+from vitdeploy.resnetv2 import ResNetV2
+from vitdeploy.variants import get_config
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that can compute in a wider dtype than its input (the fp16 precision policy)."""
+
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is None or x.dtype == self.compute_dtype:
+            return super().forward(x)
+        dtype = self.compute_dtype
+        out = F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        return out.to(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Image → token sequence: a conv with stride = patch (after the ResNet for hybrids)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.backbone = ResNetV2(config.hybrid, config.in_channels) if config.hybrid else None
+        in_channels = self.backbone.out_channels if self.backbone else config.in_channels
+        self.proj = nn.Conv2d(in_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.backbone is not None:
+            x = self.backbone(x)
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    Eager inference uses ``F.scaled_dot_product_attention``. The explicit path (for export, and
+    for the fp16 policy that keeps softmax in fp32) scales Q, then MatMul → Softmax → MatMul,
+    the pattern TensorRT's fused multi-head attention recognises.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.attn_drop = config.attention_dropout
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.proj_drop = nn.Dropout(config.dropout)
+        self.fused = True
+        self.softmax_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused and self.softmax_dtype is None:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            # Cast before the softmax (not softmax(dtype=...)): the exporter turns the latter into
+            # an fp16 Softmax followed by a Cast, which would defeat the fp32 policy.
+            if self.softmax_dtype is not None:
+                attn = attn.to(self.softmax_dtype)
+            attn = attn.softmax(dim=-1).to(v.dtype)
+            attn = F.dropout(attn, self.attn_drop, self.training)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """Linear → GELU → Linear."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample, in training only."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Mlp(config)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class PreLogits(nn.Module):
+    """Optional representation layer (Linear + tanh) of models pre-trained on ImageNet-21k."""
+
+    def __init__(self, hidden_size: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, representation_size)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patch embedding + [CLS] + position embeddings → pre-norm encoder → LayerNorm → head."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.pooling == "token" else None
+        num_tokens = config.num_prefix_tokens + config.grid_size[0] * config.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, hidden) * 0.02)
+        self.pos_drop = nn.Dropout(config.dropout)
+        # Stochastic depth grows linearly with depth, as in timm.
+        rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.Sequential(*[Block(config, rate) for rate in rates])
+        self.norm = LayerNorm(hidden, eps=config.layer_norm_eps)
+        head_in = hidden
+        self.pre_logits: PreLogits | None = None
+        if config.representation_size:
+            self.pre_logits = PreLogits(hidden, config.representation_size)
+            head_in = config.representation_size
+        self.head = nn.Linear(head_in, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Grid of the stored position embeddings."""
+        return self.config.grid_size
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` unless ``height`` and ``width`` are multiples of the patch stride."""
+        stride = self.config.stride
+        for axis, size in (("height", height), ("width", width)):
+            if size % stride or size <= 0:
+                kind = "patch size" if self.config.hybrid is None else "total stride (backbone x patch)"
+                raise ValueError(
+                    f"input {axis} {size} is not a positive multiple of the {kind} {stride}; "
+                    f"resize or crop the image to a multiple of {stride}"
+                )
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encoder output after the final LayerNorm: ``[N, prefix + (H/p)(W/p), hidden]``."""
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
+                raise ValueError(
+                    f"pixel_values must be [batch, {self.config.in_channels}, height, width], "
+                    f"got shape {tuple(pixel_values.shape)}"
+                )
+            self.check_input_size(int(pixel_values.shape[2]), int(pixel_values.shape[3]))
+        x, grid = self.patch_embed(pixel_values)
+        pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + pos_embed)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Pool (CLS token or mean of tokens), optional pre-logits, then the linear head."""
+        x = features[:, 0] if self.config.pooling == "token" else features.mean(dim=1)
+        if self.pre_logits is not None:
+            x = self.pre_logits(x)
+        return self.head(x)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(pixel_values))
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the head with a zero-initialised one for ``num_classes`` (fine-tuning, paper §3.2)."""
+        in_features = self.config.representation_size or self.config.hidden_size
+        head = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(head, nn.Linear):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        param = next(self.parameters())
+        self.head = head.to(device=param.device, dtype=param.dtype)
+        self.config = self.config.replace(num_classes=num_classes, labels=None)
+
+    @torch.no_grad()
+    def set_image_size(self, image_size: int) -> None:
+        """Resample the stored position embeddings to ``image_size`` for good (fine-tuning at a new size)."""
+        stride = self.config.stride
+        if image_size % stride or image_size <= 0:
+            raise ValueError(f"image_size {image_size} is not a positive multiple of the patch stride {stride}")
+        side = image_size // stride
+        resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size, self.config.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(resampled)
+        crop_pct = self.config.crop_pct if image_size == self.config.image_size else 1.0
+        self.config = self.config.replace(image_size=image_size, crop_pct=crop_pct)
+
+    def set_precision_policy(self, fp32_ops: set[str] | None = None, fused_attention: bool | None = None) -> None:
+        """Keep the named ops (``LayerNormalization``, ``Softmax``) in fp32 when the model runs in fp16/bf16.
+
+        ``fused_attention=False`` selects the explicit MatMul → Softmax → MatMul attention.
+        """
+        fp32_ops = set(fp32_ops or ())
+        unknown = fp32_ops - {"LayerNormalization", "Softmax"}
+        if unknown:
+            raise ValueError(f"unknown fp32 ops {sorted(unknown)}; expected LayerNormalization and/or Softmax")
+        norm_dtype = torch.float32 if "LayerNormalization" in fp32_ops else None
+        softmax_dtype = torch.float32 if "Softmax" in fp32_ops else None
+        for module in self.modules():
+            if isinstance(module, LayerNorm):
+                module.compute_dtype = norm_dtype
+            elif isinstance(module, Attention):
+                module.softmax_dtype = softmax_dtype
+                if fused_attention is not None:
+                    module.fused = fused_attention
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def create_model(name: str, **overrides: Any) -> VisionTransformer:
+    """Build the variant ``name`` (timm naming) with random weights; ``overrides`` edit its config.
+
+    ``image_size`` changes the native grid of the position embeddings.
+    """
+    config = get_config(name, **overrides)
+    model = VisionTransformer(config)
+    return model.eval()

@@ -1,0 +1,106 @@
+"""Image → ``pixel_values`` the way timm's eval transform does it, with numpy and Pillow only.
+
+timm evaluates with ``Resize(int(size / crop_pct))`` (short side, PIL interpolation) →
+``CenterCrop(size)`` → ``ToTensor`` → ``Normalize(mean, std)``; torchvision's PIL path calls
+``PIL.Image.resize``, so this module reproduces it without torch. The parameters come from an
+artifact's :class:`~vitdeploy.metadata.Preprocessing`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vitdeploy.metadata import ArtifactMetadata, Preprocessing
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open a path (or take a PIL image / ``HxWx3`` uint8 array) and return it as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(
+                f"image array must be uint8 HxW or HxWxC, got dtype {image.dtype} and shape {image.shape}"
+            )
+        return Image.fromarray(image).convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist or is not a file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{str(path)!r} is not an image Pillow can read ({error})") from None
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """``(width, height)`` after resizing the short side to ``short_side`` (torchvision's rule)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = short_side, int(short_side * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop an ``HxWxC`` array to ``size x size``, zero-padding first if it is smaller."""
+    height, width = array.shape[:2]
+    if height < size or width < size:
+        pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+        array = np.pad(array, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+        height, width = array.shape[:2]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return array[top:top + size, left:left + size]
+
+
+def preprocess(image: ImageLike, pre: Preprocessing) -> np.ndarray:
+    """One image → float32 ``[3, crop, crop]``: resize short side, centre-crop, scale to [0, 1], normalise."""
+    if pre.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {pre.interpolation!r} is not one of {list(INTERPOLATIONS)}")
+    picture = load_image(image)
+    resized = picture.resize(resized_size(*picture.size, int(pre.resize_size)), INTERPOLATIONS[pre.interpolation])
+    pixels = center_crop(np.asarray(resized, dtype=np.uint8), int(pre.crop_size))
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(pre.mean, dtype=np.float32)
+    std = np.asarray(pre.std, dtype=np.float32)
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess_batch(images: Sequence[ImageLike], pre: Preprocessing) -> np.ndarray:
+    """Several images → float32 ``[N, 3, crop, crop]``."""
+    if not images:
+        raise ValueError("preprocess_batch needs at least one image")
+    return np.stack([preprocess(image, pre) for image in images])
+
+
+def bundled_images() -> list[Path]:
+    """The real photographs shipped in ``vitdeploy/data`` (see its README for sources and licences)."""
+    return sorted(DATA_DIR.glob("*.jpg"))
+
+
+def load_labels(metadata: ArtifactMetadata) -> list[str]:
+    """Class names from the artifact's metadata, or the class indices as strings when it has none."""
+    labels = metadata.labels or metadata.model_config.get("labels")
+    count = metadata.num_classes
+    if not labels:
+        return [str(index) for index in range(count)]
+    if len(labels) != count:
+        raise ValueError(f"metadata lists {len(labels)} labels but the model has {count} classes")
+    return [str(label) for label in labels]
