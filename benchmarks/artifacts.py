@@ -49,5 +49,24 @@ def build_engine_for_bench(onnx_path: Path, engine_path: Path, sweep: Sweep,
                          f"width {low_w}..{high_w}); build one with `vitdeploy build`")
     options = BuildOptions(timing_cache=str(engine_path.with_name("tensorrt.timing-cache")))
     plan = plan_build(onnx_path, engine_path, options=options, profile_specs=engine_profiles(sweep))
+    if _reusable(plan):
+        if log is not None:
+            log(f"reusing {engine_path} (built from this ONNX file with these profiles)")
+        return engine_path
     run_build(plan, show_progress=False, log=log or (lambda message: None))
     return engine_path
+
+
+def _reusable(plan: Any) -> bool:
+    """An engine already at the plan's path, built from the same ONNX bytes with the same profiles."""
+    from vitdeploy.engine_manifest import EngineManifest, sha256_file
+
+    if not plan.engine_path.is_file() or not plan.manifest_path.is_file():
+        return False
+    try:
+        manifest = EngineManifest.read(plan.manifest_path)
+    except (OSError, ValueError):
+        return False
+    return (manifest.onnx_sha256 == sha256_file(plan.onnx.path)
+            and manifest.engine_sha256 == sha256_file(plan.engine_path)
+            and [p.to_dict() for p in manifest.profiles] == [p.to_dict() for p in plan.profiles])

@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata as _metadata
 from typing import Any
 
@@ -51,6 +52,46 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+class OtherCpuLoad:
+    """CPUs used by *other* processes between :meth:`start` and :meth:`stop` (Linux ``/proc/stat``).
+
+    Machine-wide busy time minus this process's own CPU time, divided by the wall time: 0 on a
+    quiet machine, 1.0 when another process kept one core busy throughout. The load average
+    counts the benchmark itself, so it cannot tell that apart.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        steal_guest = sum(fields[7:]) if len(fields) > 7 else 0  # steal, guest: not ours or theirs here
+        return (sum(fields) - idle - steal_guest) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        busy = self._busy_seconds()
+        self._start = None if busy is None else (busy, time.process_time(), time.perf_counter())
+
+    def stop(self) -> float | None:
+        if self._start is None:
+            return None
+        busy = self._busy_seconds()
+        if busy is None:
+            return None
+        busy0, own0, wall0 = self._start
+        wall = time.perf_counter() - wall0
+        if wall <= 0.05:  # /proc/stat ticks at 100 Hz: too short to say
+            return None
+        others = (busy - busy0) - (time.process_time() - own0)
+        return round(max(others, 0.0) / wall, 2)
 
 
 def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:

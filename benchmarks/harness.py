@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vitdeploy.benchmarks.backends import Session, Skip, open_session
-from vitdeploy.benchmarks.environment import capture_environment, load_average, usable_cpus
+from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average, usable_cpus
 from vitdeploy.benchmarks.memory import DeviceMemory, peak_rss_bytes, reset_peak_rss
 from vitdeploy.benchmarks.models import BenchModel, Sweep
 from vitdeploy.benchmarks.peaks import PeakTable
@@ -132,7 +132,7 @@ def _base_record(name: str, random_weights: bool, spec: RuntimeSpec, batch: int,
         "latency_ms": None, "first_call_ms": None, "throughput_ips": None, "peak_rss_mib": None,
         "peak_device_mib": None, "flops_per_image": None, "gflops_per_s": None, "peak_gflops": None,
         "peak_fraction": None, "speedup_vs_baseline": None, "artifact": None,
-        "random_weights": random_weights, "load_average": None,
+        "random_weights": random_weights, "load_average": None, "other_cpu_load": None,
     }
 
 
@@ -246,6 +246,8 @@ class Harness:
             reset_peak_rss()
             if device_memory is not None:
                 device_memory.start_point()
+            others = OtherCpuLoad()
+            others.start()
 
             def progress(done: int, elapsed: float) -> None:
                 if device_memory is not None:
@@ -253,6 +255,7 @@ class Harness:
                 self.display.point_progress(done, elapsed)
 
             measurement = measure(fn, self.plan.timing, session.timer, progress)
+            record["other_cpu_load"] = others.stop()
             stats = summarize(measurement.samples_ms)
             record["peak_rss_mib"] = round(peak_rss_bytes() / MIB, 1)
             if device_memory is not None:
@@ -272,7 +275,8 @@ class Harness:
                 self.display.message(f"measuring harness overhead against a bare loop for {spec.label} b{batch}")
                 result = measure_overhead(fn, self.plan.overhead_iterations, self.plan.overhead_rounds, session.timer)
                 self.overheads.append({"model": model.name, "runtime": spec.label, "batch": batch,
-                                       "height": height, "width": width, **result.to_dict()})
+                                       "height": height, "width": width, "timer": session.timer.name,
+                                       **result.to_dict()})
         except Exception as error:
             record.update(status="failed", reason=_error_text(error), latency_ms=None, throughput_ips=None,
                           first_call_ms=None, gflops_per_s=None, peak_gflops=None, peak_fraction=None,

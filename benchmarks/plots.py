@@ -81,10 +81,13 @@ def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
 
 
 def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | None:
-    """One panel per model: images/s against input height at the largest batch run, a line per runtime."""
+    """One panel per model: images/s against input height at the largest batch run, a line per runtime.
+
+    Written only when the run measured more than one resolution.
+    """
     ok = [r for r in document["records"] if r["status"] == "ok"]
     models = list(OrderedDict.fromkeys(r["model"] for r in ok))
-    if not models:
+    if not models or len({(r["height"], r["width"]) for r in ok}) < 2:
         return None
     plt = _pyplot()
     rows, cols = _grid(len(models))
@@ -116,11 +119,52 @@ def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | Non
         plt.close(fig)
 
 
+def throughput_by_batch(document: dict[str, Any], path: Path) -> Path | None:
+    """One panel per (model, size): images/s as grouped bars, a group per batch size, a bar per runtime."""
+    ok = [r for r in document["records"] if r["status"] == "ok"]
+    panels = list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in ok))
+    if not panels:
+        return None
+    plt = _pyplot()
+    rows, cols = _grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
+    width = 0.8 / max(len(runtimes), 1)
+    for ax, (model, height, size_w) in zip(axes.flat, panels, strict=False):
+        here = [r for r in ok if (r["model"], r["height"], r["width"]) == (model, height, size_w)]
+        batches = sorted({r["batch"] for r in here})
+        for index, runtime in enumerate(runtimes):
+            values = {r["batch"]: r["throughput_ips"] for r in here if r["runtime"] == runtime}
+            xs = [i + (index - (len(runtimes) - 1) / 2) * width for i in range(len(batches))]
+            ax.bar(xs, [values.get(b, 0.0) for b in batches], width=width, label=runtime)
+        ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{model} {height}x{size_w}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.suptitle("Throughput per runtime", fontsize=11)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+PLOTS = (("latency_vs_batch", latency_vs_batch), ("throughput_vs_resolution", throughput_vs_resolution),
+         ("throughput_by_batch", throughput_by_batch))
+
+
 def write_plots(document: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
-    """Write both plots into ``output_dir``; returns ``{name: path}`` for those with data."""
+    """Write the plots that have data into ``output_dir``; returns ``{name: path}``.
+
+    ``throughput_vs_resolution`` needs at least two resolutions in the run.
+    """
     out = Path(output_dir)
     written: dict[str, Path] = {}
-    for name, function in (("latency_vs_batch", latency_vs_batch), ("throughput_vs_resolution", throughput_vs_resolution)):
+    for name, function in PLOTS:
         path = function(document, out / f"{name}.png")
         if path is not None:
             written[name] = path

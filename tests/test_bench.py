@@ -9,10 +9,12 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_model, tiny_config
 
 from vitdeploy.benchmarks.compare import compare, render_text
@@ -270,7 +272,8 @@ def test_missing_runtimes_are_skipped_with_reason_and_others_run(bench_run):
 
 def test_outputs_are_written(bench_run):
     document, written, _, out = bench_run
-    assert set(written) >= {"json", "csv", "markdown", "latency_vs_batch", "throughput_vs_resolution"}
+    assert set(written) >= {"json", "csv", "markdown", "latency_vs_batch", "throughput_vs_resolution",
+                            "throughput_by_batch"}
     reloaded = json.loads((out / "results.json").read_text())
     assert reloaded == json.loads(json.dumps(document))
     validate(reloaded)
@@ -281,13 +284,21 @@ def test_outputs_are_written(bench_run):
     assert "vitdeploy bench tiny (test)" in report  # the exact command
     assert "torch-eager-fp32" in report and "ort-cpu-fp32" in report and "## Not run" in report
     assert "latency_vs_batch.png" in report
-    for name in ("latency_vs_batch", "throughput_vs_resolution"):
+    for name in ("latency_vs_batch", "throughput_vs_resolution", "throughput_by_batch"):
         data = written[name].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     env = document["environment"]
     assert env["command"] == "vitdeploy bench tiny (test)"
     assert env["cpu"]["threads"] == 1 and env["versions"]["vitdeploy"]
     assert "load_average_start" in env
+
+
+def test_outputs_without_matplotlib(bench_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    written = write_outputs(json.loads(json.dumps(bench_run[0])), tmp_path)
+    assert set(written) == {"json", "csv", "markdown"}
+    assert "matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_harness_overhead_is_recorded(bench_run):
@@ -322,6 +333,34 @@ def test_terminal_table_shows_speedups_and_skips(bench_run):
     table = terminal_table(document)
     assert "vs torch-eager-fp32" in table and "1.00x" in table
     assert "tensorrt-fp16: skipped (4 points)" in table
+
+
+def test_engine_profiles_and_reuse_of_a_built_engine(bench_run, tmp_path):
+    from vitdeploy.benchmarks.artifacts import _reusable, engine_profiles
+    from vitdeploy.benchmarks.models import Sweep
+    from vitdeploy.engine_manifest import EngineManifest, GpuInfo, sha256_file
+    from vitdeploy.exporters.trt_plan import plan_build
+
+    small = Sweep((1, 2), ((32, 32), (48, 48)))
+    assert engine_profiles(small) == ["batch=1:1:2,resolution=32:32:48"]
+    large = Sweep((1, 64, 256), ((224, 224), (384, 384)))
+    assert engine_profiles(large) == ["batch=1:1:8,resolution=224:224:384", "batch=1:256:256,resolution=224:384:384"]
+
+    onnx_path = next((bench_run[3] / "artifacts").glob("*-fp32.onnx"))
+    engine = tmp_path / "tiny.engine"
+    plan = plan_build(onnx_path, engine, profile_specs=engine_profiles(small))
+    assert not _reusable(plan)
+    engine.write_bytes(b"TensorRT engine double")  # stands in for an engine TensorRT built
+    EngineManifest(
+        engine_file=engine.name, engine_sha256=sha256_file(engine), engine_bytes=engine.stat().st_size,
+        onnx_file=str(onnx_path), onnx_sha256=sha256_file(onnx_path), tensorrt_version="10.13",
+        gpu=GpuInfo(name="GPU double", compute_capability="9.0"), precision="fp32", profiles=plan.profiles,
+        inputs=[], outputs=[],
+    ).write(plan.manifest_path)
+    assert _reusable(plan)
+    assert not _reusable(plan_build(onnx_path, engine, profile_specs=["batch=1:2:2,resolution=32:48:48"]))
+    engine.write_bytes(b"another engine")
+    assert not _reusable(plan)  # the manifest no longer describes the file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +461,7 @@ def test_csv_and_markdown_render_failed_points_without_measurements(bench_run):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_runtimes_are_timed_with_cuda_events(tiny_checkpoint, tmp_path):
     labels = "torch-eager-fp32,torch-eager-fp16,torch-compile-fp16,ort-cuda-fp16,ort-tensorrt-fp16,tensorrt-fp16"
     plan = BenchPlan(models=[str(tiny_checkpoint)], runtimes=parse_runtimes(labels, "cuda"), batches=[1, 4],

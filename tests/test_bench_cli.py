@@ -64,8 +64,9 @@ def test_bench_then_compare(main, capsys, checkpoint, tmp_path):
                         ("ort-cpu-fp32", 2): "ok", ("tensorrt-fp16", 1): "skipped", ("tensorrt-fp16", 2): "skipped"}
     assert all(r["latency_ms"]["n"] == 3 for r in document["records"] if r["status"] == "ok")
     assert document["peaks"] == [] and all(r["peak_fraction"] is None for r in document["records"])
-    for name in ("results.csv", "report.md", "latency_vs_batch.png", "throughput_vs_resolution.png"):
+    for name in ("results.csv", "report.md", "latency_vs_batch.png", "throughput_by_batch.png"):
         assert (out / name).is_file()
+    assert not (out / "throughput_vs_resolution.png").exists()  # one resolution: nothing to plot against
     assert "ort-cpu-fp32" in captured.out and "tensorrt-fp16: skipped" in captured.out
     assert (out / "artifacts" / "tiny.safetensors-fp32.onnx").is_file()  # the export is kept for reruns
 
