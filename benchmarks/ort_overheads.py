@@ -1,0 +1,190 @@
+"""Eager PyTorch vs onnxruntime vs the OrtRuntime wrapper, side by side in one process.
+
+Answers two targets on a CPU at batch 1: onnxruntime fp32 latency <= 0.8x eager PyTorch's,
+and ``OrtRuntime.__call__`` adding at most 3% over a bare ``InferenceSession.run`` on the same
+session. The model (random weights, fixed seed) is exported once with the real exporter;
+every runtime is then timed in interleaved rounds (the order reverses every round) so that
+load from other processes hits all of them alike, and each row reports the median of the
+per-round p50 latencies.
+
+    python -m vitdeploy.benchmarks.ort_overheads [--model vit_small_patch16_224] [--output PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "ort_overheads.json"
+ORT_TARGET = 0.8  # onnxruntime latency / eager latency
+WRAPPER_TARGET = 0.03  # OrtRuntime latency / bare session latency - 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m vitdeploy.benchmarks.ort_overheads",
+        description="Time eager torch fp32, a bare onnxruntime InferenceSession.run and OrtRuntime side by side.",
+    )
+    parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=None, help="input height = width (default: native)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=30, help="timed calls per runtime per round")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    for name in ("batch", "threads", "rounds", "iterations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: int,
+                warmup: int) -> dict[str, list[float]]:
+    """p50 latency (ms) of each runner per round; runners alternate, order reversed every round."""
+    import gc
+
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    p50s: dict[str, list[float]] = {name: [] for name in runners}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for index in range(rounds):
+            order = list(runners) if index % 2 == 0 else list(runners)[::-1]
+            for name in order:
+                run = runners[name]
+                run()  # the first call after another runtime pays for cold caches
+                samples = np.empty(iterations)
+                for i in range(iterations):
+                    start = time.perf_counter_ns()
+                    run()
+                    samples[i] = time.perf_counter_ns() - start
+                p50s[name].append(float(np.median(samples)) / 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return p50s
+
+
+def _logits(output: Any) -> np.ndarray:
+    """Logits from a session's output list, a runtime's array or a torch tensor."""
+    if isinstance(output, list):
+        output = output[0]
+    return output.numpy() if hasattr(output, "numpy") else np.asarray(output)
+
+
+def _rel_max_error(got: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - reference).max() / max(np.abs(reference).max(), 1e-30))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import onnxruntime as ort
+    import torch
+
+    import vitdeploy
+    from vitdeploy.atomic import atomic_write_text
+    from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
+    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.runtimes import OrtRuntime
+
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.ort_overheads",
+                          *(sys.argv[1:] if argv is None else argv)])
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = vitdeploy.create_model(args.model).eval()
+    size = args.size or model.config.image_size
+    pixels = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
+    tensor = torch.from_numpy(pixels)
+
+    with tempfile.TemporaryDirectory(prefix="ort_overheads.") as folder:
+        path = Path(folder) / f"{args.model}.onnx"
+        print(f"exporting {args.model} (fp32) ...", file=sys.stderr)
+        export_onnx(model, path, ExportOptions(batch=(1, max(8, args.batch)), validate=False, preflight=False))
+        runtime = OrtRuntime(path, intra_op_threads=args.threads, inter_op_threads=1)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+        file_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    session, input_name, output_name = runtime.session, runtime.input_spec.name, runtime.output_name
+    feeds = {input_name: pixels}
+
+    def eager() -> Any:
+        with torch.inference_mode():
+            return model(tensor)
+
+    runners = {
+        "torch eager fp32": eager,
+        "onnxruntime, file as exported (InferenceSession.run)": lambda: file_session.run([output_name], feeds),
+        "onnxruntime, contrib-fused (bare InferenceSession.run)": lambda: session.run([output_name], feeds),
+        "onnxruntime, contrib-fused (OrtRuntime.__call__)": lambda: runtime(pixels),
+    }
+    reference = eager().numpy()
+    parity = {name: _rel_max_error(_logits(run()), reference) for name, run in runners.items() if name != "torch eager fp32"}
+
+    load_before = load_average()
+    others = OtherCpuLoad()
+    others.start()
+    p50s = time_rounds(runners, args.rounds, args.iterations, args.warmup)
+    other_cpus = others.stop()
+    load_after = load_average()
+
+    medians = {name: float(np.median(values)) for name, values in p50s.items()}
+    eager_ms = medians["torch eager fp32"]
+    bare_ms = medians["onnxruntime, contrib-fused (bare InferenceSession.run)"]
+    wrapped_ms = medians["onnxruntime, contrib-fused (OrtRuntime.__call__)"]
+    rows = [{"runtime": name, "p50_ms_median": round(ms, 3), "p50_ms_rounds": [round(v, 3) for v in p50s[name]],
+             "vs_eager": round(ms / eager_ms, 4), "rel_max_error_vs_eager": parity.get(name)}
+            for name, ms in medians.items()]
+    wrapper = wrapped_ms / bare_ms - 1.0
+    ort_ratio = wrapped_ms / eager_ms
+    report = {
+        "command": command,
+        "environment": capture_environment(command, threads=args.threads),
+        "load_average": {"before": load_before, "after": load_after},
+        "other_processes_cpus": other_cpus,
+        "setup": {"model": args.model, "batch": args.batch, "height": size, "width": size, "threads": args.threads,
+                  "rounds": args.rounds, "iterations": args.iterations, "warmup": args.warmup,
+                  "weights": "random (torch.manual_seed(0))", "fusions": runtime.fusions,
+                  "statistic": "median over rounds of the per-round p50; rounds interleave the runtimes"},
+        "results": rows,
+        "targets": {
+            "onnxruntime_vs_eager": {"target": f"<= {ORT_TARGET}", "measured": round(ort_ratio, 4),
+                                     "met": ort_ratio <= ORT_TARGET},
+            "wrapper_overhead": {"target": f"<= {WRAPPER_TARGET:.0%}", "measured": round(wrapper, 4),
+                                 "overhead_us": round((wrapped_ms - bare_ms) * 1000, 1),
+                                 "met": wrapper <= WRAPPER_TARGET},
+        },
+    }
+    print(f"{args.model}, batch {args.batch}, {size}x{size}, {args.threads} threads, "
+          f"{args.rounds} rounds x {args.iterations} calls; load {load_before} -> {load_after}, "
+          f"other processes {other_cpus} CPUs")
+    print(f"{'runtime':58s} {'p50 ms':>8s} {'vs eager':>9s} {'rel err':>9s}")
+    for row in rows:
+        error = row["rel_max_error_vs_eager"]
+        print(f"{row['runtime']:58s} {row['p50_ms_median']:8.2f} {row['vs_eager']:8.3f}x "
+              f"{'' if error is None else f'{error:9.1e}'}")
+    print(f"OrtRuntime vs eager: {ort_ratio:.3f}x (target <= {ORT_TARGET}) "
+          f"{'met' if ort_ratio <= ORT_TARGET else 'NOT met'}")
+    print(f"wrapper overhead: {wrapper:+.2%} ({(wrapped_ms - bare_ms) * 1000:+.0f} us; target <= "
+          f"{WRAPPER_TARGET:.0%}) {'met' if wrapper <= WRAPPER_TARGET else 'NOT met'}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""CPU-only graph rewrite of exported ViT graphs to onnxruntime contrib ops (in memory).
+
+:class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` applies :func:`fuse_for_cpu` to the graph it
+hands onnxruntime's CPU provider; the ONNX file on disk, which TensorRT compiles, is never changed.
+Needs the ``onnx`` package (imported inside :func:`fuse_for_cpu`), never torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_MS_DOMAIN = "com.microsoft"
+_SQRT2 = 2.0**0.5
+
+
+class _GraphIndex:
+    """Producers, consumers and constant values of an ``onnx.GraphProto``, for pattern matching."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import numpy_helper
+
+        self._to_array = numpy_helper.to_array
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.producers: dict[str, Any] = {}
+        self.consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.output:
+                self.producers[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.outputs = {value.name for value in graph.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return self._to_array(self.initializers[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return self._to_array(attr.t)
+        return None
+
+    def scalar(self, name: str) -> float | None:
+        value = self.const(name)
+        return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+    def produced_by(self, name: str, op_type: str) -> Any:
+        node = self.producers.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def uses(self, name: str) -> int:
+        return len(self.consumers.get(name, [])) + (name in self.outputs)
+
+    def only_consumer(self, name: str) -> Any:
+        consumers = self.consumers.get(name, [])
+        return consumers[0] if len(consumers) == 1 and name not in self.outputs else None
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _is_float32(index: _GraphIndex, name: str) -> bool:
+    value = index.const(name)
+    return value is not None and value.dtype == np.float32
+
+
+def _biased_matmul(index: _GraphIndex, name: str) -> tuple[str, str, Any] | None:
+    """``name = Add(MatMul(..), bias)`` with a 1-D fp32 constant bias and the MatMul used once.
+
+    Returns ``(matmul_output, bias_name, add_node)``.
+    """
+    add = index.produced_by(name, "Add")
+    if add is None:
+        return None
+    for i, j in ((0, 1), (1, 0)):
+        bias = index.const(add.input[j])
+        if (bias is not None and bias.ndim == 1 and bias.dtype == np.float32
+                and index.produced_by(add.input[i], "MatMul") is not None and index.uses(add.input[i]) == 1):
+            return add.input[i], add.input[j], add
+    return None
+
+
+def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
+    """The exporter's attention around ``softmax``, from the qkv projection to the merged heads.
+
+    ``MatMul(x, W) + b -> Reshape [B,T,3,N,H] -> Transpose [2,0,3,1,4] -> q,k,v (Slice+Squeeze
+    or Gather on axis 0) -> MatMul(q * scale, Transpose(k)) -> Softmax -> MatMul(., v) ->
+    Transpose [0,2,1,3] -> Reshape [B,T,C]``.
+    """
+    if _attr(softmax, "axis", -1) not in (-1, 3):
+        return None
+    scores = index.produced_by(softmax.input[0], "MatMul")
+    weighted = index.only_consumer(softmax.output[0])
+    if scores is None or index.uses(softmax.input[0]) != 1 or weighted is None or weighted.op_type != "MatMul":
+        return None
+    if weighted.input[0] != softmax.output[0]:
+        return None
+    mul = index.produced_by(scores.input[0], "Mul")
+    k_t = index.produced_by(scores.input[1], "Transpose")
+    if mul is None or k_t is None or list(_attr(k_t, "perm", [])) != [0, 1, 3, 2]:
+        return None
+    q, scale = next(((mul.input[i], index.scalar(mul.input[1 - i])) for i in (0, 1)
+                     if index.scalar(mul.input[1 - i]) is not None), (None, None))
+    if q is None:
+        return None
+    picked, source = [], None
+    for position, name in enumerate((q, k_t.input[0], weighted.input[1])):
+        node = index.producers.get(name)
+        if node is not None and node.op_type == "Squeeze":
+            sliced = index.produced_by(node.input[0], "Slice")
+            if sliced is None or len(sliced.input) < 4:
+                return None
+            starts, ends, axes = (index.const(n) for n in sliced.input[1:4])
+            if starts is None or ends is None or axes is None or list(axes) != [0]:
+                return None
+            if (int(starts[0]), int(ends[0])) != (position, position + 1):
+                return None
+            picked += [node, sliced]
+            origin = sliced.input[0]
+        elif node is not None and node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
+            chosen = index.const(node.input[1])
+            if chosen is None or chosen.ndim != 0 or int(chosen) != position:
+                return None
+            picked.append(node)
+            origin = node.input[0]
+        else:
+            return None
+        if source not in (None, origin):
+            return None
+        source = origin
+    heads_first = index.produced_by(source, "Transpose")
+    if heads_first is None or list(_attr(heads_first, "perm", [])) != [2, 0, 3, 1, 4]:
+        return None
+    if index.uses(source) != 3:
+        return None
+    split_heads = index.produced_by(heads_first.input[0], "Reshape")
+    if split_heads is None or index.uses(heads_first.input[0]) != 1:
+        return None
+    shape = index.produced_by(split_heads.input[1], "Concat")
+    dims = [index.const(n) for n in shape.input[2:]] if shape is not None and len(shape.input) == 5 else []
+    if len(dims) != 3 or any(d is None or d.size != 1 for d in dims) or int(dims[0].item()) != 3:
+        return None
+    heads, head_dim = int(dims[1].item()), int(dims[2].item())
+    merge = index.only_consumer(weighted.output[0])
+    if merge is None or merge.op_type != "Transpose" or list(_attr(merge, "perm", [])) != [0, 2, 1, 3]:
+        return None
+    merged = index.only_consumer(merge.output[0])
+    if merged is None or merged.op_type != "Reshape":
+        return None
+    if index.uses(split_heads.input[0]) != 1:
+        return None
+    biased = _biased_matmul(index, split_heads.input[0])
+    if biased is None:
+        return None
+    projection = index.producers[biased[0]]
+    weight = index.const(projection.input[1])
+    hidden = heads * head_dim
+    if weight is None or weight.dtype != np.float32 or weight.shape != (hidden, 3 * hidden):
+        return None
+    return {
+        "inputs": [projection.input[0], projection.input[1], biased[1]],
+        "output": merged.output[0], "heads": heads, "scale": scale,
+        "nodes": [projection, biased[2], split_heads, heads_first, *picked, mul, k_t, scores, softmax,
+                  weighted, merge, merged],
+    }
+
+
+def _match_gelu(index: _GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
+    """``x * 0.5 * (1 + Erf(x / sqrt(2)))`` (any operand order) or ONNX ``Gelu`` (exact) ending at ``node``.
+
+    Returns ``(x, nodes)``.
+    """
+    if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+        return (node.input[0], [node]) if _attr(node, "approximate", b"none") in (b"none", "none") else None
+    if node.op_type != "Mul":
+        return None
+    # Flatten the product: (x * 0.5) * (1 + erf) or x * (0.5 * (1 + erf)) or (x * (1 + erf)) * 0.5.
+    factors, constants, nodes = [], [], [node]
+    for name in node.input:
+        inner = index.produced_by(name, "Mul")
+        if inner is not None and index.uses(name) == 1:
+            nodes.append(inner)
+            for sub in inner.input:
+                (constants if index.scalar(sub) is not None else factors).append(sub)
+        else:
+            (constants if index.scalar(name) is not None else factors).append(name)
+    if len(factors) != 2 or len(constants) != 1 or abs(index.scalar(constants[0]) - 0.5) > 1e-6:
+        return None
+    for x, one_plus in (factors, factors[::-1]):
+        add = index.produced_by(one_plus, "Add")
+        if add is None or index.uses(one_plus) != 1:
+            continue
+        erf_out = next((add.input[i] for i in (0, 1) if index.scalar(add.input[1 - i]) == 1.0), None)
+        erf = index.produced_by(erf_out, "Erf") if erf_out else None
+        if erf is None or index.uses(erf_out) != 1 or index.uses(erf.input[0]) != 1:
+            continue
+        scaled = index.producers.get(erf.input[0])
+        if scaled is None or len(scaled.input) != 2:
+            continue
+        if scaled.op_type == "Div" and scaled.input[0] == x and abs((index.scalar(scaled.input[1]) or 0) - _SQRT2) < 1e-5:
+            return x, [*nodes, add, erf, scaled]
+        if scaled.op_type == "Mul" and x in scaled.input:
+            other = scaled.input[1] if scaled.input[0] == x else scaled.input[0]
+            if abs((index.scalar(other) or 0) - 1 / _SQRT2) < 1e-5:
+                return x, [*nodes, add, erf, scaled]
+    return None
+
+
+def _topological(graph: Any, nodes: list[Any]) -> list[Any]:
+    """``nodes`` in an order where every input is produced first (stable); raises if impossible."""
+    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    order: list[Any] = []
+    waiting = list(nodes)
+    while waiting:
+        blocked = []
+        for node in waiting:
+            if all(name in ready for name in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                blocked.append(node)
+        if len(blocked) == len(waiting):
+            raise ValueError(f"graph rewrite left node {blocked[0].name!r} without its inputs {list(blocked[0].input)}")
+        waiting = blocked
+    return order
+
+
+def fuse_for_cpu(model: Any) -> dict[str, int]:
+    """Rewrite an exported fp32 ViT graph (``onnx.ModelProto``, in place) for onnxruntime's CPU EP.
+
+    onnxruntime's own optimizer does not recognise the exporter's attention and GELU, so this
+    replaces them with its contrib ops: each attention block (qkv projection + bias, head
+    split, ``MatMul -> Softmax -> MatMul``, head merge) with one ``com.microsoft.Attention``;
+    and ``bias + erf-GELU`` with ``com.microsoft.BiasGelu`` (``Gelu`` without a bias).
+    (``SkipLayerNormalization`` and a three-input ``Sum`` for bias + residual were measured
+    too and were slower on onnxruntime 1.32's CPU kernels.) Patterns that do not match
+    exactly (fp16 graphs, other exporters) are left alone. Returns the number of rewrites of
+    each kind. Meant for onnxruntime only: TensorRT needs the original pattern, and the ONNX
+    file on disk is never changed.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    index = _GraphIndex(graph)
+    counts = {"attention": 0, "gelu": 0}
+    replaced: set[int] = set()
+    added: dict[int, list[Any]] = {}  # id(anchor node) -> new nodes placed where the anchor was
+
+    def claim(nodes: list[Any], anchor: Any, new: Any) -> bool:
+        """Replace ``nodes`` by ``new`` unless one is taken or an inner tensor is used outside them."""
+        if any(id(n) in replaced for n in nodes):
+            return False
+        members = {id(n) for n in nodes}
+        for inner in nodes:
+            if inner is anchor:
+                continue
+            for name in inner.output:
+                if name in index.outputs or any(id(c) not in members for c in index.consumers.get(name, [])):
+                    return False
+        replaced.update(id(n) for n in nodes)
+        added.setdefault(id(anchor), []).append(new)
+        return True
+
+    for node in list(graph.node):
+        if node.op_type == "Softmax":
+            match = _match_attention(index, node)
+            if match is not None:
+                attention = helper.make_node(
+                    "Attention", match["inputs"], [match["output"]], name=f"{node.name or 'softmax'}/Attention",
+                    domain=_MS_DOMAIN, num_heads=match["heads"], scale=float(match["scale"]),
+                )
+                counts["attention"] += claim(match["nodes"], match["nodes"][-1], attention)
+    for node in list(graph.node):
+        gelu = _match_gelu(index, node)
+        if gelu is None:
+            continue
+        x, nodes = gelu
+        biased = _biased_matmul(index, x)
+        if biased is not None and index.uses(x) == len([n for n in nodes if x in n.input]):
+            new = helper.make_node("BiasGelu", [biased[0], biased[1]], [node.output[0]],
+                                   name=f"{node.name or 'gelu'}/BiasGelu", domain=_MS_DOMAIN)
+            nodes = [*nodes, biased[2]]
+        else:
+            new = helper.make_node("Gelu", [x], [node.output[0]], name=f"{node.name or 'gelu'}/Gelu", domain=_MS_DOMAIN)
+        counts["gelu"] += claim(nodes, node, new)
+    if not replaced:
+        return counts
+
+    nodes = []
+    for node in graph.node:
+        nodes.extend(added.get(id(node), []))
+        if id(node) not in replaced:
+            nodes.append(node)
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used or init.name in index.outputs]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    ordered = _topological(graph, nodes)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    if not any(opset.domain == _MS_DOMAIN for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+    return counts
