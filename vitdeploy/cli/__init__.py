@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import import_module
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+        if os.environ.get("VITDEPLOY_DEBUG"):  # show the traceback behind a one-line error
+            raise
         print(f"vitdeploy {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

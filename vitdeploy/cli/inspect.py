@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the paper's Table 1 size, and the patch grid, sequence length and GFLOPs per image at "
         "the given resolutions. Variant names need no weights: the model is built without memory.",
     )
-    parser.add_argument("source", help="variant name (e.g. vit_base_patch16_224) or checkpoint file/folder")
+    parser.add_argument("source", nargs="?",
+                        help="variant name (e.g. vit_base_patch16_224) or checkpoint file/folder")
     parser.add_argument("--resolution", default=None,
                         help="comma-separated square sizes to report (default: native, and 1.5x native)")
     parser.add_argument("--list", action="store_true", help="list every variant name and exit")
@@ -47,7 +48,7 @@ def describe(source: str, resolutions: list[int] | None = None) -> dict[str, Any
         origin = f"{resolved.format} checkpoint"
     else:
         raise CLIError(f"{source!r} is neither a known variant nor an existing checkpoint path; "
-                       "run `vitdeploy inspect --list x` for the variant names")
+                       "run `vitdeploy inspect --list` for the variant names")
     params = sum(p.numel() for p in model.parameters())
     native = config.image_size
     if resolutions is None:
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
         print("\n".join(list_variants()))
         return 0
+    if not args.source:
+        raise CLIError("give a variant name or a checkpoint path (or --list for the variant names)")
     resolutions = parse_int_list(args.resolution, "resolution") if args.resolution else None
     report = describe(args.source, resolutions)
     _print_report(report)
