@@ -142,7 +142,7 @@ class OrtSession:
         if self.provider == "cpu":
             runtime = self.runtime
             return lambda: runtime(pixels)
-        session = getattr(self.runtime, "session", None) or self.runtime._session
+        session = self.runtime.session
         device = self.runtime.device_id
         value = self._ort.OrtValue.ortvalue_from_numpy(pixels, "cuda", device)
         binding = session.io_binding()

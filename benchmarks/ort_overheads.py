@@ -85,10 +85,6 @@ def _logits(output: Any) -> np.ndarray:
     return output.numpy() if hasattr(output, "numpy") else np.asarray(output)
 
 
-def _rel_max_error(got: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.abs(got.astype(np.float64) - reference).max() / max(np.abs(reference).max(), 1e-30))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
@@ -97,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vitdeploy.atomic import atomic_write_text
     from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.parity import compare_logits
     from vitdeploy.runtimes import OrtRuntime
 
     args = parse_args(argv)
@@ -132,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "onnxruntime, contrib-fused (OrtRuntime.__call__)": lambda: runtime(pixels),
     }
     reference = eager().numpy()
-    parity = {name: _rel_max_error(_logits(run()), reference) for name, run in runners.items() if name != "torch eager fp32"}
+    parity = {name: compare_logits(reference, _logits(run())).rel_max_error
+              for name, run in runners.items() if name != "torch eager fp32"}
 
     load_before = load_average()
     others = OtherCpuLoad()

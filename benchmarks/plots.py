@@ -37,10 +37,27 @@ def _plain_ticks(ax: Any, xticks: list[int] | None = None) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
+def _panels(count: int) -> tuple[Any, list[Any]]:
+    """A figure with ``count`` panels laid out in rows of at most three; returns (figure, flat axes)."""
+    plt = _pyplot()
+    rows, cols = _grid(count)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    return fig, list(axes.flat)
+
+
+def _finish(fig: Any, axes: list[Any], used: int, title: str, path: Path) -> Path:
+    """Hide the unused panels, title the figure and write it atomically as PNG; always closes it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        return path
+    finally:
+        plt.close(fig)
 
 
 def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
@@ -49,11 +66,9 @@ def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
     panels = list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in ok))
     if not panels:
         return None
-    plt = _pyplot()
-    rows, cols = _grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    fig, axes = _panels(len(panels))
     runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
-    for ax, (model, height, width) in zip(axes.flat, panels, strict=False):
+    for ax, (model, height, width) in zip(axes, panels, strict=False):
         batches_here: list[int] = []
         for runtime in runtimes:
             points = sorted((r["batch"], r["latency_ms"]["p50"], r["latency_ms"]["p90"]) for r in ok
@@ -71,13 +86,7 @@ def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"{model} {height}x{width}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle("Latency vs batch size", fontsize=11)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(fig, axes, len(panels), "Latency vs batch size", path)
 
 
 def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | None:
@@ -89,11 +98,9 @@ def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | Non
     models = list(OrderedDict.fromkeys(r["model"] for r in ok))
     if not models or len({(r["height"], r["width"]) for r in ok}) < 2:
         return None
-    plt = _pyplot()
-    rows, cols = _grid(len(models))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    fig, axes = _panels(len(models))
     runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
-    for ax, model in zip(axes.flat, models, strict=False):
+    for ax, model in zip(axes, models, strict=False):
         batch = max(r["batch"] for r in ok if r["model"] == model)
         sizes_here: list[int] = []
         for runtime in runtimes:
@@ -110,13 +117,7 @@ def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | Non
         ax.set_title(f"{model}, batch {batch}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(models):]:
-        ax.set_visible(False)
-    fig.suptitle("Throughput vs resolution", fontsize=11)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(fig, axes, len(models), "Throughput vs resolution", path)
 
 
 def throughput_by_batch(document: dict[str, Any], path: Path) -> Path | None:
@@ -125,12 +126,10 @@ def throughput_by_batch(document: dict[str, Any], path: Path) -> Path | None:
     panels = list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in ok))
     if not panels:
         return None
-    plt = _pyplot()
-    rows, cols = _grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    fig, axes = _panels(len(panels))
     runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
     width = 0.8 / max(len(runtimes), 1)
-    for ax, (model, height, size_w) in zip(axes.flat, panels, strict=False):
+    for ax, (model, height, size_w) in zip(axes, panels, strict=False):
         here = [r for r in ok if (r["model"], r["height"], r["width"]) == (model, height, size_w)]
         batches = sorted({r["batch"] for r in here})
         for index, runtime in enumerate(runtimes):
@@ -142,15 +141,9 @@ def throughput_by_batch(document: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel("images / s")
         ax.set_title(f"{model} {height}x{size_w}", fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.suptitle("Throughput per runtime", fontsize=11)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(fig, axes, len(panels), "Throughput per runtime", path)
 
 
 PLOTS = (("latency_vs_batch", latency_vs_batch), ("throughput_vs_resolution", throughput_vs_resolution),
