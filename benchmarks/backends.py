@@ -32,6 +32,7 @@ class Session(Protocol):
     threads: int | None
     artifact: str | None
     device_index: int | None
+    optimizations: tuple[str, ...]  # output-preserving rewrites in the artifact (ArtifactMetadata.optimizations)
 
     def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]: ...
 
@@ -41,6 +42,10 @@ class Session(Protocol):
 def _input(batch: int, height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, channels, height, width), dtype=np.float32)
+
+
+def _optimizations(metadata: Any) -> tuple[str, ...]:
+    return tuple(metadata.optimizations) if metadata is not None else ()
 
 
 def _require_cuda(what: str) -> None:
@@ -56,6 +61,7 @@ class TorchSession:
     """Eager (or ``torch.compile``-d) PyTorch: the model cast to the precision, fused SDPA attention."""
 
     artifact = None
+    optimizations: tuple[str, ...] = ()
 
     def __init__(self, spec: RuntimeSpec, model: BenchModel, threads: int | None, compile_mode: str | None = None) -> None:
         import torch
@@ -128,6 +134,7 @@ class OrtSession:
             log(f"onnxruntime TensorRT EP builds its engine on the first call of each new profile (cached in "
                 f"{options['cache_dir']})")
         self.runtime = OrtRuntime(path, **options)
+        self.optimizations = _optimizations(self.runtime.metadata)
         self.provider = spec.provider
         self.threads = (threads or None) if spec.provider == "cpu" else None
         self.device_index = None if spec.provider == "cpu" else self.runtime.device_id
@@ -180,6 +187,7 @@ class TensorRTSession:
         self.artifact = str(path)
         try:
             self.runtime = TensorRTRuntime(path)
+            self.optimizations = _optimizations(self.runtime.metadata)
         except TensorRTUnavailable as error:
             raise Skip(str(error)) from None
         self.device_index = 0

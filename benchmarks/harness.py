@@ -142,11 +142,13 @@ def _error_text(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def _flops(model: BenchModel, height: int, width: int) -> int | None:
+def _flops(model: BenchModel, height: int, width: int, optimizations: tuple[str, ...] = ()) -> int | None:
+    """FLOPs per image of what the runtime computes (an exported classifier's last block is smaller)."""
     from vitdeploy.flops import count_flops
+    from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK
 
     try:
-        return int(count_flops(model.config, height, width))
+        return int(count_flops(model.config, height, width, CLASS_TOKEN_LAST_BLOCK in optimizations))
     except ValueError:
         return None
 
@@ -263,7 +265,7 @@ class Harness:
             record["latency_ms"] = stats.to_dict()
             record["first_call_ms"] = measurement.first_call_ms
             record["throughput_ips"] = throughput(batch, stats.mean)
-            flops = _flops(model, height, width)
+            flops = _flops(model, height, width, session.optimizations)
             if flops is not None:
                 record["flops_per_image"] = flops
                 record["gflops_per_s"] = achieved_gflops(flops, batch, stats.mean)

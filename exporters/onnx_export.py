@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK, ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
 from vitdeploy.parity import ParityReport
 
 from .fp16 import DEFAULT_FP32_OPS, keep_ops_in_fp32, prepare_eager, set_metadata
@@ -69,7 +69,9 @@ class ExportOptions:
 
     ``height``/``width`` default to half to twice the model's native size, rounded to its
     stride; every bound must be a multiple of ``config.stride``. The batch size used in
-    validation is capped at ``validation_max_batch`` (the report says so).
+    validation is capped at ``validation_max_batch`` (the report says so). A logits-only export
+    of a class-token model computes its last block for the class token alone (exact, and about
+    one block's work less); ``full_last_block`` turns that off (see :func:`prunes_last_block`).
     """
 
     batch: tuple[int, int] = (1, 64)
@@ -80,6 +82,7 @@ class ExportOptions:
     fp32_ops: tuple[str, ...] = DEFAULT_FP32_OPS
     fp16_io: bool = False
     features: bool = False
+    full_last_block: bool = False
     simplify: bool = False
     validate: bool = True
     keep_failed: bool = False
@@ -186,8 +189,21 @@ class _Stages:
 # Tracing
 
 
-def _export_module(model: Any, precision: str, fp16_io: bool, features: bool) -> Any:
-    """The module torch.onnx traces: casts in/out around the (policy-prepared) model."""
+def prunes_last_block(config: Any, options: ExportOptions) -> bool:
+    """Whether the export computes the last block for the class token only.
+
+    It does unless the graph also outputs every token (``features``), the model pools by mean,
+    or ``options.full_last_block`` asks for the whole block.
+    """
+    return config.pooling == "token" and not options.features and not options.full_last_block
+
+
+def _export_module(model: Any, precision: str, fp16_io: bool, features: bool, class_token_only: bool) -> Any:
+    """The module torch.onnx traces: casts in/out around the (policy-prepared) model.
+
+    ``class_token_only`` traces :meth:`~vitdeploy.model.VisionTransformer.forward_logits`: the
+    last block runs for the class token alone (same logits, less work); it needs logits only.
+    """
     import torch
 
     class ExportWrapper(torch.nn.Module):
@@ -198,6 +214,8 @@ def _export_module(model: Any, precision: str, fp16_io: bool, features: bool) ->
             self.out_dtype = torch.float16 if fp16_io else torch.float32
 
         def forward(self, pixel_values: torch.Tensor) -> Any:
+            if class_token_only:
+                return self.model.forward_logits(pixel_values.to(self.dtype)).to(self.out_dtype)
             hidden = self.model.forward_features(pixel_values.to(self.dtype))
             logits = self.model.forward_head(hidden).to(self.out_dtype)
             if features:
@@ -218,7 +236,8 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
         prepared = model  # no copy (saves the model's size in memory); attention switched below
     else:
         prepared = prepare_eager(model, options.precision, options.fp32_ops, device="cpu")
-    module = _export_module(prepared, options.precision, options.fp16_io, options.features)
+    module = _export_module(prepared, options.precision, options.fp16_io, options.features,
+                            class_token_only=prunes_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
     max_grid = max(1024, 4 * config.image_size // stride)
@@ -393,6 +412,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         precision=options.precision,
         fp32_ops=list(options.fp32_ops) if options.precision != "fp32" else [],
         opset=int(options.opset),
+        optimizations=[CLASS_TOKEN_LAST_BLOCK] if prunes_last_block(config, options) else [],
         source=options.source,
         source_sha256=options.source_sha256,
         vitdeploy_version=__version__,

@@ -54,6 +54,16 @@ def test_export_writes_a_validated_file_and_json(exported, checkpoints, capsys):
     metadata = ArtifactMetadata.from_props({p.key: p.value for p in onnx.load(str(output)).metadata_props})
     assert metadata.shape_range.batch == (1, 4) and metadata.shape_range.height == (16, 48)
     assert metadata.source == str(checkpoints[0]) and metadata.source_sha256 == report["sha256"]
+    assert metadata.optimizations == ["class_token_last_block"]
+
+
+def test_full_last_block_flag_turns_the_class_token_pruning_off(checkpoints, tmp_path, capsys):
+    output = tmp_path / "full.onnx"
+    assert cli("export", checkpoints[0], "-o", output, "--batch", "1:2", "--resolution", "16:32",
+               "--full-last-block", "--no-validate") == 0
+    assert "class token" not in capsys.readouterr().out
+    metadata = ArtifactMetadata.from_props({p.key: p.value for p in onnx.load(str(output)).metadata_props})
+    assert metadata.optimizations == []
 
 
 def test_verify_passes_against_the_source_checkpoint(exported, checkpoints, tmp_path, capsys):
@@ -140,6 +150,7 @@ def test_fp16_export_from_a_variant_name_and_verify(tmp_path, capsys):
     assert status == 0 and output.is_file()
     assert "RANDOM weights" in captured.err
     assert "eager fp16" in captured.out and "eager fp32" in captured.out
+    assert "last block for the class token only" in captured.out
     report_path = tmp_path / "verify.json"
     status = cli("verify", output, "--reference", "vit_tiny_patch16_224", "--batch", "2",
                  "--resolution", "64x96", "--json", report_path)

@@ -135,6 +135,7 @@ def test_metadata_round_trips_through_metadata_props(exported, model):
     assert metadata.shape_range.batch == (1, 16) and metadata.shape_range.height == (16, 64)
     assert metadata.precision == "fp32" and metadata.fp32_ops == [] and metadata.opset == 18
     assert metadata.source == "tiny.safetensors" and metadata.source_sha256 == "ab" * 32
+    assert metadata.optimizations == []  # last_hidden_state needs every token of the last block
     assert metadata.vitdeploy_version
     assert metadata.validation["passed"] is True
     assert metadata.validation["references"]["eager fp32"]["rel_max_error"] <= 1e-4
@@ -259,3 +260,35 @@ def test_export_leaves_the_callers_model_as_it_was(exported, model):
     assert not model.training
     assert all(m.fused for m in model.modules() if isinstance(m, Attention))
     assert next(model.parameters()).dtype == torch.float32
+
+
+def _class_token_mlp_outputs(path) -> list[str]:
+    """MatMul outputs shaped ``[batch, 1, mlp_size]``: an MLP computed for one token."""
+    proto = onnx.load(str(path))
+    shapes = {v.name: dims(v) for v in proto.graph.value_info}
+    return [node.output[0] for node in proto.graph.node if node.op_type == "MatMul"
+            and shapes.get(node.output[0]) == ["batch", 1, CFG.mlp_size]]
+
+
+def test_logits_only_export_runs_the_last_block_for_the_class_token(model, tmp_path):
+    sizes = {"batch": (1, 4), "height": (16, 64), "width": (16, 64), "validation_max_batch": 2}
+    pruned = export_onnx(model, tmp_path / "pruned.onnx", ExportOptions(**sizes))
+    full = export_onnx(model, tmp_path / "full.onnx", ExportOptions(**sizes, full_last_block=True, validate=False))
+    assert pruned.report.passed
+    assert pruned.metadata.optimizations == ["class_token_last_block"] and full.metadata.optimizations == []
+    assert len(_class_token_mlp_outputs(pruned.path)) == 1 and _class_token_mlp_outputs(full.path) == []
+    for batch, height, width in [(1, 16, 16), (3, 48, 24), (2, 64, 64)]:
+        pixels = np.random.default_rng(height).normal(size=(batch, 3, height, width)).astype(np.float32)
+        reference = eager(model, pixels)[0]
+        (got,) = session(pruned.path).run(None, {"pixel_values": pixels})
+        (unpruned,) = session(full.path).run(None, {"pixel_values": pixels})
+        assert compare_logits(reference, got).rel_max_error <= 1e-5
+        assert compare_logits(unpruned, got).rel_max_error <= 1e-5
+
+
+def test_mean_pooled_models_export_the_whole_last_block(tmp_path):
+    pooled = make_model(tiny_config(pooling="avg"))
+    result = export_onnx(pooled, tmp_path / "avg.onnx",
+                         ExportOptions(batch=(1, 2), height=(16, 32), width=(16, 32), validation_max_batch=2))
+    assert result.report.passed and result.metadata.optimizations == []
+    assert _class_token_mlp_outputs(result.path) == []

@@ -24,6 +24,18 @@ def test_count_matches_torch_flop_counter(config, size) -> None:
     assert count_flops(config, *size) == counter.get_total_flops()
 
 
+@pytest.mark.parametrize(("config", "size"), [(tiny_config(), (32, 48)), (tiny_hybrid_config(), (64, 96))])
+def test_class_token_last_block_count_matches_torch_flop_counter(config, size) -> None:
+    model = make_model(config)
+    model.set_precision_policy(fused_attention=False)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward_logits(torch.randn(1, 3, *size))
+    pruned = count_flops(config, *size, class_token_last_block=True)
+    assert pruned == counter.get_total_flops() and pruned < count_flops(config, *size)
+    with pytest.raises(ValueError, match="needs pooling 'token'"):
+        count_flops(tiny_config(pooling="avg"), class_token_last_block=True)
+
+
 @pytest.mark.parametrize(("name", "timm_gmacs"), [
     ("vit_base_patch16_224", 17.6), ("vit_large_patch16_224", 61.6), ("vit_huge_patch14_224", 167.4),
     ("vit_base_patch16_384", 55.5), ("vit_base_r50_s16_384", 67.4)])

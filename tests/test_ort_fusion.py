@@ -42,8 +42,8 @@ def _op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
 
 
-def test_rewrite_fuses_every_block_and_removes_the_explicit_pattern(fp32_path, tiny):
-    model = onnx.load(str(fp32_path))
+def test_rewrite_fuses_every_block_and_removes_the_explicit_pattern(tmp_path, tiny):
+    model = onnx.load(str(_export(tiny, tmp_path / "full.onnx", full_last_block=True)))
     counts = fuse_for_cpu(model)
     depth = tiny.config.depth
     assert counts == {"attention": depth, "gelu": depth}
@@ -57,6 +57,17 @@ def test_rewrite_fuses_every_block_and_removes_the_explicit_pattern(fp32_path, t
     onnx.checker.check_model(model)  # still a valid model (contrib domain declared)
     used = {name for node in model.graph.node for name in node.input}
     assert all(init.name in used for init in model.graph.initializer)
+
+
+def test_class_token_last_block_keeps_its_explicit_attention(fp32_path, tiny):
+    """A logits-only export attends from the class token alone in its last block: that attention
+    (q from one token, k and v from all) is not the fused pattern and stays as it is."""
+    model = onnx.load(str(fp32_path))
+    depth = tiny.config.depth
+    assert fuse_for_cpu(model) == {"attention": depth - 1, "gelu": depth}
+    ops = _op_types(model)
+    assert ops.count("Attention") == depth - 1 and ops.count("Softmax") == 1
+    onnx.checker.check_model(model)
 
 
 def test_file_on_disk_keeps_the_tensorrt_pattern(fp32_path):

@@ -34,8 +34,13 @@ def _backbone_macs(hybrid: HybridConfig, in_channels: int, height: int, width: i
     return macs, h, w
 
 
-def count_macs(config: ViTConfig, height: int | None = None, width: int | None = None) -> int:
-    """Multiply-accumulates of one image's forward pass at ``height`` x ``width``."""
+def count_macs(config: ViTConfig, height: int | None = None, width: int | None = None,
+               class_token_last_block: bool = False) -> int:
+    """Multiply-accumulates of one image's forward pass at ``height`` x ``width``.
+
+    ``class_token_last_block`` counts the last block as exported classifiers compute it
+    (``VisionTransformer.forward_logits``): k and v for every token, the rest for the class token.
+    """
     height = config.image_size if height is None else height
     width = height if width is None else width
     if height % config.stride or width % config.stride:
@@ -51,13 +56,19 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
     dim = config.hidden_size
     macs += patches * channels * config.patch_size**2 * dim
     tokens = config.num_prefix_tokens + patches
-    per_block = (
-        tokens * dim * 3 * dim  # qkv
-        + 2 * tokens * tokens * dim  # q @ k^T and attn @ v over all heads
-        + tokens * dim * dim  # output projection
-        + 2 * tokens * dim * config.mlp_size  # fc1 + fc2
-    )
-    macs += config.depth * per_block
+
+    def block(queries: int) -> int:
+        return (
+            tokens * dim * 2 * dim + queries * dim * dim  # k, v for every token; q for the queries
+            + 2 * queries * tokens * dim  # q @ k^T and attn @ v over all heads
+            + queries * dim * dim  # output projection
+            + 2 * queries * dim * config.mlp_size  # fc1 + fc2
+        )
+
+    if class_token_last_block and config.pooling != "token":
+        raise ValueError(f"class_token_last_block needs pooling 'token', not {config.pooling!r}")
+    pruned = 1 if class_token_last_block else 0
+    macs += (config.depth - pruned) * block(tokens) + pruned * block(1)
     head_in = dim
     if config.representation_size:
         macs += dim * config.representation_size
@@ -66,6 +77,7 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
     return macs
 
 
-def count_flops(config: ViTConfig, height: int | None = None, width: int | None = None) -> int:
-    """FLOPs (2 x MACs) of one image's forward pass."""
-    return 2 * count_macs(config, height, width)
+def count_flops(config: ViTConfig, height: int | None = None, width: int | None = None,
+                class_token_last_block: bool = False) -> int:
+    """FLOPs (2 x MACs) of one image's forward pass (see :func:`count_macs`)."""
+    return 2 * count_macs(config, height, width, class_token_last_block)

@@ -52,6 +52,11 @@ class ShapeRange:
             setattr(self, axis, (low, high))
 
 
+# ArtifactMetadata.optimizations entry: the last block is computed for the class token only
+# (VisionTransformer.forward_logits).
+CLASS_TOKEN_LAST_BLOCK = "class_token_last_block"
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -76,6 +81,8 @@ class ArtifactMetadata:
     vitdeploy_version: str = ""
     labels: list[str] | None = None
     validation: dict[str, Any] | None = None
+    # Output-preserving rewrites baked into the graph, e.g. "class_token_last_block".
+    optimizations: list[str] = field(default_factory=list)
 
     @property
     def stride(self) -> int:

@@ -69,10 +69,17 @@ class Attention(nn.Module):
         self.fused = True
         self.softmax_dtype: torch.dtype | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """Attend from every token, or only from the first ``num_queries`` tokens (keys and values
+        still come from all of them); the output has one row per query."""
         batch, tokens, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        if num_queries is None:
+            queries = tokens
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            queries = num_queries
+            q, k, v = self._project_subset(x, num_queries)
         if self.fused and self.softmax_dtype is None:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         else:
@@ -84,8 +91,21 @@ class Attention(nn.Module):
             attn = attn.softmax(dim=-1).to(v.dtype)
             attn = F.dropout(attn, self.attn_drop, self.training)
             x = attn @ v
-        x = x.transpose(1, 2).reshape(batch, tokens, channels)
+        x = x.transpose(1, 2).reshape(batch, queries, channels)
         return self.proj_drop(self.proj(x))
+
+    def _project_subset(self, x: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, ...]:
+        """q for the first ``num_queries`` tokens, k and v for all: the qkv projection split in two."""
+        batch, tokens, channels = x.shape
+        # Slices, not split(): the exporter folds a Slice of a weight into a constant, not a Split.
+        weight_q, weight_kv = self.qkv.weight[:channels], self.qkv.weight[channels:]
+        bias = self.qkv.bias
+        bias_q, bias_kv = (bias[:channels], bias[channels:]) if bias is not None else (None, None)
+        q = F.linear(x[:, :num_queries], weight_q, bias_q)
+        q = q.reshape(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = F.linear(x, weight_kv, bias_kv).reshape(batch, tokens, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
 
 class Mlp(nn.Module):
@@ -129,8 +149,12 @@ class Block(nn.Module):
         self.mlp = Mlp(config)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, num_outputs: int | None = None) -> torch.Tensor:
+        """All tokens out, or only the first ``num_outputs`` (each still attends to every token)."""
+        if num_outputs is None:
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+        else:
+            x = x[:, :num_outputs] + self.drop_path1(self.attn(self.norm1(x), num_queries=num_outputs))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -195,8 +219,16 @@ class VisionTransformer(nn.Module):
                     f"resize or crop the image to a multiple of {stride}"
                 )
 
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encoder output after the final LayerNorm: ``[N, prefix + (H/p)(W/p), hidden]``."""
+    def forward_features(self, pixel_values: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """Encoder output after the final LayerNorm: ``[N, prefix + (H/p)(W/p), hidden]``.
+
+        ``class_token_only`` (token pooling only) returns ``[N, 1, hidden]``, the class token
+        alone, and computes the last block for that token only: nothing after the last
+        attention mixes tokens, so the logits are the same while that block's MLP, projection
+        and query work shrink to one token. Exported classifiers use it (see ``forward_logits``).
+        """
+        if class_token_only and self.config.pooling != "token":
+            raise ValueError(f"class_token_only needs pooling 'token', the model pools by {self.config.pooling!r}")
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
                 raise ValueError(
@@ -205,11 +237,19 @@ class VisionTransformer(nn.Module):
                 )
             self.check_input_size(int(pixel_values.shape[2]), int(pixel_values.shape[3]))
         x, grid = self.patch_embed(pixel_values)
-        pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_prefix_tokens)
+        if grid == self.grid_size and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            pos_embed = self.pos_embed  # resampling is the identity here; traced graphs keep it for every size
+        else:
+            pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_prefix_tokens)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + pos_embed)
-        x = self.blocks(x)
+        if class_token_only:
+            for block in self.blocks[:-1]:
+                x = block(x)
+            x = self.blocks[-1](x, num_outputs=1)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -221,6 +261,15 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(pixel_values))
+
+    def forward_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The same logits as :meth:`forward`, computing only what they depend on.
+
+        With token pooling the last block runs for the class token alone (see
+        ``forward_features``); with mean pooling this is :meth:`forward`.
+        """
+        class_token_only = self.config.pooling == "token"
+        return self.forward_head(self.forward_features(pixel_values, class_token_only=class_token_only))
 
     def reset_head(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (fine-tuning, paper §3.2)."""

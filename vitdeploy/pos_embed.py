@@ -1,7 +1,7 @@
 """Resampling of learned 2-D position-embedding grids (one function for graph and surgery).
 
-The forward pass calls :func:`resample_pos_embed` on every call so that one exported graph
-serves every resolution; offline checkpoint surgery (fine-tuning at a new resolution, loading
+A traced forward pass calls :func:`resample_pos_embed` on every call so that one exported
+graph serves every resolution (eager skips it at the native grid, where it is the identity); offline checkpoint surgery (fine-tuning at a new resolution, loading
 a checkpoint trained at another size) uses the very same function.
 Bicubic, ``align_corners=False`` and antialias off: TensorRT's ONNX parser rejects antialiased
 ``Resize``, and at the native grid size this interpolation is an exact identity.

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
     parser.add_argument("--features", action="store_true",
                         help="also output last_hidden_state [batch, 1 + (H/p)(W/p), hidden]")
+    parser.add_argument("--full-last-block", action="store_true",
+                        help="compute the last block for every token; by default a logits-only export of a "
+                        "class-token model computes it for the class token alone (same logits, less work)")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (optional package)")
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that fails validation as <name>.failed.onnx for inspection")
@@ -83,6 +86,7 @@ def resolve(source: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+    from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK
 
     output = Path(args.output)
     if output.suffix.lower() != ".onnx":
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
         fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,
+        full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256,
         validation_max_batch=args.validation_max_batch,
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {output} ({size / 2**20:.1f} MiB{', weights in ' + result.data_path.name if result.data_path else ''}; "
         f"{result.metadata.precision}; batch {rng.batch[0]}..{rng.batch[1]}, height {rng.height[0]}..{rng.height[1]}, "
-        f"width {rng.width[0]}..{rng.width[1]}) in {result.seconds:.1f}s"
+        f"width {rng.width[0]}..{rng.width[1]}"
+        f"{'; last block for the class token only' if CLASS_TOKEN_LAST_BLOCK in result.metadata.optimizations else ''}) in {result.seconds:.1f}s"
     )
     if args.json:
         write_json(args.json, {"passed": result.report.passed if result.report else None, **source_info,
