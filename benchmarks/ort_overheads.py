@@ -19,7 +19,6 @@ import json
 import shlex
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,30 +52,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: int,
                 warmup: int) -> dict[str, list[float]]:
-    """p50 latency (ms) of each runner per round; runners alternate, order reversed every round."""
-    import gc
+    """p50 latency (ms) of each runner per round; runners alternate, order reversed every round.
+
+    Each block is timed by the bench harness's :func:`~vitdeploy.benchmarks.timing.measure`
+    (garbage collector paused) after one untimed call: the first call after another runtime
+    pays for cold caches.
+    """
+    from vitdeploy.benchmarks.timing import TimingConfig, measure
 
     for run in runners.values():
         for _ in range(warmup):
             run()
+    block = TimingConfig(warmup=1, iterations=iterations, time_budget_s=None, min_iterations=1)
     p50s: dict[str, list[float]] = {name: [] for name in runners}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for index in range(rounds):
-            order = list(runners) if index % 2 == 0 else list(runners)[::-1]
-            for name in order:
-                run = runners[name]
-                run()  # the first call after another runtime pays for cold caches
-                samples = np.empty(iterations)
-                for i in range(iterations):
-                    start = time.perf_counter_ns()
-                    run()
-                    samples[i] = time.perf_counter_ns() - start
-                p50s[name].append(float(np.median(samples)) / 1e6)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    for index in range(rounds):
+        order = list(runners) if index % 2 == 0 else list(runners)[::-1]
+        for name in order:
+            p50s[name].append(float(np.median(measure(runners[name], block).samples_ms)))
     return p50s
 
 

@@ -60,14 +60,24 @@ def _finish(fig: Any, axes: list[Any], used: int, title: str, path: Path) -> Pat
         plt.close(fig)
 
 
+def _ok_records(document: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records that ran, and their runtimes in first-seen order (one line or bar each)."""
+    ok = [r for r in document["records"] if r["status"] == "ok"]
+    return ok, list(OrderedDict.fromkeys(r["runtime"] for r in ok))
+
+
+def _size_panels(records: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """The distinct (model, height, width) of ``records`` in first-seen order: one panel each."""
+    return list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in records))
+
+
 def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
     """One panel per (model, size): p50 latency (ms, log) against batch size, a line per runtime."""
-    ok = [r for r in document["records"] if r["status"] == "ok"]
-    panels = list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in ok))
+    ok, runtimes = _ok_records(document)
+    panels = _size_panels(ok)
     if not panels:
         return None
     fig, axes = _panels(len(panels))
-    runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
     for ax, (model, height, width) in zip(axes, panels, strict=False):
         batches_here: list[int] = []
         for runtime in runtimes:
@@ -94,12 +104,11 @@ def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | Non
 
     Written only when the run measured more than one resolution.
     """
-    ok = [r for r in document["records"] if r["status"] == "ok"]
+    ok, runtimes = _ok_records(document)
     models = list(OrderedDict.fromkeys(r["model"] for r in ok))
     if not models or len({(r["height"], r["width"]) for r in ok}) < 2:
         return None
     fig, axes = _panels(len(models))
-    runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
     for ax, model in zip(axes, models, strict=False):
         batch = max(r["batch"] for r in ok if r["model"] == model)
         sizes_here: list[int] = []
@@ -122,12 +131,11 @@ def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | Non
 
 def throughput_by_batch(document: dict[str, Any], path: Path) -> Path | None:
     """One panel per (model, size): images/s as grouped bars, a group per batch size, a bar per runtime."""
-    ok = [r for r in document["records"] if r["status"] == "ok"]
-    panels = list(OrderedDict.fromkeys((r["model"], r["height"], r["width"]) for r in ok))
+    ok, runtimes = _ok_records(document)
+    panels = _size_panels(ok)
     if not panels:
         return None
     fig, axes = _panels(len(panels))
-    runtimes = list(OrderedDict.fromkeys(r["runtime"] for r in ok))
     width = 0.8 / max(len(runtimes), 1)
     for ax, (model, height, size_w) in zip(axes, panels, strict=False):
         here = [r for r in ok if (r["model"], r["height"], r["width"]) == (model, height, size_w)]
