@@ -59,7 +59,8 @@ def build_engine_for_bench(onnx_path: Path, engine_path: Path, sweep: Sweep,
 
 def _reusable(plan: Any) -> bool:
     """An engine already at the plan's path, built from the same ONNX bytes with the same profiles."""
-    from vitdeploy.engine_manifest import EngineManifest, sha256_file
+    from vitdeploy.engine_manifest import EngineManifest
+    from vitdeploy.files import sha256_file
 
     if not plan.engine_path.is_file() or not plan.manifest_path.is_file():
         return False

@@ -84,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import vitdeploy
-    from vitdeploy.atomic import atomic_write_text
     from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.files import atomic_write_text
     from vitdeploy.parity import compare_logits
     from vitdeploy.runtimes import OrtRuntime
 
@@ -105,9 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exporting {args.model} (fp32) ...", file=sys.stderr)
         full_path = Path(folder) / f"{args.model}-full-last-block.onnx"
         batch_range = (1, max(8, args.batch))
-        export_onnx(model, path, ExportOptions(batch=batch_range, validate=False, preflight=False))
-        export_onnx(model, full_path, ExportOptions(batch=batch_range, full_last_block=True, validate=False,
-                                                    preflight=False))
+        # Validated exports: only validated exports carry the onnxruntime-CPU variant OrtRuntime runs.
+        export_onnx(model, path, ExportOptions(batch=batch_range, validation_max_batch=1, preflight=False))
+        export_onnx(model, full_path, ExportOptions(batch=batch_range, full_last_block=True,
+                                                    validation_max_batch=1, preflight=False))
         runtime = OrtRuntime(path, intra_op_threads=args.threads, inter_op_threads=1)
         full_runtime = OrtRuntime(full_path, intra_op_threads=args.threads, inter_op_threads=1)
         options = ort.SessionOptions()

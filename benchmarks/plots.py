@@ -7,7 +7,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.atomic import atomic_path
+from vitdeploy.files import atomic_path
 
 
 def _pyplot() -> Any:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.atomic import atomic_write_text
+from vitdeploy.files import atomic_write_text
 
 CSV_FIELDS = [
     "model", "runtime", "backend", "precision", "device", "batch", "height", "width", "status", "reason",

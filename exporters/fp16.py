@@ -30,7 +30,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "Softmax")
+from vitdeploy.constants import DEFAULT_FP32_OPS
+
+from .graph import GraphIndex, Names, infer_types, replace_uses, set_metadata, tensor_types
+
 # Ops without an fp16 type in the ONNX standard at opset 17-21: always computed in fp32.
 SPEC_FP32_OPS = frozenset({"Range"})
 # (op, input index) slots whose type the ONNX standard fixes to float32.
@@ -46,86 +49,6 @@ def _check_ops(fp32_ops: Iterable[str]) -> set[str]:
     if bad:
         raise ValueError(f"fp32_ops must be ONNX op type names such as 'LayerNormalization', got {bad}")
     return ops
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without the data of large initializers (enough for type and shape inference, < 2 GB)."""
-    skeleton = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(skeleton, field, getattr(model, field))
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph = skeleton.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    for init in model.graph.initializer:
-        count = int(np.prod(init.dims)) if len(init.dims) else 1
-        if count <= 4096 or init.data_location == TensorProto.EXTERNAL:
-            graph.initializer.append(init)
-        else:
-            graph.initializer.append(_stub(init))
-    return skeleton
-
-
-def _stub(init: TensorProto) -> TensorProto:
-    stub = TensorProto(name=init.name, data_type=init.data_type)
-    stub.dims.extend(init.dims)
-    return stub
-
-
-def infer_types(model: onnx.ModelProto) -> tuple[dict[str, int], onnx.ModelProto]:
-    """Element type of every tensor in the graph, and the inferred skeleton (its ``value_info``)."""
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), check_type=False, strict_mode=False)
-    graph = inferred.graph
-    types: dict[str, int] = {}
-    for info in [*graph.input, *graph.output, *graph.value_info]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-            types[info.name] = info.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    return types, inferred
-
-
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type (``onnx.TensorProto`` enum) of every named tensor, via ONNX shape inference."""
-    return infer_types(model)[0]
-
-
-class _Names:
-    """Fresh tensor and node names that do not collide with the graph's."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used = {name for node in graph.node for name in [*node.input, *node.output, node.name]}
-        self.used.update(i.name for i in graph.initializer)
-        self.used.update(v.name for v in [*graph.input, *graph.output])
-
-    def new(self, base: str) -> str:
-        name, index = base, 0
-        while name in self.used:
-            index += 1
-            name = f"{base}_{index}"
-        self.used.add(name)
-        return name
-
-
-def _replace_uses(graph: onnx.GraphProto, old: str, new: str, skip: onnx.NodeProto | None = None) -> None:
-    for node in graph.node:
-        if node is skip:
-            continue
-        for index, name in enumerate(node.input):
-            if name == old:
-                node.input[index] = new
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
-    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name:
-                uses.setdefault(name, []).append((node, index))
-    return uses
 
 
 def _reject_control_flow(graph: onnx.GraphProto) -> None:
@@ -154,8 +77,8 @@ def keep_ops_in_fp32(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_F
         model = copy_module.deepcopy(model)
     graph = model.graph
     types = tensor_types(model)
-    names = _Names(graph)
-    uses = _consumers(graph)
+    names = Names(graph)
+    uses = GraphIndex(graph).consumers
     initializers = {init.name: init for init in graph.initializer}
     casts: dict[str, str] = {}
     nodes: list[onnx.NodeProto] = []
@@ -166,7 +89,7 @@ def keep_ops_in_fp32(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_F
         for index, name in enumerate(node.input):
             if not name or types.get(name) not in LOW_PRECISION:
                 continue
-            only_fp32_users = all(user.op_type in ops for user, _ in uses.get(name, []))
+            only_fp32_users = all(user.op_type in ops for user in uses.get(name, []))
             if name in initializers and only_fp32_users and types[name] == TensorProto.FLOAT16:
                 array = numpy_helper.to_array(initializers[name]).astype(np.float32)
                 initializers[name].CopyFrom(numpy_helper.from_array(array, name))
@@ -239,7 +162,7 @@ def remove_redundant_casts(model: onnx.ModelProto) -> onnx.ModelProto:
                     replacement = seen[(source, to)]
                 seen.setdefault((source, to), result)
             if replacement is not None:
-                _replace_uses(graph, result, replacement)
+                replace_uses(graph, result, replacement)
                 remove.append(node)
                 changed = True
         for node in remove:
@@ -286,7 +209,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
         model = copy_module.deepcopy(model)
     graph = model.graph
     _reject_control_flow(graph)
-    uses = _consumers(graph)
+    uses = GraphIndex(graph).consumers
     fixed_fp32 = {
         node.input[i] for node in graph.node for i in FP32_SLOTS.get(node.op_type, ()) if i < len(node.input)
     }
@@ -295,7 +218,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
     def stays_fp32(name: str) -> bool:
         users = uses.get(name, [])
         return name in fixed_fp32 or (bool(users) and name not in graph_outputs
-                                      and all(user.op_type in ops for user, _ in users))
+                                      and all(user.op_type in ops for user in users))
 
     clipped = [0]
     for init in graph.initializer:
@@ -312,7 +235,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
             if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == TensorProto.FLOAT:
                 attr.i = TensorProto.FLOAT16
 
-    names = _Names(graph)
+    names = Names(graph)
     head: list[onnx.NodeProto] = []
     for value in graph.input:
         tensor_type = value.type.tensor_type
@@ -320,7 +243,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
             continue
         if keep_io_types:
             half = names.new(f"{value.name}_fp16")
-            _replace_uses(graph, value.name, half)
+            replace_uses(graph, value.name, half)
             head.append(helper.make_node("Cast", [value.name], [half], name=names.new(f"{value.name}_to_fp16"),
                                          to=TensorProto.FLOAT16))
         else:
@@ -336,7 +259,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
                 for index, name in enumerate(node.output):
                     if name == value.name:
                         node.output[index] = half
-            _replace_uses(graph, value.name, half)
+            replace_uses(graph, value.name, half)
             tail.append(helper.make_node("Cast", [half], [value.name], name=names.new(f"{value.name}_to_fp32"),
                                          to=TensorProto.FLOAT))
         else:
@@ -372,15 +295,6 @@ def _update_artifact_metadata(model: onnx.ModelProto, fp32_ops: list[str], keep_
     set_metadata(model, metadata.to_props())
 
 
-def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    """Set (replace) ``metadata_props`` entries."""
-    keep = [p for p in model.metadata_props if p.key not in props]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in props.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-
-
 def precision_summary(model: onnx.ModelProto) -> dict[str, Any]:
     """Element types in a graph: IO, the compute type of each op type, and weight types.
 
@@ -404,19 +318,3 @@ def precision_summary(model: onnx.ModelProto) -> dict[str, Any]:
         "compute": {op: sorted(kinds) for op, kinds in sorted(compute.items())},
         "weights": {op: sorted(kinds) for op, kinds in sorted(weights.items())},
     }
-
-
-def prepare_eager(model: Any, precision: str = "fp16", fp32_ops: Iterable[str] = DEFAULT_FP32_OPS,
-                  device: Any = None) -> Any:
-    """A copy of ``model`` cast to ``precision`` under the graph's policy (explicit attention,
-    ``fp32_ops`` in fp32), in eval mode, on ``device`` (default: where it is).
-    ``precision="fp32"`` returns an fp32 copy with explicit attention."""
-    import torch
-
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
-        raise ValueError(f"precision {precision!r} is not one of {list(dtypes)}")
-    prepared = copy_module.deepcopy(model).to(device=device, dtype=dtypes[precision]).eval()
-    ops = set(fp32_ops) if precision != "fp32" else set()
-    prepared.set_precision_policy(ops, fused_attention=False)
-    return prepared

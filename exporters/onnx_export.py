@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import shutil
@@ -34,13 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK, ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.constants import (
+    DEFAULT_FP32_OPS,
+    FEATURES_NAME,
+    GRAPH_PRECISIONS,
+    INPUT_NAME,
+    LOGITS_NAME,
+    check_precision,
+)
+from vitdeploy.metadata import (
+    CLASS_TOKEN_LAST_BLOCK,
+    CPU_VARIANT,
+    ArtifactMetadata,
+    Preprocessing,
+    ShapeRange,
+    TensorInfo,
+)
 from vitdeploy.parity import ParityReport
 
-from .fp16 import DEFAULT_FP32_OPS, keep_ops_in_fp32, prepare_eager, set_metadata
+from .fp16 import keep_ops_in_fp32
+from .graph import graph_bytes, opset_version, set_metadata
 
-PRECISIONS = ("fp32", "fp16")
-INPUT_NAME = "pixel_values"
 MIN_OPSET = 17
 # Protobuf cannot serialise messages of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -72,6 +87,9 @@ class ExportOptions:
     validation is capped at ``validation_max_batch`` (the report says so). A logits-only export
     of a class-token model computes its last block for the class token alone (exact, and about
     one block's work less); ``full_last_block`` turns that off (see :func:`prunes_last_block`).
+    ``cpu_variant`` also writes ``<stem>.cpu.onnx`` beside an fp32 file: the same graph with
+    onnxruntime CPU contrib ops (:func:`~vitdeploy.exporters.ort_fusion.cpu_variant`),
+    validated like the portable file, which ``OrtRuntime`` runs on CPU in its place.
     """
 
     batch: tuple[int, int] = (1, 64)
@@ -92,10 +110,10 @@ class ExportOptions:
     validation_max_batch: int = 8
     validation_images: Sequence[Any] | None = None
     preflight: bool = True
+    cpu_variant: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        check_precision(self.precision, GRAPH_PRECISIONS)
         if int(self.opset) < MIN_OPSET:
             raise ValueError(
                 f"opset {self.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET} (default 18)"
@@ -114,10 +132,8 @@ class ExportOptions:
 
     def shape_range(self, config: Any) -> ShapeRange:
         """The declared range for ``config``; raises ``ValueError`` naming a bound off the stride."""
-        from vitdeploy.runtimes.torch import default_size_range
-
         stride = config.stride
-        default = default_size_range(config.image_size, stride)
+        default = config.default_size_range()
         shape_range = ShapeRange(batch=tuple(self.batch), height=tuple(self.height or default),
                                  width=tuple(self.width or default))
         for axis in ("height", "width"):
@@ -141,10 +157,14 @@ class ExportResult:
     data_path: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     preflight: Any = None
+    variant_path: Path | None = None  # the validated onnxruntime-CPU graph beside the file
+    variant_report: ParityReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
+            "cpu_variant": str(self.variant_path) if self.variant_path else None,
+            "cpu_variant_validation": self.variant_report.to_dict() if self.variant_report else None,
             "data_path": str(self.data_path) if self.data_path else None,
             "seconds": round(self.seconds, 3),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
@@ -229,13 +249,15 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
     """``torch.onnx.export(dynamo=True)`` with dynamic batch, height and width → ``onnx.ModelProto``."""
     import torch
 
+    from vitdeploy.model import prepare_model
+
     config = model.config
     stride = config.stride
     param = next(model.parameters())
     if options.precision == "fp32" and param.dtype == torch.float32 and param.device.type == "cpu":
         prepared = model  # no copy (saves the model's size in memory); attention switched below
     else:
-        prepared = prepare_eager(model, options.precision, options.fp32_ops, device="cpu")
+        prepared = prepare_model(model, options.precision, options.fp32_ops, fused_attention=False, device="cpu")
     module = _export_module(prepared, options.precision, options.fp16_io, options.features,
                             class_token_only=prunes_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
@@ -245,7 +267,7 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
     grid_h = torch.export.Dim("grid_h", min=1, max=max_grid)
     grid_w = torch.export.Dim("grid_w", min=1, max=max_grid)
     dynamic = {"pixel_values": {0: batch, 2: stride * grid_h, 3: stride * grid_w}}
-    output_names = ["logits", "last_hidden_state"] if options.features else ["logits"]
+    output_names = [LOGITS_NAME, FEATURES_NAME] if options.features else [LOGITS_NAME]
     # torch.onnx prints its own progress to stdout; keep stdout clean for command results.
     with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), _explicit_attention(prepared), _quiet_exporter():
         program = torch.onnx.export(
@@ -348,14 +370,14 @@ def check_graph(proto: Any, features: bool) -> list[str]:
     import onnx
 
     problems = []
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_version(proto)
     if opset < MIN_OPSET:
         problems.append(f"opset {opset} < {MIN_OPSET}")
     if proto.functions:
         problems.append(f"graph has {len(proto.functions)} local functions; expected them inlined")
     inputs = [v.name for v in proto.graph.input]
     outputs = [v.name for v in proto.graph.output]
-    expected_outputs = ["logits", "last_hidden_state"] if features else ["logits"]
+    expected_outputs = [LOGITS_NAME, FEATURES_NAME] if features else [LOGITS_NAME]
     if inputs != [INPUT_NAME]:
         problems.append(f"graph inputs are {inputs}; expected [{INPUT_NAME!r}]")
     if outputs != expected_outputs:
@@ -399,9 +421,9 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
 
     config = model.config
     io_dtype = "float16" if options.fp16_io else "float32"
-    outputs = [TensorInfo("logits", io_dtype, ["batch", config.num_classes])]
+    outputs = [TensorInfo(LOGITS_NAME, io_dtype, ["batch", config.num_classes])]
     if options.features:
-        outputs.append(TensorInfo("last_hidden_state", io_dtype, ["batch", "sequence", config.hidden_size]))
+        outputs.append(TensorInfo(FEATURES_NAME, io_dtype, ["batch", "sequence", config.hidden_size]))
     return ArtifactMetadata(
         model_config=config.to_dict(),
         preprocessing=Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
@@ -417,12 +439,6 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         source_sha256=options.source_sha256,
         vitdeploy_version=__version__,
         labels=list(config.labels) if config.labels else None,
-    )
-
-
-def _initializer_bytes(proto: Any) -> int:
-    return sum(len(init.raw_data) for init in proto.graph.initializer) + sum(
-        4 * (len(init.float_data) + len(init.int32_data)) + 8 * len(init.int64_data) for init in proto.graph.initializer
     )
 
 
@@ -520,56 +536,102 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
         set_metadata(proto, metadata.to_props())
 
-    external = _initializer_bytes(proto) > options.external_data_threshold
+    external = graph_bytes(proto) > options.external_data_threshold
+    variant = None
+    if options.cpu_variant and options.precision == "fp32":
+        if external:
+            stages.say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
+        else:
+            from vitdeploy.exporters.ort_fusion import cpu_variant
+
+            with stages("fuse for onnxruntime CPU"):
+                variant = cpu_variant(proto, metadata)
+            if variant is None:
+                stages.say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
+    variant_target = target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}")
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp_model = folder / target.name
+    tmp_variant = folder / variant_target.name
     data_path = target.with_name(f"{target.name}.data") if external else None
-    report = None
+    report = variant_report = None
+    variant_bytes: bytes | None = None
     try:
         with stages("save"):
             _save(proto, tmp_model, external)
             onnx.checker.check_model(str(tmp_model))
+            if variant is not None:
+                tmp_variant.write_bytes(variant[0].SerializeToString())
         if options.validate:
-            from vitdeploy.exporters.validation import validate_onnx
+            from vitdeploy.exporters.validation import shared_references, validate_onnx
+            from vitdeploy.runtimes.torch import eager_references
 
-            with stages("validate"):
-                report = validate_onnx(
-                    tmp_model, model, metadata, features=options.features,
-                    max_batch=options.validation_max_batch, images=options.validation_images,
-                    on_case=lambda case: stages.say(
-                        f"  {case.batch}x{config.in_channels}x{case.height}x{case.width} {case.output} vs "
-                        f"{case.reference}: rel-max {case.metrics.rel_max_error:.2e}, cosine {case.metrics.cosine:.6f} "
-                        f"{'ok' if case.passed else 'FAIL'}"
-                    ),
+            def say_case(case: Any) -> None:
+                stages.say(
+                    f"  {case.batch}x{config.in_channels}x{case.height}x{case.width} {case.output} vs "
+                    f"{case.reference}: rel-max {case.metrics.rel_max_error:.2e}, cosine {case.metrics.cosine:.6f} "
+                    f"{'ok' if case.passed else 'FAIL'}"
                 )
+
+            references = shared_references(eager_references(
+                model, metadata.precision, metadata.fp32_ops, shape_range=metadata.shape_range,
+                features=options.features))
+            with stages("validate"):
+                report = validate_onnx(tmp_model, model, metadata, features=options.features,
+                                       max_batch=options.validation_max_batch, images=options.validation_images,
+                                       on_case=say_case, references=references)
             if not report.passed:
                 kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
                 raise ExportValidationError(report, kept)
-            metadata.validation = {
-                **report.summary(),
-                "runtime": _runtime_versions(),
-                "validated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
+            if variant is not None:
+                with stages(f"validate {variant_target.name}"):
+                    variant_report = validate_onnx(
+                        tmp_variant, model, variant[1], features=options.features,
+                        max_batch=options.validation_max_batch, images=options.validation_images,
+                        on_case=say_case, references=references)
+                if not variant_report.passed:
+                    stages.say(f"the onnxruntime CPU variant failed validation and is not written: "
+                               f"{'; '.join(variant_report.failures[:2])}")
+                    variant = None
+            metadata.validation = _validation_record(report)
         else:
             metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
             stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
+            variant = None  # a variant is only ever handed over validated
+        if variant is not None:
+            variant_proto, variant_metadata = variant
+            variant_metadata.validation = _validation_record(variant_report)
+            set_metadata(variant_proto, variant_metadata.to_props())
+            variant_bytes = variant_proto.SerializeToString()
+            metadata.variants = {CPU_VARIANT: {"file": variant_target.name,
+                                               "sha256": hashlib.sha256(variant_bytes).hexdigest()}}
         set_metadata(proto, metadata.to_props())
-        _hand_over(proto, folder, target, data_path)
+        _hand_over(proto, folder, target, data_path, {variant_target: variant_bytes} if variant_bytes else {})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
     result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
-                          stage_seconds=stages.seconds)
+                          stage_seconds=stages.seconds, variant_path=variant_target if variant_bytes else None,
+                          variant_report=variant_report if variant_bytes else None)
     if options.preflight:
         result.preflight = _run_preflight(target, stages)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _hand_over(proto: Any, folder: Path, target: Path, data_path: Path | None) -> None:
-    """Move the validated files to their final names: data file first, then the graph (atomically)."""
-    from vitdeploy.atomic import atomic_path
+def _validation_record(report: ParityReport) -> dict[str, Any]:
+    return {
+        **report.summary(),
+        "runtime": _runtime_versions(),
+        "validated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _hand_over(proto: Any, folder: Path, target: Path, data_path: Path | None,
+               siblings: dict[Path, bytes]) -> None:
+    """Move the validated files to their final names: data file and variants first, then the graph
+    that names them (each atomically)."""
+    from vitdeploy.files import atomic_path, atomic_write_bytes
 
     if data_path is not None:
         data = folder / data_path.name
@@ -577,11 +639,28 @@ def _hand_over(proto: Any, folder: Path, target: Path, data_path: Path | None) -
         os.umask(umask)
         os.chmod(data, 0o666 & ~umask)  # onnx writes it 0600; give it a plain open()'s permissions
         os.replace(data, data_path)
+    for path, data in siblings.items():
+        atomic_write_bytes(path, data)
     with atomic_path(target, suffix=".onnx") as tmp:
         tmp.write_bytes(proto.SerializeToString())
     stale = target.with_name(f"{target.name}.data")
     if data_path is None and stale.exists():
         stale.unlink()  # left over from an earlier, larger export to the same name
+    _remove_stale_variant(target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}"), siblings)
+
+
+def _remove_stale_variant(path: Path, written: dict[Path, bytes]) -> None:
+    """Remove a CPU variant an earlier export to the same name left, which this export does not list."""
+    from vitdeploy.metadata import read_onnx_metadata
+
+    if path in written or not path.is_file():
+        return
+    try:
+        stale = read_onnx_metadata(path).target == CPU_VARIANT
+    except (OSError, ValueError):
+        return
+    if stale:
+        path.unlink()
 
 
 def _runtime_versions() -> dict[str, str]:

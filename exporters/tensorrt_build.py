@@ -49,16 +49,11 @@ from typing import Any
 import onnx
 
 from vitdeploy import __version__
-from vitdeploy.atomic import atomic_path, atomic_write_bytes
-from vitdeploy.engine_manifest import EngineManifest, EngineTensor, GpuInfo, parse_version, sha256_file
+from vitdeploy.engine_manifest import EngineManifest, EngineTensor, GpuInfo, parse_version
 from vitdeploy.exporters.trt_plan import BuildPlan
 from vitdeploy.exporters.trt_progress import BuildProgress
-from vitdeploy.runtimes.tensorrt import (
-    TensorRTUnavailable,
-    cuda_device_info,
-    dtype_name,
-    import_tensorrt,
-)
+from vitdeploy.files import atomic_path, atomic_write_bytes, sha256_file
+from vitdeploy.tensorrt_env import TensorRTUnavailable, cuda_device_info, dtype_name, import_tensorrt
 
 __all__ = ["BuildError", "BuildOutput", "TensorRTUnavailable", "build_serialized_engine", "convert_graph_to_fp16", "run_build"]
 

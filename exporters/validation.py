@@ -1,9 +1,10 @@
 """Validation of an exported ONNX file: onnxruntime CPU against the eager model.
 
-Runs the file with onnxruntime's CPU provider and the eager PyTorch model on the same real and
-synthetic batches at the minimum, a middle (non-square) and the maximum of the declared shape
-range (:func:`vitdeploy.parity.validation_shapes`) and gates the results with
-:data:`vitdeploy.parity.TOLERANCES`:
+Runs the file with :class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` (the runtime users run,
+on its CPU provider, the file exactly as written) and the eager PyTorch model on the same real
+and synthetic batches at the minimum, a middle (non-square) and the maximum of the declared
+shape range (:func:`vitdeploy.parity.validation_shapes`), against the references
+:func:`~vitdeploy.runtimes.torch.eager_references` makes for the graph's precision:
 
 * fp32 graphs against the eager fp32 model (tolerance ``fp32``);
 * fp16 graphs against the eager model cast to fp16 under the same precision policy (``fp16``,
@@ -17,68 +18,15 @@ ops so the report can say how close the CPU run is to a true fp16 engine.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vitdeploy.metadata import ArtifactMetadata
-from vitdeploy.parity import (
-    TOLERANCES,
-    CaseResult,
-    InputFactory,
-    ParityReport,
-    Reference,
-    validation_shapes,
-    verify,
-)
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-class OnnxCandidate:
-    """An ONNX file run by onnxruntime's CPU provider, returning every output as float32."""
-
-    def __init__(self, path: str | Path, intra_op_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = int(intra_op_threads)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        self.input_dtype = _ORT_TYPES.get(graph_input.type, np.float32)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def metadata_props(self) -> dict[str, str]:
-        return dict(self.session.get_modelmeta().custom_metadata_map)
-
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {self.input_name: np.ascontiguousarray(pixel_values.astype(self.input_dtype, copy=False))}
-        outputs = self.session.run(self.output_names, feed)
-        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs, strict=True)}
-
-
-def eager_runner(model: Any, features: bool = False) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """A numpy-in, numpy-out callable around an eager ``VisionTransformer`` (any dtype)."""
-    import torch
-
-    dtype = next(model.parameters()).dtype
-
-    def run(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            inputs = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).to(dtype)
-            hidden = model.forward_features(inputs)
-            outputs = {"logits": model.forward_head(hidden).float().numpy()}
-            if features:
-                outputs["last_hidden_state"] = hidden.float().numpy()
-            return outputs
-
-    return run
+from vitdeploy.parity import CaseResult, InputFactory, ParityReport, Reference, validation_shapes, verify
 
 
 def ort_cpu_fp32_fallbacks(path: str | Path) -> dict[str, int] | None:
@@ -114,6 +62,31 @@ def ort_cpu_fp32_fallbacks(path: str | Path) -> dict[str, int] | None:
     return dict(sorted(counts.items()))
 
 
+class _MemoRun:
+    """A reference runtime whose outputs are remembered per input batch (the portable graph and
+    its CPU variant are validated on the same batches; the eager model runs once per batch)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.input_spec = getattr(runtime, "input_spec", None)
+        self._memo: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def run_outputs(self, pixel_values: Any) -> dict[str, Any]:
+        key = (pixel_values.shape, str(pixel_values.dtype), hashlib.blake2b(pixel_values.tobytes()).hexdigest())
+        if key not in self._memo:
+            outputs = getattr(self.runtime, "run_outputs", None)
+            self._memo[key] = outputs(pixel_values) if outputs is not None else {"logits": self.runtime(pixel_values)}
+        return self._memo[key]
+
+    def __call__(self, pixel_values: Any) -> Any:
+        return self.run_outputs(pixel_values)["logits"]
+
+
+def shared_references(references: Sequence[Reference]) -> list[Reference]:
+    """``references`` whose outputs are computed once per batch however many candidates they judge."""
+    return [dataclasses.replace(ref, run=_MemoRun(ref.run)) for ref in references]
+
+
 def validate_onnx(
     path: str | Path,
     model: Any,
@@ -123,44 +96,37 @@ def validate_onnx(
     max_batch: int = 8,
     images: Sequence[Any] | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
+    references: Sequence[Any] | None = None,
 ) -> ParityReport:
     """Compare the ONNX file at ``path`` with the eager ``model`` over ``metadata.shape_range``.
 
-    ``model`` is the eager model in any precision; the references are built from copies of it
-    (fp32, and for fp16 graphs fp16 under ``metadata.fp32_ops``). The file's own metadata must
-    parse back to ``metadata``'s IO description.
+    ``model`` is the eager model in any precision; the references are built from it (fp32, and
+    for reduced-precision graphs that precision under ``metadata.fp32_ops``) unless
+    ``references`` are given (to share them between a graph and its CPU variant). The file's
+    own metadata must describe the graph's outputs.
     """
-    from vitdeploy.exporters.fp16 import prepare_eager
+    from vitdeploy.runtimes.onnxruntime import OrtRuntime
+    from vitdeploy.runtimes.torch import eager_references
 
-    candidate = OnnxCandidate(path)
-    stored = ArtifactMetadata.from_props(candidate.metadata_props)
-    if [t.name for t in stored.outputs] != candidate.output_names:
-        raise ValueError(
-            f"{path}: metadata lists outputs {[t.name for t in stored.outputs]} but the graph has {candidate.output_names}"
-        )
-    shapes, notes = validation_shapes(metadata.shape_range, metadata.stride, max_batch)
-    inputs = InputFactory(metadata.preprocessing, images=images)
-    import torch
-
-    param = next(model.parameters())
-    reusable = param.dtype == torch.float32 and param.device.type == "cpu" and not model.training
-    fp32_model = model if reusable else prepare_eager(model, "fp32", device="cpu")
-    references = []
-    if metadata.precision == "fp32":
-        references.append(Reference("eager fp32", eager_runner(fp32_model, features), TOLERANCES["fp32"]))
-    else:
-        low = prepare_eager(model, metadata.precision, metadata.fp32_ops, device="cpu")
-        policy = ",".join(metadata.fp32_ops) or "none"
-        references.append(Reference(f"eager {metadata.precision} (fp32 ops: {policy})",
-                                    eager_runner(low, features), TOLERANCES[metadata.precision]))
-        references.append(Reference("eager fp32", eager_runner(fp32_model, features),
-                                    TOLERANCES[f"{metadata.precision}_vs_fp32"]))
-        fallbacks = ort_cpu_fp32_fallbacks(path)
-        if fallbacks:
-            listed = ", ".join(f"{op} ({count})" for op, count in fallbacks.items())
-            notes.append(
-                "onnxruntime CPU has no fp16 kernel for some nodes and ran them in fp32 on fp16-rounded "
-                f"inputs: {listed}; a TensorRT fp16 engine computes these in fp16"
-            )
-    return verify(candidate, references, shapes, inputs, candidate_name=f"{Path(path).name} (onnxruntime CPU)",
-                  notes=notes, on_case=on_case)
+    candidate = OrtRuntime(path, variant="portable")
+    try:
+        stored = [t.name for t in candidate.metadata.outputs]
+        if stored != candidate.output_names:
+            raise ValueError(f"{path}: metadata lists outputs {stored} but the graph has {candidate.output_names}")
+        shapes, notes = validation_shapes(metadata.shape_range, metadata.stride, max_batch)
+        inputs = InputFactory(metadata.preprocessing, images=images)
+        if references is None:
+            references = eager_references(model, metadata.precision, metadata.fp32_ops,
+                                          shape_range=metadata.shape_range, features=features)
+        if metadata.precision == "fp16":
+            fallbacks = ort_cpu_fp32_fallbacks(path)
+            if fallbacks:
+                listed = ", ".join(f"{op} ({count})" for op, count in fallbacks.items())
+                notes.append(
+                    "onnxruntime CPU has no fp16 kernel for some nodes and ran them in fp32 on fp16-rounded "
+                    f"inputs: {listed}; a TensorRT fp16 engine computes these in fp16"
+                )
+        return verify(candidate, references, shapes, inputs, candidate_name=f"{Path(path).name} (onnxruntime CPU)",
+                      notes=notes, on_case=on_case)
+    finally:
+        candidate.close()

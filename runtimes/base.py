@@ -33,20 +33,15 @@ class InputSpec:
         )
 
 
-def validate_input(spec: InputSpec, pixel_values: np.ndarray, check_finite: bool = False) -> None:
-    """Raise ``ValueError`` naming the offending value if ``pixel_values`` does not fit ``spec``."""
-    if not isinstance(pixel_values, np.ndarray):
-        raise ValueError(f"{spec.name} must be a numpy.ndarray, got {type(pixel_values).__name__}")
-    if pixel_values.ndim != 4:
+def validate_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` naming the offending value if an input of ``shape`` does not fit ``spec``."""
+    if len(shape) != 4:
         raise ValueError(
-            f"{spec.name} must have 4 dimensions [batch, {spec.channels}, height, width], "
-            f"got shape {tuple(pixel_values.shape)}"
+            f"{spec.name} must have 4 dimensions [batch, {spec.channels}, height, width], got shape {tuple(shape)}"
         )
-    batch, channels, height, width = pixel_values.shape
-    if pixel_values.dtype != np.dtype(spec.dtype):
-        raise ValueError(f"{spec.name} must have dtype {spec.dtype}, got {pixel_values.dtype}")
+    batch, channels, height, width = (int(v) for v in shape)
     if channels != spec.channels:
-        raise ValueError(f"{spec.name} must have {spec.channels} channels, got {channels} (shape {pixel_values.shape})")
+        raise ValueError(f"{spec.name} must have {spec.channels} channels, got {channels} (shape {tuple(shape)})")
     if not spec.batch[0] <= batch <= spec.batch[1]:
         raise ValueError(f"batch size {batch} is outside the validated range {spec.batch[0]}..{spec.batch[1]}")
     for axis, size, (low, high) in (("height", height, spec.height), ("width", width, spec.width)):
@@ -54,6 +49,15 @@ def validate_input(spec: InputSpec, pixel_values: np.ndarray, check_finite: bool
             raise ValueError(f"{axis} {size} is not a multiple of the patch stride {spec.multiple_of}")
         if not low <= size <= high:
             raise ValueError(f"{axis} {size} is outside the validated range {low}..{high}")
+
+
+def validate_input(spec: InputSpec, pixel_values: np.ndarray, check_finite: bool = False) -> None:
+    """Raise ``ValueError`` naming the offending value if ``pixel_values`` does not fit ``spec``."""
+    if not isinstance(pixel_values, np.ndarray):
+        raise ValueError(f"{spec.name} must be a numpy.ndarray, got {type(pixel_values).__name__}")
+    if pixel_values.ndim == 4 and pixel_values.dtype != np.dtype(spec.dtype):
+        raise ValueError(f"{spec.name} must have dtype {spec.dtype}, got {pixel_values.dtype}")
+    validate_shape(spec, pixel_values.shape)
     if check_finite and not np.isfinite(pixel_values).all():
         bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
         raise ValueError(f"{spec.name} contains {bad} NaN or Inf values")
@@ -77,6 +81,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def _run(self, pixel_values: np.ndarray) -> np.ndarray:
         """Run the backend on validated input and return logits."""
+
+    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output the artifact has, by name (``logits`` and, for feature exports, more)."""
+        return {"logits": self(pixel_values)}
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """ONNX Runtime backend: runs a vitdeploy ONNX artifact on CPU, CUDA or onnxruntime's TensorRT EP.
 
 Needs only numpy and onnxruntime (``onnxruntime-gpu`` for the ``cuda`` and ``tensorrt``
-providers); it never imports torch or onnx.
+providers); it never imports torch or onnx, and it runs the graph of a file as it is.
 
 Thread safety: ``InferenceSession.run`` is documented by onnxruntime as safe to call from
 several threads at once on one session, and :class:`OrtRuntime` keeps no per-call state of
@@ -10,101 +10,33 @@ its own (each GPU call makes its own IO binding), so one runtime may serve many 
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from vitdeploy.metadata import ArtifactMetadata
+from vitdeploy.constants import ORT_DTYPES
+from vitdeploy.files import sha256_file
+from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, ArtifactMetadata, read_metadata_props
 
-from .base import InputSpec, Runtime
-from .ort_fusion import fuse_for_cpu
+from .base import InputSpec, Runtime, validate_input
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+# "auto": the validated CPU variant beside the file where there is one; "portable": the file itself.
+VARIANT_CHOICES = ("auto", "portable")
 GRAPH_OPTIMIZATION = {
     "all": "ORT_ENABLE_ALL",
     "extended": "ORT_ENABLE_EXTENDED",
     "basic": "ORT_ENABLE_BASIC",
     "disabled": "ORT_DISABLE_ALL",
 }
-# ModelProto field numbers (onnx.proto): graph = 7, metadata_props = 14.
-_GRAPH_FIELD = 7
-_METADATA_PROPS_FIELD = 14
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
-
-
-def _read_varint(stream: BinaryIO) -> int:
-    result = shift = 0
-    while True:
-        byte = stream.read(1)
-        if not byte:
-            raise ValueError("truncated protobuf varint")
-        result |= (byte[0] & 0x7F) << shift
-        if byte[0] < 0x80:
-            return result
-        shift += 7
-
-
-def _parse_entry(data: bytes) -> tuple[str, str]:
-    """A ``StringStringEntryProto`` (key = field 1, value = field 2)."""
-    stream = io.BytesIO(data)
-    fields = {1: "", 2: ""}
-    while stream.tell() < len(data):
-        tag = _read_varint(stream)
-        if tag & 7 != 2:
-            raise ValueError("malformed metadata_props entry")
-        fields[tag >> 3] = stream.read(_read_varint(stream)).decode("utf-8")
-    return fields[1], fields[2]
-
-
-def read_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file, read without parsing (or loading) the graph.
-
-    Walks the top-level fields of the ``ModelProto`` and seeks over the graph, so it costs
-    the same for a 10 MB and a 2 GB model and needs neither ``onnx`` nor ``onnxruntime``.
-    Raises ``ValueError`` if the file is not a protobuf ``ModelProto`` with a graph.
-    """
-    props: dict[str, str] = {}
-    seen_graph = False
-    with open(path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
-        try:
-            while stream.tell() < size:
-                tag = _read_varint(stream)
-                field, wire = tag >> 3, tag & 7
-                if wire == 0:
-                    _read_varint(stream)
-                elif wire == 1:
-                    stream.seek(8, io.SEEK_CUR)
-                elif wire == 5:
-                    stream.seek(4, io.SEEK_CUR)
-                elif wire == 2:
-                    length = _read_varint(stream)
-                    if stream.tell() + length > size:
-                        raise ValueError(f"field {field} runs past the end of the file")
-                    if field == _METADATA_PROPS_FIELD:
-                        key, value = _parse_entry(stream.read(length))
-                        props[key] = value
-                    else:
-                        seen_graph = seen_graph or field == _GRAPH_FIELD
-                        stream.seek(length, io.SEEK_CUR)
-                else:
-                    raise ValueError(f"unexpected protobuf wire type {wire}")
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not a readable ONNX model ({error})") from None
-    if not seen_graph:
-        raise ValueError(f"{path} is not an ONNX model (no graph found)")
-    return props
-
-
 def _flag(value: bool) -> str:
     # onnxruntime parses boolean provider options from the strings "True"/"False".
     return "True" if value else "False"
@@ -211,10 +143,6 @@ def provider_chain(provider: str, available: list[str], trt_options: Mapping[str
     return chain
 
 
-def _has_external_data(model: Any) -> bool:
-    return any(init.data_location == 1 for init in model.graph.initializer)  # TensorProto.EXTERNAL
-
-
 class OrtRuntime(Runtime):
     """An ONNX file with vitdeploy metadata, run by onnxruntime.
 
@@ -224,19 +152,19 @@ class OrtRuntime(Runtime):
     is given. Logits are returned as float32 even from graphs with fp16 outputs; the input
     dtype is the graph's (float16 for ``--fp16-io`` graphs, see ``input_spec.dtype``).
 
+    ``variant`` (CPU provider): ``"auto"`` (default) runs the validated onnxruntime-CPU graph
+    that ``vitdeploy export`` writes beside the portable one (``model.cpu.onnx``: attention and
+    GELU as onnxruntime contrib ops, about 10% faster on CPU) when the portable file's metadata
+    names it and its sha256 matches, else the file itself; ``"portable"`` always runs the file
+    itself. The graph that runs is always a file that export validated against the eager
+    model: nothing is rewritten here. :attr:`graph_path` is the file the session runs.
+
     ``intra_op_threads``/``inter_op_threads`` and ``graph_optimization`` (``"all"``,
     ``"extended"``, ``"basic"``, ``"disabled"``) go to ``SessionOptions``. TensorRT-EP only:
     ``fp16`` (default: on when the metadata precision is fp16), ``cache_dir`` for the engine
     and timing caches (default: ``.<stem>.ort_trt_cache/`` beside the ONNX file),
     ``tensorrt_options`` (extra/overriding EP options, see :func:`tensorrt_provider_options`).
-
-    ``contrib_fusion`` (CPU provider only): before the session is created, rewrite the graph in
-    memory with :func:`fuse_for_cpu` (attention and GELU become onnxruntime contrib ops;
-    ViT-S/16 at batch 1 runs ~10% faster on a 2-core CPU). ``None`` (default)
-    applies it when it can (CPU provider, ``graph_optimization`` not ``"disabled"``, the ``onnx`` package importable, weights inside the
-    file) and otherwise runs the file as it is; ``True`` insists (raises where it cannot);
-    ``False`` runs the file as it is. The file on disk never changes; :attr:`fusions` counts
-    the rewrites. :attr:`session` is the ``onnxruntime.InferenceSession``.
+    :attr:`session` is the ``onnxruntime.InferenceSession``.
 
     On GPU providers inputs and outputs go through an IO binding (output allocated on the
     device, copied back once). That path follows onnxruntime's documented API but has not been
@@ -256,7 +184,7 @@ class OrtRuntime(Runtime):
         cache_dir: str | os.PathLike[str] | None = None,
         device_id: int = 0,
         input_spec: InputSpec | None = None,
-        contrib_fusion: bool | None = None,
+        variant: str = "auto",
     ) -> None:
         import onnxruntime as ort
 
@@ -267,11 +195,11 @@ class OrtRuntime(Runtime):
             raise ValueError(
                 f"graph_optimization {graph_optimization!r} is not one of {list(GRAPH_OPTIMIZATION)}"
             )
+        if variant not in VARIANT_CHOICES:
+            raise ValueError(f"variant {variant!r} is not one of {list(VARIANT_CHOICES)}")
         for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
             if value is not None and int(value) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = onnxruntime's default), got {value}")
-        if contrib_fusion and provider != "cpu":
-            raise ValueError(f"contrib_fusion applies to provider 'cpu' only, not {provider!r}")
         available = list(ort.get_available_providers())
         provider_chain(provider, available)  # fail fast, before the (slow) session creation
 
@@ -282,8 +210,11 @@ class OrtRuntime(Runtime):
         if inter_op_threads is not None:
             options.inter_op_num_threads = int(inter_op_threads)
 
-        # Metadata first (cheap, no session): it decides the input spec and the TensorRT profile.
+        # Metadata first (cheap, no session): it decides the graph, the input spec and the TensorRT profile.
         metadata = self._parse_metadata(read_metadata_props(self.path), required=input_spec is None)
+        self.graph_path = self.path
+        if provider == "cpu" and variant == "auto" and metadata is not None:
+            self.graph_path, metadata = self._cpu_variant(metadata)
         trt_options: dict[str, str] | None = None
         if provider == "tensorrt":
             spec = input_spec or self._spec_from(metadata)
@@ -298,12 +229,9 @@ class OrtRuntime(Runtime):
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to provider 'tensorrt', not {provider!r}")
         chain = provider_chain(provider, available, trt_options, device_id)
-        use_fusion = provider == "cpu" and (
-            contrib_fusion or (contrib_fusion is None and graph_optimization != "disabled"))
-        model_source, self.fusions = self._fused_graph(required=bool(contrib_fusion)) if use_fusion else (None, {})
 
         self._session = ort.InferenceSession(
-            model_source if model_source is not None else str(self.path), sess_options=options,
+            str(self.graph_path), sess_options=options,
             providers=[name for name, _ in chain], provider_options=[opts for _, opts in chain],
         )
         active = self._session.get_providers()
@@ -321,29 +249,21 @@ class OrtRuntime(Runtime):
 
     # -- construction helpers -------------------------------------------------------------
 
-    def _fused_graph(self, required: bool) -> tuple[bytes | None, dict[str, int]]:
-        """The serialized graph after :func:`fuse_for_cpu`, or ``(None, {})`` to run the file as is."""
-        try:
-            import onnx
-        except ImportError:
-            if required:
-                raise ValueError("contrib_fusion=True needs the onnx package (pip install onnx)") from None
-            return None, {}
-        model = onnx.load(str(self.path), load_external_data=False)
-        if _has_external_data(model):
-            if required:
-                raise ValueError(f"{self.path} keeps its weights in an external file; contrib_fusion needs them inside")
-            return None, {}
-        try:
-            counts = fuse_for_cpu(model)
-        except ValueError as error:  # a pattern this rewrite mishandles: run the file unchanged
-            if required:
-                raise
-            warnings.warn(f"{self.path}: contrib-op fusion skipped ({error})", RuntimeWarning, stacklevel=3)
-            return None, {}
-        if not any(counts.values()):
-            return None, counts
-        return model.SerializeToString(), counts
+    def _cpu_variant(self, metadata: ArtifactMetadata) -> tuple[Path, ArtifactMetadata]:
+        """The validated onnxruntime-CPU graph beside the file (and its metadata), or the file itself."""
+        entry = metadata.variants.get(CPU_VARIANT)
+        if not entry:
+            return self.path, metadata
+        sibling = self.path.with_name(entry["file"])
+        if not sibling.is_file():
+            return self.path, metadata
+        if sha256_file(sibling) != entry.get("sha256"):
+            warnings.warn(
+                f"{sibling} does not match the sha256 that {self.path.name}'s metadata records for its "
+                "validated CPU graph; running the portable graph instead", RuntimeWarning, stacklevel=3,
+            )
+            return self.path, metadata
+        return sibling, ArtifactMetadata.from_props(read_metadata_props(sibling))
 
     def _parse_metadata(self, props: Mapping[str, str], required: bool) -> ArtifactMetadata | None:
         try:
@@ -371,29 +291,47 @@ class OrtRuntime(Runtime):
             raise ValueError(
                 f"{self.path}: graph input is named {graph_input.name!r} but the metadata says {self.input_spec.name!r}"
             )
-        graph_dtype = _ORT_DTYPES.get(graph_input.type, graph_input.type)
+        graph_dtype = ORT_DTYPES.get(graph_input.type, graph_input.type)
         if graph_dtype != self.input_spec.dtype:
             raise ValueError(
                 f"{self.path}: graph input dtype is {graph_dtype} but the metadata says {self.input_spec.dtype}"
             )
-        self.output_name = self._session.get_outputs()[0].name
+        self.output_names = [output.name for output in self._session.get_outputs()]
+        self.output_name = self.output_names[0]
+
+    @property
+    def fusions(self) -> dict[str, int]:
+        """Contrib-op rewrites in the graph that runs (from its metadata; empty for the portable graph)."""
+        for transform in (self.metadata.transforms if self.metadata else []):
+            if transform.get("name") == CPU_FUSION:
+                return dict(transform.get("counts", {}))
+        return {}
 
     # -- inference ------------------------------------------------------------------------
 
-    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+    def _outputs(self, pixel_values: np.ndarray, names: list[str]) -> list[np.ndarray]:
         session = self._session
         if session is None:
             raise RuntimeError(f"OrtRuntime for {self.path} is closed; create a new runtime to run it again")
         pixel_values = np.ascontiguousarray(pixel_values)
         if self.provider == "cpu":
-            logits = session.run([self.output_name], {self.input_spec.name: pixel_values})[0]
+            values = session.run(names, {self.input_spec.name: pixel_values})
         else:
             binding = session.io_binding()
             binding.bind_cpu_input(self.input_spec.name, pixel_values)
-            binding.bind_output(self.output_name, "cuda", self.device_id)
+            for name in names:
+                binding.bind_output(name, "cuda", self.device_id)
             session.run_with_iobinding(binding)
-            logits = binding.copy_outputs_to_cpu()[0]
-        return np.asarray(logits, dtype=np.float32)
+            values = binding.copy_outputs_to_cpu()
+        return [np.asarray(value, dtype=np.float32) for value in values]
+
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._outputs(pixel_values, [self.output_name])[0]
+
+    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output (``logits``, and ``last_hidden_state`` for feature exports) as float32."""
+        validate_input(self.input_spec, pixel_values, self.check_finite)
+        return dict(zip(self.output_names, self._outputs(pixel_values, self.output_names), strict=True))
 
     def close(self) -> None:
         """Release the session; later calls raise ``RuntimeError``."""

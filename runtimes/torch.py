@@ -9,28 +9,22 @@ Thread safety: calls are serialised by a lock, so one runtime may be shared betw
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitdeploy.constants import DEFAULT_FP32_OPS, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, TORCH_PRECISIONS
 from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.parity import Reference, Tolerance, tolerance_for
 
-from .base import InputSpec, Runtime
+from .base import InputSpec, Runtime, validate_input
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
-
-
-def default_size_range(image_size: int, stride: int) -> tuple[int, int]:
-    """Half to twice the native size, both rounded inward to multiples of ``stride``."""
-    low = max(stride, -(-image_size // 2 // stride) * stride)
-    high = max(low, (2 * image_size) // stride * stride)
-    return low, high
 
 
 def _load_source(source: Any) -> Any:
@@ -82,16 +76,20 @@ class TorchRuntime(Runtime):
         precision: str = "fp32",
         device: str = "cpu",
         compile: bool = False,
-        fp32_ops: Iterable[str] = ("LayerNormalization", "Softmax"),
+        fp32_ops: Iterable[str] = DEFAULT_FP32_OPS,
         batch: tuple[int, int] = (1, 64),
         height: tuple[int, int] | None = None,
         width: tuple[int, int] | None = None,
         check_finite: bool = False,
+        fused_attention: bool | None = None,
+        features: bool = False,
     ) -> None:
         import torch
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+        from vitdeploy.model import prepare_model
+
+        if precision not in TORCH_PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {list(TORCH_PRECISIONS)}")
         if device not in DEVICES and not str(device).startswith("cuda:"):
             raise ValueError(f"device {device!r} is not one of {list(DEVICES)} (or 'cuda:N')")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -99,32 +97,29 @@ class TorchRuntime(Runtime):
 
         model = _load_source(source)
         self.source = source if not hasattr(source, "config") else f"<model {model.config.name}>"
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         fp32_ops = sorted(set(fp32_ops)) if precision != "fp32" else []
-        param = next(model.parameters())
-        if param.dtype != dtype or param.device != torch.device(device) or precision != "fp32" or model.training:
-            model = copy.deepcopy(model)
-        model = model.to(device=device, dtype=dtype).eval()
-        if precision != "fp32":
-            model.set_precision_policy(set(fp32_ops), fused_attention=False)
+        model = prepare_model(model, precision, fp32_ops, fused_attention=fused_attention, device=device)
 
         config = model.config
-        stride = config.stride
-        default = default_size_range(config.image_size, stride)
+        default = config.default_size_range()
         shape_range = ShapeRange(batch=tuple(batch), height=tuple(height or default), width=tuple(width or default))
 
         self.model = model
         self.precision = precision
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = next(model.parameters()).dtype
         self.check_finite = bool(check_finite)
+        self.features = bool(features)
+        outputs = [TensorInfo(LOGITS_NAME, "float32", ["batch", config.num_classes])]
+        if features:
+            outputs.append(TensorInfo(FEATURES_NAME, "float32", ["batch", "sequence", config.hidden_size]))
         self.metadata = ArtifactMetadata(
             model_config=config.to_dict(),
             preprocessing=Preprocessing.for_model(
                 config.image_size, config.crop_pct, config.mean, config.std, config.interpolation
             ),
-            inputs=[TensorInfo("pixel_values", "float32", ["batch", config.in_channels, "height", "width"])],
-            outputs=[TensorInfo("logits", "float32", ["batch", config.num_classes])],
+            inputs=[TensorInfo(INPUT_NAME, "float32", ["batch", config.in_channels, "height", "width"])],
+            outputs=outputs,
             shape_range=shape_range,
             precision=precision,
             fp32_ops=list(fp32_ops),
@@ -138,15 +133,26 @@ class TorchRuntime(Runtime):
         self._torch = torch
         self._closed = False
 
-    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+    def _outputs(self, pixel_values: np.ndarray, features: bool) -> dict[str, np.ndarray]:
         if self._closed:
             raise RuntimeError("TorchRuntime is closed; create a new runtime to run it again")
         torch = self._torch
         with self._lock, torch.inference_mode():
             inputs = torch.from_numpy(np.ascontiguousarray(pixel_values))
             inputs = inputs.to(device=self.device, dtype=self.dtype, non_blocking=True)
-            logits = self._forward(inputs)
-            return logits.float().cpu().numpy()
+            if not features:
+                return {LOGITS_NAME: self._forward(inputs).float().cpu().numpy()}
+            hidden = self.model.forward_features(inputs)
+            logits = self.model.forward_head(hidden)
+            return {LOGITS_NAME: logits.float().cpu().numpy(), FEATURES_NAME: hidden.float().cpu().numpy()}
+
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._outputs(pixel_values, features=False)[LOGITS_NAME]
+
+    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits, and with ``features=True`` the encoder output ``last_hidden_state``, as float32."""
+        validate_input(self.input_spec, pixel_values, self.check_finite)
+        return self._outputs(pixel_values, features=self.features)
 
     def close(self) -> None:
         """Drop the model (and free its device memory); later calls raise ``RuntimeError``."""
@@ -166,3 +172,43 @@ def _version() -> str:
     from vitdeploy import __version__
 
     return __version__
+
+
+def eager_references(
+    model: Any,
+    precision: str,
+    fp32_ops: Iterable[str] = DEFAULT_FP32_OPS,
+    shape_range: ShapeRange | None = None,
+    device: str = "cpu",
+    features: bool = False,
+    max_rel_error: float | None = None,
+    min_cosine: float | None = None,
+) -> list[Reference]:
+    """The eager references an artifact of ``precision`` is judged against, with their tolerances.
+
+    The one factory export validation, ``verify`` and ``deploy`` share: an fp32 artifact gets
+    the eager fp32 model; a reduced-precision artifact gets the eager model in that precision
+    under the graph's policy (``fp32_ops`` in fp32, explicit attention: like for like) and the
+    eager fp32 model (what the precision costs). ``shape_range`` bounds what the references
+    accept (default: the model's own); ``max_rel_error``/``min_cosine`` override the tolerances.
+    """
+    def tolerance(against_fp32: bool) -> Tolerance:
+        tol = tolerance_for(precision, against_fp32)
+        if max_rel_error is not None:
+            tol = replace(tol, max_rel_error=max_rel_error)
+        if min_cosine is not None:
+            tol = replace(tol, min_cosine=min_cosine)
+        return tol
+
+    bounds: dict[str, Any] = {}
+    if shape_range is not None:
+        bounds = {"batch": shape_range.batch, "height": shape_range.height, "width": shape_range.width}
+    references = []
+    if precision != "fp32":
+        ops = sorted(set(fp32_ops))
+        low = TorchRuntime(model, precision=precision, device=device, fp32_ops=ops, fused_attention=False,
+                           features=features, **bounds)
+        references.append(Reference(f"eager {precision} (fp32 ops: {','.join(ops) or 'none'})", low, tolerance(False)))
+    fp32 = TorchRuntime(model, precision="fp32", device=device, features=features, **bounds)
+    references.append(Reference("eager fp32", fp32, tolerance(True)))
+    return references

@@ -340,8 +340,9 @@ def test_terminal_table_shows_speedups_and_skips(bench_run):
 def test_engine_profiles_and_reuse_of_a_built_engine(bench_run, tmp_path):
     from vitdeploy.benchmarks.artifacts import _reusable, engine_profiles
     from vitdeploy.benchmarks.models import Sweep
-    from vitdeploy.engine_manifest import EngineManifest, GpuInfo, sha256_file
+    from vitdeploy.engine_manifest import EngineManifest, GpuInfo
     from vitdeploy.exporters.trt_plan import plan_build
+    from vitdeploy.files import sha256_file
 
     small = Sweep((1, 2), ((32, 32), (48, 48)))
     assert engine_profiles(small) == ["batch=1:1:2,resolution=32:32:48"]

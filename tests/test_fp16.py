@@ -14,13 +14,12 @@ from vitdeploy.exporters.fp16 import (
     convert_to_fp16,
     keep_ops_in_fp32,
     precision_summary,
-    prepare_eager,
     remove_redundant_casts,
 )
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.validation import ort_cpu_fp32_fallbacks
 from vitdeploy.metadata import ArtifactMetadata, Preprocessing
-from vitdeploy.model import Attention, LayerNorm
+from vitdeploy.model import Attention, LayerNorm, prepare_model
 from vitdeploy.parity import TOLERANCES, InputFactory, compare_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -89,7 +88,7 @@ def test_exported_fp16_graph_dtypes(fp16_export):
 
 def test_fp16_graph_parity_with_eager_on_photographs(fp16_export, model):
     """onnxruntime CPU runs the fp16 graph; it matches eager fp16 under the same policy, and fp32 closely."""
-    half = prepare_eager(model, "fp16", ("LayerNormalization", "Softmax"))
+    half = prepare_model(model, "fp16", ("LayerNormalization", "Softmax"), fused_attention=False)
     sess = session(fp16_export.path)
     for batch, _, height, width in SHAPES:
         pixels = photos(batch, height, width)
@@ -228,8 +227,8 @@ def test_convert_rejects_control_flow():
         convert_to_fp16(helper.make_model(graph))
 
 
-def test_prepare_eager_applies_the_policy_to_a_copy(model):
-    half = prepare_eager(model, "fp16", ["LayerNormalization", "Softmax"])
+def test_prepare_model_applies_the_policy_to_a_copy(model):
+    half = prepare_model(model, "fp16", ["LayerNormalization", "Softmax"])
     assert next(model.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.float16
     norms = [m for m in half.modules() if isinstance(m, LayerNorm)]
     attentions = [m for m in half.modules() if isinstance(m, Attention)]
@@ -237,4 +236,7 @@ def test_prepare_eager_applies_the_policy_to_a_copy(model):
     assert attentions and all(not m.fused and m.softmax_dtype == torch.float32 for m in attentions)
     assert all(m.fused for m in model.modules() if isinstance(m, Attention))
     with pytest.raises(ValueError, match="'fp8'"):
-        prepare_eager(model, "fp8")
+        prepare_model(model, "fp8")
+    assert prepare_model(model, "fp32") is model  # nothing to change: no copy
+    plain = prepare_model(model, "fp16", ())  # a plain cast keeps SDPA
+    assert all(m.fused and m.softmax_dtype is None for m in plain.modules() if isinstance(m, Attention))

@@ -1,4 +1,5 @@
-"""The in-memory contrib-op rewrite OrtRuntime applies on CPU: what it fuses, parity, what it leaves alone."""
+"""The onnxruntime-CPU graph: what the contrib-op fusion rewrites, that export validates it and writes it
+beside the portable graph, and that OrtRuntime runs exactly that validated file."""
 
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import torch
 from conftest import make_model, tiny_config
 
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+from vitdeploy.exporters.ort_fusion import fuse_for_cpu
+from vitdeploy.files import sha256_file
+from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, PORTABLE, read_onnx_metadata
 from vitdeploy.runtimes import OrtRuntime
-from vitdeploy.runtimes.ort_fusion import fuse_for_cpu
 
 RNG = np.random.default_rng(1)
 
 
-def _export(model, path: Path, **options) -> Path:
-    options = {"batch": (1, 4), "height": (16, 64), "width": (16, 64), "validate": False, "preflight": False,
-               **options}
-    return export_onnx(model, path, ExportOptions(**options)).path
+def _export(model, path: Path, **options):
+    options = {"batch": (1, 4), "height": (16, 64), "width": (16, 64), "preflight": False, **options}
+    return export_onnx(model, path, ExportOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def fp32_path(tmp_path_factory, tiny) -> Path:
+def exported(tmp_path_factory, tiny):
     return _export(tiny, tmp_path_factory.mktemp("fusion") / "tiny.onnx")
 
 
@@ -43,7 +45,8 @@ def _op_types(model: onnx.ModelProto) -> list[str]:
 
 
 def test_rewrite_fuses_every_block_and_removes_the_explicit_pattern(tmp_path, tiny):
-    model = onnx.load(str(_export(tiny, tmp_path / "full.onnx", full_last_block=True)))
+    result = _export(tiny, tmp_path / "full.onnx", full_last_block=True, validate=False, cpu_variant=False)
+    model = onnx.load(str(result.path))
     counts = fuse_for_cpu(model)
     depth = tiny.config.depth
     assert counts == {"attention": depth, "gelu": depth}
@@ -59,10 +62,10 @@ def test_rewrite_fuses_every_block_and_removes_the_explicit_pattern(tmp_path, ti
     assert all(init.name in used for init in model.graph.initializer)
 
 
-def test_class_token_last_block_keeps_its_explicit_attention(fp32_path, tiny):
+def test_class_token_last_block_keeps_its_explicit_attention(exported, tiny):
     """A logits-only export attends from the class token alone in its last block: that attention
     (q from one token, k and v from all) is not the fused pattern and stays as it is."""
-    model = onnx.load(str(fp32_path))
+    model = onnx.load(str(exported.path))
     depth = tiny.config.depth
     assert fuse_for_cpu(model) == {"attention": depth - 1, "gelu": depth}
     ops = _op_types(model)
@@ -70,29 +73,50 @@ def test_class_token_last_block_keeps_its_explicit_attention(fp32_path, tiny):
     onnx.checker.check_model(model)
 
 
-def test_file_on_disk_keeps_the_tensorrt_pattern(fp32_path):
-    before = fp32_path.read_bytes()
-    with OrtRuntime(fp32_path) as runtime:
-        assert runtime.fusions["attention"] > 0
-    assert fp32_path.read_bytes() == before
-    ops = _op_types(onnx.load(str(fp32_path)))
-    assert "Softmax" in ops and "Attention" not in ops
+def test_export_writes_a_validated_cpu_variant_beside_the_portable_graph(exported, tiny):
+    portable, variant = exported.path, exported.variant_path
+    assert variant == portable.with_name("tiny.cpu.onnx") and variant.is_file()
+    ops = _op_types(onnx.load(str(portable)))
+    assert "Softmax" in ops and "Attention" not in ops  # what TensorRT needs stays in the portable file
+    assert "Attention" in _op_types(onnx.load(str(variant)))
+    meta, variant_meta = read_onnx_metadata(portable), read_onnx_metadata(variant)
+    assert meta.target == PORTABLE and variant_meta.target == CPU_VARIANT
+    assert meta.variants[CPU_VARIANT] == {"file": variant.name, "sha256": sha256_file(variant)}
+    assert variant_meta.transforms[-1]["name"] == CPU_FUSION
+    # Both graphs were validated against the eager model, each on its own.
+    assert meta.validation["passed"] is True and variant_meta.validation["passed"] is True
+    assert exported.variant_report.passed and exported.variant_report.cases
+    assert variant_meta.validation["references"]["eager fp32"]["rel_max_error"] <= 1e-4
 
 
-@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 48, 24), (2, 64, 16)])
-def test_fused_runtime_matches_eager_and_unfused(fp32_path, tiny, shape):
-    pixels = RNG.normal(size=(shape[0], 3, shape[1], shape[2])).astype(np.float32)
-    reference = _eager(tiny, pixels)
-    with OrtRuntime(fp32_path) as fused, OrtRuntime(fp32_path, contrib_fusion=False) as plain:
-        assert fused.fusions and not plain.fusions
-        got, unfused = fused(pixels), plain(pixels)
-    scale = np.abs(reference).max()
-    assert np.abs(got - reference).max() / scale <= 1e-4
-    assert np.abs(got - unfused).max() / scale <= 1e-4
+def test_ort_runtime_runs_the_validated_graph_by_default(exported, tiny):
+    """The graph OrtRuntime runs on CPU is byte for byte the file export validated."""
+    with OrtRuntime(exported.path) as runtime, OrtRuntime(exported.path, variant="portable") as plain:
+        assert runtime.graph_path == exported.variant_path and plain.graph_path == exported.path
+        assert runtime.fusions["attention"] == tiny.config.depth - 1 and plain.fusions == {}
+        validated = runtime.metadata.validation
+        assert validated["passed"] is True and runtime.metadata.target == CPU_VARIANT
+        for shape in [(1, 32, 32), (3, 48, 24), (2, 64, 16)]:
+            pixels = RNG.normal(size=(shape[0], 3, shape[1], shape[2])).astype(np.float32)
+            reference = _eager(tiny, pixels)
+            scale = np.abs(reference).max()
+            assert np.abs(runtime(pixels) - reference).max() / scale <= 1e-4
+            assert np.abs(plain(pixels) - reference).max() / scale <= 1e-4
 
 
-def test_session_property_exposes_the_fused_session(fp32_path):
-    runtime = OrtRuntime(fp32_path)
+def test_a_tampered_variant_is_not_run(tmp_path, exported):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in (exported.path, exported.variant_path):
+        (folder / path.name).write_bytes(path.read_bytes())
+    tampered = folder / exported.variant_path.name
+    tampered.write_bytes(tampered.read_bytes() + b"\x00")
+    with pytest.warns(RuntimeWarning, match="does not match the sha256"), OrtRuntime(folder / "tiny.onnx") as runtime:
+        assert runtime.graph_path == folder / "tiny.onnx"
+
+
+def test_session_property_exposes_the_session(exported):
+    runtime = OrtRuntime(exported.path)
     pixels = RNG.normal(size=(1, 3, 32, 32)).astype(np.float32)
     bare = runtime.session.run(None, {"pixel_values": pixels})[0]
     np.testing.assert_array_equal(bare, runtime(pixels))
@@ -102,29 +126,18 @@ def test_session_property_exposes_the_fused_session(fp32_path):
     assert runtime.session is None
 
 
-def test_fp16_graph_is_left_alone(tmp_path, tiny):
-    path = _export(tiny, tmp_path / "tiny16.onnx", precision="fp16")
-    model = onnx.load(str(path))
-    assert not any(fuse_for_cpu(model).values())
-    with OrtRuntime(path) as runtime:
-        assert not any(runtime.fusions.values())
-        pixels = RNG.normal(size=(1, 3, 32, 32)).astype(np.float32)
-        assert np.isfinite(runtime(pixels)).all()
+def test_fp16_and_external_data_exports_have_no_variant(tmp_path, tiny):
+    half = _export(tiny, tmp_path / "tiny16.onnx", precision="fp16", validate=False)
+    assert half.variant_path is None and not fuse_for_cpu(onnx.load(str(half.path)))["attention"]
+    external = _export(tiny, tmp_path / "ext.onnx", external_data_threshold=0, validate=False)
+    assert external.path.with_name("ext.onnx.data").exists() and external.variant_path is None
+    with OrtRuntime(external.path) as runtime:
+        assert runtime.graph_path == external.path and runtime.fusions == {}
 
 
-def test_contrib_fusion_options_are_checked(fp32_path):
-    with pytest.raises(ValueError, match="contrib_fusion applies to provider 'cpu' only"):
-        OrtRuntime(fp32_path, provider="cuda", contrib_fusion=True)
-    with OrtRuntime(fp32_path, graph_optimization="disabled") as runtime:
-        assert runtime.fusions == {}
-    with OrtRuntime(fp32_path, graph_optimization="disabled", contrib_fusion=True) as runtime:
-        assert runtime.fusions["attention"] > 0
-
-
-def test_external_data_file_runs_unfused_or_refuses(tmp_path, tiny):
-    path = _export(tiny, tmp_path / "ext.onnx", external_data_threshold=0)
-    assert path.with_name("ext.onnx.data").exists()
-    with OrtRuntime(path) as runtime:
-        assert runtime.fusions == {}
-    with pytest.raises(ValueError, match="external file"):
-        OrtRuntime(path, contrib_fusion=True)
+def test_no_validation_means_no_variant_and_a_stale_one_is_removed(tmp_path, tiny):
+    first = _export(tiny, tmp_path / "m.onnx")
+    assert first.variant_path.is_file()
+    again = _export(tiny, tmp_path / "m.onnx", validate=False)
+    assert again.variant_path is None and not (tmp_path / "m.cpu.onnx").exists()
+    assert read_onnx_metadata(again.path).variants == {}

@@ -17,14 +17,9 @@ from conftest import make_model, tiny_config
 from test_runtimes_support import attach_metadata, export_onnx, fp16_io_graph, make_metadata
 
 import vitdeploy.runtimes as runtimes
-from vitdeploy.metadata import ShapeRange
+from vitdeploy.metadata import ShapeRange, read_metadata_props
 from vitdeploy.runtimes import InputSpec, OrtRuntime
-from vitdeploy.runtimes.onnxruntime import (
-    profile_shapes,
-    provider_chain,
-    read_metadata_props,
-    tensorrt_provider_options,
-)
+from vitdeploy.runtimes.onnxruntime import profile_shapes, provider_chain, tensorrt_provider_options
 
 RNG = np.random.default_rng(0)
 

@@ -11,9 +11,9 @@ import torch
 from conftest import make_model, tiny_config, tiny_hybrid_config
 
 import vitdeploy.runtimes as runtimes
+from vitdeploy.config import default_size_range
 from vitdeploy.model import Attention, LayerNorm
 from vitdeploy.runtimes import TorchRuntime
-from vitdeploy.runtimes.torch import default_size_range
 
 RNG = np.random.default_rng(1)
 

@@ -10,6 +10,13 @@ from typing import Any, Literal
 Pooling = Literal["token", "avg"]
 
 
+def default_size_range(image_size: int, stride: int) -> tuple[int, int]:
+    """Half to twice ``image_size``, both rounded inward to multiples of ``stride`` (never below one)."""
+    low = max(stride, -(-image_size // 2 // stride) * stride)
+    high = max(low, (2 * image_size) // stride * stride)
+    return low, high
+
+
 @dataclass
 class HybridConfig:
     """ResNet-v2 (BiT-style, GroupNorm + weight standardisation) stem and stages of a hybrid ViT.
@@ -97,6 +104,11 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 1 if self.pooling == "token" else 0
+
+    def default_size_range(self) -> tuple[int, int]:
+        """The default validated height/width range: half to twice the native size, both rounded
+        inward to multiples of the stride (what exports and the eager runtime accept by default)."""
+        return default_size_range(self.image_size, self.stride)
 
     def seq_len(self, height: int, width: int | None = None) -> int:
         """Number of tokens (prefix tokens included) for an input of ``height`` x ``width``."""

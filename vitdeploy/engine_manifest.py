@@ -20,7 +20,6 @@ compute capability 8.0 and newer).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.atomic import atomic_write_text
+from vitdeploy.files import atomic_write_text
 from vitdeploy.metadata import PREFIX, ArtifactMetadata, ShapeRange
 
 MANIFEST_FORMAT = 1
@@ -46,15 +45,6 @@ def manifest_path_for(engine_path: str | os.PathLike[str]) -> Path:
     """``model.engine`` → ``model.engine.json``."""
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + ".json")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (engines and ONNX files can be GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def format_shape(shape: Shape) -> str:

@@ -81,3 +81,47 @@ def count_flops(config: ViTConfig, height: int | None = None, width: int | None 
                 class_token_last_block: bool = False) -> int:
     """FLOPs (2 x MACs) of one image's forward pass (see :func:`count_macs`)."""
     return 2 * count_macs(config, height, width, class_token_last_block)
+
+
+def _backbone_params(hybrid: HybridConfig, in_channels: int) -> int:
+    """Parameters of the ResNet-v2 backbone: bias-free convs and GroupNorm affines."""
+    stem_width = hybrid.stem_width * hybrid.width_factor
+    params = stem_width * in_channels * 7 * 7 + 2 * stem_width
+    channels = stem_width
+    for index, depth in enumerate(hybrid.layers):
+        out = 256 * hybrid.width_factor * 2**index
+        mid = out // 4
+        for block in range(depth):
+            stride = 2 if index > 0 and block == 0 else 1
+            params += channels * mid + 2 * mid + mid * mid * 9 + 2 * mid + mid * out + 2 * out
+            if stride != 1 or channels != out:
+                params += channels * out + 2 * out  # projection conv + its GroupNorm
+            channels = out
+    return params
+
+
+def count_params(config: ViTConfig) -> int:
+    """Exact parameter count of the model ``config`` describes (no torch, no memory)."""
+    dim = config.hidden_size
+    channels = config.in_channels
+    params = 0
+    if config.hybrid is not None:
+        params += _backbone_params(config.hybrid, channels)
+        channels = config.hybrid.out_channels
+    params += channels * config.patch_size**2 * dim + dim  # patch projection
+    params += config.num_prefix_tokens * dim  # class token
+    grid_h, grid_w = config.grid_size
+    params += (config.num_prefix_tokens + grid_h * grid_w) * dim  # position embeddings
+    qkv_bias = 3 * dim if config.qkv_bias else 0
+    block = (2 * dim  # norm1
+             + dim * 3 * dim + qkv_bias + dim * dim + dim  # qkv, proj
+             + 2 * dim  # norm2
+             + dim * config.mlp_size + config.mlp_size + config.mlp_size * dim + dim)  # fc1, fc2
+    params += config.depth * block + 2 * dim  # blocks, final norm
+    head_in = dim
+    if config.representation_size:
+        params += dim * config.representation_size + config.representation_size
+        head_in = config.representation_size
+    if config.num_classes > 0:
+        params += head_in * config.num_classes + config.num_classes
+    return params

@@ -6,9 +6,11 @@ know the input range they may accept and the preprocessing the model expects.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 PREFIX = "vitdeploy."
 
@@ -55,6 +57,12 @@ class ShapeRange:
 # ArtifactMetadata.optimizations entry: the last block is computed for the class token only
 # (VisionTransformer.forward_logits).
 CLASS_TOKEN_LAST_BLOCK = "class_token_last_block"
+# ArtifactMetadata.target: a graph any ONNX runtime (TensorRT's parser included) runs, or one
+# rewritten for onnxruntime's CPU provider (contrib ops).
+PORTABLE = "portable"
+CPU_VARIANT = "onnxruntime-cpu"
+# ArtifactMetadata.transforms entry name of the onnxruntime CPU contrib-op fusion.
+CPU_FUSION = "ort_cpu_fusion"
 
 
 @dataclass
@@ -83,6 +91,12 @@ class ArtifactMetadata:
     validation: dict[str, Any] | None = None
     # Output-preserving rewrites baked into the graph, e.g. "class_token_last_block".
     optimizations: list[str] = field(default_factory=list)
+    # Which runtimes the graph is for: PORTABLE, or CPU_VARIANT for onnxruntime-only contrib ops.
+    target: str = PORTABLE
+    # Graph-to-graph transforms applied after tracing, in order: {"name": ..., details}.
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    # Validated graphs derived from this one, written beside it: {target: {"file": name, "sha256": hex}}.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def stride(self) -> int:
@@ -121,3 +135,80 @@ class ArtifactMetadata:
         data["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
         data["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
         return cls(**data)
+
+
+# ModelProto field numbers (onnx.proto): graph = 7, metadata_props = 14.
+_GRAPH_FIELD = 7
+_METADATA_PROPS_FIELD = 14
+
+
+def _read_varint(stream: BinaryIO) -> int:
+    result = shift = 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            raise ValueError("truncated protobuf varint")
+        result |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return result
+        shift += 7
+
+
+def _parse_entry(data: bytes) -> tuple[str, str]:
+    """A ``StringStringEntryProto`` (key = field 1, value = field 2)."""
+    stream = io.BytesIO(data)
+    fields = {1: "", 2: ""}
+    while stream.tell() < len(data):
+        tag = _read_varint(stream)
+        if tag & 7 != 2:
+            raise ValueError("malformed metadata_props entry")
+        fields[tag >> 3] = stream.read(_read_varint(stream)).decode("utf-8")
+    return fields[1], fields[2]
+
+
+def read_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read without parsing (or loading) the graph.
+
+    Walks the top-level fields of the ``ModelProto`` and seeks over the graph, so it costs
+    the same for a 10 MB and a 2 GB model and needs neither ``onnx`` nor ``onnxruntime``.
+    Raises ``ValueError`` if the file is not a protobuf ``ModelProto`` with a graph.
+    """
+    props: dict[str, str] = {}
+    seen_graph = False
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        try:
+            while stream.tell() < size:
+                tag = _read_varint(stream)
+                field, wire = tag >> 3, tag & 7
+                if wire == 0:
+                    _read_varint(stream)
+                elif wire == 1:
+                    stream.seek(8, io.SEEK_CUR)
+                elif wire == 5:
+                    stream.seek(4, io.SEEK_CUR)
+                elif wire == 2:
+                    length = _read_varint(stream)
+                    if stream.tell() + length > size:
+                        raise ValueError(f"field {field} runs past the end of the file")
+                    if field == _METADATA_PROPS_FIELD:
+                        key, value = _parse_entry(stream.read(length))
+                        props[key] = value
+                    else:
+                        seen_graph = seen_graph or field == _GRAPH_FIELD
+                        stream.seek(length, io.SEEK_CUR)
+                else:
+                    raise ValueError(f"unexpected protobuf wire type {wire}")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a readable ONNX model ({error})") from None
+    if not seen_graph:
+        raise ValueError(f"{path} is not an ONNX model (no graph found)")
+    return props
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> ArtifactMetadata:
+    """The :class:`ArtifactMetadata` of a vitdeploy ONNX file, read without loading the graph.
+
+    Raises ``ValueError`` if the file is not an ONNX model or carries no vitdeploy metadata.
+    """
+    return ArtifactMetadata.from_props(read_metadata_props(path))

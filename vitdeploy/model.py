@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdeploy.config import ViTConfig
+from vitdeploy.constants import DEFAULT_FP32_OPS, POLICY_OPS, torch_dtype
 from vitdeploy.pos_embed import resample_pos_embed
 from vitdeploy.resnetv2 import ResNetV2
 from vitdeploy.variants import get_config
@@ -300,9 +301,9 @@ class VisionTransformer(nn.Module):
         ``fused_attention=False`` selects the explicit MatMul → Softmax → MatMul attention.
         """
         fp32_ops = set(fp32_ops or ())
-        unknown = fp32_ops - {"LayerNormalization", "Softmax"}
+        unknown = fp32_ops - POLICY_OPS
         if unknown:
-            raise ValueError(f"unknown fp32 ops {sorted(unknown)}; expected LayerNormalization and/or Softmax")
+            raise ValueError(f"unknown fp32 ops {sorted(unknown)}; expected some of {sorted(POLICY_OPS)}")
         norm_dtype = torch.float32 if "LayerNormalization" in fp32_ops else None
         softmax_dtype = torch.float32 if "Softmax" in fp32_ops else None
         for module in self.modules():
@@ -325,3 +326,34 @@ def create_model(name: str, **overrides: Any) -> VisionTransformer:
     config = get_config(name, **overrides)
     model = VisionTransformer(config)
     return model.eval()
+
+
+def prepare_model(
+    model: VisionTransformer,
+    precision: str = "fp32",
+    fp32_ops: tuple[str, ...] | list[str] | set[str] = DEFAULT_FP32_OPS,
+    fused_attention: bool | None = None,
+    device: Any = None,
+) -> VisionTransformer:
+    """``model`` cast to ``precision`` on ``device``, in eval mode, under the precision policy.
+
+    The one place a model is put into a precision: in fp16/bf16 the ops in ``fp32_ops``
+    compute in fp32 (``()`` for a plain cast); ``fused_attention`` picks SDPA (``True``) or the
+    explicit MatMul → Softmax → MatMul that exported graphs contain (``False``); ``None``
+    keeps SDPA in fp32 and uses the explicit form wherever ``fp32_ops`` keeps Softmax in fp32
+    (SDPA cannot). ``model`` itself is never modified: it is copied unless nothing changes.
+    """
+    dtype = torch_dtype(precision)
+    ops = set(fp32_ops) if precision != "fp32" else set()
+    explicit = fused_attention is False or (fused_attention is None and "Softmax" in ops)
+    param = next(model.parameters())
+    target = torch.device(device) if device is not None else param.device
+    unchanged = (param.dtype == dtype and param.device == target and not model.training and not ops
+                 and not explicit and all(m.fused for m in model.modules() if isinstance(m, Attention)))
+    if unchanged:
+        return model
+    import copy
+
+    prepared = copy.deepcopy(model).to(device=target, dtype=dtype).eval()
+    prepared.set_precision_policy(ops, fused_attention=not explicit)
+    return prepared

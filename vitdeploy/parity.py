@@ -414,11 +414,13 @@ class Reference:
 
 
 def _call(fn: RunFn, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of a runtime (every output, through ``run_outputs``) or of a plain callable."""
     spec = getattr(fn, "input_spec", None)
     dtype = getattr(spec, "dtype", None)
     if dtype is not None and np.dtype(dtype) != inputs.dtype:
         inputs = inputs.astype(dtype)
-    out = fn(inputs)
+    run_outputs = getattr(fn, "run_outputs", None)
+    out = run_outputs(inputs) if run_outputs is not None else fn(inputs)
     if isinstance(out, Mapping):
         return {name: np.asarray(value) for name, value in out.items()}
     return {"logits": np.asarray(out)}
@@ -436,8 +438,8 @@ def verify(
     """Run ``candidate`` and every reference on the same batches at ``shapes``; compare outputs.
 
     Callables return logits (or a mapping of output name to array; outputs both sides return
-    are compared, ``logits`` with top-k agreement). A callable with ``input_spec.dtype`` (a
-    :class:`~vitdeploy.runtimes.base.Runtime`) gets its inputs cast to that dtype.
+    are compared, ``logits`` with top-k agreement). A :class:`~vitdeploy.runtimes.base.Runtime`
+    is asked for every output (``run_outputs``) and gets its inputs cast to ``input_spec.dtype``.
     """
     if isinstance(references, Reference):
         references = [references]

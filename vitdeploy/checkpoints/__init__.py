@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,29 @@ class ResolvedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_source(source: str, format: str = "auto", **overrides: Any) -> ResolvedModel:
-    """A checkpoint path (loaded like :func:`load_model`) or a registry variant name (random weights, warned)."""
+def resolve_source(source: str, format: str = "auto", log: Callable[[str], None] | None = None,
+                   **overrides: Any) -> ResolvedModel:
+    """A checkpoint path (loaded like :func:`load_model`) or a registry variant name (random weights, warned).
+
+    With ``log``, the warnings loading raises (random weights, resampled position embeddings)
+    go to ``log`` as ``warning: ...`` lines instead (what the CLI and the pipeline print).
+    """
+    if log is None:
+        return _resolve(source, format, **overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = _resolve(source, format, **overrides)
+    for warning in caught:
+        log(f"warning: {warning.message}")
+    return resolved
+
+
+def _resolve(source: str, format: str = "auto", **overrides: Any) -> ResolvedModel:
     path = Path(source).expanduser()
     if not path.exists() and source in VARIANTS:
         message = (f"{source} is a variant name, not a checkpoint: using RANDOM weights (seed {RANDOM_SEED}); "
                    "its outputs are meaningless beyond testing the pipeline")
-        warnings.warn(message, CheckpointWarning, stacklevel=2)
+        warnings.warn(message, CheckpointWarning, stacklevel=3)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model = create_model(source, **overrides)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vitdeploy.config import HybridConfig, ViTConfig
+from vitdeploy.files import sha256_files
 from vitdeploy.model import VisionTransformer
 from vitdeploy.pos_embed import infer_grid, resample_pos_embed
 from vitdeploy.variants import VARIANTS
@@ -66,15 +67,6 @@ def note(notes: list[str], message: str, warn: bool = False) -> None:
 # --------------------------------------------------------------------------- hashing
 
 
-def _hash_files(files: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def folder_weight_files(folder: Path) -> list[Path]:
     """The weight file(s) of a checkpoint folder: shards listed by an index, or the single weight file."""
     for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
@@ -103,10 +95,10 @@ def file_sha256(path: str | Path) -> str:
     """SHA-256 of a weight file, streamed; for a folder, of its weight file (shards hashed in order)."""
     path = Path(path)
     if path.is_dir():
-        return _hash_files(folder_weight_files(path))
+        return sha256_files(folder_weight_files(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return _hash_files([path])
+    return sha256_files([path])
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vitdeploy.atomic import atomic_path, atomic_write_text
 from vitdeploy.checkpoints.common import Checkpoint, CheckpointError, read_safetensors
 from vitdeploy.config import ViTConfig
+from vitdeploy.files import atomic_path, atomic_write_text
 from vitdeploy.model import VisionTransformer
 
 FORMAT_TAG = "vitdeploy"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, parse_int_list
+from vitdeploy.cli.common import CLIError, command_line, parse_int_list, parse_sizes
 
 DESCRIPTION = """\
 Benchmark a model (variant name, checkpoint, or .onnx/.engine artifact) on one or more runtimes
@@ -66,26 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``224,384`` or ``224x320`` → ``[(224, 224), (384, 384)]`` / ``[(224, 320)]``."""
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        parts = item.split("x")
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise CLIError(f"--resolution {text!r}: {item!r} is not N or HxW with integers") from None
-        if len(values) not in (1, 2) or any(v <= 0 for v in values):
-            raise CLIError(f"--resolution {text!r}: {item!r} must be a positive N or HxW")
-        sizes.append((values[0], values[-1]))
-    if not sizes:
-        raise CLIError(f"--resolution {text!r} lists no size")
-    return sizes
-
-
 def _cuda_available() -> bool:
     try:
         import torch
@@ -107,14 +86,6 @@ def _check_model(source: str, sizes: list[tuple[int, int]] | None) -> None:
     if not Path(source).exists():
         raise CLIError(f"model {source!r} is neither a known variant name nor an existing checkpoint/artifact path "
                        "(`vitdeploy inspect --list x` lists the variants)")
-
-
-def command_line(subcommand: str, argv: list[str] | None = None) -> str:
-    """The exact ``vitdeploy SUBCOMMAND ...`` command line when run from the console script, else ``""``."""
-    argv = sys.argv if argv is None else argv
-    if argv and Path(argv[0]).name in ("vitdeploy", "__main__.py") and subcommand in argv[1:2]:
-        return shlex.join(["vitdeploy", *argv[1:]])
-    return ""
 
 
 def _reconstructed(args: argparse.Namespace) -> str:
@@ -227,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from vitdeploy.atomic import atomic_write_text
     from vitdeploy.benchmarks.compare import compare, comparison_json, render_markdown, render_text
     from vitdeploy.cli.common import write_json
+    from vitdeploy.files import atomic_write_text
 
     files = args.targets[1:]
     if len(files) != 2:

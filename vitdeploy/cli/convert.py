@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 from vitdeploy.cli.common import CLIError, progress
@@ -52,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
     if output.suffix != ".safetensors" and output.exists() and not output.is_dir():
         raise CLIError(f"-o {output} is an existing file; give a folder or a path ending in .safetensors")
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resolved = resolve_source(args.source, format=args.format, **overrides)
-    for warning in caught:
-        progress(f"warning: {warning.message}")
-    for message in resolved.notes:
-        if not any(str(w.message) == message for w in caught):
+    warned: list[str] = []
+
+    def log(line: str) -> None:
+        warned.append(line)
+        progress(line)
+
+    resolved = resolve_source(args.source, format=args.format, log=log, **overrides)
+    for message in resolved.notes:  # notes loading logged without warning about them
+        if f"warning: {message}" not in warned:
             progress(message)
 
     model = resolved.model

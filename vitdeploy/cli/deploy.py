@@ -1,27 +1,28 @@
-"""`vitdeploy deploy`: the whole pipeline in one command, from a checkpoint to artifacts, parity and speed."""
+"""`vitdeploy deploy`: the whole pipeline in one command (argument parsing; the work is vitdeploy.pipeline)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shlex
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
 
-from vitdeploy.cli.common import CLIError, parse_int_list, parse_range, progress, write_json
-
-DEFAULT_SOURCE = "vit_small_patch16_224"
+from vitdeploy.cli.common import (
+    CLIError,
+    command_line,
+    parse_int_list,
+    parse_range,
+    positive_float,
+    positive_int,
+    progress,
+)
+from vitdeploy.pipeline import DEFAULT_SOURCE
 
 DESCRIPTION = f"""\
 Run the whole pipeline on SOURCE (a checkpoint in any supported format, or a variant name, which
 uses random weights; default {DEFAULT_SOURCE}) and write everything into OUT/:
 
-  1. export      OUT/<name>-fp32.onnx and OUT/<name>-fp16.onnx (dynamic batch and resolution),
-                 each verified against the eager model on real photographs before it is written
+  1. export      OUT/<name>-fp32.onnx (+ its validated onnxruntime-CPU variant <name>-fp32.cpu.onnx)
+                 and OUT/<name>-fp16.onnx (dynamic batch and resolution), each verified against
+                 the eager model on real photographs before it is written
   2. pre-flight  the fp16 graph against TensorRT's ONNX parser support tables
   3. build       OUT/<name>-fp16.engine + manifest where TensorRT and a GPU exist; elsewhere
                  OUT/build_engine.sh with the equivalent trtexec command (and the report says so)
@@ -31,10 +32,13 @@ uses random weights; default {DEFAULT_SOURCE}) and write everything into OUT/:
   6. report      OUT/report.md and OUT/report.json: what was produced, the parity each artifact
                  reached, and how fast each runtime ran
 
+The same pipeline from Python: vitdeploy.pipeline.deploy(DeployOptions(...)).
+
 Exit status: 0 when every artifact written passed parity, 1 when an export failed its parity
 check (the report is still written), 2 on bad arguments.
 
   vitdeploy deploy -o out/
+  vitdeploy deploy -o out/ --bench-budget 60
   vitdeploy deploy path/to/checkpoint.safetensors -o out/ --bench-batch 1,8,32
 """
 
@@ -51,64 +55,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", metavar="MIN:MAX",
                         help="resolution range of the artifacts (default: half to twice the native size)")
     parser.add_argument("--bench-batch", default="1,8", metavar="N,N", help="batch sizes to benchmark (default 1,8)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                         help="timing budget per benchmark point (default 3 on CPU, 1 on GPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads for the benchmark (default: usable CPUs)")
-    parser.add_argument("--validation-max-batch", type=int, default=4, metavar="N",
+    budget.add_argument("--bench-budget", type=positive_float, default=None, metavar="SECONDS",
+                        help="timing budget for the whole benchmark, split evenly over its points")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for the benchmark (default: usable CPUs)")
+    parser.add_argument("--validation-max-batch", type=positive_int, default=4, metavar="N",
                         help="largest batch in the export parity checks (default 4)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
     parser.set_defaults(func=run)
 
 
-@dataclass
-class Stage:
-    name: str
-    status: str = "ok"  # ok | failed | skipped
-    seconds: float = 0.0
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 2), "detail": self.detail}
-
-
-@dataclass
-class Artifact:
-    path: Path
-    kind: str  # onnx | engine | trtexec-command
-    precision: str
-    parity: dict[str, Any] | None = None
-    passed: bool | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self, root: Path) -> dict[str, Any]:
-        data: dict[str, Any] = {"path": _relative(self.path, root), "kind": self.kind, "precision": self.precision,
-                                "passed": self.passed, "parity": self.parity, "notes": self.notes}
-        if self.path.is_file() and self.kind != "trtexec-command":
-            files = [self.path, *(p for p in [self.path.with_name(self.path.name + ".data")] if p.is_file())]
-            data["bytes"] = sum(p.stat().st_size for p in files)
-            data["sha256"] = _sha256(self.path)
-        return data
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _reconstructed(args: argparse.Namespace) -> str:
     """The command line equivalent to ``args`` (when not run from the console script)."""
     parts = ["vitdeploy", "deploy", str(args.source), "-o", str(args.output)]
-    for flag in ("batch", "resolution", "bench_batch", "time_budget", "threads", "validation_max_batch"):
+    for flag in ("batch", "resolution", "bench_batch", "time_budget", "bench_budget", "threads",
+                 "validation_max_batch"):
         value = getattr(args, flag, None)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
@@ -117,384 +80,19 @@ def _reconstructed(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-class Pipeline:
-    """The deploy stages, in order; each records its status, time and a one-line detail."""
-
-    def __init__(self, args: argparse.Namespace, out: Path) -> None:
-        self.args = args
-        self.out = out
-        self.stages: list[Stage] = []
-        self.artifacts: list[Artifact] = []
-        self.preflight: dict[str, Any] | None = None
-        self.tensorrt: dict[str, Any] = {"built": False}
-        self.bench: dict[str, Any] | None = None
-        self.resolved: Any = None
-        self.name = ""
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[Stage]:
-        record = Stage(name)
-        progress(f"{name} ...")
-        start = time.perf_counter()
-        try:
-            yield record
-        finally:
-            record.seconds = time.perf_counter() - start
-            self.stages.append(record)
-            progress(f"{name}: {record.status} in {record.seconds:.1f}s" + (f" ({record.detail})" if record.detail else ""))
-
-    # -- stages -----------------------------------------------------------------------------
-
-    def load(self) -> None:
-        from vitdeploy.benchmarks.models import slug
-        from vitdeploy.cli.export import resolve
-
-        with self.stage("load") as stage:
-            self.resolved = resolve(self.args.source)
-            self.name = slug(str(self.args.source))
-            config = self.resolved.model.config
-            stage.detail = (f"{config.name}: {self.resolved.format}"
-                            + (", random weights" if self.resolved.random_weights else ""))
-
-    def export(self, precision: str, batch: tuple[int, int], resolution: tuple[int, int] | None) -> Artifact | None:
-        from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
-
-        path = self.out / f"{self.name}-{precision}.onnx"
-        with self.stage(f"export {precision}") as stage:
-            options = ExportOptions(
-                batch=batch, height=resolution, width=resolution, precision=precision, validate=True,
-                validation_max_batch=self.args.validation_max_batch, source=str(self.resolved.source),
-                source_sha256=self.resolved.sha256, preflight=False,
-            )
-            try:
-                result = export_onnx(self.resolved.model, path, options, progress=progress)
-            except ExportValidationError as error:
-                stage.status, stage.detail = "failed", f"parity check failed; {path.name} was not written"
-                print(error.report.format_table())
-                self.artifacts.append(Artifact(path, "onnx", precision, error.report.summary(), False,
-                                               ["not written: failed its parity check"]))
-                return None
-            report = result.report
-            artifact = Artifact(path, "onnx", precision, report.summary() if report else None,
-                                report.passed if report else None, list(report.notes) if report else [])
-            rng = result.metadata.shape_range
-            artifact.notes.insert(0, f"batch {rng.batch[0]}..{rng.batch[1]}, height {rng.height[0]}..{rng.height[1]}, "
-                                     f"width {rng.width[0]}..{rng.width[1]}")
-            stage.detail = f"{path.name}, parity {'passed' if artifact.passed else 'not checked'}"
-            self.artifacts.append(artifact)
-            return artifact
-
-    def preflight_check(self, onnx_path: Path) -> bool:
-        from vitdeploy.exporters.trt_support import check_onnx
-
-        with self.stage("TensorRT pre-flight") as stage:
-            report = check_onnx(onnx_path)
-            self.preflight = {**report.to_dict(), "text": report.format_text()}
-            stage.detail = f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
-            if not report.ok:
-                stage.status = "failed"
-            return bool(report.ok)
-
-    def build(self, onnx_path: Path, preflight_ok: bool) -> Artifact | None:
-        from vitdeploy.exporters import tensorrt_build
-        from vitdeploy.exporters.trt_plan import format_command, plan_build, trtexec_command
-
-        engine_path = self.out / f"{self.name}-fp16.engine"
-        with self.stage("TensorRT build") as stage:
-            plan = plan_build(onnx_path, engine_path)
-            # The script runs from OUT/, so it names the files without their folder.
-            command = format_command(trtexec_command(replace(plan, engine_path=Path(engine_path.name)), onnx_path.name))
-            self.tensorrt.update(trtexec=command, engine=str(engine_path),
-                                 profiles=[p.describe() for p in plan.profiles])
-            if not preflight_ok:
-                stage.status, stage.detail = "skipped", "the pre-flight found graph errors TensorRT's parser would reject"
-                self.tensorrt["reason"] = stage.detail
-                return None
-            try:
-                tensorrt_build.check_build_environment()
-            except tensorrt_build.TensorRTUnavailable as error:
-                script = self.out / "build_engine.sh"
-                from vitdeploy.atomic import atomic_write_text
-
-                atomic_write_text(script, "#!/bin/sh\n# Build the TensorRT engine on a machine with TensorRT and an NVIDIA GPU\n"
-                                          f"# (or, with vitdeploy there: vitdeploy build {shlex.quote(onnx_path.name)} "
-                                          f"-o {shlex.quote(engine_path.name)}, which also writes the manifest)\n"
-                                          'cd "$(dirname "$0")"\n'
-                                          f"{command}\n")
-                script.chmod(0o755)
-                reason = " ".join(str(error).split())
-                stage.status, stage.detail = "skipped", f"no TensorRT/GPU here; wrote {script.name} (trtexec command)"
-                self.tensorrt.update(reason=reason, script=str(script))
-                artifact = Artifact(script, "trtexec-command", "fp16", None, None,
-                                    [f"engine not built here: {reason}", command])
-                self.artifacts.append(artifact)
-                return None
-            try:
-                manifest = tensorrt_build.run_build(plan, show_progress=False, log=progress)
-            except Exception as error:  # a build failure is reported; the rest of the pipeline goes on
-                stage.status, stage.detail = "failed", _one_line(error)
-                self.tensorrt["reason"] = stage.detail
-                return None
-            self.tensorrt.update(built=True, tensorrt_version=manifest.tensorrt_version,
-                                 gpu=manifest.gpu.name, build_seconds=manifest.build_seconds)
-            stage.detail = f"{engine_path.name} built in {manifest.build_seconds:.0f}s"
-            artifact = Artifact(engine_path, "engine", "fp16", notes=[f"TensorRT {manifest.tensorrt_version} on {manifest.gpu.name}"])
-            self.artifacts.append(artifact)
-            return artifact
-
-    def verify_engine(self, artifact: Artifact) -> None:
-        from vitdeploy.parity import InputFactory, Reference, tolerance_for, verify
-        from vitdeploy.runtimes.tensorrt import TensorRTRuntime
-        from vitdeploy.runtimes.torch import TorchRuntime
-
-        with self.stage("verify engine") as stage:
-            runtime = TensorRTRuntime(artifact.path)
-            try:
-                metadata = runtime.metadata
-                spec = runtime.input_spec
-                native = int(self.resolved.model.config.image_size)
-                size = min(max(native, spec.height[0]), spec.height[1])
-                shapes = [(b, size, size) for b in sorted({spec.batch[0], min(4, spec.batch[1])})]
-                bounds = {"batch": (1, max(b for b, _, _ in shapes)), "height": (size, size), "width": (size, size)}
-                ops = list(metadata.fp32_ops) if metadata else ["LayerNormalization", "Softmax"]
-                model = self.resolved.model
-                references = [
-                    Reference(f"eager fp16 (fp32 ops: {','.join(ops)})",
-                              TorchRuntime(model, precision="fp16", device="cuda", fp32_ops=ops, **bounds),
-                              tolerance_for("fp16")),
-                    Reference("eager fp32", TorchRuntime(model, precision="fp32", device="cuda", **bounds),
-                              tolerance_for("fp16", against_fp32=True)),
-                ]
-                preprocessing = metadata.preprocessing if metadata else None
-                report = verify(runtime, references, shapes, InputFactory(preprocessing),
-                                candidate_name=f"{artifact.path.name} (TensorRT)")
-            finally:
-                runtime.close()
-            print(report.format_table())
-            artifact.parity, artifact.passed = report.summary(), report.passed
-            stage.status = "ok" if report.passed else "failed"
-            stage.detail = "parity passed" if report.passed else f"{len(report.failures)} parity violation(s)"
-
-    def benchmark(self, onnx: dict[str, Path], engine: Path | None) -> None:
-        from vitdeploy.benchmarks.harness import BenchPlan, Display, Harness
-        from vitdeploy.benchmarks.models import BenchModel
-        from vitdeploy.benchmarks.report import terminal_table, write_outputs
-        from vitdeploy.benchmarks.specs import parse_runtimes
-        from vitdeploy.benchmarks.timing import TimingConfig
-
-        with self.stage("benchmark") as stage:
-            device = "cuda" if _cuda_available() else "cpu"
-            labels = ["torch-eager-fp32"]
-            if device == "cuda":
-                labels += ["torch-eager-fp16"] + [f"ort-cuda-{p}" for p in ("fp16",) if p in onnx]
-                labels += ["tensorrt-fp16"] if engine is not None else []
-            else:
-                labels += [f"ort-cpu-{p}" for p in ("fp32", "fp16") if p in onnx]
-            budget = self.args.time_budget or (1.0 if device == "cuda" else 3.0)
-            source = str(self.args.source)
-            model = BenchModel.from_model(
-                self.name, source, self.resolved.model, self.out / "bench" / "artifacts",
-                bool(self.resolved.random_weights), onnx=onnx, engines={"fp16": engine} if engine else None,
-            )
-            plan = BenchPlan(
-                models=[source], runtimes=parse_runtimes(labels, device), batches=self.bench_batches,
-                timing=TimingConfig(warmup=2 if device == "cpu" else 10, time_budget_s=budget, min_iterations=3),
-                cache_dir=self.out / "bench" / "artifacts", threads=self.args.threads,
-                command=self.command, suite="deploy",
-            )
-            document = Harness(plan, Display(), prepared={source: model}).run()
-            write_outputs(document, self.out / "bench", title=f"vitdeploy deploy — benchmark of {self.name}")
-            print(terminal_table(document))
-            self.bench = document
-            ok = [r for r in document["records"] if r["status"] == "ok"]
-            stage.detail = f"{len(ok)}/{len(document['records'])} points on {device}"
-            if not ok:
-                stage.status = "failed"
-
-    # -- everything -------------------------------------------------------------------------
-
-    def run(self) -> int:
-        args = self.args
-        batch = parse_range(args.batch, "batch")
-        resolution = parse_range(args.resolution, "resolution") if args.resolution else None
-        self.bench_batches = parse_int_list(args.bench_batch, "bench-batch")
-        if any(not batch[0] <= b <= batch[1] for b in self.bench_batches):
-            raise CLIError(f"--bench-batch {args.bench_batch!r} must lie inside --batch {args.batch}")
-        if args.validation_max_batch < 1:
-            raise CLIError(f"--validation-max-batch must be >= 1, got {args.validation_max_batch}")
-        if args.time_budget is not None and not args.time_budget > 0:
-            raise CLIError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
-        if args.threads is not None and args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        if self.out.exists() and not self.out.is_dir():
-            raise CLIError(f"--output {str(self.out)!r} exists and is not a folder")
-        from vitdeploy.cli.bench import command_line
-
-        self.command = command_line("deploy") or _reconstructed(args)
-        started = time.perf_counter()
-        self.load()
-        stride = self.resolved.model.config.stride
-        if resolution is not None and any(v % stride for v in resolution):
-            raise CLIError(f"--resolution {args.resolution} must be multiples of the model's patch stride {stride}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        onnx: dict[str, Path] = {}
-        for precision in ("fp32", "fp16"):
-            artifact = self.export(precision, batch, resolution)
-            if artifact is not None:
-                onnx[precision] = artifact.path
-        engine = None
-        if "fp16" in onnx:
-            ok = self.preflight_check(onnx["fp16"])
-            built = self.build(onnx["fp16"], ok)
-            if built is not None:
-                self.verify_engine(built)
-                engine = built.path
-        if not args.no_bench and onnx:
-            self.benchmark(onnx, engine)
-        self.seconds = time.perf_counter() - started
-        self.write_report()
-        failed = [a for a in self.artifacts if a.passed is False]
-        return 1 if failed else 0
-
-    # -- report -----------------------------------------------------------------------------
-
-    def report_dict(self) -> dict[str, Any]:
-        from vitdeploy.benchmarks.environment import capture_environment
-        from vitdeploy.benchmarks.report import evaluate_targets
-
-        resolved = self.resolved
-        bench = None
-        if self.bench is not None:
-            rows = []
-            for r in self.bench["records"]:
-                lat = r["latency_ms"] or {}
-                rows.append({"runtime": r["runtime"], "batch": r["batch"], "height": r["height"], "width": r["width"],
-                             "status": r["status"], "reason": r["reason"], "p50_ms": lat.get("p50"),
-                             "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "throughput_ips": r["throughput_ips"],
-                             "speedup_vs_baseline": r["speedup_vs_baseline"], "peak_fraction": r["peak_fraction"]})
-            bench = {"results": "bench/results.json", "report": "bench/report.md", "baseline": self.bench["baseline"],
-                     "points": rows, "targets": evaluate_targets(self.bench),
-                     "plots": sorted(p.name for p in (self.out / "bench").glob("*.png"))}
-        return {
-            "kind": "vitdeploy-deploy",
-            "version": 1,
-            "command": self.command,
-            "source": {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
-                       "random_weights": bool(resolved.random_weights), "model": resolved.model.config.name},
-            "seconds": round(self.seconds, 1),
-            "stages": [s.to_dict() for s in self.stages],
-            "artifacts": [a.to_dict(self.out) for a in self.artifacts],
-            "tensorrt_preflight": self.preflight,
-            "tensorrt": self.tensorrt,
-            "benchmark": bench,
-            "environment": self.bench["environment"] if self.bench else capture_environment(self.command),
-        }
-
-    def write_report(self) -> None:
-        from vitdeploy.atomic import atomic_write_text
-
-        data = self.report_dict()
-        write_json(self.out / "report.json", data)
-        atomic_write_text(self.out / "report.md", render_markdown(data))
-        progress(f"wrote {self.out / 'report.md'} and {self.out / 'report.json'}")
-
-
-def _parity_text(artifact: dict[str, Any]) -> str:
-    parity = artifact.get("parity")
-    if not parity:
-        return "-"
-    parts = []
-    for reference, worst in parity.get("references", {}).items():
-        bits = [f"rel-max {worst['rel_max_error']:.2e}", f"cosine {worst['min_cosine']:.6f}"]
-        if "min_top1_agreement" in worst:
-            bits.append(f"top-1 {worst['min_top1_agreement']:.3f}")
-        parts.append(f"vs {reference}: " + ", ".join(bits))
-    verdict = "passed" if parity.get("passed") else "**FAILED**"
-    return f"{verdict} ({'; '.join(parts)})"
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def render_markdown(data: dict[str, Any]) -> str:
-    """The deploy report: what was produced, parity, pre-flight, TensorRT, speed, stages, environment."""
-    source = data["source"]
-    lines = [f"# vitdeploy deploy — {source['model']}", "", "Command:", "", "```", data["command"], "```", ""]
-    origin = f"`{source['source']}` ({source['format']}"
-    origin += ", **random weights**: parity and speed are meaningful, accuracy is not)" if source["random_weights"] else ")"
-    lines += [f"Source: {origin}, sha256 `{source['sha256'][:16]}…`. Total time {data['seconds']:.0f} s.", ""]
-
-    lines += ["## What was produced", "", "| file | kind | precision | size | parity | notes |", "|---|---|---|---|---|---|"]
-    for artifact in data["artifacts"]:
-        size = f"{artifact['bytes'] / 2**20:.1f} MiB" if artifact.get("bytes") else "-"
-        notes = "; ".join(n for n in artifact["notes"] if n and not n.startswith("trtexec"))
-        lines.append(f"| `{artifact['path']}` | {artifact['kind']} | {artifact['precision']} | {size} | "
-                     f"{_parity_text(artifact)} | {notes.replace('|', '/')} |")
-    lines.append("")
-
-    trt = data["tensorrt"]
-    lines += ["## TensorRT", ""]
-    preflight = data.get("tensorrt_preflight")
-    if preflight:
-        lines.append(f"Pre-flight of the fp16 graph: {'**ok**' if preflight['ok'] else '**errors**'} "
-                     f"({preflight['errors']} error(s), {preflight['warnings']} warning(s)).")
-        findings = [f for f in preflight["findings"]]
-        lines += [f"- {f['severity']}: {f.get('op') or ''} {f.get('message', '')}".rstrip() for f in findings[:20]]
-        lines.append("")
-    if trt.get("built"):
-        lines.append(f"Engine built with TensorRT {trt.get('tensorrt_version')} on {trt.get('gpu')} "
-                     f"in {trt.get('build_seconds', 0):.0f} s; profiles: {'; '.join(trt.get('profiles', []))}.")
-    elif trt.get("trtexec"):
-        lines.append(f"Engine **not built here**: {trt.get('reason', 'see the stages')}. "
-                     "Build it on a machine with TensorRT and an NVIDIA GPU with `build_engine.sh`:")
-        lines += ["", "```", trt["trtexec"], "```"]
-    lines.append("")
-
-    bench = data.get("benchmark")
-    if bench:
-        lines += ["## Speed on this machine", "",
-                  f"Latency per call (ms) and images/s; speedup against {bench['baseline']} (p50). "
-                  f"Full results: `{bench['report']}`, `{bench['results']}`.", "",
-                  "| runtime | batch | size | p50 ms | p90 ms | p99 ms | img/s | speedup | % peak |", "|---|---|---|---|---|---|---|---|---|"]
-        for row in bench["points"]:
-            if row["status"] != "ok":
-                lines.append(f"| {row['runtime']} | {row['batch']} | {row['height']}x{row['width']} | "
-                             f"{row['status']}: {row['reason']} | | | | | |")
-                continue
-            peak = None if row["peak_fraction"] is None else 100 * row["peak_fraction"]
-            lines.append(f"| {row['runtime']} | {row['batch']} | {row['height']}x{row['width']} | {row['p50_ms']:.3f} | "
-                         f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_ips']:.1f} | "
-                         f"{_fmt(row['speedup_vs_baseline'], '.2f')}x | {_fmt(peak, '.1f')} |")
-        lines.append("")
-        lines += [f"![{name}](bench/{name})" for name in bench["plots"]] + [""]
-
-    lines += ["## Stages", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['detail'].replace('|', '/')} |" for s in data["stages"]]
-    env = data["environment"]
-    gpu = env.get("gpu")
-    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
-    lines += ["", "## Environment", "",
-              f"- CPU: {env['cpu']['model']} ({env['cpu']['usable_cpus']} usable CPUs); "
-              f"load average at start {env.get('load_average_start')}",
-              f"- GPU: {'none' if not gpu else gpu['name'] + ' (driver ' + str(gpu.get('driver')) + ', CUDA ' + str(gpu.get('cuda_runtime')) + ')'}",
-              f"- {versions}", ""]
-    return "\n".join(lines)
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
-    return Pipeline(args, Path(args.output)).run()
+    from vitdeploy.pipeline import DeployOptions, deploy
+
+    batch = parse_range(args.batch, "batch")
+    bench_batches = parse_int_list(args.bench_batch, "bench-batch")
+    if any(not batch[0] <= b <= batch[1] for b in bench_batches):
+        raise CLIError(f"--bench-batch {args.bench_batch!r} must lie inside --batch {args.batch}")
+    options = DeployOptions(
+        source=args.source, output=args.output, batch=batch,
+        resolution=parse_range(args.resolution, "resolution") if args.resolution else None,
+        bench=not args.no_bench, bench_batches=tuple(bench_batches),
+        point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,
+        validation_max_batch=args.validation_max_batch,
+        command=command_line("deploy") or _reconstructed(args), log=progress,
+    )
+    return deploy(options).status

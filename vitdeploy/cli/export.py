@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
-from typing import Any
 
 from vitdeploy.cli.common import CLIError, parse_range, progress, write_json
 
@@ -72,19 +70,8 @@ def size_ranges(args: argparse.Namespace) -> tuple[tuple[int, int] | None, tuple
     return height, width  # type: ignore[return-value]
 
 
-def resolve(source: str) -> Any:
-    """``checkpoints.resolve_source`` with its warnings (random weights) printed as progress lines."""
-    from vitdeploy.checkpoints import resolve_source
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resolved = resolve_source(source)
-    for warning in caught:
-        progress(f"warning: {warning.message}")
-    return resolved
-
-
 def run(args: argparse.Namespace) -> int:
+    from vitdeploy.checkpoints import resolve_source
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK
 
@@ -98,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     batch = parse_range(args.batch, "batch")
     height, width = size_ranges(args)
     progress(f"loading {args.source}")
-    resolved = resolve(args.source)
+    resolved = resolve_source(args.source, log=progress)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
         fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,

@@ -8,17 +8,21 @@ from typing import Any
 
 from vitdeploy.cli.common import CLIError, parse_int_list, write_json
 
+ENGINE_SUFFIXES = (".engine", ".plan")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="show a model's configuration, parameter count, token counts and GFLOPs",
+        help="show a model's or artifact's configuration, parameter count, token counts and GFLOPs",
         description="Show a variant's (or a checkpoint's) configuration, exact parameter count beside "
         "the paper's Table 1 size, and the patch grid, sequence length and GFLOPs per image at "
-        "the given resolutions. Variant names need no weights: the model is built without memory.",
+        "the given resolutions. For an exported .onnx file or a TensorRT engine, also its precision, "
+        "validated range, tensors and graph variants (from its metadata or manifest). Variant names "
+        "and artifacts need no torch.",
     )
     parser.add_argument("source", nargs="?",
-                        help="variant name (e.g. vit_base_patch16_224) or checkpoint file/folder")
+                        help="variant name (e.g. vit_base_patch16_224), checkpoint file/folder, .onnx or .engine")
     parser.add_argument("--resolution", default=None,
                         help="comma-separated square sizes to report (default: native, and 1.5x native)")
     parser.add_argument("--list", action="store_true", help="list every variant name and exit")
@@ -27,29 +31,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def describe(source: str, resolutions: list[int] | None = None) -> dict[str, Any]:
-    """The inspect report for ``source`` as a JSON-serialisable dict."""
-    from vitdeploy.flops import count_flops
+    """The inspect report for ``source`` (variant, checkpoint, ``.onnx`` or engine) as a JSON-serialisable dict.
+
+    Variants, ONNX artifacts and engines need no torch: counts come from the config
+    (:func:`~vitdeploy.flops.count_params`); checkpoints are loaded (torch).
+    """
+    from vitdeploy.flops import count_flops, count_params
     from vitdeploy.variants import VARIANTS, paper_size
 
-    if source in VARIANTS:
-        import torch
-
-        from vitdeploy.model import VisionTransformer
-
+    artifact: dict[str, Any] | None = None
+    path = Path(source)
+    if source in VARIANTS and not path.exists():
         config = VARIANTS[source]
-        with torch.device("meta"):  # exact structure, no memory, no initialisation cost
-            model = VisionTransformer(config)
         origin = "variant (no weights)"
-    elif Path(source).exists():
+    elif path.is_file() and path.suffix.lower() in (".onnx", *ENGINE_SUFFIXES):
+        config, origin, artifact = _artifact(path)
+    elif path.exists():
         from vitdeploy.checkpoints import resolve_source
 
         resolved = resolve_source(source)
-        model, config = resolved.model, resolved.model.config
+        config = resolved.model.config
         origin = f"{resolved.format} checkpoint"
     else:
-        raise CLIError(f"{source!r} is neither a known variant nor an existing checkpoint path; "
+        raise CLIError(f"{source!r} is neither a known variant nor an existing checkpoint or artifact path; "
                        "run `vitdeploy inspect --list` for the variant names")
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(config)
     native = config.image_size
     if resolutions is None:
         larger = native * 3 // 2 // config.stride * config.stride
@@ -74,7 +80,45 @@ def describe(source: str, resolutions: list[int] | None = None) -> dict[str, Any
         "paper": {"model": paper[0], "parameters_millions": paper[1]} if paper else None,
         "config": config.to_dict() | {"labels": None},
         "sizes": sizes,
+        "artifact": artifact,
     }
+
+
+def _artifact(path: Path) -> tuple[Any, str, dict[str, Any]]:
+    """Config, origin and the artifact section of the report for an ONNX file or an engine."""
+    from vitdeploy.config import ViTConfig
+
+    if path.suffix.lower() == ".onnx":
+        from vitdeploy.metadata import read_onnx_metadata
+
+        try:
+            metadata = read_onnx_metadata(path)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+        origin = "ONNX artifact"
+        extra: dict[str, Any] = {"target": metadata.target, "variants": metadata.variants,
+                                 "transforms": metadata.transforms, "opset": metadata.opset}
+    else:
+        from vitdeploy.engine_manifest import EngineManifest, manifest_path_for
+
+        manifest = EngineManifest.read(manifest_path_for(path))
+        metadata = manifest.artifact_metadata()
+        if metadata is None:
+            raise CLIError(f"the manifest of {path} records no model config")
+        origin = "TensorRT engine"
+        extra = {"tensorrt_version": manifest.tensorrt_version, "gpu": manifest.gpu.name,
+                 "compute_capability": manifest.gpu.compute_capability,
+                 "profiles": [profile.describe() for profile in manifest.profiles]}
+    rng = metadata.shape_range
+    section = {
+        "precision": metadata.precision, "fp32_ops": metadata.fp32_ops,
+        "inputs": [vars(t) for t in metadata.inputs], "outputs": [vars(t) for t in metadata.outputs],
+        "shape_range": {"batch": list(rng.batch), "height": list(rng.height), "width": list(rng.width)},
+        "optimizations": metadata.optimizations,
+        "validation": (metadata.validation or {}).get("passed"),
+        **extra,
+    }
+    return ViTConfig.from_dict(metadata.model_config), origin, section
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -89,6 +133,22 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"  backbone     : ResNet-v2 stages {tuple(cfg['hybrid']['layers'])}")
     print(f"  parameters   : {report['parameters']:,} ({report['parameters'] / 1e6:.1f}M){paper_text}")
     print(f"  classes      : {cfg['num_classes']}, native size {cfg['image_size']}")
+    artifact = report.get("artifact")
+    if artifact:
+        rng = artifact["shape_range"]
+        print(f"  precision    : {artifact['precision']}"
+              + (f" (fp32 ops: {', '.join(artifact['fp32_ops'])})" if artifact["fp32_ops"] else ""))
+        print(f"  validated    : batch {rng['batch'][0]}..{rng['batch'][1]}, height {rng['height'][0]}..{rng['height'][1]}, "
+              f"width {rng['width'][0]}..{rng['width'][1]}; parity "
+              + {True: "passed", False: "FAILED", None: "not checked"}[artifact["validation"]])
+        io = ", ".join(f"{t['name']} {t['dtype']}" for t in artifact["inputs"] + artifact["outputs"])
+        print(f"  tensors      : {io}")
+        if artifact.get("target"):
+            variants = ", ".join(f"{k}: {v['file']}" for k, v in artifact["variants"].items()) or "none"
+            print(f"  graph        : {artifact['target']}, opset {artifact['opset']}; validated variants: {variants}")
+        if artifact.get("profiles"):
+            print(f"  engine       : TensorRT {artifact['tensorrt_version']} on {artifact['gpu']} "
+                  f"(sm {artifact['compute_capability']}); profiles: {'; '.join(artifact['profiles'])}")
     print(f"  {'resolution':>10} {'grid':>8} {'seq len':>8} {'GFLOPs':>9}")
     for size in report["sizes"]:
         grid = "x".join(str(v) for v in size["grid"])

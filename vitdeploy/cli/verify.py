@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, parse_int_list, progress, write_json
+from vitdeploy.cli.common import CLIError, parse_int_list, parse_sizes, progress, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -43,25 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_resolutions(text: str) -> list[tuple[int, int]]:
-    """``"224,256x320"`` → ``[(224, 224), (256, 320)]``."""
-    sizes = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        pieces = item.lower().split("x")
-        try:
-            values = [int(p) for p in pieces]
-        except ValueError:
-            raise CLIError(f"--resolution entry {item!r} is not N or HxW with integers") from None
-        if len(values) not in (1, 2) or any(v <= 0 for v in values):
-            raise CLIError(f"--resolution entry {item!r} must be a positive N or HxW")
-        sizes.append((values[0], values[-1]))
-    if not sizes:
-        raise CLIError(f"--resolution {text!r} lists no sizes")
-    return sizes
-
-
 def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
     """Native size, the smallest size, and a non-square size, all inside the runtime's range."""
     stride = spec.multiple_of
@@ -89,51 +70,23 @@ def image_files(folder: str) -> list[Path]:
 
 
 def check_shapes(shapes: list[tuple[int, int, int]], spec: Any) -> None:
+    """The runtime's own input check, applied to each requested shape before any work."""
+    from vitdeploy.runtimes.base import validate_shape
+
     for batch, height, width in shapes:
-        if not spec.batch[0] <= batch <= spec.batch[1]:
-            raise CLIError(f"--batch {batch} is outside the artifact's range {spec.batch[0]}..{spec.batch[1]}")
-        for axis, size, (low, high) in (("height", height, spec.height), ("width", width, spec.width)):
-            if size % spec.multiple_of:
-                raise CLIError(f"--resolution {axis} {size} is not a multiple of the patch stride {spec.multiple_of}")
-            if not low <= size <= high:
-                raise CLIError(f"--resolution {axis} {size} is outside the artifact's range {low}..{high}")
-
-
-def references(model: Any, precision: str, fp32_ops: list[str], shapes: list[tuple[int, int, int]],
-               args: argparse.Namespace) -> list[Any]:
-    """Eager references (as TorchRuntimes) with their tolerances for an artifact of ``precision``."""
-    from dataclasses import replace
-
-    from vitdeploy.parity import Reference, tolerance_for
-    from vitdeploy.runtimes.torch import TorchRuntime
-
-    bounds = {
-        "batch": (1, max(b for b, _, _ in shapes)),
-        "height": (min(h for _, h, _ in shapes), max(h for _, h, _ in shapes)),
-        "width": (min(w for _, _, w in shapes), max(w for _, _, w in shapes)),
-    }
-
-    def tolerance(against_fp32: bool) -> Any:
-        tol = tolerance_for(precision, against_fp32)
-        if args.max_rel_error is not None:
-            tol = replace(tol, max_rel_error=args.max_rel_error)
-        if args.min_cosine is not None:
-            tol = replace(tol, min_cosine=args.min_cosine)
-        return tol
-
-    refs = []
-    if precision != "fp32":
-        ops = fp32_ops or ["LayerNormalization", "Softmax"]
-        runtime = TorchRuntime(model, precision=precision, fp32_ops=ops, **bounds)
-        refs.append(Reference(f"eager {precision} (fp32 ops: {','.join(ops)})", runtime, tolerance(False)))
-    refs.append(Reference("eager fp32", TorchRuntime(model, precision="fp32", **bounds), tolerance(True)))
-    return refs
+        try:
+            validate_shape(spec, (batch, spec.channels, height, width))
+        except ValueError as error:
+            raise CLIError(f"--batch/--resolution {batch}x{height}x{width}: {error} for this artifact") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitdeploy.cli.export import resolve
+    from vitdeploy.checkpoints import resolve_source
+    from vitdeploy.constants import DEFAULT_FP32_OPS
+    from vitdeploy.metadata import ShapeRange
     from vitdeploy.parity import InputFactory, verify
     from vitdeploy.runtimes import load, runtime_kind
+    from vitdeploy.runtimes.torch import eager_references
 
     kind = runtime_kind(args.artifact)
     if kind != "torch" and not Path(args.artifact).is_file():
@@ -152,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         if metadata is None:
             raise CLIError(f"{args.artifact} has no vitdeploy metadata (preprocessing and stride unknown)")
         progress(f"loading reference {args.reference}")
-        resolved = resolve(args.reference)
+        resolved = resolve_source(args.reference, log=progress)
         model = resolved.model
         if model.config.num_classes != metadata.num_classes:
             raise CLIError(
@@ -160,12 +113,18 @@ def run(args: argparse.Namespace) -> int:
                 f"{metadata.num_classes}; pass the checkpoint the artifact was exported from"
             )
         spec = runtime.input_spec
-        sizes = parse_resolutions(args.resolution) if args.resolution else default_resolutions(
+        sizes = parse_sizes(args.resolution) if args.resolution else default_resolutions(
             spec, int(metadata.model_config["image_size"]))
         shapes = [(b, h, w) for b in batches for h, w in sizes]
         check_shapes(shapes, spec)
         precision = args.precision or metadata.precision
-        refs = references(model, precision, list(metadata.fp32_ops), shapes, args)
+        bounds = ShapeRange(
+            batch=(1, max(b for b, _, _ in shapes)),
+            height=(min(h for _, h, _ in shapes), max(h for _, h, _ in shapes)),
+            width=(min(w for _, _, w in shapes), max(w for _, _, w in shapes)),
+        )
+        refs = eager_references(model, precision, list(metadata.fp32_ops) or DEFAULT_FP32_OPS, shape_range=bounds,
+                                max_rel_error=args.max_rel_error, min_cosine=args.min_cosine)
         inputs = InputFactory(metadata.preprocessing, images=images, synthetic=not args.no_synthetic)
         notes = []
         if metadata.source_sha256 and resolved.sha256 != metadata.source_sha256:

@@ -1,79 +1,29 @@
-"""CPU-only graph rewrite of exported ViT graphs to onnxruntime contrib ops (in memory).
+"""The onnxruntime-CPU graph: exported ViT attention and GELU rewritten as onnxruntime contrib ops.
 
-:class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` applies :func:`fuse_for_cpu` to the graph it
-hands onnxruntime's CPU provider; the ONNX file on disk, which TensorRT compiles, is never changed.
-Needs the ``onnx`` package (imported inside :func:`fuse_for_cpu`), never torch.
+A graph transform like fp16 conversion: ``vitdeploy export`` applies :func:`fuse_for_cpu` to a
+copy of the portable graph, validates the result against the eager model like the portable
+graph, and writes it beside it (``model.cpu.onnx``, metadata ``target: onnxruntime-cpu``);
+:class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` runs that file on its CPU provider. The
+portable file, which TensorRT compiles, keeps the MatMul → Softmax → MatMul pattern.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
+from onnx import helper
+
+from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, ArtifactMetadata
+
+from .graph import GraphIndex, attr, topological
 
 _MS_DOMAIN = "com.microsoft"
 _SQRT2 = 2.0**0.5
 
 
-class _GraphIndex:
-    """Producers, consumers and constant values of an ``onnx.GraphProto``, for pattern matching."""
-
-    def __init__(self, graph: Any) -> None:
-        from onnx import numpy_helper
-
-        self._to_array = numpy_helper.to_array
-        self.initializers = {init.name: init for init in graph.initializer}
-        self.producers: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in graph.node:
-            for name in node.output:
-                self.producers[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
-        self.outputs = {value.name for value in graph.output}
-
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.initializers:
-            return self._to_array(self.initializers[name])
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return self._to_array(attr.t)
-        return None
-
-    def scalar(self, name: str) -> float | None:
-        value = self.const(name)
-        return float(value.reshape(())) if value is not None and value.size == 1 else None
-
-    def produced_by(self, name: str, op_type: str) -> Any:
-        node = self.producers.get(name)
-        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-    def uses(self, name: str) -> int:
-        return len(self.consumers.get(name, [])) + (name in self.outputs)
-
-    def only_consumer(self, name: str) -> Any:
-        consumers = self.consumers.get(name, [])
-        return consumers[0] if len(consumers) == 1 and name not in self.outputs else None
-
-
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _is_float32(index: _GraphIndex, name: str) -> bool:
-    value = index.const(name)
-    return value is not None and value.dtype == np.float32
-
-
-def _biased_matmul(index: _GraphIndex, name: str) -> tuple[str, str, Any] | None:
+def _biased_matmul(index: GraphIndex, name: str) -> tuple[str, str, Any] | None:
     """``name = Add(MatMul(..), bias)`` with a 1-D fp32 constant bias and the MatMul used once.
 
     Returns ``(matmul_output, bias_name, add_node)``.
@@ -89,14 +39,14 @@ def _biased_matmul(index: _GraphIndex, name: str) -> tuple[str, str, Any] | None
     return None
 
 
-def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
+def _match_attention(index: GraphIndex, softmax: Any) -> dict[str, Any] | None:
     """The exporter's attention around ``softmax``, from the qkv projection to the merged heads.
 
     ``MatMul(x, W) + b -> Reshape [B,T,3,N,H] -> Transpose [2,0,3,1,4] -> q,k,v (Slice+Squeeze
     or Gather on axis 0) -> MatMul(q * scale, Transpose(k)) -> Softmax -> MatMul(., v) ->
     Transpose [0,2,1,3] -> Reshape [B,T,C]``.
     """
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    if attr(softmax, "axis", -1) not in (-1, 3):
         return None
     scores = index.produced_by(softmax.input[0], "MatMul")
     weighted = index.only_consumer(softmax.output[0])
@@ -106,7 +56,7 @@ def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
         return None
     mul = index.produced_by(scores.input[0], "Mul")
     k_t = index.produced_by(scores.input[1], "Transpose")
-    if mul is None or k_t is None or list(_attr(k_t, "perm", [])) != [0, 1, 3, 2]:
+    if mul is None or k_t is None or list(attr(k_t, "perm", [])) != [0, 1, 3, 2]:
         return None
     q, scale = next(((mul.input[i], index.scalar(mul.input[1 - i])) for i in (0, 1)
                      if index.scalar(mul.input[1 - i]) is not None), (None, None))
@@ -126,7 +76,7 @@ def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
                 return None
             picked += [node, sliced]
             origin = sliced.input[0]
-        elif node is not None and node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
+        elif node is not None and node.op_type == "Gather" and attr(node, "axis", 0) == 0:
             chosen = index.const(node.input[1])
             if chosen is None or chosen.ndim != 0 or int(chosen) != position:
                 return None
@@ -138,7 +88,7 @@ def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
             return None
         source = origin
     heads_first = index.produced_by(source, "Transpose")
-    if heads_first is None or list(_attr(heads_first, "perm", [])) != [2, 0, 3, 1, 4]:
+    if heads_first is None or list(attr(heads_first, "perm", [])) != [2, 0, 3, 1, 4]:
         return None
     if index.uses(source) != 3:
         return None
@@ -151,7 +101,7 @@ def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
         return None
     heads, head_dim = int(dims[1].item()), int(dims[2].item())
     merge = index.only_consumer(weighted.output[0])
-    if merge is None or merge.op_type != "Transpose" or list(_attr(merge, "perm", [])) != [0, 2, 1, 3]:
+    if merge is None or merge.op_type != "Transpose" or list(attr(merge, "perm", [])) != [0, 2, 1, 3]:
         return None
     merged = index.only_consumer(merge.output[0])
     if merged is None or merged.op_type != "Reshape":
@@ -174,13 +124,13 @@ def _match_attention(index: _GraphIndex, softmax: Any) -> dict[str, Any] | None:
     }
 
 
-def _match_gelu(index: _GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
+def _match_gelu(index: GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
     """``x * 0.5 * (1 + Erf(x / sqrt(2)))`` (any operand order) or ONNX ``Gelu`` (exact) ending at ``node``.
 
     Returns ``(x, nodes)``.
     """
     if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
-        return (node.input[0], [node]) if _attr(node, "approximate", b"none") in (b"none", "none") else None
+        return (node.input[0], [node]) if attr(node, "approximate", b"none") in (b"none", "none") else None
     if node.op_type != "Mul":
         return None
     # Flatten the product: (x * 0.5) * (1 + erf) or x * (0.5 * (1 + erf)) or (x * (1 + erf)) * 0.5.
@@ -215,25 +165,6 @@ def _match_gelu(index: _GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
     return None
 
 
-def _topological(graph: Any, nodes: list[Any]) -> list[Any]:
-    """``nodes`` in an order where every input is produced first (stable); raises if impossible."""
-    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
-    order: list[Any] = []
-    waiting = list(nodes)
-    while waiting:
-        blocked = []
-        for node in waiting:
-            if all(name in ready for name in node.input):
-                order.append(node)
-                ready.update(node.output)
-            else:
-                blocked.append(node)
-        if len(blocked) == len(waiting):
-            raise ValueError(f"graph rewrite left node {blocked[0].name!r} without its inputs {list(blocked[0].input)}")
-        waiting = blocked
-    return order
-
-
 def fuse_for_cpu(model: Any) -> dict[str, int]:
     """Rewrite an exported fp32 ViT graph (``onnx.ModelProto``, in place) for onnxruntime's CPU EP.
 
@@ -244,13 +175,11 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
     (``SkipLayerNormalization`` and a three-input ``Sum`` for bias + residual were measured
     too and were slower on onnxruntime 1.32's CPU kernels.) Patterns that do not match
     exactly (fp16 graphs, other exporters) are left alone. Returns the number of rewrites of
-    each kind. Meant for onnxruntime only: TensorRT needs the original pattern, and the ONNX
-    file on disk is never changed.
+    each kind. Meant for onnxruntime only: TensorRT needs the original pattern, which the
+    portable file keeps (:func:`cpu_variant` makes the fused copy).
     """
-    from onnx import helper
-
     graph = model.graph
-    index = _GraphIndex(graph)
+    index = GraphIndex(graph)
     counts = {"attention": 0, "gelu": 0}
     replaced: set[int] = set()
     added: dict[int, list[Any]] = {}  # id(anchor node) -> new nodes placed where the anchor was
@@ -304,9 +233,27 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
     kept = [init for init in graph.initializer if init.name in used or init.name in index.outputs]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    ordered = _topological(graph, nodes)
+    ordered = topological(graph, nodes)
     del graph.node[:]
     graph.node.extend(ordered)
     if not any(opset.domain == _MS_DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
     return counts
+
+
+def cpu_variant(model: Any, metadata: ArtifactMetadata) -> tuple[Any, ArtifactMetadata] | None:
+    """A fused copy of the portable graph ``model`` and its metadata, or ``None`` if nothing fuses.
+
+    The copy's metadata says what it is: ``target`` ``onnxruntime-cpu`` and a
+    ``transforms`` entry with the rewrite counts; its ``validation`` is for the caller to fill.
+    """
+    fused = copy.deepcopy(model)
+    counts = fuse_for_cpu(fused)
+    if not any(counts.values()):
+        return None
+    fused_metadata = copy.deepcopy(metadata)
+    fused_metadata.target = CPU_VARIANT
+    fused_metadata.transforms = [*metadata.transforms, {"name": CPU_FUSION, "counts": counts}]
+    fused_metadata.variants = {}
+    fused_metadata.validation = None
+    return fused, fused_metadata

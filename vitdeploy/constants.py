@@ -1,0 +1,45 @@
+"""Names every stage shares: precisions, the ops kept in fp32, dtype names (no torch, no onnx).
+
+One home for these so that the exporter, the runtimes, the TensorRT layer and the benchmarks
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+# Graph precisions an ONNX artifact or engine can have. int8 and fp8 are quantized (Q/DQ) graphs.
+GRAPH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+# Precisions the eager PyTorch model runs in (the reference and the torch runtime).
+TORCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+# Reduced float precisions in which the model follows the fp32-ops precision policy.
+LOW_FLOAT_PRECISIONS: tuple[str, ...] = ("fp16", "bf16")
+
+# Ops computed in fp32 inside fp16/bf16 graphs and models by default: their reductions
+# (mean/variance, exp-sum) overflow or lose too much in 16 bits.
+DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "Softmax")
+# Every op the precision policy knows how to keep in fp32.
+POLICY_OPS: frozenset[str] = frozenset(DEFAULT_FP32_OPS)
+
+# precision name -> numpy dtype name of the values it computes in.
+NUMPY_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# precision name -> torch dtype attribute (``getattr(torch, name)``), so this module needs no torch.
+TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# onnxruntime type strings -> numpy dtype names.
+ORT_DTYPES: dict[str, str] = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+INPUT_NAME = "pixel_values"
+LOGITS_NAME = "logits"
+FEATURES_NAME = "last_hidden_state"
+
+
+def check_precision(precision: str, allowed: tuple[str, ...], what: str = "precision") -> str:
+    """``precision`` if it is one of ``allowed``; else ``ValueError`` naming both."""
+    if precision not in allowed:
+        raise ValueError(f"{what} {precision!r} is not one of {list(allowed)}")
+    return precision
+
+
+def torch_dtype(precision: str):  # noqa: ANN201 - returns a torch.dtype; torch is imported here only
+    """The ``torch.dtype`` of ``precision`` (imports torch)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[check_precision(precision, TORCH_PRECISIONS)])
