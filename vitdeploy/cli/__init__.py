@@ -11,11 +11,11 @@ from vitdeploy import __version__
 from vitdeploy.cli.common import ArgumentParser, CLIError
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
-COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "check", "build", "bench"]
+COMMANDS = ["deploy", "inspect", "convert", "export", "quantize", "verify", "predict", "check", "build", "bench"]
 
 
 # Top-level modules a command may lack, and the extra that installs them.
-EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu",
+EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu", "openvino": "openvino",
           "matplotlib": "bench", "onnxslim": "simplify"}
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vitdeploy.cli.common import CLIError, parse_range, progress, write_json
+from vitdeploy.cli.quantize import add_quantize_arguments, quantize_options
 
 DEFAULT_FP32_OPS = "LayerNormalization,Softmax"
 
@@ -30,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", metavar="MIN:MAX", help="height range (instead of --resolution)")
     parser.add_argument("--width", metavar="MIN:MAX", help="width range (instead of --resolution)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 17 (default 18)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                        help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8"], default="fp32",
+                        help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from, "
+                        "int8/fp8 are calibrated Q/DQ graphs (see the quantization options and `vitdeploy quantize`)")
     parser.add_argument("--fp32-ops", default=DEFAULT_FP32_OPS, metavar="OPS",
                         help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default {DEFAULT_FP32_OPS})")
     parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
@@ -48,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-max-batch", type=int, default=8, metavar="N",
                         help="largest batch used in validation (default 8; the maximum resolution is always tested)")
     parser.add_argument("--json", metavar="PATH", help="write the export and validation report as JSON to PATH")
+    add_quantize_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -84,6 +87,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--validation-max-batch must be >= 1, got {args.validation_max_batch}")
     batch = parse_range(args.batch, "batch")
     height, width = size_ranges(args)
+    quantized = args.precision in ("int8", "fp8")
+    if args.calibration is not None and not quantized:
+        raise CLIError(f"--calibration applies to --precision int8 or fp8, not {args.precision}")
+    if args.calibration is not None and not Path(args.calibration).is_dir():
+        raise CLIError(f"--calibration {args.calibration!r} is not a folder")
+    quantization = {"quantize": quantize_options(args, args.precision), "calibration": args.calibration,
+                    "calibration_size": args.calibration_size} if quantized else {}
     progress(f"loading {args.source}")
     resolved = resolve_source(args.source, log=progress)
     options = ExportOptions(
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256,
-        validation_max_batch=args.validation_max_batch,
+        validation_max_batch=args.validation_max_batch, **quantization,
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
                    "random_weights": resolved.random_weights}

@@ -1,0 +1,138 @@
+"""`vitdeploy quantize`: an fp32 ONNX file to a calibrated, validated int8 (or fp8) Q/DQ file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitdeploy.cli.common import CLIError, positive_int, progress, write_json
+
+DESCRIPTION = """\
+Quantize the fp32 vitdeploy ONNX file MODEL into explicit QuantizeLinear/DequantizeLinear form,
+the form TensorRT builds INT8/FP8 engines from (strongly typed) and onnxruntime and OpenVINO run:
+symmetric int8 (or fp8 E4M3) weights per output channel, activations per tensor with scales
+calibrated on images, LayerNorm, Softmax, GELU and the attention batch-matmuls kept in float, and
+LayerNorm-output outlier channels migrated into the weights (SmoothQuant) where they are found.
+
+Calibration images come from --calibration DIR (any image folder, ImageFolder layouts included;
+preprocessed as the file's metadata says) or, without it, the bundled photos plus synthetic crops
+(with a warning: real images from the deployment domain calibrate better).
+
+The quantized graph is validated against MODEL run by onnxruntime (itself validated against the
+eager model at export), or against the eager model with --reference, with the gate of its
+precision (int8: cosine >= 0.99); it is written under its final name only if it passes, else
+the numbers are printed and the exit status is 1.
+"""
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The calibration and quantization options ``export`` and ``quantize`` share."""
+    from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE
+    from vitdeploy.constants import CALIBRATORS, DEFAULT_KEEP_FLOAT, DEFAULT_SMOOTH_THRESHOLD
+    from vitdeploy.constants import QUANTIZABLE_ROLES as QUANTIZABLE
+
+    group = parser.add_argument_group("quantization (int8, fp8)")
+    group.add_argument("--calibration", metavar="DIR",
+                       help="folder of calibration images (default: the bundled photos plus synthetic crops)")
+    group.add_argument("--calibration-size", type=positive_int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
+                       help=f"number of calibration images (default {DEFAULT_CALIBRATION_SIZE})")
+    group.add_argument("--keep-float", default=",".join(DEFAULT_KEEP_FLOAT), metavar="OPS",
+                       help=f"roles kept in float, comma-separated or 'none', from {','.join(QUANTIZABLE)} "
+                       f"(default {','.join(DEFAULT_KEEP_FLOAT)})")
+    group.add_argument("--calibrator", choices=CALIBRATORS, default="max",
+                       help="activation range: the largest magnitude seen (max, default) or a percentile of them")
+    group.add_argument("--percentile", type=float, default=99.99, metavar="P",
+                       help="percentile for --calibrator percentile (default 99.99)")
+    group.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                       help="SmoothQuant migration strength for LayerNorm-output outlier channels, 0 = off "
+                       "(default 0.5 for int8, 0 for fp8)")
+    group.add_argument("--smooth-threshold", type=float, default=DEFAULT_SMOOTH_THRESHOLD, metavar="R",
+                       help="smooth a LayerNorm only if its largest channel maximum is R times the median channel's "
+                       f"(default {DEFAULT_SMOOTH_THRESHOLD:g})")
+    group.add_argument("--reduce-range", action="store_true",
+                       help="int8 weights in 7 bits (+-63) for x86 CPUs without VNNI/AMX, whose 16-bit int8 sums "
+                       "saturate on full-range weights (OpenVINO there); not needed for TensorRT or VNNI CPUs")
+
+
+def parse_keep_float(text: str) -> tuple[str, ...]:
+    """``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
+def quantize_options(args: argparse.Namespace, precision: str):  # noqa: ANN201 - QuantizeOptions
+    """:class:`~vitdeploy.exporters.quantize.QuantizeOptions` from the parsed arguments."""
+    from vitdeploy.exporters.quantize import QuantizeOptions
+
+    return QuantizeOptions(precision=precision, keep_float=parse_keep_float(args.keep_float),
+                           calibrator=args.calibrator, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
+                           smooth_threshold=args.smooth_threshold, reduce_range=args.reduce_range)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="quantize an fp32 ONNX file to a calibrated, validated int8/fp8 Q/DQ graph",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="fp32 ONNX file written by vitdeploy export")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the quantized ONNX file to write")
+    parser.add_argument("--precision", choices=["int8", "fp8"], default="int8",
+                        help="int8 (default) or fp8 (E4M3, for Hopper-class GPUs; checked by emulation on CPU)")
+    add_quantize_arguments(parser)
+    parser.add_argument("--reference", metavar="SOURCE",
+                        help="validate against this eager model (checkpoint or variant name) instead of MODEL")
+    parser.add_argument("--images", metavar="DIR", help="validation photos (default: the bundled ones)")
+    parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
+                        help="largest batch used in validation (default 8)")
+    parser.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    parser.add_argument("--keep-failed", action="store_true",
+                        help="keep a graph that fails validation as <name>.failed.onnx")
+    parser.add_argument("--json", metavar="PATH", help="write the quantization and validation report as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitdeploy.cli.verify import image_files
+    from vitdeploy.exporters.onnx_export import ExportValidationError
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".onnx":
+        raise CLIError(f"--output {args.output!r} must end in .onnx")
+    if output.is_dir():
+        raise CLIError(f"--output {args.output!r} is a folder; expected a file name such as model-int8.onnx")
+    if args.calibration is not None and not Path(args.calibration).is_dir():
+        raise CLIError(f"--calibration {args.calibration!r} is not a folder")
+    options = quantize_options(args, args.precision)
+    images = image_files(args.images) if args.images else None
+    reference = None
+    if args.reference:
+        from vitdeploy.checkpoints import resolve_source
+
+        progress(f"loading reference {args.reference}")
+        reference = resolve_source(args.reference, log=progress).model
+    try:
+        result = quantize_onnx(args.model, output, options, calibration=args.calibration,
+                               calibration_size=args.calibration_size, reference=reference,
+                               validate=not args.no_validate, max_batch=args.validation_max_batch, images=images,
+                               keep_failed=args.keep_failed, progress=progress)
+    except ExportValidationError as error:
+        print(error.report.format_table())
+        if args.json:
+            write_json(args.json, {"passed": False, "output": str(output),
+                                   "kept": str(error.kept) if error.kept else None,
+                                   "validation": error.report.to_dict()})
+        print(f"vitdeploy quantize: validation failed; {output} was not written"
+              + (f" (kept as {error.kept})" if error.kept else ""))
+        return 1
+    if result.report is not None:
+        print(result.report.format_table())
+    record = result.quantization
+    size = output.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
+    print(f"wrote {output} ({size / 2**20:.1f} MiB; {record['precision']}; {sum(record['quantized_nodes'].values())} "
+          f"quantized nodes {record['quantized_nodes']}; calibrated on {record['calibration']['count']} images; "
+          f"{record['smoothing']['layer_norms']} LayerNorms smoothed)")
+    if args.json:
+        write_json(args.json, {"passed": result.report.passed if result.report else None, **result.to_dict()})
+    return 0
