@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration", metavar="DIR", help="calibration images (default: bundled photos + crops)")
     parser.add_argument("--calibration-size", type=int, default=32)
     parser.add_argument("--outlier-factor", type=float, default=30.0)
+    parser.add_argument("--fp32", type=Path, metavar="PATH",
+                        help="reuse this fp32 export of the same model (random weights, seed 0) instead of exporting")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.batch < 2 or args.calibration_size < 1:
@@ -70,15 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     core = ov.Core()
     rows = []
     with tempfile.TemporaryDirectory(prefix="quant_accuracy.") as folder:
-        fp32_path = Path(folder) / "model.onnx"
-        print(f"exporting {args.model} fp32 ...", file=sys.stderr)
-        export_onnx(model, fp32_path, ExportOptions(batch=(1, args.batch), height=(size, size), width=(size, size),
-                                                    validate=False, cpu_variant=False, preflight=False))
+        fp32_path = args.fp32 or Path(folder) / "model.onnx"
+        if args.fp32 is None:
+            print(f"exporting {args.model} fp32 ...", file=sys.stderr)
+            export_onnx(model, fp32_path, ExportOptions(batch=(1, args.batch), height=(size, size),
+                                                        width=(size, size), validate=False, cpu_variant=False,
+                                                        preflight=False))
         metadata = read_onnx_metadata(fp32_path)
         calibration = load_calibration(args.calibration, args.calibration_size, metadata.preprocessing, log=None)
         batches = {
             "photos": InputFactory(metadata.preprocessing, synthetic=False).batch(args.batch, size, size)[0],
-            "synthetic": np.random.default_rng(0).random((args.batch, 3, size, size), np.float32) * 4 - 2,
+            # uniform random pixels, normalised like images (InputFactory's synthetic inputs)
+            "synthetic": InputFactory(metadata.preprocessing, images=[]).batch(args.batch, size, size)[0],
         }
         with torch.no_grad():
             references = {name: model(torch.from_numpy(x)).numpy() for name, x in batches.items()}

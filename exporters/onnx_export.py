@@ -1,4 +1,4 @@
-"""Export a ViT to ONNX with dynamic batch, height and width, in fp32 or fp16, validated before hand-over.
+"""Export a ViT to ONNX with dynamic batch, height and width, in fp32, fp16, int8 or fp8, validated before hand-over.
 
 The graph takes ``pixel_values [batch, 3, height, width]`` and returns ``logits [batch,
 num_classes]`` (plus ``last_hidden_state [batch, sequence, hidden]`` with ``features``). Nothing
@@ -12,6 +12,10 @@ fp16 graphs come from the model cast to fp16 with the precision policy applied
 (``fp32_ops`` computing in fp32), so the eager model under the same policy is a like-for-like
 reference; :func:`vitdeploy.exporters.fp16.keep_ops_in_fp32` then makes sure the listed ops
 really run in fp32 in the graph.
+
+int8 and fp8 graphs are the traced fp32 graph quantized on calibration images
+(:func:`vitdeploy.exporters.quantize.quantize_model`: explicit Q/DQ, what TensorRT builds INT8/FP8
+engines from) and validated against the eager fp32 model with their precision's gate.
 
 The file is written under a temporary name in the target folder, validated with onnxruntime
 against the eager model, and only then renamed to its final name (design decision 7). Graphs

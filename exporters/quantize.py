@@ -558,10 +558,11 @@ def quantize_model(model: onnx.ModelProto, calibration: Any, options: QuantizeOp
     """A quantized copy of the fp32 graph ``model`` and what was done.
 
     ``calibration`` is a :class:`vitdeploy.calibration.CalibrationSet` (or anything with
-    ``batches(n)``, ``count`` and ``describe()``). Steps: plan (:func:`plan_quantization`) →
-    with ``smooth_alpha > 0``, per-channel statistics of the LayerNorm outputs feeding linear
-    layers and :func:`smooth_layer_norms` → per-tensor statistics of every quantized activation →
-    :func:`insert_qdq`. If the graph carries vitdeploy metadata, it is updated: precision, the
+    ``batches(n)``, ``count`` and ``describe()``). Steps: plan (:func:`plan_quantization`) → one
+    calibration pass: per-tensor statistics of every quantized activation and, with
+    ``smooth_alpha > 0``, per-channel maxima of the LayerNorm outputs feeding linear layers →
+    :func:`smooth_layer_norms` on those whose channel ratio reaches ``smooth_threshold`` (and then
+    a second pass for the new ranges) → :func:`insert_qdq`. If the graph carries vitdeploy metadata, it is updated: precision, the
     ``quantize`` transform record, validation cleared (the caller validates).
     """
     options = options or QuantizeOptions()
@@ -569,32 +570,34 @@ def quantize_model(model: onnx.ModelProto, calibration: Any, options: QuantizeOp
     if any(node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") for node in model.graph.node):
         raise ValueError("the graph is already quantized (it has Q/DQ nodes); quantize the fp32 graph")
     quantized = copy.deepcopy(model)
-    smoothing: dict[str, Any] = {"method": "smoothquant-layernorm", "alpha": options.smooth_alpha, "layer_norms": 0}
-    if options.smooth_alpha > 0:
-        targets = smoothing_targets(quantized)
-        if targets:
-            say(f"calibrating LayerNorm output channels for outlier smoothing ({len(targets)} LayerNorms)")
-            stats = collect_stats(quantized, [], calibration.batches(options.batch_size),
-                                  channels=[t.norm.output[0] for t in targets], threads=options.threads)
-            ratios = {name: float(s.channel_amax.max() / max(float(np.median(s.channel_amax)), 1e-12))
-                      for name, s in stats.items() if s.channel_amax is not None}
-            chosen = [t for t in targets if ratios.get(t.norm.output[0], 0.0) >= options.smooth_threshold]
-            channel_amax = {t.norm.output[0]: stats[t.norm.output[0]].channel_amax for t in chosen}
-            smoothing["layer_norms"] = smooth_layer_norms(quantized, chosen, channel_amax, options.smooth_alpha)
-            smoothing["candidates"] = len(targets)
-            smoothing["threshold"] = options.smooth_threshold
-            smoothing["max_channel_ratio"] = round(max(ratios.values()), 2) if ratios else None
-            say(f"smoothed {smoothing['layer_norms']} of {len(targets)} LayerNorms (largest channel-max ratio "
-                f"{smoothing['max_channel_ratio']}, threshold {options.smooth_threshold:g})")
-    else:
-        smoothing["method"] = "none"
+    # The plan names tensors and node inputs; smoothing changes weights and LayerNorm scales only.
     plan = plan_quantization(quantized, options.keep_float)
     if not plan.activations and not plan.weights:
         raise ValueError("nothing to quantize: the graph has no Conv/MatMul/Gemm with constant weights outside keep_float")
-    say(f"calibrating {len(plan.activations)} activation scales on {calibration.count} images ({options.calibrator})")
+    targets = smoothing_targets(quantized) if options.smooth_alpha > 0 else []
+    smoothing: dict[str, Any] = {"method": "smoothquant-layernorm" if options.smooth_alpha > 0 else "none",
+                                 "alpha": options.smooth_alpha, "layer_norms": 0, "candidates": len(targets)}
     percentile = options.percentile if options.calibrator == "percentile" else None
+    say(f"calibrating {len(plan.activations)} activation scales on {calibration.count} images ({options.calibrator})"
+        + (f" and the output channels of {len(targets)} LayerNorms" if targets else ""))
     stats = collect_stats(quantized, list(plan.activations), calibration.batches(options.batch_size),
-                          percentile=percentile, samples=calibration.count, threads=options.threads)
+                          channels=[t.norm.output[0] for t in targets], percentile=percentile,
+                          samples=calibration.count, threads=options.threads)
+    if targets:
+        ratios = {t.norm.output[0]: float(stats[t.norm.output[0]].channel_amax.max()
+                                          / max(float(np.median(stats[t.norm.output[0]].channel_amax)), 1e-12))
+                  for t in targets}
+        chosen = [t for t in targets if ratios[t.norm.output[0]] >= options.smooth_threshold]
+        channel_amax = {t.norm.output[0]: stats[t.norm.output[0]].channel_amax for t in chosen}
+        smoothing["layer_norms"] = smooth_layer_norms(quantized, chosen, channel_amax, options.smooth_alpha)
+        smoothing["threshold"] = options.smooth_threshold
+        smoothing["max_channel_ratio"] = round(max(ratios.values()), 2)
+        say(f"smoothed {smoothing['layer_norms']} of {len(targets)} LayerNorms (largest channel-max ratio "
+            f"{smoothing['max_channel_ratio']}, threshold {options.smooth_threshold:g})")
+        if chosen:  # the smoothed LayerNorm outputs have new ranges: calibrate again (the function is the same)
+            say("calibrating the activation scales again after smoothing")
+            stats = collect_stats(quantized, list(plan.activations), calibration.batches(options.batch_size),
+                                  percentile=percentile, samples=calibration.count, threads=options.threads)
     amax = {name: (s.percentile_amax(options.percentile) if percentile is not None else s.amax)
             for name, s in stats.items()}
     if options.precision == "fp8" and opset_version(quantized) < FP8_MIN_OPSET:
