@@ -212,7 +212,9 @@ def test_outlier_channels_break_per_tensor_int8_and_smoothing_recovers(exported)
     smooth_cos = compare_logits(reference, _run(smoothed, pixels)).cosine
     assert record.smoothing["layer_norms"] == len(smoothing_targets(proto)) == 5
     assert record.smoothing["max_channel_ratio"] >= 8
-    assert smooth_cos >= 0.99 and smooth_cos - plain_cos >= 0.01, (plain_cos, smooth_cos)
+    # Measured here: 0.99696 without, 0.99993 with (ViT-S/16, README: 0.931 -> 0.998); the tiny model has
+    # only two blocks to accumulate the error, so the test asks for a 10x smaller cosine distance.
+    assert smooth_cos >= 0.999 and (1 - plain_cos) >= 10 * (1 - smooth_cos), (plain_cos, smooth_cos)
 
 
 def test_smoothing_skips_well_behaved_layer_norms(exported):
