@@ -16,7 +16,7 @@ COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "chec
 
 # Top-level modules a command may lack, and the extra that installs them.
 EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu",
-          "matplotlib": "bench", "onnxslim": "simplify"}
+          "matplotlib": "bench", "jsonschema": "bench", "onnxslim": "simplify"}
 
 
 def missing_extra(error: ModuleNotFoundError) -> str:
