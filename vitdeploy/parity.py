@@ -217,6 +217,19 @@ class CaseResult:
         }
 
 
+def _conservative(key: str, value: float) -> float:
+    """A summary value rounded the safe way: similarities and agreements (``min_*``) down to 7
+    decimals, errors up to 4 significant digits, so a summary never looks better than a case."""
+    if not math.isfinite(value):
+        return value
+    if key.startswith("min_"):
+        return math.floor(value * 1e7) / 1e7
+    if value == 0:
+        return 0.0
+    exponent = math.floor(math.log10(abs(value))) - 3
+    return float(f"{math.ceil(value / 10**exponent) * 10**exponent:.4g}")
+
+
 @dataclass
 class ParityReport:
     """Results of a verification run: one :class:`CaseResult` per shape x reference x output."""
@@ -261,7 +274,7 @@ class ParityReport:
             "shapes": sorted({(c.batch, c.height, c.width) for c in self.cases}),
             "references": {
                 ref: {"tolerance": next(c.tolerance.name for c in self.cases if c.reference == ref),
-                      **{k: float(f"{v:.4g}") for k, v in self.worst(ref).items()}}
+                      **{k: _conservative(k, v) for k, v in self.worst(ref).items()}}
                 for ref in references
             },
             "notes": list(self.notes),

@@ -16,7 +16,8 @@ from vitdeploy.console import progress
 from vitdeploy.files import atomic_write_text
 
 __all__ = ["CLIError", "progress", "stage", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
-           "ArgumentParser", "positive_float", "positive_int"]
+           "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
+           "non_negative_int"]
 
 
 class CLIError(Exception):
@@ -30,6 +31,57 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def output_file(text: str) -> str:
+    """argparse type: a file path that can be written (checked before any work; see ``check_output_file``)."""
+    from vitdeploy.files import check_output_file
+
+    try:
+        check_output_file(text, "path")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """argparse type: a folder that can be written in (it may not exist yet)."""
+    from vitdeploy.files import check_output_folder
+
+    try:
+        check_output_folder(text, "folder")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def onnx_output(text: str) -> str:
+    """argparse type: a writable path ending in ``.onnx``."""
+    if Path(text).suffix.lower() != ".onnx":
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .onnx")
+    return output_file(text)
+
+
+def opset(text: str) -> int:
+    """argparse type: an ONNX opset this machine can export and validate."""
+    from vitdeploy.exporters.onnx_export import check_opset
+
+    try:
+        return check_opset(int(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error) if text.strip().lstrip("-").isdigit() else
+                                         f"{text!r} is not an integer") from None
+
+
+def cosine(text: str) -> float:
+    """argparse type: a cosine similarity threshold in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a cosine threshold must be in (0, 1], got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number > 0."""
     try:
@@ -38,6 +90,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
