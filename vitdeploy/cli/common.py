@@ -6,16 +6,14 @@ import argparse
 import json
 import shlex
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from vitdeploy.console import progress
 from vitdeploy.files import atomic_write_text
 
-__all__ = ["CLIError", "progress", "stage", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
+__all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
            "non_negative_int"]
 
@@ -71,57 +69,34 @@ def opset(text: str) -> int:
                                          f"{text!r} is not an integer") from None
 
 
-def cosine(text: str) -> float:
-    """argparse type: a cosine similarity threshold in (0, 1]."""
+def _number(text: str, kind: type, what: str, ok: Callable[[float], bool], rule: str) -> Any:
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a cosine threshold must be in (0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+    """argparse type: a finite number > 0."""
+    return _number(text, float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return _number(text, int, "an integer", lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    return _number(text, int, "an integer", lambda v: v >= 1, "an integer >= 1")
 
 
-@contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Print ``name ...`` then ``name done in Xs`` around a long step."""
-    progress(f"{name} ...")
-    start = time.perf_counter()
-    yield
-    progress(f"{name} done in {time.perf_counter() - start:.1f}s")
+def cosine(text: str) -> float:
+    """argparse type: a cosine similarity threshold in (0, 1]."""
+    return _number(text, float, "a number", lambda v: 0 < v <= 1, "a cosine threshold in (0, 1]")
 
 
 def write_json(path: str | Path, data: Any) -> None:
