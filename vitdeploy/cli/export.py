@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--full-last-block", action="store_true",
                         help="compute the last block for every token; by default a logits-only export of a "
                         "class-token model computes it for the class token alone (same logits, less work)")
+    parser.add_argument("--no-cpu-variant", action="store_true",
+                        help="do not write the validated onnxruntime-CPU variant <name>.cpu.onnx beside an fp32 file")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (optional package)")
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that fails validation as <name>.failed.onnx for inspection")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256,
-        validation_max_batch=args.validation_max_batch,
+        validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant,
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
                    "random_weights": resolved.random_weights}
@@ -121,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         f"width {rng.width[0]}..{rng.width[1]}"
         f"{'; last block for the class token only' if CLASS_TOKEN_LAST_BLOCK in result.metadata.optimizations else ''}) in {result.seconds:.1f}s"
     )
+    if result.variant_path is not None:
+        print(f"wrote {result.variant_path} (its validated onnxruntime-CPU variant, which OrtRuntime runs on CPU)")
     if args.json:
         write_json(args.json, {"passed": result.report.passed if result.report else None, **source_info,
                                **result.to_dict()})
