@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.config import snap_to_stride
 from vitdeploy.constants import ORT_DTYPES
 from vitdeploy.files import sha256_file
 from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, ArtifactMetadata, read_metadata_props
@@ -56,8 +57,7 @@ def profile_shapes(spec: InputSpec, opt_batch: int | None = None, opt_height: in
     """
     def opt_side(requested: int | None, low: int, high: int) -> int:
         value = requested if requested is not None else min(high, 2 * low)
-        value = _clamp(int(value), low, high)
-        return max(low, value - value % spec.multiple_of)
+        return snap_to_stride(_clamp(int(value), low, high), low, high, spec.multiple_of)
 
     shapes = {
         "min": (spec.batch[0], spec.height[0], spec.width[0]),

@@ -54,10 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
     """Native size, the smallest size, and a non-square size, all inside the runtime's range."""
+    from vitdeploy.config import snap_to_stride
+
     stride = spec.multiple_of
 
     def clamp(value: int, low: int, high: int) -> int:
-        return max(low, min(high, value // stride * stride))
+        return snap_to_stride(min(max(value, low), high), low, high, stride)
 
     h = clamp(native, *spec.height)
     w = clamp(native, *spec.width)
