@@ -434,7 +434,22 @@ def run_build(
     Raises :class:`TensorRTUnavailable` (nothing written) when TensorRT, cuda-python, a usable
     driver or the GPU is missing. Logs a warning when an fp16/int8/fp8 engine has no fused attention.
     """
-    trt, gpu = check_build_environment(device)
+    trt = import_tensorrt()
+    cuda = CudaApi(import_cudart(), device)
+    try:
+        previous: int | None = cuda.current_device()
+    except CudaError:  # no driver: cuda_device_info says so in one line
+        previous = None
+    try:
+        return _run_build(trt, plan, show_progress, device, log, cancel)
+    finally:
+        if previous is not None and previous != device:
+            cuda.check(cuda.rt.cudaSetDevice(previous), f"cudaSetDevice({previous})")  # the caller's device back
+
+
+def _run_build(trt: Any, plan: BuildPlan, show_progress: bool, device: int, log: Log,
+               cancel: threading.Event | None) -> EngineManifest:
+    gpu = cuda_device_info(device)
     log(f"TensorRT {trt.__version__} on {gpu.name} (CUDA device {device}, compute capability {gpu.compute_capability})")
     _check_gpu_for_precision(plan, gpu)
     progress = BuildProgress() if show_progress else None
