@@ -35,7 +35,7 @@ NVIDIA/TensorRT ``python/src/infer/pyCore.cpp``):
    engine, and whether attention was fused (:func:`~vitdeploy.engine_manifest.attention_fusion`),
    recorded in the manifest; the build warns when an fp16/int8/fp8 engine has no fused attention.
 
-The engine, the manifest, the layer list and the timing cache are written atomically (design decision 7).
+The engine, the manifest, the layer list and the timing cache are written atomically (under a temporary name, then renamed).
 
 Verification status: written from NVIDIA's documentation and binding sources on machines where
 TensorRT cannot be installed. It has run against the test double in ``tests/trt_double.py``

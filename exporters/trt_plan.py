@@ -3,7 +3,7 @@
 Reads the ONNX file's self-description (:class:`~vitdeploy.metadata.ArtifactMetadata`),
 turns ``--batch``/``--resolution``/``--profile``/``--min-shape``… into optimization profiles,
 validates them against what the file was validated for, decides whether the fp32 graph must
-be converted to fp16 first (design decision 2: precision lives in the graph, TensorRT ≥ 10.12
+be converted to fp16 first (precision lives in the graph: TensorRT ≥ 10.12
 deprecates and 11.0 removes ``BuilderFlag.FP16``), and renders the equivalent ``trtexec``
 command (flags as listed by ``trtexec --help``, samples/common/sampleOptions.cpp in
 NVIDIA/TensorRT).
@@ -19,6 +19,7 @@ from typing import Any
 
 import onnx
 
+from vitdeploy.config import snap_to_stride
 from vitdeploy.engine_manifest import (
     HARDWARE_COMPATIBILITY_LEVELS,
     PRECISIONS,
@@ -205,16 +206,6 @@ def read_onnx_info(path: str | os.PathLike[str]) -> OnnxInfo:
     return OnnxInfo(path, inputs[0].name, shape, [o.name for o in model.graph.output], precision, opset, metadata)
 
 
-def _clamp_to_stride(value: int, low: int, high: int, stride: int) -> int:
-    """``value`` clamped into ``[low, high]`` and rounded down to a multiple of ``stride`` (not below ``low``)."""
-    value = min(max(value, low), high)
-    if stride:
-        value -= value % stride
-        if value < low:
-            value += stride
-    return value
-
-
 def default_ranges(info: OnnxInfo) -> dict[str, tuple[int, int, int]]:
     """Profile axes from the artifact metadata: min/max = the validated range; opt = batch min, native size.
 
@@ -232,8 +223,8 @@ def default_ranges(info: OnnxInfo) -> dict[str, tuple[int, int, int]]:
     stride = info.metadata.stride
     return {
         "batch": (rng.batch[0], rng.batch[0], rng.batch[1]),
-        "height": (rng.height[0], _clamp_to_stride(native, *rng.height, stride), rng.height[1]),
-        "width": (rng.width[0], _clamp_to_stride(native, *rng.width, stride), rng.width[1]),
+        "height": (rng.height[0], snap_to_stride(native, *rng.height, stride), rng.height[1]),
+        "width": (rng.width[0], snap_to_stride(native, *rng.width, stride), rng.width[1]),
     }
 
 

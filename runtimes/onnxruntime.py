@@ -57,7 +57,7 @@ def profile_shapes(spec: InputSpec, opt_batch: int | None = None, opt_height: in
     """
     def opt_side(requested: int | None, low: int, high: int) -> int:
         value = requested if requested is not None else min(high, 2 * low)
-        return snap_to_stride(_clamp(int(value), low, high), low, high, spec.multiple_of)
+        return snap_to_stride(int(value), low, high, spec.multiple_of)
 
     shapes = {
         "min": (spec.batch[0], spec.height[0], spec.width[0]),

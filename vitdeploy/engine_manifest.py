@@ -1,7 +1,7 @@
 """The JSON manifest beside a TensorRT engine, and the optimization-profile logic (pure Python).
 
 An engine file alone says little and is tied to one TensorRT version and one GPU. ``vitdeploy
-build`` writes ``model.engine.json`` next to ``model.engine`` (design decision 4): TensorRT
+build`` writes ``model.engine.json`` next to ``model.engine``: TensorRT
 version, GPU name and compute capability, precision, optimization profiles, IO tensors,
 sha256 of the ONNX file and of the engine, the build options and the artifact metadata of
 the ONNX file. :class:`~vitdeploy.runtimes.tensorrt.TensorRTRuntime` reads it *before*
@@ -319,7 +319,7 @@ class EngineManifest:
         return cls(**data)
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Write as indented JSON, atomically (design decision 7)."""
+        """Write as indented JSON, atomically."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
