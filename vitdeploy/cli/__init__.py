@@ -11,12 +11,13 @@ from vitdeploy import __version__
 from vitdeploy.cli.common import ArgumentParser, CLIError
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
-COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "check", "build", "bench"]
+COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "check", "build", "bench", "triton",
+            "serve"]
 
 
 # Top-level modules a command may lack, and the extra that installs them.
 EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu",
-          "matplotlib": "bench", "onnxslim": "simplify"}
+          "matplotlib": "bench", "onnxslim": "simplify", "tritonclient": "serve", "pytriton": "serve"}
 
 
 def missing_extra(error: ModuleNotFoundError) -> str:
