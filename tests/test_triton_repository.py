@@ -14,7 +14,13 @@ import pytest
 from serving_artifacts import LABELS, tiny_served_onnx
 
 from vitdeploy.cli import main
-from vitdeploy.engine_manifest import EngineManifest, EngineTensor, GpuInfo, OptimizationProfile, manifest_path_for
+from vitdeploy.engine_manifest import (
+    EngineManifest,
+    EngineTensor,
+    GpuInfo,
+    OptimizationProfile,
+    manifest_path_for,
+)
 from vitdeploy.files import sha256_file
 from vitdeploy.metadata import read_onnx_metadata
 from vitdeploy.serving.pbtxt import Enum, to_text
