@@ -14,7 +14,8 @@ reference; :func:`vitdeploy.exporters.fp16.keep_ops_in_fp32` then makes sure the
 really run in fp32 in the graph.
 
 The file is written under a temporary name in the target folder, validated with onnxruntime
-against the eager model, and only then renamed to its final name (design decision 7). Graphs
+against the eager model, and only then renamed to its final name, so a crash never leaves a
+half-written file under it. Graphs
 larger than ``external_data_threshold`` keep their weights in ``<name>.data`` beside the file.
 """
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import make_model, tiny_config
-from test_runtimes_support import export_onnx, make_metadata
+from onnx_artifacts import export_onnx, make_metadata
 
 from vitdeploy.cli import predict
 from vitdeploy.cli.common import CLIError

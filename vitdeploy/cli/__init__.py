@@ -17,7 +17,8 @@ COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "chec
 
 # Top-level modules a command may lack, and the extra that installs them.
 EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu",
-          "matplotlib": "bench", "onnxslim": "simplify", "tritonclient": "serve", "pytriton": "serve"}
+          "matplotlib": "bench", "jsonschema": "bench", "onnxslim": "simplify", "tritonclient": "serve",
+          "pytriton": "serve"}
 
 
 def missing_extra(error: ModuleNotFoundError) -> str:
