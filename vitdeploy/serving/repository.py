@@ -419,6 +419,7 @@ def write_repository(artifacts: list[str | os.PathLike[str]], repository: str | 
     if existing and not options.overwrite:
         raise ValueError(f"{repository} already holds model(s) {existing}; pass --overwrite to replace them")
 
+    created = not repository.exists()
     repository.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.staging-", dir=repository.parent))
     try:
@@ -435,5 +436,9 @@ def write_repository(artifacts: list[str | os.PathLike[str]], repository: str | 
             os.replace(entry.path, final)
             entry.path = final
         return entries
+    except BaseException:
+        if created and not any(repository.iterdir()):
+            repository.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -308,14 +308,17 @@ class TritonServer:
         backend_dir = self._backend_dir(install)
         self._log_path = Path(o.log_file) if o.log_file else self._workdir / "tritonserver.log"
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_path, "wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own command line
-                self._command(install, backend_dir, loadable), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=self._environment(install), start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
-            )
         try:
+            with open(self._log_path, "wb") as log:
+                self.process = subprocess.Popen(  # noqa: S603 - our own command line
+                    self._command(install, backend_dir, loadable), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, env=self._environment(install), start_new_session=True,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+                )
             version = self._wait_ready(loadable)
+        except OSError as error:
+            self.stop()
+            raise ServeError(f"cannot run {install.binary}: {error.strerror or error}") from None
         except BaseException:
             self.stop()
             raise
@@ -343,13 +346,11 @@ class TritonServer:
                 raise ModelLoadError(f"tritonserver exited ({self.process.returncode}) while starting: "
                                      f"{failure_reason(self.log_text())}")
             try:
-                status, _ = _get_json(f"{base}/v2/health/ready")
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                status = 0
-            if status == 200:
-                not_ready = [name for name in models if _get_json(f"{base}/v2/models/{name}/ready")[0] != 200]
-                if not not_ready:
+                if _get_json(f"{base}/v2/health/ready")[0] == 200 and all(
+                        _get_json(f"{base}/v2/models/{name}/ready")[0] == 200 for name in models):
                     return str(_get_json(f"{base}/v2")[1].get("version", "unknown"))
+            except OSError:  # not listening yet (URLError, ConnectionError and timeouts are OSErrors)
+                pass
             time.sleep(0.1)
         raise ModelLoadError(f"tritonserver did not report every model READY within {o.startup_timeout:.0f} s "
                              f"({failure_reason(self.log_text())}); raise --startup-timeout for large models")
