@@ -124,7 +124,7 @@ def test_metadata_dtype_must_match_the_graph(tmp_path, tiny):
     config = tiny[0]
     path = tmp_path / "liar.onnx"
     fp16_io_graph(path, config, make_metadata(config, input_dtype="float32"))
-    with pytest.raises(ValueError, match="graph input dtype is float16 but the metadata says float32"):
+    with pytest.raises(ValueError, match="inconsistent with its own vitdeploy metadata: its input dtype is float16, the metadata says float32"):
         OrtRuntime(path)
 
 

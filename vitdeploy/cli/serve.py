@@ -9,7 +9,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, positive_float, positive_int, progress, write_json
+from vitdeploy.cli.common import CLIError, output_file, positive_float, positive_int, progress, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="how long the server waits for in-flight requests when stopping (default 10)")
     parser.add_argument("--tritonserver", metavar="PATH", help="the tritonserver binary to run (default: PATH, "
                         "else nvidia-pytriton's)")
-    parser.add_argument("--server-log", metavar="PATH", help="write tritonserver's own log to PATH")
-    parser.add_argument("--json", metavar="PATH", help="write the endpoints and models as JSON to PATH once READY")
+    parser.add_argument("--server-log", type=output_file, metavar="PATH", help="write tritonserver's own log to PATH")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the endpoints and models as JSON to PATH once READY")
     parser.set_defaults(func=run)
 
 

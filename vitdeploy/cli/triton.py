@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitdeploy.cli.common import positive_int, progress, write_json
+from vitdeploy.cli.common import non_negative_int, output_file, output_folder, positive_int, progress, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preprocessing goes into the model parameters for clients. Serve it with `vitdeploy serve REPO`.",
     )
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="exported .onnx files and/or TensorRT engines")
-    parser.add_argument("-o", "--output", required=True, metavar="REPO", help="model repository folder (created)")
+    parser.add_argument("-o", "--output", required=True, type=output_folder, metavar="REPO", help="model repository folder (created)")
     parser.add_argument("--name", help="base model name (one artifact only; default: the artifact's file stem)")
     parser.add_argument("--kinds", default=None, metavar="KIND,...",
                         help="which models to write: python, onnxruntime, tensorrt (default: all the artifact allows)")
@@ -29,13 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="max_batch_size (default and upper bound: the validated or built maximum)")
     parser.add_argument("--instances", type=positive_int, default=1, metavar="N",
                         help="model instances per device (instance_group count, default 1)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000, metavar="N",
+    parser.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000, metavar="N",
                         help="how long the dynamic batcher waits to fill a batch, in microseconds (default 2000)")
     parser.add_argument("--ort-tensorrt", action="store_true",
                         help="give the onnxruntime model the TensorRT execution accelerator (FP16 for fp16 graphs, "
                         "min/opt/max profile shapes from the validated range)")
     parser.add_argument("--overwrite", action="store_true", help="replace models of the same name in REPO")
-    parser.add_argument("--json", metavar="PATH", help="also write the list of models as JSON to PATH")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the list of models as JSON to PATH")
     parser.set_defaults(func=run)
 
 
