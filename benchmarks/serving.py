@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, side, side)).astype(metadata.inputs[0].dtype)
     progress(f"direct runtime: {args.requests} requests of {args.batch}x3x{side}x{side}")
     results: dict[str, Any] = {"onnx": str(args.onnx), "shape": list(pixels.shape), "protocol": args.protocol,
-                               "cpu": cpu_model(), "load_average": load_average(), "direct": time_direct(args.onnx, pixels, args.requests, args.warmup)}
+                               "cpu": cpu_model(), "load_average": load_average(),
+                               "direct": time_direct(args.onnx, pixels, args.requests, args.warmup)}
     with tempfile.TemporaryDirectory(prefix="vitdeploy-serving-bench-") as folder:
         process, status = start_server(args.onnx.resolve(), Path(folder), args.max_queue_delay_us)
         try:

@@ -62,7 +62,8 @@ def test_port_checks_name_the_flag() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(ServeError, match=f"port {port} on 127.0.0.1 is already in use; pick another with --grpc-port"):
+        expected = f"port {port} on 127.0.0.1 is already in use; pick another with --grpc-port"
+        with pytest.raises(ServeError, match=expected):
             check_port_free("127.0.0.1", port, "--grpc-port")
     check_port_free("127.0.0.1", port, "--grpc-port")  # free again
     with pytest.raises(ServeError, match="--http-port 70000 is not a TCP port"):

@@ -27,15 +27,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--http-port", type=positive_int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=positive_int, default=8001, help="gRPC port (default 8001)")
-    parser.add_argument("--metrics-port", type=positive_int, default=8002, help="Prometheus metrics port (default 8002)")
+    parser.add_argument("--metrics-port", type=positive_int, default=8002,
+                        help="Prometheus metrics port (default 8002)")
     parser.add_argument("--startup-timeout", type=positive_float, default=120.0, metavar="SECONDS",
                         help="how long to wait for the models to become READY (default 120)")
     parser.add_argument("--exit-timeout", type=positive_int, default=10, metavar="SECONDS",
                         help="how long the server waits for in-flight requests when stopping (default 10)")
     parser.add_argument("--tritonserver", metavar="PATH", help="the tritonserver binary to run (default: PATH, "
                         "else nvidia-pytriton's)")
-    parser.add_argument("--server-log", type=output_file, metavar="PATH", help="write tritonserver's own log to PATH")
-    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the endpoints and models as JSON to PATH once READY")
+    parser.add_argument("--server-log", type=output_file, metavar="PATH",
+                        help="write tritonserver's own log to PATH")
+    parser.add_argument("--json", type=output_file, metavar="PATH",
+                        help="write the endpoints and models as JSON to PATH once READY")
     parser.set_defaults(func=run)
 
 
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                 write_json(args.json, status.to_dict())
             while not stop.wait(0.25):
                 if not server.running():
-                    print(f"vitdeploy serve: error: tritonserver stopped unexpectedly (exit {server.process.returncode})",
+                    code = server.process.returncode
+                    print(f"vitdeploy serve: error: tritonserver stopped unexpectedly (exit {code})",
                           file=sys.stderr)
                     return 1
             progress("stopping tritonserver ...")

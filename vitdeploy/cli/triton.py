@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from vitdeploy.cli.common import non_negative_int, output_file, output_folder, positive_int, progress, write_json
+from vitdeploy.cli.common import (
+    non_negative_int,
+    output_file,
+    output_folder,
+    positive_int,
+    progress,
+    write_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preprocessing goes into the model parameters for clients. Serve it with `vitdeploy serve REPO`.",
     )
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="exported .onnx files and/or TensorRT engines")
-    parser.add_argument("-o", "--output", required=True, type=output_folder, metavar="REPO", help="model repository folder (created)")
+    parser.add_argument("-o", "--output", required=True, type=output_folder, metavar="REPO",
+                        help="model repository folder (created)")
     parser.add_argument("--name", help="base model name (one artifact only; default: the artifact's file stem)")
     parser.add_argument("--kinds", default=None, metavar="KIND,...",
                         help="which models to write: python, onnxruntime, tensorrt (default: all the artifact allows)")
@@ -35,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="give the onnxruntime model the TensorRT execution accelerator (FP16 for fp16 graphs, "
                         "min/opt/max profile shapes from the validated range)")
     parser.add_argument("--overwrite", action="store_true", help="replace models of the same name in REPO")
-    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the list of models as JSON to PATH")
+    parser.add_argument("--json", type=output_file, metavar="PATH",
+                        help="also write the list of models as JSON to PATH")
     parser.set_defaults(func=run)
 
 

@@ -220,7 +220,8 @@ def _io(tensors: list[_Tensor], where: str, labels: bool) -> list[dict[str, Any]
 
 def _check_io(artifact: _Artifact) -> None:
     if [t.name for t in artifact.inputs] != [INPUT_NAME]:
-        raise ValueError(f"{artifact.path}: expected one input {INPUT_NAME!r}, found {[t.name for t in artifact.inputs]}")
+        names = [t.name for t in artifact.inputs]
+        raise ValueError(f"{artifact.path}: expected one input {INPUT_NAME!r}, found {names}")
     dims = artifact.inputs[0].dims
     if len(dims) != 3 or dims[1:] != [-1, -1]:
         raise ValueError(f"{artifact.path}: input {INPUT_NAME!r} must be [batch, channels, height, width] with dynamic "
@@ -307,7 +308,8 @@ def _copy(source: Path, target_dir: Path) -> str:
     return source.name
 
 
-def _onnx_files(onnx: Path, metadata: ArtifactMetadata | None, include_cpu_variant: bool) -> tuple[list[Path], list[str]]:
+def _onnx_files(onnx: Path, metadata: ArtifactMetadata | None,
+                include_cpu_variant: bool) -> tuple[list[Path], list[str]]:
     """The ONNX file, its external data and (for the python model) the validated CPU variant."""
     files, warnings = [onnx], []
     data = onnx.with_name(onnx.name + ".data")
@@ -408,7 +410,8 @@ def write_repository(artifacts: list[str | os.PathLike[str]], repository: str | 
         for kind in kinds:
             name = model_name(artifact.path, kind, options.name)
             # An engine's python model runs the ONNX file it was built from, with that file's validated range.
-            served = _onnx_artifact(artifact.onnx_for_python) if kind == PYTHON and artifact.kind == "engine" else artifact
+            from_engine = kind == PYTHON and artifact.kind == "engine"
+            served = _onnx_artifact(artifact.onnx_for_python) if from_engine else artifact
             plan.append((served, kind, name))
             notes[name] = skipped
     names = [name for _, _, name in plan]

@@ -127,7 +127,8 @@ def check_stub(install: TritonInstall) -> None:
         raise ServeError(
             f"the Triton Python backend stub loads {library}, which is not the library of this Python "
             f"({sys.base_prefix}, {sys.version.split()[0]}); create the venv from the Python that owns it "
-            f"(e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv-serve) and install vitdeploy[cpu,serve] there"
+            f"(e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv-serve) and install "
+            "vitdeploy[cpu,serve] there"
         )
 
 
