@@ -143,6 +143,16 @@ def provider_chain(provider: str, available: list[str], trt_options: Mapping[str
     return chain
 
 
+def _preload_tensorrt() -> None:
+    """onnxruntime's TensorRT EP dlopens libnvinfer.so.10 by soname; pip's copy is found only once tensorrt is imported."""
+    from vitdeploy.tensorrt_env import TensorRTUnavailable, preload_tensorrt_libraries
+
+    try:
+        preload_tensorrt_libraries()
+    except TensorRTUnavailable as error:
+        raise ValueError(f"provider 'tensorrt': {error}") from None
+
+
 class OrtRuntime(Runtime):
     """An ONNX file with vitdeploy metadata, run by onnxruntime.
 
@@ -229,6 +239,9 @@ class OrtRuntime(Runtime):
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to provider 'tensorrt', not {provider!r}")
         chain = provider_chain(provider, available, trt_options, device_id)
+        if provider == "tensorrt":
+            _preload_tensorrt()
+
 
         self._session = ort.InferenceSession(
             str(self.graph_path), sess_options=options,
