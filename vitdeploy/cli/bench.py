@@ -7,7 +7,16 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, command_line, parse_int_list, parse_sizes
+from vitdeploy.cli.common import (
+    CLIError,
+    command_line,
+    non_negative_int,
+    output_folder,
+    parse_int_list,
+    parse_sizes,
+    positive_float,
+    positive_int,
+)
 
 DESCRIPTION = """\
 Benchmark a model (variant name, checkpoint, or .onnx/.engine artifact) on one or more runtimes
@@ -45,19 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", help="comma-separated sizes, N or HxW (default: each model's native size)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="where torch runs (default auto: cuda if available)")
-    parser.add_argument("--warmup", type=int, help="warm-up iterations per point (default 5)")
-    parser.add_argument("--iterations", type=int, help="timed iterations per point (default: use the time budget)")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+    parser.add_argument("--warmup", type=non_negative_int, help="warm-up iterations per point (default 5)")
+    parser.add_argument("--iterations", type=positive_int, help="timed iterations per point (default: use the time budget)")
+    parser.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                         help="time spent timing each point (default 5; with --iterations, whichever ends first)")
-    parser.add_argument("--min-iterations", type=int, help="at least this many timed iterations (default 5)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: usable CPUs)")
+    parser.add_argument("--min-iterations", type=positive_int, help="at least this many timed iterations (default 5)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch and onnxruntime (default: usable CPUs)")
     parser.add_argument("--peak-gflops", metavar="PEAK",
                         help="peak GFLOP/s to compare with: N (all precisions) or fp32=N,fp16=M (default: measure)")
     parser.add_argument("--no-peak", action="store_true", help="do not measure a matmul peak (no %% of peak)")
     parser.add_argument("--overhead", action="store_true", default=None,
                         help="also measure the harness overhead against a bare loop at the smallest batch")
     parser.add_argument("--compile-mode", help="torch.compile mode for torch-compile-* (default: torch's default)")
-    parser.add_argument("-o", "--output", metavar="DIR", help="output folder (default: bench-results)")
+    parser.add_argument("-o", "--output", type=output_folder, metavar="DIR", help="output folder (default: bench-results)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="where exported ONNX files and engines are kept (default: OUT/artifacts)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -101,12 +110,6 @@ def _reconstructed(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _positive(value: Any, flag: str, allow_zero: bool = False) -> Any:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise CLIError(f"{flag} {value} must be {'>= 0' if allow_zero else '> 0'}")
-    return value
-
-
 def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """The :class:`BenchPlan`, output folder and whether to plot, from the parsed arguments."""
     from vitdeploy.benchmarks.harness import BenchPlan, default_cache_dir
@@ -114,12 +117,6 @@ def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     from vitdeploy.benchmarks.specs import parse_runtimes
     from vitdeploy.benchmarks.suites import load_suite, overhead_settings
     from vitdeploy.benchmarks.timing import TimingConfig
-
-    for value, flag in ((args.warmup, "--warmup"),):
-        _positive(value, flag, allow_zero=True)
-    for value, flag in ((args.iterations, "--iterations"), (args.time_budget, "--time-budget"),
-                        (args.min_iterations, "--min-iterations"), (args.threads, "--threads")):
-        _positive(value, flag)
 
     suite = load_suite(args.suite) if args.suite else None
     models = list(args.targets) or (list(suite.models) if suite else [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, positive_int, progress, write_json
+from vitdeploy.cli.common import CLIError, onnx_output, output_file, positive_int, progress, write_json
 
 DESCRIPTION = """\
 Quantize the fp32 vitdeploy ONNX file MODEL into explicit QuantizeLinear/DequantizeLinear form,
@@ -76,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="fp32 ONNX file written by vitdeploy export")
-    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the quantized ONNX file to write")
+    parser.add_argument("-o", "--output", required=True, type=onnx_output, metavar="PATH",
+                        help="the quantized ONNX file to write")
     parser.add_argument("--precision", choices=["int8", "fp8"], default="int8",
                         help="int8 (default) or fp8 (E4M3, for Hopper-class GPUs; checked by emulation on CPU)")
     add_quantize_arguments(parser)
@@ -88,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that fails validation as <name>.failed.onnx")
-    parser.add_argument("--json", metavar="PATH", help="write the quantization and validation report as JSON")
+    parser.add_argument("--json", type=output_file, metavar="PATH",
+                        help="write the quantization and validation report as JSON")
     parser.set_defaults(func=run)
 
 
@@ -98,10 +100,6 @@ def run(args: argparse.Namespace) -> int:
     from vitdeploy.exporters.quantize_onnx import quantize_onnx
 
     output = Path(args.output)
-    if output.suffix.lower() != ".onnx":
-        raise CLIError(f"--output {args.output!r} must end in .onnx")
-    if output.is_dir():
-        raise CLIError(f"--output {args.output!r} is a folder; expected a file name such as model-int8.onnx")
     if args.calibration is not None and not Path(args.calibration).is_dir():
         raise CLIError(f"--calibration {args.calibration!r} is not a folder")
     options = quantize_options(args, args.precision)

@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, parse_int_list, parse_sizes, positive_int, progress, write_json
+from vitdeploy.cli.common import (
+    CLIError,
+    cosine,
+    output_file,
+    parse_int_list,
+    parse_sizes,
+    positive_float,
+    positive_int,
+    progress,
+    write_json,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -52,18 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--accuracy-batch", type=positive_int, default=32, metavar="N",
                           help="images per batch for the accuracy run (default 32)")
     parser.add_argument("--no-synthetic", action="store_true", help="use real images only")
-    parser.add_argument("--max-rel-error", type=float, metavar="X", help="override the tolerance's relative max error")
-    parser.add_argument("--min-cosine", type=float, metavar="X", help="override the tolerance's minimum cosine")
-    parser.add_argument("--json", metavar="PATH", help="write the full report as JSON to PATH")
+    parser.add_argument("--max-rel-error", type=positive_float, metavar="X", help="override the tolerance's relative max error")
+    parser.add_argument("--min-cosine", type=cosine, metavar="X", help="override the tolerance's minimum cosine, in (0, 1]")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the full report as JSON to PATH")
     parser.set_defaults(func=run)
 
 
 def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
     """Native size, the smallest size, and a non-square size, all inside the runtime's range."""
+    from vitdeploy.config import snap_to_stride
+
     stride = spec.multiple_of
 
     def clamp(value: int, low: int, high: int) -> int:
-        return max(low, min(high, value // stride * stride))
+        return snap_to_stride(value, low, high, stride)
 
     h = clamp(native, *spec.height)
     w = clamp(native, *spec.width)
