@@ -66,7 +66,6 @@ FP8_MIN_OPSET = 19
 # The largest magnitude a symmetric quantized value holds: int8 weights use [-127, 127] (narrow
 # range, symmetric); float8e4m3fn's largest finite value is 448.
 QMAX = {"int8": 127.0, "fp8": 448.0}
-QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
 # reduce_range: int8 weights in 7 bits. x86 CPUs without VNNI/AMX multiply u8 x s8 pairs into
 # saturating 16-bit sums (vpmaddubsw); with weights within +-63 two products cannot overflow.
 REDUCED_WEIGHT_QMAX = 63.0
