@@ -7,15 +7,16 @@ from pathlib import Path
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_quantize_arguments,
     onnx_output,
     opset,
     output_file,
     parse_range,
     positive_int,
     progress,
+    quantize_options,
     write_json,
 )
-from vitdeploy.cli.quantize import add_quantize_arguments, quantize_options
 
 DEFAULT_FP32_OPS = "LayerNormalization,Softmax"
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, onnx_output, output_file, positive_int, progress, write_json
+from vitdeploy.cli.common import (
+    CLIError,
+    add_quantize_arguments,
+    onnx_output,
+    output_file,
+    positive_int,
+    progress,
+    quantize_options,
+    write_json,
+)
 
 DESCRIPTION = """\
 Quantize the fp32 vitdeploy ONNX file MODEL into explicit QuantizeLinear/DequantizeLinear form,
@@ -23,51 +32,6 @@ eager model at export), or against the eager model with --reference, with the ga
 precision (int8: cosine >= 0.99); it is written under its final name only if it passes, else
 the numbers are printed and the exit status is 1.
 """
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    """The calibration and quantization options ``export`` and ``quantize`` share."""
-    from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE
-    from vitdeploy.constants import CALIBRATORS, DEFAULT_KEEP_FLOAT, DEFAULT_SMOOTH_THRESHOLD
-    from vitdeploy.constants import QUANTIZABLE_ROLES as QUANTIZABLE
-
-    group = parser.add_argument_group("quantization (int8, fp8)")
-    group.add_argument("--calibration", metavar="DIR",
-                       help="folder of calibration images (default: the bundled photos plus synthetic crops)")
-    group.add_argument("--calibration-size", type=positive_int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
-                       help=f"number of calibration images (default {DEFAULT_CALIBRATION_SIZE})")
-    group.add_argument("--keep-float", default=",".join(DEFAULT_KEEP_FLOAT), metavar="OPS",
-                       help=f"roles kept in float, comma-separated or 'none', from {','.join(QUANTIZABLE)} "
-                       f"(default {','.join(DEFAULT_KEEP_FLOAT)})")
-    group.add_argument("--calibrator", choices=CALIBRATORS, default="max",
-                       help="activation range: the largest magnitude seen (max, default) or a percentile of them")
-    group.add_argument("--percentile", type=float, default=99.99, metavar="P",
-                       help="percentile for --calibrator percentile (default 99.99)")
-    group.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
-                       help="SmoothQuant migration strength for LayerNorm-output outlier channels, 0 = off "
-                       "(default 0.5 for int8, 0 for fp8)")
-    group.add_argument("--smooth-threshold", type=float, default=DEFAULT_SMOOTH_THRESHOLD, metavar="R",
-                       help="smooth a LayerNorm only if its largest channel maximum is R times the median channel's "
-                       f"(default {DEFAULT_SMOOTH_THRESHOLD:g})")
-    group.add_argument("--reduce-range", action="store_true",
-                       help="int8 weights in 7 bits (+-63) for x86 CPUs without VNNI/AMX, whose 16-bit int8 sums "
-                       "saturate on full-range weights (OpenVINO there); not needed for TensorRT or VNNI CPUs")
-
-
-def parse_keep_float(text: str) -> tuple[str, ...]:
-    """``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(op.strip() for op in text.split(",") if op.strip())
-
-
-def quantize_options(args: argparse.Namespace, precision: str):  # noqa: ANN201 - QuantizeOptions
-    """:class:`~vitdeploy.exporters.quantize.QuantizeOptions` from the parsed arguments."""
-    from vitdeploy.exporters.quantize import QuantizeOptions
-
-    return QuantizeOptions(precision=precision, keep_float=parse_keep_float(args.keep_float),
-                           calibrator=args.calibrator, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
-                           smooth_threshold=args.smooth_threshold, reduce_range=args.reduce_range)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitdeploy.cli.verify import image_files
+    from vitdeploy.calibration import image_files
     from vitdeploy.exporters.onnx_export import ExportValidationError
     from vitdeploy.exporters.quantize_onnx import quantize_onnx
 
@@ -103,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration is not None and not Path(args.calibration).is_dir():
         raise CLIError(f"--calibration {args.calibration!r} is not a folder")
     options = quantize_options(args, args.precision)
-    images = image_files(args.images) if args.images else None
+    try:
+        images = image_files(args.images) if args.images else None
+    except (NotADirectoryError, ValueError) as error:
+        raise CLIError(f"--images: {error}") from None
     reference = None
     if args.reference:
         from vitdeploy.checkpoints import resolve_source
