@@ -52,10 +52,11 @@ def reference(method: str, grid: torch.Tensor, new: tuple[int, int]) -> torch.Te
     return out[0].permute(1, 2, 0)
 
 
-def smooth_grid(height: int, width: int, channels: int = 16) -> torch.Tensor:
-    """A unit-scale 2-D sin-cos grid ``[h, w, C]`` (what trained position embeddings look like)."""
+def smooth_grid(height: int, width: int, channels: int = 16, temperature: float = 100.0) -> torch.Tensor:
+    """A unit-scale 2-D sin-cos grid ``[h, w, C]``: sin/cos of y, then of x, at frequencies
+    ``temperature ** -(k / (C/4))`` (MoCo v3's fixed embedding uses 10000), smooth like trained ones."""
     quarter = channels // 4
-    omega = 1.0 / 100.0 ** (np.arange(quarter) / quarter)
+    omega = 1.0 / temperature ** (np.arange(quarter) / quarter)
     y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     parts = [f(c[..., None] * omega) for c in (y, x) for f in (np.sin, np.cos)]
     return torch.from_numpy(np.concatenate(parts, axis=-1).astype(np.float32))

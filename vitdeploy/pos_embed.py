@@ -84,6 +84,13 @@ def _cubic(x: torch.Tensor, a: float) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
+def _positions(new: Any) -> torch.Tensor:
+    """``0 .. new - 1`` as float32: an int64 ``Range`` on the (symbolic) size, then a ``Cast``, in a graph."""
+    import torch
+
+    return torch.arange(new).to(torch.float32)
+
+
 def _antialiased_bicubic(old: int, new: Any) -> torch.Tensor:
     # torch's antialiased path (PIL's): output i is centred at (i + 0.5) * old/new; when shrinking, the
     # kernel is stretched by old/new; the weights inside the grid are renormalised to sum to 1.
@@ -91,7 +98,7 @@ def _antialiased_bicubic(old: int, new: Any) -> torch.Tensor:
     import torch
 
     scale = old / new
-    centres = (torch.arange(new, dtype=torch.float32) + 0.5) * scale
+    centres = (_positions(new) + 0.5) * scale
     taps = torch.arange(old, dtype=torch.float32) + 0.5
     stretch = torch.clamp(torch.full((), scale, dtype=torch.float32), min=1.0)
     weights = _cubic((taps[None, :] - centres[:, None]) / stretch, a=-0.5)
@@ -105,7 +112,7 @@ def _bicubic(old: int, new: Any) -> torch.Tensor:
     # then fold the two outside each border onto the border sample (a constant [old + 4, old] matrix).
     import torch
 
-    source = (torch.arange(new, dtype=torch.float32) + 0.5) * (old / new) - 0.5
+    source = (_positions(new) + 0.5) * (old / new) - 0.5
     taps = torch.arange(-2, old + 2, dtype=torch.float32)
     weights = _cubic(taps[None, :] - source[:, None], a=-0.75)  # [new, old + 4]
     fold = torch.arange(old, dtype=torch.float32)[None, :] == torch.clamp(taps, 0.0, float(old - 1))[:, None]
@@ -118,7 +125,7 @@ def _corner_aligned_linear(old: int, new: Any) -> torch.Tensor:
     import torch
 
     step = (old - 1) / torch.sym_max(new - 1, 1)
-    source = torch.arange(new, dtype=torch.float32) * step
+    source = _positions(new) * step
     columns = torch.arange(old, dtype=torch.float32)
     return torch.clamp(1.0 - (columns[None, :] - source[:, None]).abs(), min=0.0)
 
