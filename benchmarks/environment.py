@@ -27,6 +27,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+# Flags that decide what a CPU computes natively (recorded with every benchmark).
+ARITHMETIC_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
+                    "amx_fp16")
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask), else ``os.cpu_count()``."""
     try:
@@ -186,6 +203,7 @@ def capture_environment(command: str | None = None, threads: int | None = None) 
             "usable_cpus": usable_cpus(),
             "threads": threads,
             "memory_gib": host_memory_gib(),
+            "arithmetic_flags": sorted(set(ARITHMETIC_FLAGS) & cpu_flags()),
         },
         "load_average_start": load_average(),
         "gpu": gpu_info(),

@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vitdeploy.benchmarks.backends import Session, Skip, open_session
-from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average, usable_cpus
+from vitdeploy.benchmarks.environment import (
+    OtherCpuLoad,
+    capture_environment,
+    cpu_flags,
+    load_average,
+    usable_cpus,
+)
 from vitdeploy.benchmarks.memory import DeviceMemory, peak_rss_bytes, reset_peak_rss
 from vitdeploy.benchmarks.models import BenchModel, Sweep
-from vitdeploy.benchmarks.peaks import PeakTable
+from vitdeploy.benchmarks.peaks import PeakTable, compute_precision
 from vitdeploy.benchmarks.schema import SCHEMA_VERSION
 from vitdeploy.benchmarks.specs import BASELINE, RuntimeSpec
 from vitdeploy.benchmarks.stats import achieved_gflops, summarize, throughput
@@ -131,7 +137,8 @@ def _base_record(name: str, random_weights: bool, spec: RuntimeSpec, batch: int,
         "status": "ok", "reason": None, "threads": None, "timer": None, "warmup": None,
         "latency_ms": None, "first_call_ms": None, "throughput_ips": None, "peak_rss_mib": None,
         "peak_device_mib": None, "flops_per_image": None, "gflops_per_s": None, "peak_gflops": None,
-        "peak_fraction": None, "speedup_vs_baseline": None, "artifact": None,
+        "peak_fraction": None, "compute_precision": None, "peak_note": None, "speedup_vs_baseline": None,
+        "artifact": None,
         "random_weights": random_weights, "load_average": None, "other_cpu_load": None,
     }
 
@@ -164,6 +171,7 @@ class Harness:
         self.display = display or Display()
         self.threads = plan.threads or usable_cpus()
         self.peaks = PeakTable(plan.peaks, plan.measure_peaks, self.threads, self.display.message)
+        self.cpu_flags = cpu_flags()
         self.records: list[dict[str, Any]] = []
         self.overheads: list[dict[str, Any]] = []
 
@@ -237,6 +245,26 @@ class Harness:
         finally:
             session.close()
 
+    def _peak_fraction(self, record: dict[str, Any], spec: RuntimeSpec) -> None:
+        """Fill the peak of the precision the backend computes in, and the achieved fraction of it.
+
+        A fraction above 1 is impossible: it means the measured peak is no ceiling for this
+        backend, so none is reported and ``peak_note`` says why.
+        """
+        precision = compute_precision(spec.backend, spec.device, spec.precision, self.cpu_flags)
+        record["compute_precision"] = precision
+        peak = self.peaks.get(spec.device, precision)
+        if peak is None:
+            return
+        record["peak_gflops"] = peak.gflops
+        fraction = record["gflops_per_s"] / peak.gflops
+        if fraction > 1.0:
+            record["peak_note"] = (f"{record['gflops_per_s']:.0f} GFLOP/s achieved is above the {precision} matmul "
+                                   f"peak of {peak.gflops:.0f} GFLOP/s ({peak.method or peak.source}): that peak is "
+                                   "no ceiling for this backend, so no fraction is reported")
+        else:
+            record["peak_fraction"] = fraction
+
     def _run_point(self, model: BenchModel, spec: RuntimeSpec, session: Session, batch: int, height: int,
                    width: int, device_memory: DeviceMemory | None, overhead: bool) -> None:
         record = _base_record(model.name, model.random_weights, spec, batch, height, width)
@@ -269,10 +297,7 @@ class Harness:
             if flops is not None:
                 record["flops_per_image"] = flops
                 record["gflops_per_s"] = achieved_gflops(flops, batch, stats.mean)
-                peak = self.peaks.get(spec.device, spec.precision)
-                if peak is not None:
-                    record["peak_gflops"] = peak.gflops
-                    record["peak_fraction"] = record["gflops_per_s"] / peak.gflops
+                self._peak_fraction(record, spec)
             if overhead:
                 self.display.message(f"measuring harness overhead against a bare loop for {spec.label} b{batch}")
                 result = measure_overhead(fn, self.plan.overhead_iterations, self.plan.overhead_rounds, session.timer)
@@ -281,7 +306,7 @@ class Harness:
                                        **result.to_dict()})
         except Exception as error:
             record.update(status="failed", reason=_error_text(error), latency_ms=None, throughput_ips=None,
-                          first_call_ms=None, gflops_per_s=None, peak_gflops=None, peak_fraction=None,
+                          first_call_ms=None, gflops_per_s=None, peak_gflops=None, peak_fraction=None, peak_note=None,
                           flops_per_image=None, peak_rss_mib=None, peak_device_mib=None)
             _free_cuda(spec)
         record["load_average"] = load_average()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy.config import ViTConfig
-from vitdeploy.metadata import ArtifactMetadata
+from vitdeploy.metadata import ArtifactMetadata, read_onnx_metadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -24,14 +24,6 @@ def slug(text: str) -> str:
     """A file-name-safe form of a model name or path."""
     name = Path(text).name if ("/" in text or "\\" in text) else text
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
-
-
-def read_onnx_metadata(path: Path) -> ArtifactMetadata:
-    """The vitdeploy metadata of an ONNX file (weights are not loaded)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return ArtifactMetadata.from_props({p.key: p.value for p in proto.metadata_props})
 
 
 @dataclass(frozen=True)
@@ -129,9 +121,6 @@ class BenchModel:
             torch.manual_seed(0)
             self._model = VisionTransformer(self.config).eval()
         return self._model
-
-    def has_torch_weights(self) -> bool:
-        return self.kind in ("variant", "checkpoint")
 
     def onnx(self, precision: str, sweep: Sweep, log: Any = None) -> Path:
         """An ONNX file of this model in ``precision`` accepting the sweep's shapes (exported if needed)."""

@@ -24,52 +24,83 @@ class Peak:
                 "source": self.source, "method": self.method}
 
 
+# /proc/cpuinfo flags meaning the CPU computes in that precision natively; without them
+# oneDNN/MLAS convert to fp32 (and torch.matmul in fp16 is emulated: ~0.3 GFLOP/s on an AMD EPYC).
+NATIVE_ARITHMETIC = {"fp16": ("avx512_fp16", "amx_fp16"), "bf16": ("avx512_bf16", "amx_bf16")}
+
+
+def compute_precision(backend: str, device: str, precision: str, cpu_flags: frozenset[str]) -> str:
+    """The precision a backend really computes its matmuls in, whose peak it is measured against.
+
+    onnxruntime's CPU provider has no fp16 MatMul/Gemm kernels and runs them in fp32 on
+    fp16-rounded inputs; on a CPU without native fp16 (bf16) arithmetic, torch's fp16 (bf16)
+    linear layers compute in fp32 as well. GPUs compute in the precision asked for.
+    """
+    if device != "cpu" or precision not in NATIVE_ARITHMETIC:
+        return precision
+    if backend == "onnxruntime" and precision == "fp16":
+        return "fp32"
+    return precision if cpu_flags & set(NATIVE_ARITHMETIC[precision]) else "fp32"
+
+
 def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
                         size: int | None = None, seconds: float = 1.0) -> Peak:
-    """Best achieved GFLOP/s of ``torch.matmul`` on square ``size`` matrices over about ``seconds``.
+    """Best achieved GFLOP/s of ``torch.matmul`` on square matrices, in about ``seconds``.
 
     On CPU it runs with ``threads`` intra-op threads (the benchmark's own setting); on CUDA it
-    is timed with CUDA events. TF32 stays off for fp32, so that is the true fp32 peak.
+    is timed with CUDA events. TF32 stays off for fp32, so that is the true fp32 peak. Unless
+    ``size`` is given, a quick 256x256 probe sizes the timed product so one product takes at
+    most a tenth of ``seconds`` (never above the plateau size of 2048 on CPU, 8192 on CUDA), and
+    the whole measurement stays within about twice ``seconds`` even on a slow path.
     """
     import torch
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    n = size or _SIZES[device]
     previous_threads = torch.get_num_threads()
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
-        flops = 2.0 * n**3
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(3):
+
+        def operands(n: int) -> tuple[Any, Any]:
+            return tuple(torch.randn(n, n, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+
+        def seconds_per_product(a: Any, b: Any) -> float:
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
                 torch.matmul(a, b)
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) * 1e-3
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            return time.perf_counter() - t0
+
+        with torch.inference_mode():
+            n = size or _SIZES[device]
+            if size is None:
+                probe = operands(256)
+                torch.matmul(*probe)
+                rate = 2.0 * 256**3 / max(min(seconds_per_product(*probe) for _ in range(3)), 1e-9)
+                while n > 256 and 2.0 * n**3 / rate > seconds / 10:
+                    n //= 2
+            a, b = operands(n)
+            torch.matmul(a, b)
             if device == "cuda":
                 torch.cuda.synchronize()
-            deadline = time.perf_counter() + seconds
-            runs = 0
-            while runs < 5 or time.perf_counter() < deadline:
-                if device == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    torch.matmul(a, b)
-                    end.record()
-                    end.synchronize()
-                    elapsed = start.elapsed_time(end) * 1e-3
-                else:
-                    t0 = time.perf_counter()
-                    torch.matmul(a, b)
-                    elapsed = time.perf_counter() - t0
-                best = min(best, elapsed)
+            start = time.perf_counter()
+            best, runs = float("inf"), 0
+            while True:
+                best = min(best, seconds_per_product(a, b))
                 runs += 1
+                if time.perf_counter() - start >= seconds:
+                    break
     finally:
         torch.set_num_threads(previous_threads)
     where = f"{threads} threads" if device == "cpu" else "CUDA events"
     method = f"torch.matmul {n}x{n} {precision}, {where}, best of {runs}"
-    return Peak(device=device, precision=precision, gflops=flops / best / 1e9, source="measured", method=method)
+    return Peak(device=device, precision=precision, gflops=2.0 * n**3 / best / 1e9, source="measured", method=method)
 
 
 def parse_peaks(text: str) -> dict[str, float]:

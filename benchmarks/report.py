@@ -14,7 +14,7 @@ from typing import Any
 from vitdeploy.files import atomic_write_text
 
 CSV_FIELDS = [
-    "model", "runtime", "backend", "precision", "device", "batch", "height", "width", "status", "reason",
+    "model", "runtime", "backend", "precision", "compute_precision", "device", "batch", "height", "width", "status", "reason",
     "threads", "timer", "n", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "stdev_ms", "min_ms", "max_ms",
     "first_call_ms", "throughput_ips", "speedup_vs_baseline", "gflops_per_s", "peak_gflops", "peak_fraction",
     "peak_rss_mib", "peak_device_mib", "flops_per_image", "artifact", "random_weights", "other_cpu_load",
@@ -176,6 +176,17 @@ def evaluate_targets(document: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def busy_note(document: dict[str, Any], threshold: float = 0.25) -> str | None:
+    """A sentence when other processes kept CPUs busy while points were timed (``None`` on a quiet machine)."""
+    busy = [r for r in document["records"] if (r.get("other_cpu_load") or 0.0) > threshold]
+    if not busy:
+        return None
+    worst = max(r["other_cpu_load"] for r in busy)
+    return (f"other processes were busy while {len(busy)} of {len(document['records'])} points were timed (up to "
+            f"{worst:.2f} CPUs); those figures are slower than this machine can do, and ratios between runtimes "
+            "timed at different moments are less reliable")
+
+
 def markdown_report(document: dict[str, Any], plots: list[str] | None = None, title: str | None = None) -> str:
     """The human-readable report: environment, command, per-model tables, speedups, targets, what did not run."""
     env = document["environment"]
@@ -212,12 +223,22 @@ def markdown_report(document: dict[str, Any], plots: list[str] | None = None, ti
               "GFLOP/s from the analytic FLOP count (2 x MACs); % peak against the dense matmul peak below. "
               "'others' = CPUs kept busy by other processes while the point was timed (0 = quiet machine).", ""]
     lines += [_md_table(header, rows) if rows else "No point ran successfully.", ""]
+    busy = busy_note(document)
+    if busy:
+        lines += [f"**Note:** {busy}.", ""]
     lines += _speedup_matrix(document)
 
     if document.get("peaks"):
         peak_rows = [[p["device"], p["precision"], f"{p['gflops']:.1f}", p["source"], p.get("method", "")]
                      for p in document["peaks"]]
-        lines += ["## Matmul peaks", "", _md_table(["device", "precision", "GFLOP/s", "source", "method"], peak_rows), ""]
+        lines += ["## Matmul peaks", "",
+                  "Each point is divided by the peak of the precision its backend computes in (`compute_precision` "
+                  "in results.json): onnxruntime's CPU provider runs fp16 matmuls in fp32, and so does torch on a "
+                  "CPU without native fp16 arithmetic.", "",
+                  _md_table(["device", "precision", "GFLOP/s", "source", "method"], peak_rows), ""]
+        notes = list(OrderedDict.fromkeys(f"{r['runtime']}: {r['peak_note']}" for r in document["records"]
+                                          if r.get("peak_note")))
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if document.get("harness_overhead"):
         rows = [[e["model"], e["runtime"], str(e["batch"]), f"{e['bare_loop_ms']:.4f}", f"{e['harness_reported_ms']:.4f}",
                  f"{100 * e['reported_overhead']:+.2f}%", f"{100 * e['wall_overhead']:+.2f}%", f"{e['noop_overhead_ns']:.0f}"]
@@ -253,9 +274,10 @@ def _speedup_matrix(document: dict[str, Any]) -> list[str]:
 def write_outputs(document: dict[str, Any], output_dir: str | Path, plots: bool = True,
                   title: str | None = None) -> dict[str, Path]:
     """Write ``results.json``, ``results.csv``, ``report.md`` and the PNG plots into ``output_dir``."""
-    from vitdeploy.benchmarks.schema import validate
+    if importlib.util.find_spec("jsonschema") is not None:  # the bench extra; the tests always validate
+        from vitdeploy.benchmarks.schema import validate
 
-    validate(document)
+        validate(document)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

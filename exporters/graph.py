@@ -8,14 +8,39 @@ graphs; :func:`topological` re-orders nodes after a rewrite. Needs the ``onnx`` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def load_model(path: str | os.PathLike[str], load_external_data: bool = False) -> onnx.ModelProto:
+    """Read an ONNX file, refusing with ``ValueError`` what is not one before anything judges it.
+
+    A folder, a missing, empty or truncated file, bytes that are not an ONNX protobuf, and a
+    model without a graph are refused, each naming the path and what is wrong.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an ONNX file")
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except DecodeError as error:
+        raise ValueError(f"{path} is not an ONNX file (truncated or not a protobuf: {error})") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise ValueError(f"{path} is not an ONNX model: it holds no graph nodes")
+    return model
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:

@@ -14,7 +14,8 @@ reference; :func:`vitdeploy.exporters.fp16.keep_ops_in_fp32` then makes sure the
 really run in fp32 in the graph.
 
 The file is written under a temporary name in the target folder, validated with onnxruntime
-against the eager model, and only then renamed to its final name (design decision 7). Graphs
+against the eager model, and only then renamed to its final name, so a crash never leaves a
+half-written file under it. Graphs
 larger than ``external_data_threshold`` keep their weights in ``<name>.data`` beside the file.
 """
 
@@ -22,12 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +43,7 @@ from vitdeploy.constants import (
     LOGITS_NAME,
     check_precision,
 )
+from vitdeploy.files import remove_stale_temporaries, temporary_folder
 from vitdeploy.metadata import (
     CLASS_TOKEN_LAST_BLOCK,
     CPU_VARIANT,
@@ -60,6 +61,40 @@ MIN_OPSET = 17
 # Protobuf cannot serialise messages of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 Progress = Callable[[str], None]
+
+
+@functools.cache
+def max_opset() -> int:
+    """The highest opset this machine can export and validate: what the installed onnx defines and
+    the installed onnxruntime loads (probed once with a one-node model; no public API says it)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def loads(version: int) -> bool:
+        value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
+        model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - any refusal means "not this opset"
+            return False
+        return True
+
+    highest = onnx.defs.onnx_opset_version()
+    while highest > MIN_OPSET and not loads(highest):
+        highest -= 1
+    return highest
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if this machine can export and validate it, else ``ValueError`` naming the range."""
+    if not MIN_OPSET <= int(opset) <= max_opset():
+        raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{max_opset()} (LayerNormalization needs "
+                         f">= {MIN_OPSET}; the installed onnx/onnxruntime support up to {max_opset()}; default 18)")
+    return int(opset)
 
 
 class ExportError(RuntimeError):
@@ -114,10 +149,7 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         check_precision(self.precision, GRAPH_PRECISIONS)
-        if int(self.opset) < MIN_OPSET:
-            raise ValueError(
-                f"opset {self.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET} (default 18)"
-            )
+        check_opset(self.opset)
         if self.fp16_io and self.precision != "fp16":
             raise ValueError("fp16_io needs precision='fp16'")
         self.fp32_ops = tuple(self.fp32_ops)
@@ -521,6 +553,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
     config = model.config
     shape_range = options.shape_range(config)
     metadata = build_metadata(model, options, shape_range)
+    remove_stale_temporaries(target, stages.say)  # leftovers of a killed earlier export to this name
 
     with stages("trace"):
         proto = trace_to_onnx(model, options)
@@ -551,14 +584,12 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             if variant is None:
                 stages.say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
     variant_target = target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp_model = folder / target.name
-    tmp_variant = folder / variant_target.name
-    data_path = target.with_name(f"{target.name}.data") if external else None
-    report = variant_report = None
-    variant_bytes: bytes | None = None
-    try:
+    with temporary_folder(target, log=stages.say) as folder:
+        tmp_model = folder / target.name
+        tmp_variant = folder / variant_target.name
+        data_path = target.with_name(f"{target.name}.data") if external else None
+        report = variant_report = None
+        variant_bytes: bytes | None = None
         with stages("save"):
             _save(proto, tmp_model, external)
             onnx.checker.check_model(str(tmp_model))
@@ -609,8 +640,6 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
                                                "sha256": hashlib.sha256(variant_bytes).hexdigest()}}
         set_metadata(proto, metadata.to_props())
         _hand_over(proto, folder, target, data_path, {variant_target: variant_bytes} if variant_bytes else {})
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
     result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
                           stage_seconds=stages.seconds, variant_path=variant_target if variant_bytes else None,

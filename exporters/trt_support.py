@@ -29,6 +29,8 @@ from typing import Any
 
 import onnx
 
+from .graph import load_model
+
 TABLE_PATH = Path(__file__).with_name("trt_support_table.json")
 TWO_GB = 2**31 - 1
 SEVERITIES = ("error", "warning")
@@ -317,10 +319,7 @@ def check_onnx(
     if isinstance(model, onnx.ModelProto):
         proto, label = model, model.graph.name or "<ModelProto>"
     else:
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX file {path} not found")
-        proto, label = onnx.load(str(path), load_external_data=False), str(path)
+        proto, label = load_model(model), str(model)
     table = load_support_table()
     low, high = opset_range(tensorrt_version)
     opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.config import snap_to_stride
 from vitdeploy.constants import ORT_DTYPES
 from vitdeploy.files import sha256_file
 from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, ArtifactMetadata, read_metadata_props
@@ -56,8 +57,7 @@ def profile_shapes(spec: InputSpec, opt_batch: int | None = None, opt_height: in
     """
     def opt_side(requested: int | None, low: int, high: int) -> int:
         value = requested if requested is not None else min(high, 2 * low)
-        value = _clamp(int(value), low, high)
-        return max(low, value - value % spec.multiple_of)
+        return snap_to_stride(_clamp(int(value), low, high), low, high, spec.multiple_of)
 
     shapes = {
         "min": (spec.batch[0], spec.height[0], spec.width[0]),
@@ -283,21 +283,39 @@ class OrtRuntime(Runtime):
         return InputSpec.from_metadata(metadata)
 
     def _check_graph_io(self) -> None:
+        """Refuse a graph whose inputs/outputs contradict its metadata (a foreign graph carrying
+        copied metadata): names, ranks, dtypes, channels and the logits width must all agree."""
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{self.path} has {len(inputs)} inputs {[i.name for i in inputs]}; expected one image input")
         graph_input = inputs[0]
-        if graph_input.name != self.input_spec.name:
-            raise ValueError(
-                f"{self.path}: graph input is named {graph_input.name!r} but the metadata says {self.input_spec.name!r}"
-            )
+        spec = self.input_spec
+        problems = []
+        if graph_input.name != spec.name:
+            problems.append(f"its input is named {graph_input.name!r}, the metadata says {spec.name!r}")
         graph_dtype = ORT_DTYPES.get(graph_input.type, graph_input.type)
-        if graph_dtype != self.input_spec.dtype:
-            raise ValueError(
-                f"{self.path}: graph input dtype is {graph_dtype} but the metadata says {self.input_spec.dtype}"
-            )
-        self.output_names = [output.name for output in self._session.get_outputs()]
+        if graph_dtype != spec.dtype:
+            problems.append(f"its input dtype is {graph_dtype}, the metadata says {spec.dtype}")
+        shape = list(graph_input.shape)
+        if len(shape) != 4:
+            problems.append(f"its input has rank {len(shape)} {shape}, expected [batch, {spec.channels}, height, width]")
+        elif isinstance(shape[1], int) and shape[1] != spec.channels:
+            problems.append(f"its input has {shape[1]} channels, the metadata says {spec.channels}")
+        outputs = self._session.get_outputs()
+        self.output_names = [output.name for output in outputs]
         self.output_name = self.output_names[0]
+        if self.metadata is not None:
+            described = [t.name for t in self.metadata.outputs]
+            if self.output_names != described:
+                problems.append(f"its outputs are {self.output_names}, the metadata lists {described}")
+            logits = list(outputs[0].shape)
+            classes = self.metadata.num_classes
+            if len(logits) != 2:
+                problems.append(f"its {self.output_name} output has rank {len(logits)} {logits}, expected [batch, {classes}]")
+            elif isinstance(logits[1], int) and logits[1] != classes:
+                problems.append(f"its {self.output_name} output has {logits[1]} classes, the metadata says {classes}")
+        if problems:
+            raise ValueError(f"{self.graph_path} is inconsistent with its own vitdeploy metadata: {'; '.join(problems)}")
 
     @property
     def fusions(self) -> dict[str, int]:

@@ -307,10 +307,12 @@ class TensorRTRuntime(Runtime):
             warnings.warn(f"loading {self.engine_path} without a manifest (force=True): nothing is checked", stacklevel=2)
             self.manifest = None
         data = self.engine_path.read_bytes()
-        problems = []
         if self.manifest is not None:
-            # The sha256 is checked before TensorRT is even imported: a stale engine is refused anywhere.
-            problems += check_compatibility(self.manifest, engine_sha256=hashlib.sha256(data).hexdigest())
+            # Decided before TensorRT is even imported: a foreign or stale engine is refused on any
+            # machine; only a matching one on a machine without TensorRT hears that it is missing.
+            self._refuse_or_warn(check_compatibility(self.manifest, engine_sha256=hashlib.sha256(data).hexdigest()),
+                                 force)
+        problems = []
         trt = import_tensorrt()
         cuda = CudaApi(import_cudart(), device)
         try:

@@ -50,3 +50,42 @@ def tiny_model() -> VisionTransformer:
 @pytest.fixture
 def tiny_hybrid_model() -> VisionTransformer:
     return make_model(tiny_hybrid_config())
+
+
+def _trace_key(model: VisionTransformer, options) -> tuple:
+    """What a trace depends on: the weights, the config, the attention/precision state, the trace options."""
+    import hashlib
+
+    digest = hashlib.sha256(model.config.to_json().encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    state = tuple((type(m).__name__, getattr(m, "fused", None), str(getattr(m, "softmax_dtype", None)),
+                   str(getattr(m, "compute_dtype", None))) for m in model.modules())
+    fields = (options.precision, tuple(options.fp32_ops), options.fp16_io, options.features,
+              options.full_last_block, int(options.opset))
+    return digest.hexdigest(), str(next(model.parameters()).dtype), hash(state), fields
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_once_per_model():
+    """Trace each (model, options) once per test session: ``torch.onnx.export`` costs seconds of fixed
+    overhead even for the tiny models, and most tests export the same few. Every key is a real trace;
+    callers get a deep copy, so what they do to the graph never leaks into another test."""
+    import copy
+
+    from vitdeploy.exporters import onnx_export
+
+    real = onnx_export.trace_to_onnx
+    cache: dict[tuple, object] = {}
+
+    def cached(model, options):
+        key = _trace_key(model, options)
+        if key not in cache:
+            cache[key] = real(model, options)
+        return copy.deepcopy(cache[key])
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(onnx_export, "trace_to_onnx", cached)
+    yield cache
+    patch.undo()

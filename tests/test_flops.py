@@ -7,8 +7,8 @@ import torch
 from conftest import make_model, tiny_config, tiny_hybrid_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitdeploy.flops import count_flops, count_macs
-from vitdeploy.variants import get_config
+from vitdeploy.flops import count_flops, count_macs, count_params
+from vitdeploy.variants import VARIANTS, get_config
 
 
 @pytest.mark.parametrize(("config", "size"), [
@@ -47,3 +47,18 @@ def test_variants_match_published_gmacs(name: str, timm_gmacs: float) -> None:
 def test_bad_size_is_rejected() -> None:
     with pytest.raises(ValueError, match="not a multiple of the patch stride 16"):
         count_flops(get_config("vit_base_patch16_224"), 200)
+
+
+@pytest.mark.parametrize("config", [
+    *VARIANTS.values(),
+    tiny_config(representation_size=32, pooling="avg", qkv_bias=False),
+    tiny_config(num_classes=0),
+    tiny_hybrid_config(),
+], ids=lambda c: c.name)
+def test_parameter_count_without_torch_equals_the_model(config) -> None:
+    """``inspect`` counts parameters from the config alone (no torch in the runtime install)."""
+    from vitdeploy.model import VisionTransformer
+
+    with torch.device("meta"):  # exact structure, no memory
+        model = VisionTransformer(config)
+    assert count_params(config) == sum(p.numel() for p in model.parameters())

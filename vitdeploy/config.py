@@ -19,6 +19,19 @@ def default_size_range(image_size: int, stride: int) -> tuple[int, int]:
     return low, high
 
 
+def snap_to_stride(value: float, low: int, high: int, stride: int, nearest: bool = False) -> int:
+    """``value`` as a size an input may have: a multiple of ``stride`` inside ``[low, high]``.
+
+    Rounded down to the stride (to the nearest multiple with ``nearest``), then kept inside the
+    range; a result below ``low`` moves up one stride (``low`` itself need not be a multiple).
+    """
+    snapped = int(round(value / stride)) * stride if nearest else int(value) // stride * stride
+    snapped = min(snapped, high - high % stride)
+    while snapped < low:
+        snapped += stride
+    return snapped
+
+
 @dataclass
 class HybridConfig:
     """ResNet-v2 (BiT-style, GroupNorm + weight standardisation) stem and stages of a hybrid ViT.

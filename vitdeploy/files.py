@@ -5,27 +5,94 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from vitdeploy.console import progress
+
+# Temporaries live beside their target as ".<target name>.<pid>.vitdeploy-tmp[suffix]": one place per
+# target, named by the process that owns it, so the next run can tell a leftover (its process is
+# gone: killed by SIGKILL or a power cut) from the work of a run still going.
+TMP_MARK = ".vitdeploy-tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """Temporaries of ``target`` whose owning process no longer runs."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    stale = []
+    prefix = f".{target.name}."
+    for entry in target.parent.iterdir():
+        name = entry.name
+        if not name.startswith(prefix) or TMP_MARK not in name:
+            continue
+        pid_text = name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            stale.append(entry)
+    return sorted(stale)
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str], log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the leftovers :func:`stale_temporaries` finds, saying so through ``log``; returns them."""
+    removed = []
+    for entry in stale_temporaries(target):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        if log is not None:
+            log(f"removed {entry}, left by an interrupted run")
+    return removed
+
+
+def _temporary_name(target: Path, suffix: str) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}{TMP_MARK}{suffix}")
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in ``target``'s folder; on success rename it to ``target``.
+def temporary_folder(target: str | os.PathLike[str], log: Callable[[str], None] | None = progress) -> Iterator[Path]:
+    """A scratch folder beside ``target`` for work that ends in ``target``, removed however the block
+    ends (an exception, Ctrl-C or SIGTERM); leftovers of killed earlier runs are removed first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target, log)
+    folder = _temporary_name(target, "")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], suffix: str = "",
+                log: Callable[[str], None] | None = progress) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it to ``target``.
 
     On an exception the temporary file is removed and ``target`` is left untouched. ``suffix``
-    keeps an extension that libraries look at (``.onnx``).
+    keeps an extension that libraries look at (``.onnx``). Leftovers of killed earlier writes of
+    the same target are removed first (and reported through ``log``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    # mkstemp creates 0600; give the artifact the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)
-    tmp = Path(tmp_name)
+    remove_stale_temporaries(target, log)
+    tmp = _temporary_name(target, suffix)
+    # A plain open() gives the permissions an artifact should have (the umask's).
+    tmp.write_bytes(b"")
     try:
         yield tmp
         os.replace(tmp, target)
@@ -58,3 +125,48 @@ def sha256_files(paths: Iterable[str | os.PathLike[str]], chunk: int = 1 << 22) 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of one file (engines and ONNX files can be GBs: read in chunks)."""
     return sha256_files([path])
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def _probe_writable(folder: Path, what: str, path: Path) -> None:
+    """Create and remove a file in ``folder``: the one reliable test that writing there works."""
+    probe = folder / f".vitdeploy-write-probe.{os.getpid()}{TMP_MARK}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot write in {folder} ({error.strerror or error})") from None
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """Raise ``ValueError`` naming ``path`` unless a file can be written there, before any long work.
+
+    A folder where the file should go, a file where a folder should be above it, or a folder that
+    refuses writes are refused; missing folders above it are fine (they are made when writing).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; expected a file name")
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder")
+    _probe_writable(existing, what, path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Raise ``ValueError`` naming ``path`` unless files can be written in a folder there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} exists and is not a folder")
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder")
+    _probe_writable(existing, what, path)
+    return path

@@ -8,29 +8,35 @@ well under 1% of the total for every variant.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from vitdeploy.config import HybridConfig, ViTConfig
+
+
+def _bottlenecks(hybrid: HybridConfig) -> Iterator[tuple[int, int, int, int]]:
+    """``(in_channels, mid, out, stride)`` of every bottleneck block of the ResNet-v2 backbone, in order."""
+    channels = hybrid.stem_width * hybrid.width_factor
+    for index, depth in enumerate(hybrid.layers):
+        out = 256 * hybrid.width_factor * 2**index
+        for block in range(depth):
+            yield channels, out // 4, out, 2 if index > 0 and block == 0 else 1
+            channels = out
 
 
 def _backbone_macs(hybrid: HybridConfig, in_channels: int, height: int, width: int) -> tuple[int, int, int]:
     """MACs of the ResNet-v2 backbone, and its output height and width."""
-    macs = 0
     h, w = height // 2, width // 2
     stem_width = hybrid.stem_width * hybrid.width_factor
-    macs += h * w * stem_width * in_channels * 7 * 7
+    macs = h * w * stem_width * in_channels * 7 * 7
     h, w = h // 2, w // 2  # max-pool
-    channels = stem_width
-    for index, depth in enumerate(hybrid.layers):
-        out = 256 * hybrid.width_factor * 2**index
-        mid = out // 4
-        for block in range(depth):
-            stride = 2 if index > 0 and block == 0 else 1
-            out_h, out_w = h // stride, w // stride
-            macs += h * w * channels * mid  # conv1 1x1 at the input resolution
-            macs += out_h * out_w * mid * mid * 9  # conv2 3x3, strided
-            macs += out_h * out_w * mid * out  # conv3 1x1
-            if stride != 1 or channels != out:
-                macs += out_h * out_w * channels * out  # projection shortcut
-            h, w, channels = out_h, out_w, out
+    for channels, mid, out, stride in _bottlenecks(hybrid):
+        out_h, out_w = h // stride, w // stride
+        macs += h * w * channels * mid  # conv1 1x1 at the input resolution
+        macs += out_h * out_w * mid * mid * 9  # conv2 3x3, strided
+        macs += out_h * out_w * mid * out  # conv3 1x1
+        if stride != 1 or channels != out:
+            macs += out_h * out_w * channels * out  # projection shortcut
+        h, w = out_h, out_w
     return macs, h, w
 
 
@@ -87,16 +93,10 @@ def _backbone_params(hybrid: HybridConfig, in_channels: int) -> int:
     """Parameters of the ResNet-v2 backbone: bias-free convs and GroupNorm affines."""
     stem_width = hybrid.stem_width * hybrid.width_factor
     params = stem_width * in_channels * 7 * 7 + 2 * stem_width
-    channels = stem_width
-    for index, depth in enumerate(hybrid.layers):
-        out = 256 * hybrid.width_factor * 2**index
-        mid = out // 4
-        for block in range(depth):
-            stride = 2 if index > 0 and block == 0 else 1
-            params += channels * mid + 2 * mid + mid * mid * 9 + 2 * mid + mid * out + 2 * out
-            if stride != 1 or channels != out:
-                params += channels * out + 2 * out  # projection conv + its GroupNorm
-            channels = out
+    for channels, mid, out, stride in _bottlenecks(hybrid):
+        params += channels * mid + 2 * mid + mid * mid * 9 + 2 * mid + mid * out + 2 * out
+        if stride != 1 or channels != out:
+            params += channels * out + 2 * out  # projection conv + its GroupNorm
     return params
 
 

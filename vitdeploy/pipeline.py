@@ -360,7 +360,7 @@ class Pipeline:
 
     def report_dict(self) -> dict[str, Any]:
         from vitdeploy.benchmarks.environment import capture_environment
-        from vitdeploy.benchmarks.report import evaluate_targets
+        from vitdeploy.benchmarks.report import busy_note, evaluate_targets
 
         resolved = self.resolved
         bench = None
@@ -371,9 +371,10 @@ class Pipeline:
                 rows.append({"runtime": r["runtime"], "batch": r["batch"], "height": r["height"], "width": r["width"],
                              "status": r["status"], "reason": r["reason"], "p50_ms": lat.get("p50"),
                              "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "throughput_ips": r["throughput_ips"],
-                             "speedup_vs_baseline": r["speedup_vs_baseline"], "peak_fraction": r["peak_fraction"]})
+                             "speedup_vs_baseline": r["speedup_vs_baseline"], "peak_fraction": r["peak_fraction"],
+                             "other_cpu_load": r.get("other_cpu_load")})
             bench = {"results": "bench/results.json", "report": "bench/report.md", "baseline": self.bench["baseline"],
-                     "points": rows, "targets": evaluate_targets(self.bench),
+                     "points": rows, "targets": evaluate_targets(self.bench), "busy": busy_note(self.bench),
                      "plots": sorted(p.name for p in (self.out / "bench").glob("*.png"))}
         return {
             "kind": "vitdeploy-deploy",
@@ -466,6 +467,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                          f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_ips']:.1f} | "
                          f"{_fmt(row['speedup_vs_baseline'], '.2f')}x | {_fmt(peak, '.1f')} |")
         lines.append("")
+        if bench.get("busy"):
+            lines += [f"**Note:** {bench['busy']}.", ""]
         lines += [f"![{name}](bench/{name})" for name in bench["plots"]] + [""]
 
     lines += ["## Stages", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]

@@ -1,10 +1,20 @@
-"""The ``vitdeploy`` command line: one module per subcommand, each with ``register`` and ``run``."""
+"""The ``vitdeploy`` command line: one module per subcommand, each with ``register`` and ``run``.
+
+One error path for every command (:func:`main`): bad input, an unusable output path or a missing
+backend ends in one line ``vitdeploy <command>: error: ...`` naming the value or path and the
+cause, never a traceback (``VITDEPLOY_DEBUG=1`` shows it). Exit status: 0 success; 1 the artifact
+failed its check (parity, pre-flight errors); 2 bad input or an unusable environment; 130
+interrupted (Ctrl-C); 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from importlib import import_module
 
 from vitdeploy import __version__
@@ -13,10 +23,18 @@ from vitdeploy.cli.common import ArgumentParser, CLIError
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
 COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "check", "build", "bench"]
 
+EXIT_CODES = """\
+exit status: 0 success; 1 the artifact failed its check (parity, pre-flight errors); 2 bad input or
+an unusable environment (one line "vitdeploy COMMAND: error: ..."); 130 interrupted; 143 terminated.
+Set VITDEPLOY_DEBUG=1 to see the traceback behind an error line."""
 
 # Top-level modules a command may lack, and the extra that installs them.
 EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu",
-          "matplotlib": "bench", "onnxslim": "simplify"}
+          "matplotlib": "bench", "jsonschema": "bench", "onnxslim": "simplify"}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C so every temporary is cleaned up on the way out."""
 
 
 def missing_extra(error: ModuleNotFoundError) -> str:
@@ -28,15 +46,55 @@ def missing_extra(error: ModuleNotFoundError) -> str:
     return f"this command needs {top}, which is not installed: pip install 'vitdeploy[{extra}]'"
 
 
+def error_line(error: BaseException) -> str | None:
+    """The one-line message for an error that is the user's input or environment, ``None`` for a bug."""
+    from vitdeploy.tensorrt_env import TensorRTUnavailable
+
+    if isinstance(error, ModuleNotFoundError):
+        return missing_extra(error)
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        target = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+        return f"{target}: {error.strerror}"
+    if isinstance(error, (CLIError, ValueError, OSError, TensorRTUnavailable)):
+        return " ".join(str(error).split()) or type(error).__name__
+    if type(error).__name__ == "DecodeError" and type(error).__module__.startswith("google.protobuf"):
+        return f"a file is not a readable protobuf (ONNX) file: {error}"
+    if type(error).__module__.startswith("onnxruntime"):
+        return f"onnxruntime refused it: {' '.join(str(error).split())}"
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only)."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="vitdeploy",
         description="Vision Transformer checkpoints to fast, verified ONNX / TensorRT / onnxruntime artifacts.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vitdeploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
     for name in COMMANDS:
         import_module(f"vitdeploy.cli.{name}").register(subparsers)
+    for command in subparsers.choices.values():
+        command.epilog = f"{command.epilog}\n\n{EXIT_CODES}" if command.epilog else EXIT_CODES
+        if command.formatter_class is argparse.HelpFormatter:
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -48,20 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, --version, or a one-line argument error (status 2)
         return int(exit.code or 0)
     try:
-        return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
-        if os.environ.get("VITDEPLOY_DEBUG"):  # show the traceback behind a one-line error
-            raise
-        print(f"vitdeploy {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as error:
-        if os.environ.get("VITDEPLOY_DEBUG"):
-            raise
-        print(f"vitdeploy {args.command}: error: {missing_extra(error)}", file=sys.stderr)
-        return 2
+        with _sigterm_unwinds():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"vitdeploy {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"vitdeploy {args.command}: terminated", file=sys.stderr)
+        return 143
+    except Exception as error:
+        line = error_line(error)
+        if line is None or os.environ.get("VITDEPLOY_DEBUG"):  # a bug, or asked for the traceback
+            raise
+        print(f"vitdeploy {args.command}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,16 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, command_line, parse_int_list, parse_sizes
+from vitdeploy.cli.common import (
+    CLIError,
+    command_line,
+    non_negative_int,
+    output_folder,
+    parse_int_list,
+    parse_sizes,
+    positive_float,
+    positive_int,
+)
 
 DESCRIPTION = """\
 Benchmark a model (variant name, checkpoint, or .onnx/.engine artifact) on one or more runtimes
@@ -45,19 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", help="comma-separated sizes, N or HxW (default: each model's native size)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="where torch runs (default auto: cuda if available)")
-    parser.add_argument("--warmup", type=int, help="warm-up iterations per point (default 5)")
-    parser.add_argument("--iterations", type=int, help="timed iterations per point (default: use the time budget)")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+    parser.add_argument("--warmup", type=non_negative_int, help="warm-up iterations per point (default 5)")
+    parser.add_argument("--iterations", type=positive_int, help="timed iterations per point (default: use the time budget)")
+    parser.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                         help="time spent timing each point (default 5; with --iterations, whichever ends first)")
-    parser.add_argument("--min-iterations", type=int, help="at least this many timed iterations (default 5)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: usable CPUs)")
+    parser.add_argument("--min-iterations", type=positive_int, help="at least this many timed iterations (default 5)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch and onnxruntime (default: usable CPUs)")
     parser.add_argument("--peak-gflops", metavar="PEAK",
                         help="peak GFLOP/s to compare with: N (all precisions) or fp32=N,fp16=M (default: measure)")
     parser.add_argument("--no-peak", action="store_true", help="do not measure a matmul peak (no %% of peak)")
     parser.add_argument("--overhead", action="store_true", default=None,
                         help="also measure the harness overhead against a bare loop at the smallest batch")
     parser.add_argument("--compile-mode", help="torch.compile mode for torch-compile-* (default: torch's default)")
-    parser.add_argument("-o", "--output", metavar="DIR", help="output folder (default: bench-results)")
+    parser.add_argument("-o", "--output", type=output_folder, metavar="DIR", help="output folder (default: bench-results)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="where exported ONNX files and engines are kept (default: OUT/artifacts)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitdeploy.cli.common import CLIError, parse_range, progress
+from vitdeploy.cli.common import CLIError, output_file, parse_range, progress
 from vitdeploy.engine_manifest import HARDWARE_COMPATIBILITY_LEVELS
 
 DESCRIPTION = """\
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("onnx", help="ONNX file from `vitdeploy export`")
-    parser.add_argument("-o", "--output", help="engine file (default: the ONNX name with .engine)")
+    parser.add_argument("-o", "--output", type=output_file, help="engine file (default: the ONNX name with .engine)")
     parser.add_argument("--precision", choices=["fp32", "fp16"],
                         help="engine precision (default: the graph's); fp16 converts an fp32 graph first")
     shapes = parser.add_argument_group("optimization profiles")
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     builder.add_argument("--workspace", metavar="SIZE", help="workspace memory limit, e.g. 4G or 512M (bare number: MiB)")
     builder.add_argument("--opt-level", type=int, choices=range(0, 6), metavar="0-5",
                          help="builder optimization level (TensorRT's default 3; higher builds longer)")
-    builder.add_argument("--timing-cache", metavar="FILE", help="timing cache file, loaded if present and saved back")
+    builder.add_argument("--timing-cache", type=output_file, metavar="FILE", help="timing cache file, loaded if present and saved back")
     builder.add_argument("--hardware-compat", choices=HARDWARE_COMPATIBILITY_LEVELS, default="none",
                          help="build an engine that also runs on other GPU architectures (default: none)")
     builder.add_argument("--version-compatible", action="store_true",

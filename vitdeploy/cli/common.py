@@ -6,17 +6,16 @@ import argparse
 import json
 import shlex
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from vitdeploy.console import progress
 from vitdeploy.files import atomic_write_text
 
-__all__ = ["CLIError", "progress", "stage", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
-           "ArgumentParser", "positive_float", "positive_int", "add_pos_embed_resample"]
+__all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
+           "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
+           "non_negative_int", "add_pos_embed_resample"]
 
 
 class CLIError(Exception):
@@ -30,35 +29,74 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
+def output_file(text: str) -> str:
+    """argparse type: a file path that can be written (checked before any work; see ``check_output_file``)."""
+    from vitdeploy.files import check_output_file
+
     try:
-        value = float(text)
+        check_output_file(text, "path")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """argparse type: a folder that can be written in (it may not exist yet)."""
+    from vitdeploy.files import check_output_folder
+
+    try:
+        check_output_folder(text, "folder")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def onnx_output(text: str) -> str:
+    """argparse type: a writable path ending in ``.onnx``."""
+    if Path(text).suffix.lower() != ".onnx":
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .onnx")
+    return output_file(text)
+
+
+def opset(text: str) -> int:
+    """argparse type: an ONNX opset this machine can export and validate."""
+    from vitdeploy.exporters.onnx_export import check_opset
+
+    try:
+        return check_opset(int(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error) if text.strip().lstrip("-").isdigit() else
+                                         f"{text!r} is not an integer") from None
+
+
+def _number(text: str, kind: type, what: str, ok: Callable[[float], bool], rule: str) -> Any:
+    try:
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, "an integer", lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    return _number(text, int, "an integer", lambda v: v >= 1, "an integer >= 1")
 
 
-@contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Print ``name ...`` then ``name done in Xs`` around a long step."""
-    progress(f"{name} ...")
-    start = time.perf_counter()
-    yield
-    progress(f"{name} done in {time.perf_counter() - start:.1f}s")
+def cosine(text: str) -> float:
+    """argparse type: a cosine similarity threshold in (0, 1]."""
+    return _number(text, float, "a number", lambda v: 0 < v <= 1, "a cosine threshold in (0, 1]")
 
 
 def write_json(path: str | Path, data: Any) -> None:

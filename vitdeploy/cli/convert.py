@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, add_pos_embed_resample, progress
+from vitdeploy.cli.common import CLIError, add_pos_embed_resample, output_file, output_folder, progress
 
 FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax")
 
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint file or folder (or a variant name)")
-    parser.add_argument("-o", "--output", metavar="OUT", required=True,
+    parser.add_argument("-o", "--output", metavar="OUT", required=True, type=checkpoint_output,
                         help="output folder, or a file path ending in .safetensors")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
                         help="format of SOURCE (default: detect)")
@@ -35,6 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="attention heads, for timm checkpoints of non-registry widths (not stored in them)")
     add_pos_embed_resample(parser)
     parser.set_defaults(func=run)
+
+
+def checkpoint_output(text: str) -> str:
+    """argparse type: a ``.safetensors`` file or a folder that can be written."""
+    if Path(text).suffix == ".safetensors":
+        return output_file(text)
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a folder or a path ending in .safetensors")
+    return output_folder(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if args.pos_embed_resample is not None:  # also how --image-size resamples
         overrides["pos_embed_resample"] = args.pos_embed_resample
     output = Path(args.output)
-    if output.suffix != ".safetensors" and output.exists() and not output.is_dir():
-        raise CLIError(f"-o {output} is an existing file; give a folder or a path ending in .safetensors")
 
     warned: list[str] = []
 

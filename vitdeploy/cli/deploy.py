@@ -8,6 +8,7 @@ import shlex
 from vitdeploy.cli.common import (
     CLIError,
     command_line,
+    output_folder,
     parse_int_list,
     parse_range,
     positive_float,
@@ -50,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE,
                         help=f"checkpoint file/folder or variant name (default {DEFAULT_SOURCE})")
-    parser.add_argument("-o", "--output", default="deploy-out", metavar="OUT", help="output folder (default deploy-out)")
+    parser.add_argument("-o", "--output", default="deploy-out", type=output_folder, metavar="OUT",
+                        help="output folder (default deploy-out)")
     parser.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts (default 1:64)")
     parser.add_argument("--resolution", metavar="MIN:MAX",
                         help="resolution range of the artifacts (default: half to twice the native size)")

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, add_pos_embed_resample, parse_range, progress, write_json
+from vitdeploy.cli.common import (
+    CLIError,
+    add_pos_embed_resample,
+    onnx_output,
+    opset,
+    output_file,
+    parse_range,
+    positive_int,
+    progress,
+    write_json,
+)
 
 DEFAULT_FP32_OPS = "LayerNormalization,Softmax"
 
@@ -22,14 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "written under its final name when it passes; a failing validation prints the numbers and exits 1.",
     )
     parser.add_argument("source", help="checkpoint file or folder, or a variant name such as vit_base_patch16_224")
-    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the ONNX file to write (model.onnx)")
+    parser.add_argument("-o", "--output", required=True, type=onnx_output, metavar="PATH",
+                        help="the ONNX file to write (model.onnx; an fp32 export also writes model.cpu.onnx)")
     parser.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch size range (default 1:64)")
     parser.add_argument("--resolution", metavar="MIN:MAX",
                         help="height and width range in pixels, multiples of the patch stride "
                         "(default: half to twice the native size)")
     parser.add_argument("--height", metavar="MIN:MAX", help="height range (instead of --resolution)")
     parser.add_argument("--width", metavar="MIN:MAX", help="width range (instead of --resolution)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 17 (default 18)")
+    parser.add_argument("--opset", type=opset, default=18,
+                        help="ONNX opset, from 17 to the highest the installed onnx/onnxruntime support (default 18)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                         help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from")
     parser.add_argument("--fp32-ops", default=DEFAULT_FP32_OPS, metavar="OPS",
@@ -40,14 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--full-last-block", action="store_true",
                         help="compute the last block for every token; by default a logits-only export of a "
                         "class-token model computes it for the class token alone (same logits, less work)")
+    parser.add_argument("--no-cpu-variant", action="store_true",
+                        help="do not write the validated onnxruntime-CPU variant <name>.cpu.onnx beside an fp32 file")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (optional package)")
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that fails validation as <name>.failed.onnx for inspection")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the onnxruntime-vs-eager validation (not recommended)")
-    parser.add_argument("--validation-max-batch", type=int, default=8, metavar="N",
+    parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
                         help="largest batch used in validation (default 8; the maximum resolution is always tested)")
-    parser.add_argument("--json", metavar="PATH", help="write the export and validation report as JSON to PATH")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the export and validation report as JSON to PATH")
     add_pos_embed_resample(parser)
     parser.set_defaults(func=run)
 
@@ -77,12 +91,6 @@ def run(args: argparse.Namespace) -> int:
     from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK
 
     output = Path(args.output)
-    if output.suffix.lower() != ".onnx":
-        raise CLIError(f"--output {args.output!r} must end in .onnx")
-    if output.is_dir():
-        raise CLIError(f"--output {args.output!r} is a folder; expected a file name such as model.onnx")
-    if args.validation_max_batch < 1:
-        raise CLIError(f"--validation-max-batch must be >= 1, got {args.validation_max_batch}")
     batch = parse_range(args.batch, "batch")
     height, width = size_ranges(args)
     progress(f"loading {args.source}")
@@ -94,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256,
-        validation_max_batch=args.validation_max_batch,
+        validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant,
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
                    "random_weights": resolved.random_weights}
@@ -118,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         f"width {rng.width[0]}..{rng.width[1]}"
         f"{'; last block for the class token only' if CLASS_TOKEN_LAST_BLOCK in result.metadata.optimizations else ''}) in {result.seconds:.1f}s"
     )
+    if result.variant_path is not None:
+        print(f"wrote {result.variant_path} (its validated onnxruntime-CPU variant, which OrtRuntime runs on CPU)")
     if args.json:
         write_json(args.json, {"passed": result.report.passed if result.report else None, **source_info,
                                **result.to_dict()})

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.cli.common import CLIError, write_json
+from vitdeploy.cli.common import CLIError, output_file, positive_int, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("artifact", help="an exported .onnx file, a TensorRT .engine/.plan, or a checkpoint")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
-    parser.add_argument("--top-k", type=int, default=5, help="how many classes to show per image (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="how many classes to show per image (default 5)")
     parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
                         help="onnxruntime provider for .onnx files (default cpu); cpu or cuda for checkpoints")
-    parser.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the predictions as JSON to PATH")
     parser.set_defaults(func=run)
 
 
@@ -79,8 +79,6 @@ def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.runtimes import load, runtime_kind
 
-    if args.top_k <= 0:
-        raise CLIError(f"--top-k must be a positive integer, got {args.top_k}")
     for image in args.images:
         if not Path(image).is_file():
             raise CLIError(f"image {image!r} does not exist or is not a file")

@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, parse_int_list, parse_sizes, progress, write_json
+from vitdeploy.cli.common import (
+    CLIError,
+    cosine,
+    output_file,
+    parse_int_list,
+    parse_sizes,
+    positive_float,
+    progress,
+    write_json,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -37,18 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"],
                         help="onnxruntime provider for .onnx artifacts (default cpu)")
     parser.add_argument("--no-synthetic", action="store_true", help="use real images only")
-    parser.add_argument("--max-rel-error", type=float, metavar="X", help="override the tolerance's relative max error")
-    parser.add_argument("--min-cosine", type=float, metavar="X", help="override the tolerance's minimum cosine")
-    parser.add_argument("--json", metavar="PATH", help="write the full report as JSON to PATH")
+    parser.add_argument("--max-rel-error", type=positive_float, metavar="X", help="override the tolerance's relative max error")
+    parser.add_argument("--min-cosine", type=cosine, metavar="X", help="override the tolerance's minimum cosine, in (0, 1]")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the full report as JSON to PATH")
     parser.set_defaults(func=run)
 
 
 def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
     """Native size, the smallest size, and a non-square size, all inside the runtime's range."""
+    from vitdeploy.config import snap_to_stride
+
     stride = spec.multiple_of
 
     def clamp(value: int, low: int, high: int) -> int:
-        return max(low, min(high, value // stride * stride))
+        return snap_to_stride(min(max(value, low), high), low, high, stride)
 
     h = clamp(native, *spec.height)
     w = clamp(native, *spec.width)
