@@ -2,9 +2,12 @@
 
 Each session times what a deployed model spends per request with the input already where
 the runtime wants it: on CPU the whole runtime call (numpy in, logits out); on GPU the
-forward pass on a device-resident input (host<->device copies excluded), timed with CUDA
-events for torch and with a wall clock around onnxruntime's synchronous ``run_with_iobinding``
-and the TensorRT runtime's synchronous device call.
+forward pass on a device-resident input (host<->device copies excluded). Every GPU runtime is
+timed the same way: CUDA events (:class:`~vitdeploy.benchmarks.timing.CudaEventTimer`) on the
+runtime's own stream around its enqueue — torch's forward under ``torch.cuda.stream(s)``,
+onnxruntime's ``run_with_iobinding`` with ``user_compute_stream`` set to ``s``, and the TensorRT
+runtime's :meth:`~vitdeploy.runtimes.tensorrt.TensorRTRuntime.device_call` (``execute_async_v3``
+only, no Python-side binding per call) on its own stream. The GPU paths have not run here.
 """
 
 from __future__ import annotations
@@ -83,19 +86,28 @@ class TorchSession:
         else:
             self.forward = module
         self.device_index = (self.device.index or 0) if spec.device == "cuda" else None
-        self.timer: Timer = CudaEventTimer(device=self.device_index) if spec.device == "cuda" else WallTimer()
+        self.stream = torch.cuda.Stream(self.device_index) if spec.device == "cuda" else None
+        self.timer: Timer = (CudaEventTimer(stream=self.stream, device=self.device_index) if self.stream is not None
+                             else WallTimer())
 
     def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
         torch = self._torch
         pixels = torch.from_numpy(_input(batch, height, width, self.module.config.in_channels))
         pixels = pixels.to(device=self.device, dtype=self.dtype)
-        forward = self.forward
+        forward, stream = self.forward, self.stream
+        if stream is None:
+            def run() -> Any:
+                with torch.inference_mode():
+                    return forward(pixels)
 
-        def run() -> Any:
-            with torch.inference_mode():
+            return run
+        torch.cuda.synchronize(self.device_index)  # the input is ready before the session's own stream reads it
+
+        def run_on_stream() -> Any:
+            with torch.cuda.stream(stream), torch.inference_mode():
                 return forward(pixels)
 
-        return run
+        return run_on_stream
 
     def close(self) -> None:
         self.module = None
@@ -138,7 +150,21 @@ class OrtSession:
         self.provider = spec.provider
         self.threads = (threads or None) if spec.provider == "cpu" else None
         self.device_index = None if spec.provider == "cpu" else self.runtime.device_id
-        self.timer: Timer = WallTimer()
+        self.timer: Timer = WallTimer() if spec.provider == "cpu" else self._own_stream_timer()
+
+    def _own_stream_timer(self) -> Timer:
+        """Give onnxruntime a stream of its own (``user_compute_stream``) and time CUDA events on it."""
+        import torch
+
+        self.stream = torch.cuda.Stream(self.device_index)
+        session = self.runtime.session
+        options = session.get_provider_options()
+        providers = session.get_providers()
+        for name in providers:
+            if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+                options[name] = {**options.get(name, {}), "user_compute_stream": str(self.stream.cuda_stream)}
+        session.set_providers(providers, [options.get(name, {}) for name in providers])
+        return CudaEventTimer(stream=self.stream, device=self.device_index)
 
     def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
         spec = self.runtime.input_spec
@@ -190,8 +216,11 @@ class TensorRTSession:
             self.optimizations = _optimizations(self.runtime.metadata)
         except TensorRTUnavailable as error:
             raise Skip(str(error)) from None
+        import torch
+
         self.device_index = 0
-        self.timer: Timer = WallTimer()
+        self.stream = torch.cuda.ExternalStream(self.runtime.stream_handle)  # the runtime's own stream
+        self.timer: Timer = CudaEventTimer(stream=self.stream, device=self.device_index)
 
     def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
         import torch
@@ -202,13 +231,9 @@ class TensorRTSession:
         probe = self.runtime.run_device(pixels)  # the engine's real output shape and dtype
         logits = torch.empty(probe.shape, device="cuda", dtype=getattr(torch, str(probe.dtype)))
         torch.cuda.synchronize()
-        runtime = self.runtime
-
-        # run_device enqueues on the runtime's own stream and synchronises it before returning.
-        def run() -> Any:
-            return runtime.run_device(pixels, out=logits)
-
-        return run
+        self._keep = (pixels, logits)  # the bound device buffers must outlive the call
+        # Enqueue only (execute_async_v3 or a graph launch) on the runtime's stream; the timer synchronises.
+        return self.runtime.device_call(pixels, logits)
 
     def close(self) -> None:
         self.runtime.close()

@@ -118,7 +118,7 @@ class Display:
         if record["status"] == "ok":
             lat = record["latency_ms"]
             outcome = (f"p50 {lat['p50']:.3f} ms  p99 {lat['p99']:.3f} ms  "
-                       f"{record['throughput_ips']:.1f} img/s  (n={lat['n']})")
+                       f"{record['throughput_ips']:.1f} img/s  (n={lat['n']}, {record['timer']})")
         else:
             outcome = f"{record['status']}: {record['reason']}"
         self._clear()

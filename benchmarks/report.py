@@ -54,13 +54,13 @@ def not_run(records: list[dict[str, Any]]) -> list[tuple[str, str, str, int]]:
 
 
 def _rows(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "runtime", "batch", "size", "p50 ms", "p90 ms", "p99 ms", "mean±sd ms", "img/s",
+    header = ["model", "runtime", "batch", "size", "timer", "p50 ms", "p90 ms", "p99 ms", "mean±sd ms", "img/s",
               f"vs {document['baseline']}", "GFLOP/s", "% peak", "RSS MiB", "GPU MiB", "others"]
     rows = []
     for r in sorted_ok(document["records"]):
         lat = r["latency_ms"]
         rows.append([
-            r["model"], r["runtime"], str(r["batch"]), f"{r['height']}x{r['width']}",
+            r["model"], r["runtime"], str(r["batch"]), f"{r['height']}x{r['width']}", r.get("timer") or "-",
             _fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]), f"{lat['mean']:.3f}±{lat['stdev']:.3f}",
             _fmt(r["throughput_ips"], ".1f"), _fmt(r["speedup_vs_baseline"], ".2f") + ("x" if r["speedup_vs_baseline"] else ""),
             _fmt(r["gflops_per_s"], ".1f"),
@@ -76,7 +76,7 @@ def terminal_table(document: dict[str, Any]) -> str:
     lines: list[str] = []
     if rows:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        right = set(range(2, len(header)))
+        right = set(range(2, len(header))) - {header.index("timer")}
 
         def line(cells: list[str]) -> str:
             return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))

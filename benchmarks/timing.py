@@ -1,10 +1,11 @@
 """Timing loops: warm-up, then a fixed number of iterations or a time budget, with one timer per backend.
 
 A backend supplies the timed callable (one forward pass on an input already where the backend
-wants it) and a timer: :class:`WallTimer` for calls that return only when their work is done
-(CPU backends, synchronous GPU calls), :class:`CudaEventTimer` for asynchronous CUDA work on a
-torch stream (events recorded around the call, then the end event synchronised, every
-iteration, so each sample is one request's latency and no queued work leaks into the next).
+wants it) and a timer: :class:`WallTimer` for CPU backends, :class:`CudaEventTimer` for every GPU
+runtime alike — torch, onnxruntime (CUDA and TensorRT providers) and TensorRT each enqueue on a
+stream of their own, and the timer records CUDA events on that stream immediately around the
+call, then synchronises the end event, every iteration: each sample is one request's device time
+and no queued work leaks into the next. The timer's name is recorded beside every figure.
 """
 
 from __future__ import annotations
@@ -88,8 +89,12 @@ class WallTimer:
 class CudaEventTimer:
     """CUDA events recorded on ``stream`` (default: torch's current stream) around each call.
 
-    The end event is synchronised every iteration, so a sample is the device time from the
-    start of one request to the end of its last kernel, gaps from kernel launches included.
+    ``stream`` is the stream the runtime enqueues on: a ``torch.cuda.Stream`` for torch and for
+    onnxruntime (handed to it as ``user_compute_stream``), ``torch.cuda.ExternalStream`` of the
+    TensorRT runtime's own stream for TensorRT. The end event is synchronised every iteration, so
+    a sample is the device time from the start of one request to the end of its last kernel,
+    gaps from kernel launches included. Not run here (no GPU): written from PyTorch's documented
+    ``torch.cuda.Event``/``ExternalStream`` API.
     """
 
     name = "cuda_event"

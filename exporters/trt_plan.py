@@ -3,7 +3,7 @@
 Reads the ONNX file's self-description (:class:`~vitdeploy.metadata.ArtifactMetadata`),
 turns ``--batch``/``--resolution``/``--profile``/``--min-shape``… into optimization profiles,
 validates them against what the file was validated for, decides whether the fp32 graph must
-be converted to fp16 first (design decision 2: precision lives in the graph, TensorRT ≥ 10.12
+be converted to fp16 first (precision lives in the graph: TensorRT ≥ 10.12
 deprecates and 11.0 removes ``BuilderFlag.FP16``), and renders the equivalent ``trtexec``
 command (flags as listed by ``trtexec --help``, samples/common/sampleOptions.cpp in
 NVIDIA/TensorRT).
@@ -19,17 +19,23 @@ from typing import Any
 
 import onnx
 
+from vitdeploy.config import snap_to_stride
 from vitdeploy.engine_manifest import (
     HARDWARE_COMPATIBILITY_LEVELS,
     PRECISIONS,
+    QUANTIZED_PRECISIONS,
     OptimizationProfile,
     format_shape,
+    layers_path_for,
     manifest_path_for,
     parse_shape,
     validate_profiles,
 )
 from vitdeploy.metadata import PREFIX, ArtifactMetadata
 
+# --softmax: "graph" builds the graph as it is; "fp16" computes softmax in fp16 (the Cast→Softmax(fp32)→Cast
+# islands removed), leaving its precision to TensorRT's fused attention kernel (see exporters/trt_attention.py).
+SOFTMAX_CHOICES = ("graph", "fp16")
 MAX_OPTIMIZATION_LEVEL = 5  # IBuilderConfig.builder_optimization_level: 0..5, TensorRT's default 3
 TRTEXEC_HARDWARE_COMPAT = {"none": "none", "ampere+": "ampere+", "same-compute-capability": "sameComputeCapability"}
 _SIZE_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}  # bare numbers are MiB, as trtexec
@@ -51,7 +57,13 @@ def parse_size(text: str, what: str = "workspace") -> int:
 
 @dataclass
 class BuildOptions:
-    """Builder settings besides shapes. ``precision=None`` keeps the graph's precision."""
+    """Builder settings besides shapes. ``precision=None`` keeps the graph's precision.
+
+    ``softmax="fp16"`` (fp16 engines only) rewrites the graph so softmax runs in fp16 inside
+    attention, parity-checks the rewrite against the graph on onnxruntime, then builds from it.
+    ``detailed_profiling`` builds with ``ProfilingVerbosity.DETAILED`` so the engine inspector
+    reports each layer's type and tactic (whether attention was fused).
+    """
 
     precision: str | None = None
     workspace: int | None = None
@@ -61,10 +73,14 @@ class BuildOptions:
     version_compatible: bool = False
     verbose: bool = False
     tf32: bool = True
+    softmax: str = "graph"
+    detailed_profiling: bool = True
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.softmax not in SOFTMAX_CHOICES:
+            raise ValueError(f"softmax {self.softmax!r} is not one of {SOFTMAX_CHOICES}")
         if self.workspace is not None and self.workspace <= 0:
             raise ValueError(f"workspace {self.workspace} must be a positive number of bytes")
         if self.optimization_level is not None and not 0 <= self.optimization_level <= MAX_OPTIMIZATION_LEVEL:
@@ -86,6 +102,8 @@ class BuildOptions:
             "version_compatible": self.version_compatible,
             "tf32": self.tf32,
             "verbose": self.verbose,
+            "softmax": self.softmax,
+            "profiling_verbosity": "detailed" if self.detailed_profiling else "layer_names_only",
         }
 
 
@@ -113,8 +131,49 @@ class OnnxInfo:
         return self.metadata.stride if self.metadata is not None else None
 
 
+_QUANTIZED_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
+
+
+def _quantized_type(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> int | None:
+    """The element type a QuantizeLinear produces: ``output_dtype`` (opset 21), else its zero point's, else uint8."""
+    for attribute in node.attribute:
+        if attribute.name == "output_dtype" and attribute.i:
+            return int(attribute.i)
+    if len(node.input) > 2 and node.input[2] in initializers:
+        return int(initializers[node.input[2]].data_type)
+    return onnx.TensorProto.UINT8 if len(node.input) <= 2 or not node.input[2] else None
+
+
+def quantized_precision(model: onnx.ModelProto) -> str | None:
+    """``"int8"``/``"fp8"`` for a Q/DQ graph (by what its QuantizeLinear nodes produce), ``None`` for a float graph.
+
+    A graph that quantizes to both counts as the type most of its QuantizeLinear nodes produce.
+    ``ValueError`` for a quantized type TensorRT's strongly typed networks do not take (uint8, FP8 E5M2 ...).
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        element = _quantized_type(node, initializers)
+        if element is None:
+            continue  # zero point computed in the graph: its type is not visible without inference
+        if element not in _QUANTIZED_TYPES:
+            name = onnx.TensorProto.DataType.Name(element)
+            raise ValueError(f"QuantizeLinear {node.name or node.output[0]!r} produces {name}; TensorRT takes "
+                             "INT8 (symmetric) and FLOAT8E4M3FN quantization only")
+        precision = _QUANTIZED_TYPES[element]
+        counts[precision] = counts.get(precision, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=lambda p: (counts[p], p == "fp8"))
+
+
 def graph_precision(model: onnx.ModelProto) -> str:
-    """``"fp16"`` if most floating-point weight bytes are half precision, else ``"fp32"``."""
+    """``"int8"``/``"fp8"`` for Q/DQ graphs; else ``"fp16"`` if most floating-point weight bytes are half, else ``"fp32"``."""
+    quantized = quantized_precision(model)
+    if quantized is not None:
+        return quantized
     counts = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
     for tensor in model.graph.initializer:
         if tensor.data_type in counts:
@@ -142,19 +201,9 @@ def read_onnx_info(path: str | os.PathLike[str]) -> OnnxInfo:
         raise ValueError(f"{path} has {len(inputs)} graph inputs {[v.name for v in inputs]}; vitdeploy builds one-input models")
     dims = inputs[0].type.tensor_type.shape.dim
     shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-    precision = metadata.precision if metadata is not None else graph_precision(model)
+    precision = graph_precision(model) if metadata is None or metadata.precision not in PRECISIONS else metadata.precision
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return OnnxInfo(path, inputs[0].name, shape, [o.name for o in model.graph.output], precision, opset, metadata)
-
-
-def _clamp_to_stride(value: int, low: int, high: int, stride: int) -> int:
-    """``value`` clamped into ``[low, high]`` and rounded down to a multiple of ``stride`` (not below ``low``)."""
-    value = min(max(value, low), high)
-    if stride:
-        value -= value % stride
-        if value < low:
-            value += stride
-    return value
 
 
 def default_ranges(info: OnnxInfo) -> dict[str, tuple[int, int, int]]:
@@ -174,8 +223,8 @@ def default_ranges(info: OnnxInfo) -> dict[str, tuple[int, int, int]]:
     stride = info.metadata.stride
     return {
         "batch": (rng.batch[0], rng.batch[0], rng.batch[1]),
-        "height": (rng.height[0], _clamp_to_stride(native, *rng.height, stride), rng.height[1]),
-        "width": (rng.width[0], _clamp_to_stride(native, *rng.width, stride), rng.width[1]),
+        "height": (rng.height[0], snap_to_stride(native, *rng.height, stride), rng.height[1]),
+        "width": (rng.width[0], snap_to_stride(native, *rng.width, stride), rng.width[1]),
     }
 
 
@@ -312,13 +361,29 @@ class BuildPlan:
         return self.precision == "fp16" and self.onnx.precision == "fp32"
 
     @property
+    def rewrites_softmax(self) -> bool:
+        """Softmax is to run in fp16 (``--softmax fp16``): the graph is rewritten and parity-checked first."""
+        return self.options.softmax == "fp16"
+
+    @property
+    def rewrites_graph(self) -> bool:
+        """The engine is built from a rewritten copy of the ONNX file, not from the file itself."""
+        return self.convert_to_fp16 or self.rewrites_softmax
+
+    @property
+    def layers_path(self) -> Path:
+        """Where the engine inspector's layer list goes: ``<engine>.layers.json``."""
+        return layers_path_for(self.engine_path)
+
+    @property
     def manifest_path(self) -> Path:
         return manifest_path_for(self.engine_path)
 
     @property
     def fp16_onnx_path(self) -> Path:
-        """Where ``--print-trtexec`` writes the converted fp16 graph: beside the engine."""
-        return self.engine_path.with_name(self.engine_path.stem + ".fp16.onnx")
+        """Where ``--print-trtexec`` writes the rewritten graph (fp16 conversion, fp16 softmax): beside the engine."""
+        suffix = ".fp16.onnx" if not self.rewrites_softmax else ".fp16-softmax.onnx"
+        return self.engine_path.with_name(self.engine_path.stem + suffix)
 
 
 def plan_build(
@@ -331,15 +396,32 @@ def plan_build(
     """Read ``onnx_path``, make and validate the profiles (:func:`make_profiles` arguments), check precision."""
     info = read_onnx_info(onnx_path)
     options = options or BuildOptions()
-    if options.precision == "fp32" and info.precision == "fp16":
-        raise ValueError(
-            f"{info.path} is an fp16 graph; a strongly typed engine has the graph's precision, so an fp32 engine "
-            "needs an fp32 graph (vitdeploy export --precision fp32)"
-        )
+    check_precision_request(info, options)
     engine = Path(engine_path) if engine_path is not None else info.path.with_suffix(".engine")
     if engine.suffix.lower() == ".onnx" or engine.resolve() == info.path.resolve():
         raise ValueError(f"output {engine} would overwrite the ONNX input; name the engine e.g. {info.path.stem}.engine")
     return BuildPlan(info, engine, make_profiles(info, **profile_args), options)
+
+
+def check_precision_request(info: OnnxInfo, options: BuildOptions) -> None:
+    """``ValueError`` unless the requested engine precision can come from this graph (strong typing).
+
+    The engine's precision is the graph's: only fp32 → fp16 is a conversion vitdeploy makes;
+    int8/fp8 engines need a Q/DQ graph of that type, and a Q/DQ graph builds only as itself.
+    """
+    wanted, graph = options.precision, info.precision
+    if wanted is not None and wanted != graph and not (wanted == "fp16" and graph == "fp32"):
+        if wanted in QUANTIZED_PRECISIONS:
+            how = f"quantize it first (vitdeploy export --precision {wanted})"
+        elif graph in QUANTIZED_PRECISIONS:
+            how = f"build it as {graph}, or build from the float graph it was quantized from"
+        else:
+            how = f"export with --precision {wanted}"
+        raise ValueError(f"{info.path} is a {graph} graph and a strongly typed engine has the graph's precision, "
+                         f"so a {wanted} engine cannot be built from it: {how}")
+    effective = wanted or graph
+    if options.softmax == "fp16" and effective != "fp16":
+        raise ValueError(f"--softmax fp16 applies to fp16 engines; {info.path} builds a {effective} engine")
 
 
 def _trtexec_size(nbytes: int) -> str:
@@ -352,8 +434,11 @@ def _trtexec_size(nbytes: int) -> str:
 def trtexec_command(plan: BuildPlan, onnx_path: str | os.PathLike[str] | None = None) -> list[str]:
     """The ``trtexec`` invocation that builds the same engine (argv list; see :func:`format_command`).
 
-    ``--stronglyTyped`` is required on TensorRT 10.x and a no-op on 11.x; ``--skipInference``
-    stops after the build. Several profiles use ``--profile=N`` before each shape triple.
+    ``--stronglyTyped`` is required on TensorRT 10.x and a no-op on 11.x (int8/fp8 come from the
+    graph's Q/DQ, never from ``--int8``/``--fp8``); ``--skipInference`` stops after the build.
+    Several profiles use ``--profile=N`` before each shape triple. With detailed profiling,
+    ``--profilingVerbosity=detailed --exportLayerInfo=<engine>.layers.json`` writes the layer list
+    ``vitdeploy inspect`` reads.
     """
     options = plan.options
     argv = ["trtexec", f"--onnx={onnx_path or plan.onnx.path}", f"--saveEngine={plan.engine_path}", "--stronglyTyped"]
@@ -374,6 +459,8 @@ def trtexec_command(plan: BuildPlan, onnx_path: str | os.PathLike[str] | None = 
         argv.append("--versionCompatible")
     if not options.tf32:
         argv.append("--noTF32")
+    if options.detailed_profiling:
+        argv += ["--profilingVerbosity=detailed", f"--exportLayerInfo={plan.layers_path}"]
     if options.verbose:
         argv.append("--verbose")
     argv.append("--skipInference")

@@ -57,7 +57,7 @@ def profile_shapes(spec: InputSpec, opt_batch: int | None = None, opt_height: in
     """
     def opt_side(requested: int | None, low: int, high: int) -> int:
         value = requested if requested is not None else min(high, 2 * low)
-        return snap_to_stride(_clamp(int(value), low, high), low, high, spec.multiple_of)
+        return snap_to_stride(int(value), low, high, spec.multiple_of)
 
     shapes = {
         "min": (spec.batch[0], spec.height[0], spec.width[0]),
@@ -141,6 +141,16 @@ def provider_chain(provider: str, available: list[str], trt_options: Mapping[str
         chain.append((PROVIDERS["cuda"], {"device_id": str(int(device_id))}))
     chain.append((PROVIDERS["cpu"], {}))
     return chain
+
+
+def _preload_tensorrt() -> None:
+    """onnxruntime's TensorRT EP dlopens libnvinfer.so.10 by soname; pip's copy is found only once tensorrt is imported."""
+    from vitdeploy.tensorrt_env import TensorRTUnavailable, preload_tensorrt_libraries
+
+    try:
+        preload_tensorrt_libraries()
+    except TensorRTUnavailable as error:
+        raise ValueError(f"provider 'tensorrt': {error}") from None
 
 
 class OrtRuntime(Runtime):
@@ -229,6 +239,9 @@ class OrtRuntime(Runtime):
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to provider 'tensorrt', not {provider!r}")
         chain = provider_chain(provider, available, trt_options, device_id)
+        if provider == "tensorrt":
+            _preload_tensorrt()
+
 
         self._session = ort.InferenceSession(
             str(self.graph_path), sess_options=options,

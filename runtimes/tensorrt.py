@@ -5,43 +5,60 @@
 1. reads the manifest ``model.engine.json`` and refuses — with :class:`EngineMismatchError`,
    naming every mismatch — an engine whose sha256, TensorRT version or GPU compute capability
    does not match it (``force=True`` loads anyway, with a warning);
-2. deserializes with ``trt.Runtime.deserialize_cuda_engine`` (``engine_host_code_allowed`` for
-   version-compatible engines) and makes one execution context and one CUDA stream;
-3. allocates device buffers and pinned host buffers once, sized for the largest shape of any
+2. selects CUDA device ``device`` for the calling thread (and again, then restores the caller's
+   device, on every call, close and free: the current device is per thread), deserializes with
+   ``trt.Runtime(logger).deserialize_cuda_engine`` (the process's one logger;
+   ``engine_host_code_allowed`` for version-compatible engines), allocates one scratch buffer of
+   ``engine.device_memory_size_v2`` bytes and one CUDA stream;
+3. makes execution contexts with ``ExecutionContextAllocationStrategy.USER_MANAGED`` that all
+   share that scratch buffer (``set_device_memory(ptr, size)``): safe because every context runs
+   on the runtime's one stream, under its lock, one after another;
+4. allocates device buffers and pinned host buffers once, sized for the largest shape of any
    optimization profile (output sizes from ``IExecutionContext.get_tensor_shape`` after
    ``set_input_shape`` to each profile's max, as NVIDIA's ``samples/python/common_runtime.py``);
-4. per call: checks the input like every runtime (:func:`~vitdeploy.runtimes.base.validate_input`)
+5. per call: checks the input like every runtime (:func:`~vitdeploy.runtimes.base.validate_input`)
    and against the engine's profiles (:func:`~vitdeploy.engine_manifest.select_profile`), switches
    profile with ``set_optimization_profile_async`` when needed, ``set_input_shape``,
    ``set_tensor_address``, copies in (``cudaMemcpyAsync``), ``execute_async_v3``, copies out,
    ``cudaStreamSynchronize``.
 
-``cuda_graphs=True`` captures one CUDA graph per (profile, input shape) after a first plain
-``execute_async_v3`` (the documented warm-up after a shape change) and replays it afterwards.
+``cuda_graphs=True``: a CUDA graph replays work with the execution context's state of capture
+time, and TensorRT defers a profile switch's layer-resource update to the next
+``execute_async_v3`` — which a graph launch skips. So every cached graph gets its *own*
+execution context, bound once to (profile, input shape, the runtime's own buffers) and never
+changed afterwards; the main context serves plain calls. Capture follows TensorRT's CUDA-graph
+guidance: one plain ``execute_async_v3`` after the shape is set, then capture on the runtime's
+(non-default) stream. At most :data:`MAX_CUDA_GRAPHS` graphs are kept (least recently used go).
 
 Device inputs: call it with an object exposing ``__cuda_array_interface__`` or DLPack
 (``__dlpack__``, e.g. a CUDA ``torch.Tensor``), or use :meth:`TensorRTRuntime.run_device` with a
 raw pointer; the logits come back as a :class:`CudaBuffer` (``__cuda_array_interface__``, so
 ``torch.as_tensor(buf, device="cuda")`` or ``cupy.asarray(buf)`` wrap it without a copy).
+TensorRT needs 256-byte-aligned tensor addresses (``setTensorAddress``, NvInferRuntime.h); a
+caller's pointer that is not (a sliced tensor, a DLPack ``byte_offset``) is staged through the
+runtime's own buffers with a device-to-device copy, as are all device calls with CUDA graphs.
+:meth:`TensorRTRuntime.device_call` returns an enqueue-only callable on its own context for
+timing (the benchmark records CUDA events around it on :attr:`TensorRTRuntime.stream_handle`).
 
-Thread safety: one execution context and one stream serve every call, and a lock serializes
-calls (TensorRT forbids using one execution context from two threads at once). Calls from
-several threads are safe but do not overlap on the GPU; for concurrency, make one runtime per
-thread.
+Thread safety: a lock serializes calls (TensorRT forbids using one execution context from two
+threads at once, and all contexts share one scratch buffer). Calls from several threads are
+safe but do not overlap on the GPU; for concurrency, make one runtime per thread.
 
-API sources: TensorRT Python API reference (ICudaEngine, IExecutionContext, Runtime) for
-10.x and 11.x, https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/ ;
-cuda-python's ``cuda.bindings.runtime`` (cudaMalloc, cudaMallocHost, cudaMemcpyAsync,
-cudaStreamCreate, cudaStreamSynchronize, cudaStreamBeginCapture/EndCapture,
-cudaGraphInstantiate/Launch), https://nvidia.github.io/cuda-python/ .
+API sources: TensorRT Python API reference (ICudaEngine, IExecutionContext, Runtime) for 10.x
+and 11.x, https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/ , and the
+bindings in NVIDIA/TensorRT ``python/src/infer/pyCore.cpp`` (``create_execution_context(strategy)``,
+``set_device_memory(memory, size)``, ``device_memory_size_v2``; ``set_optimization_profile_async``
+raises ``RuntimeError`` on failure); cuda-python's ``cuda.bindings.runtime`` (cudaMalloc,
+cudaMallocHost, cudaMemcpyAsync, cudaStreamCreate, cudaStreamSynchronize,
+cudaStreamBeginCapture/EndCapture, cudaGraphInstantiate/Launch), https://nvidia.github.io/cuda-python/ .
 
 Neither tensorrt nor cuda-python is imported at module import; numpy only.
 
-Verification status: written from NVIDIA's documentation on machines where TensorRT cannot be
-installed. It has run against the test double in ``tests/trt_double.py`` (call names, order,
-values) and, for the CUDA calls, against real cuda-python 12.9 and 13.5 without a GPU (argument
-types and error paths) — never against a real TensorRT. ``tests/test_tensorrt_gpu.py`` (run by
-``benchmarks/gpu_check.sh``) is the first real run.
+Verification status: written from NVIDIA's documentation and binding sources on machines where
+TensorRT cannot be installed. It has run against the test double in ``tests/trt_double.py`` (call
+names, order, values, and the rules it enforces) and, for the CUDA calls, against real
+cuda-python 12.9 and 13.5 without a GPU (argument types and error paths) — never against a real
+TensorRT. ``tests/test_tensorrt_gpu.py`` (run by ``benchmarks/gpu_check.sh``) is the first real run.
 """
 
 from __future__ import annotations
@@ -52,7 +69,7 @@ import ctypes
 import hashlib
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +89,7 @@ from vitdeploy.engine_manifest import (
 from vitdeploy.metadata import ArtifactMetadata
 from vitdeploy.runtimes.base import InputSpec, Runtime, validate_input
 from vitdeploy.tensorrt_env import (
-    INSTALL_HINT,
+    TENSORRT_ALIGNMENT,
     CudaApi,
     CudaError,
     TensorRTUnavailable,
@@ -80,10 +97,13 @@ from vitdeploy.tensorrt_env import (
     dtype_name,
     import_cudart,
     import_tensorrt,
+    is_aligned,
+    logger_severity,
 )
 
 __all__ = [
     "CudaBuffer",
+    "DeviceCall",
     "EngineMismatchError",
     "TensorRTRuntime",
     "TensorRTUnavailable",
@@ -249,16 +269,19 @@ class CudaBuffer:
     def to_host(self) -> np.ndarray:
         """Copy to a new numpy array (synchronous)."""
         out = np.empty(self.shape, dtype=self.dtype)
-        self._cuda.check(
-            self._cuda.rt.cudaMemcpy(out.ctypes.data, self.ptr, self.nbytes, self._cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
-            "cudaMemcpy(dtoh)",
-        )
+        with self._cuda.using_device():
+            self._cuda.check(
+                self._cuda.rt.cudaMemcpy(out.ctypes.data, self.ptr, self.nbytes,
+                                         self._cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
+                "cudaMemcpy(dtoh)",
+            )
         return out
 
     def free(self) -> None:
         if self.ptr is not None:
             ptr, self.ptr = self.ptr, None
-            self._cuda.free(ptr)
+            with self._cuda.using_device():
+                self._cuda.free(ptr)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown or a dead context: nothing to report
@@ -271,6 +294,33 @@ class _Buffer:
     host: int
     nbytes: int
     dtype: str
+
+
+@dataclass
+class _Binding:
+    """One execution context and what is bound to it (a graph context never changes after capture)."""
+
+    context: Any
+    profile: int | None = 0  # a fresh context starts on profile 0
+    shape: tuple[int, ...] | None = None
+    addresses: dict[str, int] = field(default_factory=dict)
+    graph: tuple[Any, Any] | None = None  # (cudaGraph_t, cudaGraphExec_t)
+
+
+class DeviceCall:
+    """An enqueue-only call of one engine on fixed device buffers, on its own execution context.
+
+    ``call()`` enqueues the engine (or replays its CUDA graph) on :attr:`stream_handle` and returns
+    without synchronising; what :meth:`TensorRTRuntime.device_call` hands the benchmark, whose
+    CUDA events bracket exactly this enqueue. Valid until the runtime is closed.
+    """
+
+    def __init__(self, runtime: TensorRTRuntime, binding: _Binding, output: Any) -> None:
+        self._runtime, self._binding, self.output = runtime, binding, output
+        self.stream_handle = runtime.stream_handle
+
+    def __call__(self) -> None:
+        self._runtime._enqueue(self._binding)
 
 
 class TensorRTRuntime(Runtime):
@@ -315,17 +365,18 @@ class TensorRTRuntime(Runtime):
         problems = []
         trt = import_tensorrt()
         cuda = CudaApi(import_cudart(), device)
+        previous = _current_device(cuda)
         try:
-            cuda.set_device()
-            gpu = cuda.device_info()
-        except CudaError as error:
-            raise TensorRTUnavailable(f"no usable CUDA GPU here ({error}); {INSTALL_HINT}") from None
-        self.environment = Environment(str(trt.__version__), gpu)
-        if self.manifest is not None:
-            problems += check_compatibility(self.manifest, self.environment)
-        self._refuse_or_warn(problems, force)
-        self._trt, self._cuda = trt, cuda
-        self._load(data, verbose, force)
+            gpu = cuda_device_info(device)  # selects the device; one clear line for a missing driver or GPU
+            self.environment = Environment(str(trt.__version__), gpu)
+            if self.manifest is not None:
+                problems += check_compatibility(self.manifest, self.environment)
+            self._refuse_or_warn(problems, force)
+            self._trt, self._cuda = trt, cuda
+            self._load(data, verbose, force)
+        finally:
+            if previous is not None and previous != device:
+                cuda.check(cuda.rt.cudaSetDevice(previous), f"cudaSetDevice({previous})")  # the caller's device back
 
     def _refuse_or_warn(self, problems: list[str], force: bool) -> None:
         if not problems:
@@ -337,11 +388,11 @@ class TensorRTRuntime(Runtime):
 
     def _load(self, data: bytes, verbose: bool, force: bool) -> None:
         trt, cuda = self._trt, self._cuda
-        self._logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        if self.manifest is not None and self.manifest.version_compatible:
-            self._runtime.engine_host_code_allowed = True  # the engine embeds its lean runtime
-        self._engine = self._runtime.deserialize_cuda_engine(data)
+        with logger_severity(trt, verbose) as logger:
+            self._runtime = trt.Runtime(logger)
+            if self.manifest is not None and self.manifest.version_compatible:
+                self._runtime.engine_host_code_allowed = True  # the engine embeds its lean runtime
+            self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {self.engine_path} (see the TensorRT log above)")
         engine = self._engine
@@ -362,19 +413,36 @@ class TensorRTRuntime(Runtime):
             multiple_of=self.metadata.stride if self.metadata is not None else 1,
         )
         self._logits = "logits" if "logits" in self._outputs else self._outputs[0]
-        self._context = engine.create_execution_context()
-        if self._context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for {self.engine_path}")
+        self._buffers: dict[str, _Buffer] = {}
+        self._graphs: collections.OrderedDict[tuple[int, tuple[int, ...]], _Binding] = collections.OrderedDict()
+        self._calls: list[_Binding] = []
+        self._scratch: int | None = None
         self._stream = cuda.stream_create()
         self._closed = False
-        self._graphs: collections.OrderedDict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = collections.OrderedDict()
-        self._buffers: dict[str, _Buffer] = {}
-        self._active_profile: int | None = None
         try:
+            self._scratch_bytes = int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+            self._scratch = cuda.malloc(self._scratch_bytes)
+            self._main = _Binding(self._new_context())
             self._allocate()
         except BaseException:
             self.close()
             raise
+
+    def _new_context(self) -> Any:
+        """An execution context on the shared scratch buffer (USER_MANAGED, ``set_device_memory``)."""
+        trt, engine = self._trt, self._engine
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {self.engine_path}")
+        if hasattr(context, "set_device_memory"):
+            context.set_device_memory(self._scratch, self._scratch_bytes)  # TensorRT >= 10.1
+        else:
+            context.device_memory = self._scratch
+        detailed = getattr(trt, "ProfilingVerbosity", None)
+        if detailed is not None and getattr(engine, "profiling_verbosity", None) == detailed.DETAILED:
+            # NVTX ranges at DETAILED verbosity add enqueue latency (IExecutionContext.nvtx_verbosity); lowering is allowed.
+            context.nvtx_verbosity = detailed.LAYER_NAMES_ONLY
+        return context
 
     def _engine_profiles(self, force: bool) -> list[OptimizationProfile]:
         engine = self._engine
@@ -391,15 +459,16 @@ class TensorRTRuntime(Runtime):
 
     def _allocate(self) -> None:
         """Device + pinned host buffers sized for the largest shape of any profile (allocated once)."""
-        cuda, context = self._cuda, self._context
+        cuda, binding = self._cuda, self._main
         sizes = {name: 0 for name in (self._input, *self._outputs)}
         for index, profile in enumerate(self.profiles):
-            self._select(index)
-            if not context.set_input_shape(self._input, profile.max):
+            self._select(binding, index)
+            if not binding.context.set_input_shape(self._input, profile.max):
                 raise RuntimeError(f"set_input_shape({self._input}, {format_shape(profile.max)}) failed for profile {index}")
+            binding.shape = tuple(profile.max)
             sizes[self._input] = max(sizes[self._input], int(np.prod(profile.max)))
             for name in self._outputs:
-                shape = tuple(context.get_tensor_shape(name))
+                shape = tuple(binding.context.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise RuntimeError(f"output {name} has unresolved shape {shape} for profile {index}")
                 sizes[name] = max(sizes[name], int(np.prod(shape)))
@@ -414,56 +483,109 @@ class TensorRTRuntime(Runtime):
                 raise
             self._buffers[name] = _Buffer(device, host, nbytes, self._dtypes[name])
 
-    def _select(self, index: int) -> None:
-        # A fresh context starts on profile 0; switching is enqueued on our stream, so it is ordered before the next enqueue.
-        if self._active_profile != index:
-            if not self._context.set_optimization_profile_async(index, int(self._stream)):
+    @property
+    def stream_handle(self) -> int:
+        """The runtime's CUDA stream (``cudaStream_t`` as an int), e.g. for ``torch.cuda.ExternalStream``."""
+        return int(self._stream)
+
+    # -- binding ------------------------------------------------------------------------------
+
+    def _select(self, binding: _Binding, index: int) -> None:
+        # A fresh context starts on profile 0; the switch is enqueued on our stream, so it is ordered before the
+        # next enqueue. The bindings raise RuntimeError on failure (PY_ASSERT_RUNTIME_ERROR); older ones return False.
+        if binding.profile != index:
+            try:
+                switched = binding.context.set_optimization_profile_async(index, self.stream_handle)
+            except RuntimeError as error:
+                raise RuntimeError(f"set_optimization_profile_async({index}) failed: {error}") from None
+            if not switched:
                 raise RuntimeError(f"set_optimization_profile_async({index}) failed")
-            self._active_profile = index
+            # "Changing [the active profile] will invalidate all dynamic bindings" (IExecutionContext docs): shapes and,
+            # to be safe, addresses are set again.
+            binding.profile, binding.shape = index, None
+            binding.addresses.clear()
 
-    def _bind(self, index: int, shape: tuple[int, ...], addresses: dict[str, int]) -> dict[str, tuple[int, ...]]:
-        self._select(index)
-        if not self._context.set_input_shape(self._input, shape):
-            raise ValueError(f"TensorRT rejected input shape {format_shape(shape)} for profile {index}")
+    def _bind(self, binding: _Binding, index: int, shape: tuple[int, ...], addresses: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        self._select(binding, index)
+        if binding.shape != shape:
+            if not binding.context.set_input_shape(self._input, shape):
+                raise ValueError(f"TensorRT rejected input shape {format_shape(shape)} for profile {index}")
+            binding.shape = shape
         for name, address in addresses.items():
-            if not self._context.set_tensor_address(name, address):
-                raise RuntimeError(f"set_tensor_address({name}) failed")
-        return {name: tuple(self._context.get_tensor_shape(name)) for name in self._outputs}
+            if binding.addresses.get(name) == address:
+                continue
+            if not is_aligned(address):
+                raise ValueError(f"device address 0x{address:x} for {name} is not {TENSORRT_ALIGNMENT}-byte aligned, "
+                                 "as TensorRT requires (IExecutionContext.set_tensor_address)")
+            if not binding.context.set_tensor_address(name, address):
+                raise RuntimeError(f"set_tensor_address({name}, 0x{address:x}) failed (TensorRT rejected the address)")
+            binding.addresses[name] = address
+        return {name: tuple(binding.context.get_tensor_shape(name)) for name in self._outputs}
 
-    def _execute(self) -> None:
-        if not self._context.execute_async_v3(int(self._stream)):
+    def _own_addresses(self) -> dict[str, int]:
+        return {name: buf.device for name, buf in self._buffers.items()}
+
+    def _execute(self, binding: _Binding) -> None:
+        if not binding.context.execute_async_v3(self.stream_handle):
             raise RuntimeError(f"execute_async_v3 failed for {self.engine_path} (see the TensorRT log above)")
 
-    def _capture(self) -> tuple[Any, Any]:
-        cuda, stream = self._cuda, self._stream
-        self._execute()  # after a shape change TensorRT must run once before capture
-        cuda.synchronize(stream)
-        cuda.begin_capture(stream)
-        try:
-            captured = self._context.execute_async_v3(int(stream))
-        finally:
-            graph = cuda.end_capture(stream)  # always leave capture mode
-        if not captured:
-            raise RuntimeError("execute_async_v3 failed during CUDA graph capture")
-        return graph, cuda.instantiate(graph)
+    def _enqueue(self, binding: _Binding) -> None:
+        with self._lock:
+            self._ensure_open()
+            with self._cuda.using_device():
+                if binding.graph is not None:
+                    self._cuda.launch(binding.graph[1], self._stream)
+                else:
+                    self._execute(binding)
 
-    def _execute_graph(self, key: tuple[int, tuple[int, ...]]) -> None:
-        cached = self._graphs.get(key)
-        if cached is None:
+    # -- CUDA graphs ----------------------------------------------------------------------------
+
+    def _capture(self, binding: _Binding) -> None:
+        """Warm up (one plain enqueue after the shape was set, as TensorRT requires), then capture."""
+        cuda, stream = self._cuda, self._stream
+        self._execute(binding)
+        cuda.synchronize(stream)
+
+        def body() -> None:
+            if not binding.context.execute_async_v3(self.stream_handle):
+                raise RuntimeError("execute_async_v3 failed during CUDA graph capture")
+
+        binding.graph = cuda.capture(stream, body)
+
+    def _graph_binding(self, index: int, shape: tuple[int, ...]) -> _Binding | None:
+        """The cached graph for (profile, shape) on its own context, captured on first use; None if capture failed."""
+        key = (index, shape)
+        binding = self._graphs.get(key)
+        if binding is None:
+            binding = _Binding(self._new_context())
+            self._bind(binding, index, shape, self._own_addresses())
             try:
-                cached = self._capture()
+                self._capture(binding)
             except (CudaError, RuntimeError) as error:
-                # Some engines cannot be captured (e.g. data-dependent shapes); run them plainly.
+                # Some engines cannot be captured (e.g. data-dependent shapes); run them plainly from now on.
                 warnings.warn(f"CUDA graph capture failed ({error}); running {self.engine_path} without CUDA graphs",
                               stacklevel=4)
                 self.cuda_graphs = False
-                self._execute()
-                return
-            self._graphs[key] = cached
+                return None
+            self._graphs[key] = binding
             if len(self._graphs) > MAX_CUDA_GRAPHS:
-                self._cuda.destroy_graph(*self._graphs.popitem(last=False)[1])
+                _, evicted = self._graphs.popitem(last=False)
+                self._cuda.destroy_graph(*evicted.graph)
         self._graphs.move_to_end(key)
-        self._cuda.launch(cached[1], self._stream)
+        return binding
+
+    def _forward(self, index: int, shape: tuple[int, ...], addresses: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Enqueue one forward pass: the cached graph (own buffers) or the main context (``addresses``)."""
+        if self.cuda_graphs:
+            binding = self._graph_binding(index, shape)
+            if binding is not None:
+                self._cuda.launch(binding.graph[1], self._stream)
+                return {name: tuple(binding.context.get_tensor_shape(name)) for name in self._outputs}
+        out_shapes = self._bind(self._main, index, shape, addresses)
+        self._execute(self._main)
+        return out_shapes
+
+    # -- calls --------------------------------------------------------------------------------
 
     def _ensure_open(self) -> None:
         if self._closed:
@@ -482,20 +604,27 @@ class TensorRTRuntime(Runtime):
         with self._lock:
             self._ensure_open()
             cuda, stream, buffers = self._cuda, self._stream, self._buffers
-            cuda.set_device()
-            source = buffers[self._input]
-            out_shapes = self._bind(index, shape, {name: buf.device for name, buf in buffers.items()})
-            _host_view(source.host, pixel_values.nbytes)[:] = pixel_values.reshape(-1).view(np.uint8)
-            cuda.copy_async(source.device, source.host, pixel_values.nbytes, "htod", stream)
-            if self.cuda_graphs:
-                self._execute_graph((index, shape))
-            else:
-                self._execute()
-            result = buffers[self._logits]
-            nbytes = int(np.prod(out_shapes[self._logits])) * np.dtype(result.dtype).itemsize
-            cuda.copy_async(result.host, result.device, nbytes, "dtoh", stream)
-            cuda.synchronize(stream)
-            return _host_view(result.host, nbytes).view(result.dtype).reshape(out_shapes[self._logits]).copy()
+            with cuda.using_device():
+                source = buffers[self._input]
+                _host_view(source.host, pixel_values.nbytes)[:] = pixel_values.reshape(-1).view(np.uint8)
+                cuda.copy_async(source.device, source.host, pixel_values.nbytes, "htod", stream)
+                out_shapes = self._forward(index, shape, self._own_addresses())
+                result = buffers[self._logits]
+                nbytes = int(np.prod(out_shapes[self._logits])) * np.dtype(result.dtype).itemsize
+                cuda.copy_async(result.host, result.device, nbytes, "dtoh", stream)
+                cuda.synchronize(stream)
+                return _host_view(result.host, nbytes).view(result.dtype).reshape(out_shapes[self._logits]).copy()
+
+    def _device_tensor(self, pixel_values: Any, shape: tuple[int, ...] | None, dtype: str | None) -> DeviceTensor:
+        if isinstance(pixel_values, int):
+            if shape is None:
+                raise ValueError("a raw device pointer needs shape= (and dtype=, default the engine's input dtype)")
+            return DeviceTensor(pixel_values, tuple(int(d) for d in shape), dtype or self.input_spec.dtype)
+        return as_device_tensor(pixel_values, stream=self.stream_handle)
+
+    def _output_shape(self, index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        # The logits' shape for this input, from the main context (cheap: shape inference only).
+        return self._bind(self._main, index, shape, {})[self._logits]
 
     def run_device(self, pixel_values: Any, out: Any = None, shape: tuple[int, ...] | None = None,
                    dtype: str | None = None) -> Any:
@@ -504,53 +633,104 @@ class TensorRTRuntime(Runtime):
         ``pixel_values``: a ``__cuda_array_interface__``/DLPack object, or a raw device pointer
         (``int``) with ``shape`` and ``dtype``. ``out``: an optional C-contiguous CUDA array of the
         logits' shape and dtype to write into (returned); otherwise a new :class:`CudaBuffer`.
-        The input's contents are not checked for NaN/Inf (that would need a device copy).
+        Pointers that are not 256-byte aligned, and every call with ``cuda_graphs=True``, go
+        through the runtime's own buffers (a device-to-device copy each way). The input's
+        contents are not checked for NaN/Inf (that would need a device copy).
         """
         self._ensure_open()
-        if isinstance(pixel_values, int):
-            if shape is None:
-                raise ValueError("a raw device pointer needs shape= (and dtype=, default the engine's input dtype)")
-            tensor = DeviceTensor(pixel_values, tuple(int(d) for d in shape), dtype or self.input_spec.dtype)
-        else:
-            tensor = as_device_tensor(pixel_values, stream=int(self._stream))
+        tensor = self._device_tensor(pixel_values, shape, dtype)
         index = check_input_shape(self.input_spec, self.profiles, tensor.shape, tensor.dtype)
         with self._lock:
             self._ensure_open()
-            cuda, stream = self._cuda, self._stream
-            cuda.set_device()
-            if tensor.stream is not None:
-                cuda.synchronize(tensor.stream)  # __cuda_array_interface__ v3: the producer's stream must be done
-            addresses = {name: buf.device for name, buf in self._buffers.items() if name != self._input}
-            addresses[self._input] = tensor.ptr
-            out_shape = self._bind(index, tensor.shape, addresses)[self._logits]
-            result = out if out is not None else CudaBuffer(cuda, out_shape, self._dtypes[self._logits])
-            target = as_device_tensor(result, stream=int(stream))
-            if target.shape != out_shape or target.dtype != self._dtypes[self._logits]:
-                raise ValueError(f"out must be {self._dtypes[self._logits]} of shape {out_shape}, "
-                                 f"got {target.dtype} {target.shape}")
-            if not self._context.set_tensor_address(self._logits, target.ptr):
-                raise RuntimeError(f"set_tensor_address({self._logits}) failed")
-            self._execute()
-            cuda.synchronize(stream)
-            return result
+            cuda, stream, buffers = self._cuda, self._stream, self._buffers
+            with cuda.using_device():
+                if tensor.stream is not None:
+                    cuda.synchronize(tensor.stream)  # __cuda_array_interface__ v3: the producer's stream must be done
+                out_shape = self._output_shape(index, tensor.shape)
+                result = out if out is not None else CudaBuffer(cuda, out_shape, self._dtypes[self._logits])
+                target = as_device_tensor(result, stream=self.stream_handle)
+                if target.shape != out_shape or target.dtype != self._dtypes[self._logits]:
+                    raise ValueError(f"out must be {self._dtypes[self._logits]} of shape {out_shape}, "
+                                     f"got {target.dtype} {target.shape}")
+                in_bytes = int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
+                out_bytes = int(np.prod(out_shape)) * np.dtype(target.dtype).itemsize
+                stage_in = self.cuda_graphs or not is_aligned(tensor.ptr)
+                stage_out = self.cuda_graphs or not is_aligned(target.ptr)
+                addresses = self._own_addresses()
+                if stage_in:
+                    cuda.copy_async(buffers[self._input].device, tensor.ptr, in_bytes, "dtod", stream)
+                else:
+                    addresses[self._input] = tensor.ptr
+                if not stage_out:
+                    addresses[self._logits] = target.ptr
+                self._forward(index, tensor.shape, addresses)
+                if stage_out:
+                    cuda.copy_async(target.ptr, buffers[self._logits].device, out_bytes, "dtod", stream)
+                cuda.synchronize(stream)
+                return result
+
+    def device_call(self, pixel_values: Any, out: Any) -> DeviceCall:
+        """A :class:`DeviceCall` that enqueues the engine on ``pixel_values`` → ``out`` (both on the device).
+
+        Binds a dedicated execution context once (and with ``cuda_graphs=True`` captures its
+        graph), so each call is only ``execute_async_v3`` (or ``cudaGraphLaunch``) on
+        :attr:`stream_handle`, with no synchronisation: the timed part of a benchmark. Both
+        arrays must be C-contiguous and 256-byte aligned; they must outlive the call object.
+        """
+        self._ensure_open()
+        tensor = as_device_tensor(pixel_values, stream=self.stream_handle)
+        target = as_device_tensor(out, stream=self.stream_handle)
+        index = check_input_shape(self.input_spec, self.profiles, tensor.shape, tensor.dtype)
+        for what, item in (("input", tensor), ("out", target)):
+            if not is_aligned(item.ptr):
+                raise ValueError(f"device_call {what} address 0x{item.ptr:x} is not {TENSORRT_ALIGNMENT}-byte aligned")
+        with self._lock:
+            self._ensure_open()
+            with self._cuda.using_device():
+                binding = _Binding(self._new_context())
+                addresses = {**self._own_addresses(), self._input: tensor.ptr, self._logits: target.ptr}
+                out_shape = self._bind(binding, index, tensor.shape, addresses)[self._logits]
+                if target.shape != out_shape or target.dtype != self._dtypes[self._logits]:
+                    raise ValueError(f"out must be {self._dtypes[self._logits]} of shape {out_shape}, "
+                                     f"got {target.dtype} {target.shape}")
+                if self.cuda_graphs:
+                    self._capture(binding)
+                self._calls.append(binding)
+        return DeviceCall(self, binding, (tensor.owner, target.owner))
 
     def close(self) -> None:
-        """Free buffers, graphs, stream, context and engine; calling it twice is harmless."""
+        """Free graphs, contexts, buffers, scratch memory, stream and engine; calling it twice is harmless."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             cuda = self._cuda
-            for graph, graph_exec in self._graphs.values():
-                cuda.destroy_graph(graph, graph_exec)
-            self._graphs.clear()
-            for buffer in self._buffers.values():
-                cuda.free(buffer.device)
-                cuda.free_host(buffer.host)
-            self._buffers.clear()
-            cuda.stream_destroy(self._stream)
-            self._context = self._engine = self._runtime = None
+            with cuda.using_device():
+                for binding in [*self._graphs.values(), *self._calls]:
+                    if binding.graph is not None:
+                        cuda.destroy_graph(*binding.graph)
+                        binding.graph = None
+                self._graphs.clear()
+                self._calls.clear()
+                self._main = None
+                for buffer in self._buffers.values():
+                    cuda.free(buffer.device)
+                    cuda.free_host(buffer.host)
+                self._buffers.clear()
+                if self._scratch is not None:
+                    cuda.free(self._scratch)  # after every context using it is gone from our lists
+                    self._scratch = None
+                cuda.stream_destroy(self._stream)
+            self._engine = self._runtime = None
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # best effort at interpreter shutdown
             self.close()
+
+
+def _current_device(cuda: CudaApi) -> int | None:
+    """The calling thread's current device, or None where no driver lets it be read."""
+    try:
+        return cuda.current_device()
+    except Exception:  # no driver or no cuda-python runtime: cuda_device_info explains it in one line
+        return None

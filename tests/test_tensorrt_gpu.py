@@ -262,3 +262,54 @@ def test_real_variant_fp16_at_native_size(tmp_path) -> None:
         reference = model(torch.from_numpy(x)).numpy()
     with TensorRTRuntime(plan.engine_path) as runtime:
         check(tolerance_for("fp16", against_fp32=True), reference, runtime(x))
+
+
+def test_cuda_graphs_across_two_profiles(exported, tmp_path) -> None:
+    """Issue 13, finding 3: each cached graph has its own context; switching profiles must not corrupt replays."""
+    from vitdeploy.runtimes.tensorrt import TensorRTRuntime
+
+    plan, _ = build(exported["fp32"], tmp_path / "two.engine", tf32=False,
+                    profile_specs=["res=16:32:32", "batch=1:2:4,res=48:64:64"])
+    with TensorRTRuntime(plan.engine_path) as plain, TensorRTRuntime(plan.engine_path, cuda_graphs=True) as graphed:
+        for seed, shape in enumerate([(2, 3, 32, 32), (1, 3, 64, 64), (2, 3, 32, 32), (1, 3, 64, 64)] * 2):
+            x = inputs(shape, seed=seed)
+            np.testing.assert_allclose(graphed(x), plain(x), rtol=1e-4, atol=1e-4)
+        assert graphed.cuda_graphs, "capture fell back to plain execution"
+
+
+def test_layer_list_and_attention_fusion_are_recorded(engines) -> None:
+    from vitdeploy.engine_manifest import parse_layer_information
+
+    plan, manifest = engines["fp16"]
+    assert plan.layers_path.is_file() and manifest.attention is not None
+    layers = parse_layer_information(plan.layers_path.read_text())
+    assert len(layers) == manifest.attention["layers"] > 0
+    print("attention fused:", manifest.attention["summary"])  # the evidence the first GPU run reports
+
+
+def test_softmax_fp16_engine_parity(exported, eager, tmp_path) -> None:
+    from vitdeploy.runtimes.tensorrt import TensorRTRuntime
+
+    plan, manifest = build(exported["fp16"], tmp_path / "softmax16.engine", softmax="fp16")
+    assert manifest.transforms[-1]["name"] == "softmax_fp16" and manifest.transforms[-1]["parity"]["passed"]
+    print("attention fused with --softmax fp16:", manifest.attention and manifest.attention["summary"])
+    x = inputs((4, 3, 48, 64), seed=7)
+    with TensorRTRuntime(plan.engine_path) as runtime:
+        check(tolerance_for("fp16", against_fp32=True), eager(x), runtime(x))
+
+
+def test_unaligned_torch_slice_is_staged(engines, eager) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    from vitdeploy.runtimes.tensorrt import TensorRTRuntime
+
+    plan, _ = engines["fp32"]
+    x = inputs((3, 3, 32, 32), seed=8)
+    flat = torch.zeros(x.size + 1, device="cuda")
+    flat[1:] = torch.from_numpy(x.reshape(-1)).cuda()
+    sliced = flat[1:].view(x.shape)  # 4 bytes past the allocation: not 256-byte aligned
+    with TensorRTRuntime(plan.engine_path) as runtime:
+        out = runtime(sliced)
+        check(TRT_FP32, eager(x), out.to_host())

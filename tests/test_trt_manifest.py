@@ -150,8 +150,9 @@ def test_manifest_read_errors_name_the_file(tmp_path) -> None:
 
 
 def test_manifest_rejects_unknown_precision_and_compat_level() -> None:
-    with pytest.raises(ValueError, match="precision 'int8'"):
-        make_manifest(precision="int8")
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        make_manifest(precision="int4")
+    assert make_manifest(precision="int8").precision == "int8" and make_manifest(precision="fp8").precision == "fp8"
     with pytest.raises(ValueError, match=r"hardware compatibility 'turing\+'"):
         make_manifest(hardware_compatibility="turing+")
 

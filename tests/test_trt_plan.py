@@ -121,8 +121,11 @@ def test_parse_size() -> None:
 def test_build_options_are_checked() -> None:
     with pytest.raises(ValueError, match="optimization level 9"):
         BuildOptions(optimization_level=9)
-    with pytest.raises(ValueError, match="precision 'int8'"):
-        BuildOptions(precision="int8")
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        BuildOptions(precision="int4")
+    with pytest.raises(ValueError, match="softmax 'fp32'"):
+        BuildOptions(softmax="fp32")
+    assert BuildOptions(precision="int8").precision == "int8" and BuildOptions(precision="fp8").precision == "fp8"
     with pytest.raises(ValueError, match="hardware compatibility 'all'"):
         BuildOptions(hardware_compatibility="all")
     assert BuildOptions().to_dict()["strongly_typed"] is True
@@ -144,7 +147,7 @@ def test_fp16_export_builds_an_fp16_engine_without_conversion(tmp_path) -> None:
     plan = plan_build(path, tmp_path / "half.engine")
     assert plan.onnx.precision == "fp16" and plan.precision == "fp16" and not plan.convert_to_fp16
     assert graph_precision(onnx.load(str(path))) == "fp16"
-    with pytest.raises(ValueError, match="an fp32 engine needs an fp32 graph"):
+    with pytest.raises(ValueError, match="is a fp16 graph and a strongly typed engine has the graph's precision"):
         plan_build(path, tmp_path / "half.engine", options=BuildOptions(precision="fp32"))
 
 
@@ -176,8 +179,11 @@ def test_trtexec_command_single_profile(onnx_path, tmp_path) -> None:
     assert argv == [
         "trtexec", f"--onnx={onnx_path}", f"--saveEngine={tmp_path / 'm.engine'}", "--stronglyTyped",
         "--minShapes=pixel_values:1x3x16x16", "--optShapes=pixel_values:1x3x32x32",
-        "--maxShapes=pixel_values:8x3x64x64", "--skipInference",
+        "--maxShapes=pixel_values:8x3x64x64", "--profilingVerbosity=detailed",
+        f"--exportLayerInfo={tmp_path / 'm.engine.layers.json'}", "--skipInference",
     ]
+    plan.options.detailed_profiling = False
+    assert "--profilingVerbosity=detailed" not in trtexec_command(plan)
 
 
 def test_trtexec_command_every_option_and_profiles(onnx_path, tmp_path) -> None:

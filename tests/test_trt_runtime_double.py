@@ -96,14 +96,18 @@ def test_profile_switching_follows_the_input(engine, doubles) -> None:
     runtime(np.ones((1, 3, 64, 64), np.float32))
     switches = [args[0] for name, args in doubles.calls if name == "IExecutionContext.set_optimization_profile_async"]
     assert switches == [0, 1]  # allocation left profile 1 active; then 0 for 32x32, 1 for 64x64, once each
-    # the documented per-call sequence (profile switch only when needed), then the copies and one sync
+    # the documented per-call sequence: copy in, profile switch only when needed, shape, addresses again (a switch
+    # invalidates the bindings), enqueue, copy out, one sync
     assert doubles.names()[-8:] == [
-        "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
-        "IExecutionContext.set_tensor_address", "IExecutionContext.set_tensor_address", "cudaMemcpyAsync",
+        "cudaMemcpyAsync", "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
+        "IExecutionContext.set_tensor_address", "IExecutionContext.set_tensor_address",
         "IExecutionContext.execute_async_v3", "cudaMemcpyAsync", "cudaStreamSynchronize",
     ]
     kinds = [args[0].name for name, args in doubles.calls[-8:] if name == "cudaMemcpyAsync"]
     assert kinds == ["cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"]
+    doubles.calls.clear()
+    runtime(np.ones((1, 3, 64, 64), np.float32))  # same profile and shape: nothing is bound again
+    assert [n for n in doubles.names() if n.startswith("IExecutionContext")] == ["IExecutionContext.execute_async_v3"]
 
 
 def test_input_checks_against_spec_and_profiles(engine) -> None:
@@ -255,5 +259,5 @@ def test_missing_tensorrt_or_gpu(engine, monkeypatch) -> None:
 
 def test_no_gpu_at_load(engine, doubles) -> None:
     doubles.device_count = 0
-    with pytest.raises(TensorRTUnavailable, match="no usable CUDA GPU here"):
+    with pytest.raises(TensorRTUnavailable, match="no CUDA GPU is visible"):
         TensorRTRuntime(engine)

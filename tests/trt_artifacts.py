@@ -112,3 +112,35 @@ def with_fp16_layernorm(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.insert(index, cast_in)
     graph.node.insert(index + 2, cast_out)
     return model
+
+
+def with_qdq(model: onnx.ModelProto, precision: str = "int8", zero_point: int = 0,
+             element: int | None = None) -> onnx.ModelProto:
+    """The graph with its first MatMul's activation quantized (QuantizeLinear → DequantizeLinear), as a Q/DQ graph.
+
+    ``precision`` "int8" (INT8 zero point) or "fp8" (FLOAT8E4M3FN zero point); ``element`` overrides
+    the zero point's type (e.g. UINT8, which TensorRT does not take). The artifact metadata says
+    ``precision`` like the quantizer's output would. Not a calibrated quantization: a graph to build.
+    """
+    model = copy.deepcopy(model)
+    graph = model.graph
+    index, matmul = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "MatMul")
+    kind = element if element is not None else {"int8": onnx.TensorProto.INT8,
+                                                 "fp8": onnx.TensorProto.FLOAT8E4M3FN}[precision]
+    scale = helper.make_tensor("qdq_scale", onnx.TensorProto.FLOAT, [], [0.05])
+    zero = helper.make_tensor("qdq_zero", kind, [], [zero_point])
+    graph.initializer.extend([scale, zero])
+    source = matmul.input[0]
+    quantize = helper.make_node("QuantizeLinear", [source, "qdq_scale", "qdq_zero"], ["qdq_q"], name="qdq_quantize")
+    dequantize = helper.make_node("DequantizeLinear", ["qdq_q", "qdq_scale", "qdq_zero"], ["qdq_dq"],
+                                  name="qdq_dequantize")
+    matmul.input[0] = "qdq_dq"
+    graph.node.insert(index, dequantize)
+    graph.node.insert(index, quantize)
+    props = {p.key: p.value for p in model.metadata_props}
+    metadata = ArtifactMetadata.from_props(props)
+    metadata.precision = precision
+    del model.metadata_props[:]
+    for key, value in metadata.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    return model

@@ -1,7 +1,7 @@
 """The JSON manifest beside a TensorRT engine, and the optimization-profile logic (pure Python).
 
 An engine file alone says little and is tied to one TensorRT version and one GPU. ``vitdeploy
-build`` writes ``model.engine.json`` next to ``model.engine`` (design decision 4): TensorRT
+build`` writes ``model.engine.json`` next to ``model.engine``: TensorRT
 version, GPU name and compute capability, precision, optimization profiles, IO tensors,
 sha256 of the ONNX file and of the engine, the build options and the artifact metadata of
 the ONNX file. :class:`~vitdeploy.runtimes.tensorrt.TensorRTRuntime` reads it *before*
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,12 @@ from vitdeploy.metadata import PREFIX, ArtifactMetadata, ShapeRange
 
 MANIFEST_FORMAT = 1
 HARDWARE_COMPATIBILITY_LEVELS = ("none", "ampere+", "same-compute-capability")
-PRECISIONS = ("fp32", "fp16")
+# Engine precisions = graph precisions: int8 and fp8 come from explicit Q/DQ graphs (strongly typed networks;
+# TensorRT 11 removed BuilderFlag.INT8/FP16/FP8, and 10.x must not set them on a strongly typed network).
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+# FP8 (E4M3) kernels exist from Ada/Hopper on (TensorRT support matrix: FP8 on compute capability 8.9 and 9.0+).
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 Shape = tuple[int, ...]
 
@@ -257,6 +263,9 @@ class EngineManifest:
     vitdeploy_version: str = ""
     converted_to_fp16: bool = False
     metadata: dict[str, Any] | None = None
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # graph rewrites made for this build
+    layers_file: str | None = None  # the engine inspector's JSON layer list, beside the engine
+    attention: dict[str, Any] | None = None  # AttentionFusion.to_dict() from that layer list
     format: int = MANIFEST_FORMAT
 
     def __post_init__(self) -> None:
@@ -310,7 +319,7 @@ class EngineManifest:
         return cls(**data)
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Write as indented JSON, atomically (design decision 7)."""
+        """Write as indented JSON, atomically."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
@@ -403,3 +412,86 @@ def check_compatibility(
         if gpu:
             problems.append(gpu)
     return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine inspector's layer list, and whether attention was fused
+
+# Fused multi-head-attention kernels carry "mha" (``_gemm_mha_v2``, ``fmha``), "flash" or "attention" in
+# their tactic or layer type; NVIDIA's MHA-fusion guidance and its engineers on the tracker
+# (NVIDIA/TensorRT#3243, #4167) name kernels "with `_mha` in the profile". Node names from the ONNX
+# graph ("/blocks.0/attn/MatMul") must not count, so a layer's name is matched on "mha" alone.
+_FUSED_KERNEL = re.compile(r"mha|flash|attention", re.IGNORECASE)
+_FUSED_NAME = re.compile(r"(^|[^a-z])f?mha([^a-z]|v\d|$)", re.IGNORECASE)
+
+
+def parse_layer_information(text: str) -> list[dict[str, Any]]:
+    """Layers from ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``.
+
+    DETAILED engines give ``{"Layers": [{"Name", "LayerType", "Inputs", "Outputs", "TacticName", ...}]}``;
+    LAYER_NAMES_ONLY engines give ``{"Layers": ["name", ...]}`` (returned as ``{"Name": name}``).
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"engine layer information is not JSON: {error}") from None
+    layers = data.get("Layers", []) if isinstance(data, dict) else data
+    if not isinstance(layers, list):
+        raise ValueError(f"engine layer information has no layer list (got {type(layers).__name__})")
+    return [layer if isinstance(layer, dict) else {"Name": str(layer)} for layer in layers]
+
+
+@dataclass
+class AttentionFusion:
+    """What the engine's layer list says about attention: fused MHA kernels, leftover softmax layers."""
+
+    layers: int
+    fused_attention_layers: int
+    softmax_layers: int
+    detailed: bool  # the engine was built with ProfilingVerbosity.DETAILED (tactics and types known)
+    expected: int | None = None  # attention blocks in the model (its depth), where known
+    evidence: list[str] = field(default_factory=list)
+
+    @property
+    def fused(self) -> bool | None:
+        """True: fused kernels found; False: detailed layer list without any; None: cannot tell."""
+        if self.fused_attention_layers:
+            return True
+        return False if self.detailed else None
+
+    def describe(self) -> str:
+        if self.fused is None:
+            return (f"unknown ({self.layers} layers; rebuild with detailed profiling verbosity to see tactics)")
+        if not self.fused:
+            return (f"no: no fused attention kernel among {self.layers} layers "
+                    f"({self.softmax_layers} separate softmax layer(s))")
+        expected = f" for {self.expected} attention block(s)" if self.expected else ""
+        return f"yes: {self.fused_attention_layers} fused attention layer(s){expected} among {self.layers} layers"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fused": self.fused, "layers": self.layers, "fused_attention_layers": self.fused_attention_layers,
+                "softmax_layers": self.softmax_layers, "detailed": self.detailed, "expected": self.expected,
+                "evidence": list(self.evidence), "summary": self.describe()}
+
+
+def attention_fusion(layers: list[dict[str, Any]], expected: int | None = None) -> AttentionFusion:
+    """Count fused-attention and separate softmax layers in an engine inspector layer list."""
+    fused, softmax, evidence = 0, 0, []
+    detailed = any("LayerType" in layer or "TacticName" in layer for layer in layers)
+    for layer in layers:
+        name = str(layer.get("Name", ""))
+        kind = str(layer.get("LayerType", ""))
+        tactic = str(layer.get("TacticName", ""))
+        if _FUSED_KERNEL.search(kind) or _FUSED_KERNEL.search(tactic) or _FUSED_NAME.search(name):
+            fused += 1
+            if len(evidence) < 8:
+                evidence.append(f"{name} ({kind or '?'}: {tactic or 'no tactic'})")
+        elif kind.lower() == "softmax" or (not kind and "softmax" in name.lower()):
+            softmax += 1
+    return AttentionFusion(len(layers), fused, softmax, detailed, expected, evidence)
+
+
+def layers_path_for(engine_path: str | os.PathLike[str]) -> Path:
+    """``model.engine`` → ``model.engine.layers.json`` (the engine inspector's layer list)."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".layers.json")

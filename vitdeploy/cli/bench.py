@@ -110,12 +110,6 @@ def _reconstructed(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _positive(value: Any, flag: str, allow_zero: bool = False) -> Any:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise CLIError(f"{flag} {value} must be {'>= 0' if allow_zero else '> 0'}")
-    return value
-
-
 def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """The :class:`BenchPlan`, output folder and whether to plot, from the parsed arguments."""
     from vitdeploy.benchmarks.harness import BenchPlan, default_cache_dir
@@ -123,12 +117,6 @@ def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     from vitdeploy.benchmarks.specs import parse_runtimes
     from vitdeploy.benchmarks.suites import load_suite, overhead_settings
     from vitdeploy.benchmarks.timing import TimingConfig
-
-    for value, flag in ((args.warmup, "--warmup"),):
-        _positive(value, flag, allow_zero=True)
-    for value, flag in ((args.iterations, "--iterations"), (args.time_budget, "--time-budget"),
-                        (args.min_iterations, "--min-iterations"), (args.threads, "--threads")):
-        _positive(value, flag)
 
     suite = load_suite(args.suite) if args.suite else None
     models = list(args.targets) or (list(suite.models) if suite else [])

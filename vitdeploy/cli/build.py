@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vitdeploy.cli.common import CLIError, output_file, parse_range, progress
-from vitdeploy.engine_manifest import HARDWARE_COMPATIBILITY_LEVELS
+from vitdeploy.engine_manifest import HARDWARE_COMPATIBILITY_LEVELS, PRECISIONS
 
 DESCRIPTION = """\
 Build a TensorRT engine from an ONNX file written by `vitdeploy export`, and write a manifest
@@ -13,7 +13,15 @@ Build a TensorRT engine from an ONNX file written by `vitdeploy export`, and wri
 
 Networks are strongly typed (TensorRT 11 builds nothing else): the engine computes in the ONNX
 graph's precision. --precision fp16 on an fp32 graph first converts the graph with the same code
-`vitdeploy export --precision fp16` uses (LayerNorm and softmax stay fp32).
+`vitdeploy export --precision fp16` uses (LayerNorm and softmax stay fp32). int8 and fp8 engines
+come from Q/DQ graphs (explicit quantization; fp8 needs compute capability 8.9+); no precision flag
+is ever set on the builder.
+
+Engines are built with detailed profiling verbosity; the engine inspector's layer list is written
+to <engine>.layers.json and the manifest says whether attention was fused (`vitdeploy inspect
+model.engine`). When an fp16/int8/fp8 engine has no fused attention, build warns; --softmax fp16
+leaves softmax to TensorRT's fused kernel (the graph's fp32 softmax islands removed, the rewrite
+checked against the graph on onnxruntime CPU before building).
 
 Optimization profiles default to the range the ONNX file was validated on: min/max batch and
 resolution from its metadata, opt = the smallest validated batch at the model's native size.
@@ -27,6 +35,8 @@ examples:
   vitdeploy build model.onnx --batch 1:8:32 --resolution 224:224:384 --workspace 4G
   vitdeploy build model.onnx --profile res=224 --profile res=384:384:448 --precision fp16
   vitdeploy build model.onnx --min-shape 1x3x224x224 --opt-shape 8x3x224x224 --max-shape 32x3x224x224
+  vitdeploy build model_fp16.onnx --softmax fp16
+  vitdeploy build model_int8.onnx --device 1
   vitdeploy build model.onnx --print-trtexec
 """
 
@@ -38,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("onnx", help="ONNX file from `vitdeploy export`")
     parser.add_argument("-o", "--output", type=output_file, help="engine file (default: the ONNX name with .engine)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"],
-                        help="engine precision (default: the graph's); fp16 converts an fp32 graph first")
+    parser.add_argument("--precision", choices=list(PRECISIONS),
+                        help="engine precision (default: the graph's); fp16 converts an fp32 graph first; "
+                             "int8/fp8 need a Q/DQ graph of that type")
     shapes = parser.add_argument_group("optimization profiles")
     shapes.add_argument("--batch", metavar="MIN:OPT:MAX", help="batch sizes for every profile (N = fixed)")
     shapes.add_argument("--resolution", metavar="MIN:OPT:MAX", help="square image sizes for every profile (N = fixed)")
@@ -63,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="build an engine that newer TensorRT versions can load (can be slower)")
     builder.add_argument("--no-tf32", action="store_true",
                          help="keep fp32 matmuls/convolutions in full fp32 (TensorRT allows TF32 by default)")
+    builder.add_argument("--softmax", choices=["graph", "fp16"], default="graph",
+                         help="fp16: compute softmax in fp16 inside attention so TensorRT can fuse it (fp16 engines; "
+                              "the rewritten graph is parity-checked first); graph (default): as the graph says")
+    builder.add_argument("--no-layer-info", action="store_true",
+                         help="build with layer-names-only profiling verbosity (no layer types or tactics, "
+                              "so no word on attention fusion)")
     builder.add_argument("--verbose", action="store_true", help="TensorRT's verbose builder log")
     parser.add_argument("--device", type=int, default=0, help="CUDA device to build on (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar for the build phases")
@@ -93,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         version_compatible=args.version_compatible,
         verbose=args.verbose,
         tf32=not args.no_tf32,
+        softmax=args.softmax,
+        detailed_profiling=not args.no_layer_info,
     )
     plan = plan_build(
         args.onnx, args.output, options=options,
@@ -105,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.print_trtexec:
         onnx_path = plan.onnx.path
-        if plan.convert_to_fp16:
-            onnx_path = tensorrt_build.convert_graph_to_fp16(plan, plan.fp16_onnx_path, progress)
-            progress(f"trtexec builds from the converted fp16 graph {onnx_path}")
+        if plan.rewrites_graph:
+            try:
+                onnx_path, _ = tensorrt_build.prepare_graph(plan, plan.engine_path.parent, progress)
+            except tensorrt_build.BuildError as error:
+                raise CLIError(_one_line(error)) from None
+            progress(f"trtexec builds from the rewritten graph {onnx_path}")
         print(format_command(trtexec_command(plan, onnx_path)))
         return 0
     try:

@@ -18,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Show a variant's (or a checkpoint's) configuration, exact parameter count beside "
         "the paper's Table 1 size, and the patch grid, sequence length and GFLOPs per image at "
         "the given resolutions. For an exported .onnx file or a TensorRT engine, also its precision, "
-        "validated range, tensors and graph variants (from its metadata or manifest). Variant names "
-        "and artifacts need no torch.",
+        "validated range, tensors and graph variants (from its metadata or manifest); for an engine, its "
+        "layers (from <engine>.layers.json, the engine inspector's list written by `vitdeploy build`) and "
+        "whether attention was fused. Variant names and artifacts need no torch.",
     )
     parser.add_argument("source", nargs="?",
                         help="variant name (e.g. vit_base_patch16_224), checkpoint file/folder, .onnx or .engine")
@@ -27,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated square sizes to report (default: native, and 1.5x native)")
     parser.add_argument("--list", action="store_true", help="list every variant name and exit")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--layers", action="store_true",
+                        help="for an engine: list every layer (name, type, tactic) from its layer list")
     parser.set_defaults(func=run)
 
 
@@ -108,7 +111,9 @@ def _artifact(path: Path) -> tuple[Any, str, dict[str, Any]]:
         origin = "TensorRT engine"
         extra = {"tensorrt_version": manifest.tensorrt_version, "gpu": manifest.gpu.name,
                  "compute_capability": manifest.gpu.compute_capability,
-                 "profiles": [profile.describe() for profile in manifest.profiles]}
+                 "profiles": [profile.describe() for profile in manifest.profiles],
+                 "engine_precision": manifest.precision, "transforms": manifest.transforms,
+                 **_engine_layers(path, manifest)}
     rng = metadata.shape_range
     section = {
         "precision": metadata.precision, "fp32_ops": metadata.fp32_ops,
@@ -121,7 +126,47 @@ def _artifact(path: Path) -> tuple[Any, str, dict[str, Any]]:
     return ViTConfig.from_dict(metadata.model_config), origin, section
 
 
-def _print_report(report: dict[str, Any]) -> None:
+def _engine_layers(path: Path, manifest: Any) -> dict[str, Any]:
+    """The engine's layer list (from ``<engine>.layers.json``) and what it says about attention fusion."""
+    from vitdeploy.engine_manifest import attention_fusion, layers_path_for, parse_layer_information
+
+    layers_file = path.with_name(manifest.layers_file) if manifest.layers_file else layers_path_for(path)
+    if not layers_file.is_file():
+        return {"layers": None, "attention": manifest.attention,
+                "layers_note": f"no layer list ({layers_file.name} not found; rebuild with `vitdeploy build`)"}
+    try:
+        layers = parse_layer_information(layers_file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise CLIError(f"{layers_file}: {error}") from None
+    depth = (manifest.metadata or {}).get("model_config", {}).get("depth")
+    attention = attention_fusion(layers, int(depth) if depth else None).to_dict()
+    rows = [{"name": layer.get("Name"), "type": layer.get("LayerType"), "tactic": layer.get("TacticName")}
+            for layer in layers]
+    return {"layers": rows, "attention": attention, "layers_note": None}
+
+
+def _print_layers(artifact: dict[str, Any], every_layer: bool) -> None:
+    attention = artifact.get("attention")
+    if attention is not None:
+        print(f"  attention    : fused? {attention['summary']}")
+        for line in attention.get("evidence", [])[:3]:
+            print(f"                 {line}")
+    layers = artifact.get("layers")
+    if layers is None:
+        print(f"  layers       : {artifact.get('layers_note')}")
+        return
+    kinds: dict[str, int] = {}
+    for layer in layers:
+        kinds[layer["type"] or "?"] = kinds.get(layer["type"] or "?", 0) + 1
+    print(f"  layers       : {len(layers)} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"
+          + ("" if every_layer else "; --layers lists them"))
+    if every_layer:
+        for index, layer in enumerate(layers):
+            print(f"    {index:>4} {layer['type'] or '?':<14} {layer['name']}"
+                  + (f"  [{layer['tactic']}]" if layer["tactic"] else ""))
+
+
+def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
     cfg = report["config"]
     paper = report["paper"]
     paper_text = f"  (paper Table 1: {paper['model']} {paper['parameters_millions']}M)" if paper else ""
@@ -148,7 +193,11 @@ def _print_report(report: dict[str, Any]) -> None:
             print(f"  graph        : {artifact['target']}, opset {artifact['opset']}; validated variants: {variants}")
         if artifact.get("profiles"):
             print(f"  engine       : TensorRT {artifact['tensorrt_version']} on {artifact['gpu']} "
-                  f"(sm {artifact['compute_capability']}); profiles: {'; '.join(artifact['profiles'])}")
+                  f"(sm {artifact['compute_capability']}), {artifact['engine_precision']}; "
+                  f"profiles: {'; '.join(artifact['profiles'])}")
+            if artifact.get("transforms"):
+                print("  rewrites     : " + ", ".join(t["name"] for t in artifact["transforms"]))
+            _print_layers(artifact, every_layer)
     print(f"  {'resolution':>10} {'grid':>8} {'seq len':>8} {'GFLOPs':>9}")
     for size in report["sizes"]:
         grid = "x".join(str(v) for v in size["grid"])
@@ -165,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("give a variant name or a checkpoint path (or --list for the variant names)")
     resolutions = parse_int_list(args.resolution, "resolution") if args.resolution else None
     report = describe(args.source, resolutions)
-    _print_report(report)
+    _print_report(report, every_layer=args.layers)
     if args.json:
         write_json(args.json, report)
     return 0

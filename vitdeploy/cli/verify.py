@@ -59,7 +59,7 @@ def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
     stride = spec.multiple_of
 
     def clamp(value: int, low: int, high: int) -> int:
-        return snap_to_stride(min(max(value, low), high), low, high, stride)
+        return snap_to_stride(value, low, high, stride)
 
     h = clamp(native, *spec.height)
     w = clamp(native, *spec.width)
