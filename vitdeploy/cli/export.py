@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_pos_embed_resample,
     onnx_output,
     opset,
     output_file,
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
                         help="largest batch used in validation (default 8; the maximum resolution is always tested)")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the export and validation report as JSON to PATH")
+    add_pos_embed_resample(parser)
     parser.set_defaults(func=run)
 
 
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     batch = parse_range(args.batch, "batch")
     height, width = size_ranges(args)
     progress(f"loading {args.source}")
-    resolved = resolve_source(args.source, log=progress)
+    overrides = {"pos_embed_resample": args.pos_embed_resample} if args.pos_embed_resample else {}
+    resolved = resolve_source(args.source, log=progress, **overrides)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
         fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,
