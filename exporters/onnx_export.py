@@ -452,9 +452,11 @@ def check_graph(proto: Any, features: bool) -> list[str]:
             if attrs.get("antialias", 0):
                 problems.append(f"Resize node {node.name} has antialias=1 (TensorRT rejects it)")
     ops = {node.op_type for node in proto.graph.node}
-    for op in ("LayerNormalization", "Softmax", "Resize"):
+    for op in ("LayerNormalization", "Softmax"):
         if op not in ops:
             problems.append(f"no {op} node in the graph")
+    if "Range" not in ops:  # vitdeploy.pos_embed builds its interpolation matrices from arange(new grid size)
+        problems.append("no Range node: the position embeddings are not resampled from the input size in the graph")
     return problems
 
 

@@ -165,7 +165,7 @@ def _check_resize(node: onnx.NodeProto, name: str, table: dict[str, Any]) -> lis
 
     if int(attrs.get("antialias", 0)) not in rules["antialias"]:
         bad("resize-antialias", "antialias=1: TensorRT's parser rejects antialiased Resize "
-            "(resample without antialias, as vitdeploy.pos_embed does)")
+            "(vitdeploy.pos_embed computes antialiased resampling as MatMuls instead)")
     mode = attrs.get("mode", "nearest")
     if mode not in rules["modes"]:
         bad("resize-mode", f"mode {mode!r} is not one of {rules['modes']}")

@@ -88,16 +88,18 @@ def test_one_graph_runs_every_batch_and_resolution(exported, model, shape):
     assert compare_logits(ref_hidden, hidden, classification=False).rel_max_error <= 1e-4
 
 
-def test_position_embeddings_are_resampled_in_graph_without_antialias(exported):
-    proto = onnx.load(str(exported[0].path))
-    resizes = [n for n in proto.graph.node if n.op_type == "Resize"]
-    assert len(resizes) == 1
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in resizes[0].attribute}
-    assert attrs["mode"] == b"cubic" and attrs.get("antialias", 0) == 0
-    assert attrs["coordinate_transformation_mode"] == b"half_pixel"  # align_corners=False
-    # the resize target size is computed from the input's shape, not a constant
-    size_input = resizes[0].input[3]
-    assert size_input not in {init.name for init in proto.graph.initializer}
+def test_position_embeddings_are_resampled_in_graph_from_the_input_size(exported):
+    """No Resize (TensorRT rejects the antialiased one timm's convention needs): the interpolation
+    matrices of vitdeploy.pos_embed come from one Range per axis over the input's patch grid."""
+    result = exported[0]
+    proto = onnx.load(str(result.path))
+    assert "Resize" not in {n.op_type for n in proto.graph.node}
+    ranges = [n for n in proto.graph.node if n.op_type == "Range"]
+    assert len(ranges) == 2
+    constants = {init.name for init in proto.graph.initializer}
+    constants |= {out for n in proto.graph.node if n.op_type == "Constant" for out in n.output}
+    assert all(r.input[1] not in constants for r in ranges)  # the limit is computed from the shape
+    assert result.metadata.model_config["pos_embed_resample"] == CFG.pos_embed_resample == "timm"
 
 
 def test_layernorm_and_attention_export_in_tensorrt_friendly_form(exported):

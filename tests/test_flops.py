@@ -15,6 +15,8 @@ from vitdeploy.variants import VARIANTS, get_config
     (tiny_config(), (32, 48)),
     (tiny_config(representation_size=32, pooling="avg"), (40, 32)),
     (tiny_hybrid_config(), (64, 96)),
+    (tiny_config(pos_embed_resample="huggingface"), (48, 24)),
+    (tiny_config(), (32, 32)),  # the native grid: no resampling runs
 ])
 def test_count_matches_torch_flop_counter(config, size) -> None:
     model = make_model(config)

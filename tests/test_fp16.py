@@ -63,11 +63,29 @@ def fp32_graph(model, tmp_path_factory):
     return onnx.load(str(result.path))
 
 
-def assert_strongly_typed_fp16(summary: dict, io: str = "float") -> None:
-    """fp16 weights and matmuls, LayerNorm and Softmax computing in fp32."""
+def fp32_resampling_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """The MatMuls fed by vitdeploy.pos_embed's interpolation matrices (built from a Range) before the
+    Cast to fp16: an fp16 model resamples its position embeddings in fp32, as timm does."""
+    fed: set[str] = set()
+    found = []
+    for node in proto.graph.node:  # topological order
+        if node.op_type != "Range" and not any(name in fed for name in node.input):
+            continue
+        if node.op_type == "Cast" and node.attribute[0].i == TensorProto.FLOAT16:
+            continue
+        fed.update(node.output)
+        if node.op_type == "MatMul":
+            found.append(node.output[0])
+    return found
+
+
+def assert_strongly_typed_fp16(summary: dict, io: str = "float", fp32_resampling: bool = False) -> None:
+    """fp16 weights and matmuls (but the position-embedding resampling's, with ``fp32_resampling``),
+    LayerNorm and Softmax computing in fp32."""
     for op in ("MatMul", "Gemm", "Conv"):
-        assert summary["weights"][op] == ["float16"], op
-        assert summary["compute"][op] == ["float16"], op
+        expected = ["float", "float16"] if op == "MatMul" and fp32_resampling else ["float16"]
+        assert summary["weights"][op] == expected, op
+        assert summary["compute"][op] == expected, op
     assert summary["compute"]["LayerNormalization"] == ["float"]
     assert summary["weights"]["LayerNormalization"] == ["float"]
     assert summary["compute"]["Softmax"] == ["float"]
@@ -76,7 +94,8 @@ def assert_strongly_typed_fp16(summary: dict, io: str = "float") -> None:
 
 def test_exported_fp16_graph_dtypes(fp16_export):
     proto = onnx.load(str(fp16_export.path))
-    assert_strongly_typed_fp16(precision_summary(proto))
+    assert len(fp32_resampling_matmuls(proto)) == 2  # W_h · P, then W_w · (W_h · P)
+    assert_strongly_typed_fp16(precision_summary(proto), fp32_resampling=True)
     metadata = ArtifactMetadata.from_props({p.key: p.value for p in proto.metadata_props})
     assert metadata.precision == "fp16" and metadata.fp32_ops == ["LayerNormalization", "Softmax"]
     # the softmax is fed by a Cast to fp32 (torch.onnx alone would run it in fp16, then cast)
@@ -115,7 +134,8 @@ def test_fp16_io(model, tmp_path):
     options = ExportOptions(precision="fp16", fp16_io=True, batch=(1, 2), height=(32, 48), width=(32, 48))
     result = export_onnx(model, tmp_path / "io16.onnx", options, )
     proto = onnx.load(str(result.path))
-    assert_strongly_typed_fp16(precision_summary(proto), io="float16")
+    assert len(fp32_resampling_matmuls(proto)) == 2
+    assert_strongly_typed_fp16(precision_summary(proto), io="float16", fp32_resampling=True)
     assert result.metadata.inputs[0].dtype == "float16" and result.metadata.outputs[0].dtype == "float16"
     pixels = photos(2, 48, 32)
     (logits,) = session(result.path).run(None, {"pixel_values": pixels.astype(np.float16)})

@@ -10,7 +10,6 @@ from conftest import make_model, tiny_config, tiny_hybrid_config
 from vitdeploy import create_model, list_variants
 from vitdeploy.config import ViTConfig
 from vitdeploy.model import VisionTransformer
-from vitdeploy.pos_embed import resample_pos_embed
 from vitdeploy.variants import get_config, paper_size
 
 
@@ -89,22 +88,6 @@ def test_wrong_channels_raise() -> None:
     model = make_model(tiny_config())
     with pytest.raises(ValueError, match=r"\[batch, 3, height, width\], got shape \(1, 1, 32, 32\)"):
         model(torch.randn(1, 1, 32, 32))
-
-
-def test_resampling_is_identity_at_native_size() -> None:
-    pos = torch.randn(1, 1 + 7 * 5, 16)
-    assert torch.equal(resample_pos_embed(pos, (7, 5), (7, 5)), pos)
-
-
-def test_resampling_matches_bicubic_interpolation_of_the_grid() -> None:
-    pos = torch.randn(1, 1 + 4 * 4, 8)
-    out = resample_pos_embed(pos, (6, 8), (4, 4))
-    grid = pos[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
-    expected = F.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False)
-    assert torch.equal(out[:, :1], pos[:, :1])
-    torch.testing.assert_close(out[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 48, 8))
-    with pytest.raises(ValueError, match="does not match a 5x5 grid"):
-        resample_pos_embed(pos, (6, 6), (5, 5))
 
 
 def test_forward_uses_resampled_position_embeddings() -> None:

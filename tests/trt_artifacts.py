@@ -2,7 +2,7 @@
 
 The tiny model is exported with ``vitdeploy.exporters.onnx_export.export_onnx`` (dynamic batch
 and resolution, metadata included). The flagged variants are edits of that real graph: an
-antialiased Resize, an op TensorRT's parser lacks, and an fp16 LayerNormalization.
+(antialiased) Resize, an op TensorRT's parser lacks, and an fp16 LayerNormalization.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -57,17 +58,26 @@ def load_tiny() -> onnx.ModelProto:
     return onnx.load(str(tiny_onnx()))
 
 
-def with_antialias(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with its position-embedding Resize switched to ``antialias=1``."""
+def with_resize(model: onnx.ModelProto, antialias: int = 0) -> onnx.ModelProto:
+    """An extra output ``thumbnail``: the input image halved by a cubic ``Resize`` (``extra_resize``).
+
+    The exported graph itself has no Resize (vitdeploy.pos_embed resamples with MatMuls); this is
+    the node the Resize checks are tried on, as a user's graph might carry it.
+    """
     model = copy.deepcopy(model)
-    resize = next(n for n in model.graph.node if n.op_type == "Resize")
-    for attribute in resize.attribute:
-        if attribute.name == "antialias":
-            attribute.i = 1
-            break
-    else:
-        resize.attribute.append(helper.make_attribute("antialias", 1))
+    scales = numpy_helper.from_array(np.array([1.0, 1.0, 0.5, 0.5], np.float32), "extra_resize_scales")
+    model.graph.initializer.append(scales)
+    model.graph.node.append(helper.make_node(
+        "Resize", ["pixel_values", "", "extra_resize_scales"], ["thumbnail"], name="extra_resize", mode="cubic",
+        coordinate_transformation_mode="half_pixel", keep_aspect_ratio_policy="stretch", antialias=antialias))
+    dims = ["batch", 3, "thumbnail_height", "thumbnail_width"]
+    model.graph.output.append(helper.make_tensor_value_info("thumbnail", onnx.TensorProto.FLOAT, dims))
     return model
+
+
+def with_antialias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with an antialiased ``Resize`` (:func:`with_resize`, ``antialias=1``)."""
+    return with_resize(model, antialias=1)
 
 
 def with_unsupported_op(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
+
 Pooling = Literal["token", "avg"]
 
 
@@ -85,6 +87,9 @@ class ViTConfig:
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
     labels: list[str] | None = field(default=None, repr=False)
+    # How position embeddings are resampled at another grid (vitdeploy.pos_embed.RESAMPLE_METHODS):
+    # the checkpoint framework's own convention, so other resolutions give that framework's logits.
+    pos_embed_resample: str = DEFAULT_RESAMPLE
 
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):
@@ -101,6 +106,7 @@ class ViTConfig:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the total stride {self.stride}"
             )
+        check_resample(self.pos_embed_resample)
 
     @property
     def stride(self) -> int:
@@ -141,11 +147,13 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        """A config from :meth:`to_dict`'s output; one saved before ``pos_embed_resample`` existed
+        keeps the resampling it was made with (:data:`vitdeploy.pos_embed.LEGACY_RESAMPLE`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ViTConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return cls(**{"pos_embed_resample": LEGACY_RESAMPLE, **data})
 
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:

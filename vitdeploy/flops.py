@@ -1,7 +1,8 @@
 """Analytic FLOP counts of the forward pass (pure Python, no torch).
 
 FLOPs are 2 x multiply-accumulates of the convolutions and matrix products (patch embedding,
-hybrid backbone, qkv, attention scores, attention x values, projections, MLP, pre-logits, head).
+hybrid backbone, position-embedding resampling away from the native grid, qkv, attention scores,
+attention x values, projections, MLP, pre-logits, head).
 Normalisation, softmax, GELU and additions are left out, as timm and the paper do; they are
 well under 1% of the total for every variant.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from vitdeploy.config import HybridConfig, ViTConfig
+from vitdeploy.pos_embed import resample_macs
 
 
 def _bottlenecks(hybrid: HybridConfig) -> Iterator[tuple[int, int, int, int]]:
@@ -61,6 +63,7 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
     patches = grid_h * grid_w
     dim = config.hidden_size
     macs += patches * channels * config.patch_size**2 * dim
+    macs += resample_macs(config.grid_size, (grid_h, grid_w), dim, config.pos_embed_resample)
     tokens = config.num_prefix_tokens + patches
 
     def block(queries: int) -> int:

@@ -241,7 +241,8 @@ class VisionTransformer(nn.Module):
         if grid == self.grid_size and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             pos_embed = self.pos_embed  # resampling is the identity here; traced graphs keep it for every size
         else:
-            pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_prefix_tokens)
+            pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_prefix_tokens,
+                                           method=self.config.pos_embed_resample)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + pos_embed)
@@ -285,12 +286,14 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def set_image_size(self, image_size: int) -> None:
-        """Resample the stored position embeddings to ``image_size`` for good (fine-tuning at a new size)."""
+        """Resample the stored position embeddings to ``image_size`` for good (fine-tuning at a new size),
+        by the config's ``pos_embed_resample`` convention."""
         stride = self.config.stride
         if image_size % stride or image_size <= 0:
             raise ValueError(f"image_size {image_size} is not a positive multiple of the patch stride {stride}")
         side = image_size // stride
-        resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size, self.config.num_prefix_tokens)
+        resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size, self.config.num_prefix_tokens,
+                                       method=self.config.pos_embed_resample)
         self.pos_embed = nn.Parameter(resampled)
         crop_pct = self.config.crop_pct if image_size == self.config.image_size else 1.0
         self.config = self.config.replace(image_size=image_size, crop_pct=crop_pct)

@@ -1,29 +1,165 @@
-"""Resampling of learned 2-D position-embedding grids (one function for graph and surgery).
+"""Resampling of learned 2-D position-embedding grids, in the convention of the checkpoint's framework.
 
-A traced forward pass calls :func:`resample_pos_embed` on every call so that one exported
-graph serves every resolution (eager skips it at the native grid, where it is the identity); offline checkpoint surgery (fine-tuning at a new resolution, loading
-a checkpoint trained at another size) uses the very same function.
-Bicubic, ``align_corners=False`` and antialias off: TensorRT's ONNX parser rejects antialiased
-``Resize``, and at the native grid size this interpolation is an exact identity.
+A model run at another resolution must give the logits its users validated in their own
+framework, and the frameworks resample differently (:data:`RESAMPLE_METHODS`). Every one of
+them is a linear map of the grid, ``P_new = W_h · P · W_wᵀ``, with interpolation matrices that
+depend only on the old and new grid sizes. :func:`interpolation_matrix` builds them from tensor
+ops (``arange``, ``abs``, ``where``, sums), so a traced forward pass computes them from the
+dynamic input size and one exported graph reproduces the convention at every resolution with
+ops TensorRT's ONNX parser accepts (an antialiased ``Resize`` it rejects).
+
+:func:`resample_pos_embed` is the one function behind the eager forward pass (which skips it
+at the native grid, where every convention is the identity), offline surgery
+(``set_image_size``, ``convert --image-size``), checkpoint loading at another grid and export.
+
+This module imports torch only inside the functions that compute: the convention names are
+part of :class:`~vitdeploy.config.ViTConfig`, which must stay importable without torch.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ResampleMethod:
+    """One framework's way to resample a position-embedding grid: the name users pick it by,
+    what it computes, and the code it reproduces."""
+
+    name: str
+    summary: str
+    reproduces: str
+
+
+RESAMPLE_METHODS: dict[str, ResampleMethod] = {
+    method.name: method
+    for method in (
+        ResampleMethod(
+            "timm",
+            "bicubic with antialias (PIL's kernel, a = -0.5, widened by the scale factor when downsampling, "
+            "window clipped at the borders and renormalised), half-pixel centres",
+            "timm's resample_abs_pos_embed: its dynamic_img_size forward and its checkpoint loading at "
+            "another size (torch.nn.functional.interpolate(mode='bicubic', antialias=True))",
+        ),
+        ResampleMethod(
+            "huggingface",
+            "bicubic without antialias (a = -0.75, border pixels repeated), half-pixel centres",
+            "Hugging Face transformers' ViTEmbeddings.interpolate_pos_encoding (transformers 5.x: "
+            "interpolate(size=..., mode='bicubic', align_corners=False))",
+        ),
+        ResampleMethod(
+            "jax",
+            "linear with corner-aligned samples (the first and last embeddings stay where they are)",
+            "the original JAX code (google-research/vision_transformer, big_vision) resizing a checkpoint: "
+            "scipy.ndimage.zoom(grid, (new_h / old_h, new_w / old_w, 1), order=1)",
+        ),
+    )
+}
+DEFAULT_RESAMPLE = "timm"
+# Configs written before the convention was recorded were resampled with bicubic, a = -0.75,
+# no antialias: exactly Hugging Face's convention, so that is what such a file keeps.
+LEGACY_RESAMPLE = "huggingface"
+
+
+def check_resample(name: str) -> str:
+    """``name`` if it is one of :data:`RESAMPLE_METHODS`, else a ``ValueError`` listing them."""
+    if name not in RESAMPLE_METHODS:
+        raise ValueError(
+            f"unknown position-embedding resampling {name!r}; expected one of {', '.join(RESAMPLE_METHODS)}"
+        )
+    return name
+
+
+def _cubic(x: torch.Tensor, a: float) -> torch.Tensor:
+    """Keys' cubic convolution kernel with coefficient ``a`` (zero for ``|x| >= 2``)."""
+    import torch
+
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def _positions(new: Any) -> torch.Tensor:
+    """``0 .. new - 1`` as float32: an int64 ``Range`` on the (symbolic) size, then a ``Cast``, in a graph."""
+    import torch
+
+    return torch.arange(new).to(torch.float32)
+
+
+def _antialiased_bicubic(old: int, new: Any) -> torch.Tensor:
+    # torch's antialiased path (PIL's): output i is centred at (i + 0.5) * old/new; when shrinking, the
+    # kernel is stretched by old/new; the weights inside the grid are renormalised to sum to 1.
+    # Taps outside torch's window have zero weight, so no explicit window is needed.
+    import torch
+
+    scale = old / new
+    centres = (_positions(new) + 0.5) * scale
+    taps = torch.arange(old, dtype=torch.float32) + 0.5
+    stretch = torch.clamp(torch.full((), scale, dtype=torch.float32), min=1.0)
+    weights = _cubic((taps[None, :] - centres[:, None]) / stretch, a=-0.5)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def _bicubic(old: int, new: Any) -> torch.Tensor:
+    # torch's plain bicubic (align_corners=False): output i samples x = (i + 0.5) * old/new - 0.5 with the
+    # four taps floor(x) - 1 .. floor(x) + 2, whose indices are clamped into the grid (border repeated).
+    # Those taps lie in -2 .. old + 1: weigh every one of them by the kernel (zero beyond the four),
+    # then fold the two outside each border onto the border sample (a constant [old + 4, old] matrix).
+    import torch
+
+    source = (_positions(new) + 0.5) * (old / new) - 0.5
+    taps = torch.arange(-2, old + 2, dtype=torch.float32)
+    weights = _cubic(taps[None, :] - source[:, None], a=-0.75)  # [new, old + 4]
+    fold = torch.arange(old, dtype=torch.float32)[None, :] == torch.clamp(taps, 0.0, float(old - 1))[:, None]
+    return weights @ fold.to(torch.float32)
+
+
+def _corner_aligned_linear(old: int, new: Any) -> torch.Tensor:
+    # scipy.ndimage.zoom(order=1), grid_mode=False: output i samples input i * (old-1)/(new-1)
+    # (0 for a single output), linear between the two neighbours.
+    import torch
+
+    step = (old - 1) / torch.sym_max(new - 1, 1)
+    source = _positions(new) * step
+    columns = torch.arange(old, dtype=torch.float32)
+    return torch.clamp(1.0 - (columns[None, :] - source[:, None]).abs(), min=0.0)
+
+
+_MATRICES = {"timm": _antialiased_bicubic, "huggingface": _bicubic, "jax": _corner_aligned_linear}
+
+
+def interpolation_matrix(old: int, new: Any, method: str) -> torch.Tensor:
+    """The float32 ``[new, old]`` matrix that resamples one axis of ``old`` samples to ``new`` by ``method``.
+
+    ``new`` may be a symbolic size while tracing: the matrix is then computed in the graph.
+    """
+    check_resample(method)
+    if int(old) < 1:
+        raise ValueError(f"old grid size {old} must be positive")
+    return _MATRICES[method](int(old), new)
 
 
 def resample_pos_embed(
     pos_embed: torch.Tensor,
-    new_grid: tuple[int, int] | tuple[torch.SymInt, torch.SymInt],
+    new_grid: tuple[Any, Any],
     old_grid: tuple[int, int],
     num_prefix_tokens: int = 1,
+    *,
+    method: str,
 ) -> torch.Tensor:
-    """Resample ``pos_embed`` ``[1, prefix + old_h*old_w, C]`` to ``[1, prefix + new_h*new_w, C]``.
+    """Resample ``pos_embed`` ``[1, prefix + old_h*old_w, C]`` to ``[1, prefix + new_h*new_w, C]`` by ``method``.
 
-    Prefix (class) tokens are kept as they are; the grid part is interpolated in float32 and
-    cast back to the input dtype.
+    Prefix (class) tokens are kept as they are; the grid part is resampled in float32
+    (``W_h · P · W_wᵀ``) and cast back to the input dtype.
     """
+    import torch
+
+    check_resample(method)
     expected = num_prefix_tokens + old_grid[0] * old_grid[1]
     if pos_embed.ndim != 3 or pos_embed.shape[1] != expected:
         raise ValueError(
@@ -32,12 +168,28 @@ def resample_pos_embed(
         )
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     channels = grid.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)
-    grid = F.interpolate(
-        grid.float(), size=new_grid, mode="bicubic", align_corners=False, antialias=False
-    ).to(pos_embed.dtype)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, channels)
-    return torch.cat([prefix, grid], dim=1)
+    rows = interpolation_matrix(old_grid[0], new_grid[0], method)  # [new_h, old_h]
+    cols = interpolation_matrix(old_grid[1], new_grid[1], method)  # [new_w, old_w]
+    grid = grid.float().reshape(old_grid[0], old_grid[1] * channels)
+    grid = (rows @ grid).reshape(-1, old_grid[1], channels)  # [new_h, old_w, C]
+    grid = (cols @ grid).reshape(1, -1, channels)  # [new_h, new_w, C] → tokens, row-major like the patches
+    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
+
+
+def resample_macs(old_grid: tuple[int, int], new_grid: tuple[int, int], channels: int, method: str) -> int:
+    """Multiply-accumulates of :func:`resample_pos_embed`'s matrix products (pure Python).
+
+    0 at the old grid, where the eager forward pass skips the resampling; an exported graph
+    computes it there too (an identity, well under 0.1% of any ViT's FLOPs).
+    """
+    check_resample(method)
+    if tuple(new_grid) == tuple(old_grid):
+        return 0
+    (old_h, old_w), (new_h, new_w) = old_grid, new_grid
+    macs = new_h * old_h * old_w * channels + new_h * new_w * old_w * channels  # W_h · P, then W_w · (W_h · P)
+    if method == "huggingface":  # each axis's kernel weights times its constant border fold
+        macs += new_h * (old_h + 4) * old_h + new_w * (old_w + 4) * old_w
+    return macs
 
 
 def infer_grid(num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:

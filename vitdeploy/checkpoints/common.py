@@ -349,8 +349,9 @@ def _resample_checkpoint_pos_embed(tensor: torch.Tensor, config: ViTConfig, what
         return None
     new_grid = config.grid_size
     note(notes, f"{what}: resampled position embeddings {old_grid[0]}x{old_grid[1]} → "
-         f"{new_grid[0]}x{new_grid[1]} (checkpoint grid differs from image_size {config.image_size})", warn=True)
-    return resample_pos_embed(tensor.float(), new_grid, old_grid, prefix)
+         f"{new_grid[0]}x{new_grid[1]} (checkpoint grid differs from image_size {config.image_size}; "
+         f"{config.pos_embed_resample} resampling)", warn=True)
+    return resample_pos_embed(tensor.float(), new_grid, old_grid, prefix, method=config.pos_embed_resample)
 
 
 def load_strict(model: VisionTransformer, state_dict: StateDict, what: str,
@@ -425,7 +426,7 @@ def instantiate(checkpoint: Checkpoint, what: str, overrides: Mapping[str, Any])
         model.set_image_size(int(image_size))
         new = model.config.grid_size
         note(checkpoint.notes, f"{what}: resampled position embeddings {old[0]}x{old[1]} → {new[0]}x{new[1]} "
-             f"for image_size {image_size}", warn=True)
+             f"for image_size {image_size} ({model.config.pos_embed_resample} resampling)", warn=True)
     if "labels" in special:
         labels = special["labels"]
         if labels is not None and len(labels) != model.config.num_classes:

@@ -109,7 +109,7 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             layer_norm_eps=float(values["layer_norm_eps"]), pooling="token",
             dropout=float(values["hidden_dropout_prob"]),
             attention_dropout=float(values["attention_probs_dropout_prob"]),
-            crop_pct=1.0, interpolation="bilinear", labels=labels,
+            crop_pct=1.0, interpolation="bilinear", labels=labels, pos_embed_resample="huggingface",
         )
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable ViT config: {error}") from None

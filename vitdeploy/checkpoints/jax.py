@@ -157,5 +157,8 @@ def read_jax(path: Path, num_heads: int | None = None) -> Checkpoint:
     """Read an original ViT ``.npz``; heads come from the attention kernels unless ``num_heads`` is given."""
     arrays = read_npz(path)
     state_dict, unknown, heads = convert_jax_arrays(arrays)
-    config, notes = infer_config(state_dict, str(path), num_heads=num_heads if num_heads is not None else heads)
+    # timm's resampling by default: timm is how PyTorch users load these files (its npz loader resamples
+    # like its forward pass); the original code's scipy zoom is pos_embed_resample="jax".
+    config, notes = infer_config(state_dict, str(path), num_heads=num_heads if num_heads is not None else heads,
+                                 base={"pos_embed_resample": "timm"})
     return Checkpoint(config, state_dict, "jax", [path], unexpected=unknown, notes=notes)

@@ -80,5 +80,6 @@ def read_timm(path: Path, num_heads: int | None = None) -> Checkpoint:
     if labels is not None and (head is None or len(labels) != head.shape[0]):
         notes.append(f"ignored {len(labels)} label_names that do not match the head")
         base.pop("labels")
+    base["pos_embed_resample"] = "timm"
     config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base)
     return Checkpoint(config, state_dict, "timm", files, notes=notes + inferred)

@@ -15,7 +15,8 @@ from vitdeploy.files import atomic_write_text
 
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
-           "non_negative_int", "add_quantize_arguments", "parse_keep_float", "quantize_options"]
+           "non_negative_int", "add_pos_embed_resample", "add_quantize_arguments", "parse_keep_float",
+           "quantize_options"]
 
 
 class CLIError(Exception):
@@ -158,6 +159,19 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     if not sizes:
         raise CLIError(f"--resolution {text!r} lists no size")
     return sizes
+
+
+def add_pos_embed_resample(parser: argparse.ArgumentParser) -> None:
+    """The ``--pos-embed-resample`` option of the commands that load a checkpoint for good (export, convert)."""
+    from vitdeploy.pos_embed import RESAMPLE_METHODS
+
+    parser.add_argument(
+        "--pos-embed-resample", choices=list(RESAMPLE_METHODS),
+        help="how position embeddings are resampled at other resolutions, so that they give the logits of the "
+        "framework named: " + "; ".join(f"{m.name}: {m.summary}" for m in RESAMPLE_METHODS.values())
+        + ". Default: the checkpoint's own (timm files and JAX .npz → timm, Hugging Face folders → huggingface, "
+        "native files → what they were saved with)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

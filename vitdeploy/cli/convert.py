@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, output_file, output_folder, progress
+from vitdeploy.cli.common import CLIError, add_pos_embed_resample, output_file, output_folder, progress
 
 FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax")
 
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="resample the position embeddings to S x S inputs for good")
     parser.add_argument("--num-heads", type=int, metavar="H",
                         help="attention heads, for timm checkpoints of non-registry widths (not stored in them)")
+    add_pos_embed_resample(parser)
     parser.set_defaults(func=run)
 
 
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
                 flag = "--" + name.replace("_", "-")
                 raise CLIError(f"{flag} {value} must be {'>= 0' if name == 'num_classes' else 'positive'}")
             overrides[name] = value
+    if args.pos_embed_resample is not None:  # also how --image-size resamples
+        overrides["pos_embed_resample"] = args.pos_embed_resample
     output = Path(args.output)
 
     warned: list[str] = []
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     kind = "hybrid ViT" if config.hybrid else "ViT"
     print(f"loaded {resolved.format} checkpoint {resolved.source}: {config.name} ({kind}, "
           f"{model.num_parameters() / 1e6:.2f}M parameters, {config.image_size}px, patch {config.patch_size}, "
-          f"{config.num_classes} classes)")
+          f"{config.num_classes} classes, {config.pos_embed_resample} position-embedding resampling)")
     written = save_model(model, output)
     layout = "single file" if written.suffix == ".safetensors" else "folder: model.safetensors + config.json"
     print(f"wrote native checkpoint {written} ({layout})")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_pos_embed_resample,
     add_quantize_arguments,
     onnx_output,
     opset,
@@ -64,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
                         help="largest batch used in validation (default 8; the maximum resolution is always tested)")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the export and validation report as JSON to PATH")
+    add_pos_embed_resample(parser)
     add_quantize_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     quantization = {"quantize": quantize_options(args, args.precision), "calibration": args.calibration,
                     "calibration_size": args.calibration_size} if quantized else {}
     progress(f"loading {args.source}")
-    resolved = resolve_source(args.source, log=progress)
+    overrides = {"pos_embed_resample": args.pos_embed_resample} if args.pos_embed_resample else {}
+    resolved = resolve_source(args.source, log=progress, **overrides)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
         fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,
