@@ -194,26 +194,44 @@ def _weight_axis(node: onnx.NodeProto, index: int, weight: np.ndarray) -> int | 
     return None
 
 
+def image_dependent(graph: onnx.GraphProto) -> set[str]:
+    """Tensors whose *values* depend on the graph inputs (``Shape``/``Size`` pass on shapes only).
+
+    The position-embedding resampling multiplies the constant grid by interpolation matrices
+    computed from the input's *shape*: those MatMuls are not linear layers and stay in float.
+    """
+    dependent = {value.name for value in graph.input}
+    for node in graph.node:  # ONNX graphs are stored in topological order
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(name in dependent for name in node.input if name):
+            dependent.update(name for name in node.output if name)
+    return dependent
+
+
 def plan_quantization(model: onnx.ModelProto, keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT) -> Plan:
     """Which tensors of ``model`` get Q/DQ: the float inputs of every node whose role is not in ``keep_float``.
 
     Roles: ``Conv``/``MatMul``/``Gemm`` with a constant weight (activation input per tensor,
     weight per output channel), ``AttentionMatMul`` (both inputs), ``LayerNormalization`` and
-    ``Softmax`` (their data input) and ``Gelu`` (its input).
+    ``Softmax`` (their data input) and ``Gelu`` (its input). Only nodes whose data input depends
+    on the image's values count (:func:`image_dependent`): the position-embedding resampling
+    stays float.
     """
     keep = set(keep_float)
     graph = model.graph
     index = GraphIndex(graph)
+    dependent = image_dependent(graph)
     plan = Plan()
     for node in graph.node:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] not in dependent:
             continue
         op = node.op_type
         if op in WEIGHTED_OPS:
             weight_slot = 1
             weight = index.const(node.input[weight_slot]) if len(node.input) > weight_slot else None
             if weight is None:
-                if op == "MatMul" and ATTENTION_MATMUL not in keep:
+                if op == "MatMul" and ATTENTION_MATMUL not in keep and node.input[1] in dependent:
                     plan.add_activation(node.input[0], node, 0)
                     plan.add_activation(node.input[1], node, 1)
                     plan.roles[ATTENTION_MATMUL] = plan.roles.get(ATTENTION_MATMUL, 0) + 1

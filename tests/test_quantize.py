@@ -77,6 +77,7 @@ def test_plan_quantizes_weighted_ops_and_keeps_the_float_roles(exported):
     _, _, proto, _ = exported
     plan = plan_quantization(proto)
     # 2 blocks: qkv (split in two in the class-token last block), proj, fc1, fc2 -> 9 MatMuls; patch Conv; head Gemm.
+    # The position-embedding resampling MatMuls (grid x shape-derived matrices) are not among them.
     assert plan.roles == {"Conv": 1, "Gemm": 1, "MatMul": 9}
     assert len(plan.weights) == 11
     index = {name: node for node in proto.graph.node for name in node.output}
