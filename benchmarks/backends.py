@@ -239,6 +239,44 @@ class TensorRTSession:
         self.runtime.close()
 
 
+class OpenVINOSession:
+    """OpenVINO through :class:`vitdeploy.runtimes.openvino.OpenVINORuntime` on the CPU: the fp32 graph at
+    f32 or bf16 inference precision, or the int8 Q/DQ graph."""
+
+    device_index = None
+    timer: Timer
+
+    def __init__(self, spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: int | None,
+                 log: Log | None = None) -> None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as error:
+            raise Skip(f"openvino is not installed ({error}); pip install 'vitdeploy[openvino]'") from None
+        from vitdeploy.runtimes.openvino import OpenVINORuntime
+
+        path = model.onnx(spec.graph_precision, sweep, log)
+        self.artifact = str(path)
+        try:
+            self.runtime = OpenVINORuntime(path, threads=threads or None, **spec.options)
+        except ValueError as error:  # bf16 on a CPU without it
+            raise Skip(str(error)) from None
+        self.optimizations = _optimizations(self.runtime.metadata)
+        self.threads = threads or None
+        self.timer = WallTimer()
+
+    def bind(self, batch: int, height: int, width: int) -> Callable[[], Any]:
+        from vitdeploy.runtimes.base import validate_input
+
+        spec = self.runtime.input_spec
+        pixels = _input(batch, height, width, spec.channels).astype(spec.dtype)
+        validate_input(spec, pixels)
+        runtime = self.runtime
+        return lambda: runtime(pixels)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
 def open_session(spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: int | None,
                  log: Log | None = None, compile_mode: str | None = None) -> Session:
     """Load ``spec`` for ``model``; raises :class:`Skip` when it cannot run on this machine."""
@@ -246,4 +284,6 @@ def open_session(spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: in
         return TorchSession(spec, model, threads, compile_mode)
     if spec.backend == "onnxruntime":
         return OrtSession(spec, model, sweep, threads, log)
+    if spec.backend == "openvino":
+        return OpenVINOSession(spec, model, sweep, threads, log)
     return TensorRTSession(spec, model, sweep, log)

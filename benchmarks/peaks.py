@@ -126,6 +126,10 @@ def parse_peaks(text: str) -> dict[str, float]:
     return peaks
 
 
+# Precisions torch.matmul can measure a peak for; int8/fp8 (Q/DQ graphs) have none unless given.
+MEASURABLE = ("fp32", "fp16", "bf16")
+
+
 class PeakTable:
     """Peaks per (device, precision): given ones first, else measured once on first use."""
 
@@ -143,7 +147,7 @@ class PeakTable:
             value = self.given.get(precision, self.given.get("*"))
             if value is not None:
                 self._peaks[key] = Peak(device, precision, value, "given", "--peak-gflops")
-            elif self.measure:
+            elif self.measure and precision in MEASURABLE:
                 if self.log is not None:
                     self.log(f"measuring the {device} {precision} matmul peak (torch.matmul) ...")
                 self._peaks[key] = peak = measure_matmul_peak(device, precision, self.threads)

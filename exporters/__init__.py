@@ -7,7 +7,8 @@ Small steps, each usable alone (load → export → transform → check → buil
   :func:`validate_onnx` compares any ONNX file with the eager model.
 - graph transforms, ONNX → ONNX: :func:`convert_to_fp16` / :func:`keep_ops_in_fp32` (fp16 with
   LayerNorm and softmax in fp32), :func:`fuse_for_cpu` / :func:`cpu_variant` (onnxruntime
-  contrib ops); they share :mod:`vitdeploy.exporters.graph`.
+  contrib ops), :func:`quantize_model` (calibrated int8/fp8 Q/DQ) and :func:`quantize_onnx` (an
+  fp32 file to a validated quantized file); they share :mod:`vitdeploy.exporters.graph`.
 - TensorRT: :func:`check_onnx` (pre-flight, no TensorRT needed), :func:`plan_build` and
   :func:`trtexec_command` (pure), :func:`run_build` (needs TensorRT and a GPU).
 
@@ -25,6 +26,7 @@ _LAZY = {
     "validate_onnx": "validation",
     "convert_to_fp16": "fp16", "keep_ops_in_fp32": "fp16",
     "fuse_for_cpu": "ort_fusion", "cpu_variant": "ort_fusion",
+    "QuantizeOptions": "quantize", "quantize_model": "quantize", "quantize_onnx": "quantize_onnx",
     "check_onnx": "trt_support",
     "BuildOptions": "trt_plan", "plan_build": "trt_plan", "trtexec_command": "trt_plan",
     "run_build": "tensorrt_build",

@@ -1,4 +1,4 @@
-"""Export a ViT to ONNX with dynamic batch, height and width, in fp32 or fp16, validated before hand-over.
+"""Export a ViT to ONNX with dynamic batch, height and width, in fp32, fp16, int8 or fp8, validated before hand-over.
 
 The graph takes ``pixel_values [batch, 3, height, width]`` and returns ``logits [batch,
 num_classes]`` (plus ``last_hidden_state [batch, sequence, hidden]`` with ``features``). Nothing
@@ -12,6 +12,10 @@ fp16 graphs come from the model cast to fp16 with the precision policy applied
 (``fp32_ops`` computing in fp32), so the eager model under the same policy is a like-for-like
 reference; :func:`vitdeploy.exporters.fp16.keep_ops_in_fp32` then makes sure the listed ops
 really run in fp32 in the graph.
+
+int8 and fp8 graphs are the traced fp32 graph quantized on calibration images
+(:func:`vitdeploy.exporters.quantize.quantize_model`: explicit Q/DQ, what TensorRT builds INT8/FP8
+engines from) and validated against the eager fp32 model with their precision's gate.
 
 The file is written under a temporary name in the target folder, validated with onnxruntime
 against the eager model, and only then renamed to its final name, so a crash never leaves a
@@ -41,6 +45,7 @@ from vitdeploy.constants import (
     GRAPH_PRECISIONS,
     INPUT_NAME,
     LOGITS_NAME,
+    QUANTIZED_PRECISIONS,
     check_precision,
 )
 from vitdeploy.files import remove_stale_temporaries, temporary_folder
@@ -146,9 +151,25 @@ class ExportOptions:
     validation_images: Sequence[Any] | None = None
     preflight: bool = True
     cpu_variant: bool = True
+    # int8/fp8 only: how to quantize (None = QuantizeOptions defaults for the precision), and the
+    # calibration images (a folder, or None for the bundled photos plus synthetic crops).
+    quantize: Any = None
+    calibration: str | os.PathLike[str] | None = None
+    calibration_size: int = 64
 
     def __post_init__(self) -> None:
         check_precision(self.precision, GRAPH_PRECISIONS)
+        if self.precision in QUANTIZED_PRECISIONS:
+            from vitdeploy.exporters.quantize import QuantizeOptions
+
+            if self.quantize is None:
+                self.quantize = QuantizeOptions(precision=self.precision)
+            elif self.quantize.precision != self.precision:
+                raise ValueError(f"quantize options are for {self.quantize.precision}, the export for {self.precision}")
+            if self.calibration_size < 1:
+                raise ValueError(f"calibration_size must be >= 1, got {self.calibration_size}")
+        elif self.quantize is not None or self.calibration is not None:
+            raise ValueError(f"quantize/calibration options need precision int8 or fp8, not {self.precision!r}")
         check_opset(self.opset)
         if self.fp16_io and self.precision != "fp16":
             raise ValueError("fp16_io needs precision='fp16'")
@@ -191,9 +212,11 @@ class ExportResult:
     preflight: Any = None
     variant_path: Path | None = None  # the validated onnxruntime-CPU graph beside the file
     variant_report: ParityReport | None = None
+    quantization: dict[str, Any] | None = None  # the quantize transform record of an int8/fp8 export
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "quantization": self.quantization,
             "path": str(self.path),
             "cpu_variant": str(self.variant_path) if self.variant_path else None,
             "cpu_variant_validation": self.variant_report.to_dict() if self.variant_report else None,
@@ -286,11 +309,13 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
     config = model.config
     stride = config.stride
     param = next(model.parameters())
-    if options.precision == "fp32" and param.dtype == torch.float32 and param.device.type == "cpu":
+    # Quantized graphs are made from the fp32 graph (exporters/quantize.py).
+    precision = "fp16" if options.precision == "fp16" else "fp32"
+    if precision == "fp32" and param.dtype == torch.float32 and param.device.type == "cpu":
         prepared = model  # no copy (saves the model's size in memory); attention switched below
     else:
-        prepared = prepare_model(model, options.precision, options.fp32_ops, fused_attention=False, device="cpu")
-    module = _export_module(prepared, options.precision, options.fp16_io, options.features,
+        prepared = prepare_model(model, precision, options.fp32_ops, fused_attention=False, device="cpu")
+    module = _export_module(prepared, precision, options.fp16_io, options.features,
                             class_token_only=prunes_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
@@ -466,7 +491,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         outputs=outputs,
         shape_range=shape_range,
         precision=options.precision,
-        fp32_ops=list(options.fp32_ops) if options.precision != "fp32" else [],
+        fp32_ops=list(options.fp32_ops) if options.precision == "fp16" else [],
         opset=int(options.opset),
         optimizations=[CLASS_TOKEN_LAST_BLOCK] if prunes_last_block(config, options) else [],
         source=options.source,
@@ -570,6 +595,9 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
         if problems:
             raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
         set_metadata(proto, metadata.to_props())
+    quantization = None
+    if options.precision in QUANTIZED_PRECISIONS:
+        proto, metadata, quantization = _quantize(proto, options, stages)
 
     external = graph_bytes(proto) > options.external_data_threshold
     variant = None
@@ -643,11 +671,27 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
 
     result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
                           stage_seconds=stages.seconds, variant_path=variant_target if variant_bytes else None,
-                          variant_report=variant_report if variant_bytes else None)
+                          variant_report=variant_report if variant_bytes else None, quantization=quantization)
     if options.preflight:
         result.preflight = _run_preflight(target, stages)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _quantize(proto: Any, options: ExportOptions, stages: _Stages) -> tuple[Any, ArtifactMetadata, dict[str, Any]]:
+    """The traced fp32 graph quantized to ``options.precision`` on the calibration images."""
+    from vitdeploy.calibration import load_calibration
+    from vitdeploy.exporters.quantize import quantize_model
+    from vitdeploy.metadata import ArtifactMetadata
+
+    metadata = ArtifactMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    with stages(f"calibrate and quantize to {options.precision}"):
+        calibration = load_calibration(options.calibration, options.calibration_size, metadata.preprocessing,
+                                       log=stages.say)
+        quantized, record = quantize_model(proto, calibration, options.quantize, log=stages.say)
+    del proto
+    metadata = ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props})
+    return quantized, metadata, record.to_dict()
 
 
 def _validation_record(report: ParityReport) -> dict[str, Any]:

@@ -15,7 +15,12 @@
   (a strongly typed TensorRT network computes them in the graph's dtype);
 - more than 2 GB of weights stored inside the protobuf instead of external data;
 - a few other documented restrictions (extra ``LayerNormalization`` outputs, ``TopK`` with
-  ``sorted=0``, ``ScatterND`` with a reduction).
+  ``sorted=0``, ``ScatterND`` with a reduction);
+- Q/DQ graphs outside what TensorRT's explicit quantization accepts (:func:`_qdq_findings`):
+  it is symmetric only (every zero point 0), quantizes to signed INT8 or FP8 E4M3 (INT4/FP4
+  for weights), takes constant positive scales, per-tensor scales for activations and
+  per-channel scales only on constant weights, and a ``QuantizeLinear`` must feed a
+  ``DequantizeLinear``. An asymmetric u8s8 graph (onnxruntime's default) fails here.
 """
 
 from __future__ import annotations
@@ -233,6 +238,83 @@ def _initializer_bytes(tensor: onnx.TensorProto) -> int:
     return count * itemsize
 
 
+# Quantized element types TensorRT's explicit quantization accepts (docs: "Working with Quantized Types").
+_QDQ_TYPES = {onnx.TensorProto.INT8: "INT8", onnx.TensorProto.FLOAT8E4M3FN: "FP8 E4M3"}
+_WEIGHT_ONLY_TYPES = {onnx.TensorProto.INT4: "INT4", onnx.TensorProto.FLOAT4E2M1: "FP4 E2M1"}
+
+
+def _constant(graph_index: dict[str, Any], name: str) -> Any:
+    """The numpy value of an initializer or Constant output, else ``None``."""
+    from onnx import numpy_helper
+
+    init = graph_index["initializers"].get(name)
+    if init is not None:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(init)
+    node = graph_index["producers"].get(name)
+    if node is not None and node.op_type == "Constant":
+        for attribute in node.attribute:
+            if attribute.name == "value":
+                return numpy_helper.to_array(attribute.t)
+    return None
+
+
+def _qdq_findings(model: onnx.ModelProto, types: dict[str, int]) -> list[Finding]:
+    """What TensorRT's explicit quantization would refuse in the graph's QuantizeLinear/DequantizeLinear."""
+    import numpy as np
+
+    graph = model.graph
+    index = {"initializers": {t.name: t for t in graph.initializer},
+             "producers": {name: node for node in graph.node for name in node.output}}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    findings: list[Finding] = []
+    for position, node in enumerate(graph.node):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        name = _node_name(node, position)
+
+        def bad(kind: str, message: str, node: onnx.NodeProto = node, name: str = name) -> None:
+            findings.append(Finding("error", name, node.op_type, message, kind))
+
+        quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
+        zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        qtype = types.get(zero) if zero else types.get(quantized)
+        if node.op_type == "QuantizeLinear" and zero is None and _attrs(node).get("output_dtype"):
+            qtype = int(_attrs(node)["output_dtype"])
+        if node.op_type == "QuantizeLinear" and qtype is None and zero is None:
+            qtype = onnx.TensorProto.UINT8  # the ONNX default without a zero point
+        weight_only = node.op_type == "DequantizeLinear" and qtype in _WEIGHT_ONLY_TYPES
+        if qtype is not None and qtype not in _QDQ_TYPES and not weight_only:
+            type_name = onnx.TensorProto.DataType.Name(qtype)
+            bad("qdq-type", f"quantizes to {type_name}: TensorRT's explicit quantization takes signed INT8 or FP8 "
+                "E4M3 (INT4/FP4 for weights) only; re-quantize symmetric int8 (vitdeploy quantize)")
+        if zero is not None:
+            value = _constant(index, zero)
+            if value is None:
+                bad("qdq-zero-point", f"zero point {zero!r} is not a constant; TensorRT needs a constant 0")
+            elif np.any(value.astype(np.float64) != 0):
+                bad("qdq-zero-point", f"zero point {zero!r} is not 0 (asymmetric quantization); TensorRT's "
+                    "quantization is symmetric: every zero point must be 0")
+        scale = _constant(index, node.input[1])
+        if scale is None:
+            bad("qdq-scale", f"scale {node.input[1]!r} is not a constant; TensorRT needs constant scales")
+        else:
+            if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+                bad("qdq-scale", f"scale {node.input[1]!r} has values <= 0 or not finite; scales must be positive")
+            if scale.size > 1 and _constant(index, node.input[0]) is None:
+                bad("qdq-per-channel-activation", f"per-channel scale ({scale.size} values) on an activation: "
+                    "TensorRT quantizes activations per tensor; per-channel scales are for constant weights")
+        if node.op_type == "QuantizeLinear":
+            users = consumers.get(node.output[0], [])
+            if not users or any(user.op_type != "DequantizeLinear" for user in users):
+                bad("qdq-unpaired", "QuantizeLinear output must feed DequantizeLinear nodes only (explicit Q/DQ pairs)")
+    return findings
+
+
 def _graph_findings(model: onnx.ModelProto) -> list[Finding]:
     findings = []
     graph = model.graph
@@ -329,5 +411,7 @@ def check_onnx(
             "error", "model", "", f"opset {opset} is outside the range {low}..{high} TensorRT's parser supports; "
             f"export with --opset {min(max(opset, low), high)}", "opset"))
     report.findings.extend(_graph_findings(proto))
-    report.findings.extend(_node_findings(proto, table, _elem_types(proto)))
+    types = _elem_types(proto)
+    report.findings.extend(_node_findings(proto, table, types))
+    report.findings.extend(_qdq_findings(proto, types))
     return report

@@ -8,7 +8,9 @@ shape range (:func:`vitdeploy.parity.validation_shapes`), against the references
 
 * fp32 graphs against the eager fp32 model (tolerance ``fp32``);
 * fp16 graphs against the eager model cast to fp16 under the same precision policy (``fp16``,
-  like for like) and against the eager fp32 model (``fp16_vs_fp32``).
+  like for like) and against the eager fp32 model (``fp16_vs_fp32``);
+* quantized (int8, fp8 Q/DQ) graphs against the eager fp32 model with their own gates
+  (``int8_vs_fp32``, ``fp8_vs_fp32``); fp8 runs as onnxruntime's emulation on CPU.
 
 onnxruntime's CPU provider has fp16 kernels for only some ops; for the others it inserts Casts
 and computes in fp32 on the fp16-rounded inputs. :func:`ort_cpu_fp32_fallbacks` lists those
@@ -126,6 +128,10 @@ def validate_onnx(
                     "onnxruntime CPU has no fp16 kernel for some nodes and ran them in fp32 on fp16-rounded "
                     f"inputs: {listed}; a TensorRT fp16 engine computes these in fp16"
                 )
+        if metadata.precision == "fp8":
+            notes.append("onnxruntime CPU has no fp8 arithmetic: it runs the fp8 Q/DQ graph as an emulation "
+                         "(values rounded to float8e4m3fn, matmuls in fp32), the numerics a TensorRT fp8 engine "
+                         "approximates with fp8 tensor-core matmuls")
         return verify(candidate, references, shapes, inputs, candidate_name=f"{Path(path).name} (onnxruntime CPU)",
                       notes=notes, on_case=on_case)
     finally:

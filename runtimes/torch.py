@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.constants import DEFAULT_FP32_OPS, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, TORCH_PRECISIONS
+from vitdeploy.constants import (
+    DEFAULT_FP32_OPS,
+    FEATURES_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    LOW_FLOAT_PRECISIONS,
+    TORCH_PRECISIONS,
+)
 from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
 from vitdeploy.parity import Reference, Tolerance, tolerance_for
 
@@ -187,9 +194,10 @@ def eager_references(
     """The eager references an artifact of ``precision`` is judged against, with their tolerances.
 
     The one factory export validation, ``verify`` and ``deploy`` share: an fp32 artifact gets
-    the eager fp32 model; a reduced-precision artifact gets the eager model in that precision
-    under the graph's policy (``fp32_ops`` in fp32, explicit attention: like for like) and the
-    eager fp32 model (what the precision costs). ``shape_range`` bounds what the references
+    the eager fp32 model; a reduced float precision (fp16, bf16) also gets the eager model in
+    that precision under the graph's policy (``fp32_ops`` in fp32, explicit attention: like for
+    like) besides the eager fp32 model (what the precision costs); a quantized artifact (int8,
+    fp8) is judged against the eager fp32 model alone, with its precision's gate. ``shape_range`` bounds what the references
     accept (default: the model's own); ``max_rel_error``/``min_cosine`` override the tolerances.
     """
     def tolerance(against_fp32: bool) -> Tolerance:
@@ -204,7 +212,7 @@ def eager_references(
     if shape_range is not None:
         bounds = {"batch": shape_range.batch, "height": shape_range.height, "width": shape_range.width}
     references = []
-    if precision != "fp32":
+    if precision in LOW_FLOAT_PRECISIONS:
         ops = sorted(set(fp32_ops))
         low = TorchRuntime(model, precision=precision, device=device, fp32_ops=ops, fused_attention=False,
                            features=features, **bounds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, checkpoint, tmp_path):
     report = json.loads((out / "report.json").read_text())
 
     artifacts = {a["path"]: a for a in report["artifacts"]}
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16", "int8"):
         onnx = artifacts[f"tiny.safetensors-{precision}.onnx"]
         assert onnx["passed"] is True and onnx["parity"]["passed"] is True
         assert onnx["bytes"] > 0 and len(onnx["sha256"]) == 64
@@ -56,15 +57,21 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, checkpoint, tmp_path):
     assert "trtexec --onnx=tiny.safetensors-fp16.onnx" in text and "--stronglyTyped" in text
 
     stages = {s["name"]: s for s in report["stages"]}
-    assert [s["name"] for s in report["stages"]] == ["load", "export fp32", "export fp16", "TensorRT pre-flight",
-                                                      "TensorRT build", "benchmark"]
+    assert [s["name"] for s in report["stages"]] == ["load", "export fp32", "export fp16", "export int8",
+                                                      "TensorRT pre-flight", "TensorRT build", "benchmark"]
+    int8_notes = " ".join(artifacts["tiny.safetensors-int8.onnx"]["notes"])
+    assert "Q/DQ" in int8_notes and "TensorRT pre-flight: 0 error(s)" in int8_notes
     assert stages["TensorRT build"]["status"] == "skipped"
     assert report["tensorrt"]["built"] is False and report["tensorrt"]["reason"]
     assert report["tensorrt_preflight"]["ok"] is True
 
     points = report["benchmark"]["points"]
-    assert {(p["runtime"], p["batch"]) for p in points} == {
-        (r, b) for r in ("torch-eager-fp32", "ort-cpu-fp32", "ort-cpu-fp16") for b in (1, 2)}
+    runtimes = ["torch-eager-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "ort-cpu-int8"]
+    if importlib.util.find_spec("openvino") is not None:
+        from vitdeploy.cpu_features import has_bf16
+
+        runtimes += ["openvino-cpu-fp32", "openvino-cpu-int8"] + (["openvino-cpu-bf16"] if has_bf16() else [])
+    assert {(p["runtime"], p["batch"]) for p in points} == {(r, b) for r in runtimes for b in (1, 2)}
     assert all(p["status"] == "ok" and p["p50_ms"] > 0 for p in points)
     results = json.loads((out / "bench" / "results.json").read_text())
     from vitdeploy.benchmarks.schema import validate

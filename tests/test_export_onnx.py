@@ -171,8 +171,10 @@ def test_declared_sizes_must_be_multiples_of_the_stride(model, tmp_path):
 def test_option_errors_name_the_value():
     with pytest.raises(ValueError, match="opset 16"):
         ExportOptions(opset=16)
-    with pytest.raises(ValueError, match="'int8'"):
-        ExportOptions(precision="int8")
+    with pytest.raises(ValueError, match="'int4'"):
+        ExportOptions(precision="int4")
+    with pytest.raises(ValueError, match="need precision int8 or fp8"):
+        ExportOptions(precision="fp32", calibration="photos/")
     with pytest.raises(ValueError, match="GELU"):
         ExportOptions(precision="fp16", fp32_ops=("GELU",))
     with pytest.raises(ValueError, match="fp16_io"):

@@ -102,8 +102,12 @@ def test_tolerance_lookup_per_precision():
     assert TOLERANCES["fp16"].max_rel_error < TOLERANCES["fp16_vs_fp32"].max_rel_error
     assert TOLERANCES["fp32"].max_rel_error == 1e-4
     assert TOLERANCES["fp16_vs_fp32"].min_cosine == 0.999
-    with pytest.raises(ValueError, match="int8"):
-        tolerance_for("int8")
+    # quantized graphs have no like-for-like eager model: always the gate against fp32
+    assert tolerance_for("int8") is tolerance_for("int8", against_fp32=True) is TOLERANCES["int8_vs_fp32"]
+    assert TOLERANCES["int8_vs_fp32"].min_cosine == 0.99
+    assert tolerance_for("fp8").name == "fp8_vs_fp32"
+    with pytest.raises(ValueError, match="int4"):
+        tolerance_for("int4")
 
 
 def test_validation_shapes_cover_min_middle_max_and_non_square():

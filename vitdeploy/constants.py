@@ -7,7 +7,23 @@ cannot drift apart.
 from __future__ import annotations
 
 # Graph precisions an ONNX artifact or engine can have. int8 and fp8 are quantized (Q/DQ) graphs.
-GRAPH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+GRAPH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "fp8")
+# Quantized graph precisions: calibrated QuantizeLinear/DequantizeLinear graphs (int8, fp8 = E4M3).
+QUANTIZED_PRECISIONS: tuple[str, ...] = ("int8", "fp8")
+# Roles a node can have in a quantized graph, each of which can be kept in float by name: Conv,
+# MatMul and Gemm with a constant weight; AttentionMatMul, a MatMul of two activations (Q·Kᵀ, P·V);
+# LayerNormalization, Softmax and Gelu (their inputs). exporters/quantize.py documents the scheme.
+QUANTIZABLE_ROLES: tuple[str, ...] = ("Conv", "MatMul", "Gemm", "AttentionMatMul", "LayerNormalization", "Softmax",
+                                      "Gelu")
+# Kept in float by default, as NVIDIA's ModelOpt ViT recipe and the ViT quantization literature do.
+DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("LayerNormalization", "Softmax", "Gelu", "AttentionMatMul")
+# How activation ranges are read from calibration: the largest magnitude, or a percentile of them.
+CALIBRATORS: tuple[str, ...] = ("max", "percentile")
+# A LayerNorm's output channels are smoothed (SmoothQuant) only when the largest channel maximum is
+# at least this many times the median channel's.
+DEFAULT_SMOOTH_THRESHOLD = 8.0
+# ONNX element type of the quantized values (onnx.TensorProto enum names), per quantized precision.
+QUANTIZED_ONNX_TYPES: dict[str, str] = {"int8": "INT8", "fp8": "FLOAT8E4M3FN"}
 # Precisions the eager PyTorch model runs in (the reference and the torch runtime).
 TORCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 # Reduced float precisions in which the model follows the fp32-ops precision policy.

@@ -1,8 +1,9 @@
 """The whole pipeline as a library: a checkpoint to verified artifacts, a TensorRT engine (or the
 command to build one), this machine's benchmark and a report (``vitdeploy deploy`` calls it).
 
-``deploy(DeployOptions(source, output))`` runs, in order: load → export fp32 and fp16 (each
-validated against the eager model, the fp32 one with its onnxruntime-CPU variant) → TensorRT
+``deploy(DeployOptions(source, output))`` runs, in order: load → export fp32, fp16 and int8
+(each validated against the eager model, the fp32 one with its onnxruntime-CPU variant, the int8
+one a calibrated Q/DQ graph with its TensorRT pre-flight) → TensorRT
 pre-flight of the fp16 graph → engine build where TensorRT and a GPU exist (else
 ``build_engine.sh`` with the equivalent ``trtexec`` command) → engine parity → benchmark →
 ``report.md`` and ``report.json``. Each stage records its status, time and a one-line detail.
@@ -47,6 +48,8 @@ class DeployOptions:
     bench_budget_s: float | None = None
     threads: int | None = None
     validation_max_batch: int = 4
+    int8: bool = True  # also export the calibrated int8 Q/DQ graph
+    calibration: str | None = None  # calibration images for int8 (None: bundled photos + synthetic crops)
     command: str = ""
     log: Callable[[str], None] = progress
 
@@ -181,10 +184,11 @@ class Pipeline:
 
         path = self.out / f"{self.name}-{precision}.onnx"
         with self.stage(f"export {precision}") as stage:
+            quantized = {"calibration": self.options.calibration} if precision == "int8" else {}
             options = ExportOptions(
                 batch=batch, height=resolution, width=resolution, precision=precision, validate=True,
                 validation_max_batch=self.options.validation_max_batch, source=str(self.resolved.source),
-                source_sha256=self.resolved.sha256, preflight=False,
+                source_sha256=self.resolved.sha256, preflight=precision == "int8", **quantized,
             )
             try:
                 result = export_onnx(self.resolved.model, path, options, progress=progress)
@@ -200,6 +204,15 @@ class Pipeline:
             rng = result.metadata.shape_range
             artifact.notes.insert(0, f"batch {rng.batch[0]}..{rng.batch[1]}, height {rng.height[0]}..{rng.height[1]}, "
                                      f"width {rng.width[0]}..{rng.width[1]}")
+            if result.quantization is not None:
+                record = result.quantization
+                artifact.notes.append(
+                    f"{record['quantizer']} Q/DQ: {sum(record['quantized_nodes'].values())} quantized nodes, "
+                    f"calibrated on {record['calibration']['count']} images ({record['calibration']['source']}), "
+                    f"{record['smoothing']['layer_norms']} LayerNorms smoothed")
+            if result.preflight is not None:
+                artifact.notes.append(f"TensorRT pre-flight: {len(result.preflight.errors)} error(s), "
+                                      f"{len(result.preflight.warnings)} warning(s)")
             stage.detail = f"{path.name}, parity {'passed' if artifact.passed else 'not checked'}"
             self.artifacts.append(artifact)
             return artifact
@@ -301,7 +314,12 @@ class Pipeline:
                 labels += ["torch-eager-fp16"] + [f"ort-cuda-{p}" for p in ("fp16",) if p in onnx]
                 labels += ["tensorrt-fp16"] if engine is not None else []
             else:
-                labels += [f"ort-cpu-{p}" for p in ("fp32", "fp16") if p in onnx]
+                labels += [f"ort-cpu-{p}" for p in ("fp32", "fp16", "int8") if p in onnx]
+                if _openvino_available():
+                    from vitdeploy.cpu_features import has_bf16
+
+                    labels += [f"openvino-cpu-{p}" for p in ("fp32", "int8") if p in onnx]
+                    labels += ["openvino-cpu-bf16"] if "fp32" in onnx and has_bf16() else []
             points = len(labels) * len(self.options.bench_batches)
             budget = self.options.point_budget_s or DEFAULT_POINT_BUDGET_S[device]
             if self.options.bench_budget_s is not None:
@@ -338,7 +356,7 @@ class Pipeline:
                              f"of the model's patch stride {stride}")
         self.out.mkdir(parents=True, exist_ok=True)
         onnx: dict[str, Path] = {}
-        for precision in ("fp32", "fp16"):
+        for precision in ("fp32", "fp16", "int8") if options.int8 else ("fp32", "fp16"):
             artifact = self.export(precision, options.batch, options.resolution)
             if artifact is not None:
                 onnx[precision] = artifact.path
@@ -482,6 +500,12 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"- GPU: {'none' if not gpu else gpu['name'] + ' (driver ' + str(gpu.get('driver')) + ', CUDA ' + str(gpu.get('cuda_runtime')) + ')'}",
               f"- {versions}", ""]
     return "\n".join(lines)
+
+
+def _openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _cuda_available() -> bool:

@@ -21,8 +21,8 @@ from vitdeploy import __version__
 from vitdeploy.cli.common import ArgumentParser, CLIError
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
-COMMANDS = ["deploy", "inspect", "convert", "export", "verify", "predict", "check", "build", "bench", "triton",
-            "serve"]
+COMMANDS = ["deploy", "inspect", "convert", "export", "quantize", "verify", "predict", "check", "build", "bench",
+            "triton", "serve"]
 
 EXIT_CODES = """\
 exit status: 0 success; 1 the artifact failed its check (parity, pre-flight errors); 2 bad input or
@@ -30,7 +30,7 @@ an unusable environment (one line "vitdeploy COMMAND: error: ..."); 130 interrup
 Set VITDEPLOY_DEBUG=1 to see the traceback behind an error line."""
 
 # Top-level modules a command may lack, and the extra that installs them.
-EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu",
+EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu", "openvino": "openvino",
           "matplotlib": "bench", "jsonschema": "bench", "onnxslim": "simplify", "tritonclient": "serve",
           "pytriton": "serve"}
 

@@ -15,7 +15,8 @@ from vitdeploy.files import atomic_write_text
 
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
-           "non_negative_int", "add_pos_embed_resample"]
+           "non_negative_int", "add_pos_embed_resample", "add_quantize_arguments", "parse_keep_float",
+           "quantize_options"]
 
 
 class CLIError(Exception):
@@ -171,3 +172,52 @@ def add_pos_embed_resample(parser: argparse.ArgumentParser) -> None:
         + ". Default: the checkpoint's own (timm files and JAX .npz → timm, Hugging Face folders → huggingface, "
         "native files → what they were saved with)",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization options (export --precision int8/fp8 and quantize)
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The calibration and quantization options ``export`` and ``quantize`` share (int8, fp8)."""
+    from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE
+    from vitdeploy.constants import CALIBRATORS, DEFAULT_KEEP_FLOAT, DEFAULT_SMOOTH_THRESHOLD
+    from vitdeploy.constants import QUANTIZABLE_ROLES as QUANTIZABLE
+
+    group = parser.add_argument_group("quantization (int8, fp8)")
+    group.add_argument("--calibration", metavar="DIR",
+                       help="folder of calibration images (default: the bundled photos plus synthetic crops)")
+    group.add_argument("--calibration-size", type=positive_int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
+                       help=f"number of calibration images (default {DEFAULT_CALIBRATION_SIZE})")
+    group.add_argument("--keep-float", default=",".join(DEFAULT_KEEP_FLOAT), metavar="OPS",
+                       help=f"roles kept in float, comma-separated or 'none', from {', '.join(QUANTIZABLE)} "
+                       f"(default {','.join(DEFAULT_KEEP_FLOAT)})")
+    group.add_argument("--calibrator", choices=CALIBRATORS, default="max",
+                       help="activation range: the largest magnitude seen (max, default) or a percentile of them")
+    group.add_argument("--percentile", type=float, default=99.99, metavar="P",
+                       help="percentile for --calibrator percentile (default 99.99)")
+    group.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                       help="SmoothQuant migration strength for LayerNorm-output outlier channels, 0 = off "
+                       "(default 0.5 for int8, 0 for fp8)")
+    group.add_argument("--smooth-threshold", type=float, default=DEFAULT_SMOOTH_THRESHOLD, metavar="R",
+                       help="smooth a LayerNorm only if its largest channel maximum is R times the median channel's "
+                       f"(default {DEFAULT_SMOOTH_THRESHOLD:g})")
+    group.add_argument("--reduce-range", action="store_true",
+                       help="int8 weights in 7 bits (+-63) for x86 CPUs without VNNI/AMX, whose 16-bit int8 sums "
+                       "saturate on full-range weights (OpenVINO there); not needed for TensorRT or VNNI CPUs")
+
+
+def parse_keep_float(text: str) -> tuple[str, ...]:
+    """``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
+def quantize_options(args: argparse.Namespace, precision: str):  # noqa: ANN201 - QuantizeOptions
+    """:class:`~vitdeploy.exporters.quantize.QuantizeOptions` from the parsed arguments."""
+    from vitdeploy.exporters.quantize import QuantizeOptions
+
+    return QuantizeOptions(precision=precision, keep_float=parse_keep_float(args.keep_float),
+                           calibrator=args.calibrator, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
+                           smooth_threshold=args.smooth_threshold, reduce_range=args.reduce_range)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 from vitdeploy.cli.common import (
@@ -22,13 +23,15 @@ Run the whole pipeline on SOURCE (a checkpoint in any supported format, or a var
 uses random weights; default {DEFAULT_SOURCE}) and write everything into OUT/:
 
   1. export      OUT/<name>-fp32.onnx (+ its validated onnxruntime-CPU variant <name>-fp32.cpu.onnx)
-                 and OUT/<name>-fp16.onnx (dynamic batch and resolution), each verified against
-                 the eager model on real photographs before it is written
+                 OUT/<name>-fp16.onnx and OUT/<name>-int8.onnx (a calibrated Q/DQ graph; --no-int8
+                 to skip), dynamic batch and resolution, each verified against the eager model on
+                 real photographs before it is written
   2. pre-flight  the fp16 graph against TensorRT's ONNX parser support tables
   3. build       OUT/<name>-fp16.engine + manifest where TensorRT and a GPU exist; elsewhere
                  OUT/build_engine.sh with the equivalent trtexec command (and the report says so)
   4. verify      the engine against eager fp16 and fp32 (where it was built)
-  5. benchmark   this machine's runtimes (CPU: torch eager, onnxruntime fp32/fp16; GPU: + torch fp16,
+  5. benchmark   this machine's runtimes (CPU: torch eager, onnxruntime fp32/fp16/int8, OpenVINO
+                 fp32/int8 where installed; GPU: + torch fp16,
                  onnxruntime CUDA, TensorRT) into OUT/bench/ (results.json/csv, report.md, plots)
   6. report      OUT/report.md and OUT/report.json: what was produced, the parity each artifact
                  reached, and how fast each runtime ran
@@ -66,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-max-batch", type=positive_int, default=4, metavar="N",
                         help="largest batch in the export parity checks (default 4)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 export")
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="int8 calibration images (default: the bundled photos plus synthetic crops)")
     parser.set_defaults(func=run)
 
 
@@ -73,18 +79,22 @@ def _reconstructed(args: argparse.Namespace) -> str:
     """The command line equivalent to ``args`` (when not run from the console script)."""
     parts = ["vitdeploy", "deploy", str(args.source), "-o", str(args.output)]
     for flag in ("batch", "resolution", "bench_batch", "time_budget", "bench_budget", "threads",
-                 "validation_max_batch"):
+                 "validation_max_batch", "calibration"):
         value = getattr(args, flag, None)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
     if getattr(args, "no_bench", False):
         parts.append("--no-bench")
+    if getattr(args, "no_int8", False):
+        parts.append("--no-int8")
     return shlex.join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.pipeline import DeployOptions, deploy
 
+    if args.calibration is not None and (args.no_int8 or not os.path.isdir(args.calibration)):
+        raise CLIError(f"--calibration {args.calibration!r} must be a folder (and needs the int8 export)")
     batch = parse_range(args.batch, "batch")
     bench_batches = parse_int_list(args.bench_batch, "bench-batch")
     if any(not batch[0] <= b <= batch[1] for b in bench_batches):
@@ -94,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         resolution=parse_range(args.resolution, "resolution") if args.resolution else None,
         bench=not args.no_bench, bench_batches=tuple(bench_batches),
         point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,
-        validation_max_batch=args.validation_max_batch,
+        validation_max_batch=args.validation_max_batch, int8=not args.no_int8, calibration=args.calibration,
         command=command_line("deploy") or _reconstructed(args), log=progress,
     )
     return deploy(options).status

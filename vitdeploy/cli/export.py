@@ -8,12 +8,14 @@ from pathlib import Path
 from vitdeploy.cli.common import (
     CLIError,
     add_pos_embed_resample,
+    add_quantize_arguments,
     onnx_output,
     opset,
     output_file,
     parse_range,
     positive_int,
     progress,
+    quantize_options,
     write_json,
 )
 
@@ -42,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", metavar="MIN:MAX", help="width range (instead of --resolution)")
     parser.add_argument("--opset", type=opset, default=18,
                         help="ONNX opset, from 17 to the highest the installed onnx/onnxruntime support (default 18)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                        help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8"], default="fp32",
+                        help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from, "
+                        "int8/fp8 are calibrated Q/DQ graphs (see the quantization options and `vitdeploy quantize`)")
     parser.add_argument("--fp32-ops", default=DEFAULT_FP32_OPS, metavar="OPS",
                         help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default {DEFAULT_FP32_OPS})")
     parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
@@ -63,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest batch used in validation (default 8; the maximum resolution is always tested)")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the export and validation report as JSON to PATH")
     add_pos_embed_resample(parser)
+    add_quantize_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -93,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     batch = parse_range(args.batch, "batch")
     height, width = size_ranges(args)
+    quantized = args.precision in ("int8", "fp8")
+    if args.calibration is not None and not quantized:
+        raise CLIError(f"--calibration applies to --precision int8 or fp8, not {args.precision}")
+    if args.calibration is not None and not Path(args.calibration).is_dir():
+        raise CLIError(f"--calibration {args.calibration!r} is not a folder")
+    quantization = {"quantize": quantize_options(args, args.precision), "calibration": args.calibration,
+                    "calibration_size": args.calibration_size} if quantized else {}
     progress(f"loading {args.source}")
     overrides = {"pos_embed_resample": args.pos_embed_resample} if args.pos_embed_resample else {}
     resolved = resolve_source(args.source, log=progress, **overrides)
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256,
-        validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant,
+        validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant, **quantization,
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
                    "random_weights": resolved.random_weights}

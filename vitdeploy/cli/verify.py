@@ -13,6 +13,7 @@ from vitdeploy.cli.common import (
     parse_int_list,
     parse_sizes,
     positive_float,
+    positive_int,
     progress,
     write_json,
 )
@@ -40,11 +41,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", metavar="R,R",
                         help="resolutions: 224 for square or 224x320 for height x width, comma-separated "
                         "(default: native, smallest and a non-square size within the artifact's range)")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
                         help="precision of the artifact, which picks the eager reference and tolerance "
                         "(default: from the artifact's metadata)")
     parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"],
                         help="onnxruntime provider for .onnx artifacts (default cpu)")
+    parser.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt", "torch"],
+                        help="runtime that runs ARTIFACT (default: by file type; openvino runs .onnx files)")
+    accuracy = parser.add_argument_group(
+        "accuracy on labelled images",
+        "With --labelled (or --labels) verify reports the top-1/top-5 accuracy of the artifact and of the eager "
+        "fp32 model on those images, side by side, and the drop, plus their agreement; the shape sweep is skipped.")
+    accuracy.add_argument("--labelled", metavar="DIR",
+                          help="ImageFolder layout: DIR/<class>/<image>; a class folder named like one of the "
+                          "artifact's labels (or an integer) maps to that class, others to their sorted position")
+    accuracy.add_argument("--labels", metavar="FILE",
+                          help="a labels file: 'PATH LABEL' per line (PATH relative to --labelled DIR or the file)")
+    accuracy.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                          help="fail (exit 1) if top-1 accuracy drops more than POINTS against eager fp32")
+    accuracy.add_argument("--accuracy-batch", type=positive_int, default=32, metavar="N",
+                          help="images per batch for the accuracy run (default 32)")
     parser.add_argument("--no-synthetic", action="store_true", help="use real images only")
     parser.add_argument("--max-rel-error", type=positive_float, metavar="X", help="override the tolerance's relative max error")
     parser.add_argument("--min-cosine", type=cosine, metavar="X", help="override the tolerance's minimum cosine, in (0, 1]")
@@ -104,13 +120,23 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"artifact {args.artifact!r} does not exist")
     batches = parse_int_list(args.batch, "batch")
     images = image_files(args.images) if args.images else None
+    backend = args.backend or kind
     options: dict[str, Any] = {}
     if args.provider:
-        if kind != "onnxruntime":
-            raise CLIError(f"--provider applies to .onnx artifacts, not to a {kind} artifact")
+        if backend != "onnxruntime":
+            raise CLIError(f"--provider applies to the onnxruntime backend, not {backend}")
         options["provider"] = args.provider
-    progress(f"loading {args.artifact} ({kind})")
-    runtime = load(args.artifact, **options)
+    if args.labels is None and args.labelled is not None and not Path(args.labelled).is_dir():
+        raise CLIError(f"--labelled {args.labelled!r} is not a folder")
+    if args.max_accuracy_drop is not None and not (args.labelled or args.labels):
+        raise CLIError("--max-accuracy-drop needs --labelled DIR or --labels FILE")
+    progress(f"loading {args.artifact} ({backend})")
+    runtime = load(args.artifact, backend=backend, **options)
+    if args.labelled or args.labels:
+        try:
+            return run_accuracy(args, runtime, backend)
+        finally:
+            runtime.close()
     try:
         metadata = runtime.metadata
         if metadata is None:
@@ -146,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             progress(f"warning: {notes[-1]}")
         progress(f"verifying {len(shapes)} shape(s) against {', '.join(r.name for r in refs)}")
         report = verify(
-            runtime, refs, shapes, inputs, candidate_name=f"{args.artifact} ({kind})", notes=notes,
+            runtime, refs, shapes, inputs, candidate_name=f"{args.artifact} ({backend})", notes=notes,
             on_case=lambda c: progress(
                 f"  {c.batch}x3x{c.height}x{c.width} vs {c.reference}: rel-max {c.metrics.rel_max_error:.2e}, "
                 f"cosine {c.metrics.cosine:.6f} {'ok' if c.passed else 'FAIL'}"),
@@ -155,6 +181,60 @@ def run(args: argparse.Namespace) -> int:
         runtime.close()
     print(report.format_table())
     if args.json:
-        write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "reference": args.reference,
+        write_json(args.json, {"artifact": str(args.artifact), "runtime": backend, "reference": args.reference,
+                               "precision": precision, **report.to_dict()})
+    return 0 if report.passed else 1
+
+
+def _reference_model(args: argparse.Namespace, metadata: Any) -> Any:
+    from vitdeploy.checkpoints import resolve_source
+
+    progress(f"loading reference {args.reference}")
+    resolved = resolve_source(args.reference, log=progress)
+    if resolved.model.config.num_classes != metadata.num_classes:
+        raise CLIError(
+            f"--reference {args.reference} has {resolved.model.config.num_classes} classes but the artifact has "
+            f"{metadata.num_classes}; pass the checkpoint the artifact was exported from"
+        )
+    return resolved
+
+
+def run_accuracy(args: argparse.Namespace, runtime: Any, backend: str) -> int:
+    """``verify --labelled/--labels``: accuracy of the artifact and of eager fp32, the drop, their agreement."""
+    from vitdeploy.constants import DEFAULT_FP32_OPS
+    from vitdeploy.datasets import image_folder, labels_file
+    from vitdeploy.metadata import ShapeRange
+    from vitdeploy.parity import evaluate_accuracy
+    from vitdeploy.runtimes.torch import eager_references
+
+    metadata = runtime.metadata
+    if metadata is None:
+        raise CLIError(f"{args.artifact} has no vitdeploy metadata (preprocessing unknown)")
+    names = list(metadata.labels) if metadata.labels else None
+    if args.labels:
+        data = labels_file(args.labels, metadata.num_classes, names, root=args.labelled)
+    else:
+        data = image_folder(args.labelled, metadata.num_classes, names)
+    resolved = _reference_model(args, metadata)
+    spec = runtime.input_spec
+    size = int(metadata.preprocessing.crop_size)
+    batch = min(args.accuracy_batch, spec.batch[1])
+    check_shapes([(min(batch, data.count), size, size)], spec)
+    precision = args.precision or metadata.precision
+    bounds = ShapeRange(batch=(1, batch), height=(size, size), width=(size, size))
+    reference = eager_references(resolved.model, precision, list(metadata.fp32_ops) or DEFAULT_FP32_OPS,
+                                 shape_range=bounds, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine)[-1]
+    progress(f"accuracy on {data.count} labelled images ({data.mapping} class mapping) at {size}x{size}, "
+             f"against {reference.name}")
+    report = evaluate_accuracy(runtime, reference, list(data.items), metadata.preprocessing, batch_size=batch,
+                               candidate_name=f"{Path(args.artifact).name} ({backend})", source=data.source,
+                               max_drop=args.max_accuracy_drop,
+                               on_batch=lambda done, total: progress(f"  {done}/{total} images"))
+    if data.mapping == "sorted":
+        report.notes.append("class folders matched neither the artifact's labels nor integers: numbered in "
+                            "sorted order (torchvision ImageFolder)")
+    print(report.format_table())
+    if args.json:
+        write_json(args.json, {"artifact": str(args.artifact), "runtime": backend, "reference": args.reference,
                                "precision": precision, **report.to_dict()})
     return 0 if report.passed else 1

@@ -1,0 +1,313 @@
+"""vitdeploy's CPU paths (fp32, int8; onnxruntime and OpenVINO) against OpenVINO + NNCF int8, side by side.
+
+The question it answers: is vitdeploy's fastest CPU path for a model no slower than the best
+peer, OpenVINO running an NNCF-quantized int8 model, at each batch size, with cosine >= 0.99
+against eager fp32 on the bundled photos? Everything runs in one process: the model (random
+weights, fixed seed) is exported with the real exporter (fp32 with its onnxruntime-CPU variant,
+and int8 with vitdeploy's quantizer, both validated), the peers are made from the same fp32
+graph (NNCF's ``quantize`` with ``ModelType.TRANSFORMER``; onnxruntime's ``quantize_static``,
+s8s8 symmetric, for reference), all on the same calibration images, and every contender is timed
+in interleaved rounds (the order reverses every round) so other load hits all alike. Each row
+reports the median over rounds of the per-round p50 latency.
+
+NNCF is the peer, not a dependency: ``pip install nncf`` in the environment that runs this (it
+is skipped with its reason otherwise). bf16 rows appear only where the CPU has bf16.
+
+    python -m vitdeploy.benchmarks.cpu_int8 [--model vit_small_patch16_224] [--batch 1,8] [--output PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_int8.json"
+PEER = "OpenVINO + NNCF int8 (peer)"
+BASELINE = "torch eager fp32"
+MIN_COSINE = 0.99
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m vitdeploy.benchmarks.cpu_int8",
+        description="Time vitdeploy's CPU runtimes (fp32/int8, onnxruntime/OpenVINO) against OpenVINO + NNCF "
+        "int8 side by side in one process; report ratios and cosine vs eager fp32 on the bundled photos.",
+    )
+    parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights, seed 0)")
+    parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    parser.add_argument("--size", type=int, default=None, help="input height = width (default: native)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--iterations", type=int, default=16,
+                        help="timed calls per contender per round at batch 1; divided by the batch size above it")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--calibration", metavar="DIR", help="calibration images (default: bundled photos + crops)")
+    parser.add_argument("--calibration-size", type=int, default=64)
+    parser.add_argument("--no-peer", action="store_true", help="skip OpenVINO + NNCF even if nncf is installed")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch {args.batch!r} must be comma-separated integers")
+    if not args.batches or min(args.batches) < 1:
+        parser.error(f"--batch {args.batch!r} must list integers >= 1")
+    for name in ("threads", "rounds", "iterations", "calibration_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _say(message: str) -> None:
+    print(f"[cpu_int8] {message}", file=sys.stderr, flush=True)
+
+
+def ort_quantize_static(fp32: Path, output: Path, calibration: Any, input_name: str) -> Path:
+    """onnxruntime's static Q/DQ quantizer, s8s8 symmetric, per-channel weights, MatMul/Gemm/Conv."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration.batches(8))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch}
+
+    quantize_static(str(fp32), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return output
+
+
+def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: int) -> Callable[[np.ndarray], Any]:
+    """OpenVINO running NNCF's int8 quantization of the fp32 graph (transformer preset), OpenVINO's
+    default inference precision for the rest; raises ImportError without nncf."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(fp32))
+    name = model.inputs[0].get_any_name()
+    model.reshape({name: ov.PartialShape([ov.Dimension(1, max_batch), 3, size, size])})
+    dataset = nncf.Dataset(list(calibration.batches(1)))
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=calibration.count)
+    compiled = core.compile_model(quantized, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    return lambda pixels: np.array(request.infer({0: pixels})[output], copy=True)
+
+
+def openvino_session(path: Path, threads: int, precision: str = "f32") -> Callable[[np.ndarray], Any]:
+    """A bare OpenVINO compiled model (for files without vitdeploy metadata, such as onnxruntime's)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision})
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    return lambda pixels: np.array(request.infer({0: pixels})[output], copy=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import onnxruntime as ort
+    import torch
+
+    import vitdeploy
+    from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
+    from vitdeploy.benchmarks.ort_overheads import time_rounds
+    from vitdeploy.calibration import load_calibration
+    from vitdeploy.cpu_features import has_bf16, int8_dot_flags
+    from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+    from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
+    from vitdeploy.files import atomic_write_text
+    from vitdeploy.metadata import read_onnx_metadata
+    from vitdeploy.parity import InputFactory, compare_logits
+    from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
+
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.cpu_int8",
+                          *(sys.argv[1:] if argv is None else argv)])
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = vitdeploy.create_model(args.model).eval()
+    size = args.size or model.config.image_size
+    max_batch = max(max(args.batches), 4)
+    bf16 = has_bf16()
+    contenders: dict[str, Callable[[np.ndarray], Any]] = {}
+    skipped: dict[str, str] = {}
+    keep: list[Any] = []
+
+    with tempfile.TemporaryDirectory(prefix="cpu_int8.") as folder:
+        fp32_path, int8_path = Path(folder) / "model.onnx", Path(folder) / "model-int8.onnx"
+        common = {"batch": (1, max_batch), "height": (size, size), "width": (size, size),
+                  "validation_max_batch": 1, "preflight": False}
+        _say(f"exporting {args.model} fp32 (validated, with its onnxruntime-CPU variant)")
+        export_onnx(model, fp32_path, ExportOptions(**common))
+        # 7-bit weights where the CPU lacks VNNI/AMX: OpenVINO's 16-bit int8 sums saturate there.
+        reduce_range = not int8_dot_flags()
+        _say(f"exporting {args.model} int8 (calibration: {args.calibration or 'bundled photos + crops'}"
+             f"{'; 7-bit weights: no VNNI/AMX on this CPU' if reduce_range else ''})")
+        int8 = export_onnx(model, int8_path, ExportOptions(
+            precision="int8", calibration=args.calibration, calibration_size=args.calibration_size,
+            quantize=QuantizeOptions(reduce_range=reduce_range), **common), progress=_say)
+        metadata = read_onnx_metadata(fp32_path)
+        calibration = load_calibration(args.calibration, args.calibration_size, metadata.preprocessing, log=None)
+        # The same quantizer with the attention batch-matmuls quantized too (what NNCF does): faster on
+        # CPUs, judged by the same gate (quantize_onnx validates it against the fp32 graph).
+        attention_path = Path(folder) / "model-int8-attention.onnx"
+        _say("quantizing int8 with the attention batch-matmuls quantized too (--keep-float without AttentionMatMul)")
+        try:
+            quantize_onnx(fp32_path, attention_path, QuantizeOptions(
+                keep_float=("LayerNormalization", "Softmax", "Gelu"), reduce_range=reduce_range),
+                calibration=args.calibration, calibration_size=args.calibration_size, max_batch=1, progress=_say)
+        except ExportValidationError as error:
+            skipped["vitdeploy int8, attention quantized"] = f"failed its gate: {'; '.join(error.report.failures[:2])}"
+            attention_path = None
+
+        threads = {"intra_op_threads": args.threads, "inter_op_threads": 1}
+        ort_fp32 = OrtRuntime(fp32_path, **threads)
+        ort_int8 = OrtRuntime(int8_path, **threads)
+        ov_fp32 = OpenVINORuntime(fp32_path, threads=args.threads)
+        ov_int8 = OpenVINORuntime(int8_path, threads=args.threads)
+        keep += [ort_fp32, ort_int8, ov_fp32, ov_int8]
+        contenders.update({
+            "vitdeploy OrtRuntime fp32 (CPU variant)": ort_fp32,
+            "vitdeploy OrtRuntime int8": ort_int8,
+            "vitdeploy OpenVINORuntime fp32 (f32)": ov_fp32,
+            "vitdeploy OpenVINORuntime int8 (f32 elsewhere)": ov_int8,
+        })
+        if attention_path is not None:
+            ov_attention = OpenVINORuntime(attention_path, threads=args.threads)
+            keep.append(ov_attention)
+            contenders["vitdeploy OpenVINORuntime int8, attention quantized"] = ov_attention
+        if bf16:
+            ov_fp32_bf16 = OpenVINORuntime(fp32_path, threads=args.threads, inference_precision="bf16")
+            ov_int8_bf16 = OpenVINORuntime(int8_path, threads=args.threads, inference_precision="bf16")
+            keep += [ov_fp32_bf16, ov_int8_bf16]
+            contenders["vitdeploy OpenVINORuntime fp32 (bf16)"] = ov_fp32_bf16
+            contenders["vitdeploy OpenVINORuntime int8 (bf16 elsewhere)"] = ov_int8_bf16
+            if attention_path is not None:
+                ov_attention_bf16 = OpenVINORuntime(attention_path, threads=args.threads, inference_precision="bf16")
+                keep.append(ov_attention_bf16)
+                contenders["vitdeploy OpenVINORuntime int8, attention quantized (bf16 elsewhere)"] = ov_attention_bf16
+        else:
+            skipped["vitdeploy OpenVINORuntime bf16"] = "this CPU has no bf16 (avx512_bf16/amx_bf16 not in /proc/cpuinfo)"
+
+        try:
+            _say("onnxruntime quantize_static (s8s8 symmetric, MatMul/Gemm/Conv) on the fp32 graph")
+            ort_static = ort_quantize_static(fp32_path, Path(folder) / "ort-static.onnx", calibration,
+                                             metadata.inputs[0].name)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+            session = ort.InferenceSession(str(ort_static), options, providers=["CPUExecutionProvider"])
+            name = metadata.inputs[0].name
+            contenders["onnxruntime quantize_static s8s8 (onnxruntime)"] = \
+                lambda pixels, s=session, n=name: s.run(None, {n: pixels})[0]
+            contenders["onnxruntime quantize_static s8s8 (OpenVINO)"] = openvino_session(ort_static, args.threads)
+        except Exception as error:  # noqa: BLE001 - a reference contender; report and go on
+            skipped["onnxruntime quantize_static"] = f"{type(error).__name__}: {error}"
+        if args.no_peer:
+            skipped[PEER] = "--no-peer"
+        else:
+            try:
+                _say("NNCF int8 (ModelType.TRANSFORMER) on the fp32 graph")
+                contenders[PEER] = nncf_peer(fp32_path, calibration, args.threads, max_batch, size)
+            except ImportError as error:
+                skipped[PEER] = f"nncf is not installed ({error}); pip install nncf"
+
+    def eager(pixels: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return model(torch.from_numpy(pixels)).numpy()
+
+    runners_by_name = {BASELINE: eager, **contenders}
+    photos, _ = InputFactory(metadata.preprocessing, synthetic=False).batch(max_batch, size, size)
+    reference = eager(photos)
+    accuracy = {}
+    for name, run in runners_by_name.items():
+        metrics = compare_logits(reference, np.asarray(run(photos), dtype=np.float32))
+        accuracy[name] = {"cosine": round(metrics.cosine, 6), "rel_max_error": round(metrics.rel_max_error, 5),
+                          "top1_agreement": metrics.top1_agreement}
+
+    load_before = load_average()
+    others = OtherCpuLoad()
+    others.start()
+    timings: dict[int, dict[str, list[float]]] = {}
+    for batch in args.batches:
+        pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        runners = {name: (lambda run=run, pixels=pixels: run(pixels)) for name, run in runners_by_name.items()}
+        iterations = max(3, args.iterations // batch)
+        _say(f"batch {batch}: {len(runners)} contenders x {args.rounds} rounds x {iterations} calls")
+        timings[batch] = time_rounds(runners, args.rounds, iterations, args.warmup)
+    other_cpus = others.stop()
+    load_after = load_average()
+    for runtime in keep:
+        runtime.close()
+
+    rows, targets = [], {}
+    vitdeploy_names = [name for name in runners_by_name if name.startswith("vitdeploy")]
+    for batch, p50s in timings.items():
+        medians = {name: float(np.median(values)) for name, values in p50s.items()}
+        eager_ms, peer_ms = medians[BASELINE], medians.get(PEER)
+        for name, ms in medians.items():
+            rows.append({"contender": name, "batch": batch, "p50_ms_median": round(ms, 3),
+                         "p50_ms_rounds": [round(v, 3) for v in p50s[name]], "vs_eager": round(ms / eager_ms, 4),
+                         "vs_peer": round(ms / peer_ms, 4) if peer_ms else None, **accuracy[name]})
+        eligible = [n for n in vitdeploy_names if accuracy[n]["cosine"] >= MIN_COSINE]
+        fastest = min(eligible, key=medians.get) if eligible else None
+        ratio = medians[fastest] / peer_ms if fastest and peer_ms else None
+        targets[f"batch {batch}"] = {
+            "target": f"fastest vitdeploy CPU path with cosine >= {MIN_COSINE} no slower than {PEER}",
+            "fastest": fastest, "fastest_ms": round(medians[fastest], 3) if fastest else None,
+            "peer_ms": round(peer_ms, 3) if peer_ms else None,
+            "ratio_to_peer": round(ratio, 4) if ratio else None, "met": (ratio <= 1.0) if ratio else None,
+        }
+    report = {
+        "command": command,
+        "environment": capture_environment(command, threads=args.threads),
+        "cpu": {"bf16": bf16, "int8_dot_product": int8_dot_flags()},
+        "load_average": {"before": load_before, "after": load_after},
+        "other_processes_cpus": other_cpus,
+        "setup": {"model": args.model, "size": size, "batches": args.batches, "threads": args.threads,
+                  "rounds": args.rounds, "iterations_batch1": args.iterations, "warmup": args.warmup,
+                  "weights": "random (torch.manual_seed(0))",
+                  "calibration": calibration.describe(), "int8_quantization": int8.quantization,
+                  "accuracy": f"vs eager fp32 on the bundled photos, batch {max_batch} at {size}x{size}",
+                  "statistic": "median over rounds of the per-round p50; rounds interleave the contenders"},
+        "skipped": skipped,
+        "results": rows,
+        "targets": targets,
+    }
+    print(f"{args.model} at {size}x{size}, {args.threads} threads, {args.rounds} rounds; bf16 {bf16}, int8 dot "
+          f"{int8_dot_flags() or 'none'}; load {load_before} -> {load_after}, other processes {other_cpus} CPUs")
+    print(f"{'contender':68s} {'batch':>5s} {'p50 ms':>8s} {'vs eager':>9s} {'vs peer':>8s} {'cosine':>9s} {'top-1':>6s}")
+    for row in rows:
+        peer = "-" if row["vs_peer"] is None else f"{row['vs_peer']:.3f}x"
+        print(f"{row['contender']:68s} {row['batch']:5d} {row['p50_ms_median']:8.2f} {row['vs_eager']:8.3f}x "
+              f"{peer:>8s} {row['cosine']:9.5f} {row['top1_agreement']:6.2f}")
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    for name, target in targets.items():
+        verdict = "n/a (no peer)" if target["met"] is None else ("met" if target["met"] else "NOT met")
+        print(f"{name}: fastest vitdeploy path {target['fastest']} {target['fastest_ms']} ms vs peer "
+              f"{target['peer_ms']} ms -> {verdict}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

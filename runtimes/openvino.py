@@ -1,0 +1,169 @@
+"""OpenVINO backend: runs a vitdeploy ONNX artifact (fp32, or a Q/DQ int8 graph) on the CPU.
+
+Needs only numpy and the ``openvino`` package (the ``openvino`` extra); never torch or onnx.
+OpenVINO reads the ONNX file itself; the model's dynamic batch, height and width are bounded by
+the artifact's validated range before compiling.
+
+Precision: OpenVINO's CPU plugin computes fp32 graphs in bf16 by default on CPUs that have bf16,
+so :class:`OpenVINORuntime` always sets ``INFERENCE_PRECISION_HINT`` explicitly: ``"f32"`` by
+default (parity), ``"bf16"`` on request, and only where ``/proc/cpuinfo`` shows bf16
+instructions (:func:`vitdeploy.cpu_features.has_bf16`). An int8 Q/DQ graph runs its quantized
+matmuls in int8 whatever the hint; the hint decides the precision of the rest.
+
+Thread safety: a compiled model is shared, and every call takes an infer request from a pool
+(creating one when all are busy) and gives it back after copying the outputs out, so one runtime
+may serve many threads; no two calls ever share a request.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.cpu_features import has_bf16, int8_dot_flags
+from vitdeploy.metadata import ArtifactMetadata, read_metadata_props
+
+from .base import InputSpec, Runtime, validate_input
+
+INFERENCE_PRECISIONS = ("f32", "bf16")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+# OpenVINO element type names -> numpy dtype names for the input check.
+_OV_DTYPES = {"f32": "float32", "f16": "float16"}
+
+
+class OpenVINORuntime(Runtime):
+    """An ONNX file with vitdeploy metadata, compiled and run by OpenVINO on ``device`` (``"CPU"``).
+
+    ``inference_precision`` is ``"f32"`` (default) or ``"bf16"`` (refused on a CPU without bf16);
+    ``threads`` sets ``INFERENCE_NUM_THREADS`` (default: OpenVINO's, every core);
+    ``performance_hint`` is ``"LATENCY"`` (default: one stream, the whole CPU per request) or
+    ``"THROUGHPUT"``; ``config`` adds or overrides any compile property. A file without vitdeploy
+    metadata needs ``input_spec``. :attr:`compiled` is the ``openvino.CompiledModel``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        device: str = "CPU",
+        inference_precision: str = "f32",
+        threads: int | None = None,
+        performance_hint: str = "LATENCY",
+        config: Mapping[str, Any] | None = None,
+        check_finite: bool = False,
+        input_spec: InputSpec | None = None,
+    ) -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file {str(self.path)!r} does not exist")
+        if self.path.suffix.lower() != ".onnx":
+            raise ValueError(f"{self.path} is not an .onnx file; OpenVINORuntime runs vitdeploy ONNX artifacts")
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"inference_precision {inference_precision!r} is not one of {list(INFERENCE_PRECISIONS)}")
+        if inference_precision == "bf16" and device.upper() == "CPU" and not has_bf16():
+            raise ValueError("inference_precision 'bf16' needs a CPU with bf16 instructions (avx512_bf16 or "
+                             "amx_bf16 in /proc/cpuinfo); this one has neither: use 'f32'")
+        if performance_hint not in PERFORMANCE_HINTS:
+            raise ValueError(f"performance_hint {performance_hint!r} is not one of {list(PERFORMANCE_HINTS)}")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+
+        try:
+            self.metadata = ArtifactMetadata.from_props(read_metadata_props(self.path))
+        except ValueError as error:
+            if input_spec is None:
+                raise ValueError(f"{self.path}: {error} (pass input_spec=InputSpec(...) to run a foreign ONNX file)") \
+                    from None
+            self.metadata = None
+        self.input_spec = input_spec or InputSpec.from_metadata(self.metadata)
+        self.check_finite = bool(check_finite)
+        self.device = device
+        self.inference_precision = inference_precision
+
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        inputs = model.inputs
+        if len(inputs) != 1:
+            raise ValueError(f"{self.path} has {len(inputs)} inputs; expected one image input")
+        name = inputs[0].get_any_name()
+        if name != self.input_spec.name:
+            raise ValueError(f"{self.path}: graph input is named {name!r} but the metadata says {self.input_spec.name!r}")
+        graph_dtype = _OV_DTYPES.get(inputs[0].get_element_type().get_type_name(),
+                                     inputs[0].get_element_type().get_type_name())
+        if graph_dtype != self.input_spec.dtype:
+            raise ValueError(f"{self.path}: graph input dtype is {graph_dtype} but the metadata says "
+                             f"{self.input_spec.dtype}")
+        spec = self.input_spec
+        model.reshape({name: ov.PartialShape([ov.Dimension(*spec.batch), spec.channels, ov.Dimension(*spec.height),
+                                              ov.Dimension(*spec.width)])})
+        properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision,
+                                      "PERFORMANCE_HINT": performance_hint}
+        if threads is not None:
+            properties["INFERENCE_NUM_THREADS"] = int(threads)
+        properties.update(config or {})
+        self._warn_int8_saturation(device)
+        self._compiled = core.compile_model(model, device, properties)
+        self.output_names = [output.get_any_name() for output in self._compiled.outputs]
+        self.output_name = self.output_names[0]
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def _warn_int8_saturation(self, device: str) -> None:
+        """Warn when a full-range int8 graph meets a CPU whose int8 path saturates (no VNNI/AMX)."""
+        if self.metadata is None or self.metadata.precision != "int8" or device.upper() != "CPU" or int8_dot_flags():
+            return
+        record = next((t for t in self.metadata.transforms if t.get("name") == "quantize"), {})
+        if not record.get("reduce_range", False):
+            warnings.warn(
+                f"{self.path.name}: this CPU has no VNNI/AMX int8 dot products, where OpenVINO's int8 matmuls "
+                "sum u8 x s8 pairs in saturating 16 bits and full-range int8 weights lose accuracy; quantize "
+                "with --reduce-range (7-bit weights) for this CPU", RuntimeWarning, stacklevel=3)
+
+    @property
+    def compiled(self) -> Any:
+        """The ``openvino.CompiledModel`` (``None`` after :meth:`close`)."""
+        return self._compiled
+
+    def property(self, name: str) -> Any:
+        """A property of the compiled model, e.g. ``"INFERENCE_PRECISION_HINT"`` or ``"EXECUTION_DEVICES"``."""
+        if self._compiled is None:
+            raise RuntimeError(f"OpenVINORuntime for {self.path} is closed")
+        return self._compiled.get_property(name)
+
+    def _outputs(self, pixel_values: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        compiled = self._compiled
+        if compiled is None:
+            raise RuntimeError(f"OpenVINORuntime for {self.path} is closed; create a new runtime to run it again")
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = compiled.create_infer_request()
+        try:
+            results = request.infer({0: np.ascontiguousarray(pixel_values)})
+            # The request reuses its output buffers: copy before handing it back to the pool.
+            values = [np.array(results[compiled.output(name)], dtype=np.float32, copy=True) for name in names]
+        finally:
+            self._requests.put(request)
+        return values
+
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._outputs(pixel_values, [self.output_name])[0]
+
+    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output (``logits``, and ``last_hidden_state`` for feature exports) as float32."""
+        validate_input(self.input_spec, pixel_values, self.check_finite)
+        return dict(zip(self.output_names, self._outputs(pixel_values, self.output_names), strict=True))
+
+    def close(self) -> None:
+        """Release the compiled model and its requests; later calls raise ``RuntimeError``."""
+        self._compiled = None
+        self._requests = queue.SimpleQueue()
+
+    def __repr__(self) -> str:
+        return f"OpenVINORuntime({str(self.path)!r}, inference_precision={self.inference_precision!r})"
