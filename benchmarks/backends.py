@@ -146,6 +146,7 @@ class OrtSession:
             log(f"onnxruntime TensorRT EP builds its engine on the first call of each new profile (cached in "
                 f"{options['cache_dir']})")
         self.runtime = OrtRuntime(path, **options)
+        self.artifact = str(self.runtime.graph_path)  # on CPU, the validated onnxruntime-CPU variant
         self.optimizations = _optimizations(self.runtime.metadata)
         self.provider = spec.provider
         self.threads = (threads or None) if spec.provider == "cpu" else None

@@ -48,7 +48,7 @@ from vitdeploy.constants import (
     QUANTIZED_PRECISIONS,
     check_precision,
 )
-from vitdeploy.files import remove_stale_temporaries, temporary_folder
+from vitdeploy.files import temporary_folder
 from vitdeploy.metadata import (
     CLASS_TOKEN_LAST_BLOCK,
     CPU_VARIANT,
@@ -578,41 +578,42 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
     config = model.config
     shape_range = options.shape_range(config)
     metadata = build_metadata(model, options, shape_range)
-    remove_stale_temporaries(target, stages.say)  # leftovers of a killed earlier export to this name
 
-    with stages("trace"):
-        proto = trace_to_onnx(model, options)
-    with stages("convert"):
-        strip_exporter_metadata(proto)
-        name_dynamic_dims(proto, options.features)
-        if options.precision == "fp16":
-            keep_ops_in_fp32(proto, options.fp32_ops)
-        if options.simplify:
-            proto = simplify_graph(proto)
-        proto.producer_name, proto.producer_version = "vitdeploy", metadata.vitdeploy_version
-        proto.graph.name = config.name
-        problems = check_graph(proto, options.features)
-        if problems:
-            raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
-        set_metadata(proto, metadata.to_props())
-    quantization = None
-    if options.precision in QUANTIZED_PRECISIONS:
-        proto, metadata, quantization = _quantize(proto, options, stages)
-
-    external = graph_bytes(proto) > options.external_data_threshold
-    variant = None
-    if options.cpu_variant and options.precision == "fp32":
-        if external:
-            stages.say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
-        else:
-            from vitdeploy.exporters.ort_fusion import cpu_variant
-
-            with stages("fuse for onnxruntime CPU"):
-                variant = cpu_variant(proto, metadata)
-            if variant is None:
-                stages.say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
-    variant_target = target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}")
+    # One scratch folder per target for the whole export (temporaries exist from the start, and
+    # Ctrl-C or SIGTERM at any stage removes them).
     with temporary_folder(target, log=stages.say) as folder:
+        with stages("trace"):
+            proto = trace_to_onnx(model, options)
+        with stages("convert"):
+            strip_exporter_metadata(proto)
+            name_dynamic_dims(proto, options.features)
+            if options.precision == "fp16":
+                keep_ops_in_fp32(proto, options.fp32_ops)
+            if options.simplify:
+                proto = simplify_graph(proto)
+            proto.producer_name, proto.producer_version = "vitdeploy", metadata.vitdeploy_version
+            proto.graph.name = config.name
+            problems = check_graph(proto, options.features)
+            if problems:
+                raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
+            set_metadata(proto, metadata.to_props())
+        quantization = None
+        if options.precision in QUANTIZED_PRECISIONS:
+            proto, metadata, quantization = _quantize(proto, options, stages)
+
+        external = graph_bytes(proto) > options.external_data_threshold
+        variant = None
+        if options.cpu_variant and options.precision == "fp32":
+            if external:
+                stages.say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
+            else:
+                from vitdeploy.exporters.ort_fusion import cpu_variant
+
+                with stages("fuse for onnxruntime CPU"):
+                    variant = cpu_variant(proto, metadata)
+                if variant is None:
+                    stages.say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
+        variant_target = target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}")
         tmp_model = folder / target.name
         tmp_variant = folder / variant_target.name
         data_path = target.with_name(f"{target.name}.data") if external else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -56,14 +58,18 @@ def _trace_key(model: VisionTransformer, options) -> tuple:
     """What a trace depends on: the weights, the config, the attention/precision state, the trace options."""
     import hashlib
 
-    digest = hashlib.sha256(model.config.to_json().encode())
+    # What the graph does not depend on (names, labels, preprocessing) stays out of the key.
+    described = {k: v for k, v in model.config.to_dict().items()
+                 if k not in ("name", "labels", "mean", "std", "crop_pct", "interpolation")}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     state = tuple((type(m).__name__, getattr(m, "fused", None), str(getattr(m, "softmax_dtype", None)),
                    str(getattr(m, "compute_dtype", None))) for m in model.modules())
-    fields = (options.precision, tuple(options.fp32_ops), options.fp16_io, options.features,
-              options.full_last_block, int(options.opset))
+    traced = "fp16" if options.precision == "fp16" else "fp32"  # int8/fp8 are quantized from the fp32 trace
+    fp32_ops = tuple(options.fp32_ops) if traced == "fp16" else ()
+    fields = (traced, fp32_ops, options.fp16_io, options.features, options.full_last_block, int(options.opset))
     return digest.hexdigest(), str(next(model.parameters()).dtype), hash(state), fields
 
 

@@ -1,8 +1,9 @@
 """Helpers for the runtime tests: small real ONNX files with vitdeploy metadata.
 
-These stand in for the real exporter (which has its own tests) so the runtime tests do not
-depend on it: a plain ``torch.onnx.export(..., dynamo=True)`` of a tiny model plus
-:class:`ArtifactMetadata` written into ``metadata_props``.
+The runtime tests need real graphs with metadata they control, not the exporter's whole
+pipeline (which has its own tests): the exporter's trace of a tiny model plus an
+:class:`ArtifactMetadata` written into ``metadata_props``, and hand-built graphs for the cases an
+export never produces.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 
 from vitdeploy.config import ViTConfig
@@ -49,19 +49,18 @@ def attach_metadata(path: Path, metadata: ArtifactMetadata | None) -> None:
 
 
 def export_onnx(model: VisionTransformer, path: Path, metadata: ArtifactMetadata | None) -> Path:
-    """Export ``model`` with dynamic batch/height/width (multiples of the stride) and attach metadata."""
-    stride = model.config.stride
-    size = model.config.image_size
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    rows = torch.export.Dim("rows", min=1, max=256)
-    cols = torch.export.Dim("cols", min=1, max=256)
-    example = torch.randn(2, model.config.in_channels, size, size)
-    program = torch.onnx.export(
-        model, (example,), dynamo=True, opset_version=18, verbose=False,
-        input_names=["pixel_values"], output_names=["logits"],
-        dynamic_shapes={"pixel_values": {0: batch, 2: stride * rows, 3: stride * cols}},
-    )
-    program.save(str(path))
+    """The exporter's traced graph of ``model`` (dynamic batch/height/width), saved with ``metadata``.
+
+    Only the trace is the exporter's (``trace_to_onnx``, shared with the exporter tests through
+    the session's trace cache); validation, variants and the exporter's own metadata are left out,
+    so the runtime tests see exactly the metadata they set.
+    """
+    from vitdeploy.exporters import onnx_export
+
+    proto = onnx_export.trace_to_onnx(model, onnx_export.ExportOptions())
+    onnx_export.strip_exporter_metadata(proto)
+    onnx_export.name_dynamic_dims(proto, features=False)
+    onnx.save(proto, str(path))
     attach_metadata(path, metadata)
     return path
 

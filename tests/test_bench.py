@@ -255,7 +255,7 @@ def test_harness_records_every_point_and_validates(bench_run):
             assert record["peak_rss_mib"] > 0 and record["threads"] == 1 and record["timer"] == "perf_counter"
     for record in by_runtime["torch-eager-fp32"]:
         assert record["speedup_vs_baseline"] == 1.0
-    assert by_runtime["ort-cpu-fp32"][0]["artifact"].endswith(".onnx")
+    assert by_runtime["ort-cpu-fp32"][0]["artifact"].endswith(".cpu.onnx")  # the validated CPU variant users run
     # One line of progress per point.
     assert progress.count("\n[") + progress.startswith("[") >= len(records)
 

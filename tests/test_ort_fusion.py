@@ -27,7 +27,7 @@ def _export(model, path: Path, **options):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return make_model(tiny_config(depth=3))
+    return make_model(tiny_config())  # the model most test files export: its traces are shared
 
 
 @pytest.fixture(scope="module")
