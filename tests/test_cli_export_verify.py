@@ -142,19 +142,28 @@ def test_export_rejects_bad_arguments(checkpoints, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_fp16_export_from_a_variant_name_and_verify(tmp_path, capsys):
-    """A variant name exports with random weights (warned); verify compares fp16 with both references."""
+def test_variant_names_export_with_random_weights_and_say_so():
+    """``export``/``verify`` resolve their source with ``resolve_source(..., log=progress)``."""
+    from vitdeploy.checkpoints import resolve_source
+
+    lines: list[str] = []
+    resolved = resolve_source("vit_tiny_patch16_224", log=lines.append)
+    assert resolved.random_weights and resolved.format == "variant"
+    assert any("RANDOM weights" in line for line in lines)
+
+
+def test_fp16_export_and_verify_against_both_references(checkpoints, tmp_path, capsys):
+    """verify compares an fp16 graph with eager fp16 under the same policy and with eager fp32."""
     output = tmp_path / "vit_fp16.onnx"
-    status = cli("export", "vit_tiny_patch16_224", "-o", output, "--precision", "fp16", "--batch", "1:2",
-                 "--height", "32:64", "--width", "32:96", "--simplify")
+    status = cli("export", checkpoints[0], "-o", output, "--precision", "fp16", "--batch", "1:2",
+                 "--height", "16:32", "--width", "16:48", "--simplify")
     captured = capsys.readouterr()
     assert status == 0 and output.is_file()
-    assert "RANDOM weights" in captured.err
     assert "eager fp16" in captured.out and "eager fp32" in captured.out
     assert "last block for the class token only" in captured.out
     report_path = tmp_path / "verify.json"
-    status = cli("verify", output, "--reference", "vit_tiny_patch16_224", "--batch", "2",
-                 "--resolution", "64x96", "--json", report_path)
+    status = cli("verify", output, "--reference", checkpoints[0], "--batch", "2",
+                 "--resolution", "32x48", "--json", report_path)
     assert status == 0
     report = json.loads(report_path.read_text())
     assert report["precision"] == "fp16"
