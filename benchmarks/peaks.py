@@ -9,6 +9,8 @@ from typing import Any
 
 # Square matrix sizes: big enough to reach the BLAS/cuBLAS plateau, small enough to be quick.
 _SIZES = {"cpu": 2048, "cuda": 8192}
+# The probe that sizes the timed product: near enough the plateau that its rate predicts it.
+PROBE_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,60 @@ def compute_precision(backend: str, device: str, precision: str, cpu_flags: froz
     return precision if cpu_flags & set(NATIVE_ARITHMETIC[precision]) else "fp32"
 
 
+def _best_seconds(product: Callable[[], float], seconds: float) -> tuple[float, int]:
+    """Fastest of repeated timed products within about ``seconds`` (at least one); and how many ran."""
+    start = time.perf_counter()
+    best, runs = float("inf"), 0
+    while True:
+        best = min(best, product())
+        runs += 1
+        if time.perf_counter() - start >= seconds:
+            return best, runs
+
+
+def _onnxruntime_product(n: int, threads: int | None) -> Callable[[], float] | None:
+    """A timed ``n x n`` fp32 MatMul on onnxruntime's CPU provider (MLAS), or ``None`` without onnxruntime.
+
+    torch's BLAS is not the fastest fp32 GEMM on every CPU (on an AMD EPYC it reached half of
+    MLAS's rate), so a peak from torch alone would be no ceiling for onnxruntime's kernels.
+    """
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "peak", values[:2], values[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    session.run(None, feeds)
+
+    def product() -> float:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        return time.perf_counter() - t0
+
+    return product
+
+
 def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
                         size: int | None = None, seconds: float = 1.0) -> Peak:
-    """Best achieved GFLOP/s of ``torch.matmul`` on square matrices, in about ``seconds``.
+    """Best achieved GFLOP/s of a dense square matmul, in about ``seconds`` per library.
 
-    On CPU it runs with ``threads`` intra-op threads (the benchmark's own setting); on CUDA it
-    is timed with CUDA events. TF32 stays off for fp32, so that is the true fp32 peak. Unless
-    ``size`` is given, a quick 256x256 probe sizes the timed product so one product takes at
-    most a tenth of ``seconds`` (never above the plateau size of 2048 on CPU, 8192 on CUDA), and
-    the whole measurement stays within about twice ``seconds`` even on a slow path.
+    ``torch.matmul`` on ``device`` (CPU: ``threads`` intra-op threads, the benchmark's own
+    setting; CUDA: timed with CUDA events, TF32 off for fp32, so that is the true fp32 peak); on
+    CPU in fp32 also onnxruntime's MatMul; the peak is the fastest library at its fastest size.
+    Sizes run from 512 up to the plateau size (2048 on CPU, 8192 on CUDA) but stop where a quick
+    512x512 probe says one product would take over a quarter of ``seconds``, so the whole
+    measurement stays within about ``seconds`` per library even on a slow path. ``size`` times
+    that size alone.
     """
     import torch
 
@@ -78,29 +125,38 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
             return time.perf_counter() - t0
 
         with torch.inference_mode():
-            n = size or _SIZES[device]
+            largest = size or _SIZES[device]
             if size is None:
-                probe = operands(256)
+                probe = operands(PROBE_SIZE)
                 torch.matmul(*probe)
-                rate = 2.0 * 256**3 / max(min(seconds_per_product(*probe) for _ in range(3)), 1e-9)
-                while n > 256 and 2.0 * n**3 / rate > seconds / 10:
-                    n //= 2
-            a, b = operands(n)
-            torch.matmul(a, b)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            best, runs = float("inf"), 0
-            while True:
-                best = min(best, seconds_per_product(a, b))
-                runs += 1
-                if time.perf_counter() - start >= seconds:
-                    break
+                rate = 2.0 * PROBE_SIZE**3 / max(min(seconds_per_product(*probe) for _ in range(3)), 1e-9)
+                while largest > PROBE_SIZE and 2.0 * largest**3 / rate > seconds / 4:
+                    largest //= 2
+            # The fastest size differs by machine (cache sizes): time each from the probe size up.
+            sizes = [largest] if size is not None else [n for n in (512, 1024, 2048, 4096, 8192)
+                                                        if PROBE_SIZE <= n <= largest]
+            rates: dict[str, tuple[float, int, int]] = {}  # library -> (GFLOP/s, size, runs)
+            for n in sizes:
+                a, b = operands(n)
+                torch.matmul(a, b)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                best, runs = _best_seconds(lambda a=a, b=b: seconds_per_product(a, b), seconds / len(sizes))
+                if 2.0 * n**3 / best / 1e9 > rates.get("torch.matmul", (0.0, 0, 0))[0]:
+                    rates["torch.matmul"] = (2.0 * n**3 / best / 1e9, n, runs)
+                if device == "cpu" and precision == "fp32":
+                    product = _onnxruntime_product(n, threads)
+                    if product is not None:
+                        ort_best, ort_runs = _best_seconds(product, seconds / len(sizes))
+                        if 2.0 * n**3 / ort_best / 1e9 > rates.get("onnxruntime MatMul", (0.0, 0, 0))[0]:
+                            rates["onnxruntime MatMul"] = (2.0 * n**3 / ort_best / 1e9, n, ort_runs)
     finally:
         torch.set_num_threads(previous_threads)
     where = f"{threads} threads" if device == "cpu" else "CUDA events"
-    method = f"torch.matmul {n}x{n} {precision}, {where}, best of {runs}"
-    return Peak(device=device, precision=precision, gflops=2.0 * n**3 / best / 1e9, source="measured", method=method)
+    method = "; ".join(f"{library} {n}x{n} {precision} {gflops:.0f} GFLOP/s (best of {runs})"
+                       for library, (gflops, n, runs) in rates.items()) + f", {where}"
+    gflops = max(rate for rate, _, _ in rates.values())
+    return Peak(device=device, precision=precision, gflops=gflops, source="measured", method=method)
 
 
 def parse_peaks(text: str) -> dict[str, float]:
