@@ -9,18 +9,29 @@ from typing import Any
 from vitdeploy.benchmarks.models import Sweep
 
 
+def bench_int8_reduce_range() -> bool:
+    """Whether the benchmark's int8 file gets 7-bit weights: on CPUs without VNNI/AMX, whose int8
+    matmuls saturate at 16 bits, as a user of this machine would export it (``--reduce-range``)."""
+    from vitdeploy.cpu_features import int8_dot_flags
+
+    return not int8_dot_flags()
+
+
 def export_for_bench(model: Any, path: Path, precision: str, sweep: Sweep, source: str = "") -> Path:
     """Export ``model`` to ``path`` accepting every shape of ``sweep``, validated like any export.
 
     Validated, because only a validated fp32 export carries the onnxruntime-CPU variant that
     ``OrtRuntime`` runs on CPU: the benchmark times what a user of the file runs. Validation
-    batches stay at 1 to keep it cheap (the sweep's sizes are all covered).
+    batches stay at 1 to keep it cheap (the sweep's sizes are all covered). int8 files follow
+    :func:`bench_int8_reduce_range`.
     """
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.exporters.quantize import QuantizeOptions
 
+    quantize = {"quantize": QuantizeOptions(reduce_range=bench_int8_reduce_range())} if precision == "int8" else {}
     options = ExportOptions(
         batch=sweep.batch_range, height=sweep.height_range, width=sweep.width_range, precision=precision,
-        validation_max_batch=1, preflight=False, source=source,
+        validation_max_batch=1, preflight=False, source=source, **quantize,
     )
     return export_onnx(model, path, options).path
 

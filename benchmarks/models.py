@@ -142,7 +142,8 @@ class BenchModel:
             try:
                 metadata = read_onnx_metadata(path)
                 if metadata.precision == precision and sweep.covered_by(metadata) \
-                        and metadata.model_config == self.config.to_dict() and self.kind != "checkpoint":
+                        and metadata.model_config == self.config.to_dict() and self.kind != "checkpoint" \
+                        and _int8_form_fits(metadata):
                     self._onnx[precision] = path
                     return path
             except Exception:  # a foreign or broken file under our name is simply replaced
@@ -187,3 +188,12 @@ def _engine_precision(path: Path) -> str:
     from vitdeploy.engine_manifest import EngineManifest, manifest_path_for
 
     return EngineManifest.read(manifest_path_for(path)).precision
+
+
+def _int8_form_fits(metadata: Any) -> bool:
+    """Whether a cached file's int8 weight range is the one this machine's bench exports
+    (:func:`~vitdeploy.benchmarks.artifacts.bench_int8_reduce_range`); true for other precisions."""
+    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
+
+    quantize = next((t for t in metadata.transforms if t.get("name") == "quantize"), None)
+    return quantize is None or bool(quantize.get("reduce_range")) == bench_int8_reduce_range()

@@ -54,3 +54,23 @@ def test_openvino_session_times_the_runtime(tmp_path):
         assert logits.shape == (2, 10)
     finally:
         session.close()
+
+
+def test_bench_int8_file_fits_this_cpu_and_a_cached_other_form_is_reexported(tmp_path, monkeypatch):
+    import vitdeploy.benchmarks.artifacts as artifacts
+    from vitdeploy.benchmarks.models import BenchModel, Sweep
+    from vitdeploy.cpu_features import int8_dot_flags
+    from vitdeploy.metadata import read_onnx_metadata
+
+    def weight_range(path):
+        quantize = next(t for t in read_onnx_metadata(path).transforms if t["name"] == "quantize")
+        return bool(quantize.get("reduce_range"))
+
+    model = make_model(tiny_config())
+    sweep = Sweep(batches=(1,), sizes=((32, 32),))
+    path = BenchModel.from_model("tiny", "tiny", model, tmp_path, True).onnx("int8", sweep)
+    assert weight_range(path) is (not int8_dot_flags())  # 7-bit weights exactly where VNNI/AMX are missing
+
+    monkeypatch.setattr(artifacts, "bench_int8_reduce_range", lambda: bool(int8_dot_flags()))
+    again = BenchModel.from_model("tiny", "tiny", model, tmp_path, True).onnx("int8", sweep)
+    assert again == path and weight_range(again) is bool(int8_dot_flags())
