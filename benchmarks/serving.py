@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     side = args.resolution or metadata.preprocessing.crop_size
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, side, side)).astype(metadata.inputs[0].dtype)
     progress(f"direct runtime: {args.requests} requests of {args.batch}x3x{side}x{side}")
-    results: dict[str, Any] = {"onnx": str(args.onnx), "shape": list(pixels.shape), "protocol": args.protocol,
+    command = shlex.join(["python", "-m", "vitdeploy.benchmarks.serving", *(sys.argv[1:] if argv is None else argv)])
+    results: dict[str, Any] = {"command": command, "onnx": str(args.onnx), "shape": list(pixels.shape), "protocol": args.protocol,
                                "cpu": cpu_model(), "load_average": load_average(),
                                "direct": time_direct(args.onnx, pixels, args.requests, args.warmup)}
     with tempfile.TemporaryDirectory(prefix="vitdeploy-serving-bench-") as folder:
