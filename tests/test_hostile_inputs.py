@@ -223,3 +223,18 @@ def test_sigterm_during_export_leaves_nothing_behind(world, tmp_path):
     assert "Traceback" not in err
     assert not target.exists() and not leftovers(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vitdeploys_own_warnings_are_one_line_and_others_keep_their_source():
+    import warnings
+
+    import vitdeploy.runtimes.openvino as ours
+    from vitdeploy.cli import _one_line_warnings
+
+    with _one_line_warnings("bench"):  # what Python's warning display calls to format a warning
+        own = warnings.formatwarning("full-range int8\n  on this CPU", RuntimeWarning, ours.__file__, 1)
+        other = warnings.formatwarning("from elsewhere", FutureWarning, "/elsewhere/lib.py", 7, "")
+    after = warnings.formatwarning("after the command", RuntimeWarning, ours.__file__, 1, "")
+    assert own == "vitdeploy bench: warning: full-range int8 on this CPU\n"
+    assert other == "/elsewhere/lib.py:7: FutureWarning: from elsewhere\n"
+    assert after.endswith("RuntimeWarning: after the command\n")  # the formatter is restored

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from importlib import import_module
 
@@ -83,6 +84,31 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Print vitdeploy's own warnings as ``vitdeploy <command>: warning: ...`` (no source line);
+    other libraries' warnings keep Python's form, which says where they come from."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    # The four folders the package maps (pyproject's package-dir), wherever they are installed.
+    specs = [find_spec(name) for name in ("vitdeploy", "vitdeploy.runtimes", "vitdeploy.exporters", "vitdeploy.benchmarks")]
+    ours = tuple(str(Path(folder).resolve()) + os.sep for spec in specs if spec is not None
+                 for folder in spec.submodule_search_locations or [])
+    default = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
+        if str(Path(filename).resolve()).startswith(ours):
+            return f"vitdeploy {command}: warning: {' '.join(str(message).split())}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="vitdeploy",
@@ -108,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, --version, or a one-line argument error (status 2)
         return int(exit.code or 0)
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), _one_line_warnings(args.command):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"vitdeploy {args.command}: interrupted", file=sys.stderr)
