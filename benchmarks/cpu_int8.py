@@ -19,7 +19,6 @@ is skipped with its reason otherwise). bf16 rows appear only where the CPU has b
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions
     from vitdeploy.exporters.quantize_onnx import quantize_onnx
-    from vitdeploy.files import atomic_write_text
+    from vitdeploy.files import atomic_write_json
     from vitdeploy.metadata import read_onnx_metadata
     from vitdeploy.parity import InputFactory, compare_logits
     from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
@@ -303,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "n/a (no peer)" if target["met"] is None else ("met" if target["met"] else "NOT met")
         print(f"{name}: fastest vitdeploy path {target['fastest']} {target['fastest_ms']} ms vs peer "
               f"{target['peer_ms']} ms -> {verdict}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.output, report, parents=True)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -19,14 +19,13 @@ the script is known to work before a GPU is lent. Exit status 1 means a check fa
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.files import atomic_write_text
+from vitdeploy.files import atomic_write_json
 
 PARITY_MODEL = "vit_small_patch16_224"
 PARITY_SHAPES = [(1, 224, 224), (4, 384, 384), (2, 160, 288)]  # batch, height, width; 288/160: non-square
@@ -40,7 +39,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 def _write(out: Path, name: str, data: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_json(path, data)
     return path
 
 

@@ -15,7 +15,6 @@ the last block for the class token alone (``forward_logits``).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -88,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import vitdeploy
     from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
-    from vitdeploy.files import atomic_write_text
+    from vitdeploy.files import atomic_write_json
     from vitdeploy.parity import compare_logits
     from vitdeploy.runtimes import OrtRuntime
 
@@ -192,8 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'met' if ort_ratio <= ORT_TARGET else 'NOT met'}")
     print(f"wrapper overhead: {wrapper:+.2%} ({(wrapped_ms - bare_ms) * 1000:+.0f} us; target <= "
           f"{WRAPPER_TARGET:.0%}) {'met' if wrapper <= WRAPPER_TARGET else 'NOT met'}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.output, report, parents=True)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

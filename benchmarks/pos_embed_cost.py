@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import sys
 import tempfile
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import vitdeploy
     from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
     from vitdeploy.exporters.onnx_export import ExportOptions, trace_to_onnx
-    from vitdeploy.files import atomic_write_text
+    from vitdeploy.files import atomic_write_json
     from vitdeploy.parity import compare_logits
 
     args = parse_args(argv)
@@ -215,8 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = row["rel_max_error_vs_eager"]
         print(f"{row['graph']:26s} {row['nodes']:6d} {row['p50_ms_median']:9.3f} {row['vs_resize']:9.3f}x "
               f"{row['extra_us_vs_resize']:9.1f} {'' if error is None else f'{error:9.1e}'}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.output, report, parents=True)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -16,7 +16,6 @@ unchanged), the phenomenon trained ViTs show and random weights do not. Accuracy
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -59,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vitdeploy.cpu_features import int8_dot_flags
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions, quantize_model
-    from vitdeploy.files import atomic_write_text
+    from vitdeploy.files import atomic_write_json
     from vitdeploy.metadata import read_onnx_metadata
     from vitdeploy.parity import InputFactory, compare_logits
 
@@ -135,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "outliers": f"x{args.outlier_factor:g} on channels of every LayerNorm feeding linear layers",
                         "metrics": "vs eager fp32; cosine is the minimum over the batch's samples"},
               "results": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.output, report, parents=True)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.files import atomic_write_text
+from vitdeploy.files import atomic_write_json, atomic_write_text
 
 CSV_FIELDS = [
     "model", "runtime", "backend", "precision", "compute_precision", "device", "batch", "height", "width", "status", "reason",
@@ -281,7 +280,7 @@ def write_outputs(document: dict[str, Any], output_dir: str | Path, plots: bool 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    atomic_write_text(out / "results.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_json(out / "results.json", document)
     written["json"] = out / "results.json"
     atomic_write_text(out / "results.csv", records_to_csv(document))
     written["csv"] = out / "results.csv"

@@ -37,7 +37,7 @@ import numpy as np
 from vitdeploy.benchmarks.environment import cpu_model, load_average
 from vitdeploy.benchmarks.stats import summarize
 from vitdeploy.console import progress
-from vitdeploy.files import atomic_write_text
+from vitdeploy.files import atomic_write_json
 
 MODEL_KIND = "python"
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         row = results[key]
         print(f"{key:<12} {row['images_per_s']:>10.1f} {row['p50_ms']:>9.2f} {row['p99_ms']:>9.2f}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.json, results)
     return 0
 
 

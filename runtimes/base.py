@@ -95,3 +95,23 @@ class Runtime(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class GraphRuntime(Runtime):
+    """A runtime of an ONNX graph with named outputs (onnxruntime, OpenVINO): subclasses implement
+    :meth:`_outputs` for a list of output names; logits and :meth:`run_outputs` come from it."""
+
+    output_name: str
+    output_names: list[str]
+
+    @abc.abstractmethod
+    def _outputs(self, pixel_values: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The named graph outputs for validated input, as float32, in the order of ``names``."""
+
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._outputs(pixel_values, [self.output_name])[0]
+
+    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output (``logits``, and ``last_hidden_state`` for feature exports) as float32."""
+        validate_input(self.input_spec, pixel_values, self.check_finite)
+        return dict(zip(self.output_names, self._outputs(pixel_values, self.output_names), strict=True))

@@ -23,7 +23,7 @@ from vitdeploy.constants import ORT_DTYPES
 from vitdeploy.files import sha256_file
 from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, ArtifactMetadata, read_metadata_props
 
-from .base import InputSpec, Runtime, validate_input
+from .base import GraphRuntime, InputSpec
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -153,7 +153,7 @@ def _preload_tensorrt() -> None:
         raise ValueError(f"provider 'tensorrt': {error}") from None
 
 
-class OrtRuntime(Runtime):
+class OrtRuntime(GraphRuntime):
     """An ONNX file with vitdeploy metadata, run by onnxruntime.
 
     ``provider`` is ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (onnxruntime's TensorRT EP, with
@@ -355,14 +355,6 @@ class OrtRuntime(Runtime):
             session.run_with_iobinding(binding)
             values = binding.copy_outputs_to_cpu()
         return [np.asarray(value, dtype=np.float32) for value in values]
-
-    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._outputs(pixel_values, [self.output_name])[0]
-
-    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Every graph output (``logits``, and ``last_hidden_state`` for feature exports) as float32."""
-        validate_input(self.input_spec, pixel_values, self.check_finite)
-        return dict(zip(self.output_names, self._outputs(pixel_values, self.output_names), strict=True))
 
     def close(self) -> None:
         """Release the session; later calls raise ``RuntimeError``."""

@@ -29,7 +29,7 @@ import numpy as np
 from vitdeploy.cpu_features import has_bf16, int8_dot_flags
 from vitdeploy.metadata import ArtifactMetadata, read_metadata_props
 
-from .base import InputSpec, Runtime, validate_input
+from .base import GraphRuntime, InputSpec
 
 INFERENCE_PRECISIONS = ("f32", "bf16")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
@@ -37,7 +37,7 @@ PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 _OV_DTYPES = {"f32": "float32", "f16": "float16"}
 
 
-class OpenVINORuntime(Runtime):
+class OpenVINORuntime(GraphRuntime):
     """An ONNX file with vitdeploy metadata, compiled and run by OpenVINO on ``device`` (``"CPU"``).
 
     ``inference_precision`` is ``"f32"`` (default) or ``"bf16"`` (refused on a CPU without bf16);
@@ -151,14 +151,6 @@ class OpenVINORuntime(Runtime):
         finally:
             self._requests.put(request)
         return values
-
-    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._outputs(pixel_values, [self.output_name])[0]
-
-    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Every graph output (``logits``, and ``last_hidden_state`` for feature exports) as float32."""
-        validate_input(self.input_spec, pixel_values, self.check_finite)
-        return dict(zip(self.output_names, self._outputs(pixel_values, self.output_names), strict=True))
 
     def close(self) -> None:
         """Release the compiled model and its requests; later calls raise ``RuntimeError``."""

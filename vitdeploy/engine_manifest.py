@@ -28,7 +28,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.files import atomic_write_text
+from vitdeploy.files import atomic_write_json
 from vitdeploy.metadata import PREFIX, ArtifactMetadata, ShapeRange
 
 MANIFEST_FORMAT = 1
@@ -320,7 +320,7 @@ class EngineManifest:
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write as indented JSON, atomically."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> EngineManifest:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from vitdeploy.console import progress
 
@@ -110,6 +112,14 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike[str], data: Any, parents: bool = False) -> None:
+    """Write ``data`` as indented JSON (what JSON cannot hold as ``str``) to ``target`` atomically;
+    ``parents`` creates the missing folders above it first."""
+    if parents:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def sha256_files(paths: Iterable[str | os.PathLike[str]], chunk: int = 1 << 22) -> str:

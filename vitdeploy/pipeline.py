@@ -11,7 +11,6 @@ pre-flight of the fp16 graph → engine build where TensorRT and a GPU exist (el
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from typing import Any
 
 from vitdeploy.console import progress
 from vitdeploy.constants import DEFAULT_FP32_OPS
-from vitdeploy.files import atomic_write_text, sha256_file
+from vitdeploy.files import atomic_write_json, atomic_write_text, sha256_file
 
 DEFAULT_SOURCE = "vit_small_patch16_224"
 # Per-point timing budget when neither a per-point nor a total budget is given.
@@ -411,7 +410,7 @@ class Pipeline:
 
     def write_report(self) -> dict[str, Any]:
         data = self.report_dict()
-        atomic_write_text(self.out / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+        atomic_write_json(self.out / "report.json", data)
         atomic_write_text(self.out / "report.md", render_markdown(data))
         self.log(f"wrote {self.out / 'report.md'} and {self.out / 'report.json'}")
         return data

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from vitdeploy.console import progress
-from vitdeploy.files import atomic_write_text
+from vitdeploy.files import atomic_write_json
 
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
@@ -102,7 +101,7 @@ def cosine(text: str) -> float:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_json(path, data)
 
 
 def parse_range(text: str, what: str, parts: int = 2) -> tuple[int, ...]:
