@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "int8 side by side in one process; report ratios and cosine vs eager fp32 on the bundled photos.",
     )
     parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights, seed 0)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="keep only the first N blocks (a quick check of this script; not for measurements)")
     parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
     parser.add_argument("--size", type=int, default=None, help="input height = width (default: native)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
@@ -59,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch {args.batch!r} must be comma-separated integers")
     if not args.batches or min(args.batches) < 1:
         parser.error(f"--batch {args.batch!r} must list integers >= 1")
-    for name in ("threads", "rounds", "iterations", "calibration_size"):
+    for name in ("threads", "rounds", "iterations", "calibration_size", *(("depth",) if args.depth is not None else ())):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import vitdeploy
-    from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
+    from vitdeploy.benchmarks.environment import capture_environment, recording_load
     from vitdeploy.benchmarks.ort_overheads import time_rounds
     from vitdeploy.calibration import load_calibration
     from vitdeploy.cpu_features import has_bf16, int8_dot_flags
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = vitdeploy.create_model(args.model).eval()
+    model = vitdeploy.create_model(args.model, **({"depth": args.depth} if args.depth is not None else {})).eval()
     size = args.size or model.config.image_size
     max_batch = max(max(args.batches), 4)
     bf16 = has_bf16()
@@ -240,18 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         accuracy[name] = {"cosine": round(metrics.cosine, 6), "rel_max_error": round(metrics.rel_max_error, 5),
                           "top1_agreement": metrics.top1_agreement}
 
-    load_before = load_average()
-    others = OtherCpuLoad()
-    others.start()
     timings: dict[int, dict[str, list[float]]] = {}
-    for batch in args.batches:
-        pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
-        runners = {name: (lambda run=run, pixels=pixels: run(pixels)) for name, run in runners_by_name.items()}
-        iterations = max(3, args.iterations // batch)
-        _say(f"batch {batch}: {len(runners)} contenders x {args.rounds} rounds x {iterations} calls")
-        timings[batch] = time_rounds(runners, args.rounds, iterations, args.warmup)
-    other_cpus = others.stop()
-    load_after = load_average()
+    with recording_load() as load:
+        for batch in args.batches:
+            pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+            runners = {name: (lambda run=run, pixels=pixels: run(pixels)) for name, run in runners_by_name.items()}
+            iterations = max(3, args.iterations // batch)
+            _say(f"batch {batch}: {len(runners)} contenders x {args.rounds} rounds x {iterations} calls")
+            timings[batch] = time_rounds(runners, args.rounds, iterations, args.warmup)
     for runtime in keep:
         runtime.close()
 
@@ -277,9 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "environment": capture_environment(command, threads=args.threads),
         "cpu": {"bf16": bf16, "int8_dot_product": int8_dot_flags()},
-        "load_average": {"before": load_before, "after": load_after},
-        "other_processes_cpus": other_cpus,
-        "setup": {"model": args.model, "size": size, "batches": args.batches, "threads": args.threads,
+        **load.to_dict(),
+        "setup": {"model": args.model, "depth": model.config.depth, "size": size, "batches": args.batches, "threads": args.threads,
                   "rounds": args.rounds, "iterations_batch1": args.iterations, "warmup": args.warmup,
                   "weights": "random (torch.manual_seed(0))",
                   "calibration": calibration.describe(), "int8_quantization": int8.quantization,
@@ -290,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": targets,
     }
     print(f"{args.model} at {size}x{size}, {args.threads} threads, {args.rounds} rounds; bf16 {bf16}, int8 dot "
-          f"{int8_dot_flags() or 'none'}; load {load_before} -> {load_after}, other processes {other_cpus} CPUs")
+          f"{int8_dot_flags() or 'none'}; {load.describe()}")
     print(f"{'contender':68s} {'batch':>5s} {'p50 ms':>8s} {'vs eager':>9s} {'vs peer':>8s} {'cosine':>9s} {'top-1':>6s}")
     for row in rows:
         peer = "-" if row["vs_peer"] is None else f"{row['vs_peer']:.3f}x"

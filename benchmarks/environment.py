@@ -9,6 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata as _metadata
 from typing import Any
 
@@ -110,6 +113,36 @@ class OtherCpuLoad:
         others = (busy - busy0) - (time.process_time() - own0)
         return round(max(others, 0.0) / wall, 2)
 
+
+
+@dataclass
+class MachineLoad:
+    """How busy the machine was around a measurement: load averages before and after, and the CPUs
+    other processes used meanwhile (:class:`OtherCpuLoad`); filled in by :func:`recording_load`."""
+
+    before: list[float] | None = None
+    after: list[float] | None = None
+    other_cpus: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report fields ``load_average`` and ``other_processes_cpus``."""
+        return {"load_average": {"before": self.before, "after": self.after}, "other_processes_cpus": self.other_cpus}
+
+    def describe(self) -> str:
+        return f"load {self.before} -> {self.after}, other processes {self.other_cpus} CPUs"
+
+
+@contextmanager
+def recording_load() -> Iterator[MachineLoad]:
+    """Record :class:`MachineLoad` around the block it wraps (the timed part of a side-by-side run)."""
+    load = MachineLoad(before=load_average())
+    others = OtherCpuLoad()
+    others.start()
+    try:
+        yield load
+    finally:
+        load.other_cpus = others.stop()
+        load.after = load_average()
 
 def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
     """Installed distribution versions (``None`` where not installed), without importing them."""

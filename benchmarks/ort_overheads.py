@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import vitdeploy
-    from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
+    from vitdeploy.benchmarks.environment import capture_environment, recording_load
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
     from vitdeploy.files import atomic_write_json
     from vitdeploy.parity import compare_logits
@@ -144,12 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parity = {name: compare_logits(reference, _logits(run())).rel_max_error
               for name, run in runners.items() if name != "torch eager fp32"}
 
-    load_before = load_average()
-    others = OtherCpuLoad()
-    others.start()
-    p50s = time_rounds(runners, args.rounds, args.iterations, args.warmup)
-    other_cpus = others.stop()
-    load_after = load_average()
+    with recording_load() as load:
+        p50s = time_rounds(runners, args.rounds, args.iterations, args.warmup)
 
     medians = {name: float(np.median(values)) for name, values in p50s.items()}
     eager_ms = medians["torch eager fp32"]
@@ -163,8 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "command": command,
         "environment": capture_environment(command, threads=args.threads),
-        "load_average": {"before": load_before, "after": load_after},
-        "other_processes_cpus": other_cpus,
+        **load.to_dict(),
         "setup": {"model": args.model, "depth": model.config.depth, "batch": args.batch, "height": size, "width": size, "threads": args.threads,
                   "rounds": args.rounds, "iterations": args.iterations, "warmup": args.warmup,
                   "weights": "random (torch.manual_seed(0))", "fusions": runtime.fusions,
@@ -180,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     print(f"{args.model}, batch {args.batch}, {size}x{size}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.iterations} calls; load {load_before} -> {load_after}, "
-          f"other processes {other_cpus} CPUs")
+          f"{args.rounds} rounds x {args.iterations} calls; {load.describe()}")
     print(f"{'runtime':62s} {'p50 ms':>8s} {'vs eager':>9s} {'rel err':>9s}")
     for row in rows:
         error = row["rel_max_error_vs_eager"]

@@ -40,6 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "Resize node it replaced (onnxruntime CPU, one process, interleaved rounds).",
     )
     parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="keep only the first N blocks (a quick check of this script; not for measurements)")
     parser.add_argument("--size", type=int, default=None,
                         help="input height = width; default 1.25x native (the graph resamples at every size)")
     parser.add_argument("--batch", type=int, default=1)
@@ -51,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
-    for name in ("batch", "threads", "rounds", "iterations"):
+    for name in ("batch", "threads", "rounds", "iterations", *(("depth",) if args.depth is not None else ())):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import vitdeploy
-    from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
+    from vitdeploy.benchmarks.environment import capture_environment, recording_load
     from vitdeploy.exporters.onnx_export import ExportOptions, trace_to_onnx
     from vitdeploy.files import atomic_write_json
     from vitdeploy.parity import compare_logits
@@ -136,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = vitdeploy.create_model(args.model).eval()
+    overrides = {"depth": args.depth} if args.depth is not None else {}
+    base = vitdeploy.create_model(args.model, **overrides).eval()
     config = base.config
     size = args.size or (5 * config.image_size // 4) // config.stride * config.stride
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
@@ -151,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="pos_embed_cost.") as folder:
         for form in forms:
-            model = vitdeploy.create_model(args.model, pos_embed_resample=conventions[form]).eval()
+            model = vitdeploy.create_model(args.model, pos_embed_resample=conventions[form], **overrides).eval()
             model.load_state_dict(base.state_dict())
             with torch.no_grad():
                 reference = model(torch.from_numpy(pixels)).numpy()
@@ -179,12 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners: dict[str, Callable[[], Any]] = {
         name: (lambda s=sessions[name][0], f=sessions[name][1]: s.run(None, f)) for name in order
     }
-    load_before = load_average()
-    others = OtherCpuLoad()
-    others.start()
-    p50s = time_rounds(runners, args.rounds, args.iterations, args.warmup)
-    other_cpus = others.stop()
-    load_after = load_average()
+    with recording_load() as load:
+        p50s = time_rounds(runners, args.rounds, args.iterations, args.warmup)
 
     medians = {name: float(np.median(values)) for name, values in p50s.items()}
     rows = []
@@ -198,9 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "command": command,
         "environment": capture_environment(command, threads=args.threads),
-        "load_average": {"before": load_before, "after": load_after},
-        "other_processes_cpus": other_cpus,
-        "setup": {"model": args.model, "batch": args.batch, "height": size, "width": size, "threads": args.threads,
+        **load.to_dict(),
+        "setup": {"model": args.model, "depth": config.depth, "batch": args.batch, "height": size, "width": size, "threads": args.threads,
                   "rounds": args.rounds, "iterations": args.iterations, "warmup": args.warmup,
                   "weights": "random (torch.manual_seed(0))", "graphs": "portable graphs as traced (no CPU variant)",
                   "resize": "bicubic a=-0.75 without antialias (Hugging Face's convention), one Resize node",
@@ -208,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": rows,
     }
     print(f"{args.model}, batch {args.batch}, {size}x{size}, {args.threads} threads, {args.rounds} rounds x "
-          f"{args.iterations} calls; load {load_before} -> {load_after}, other processes {other_cpus} CPUs")
+          f"{args.iterations} calls; {load.describe()}")
     print(f"{'graph':26s} {'nodes':>6s} {'p50 ms':>9s} {'vs resize':>10s} {'extra us':>9s} {'rel err':>9s}")
     for row in rows:
         error = row["rel_max_error_vs_eager"]

@@ -531,3 +531,17 @@ def test_a_fraction_of_peak_above_one_is_never_reported(tiny_checkpoint, tmp_pat
     percents = [float(cell) for line in report.splitlines() if line.startswith("| ") for cell in
                 line.strip("|").split("|")[11:12] if cell.strip().replace(".", "", 1).isdigit()]
     assert all(value <= 100 for value in percents)
+
+
+def test_recording_load_fills_the_report_fields_around_its_block():
+    import time as _time
+
+    from vitdeploy.benchmarks.environment import recording_load
+
+    with recording_load() as load:
+        assert load.before is not None and load.after is None and load.other_cpus is None  # filled on exit
+        _time.sleep(0.1)  # long enough for /proc/stat's 100 Hz ticks to say something
+    assert len(load.after) == 3 and load.other_cpus is not None and load.other_cpus >= 0
+    assert load.to_dict() == {"load_average": {"before": load.before, "after": load.after},
+                              "other_processes_cpus": load.other_cpus}
+    assert load.describe() == f"load {load.before} -> {load.after}, other processes {load.other_cpus} CPUs"
