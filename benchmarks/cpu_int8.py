@@ -28,6 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.benchmarks.side_by_side import (
+    add_run_arguments,
+    check_at_least_one,
+    model_overrides,
+    time_rounds,
+)
+
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_int8.json"
 PEER = "OpenVINO + NNCF int8 (peer)"
 BASELINE = "torch eager fp32"
@@ -40,20 +47,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Time vitdeploy's CPU runtimes (fp32/int8, onnxruntime/OpenVINO) against OpenVINO + NNCF "
         "int8 side by side in one process; report ratios and cosine vs eager fp32 on the bundled photos.",
     )
-    parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights, seed 0)")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="keep only the first N blocks (a quick check of this script; not for measurements)")
+    add_run_arguments(parser, rounds=7, iterations=16, warmup=3, default_output=DEFAULT_OUTPUT,
+                      iterations_help="timed calls per contender per round at batch 1; divided by the batch size above it")
     parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
     parser.add_argument("--size", type=int, default=None, help="input height = width (default: native)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    parser.add_argument("--iterations", type=int, default=16,
-                        help="timed calls per contender per round at batch 1; divided by the batch size above it")
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--calibration", metavar="DIR", help="calibration images (default: bundled photos + crops)")
     parser.add_argument("--calibration-size", type=int, default=64)
     parser.add_argument("--no-peer", action="store_true", help="skip OpenVINO + NNCF even if nncf is installed")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -61,9 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch {args.batch!r} must be comma-separated integers")
     if not args.batches or min(args.batches) < 1:
         parser.error(f"--batch {args.batch!r} must list integers >= 1")
-    for name in ("threads", "rounds", "iterations", "calibration_size", *(("depth",) if args.depth is not None else ())):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, "calibration_size")
     return args
 
 
@@ -127,7 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import vitdeploy
     from vitdeploy.benchmarks.environment import capture_environment, recording_load
-    from vitdeploy.benchmarks.ort_overheads import time_rounds
     from vitdeploy.calibration import load_calibration
     from vitdeploy.cpu_features import has_bf16, int8_dot_flags
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
@@ -143,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = vitdeploy.create_model(args.model, **({"depth": args.depth} if args.depth is not None else {})).eval()
+    model = vitdeploy.create_model(args.model, **model_overrides(args)).eval()
     size = args.size or model.config.image_size
     max_batch = max(max(args.batches), 4)
     bf16 = has_bf16()

@@ -18,11 +18,18 @@ import argparse
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vitdeploy.benchmarks.side_by_side import (
+    add_run_arguments,
+    check_at_least_one,
+    model_overrides,
+    time_rounds,
+)
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "ort_overheads.json"
 ORT_TARGET = 0.8  # onnxruntime latency / eager latency
@@ -34,43 +41,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m vitdeploy.benchmarks.ort_overheads",
         description="Time eager torch fp32, a bare onnxruntime InferenceSession.run and OrtRuntime side by side.",
     )
-    parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights)")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="keep only the first N blocks (a quick check of this script; not for measurements)")
+    add_run_arguments(parser, rounds=9, iterations=30, warmup=5, default_output=DEFAULT_OUTPUT,
+                      iterations_help="timed calls per runtime per round")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=None, help="input height = width (default: native)")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--iterations", type=int, default=30, help="timed calls per runtime per round")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
-    for name in ("batch", "threads", "rounds", "iterations", *(("depth",) if args.depth is not None else ())):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, "batch")
     return args
-
-
-def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: int,
-                warmup: int) -> dict[str, list[float]]:
-    """p50 latency (ms) of each runner per round; runners alternate, order reversed every round.
-
-    Each block is timed by the bench harness's :func:`~vitdeploy.benchmarks.timing.measure`
-    (garbage collector paused) after one untimed call: the first call after another runtime
-    pays for cold caches.
-    """
-    from vitdeploy.benchmarks.timing import TimingConfig, measure
-
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    block = TimingConfig(warmup=1, iterations=iterations, time_budget_s=None, min_iterations=1)
-    p50s: dict[str, list[float]] = {name: [] for name in runners}
-    for index in range(rounds):
-        order = list(runners) if index % 2 == 0 else list(runners)[::-1]
-        for name in order:
-            p50s[name].append(float(np.median(measure(runners[name], block).samples_ms)))
-    return p50s
 
 
 def _logits(output: Any) -> np.ndarray:
@@ -96,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    overrides = {"depth": args.depth} if args.depth is not None else {}
-    model = vitdeploy.create_model(args.model, **overrides).eval()
+    model = vitdeploy.create_model(args.model, **model_overrides(args)).eval()
     size = args.size or model.config.image_size
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
     tensor = torch.from_numpy(pixels)

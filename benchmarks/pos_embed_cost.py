@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.benchmarks.ort_overheads import time_rounds
+from vitdeploy.benchmarks.side_by_side import (
+    add_run_arguments,
+    check_at_least_one,
+    model_overrides,
+    time_rounds,
+)
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "pos_embed_cost.json"
 RESIZE = "resize"
@@ -39,23 +44,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Time the in-graph interpolation-matrix resampling of each convention against the single "
         "Resize node it replaced (onnxruntime CPU, one process, interleaved rounds).",
     )
-    parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights)")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="keep only the first N blocks (a quick check of this script; not for measurements)")
+    add_run_arguments(parser, rounds=9, iterations=30, warmup=5, default_output=DEFAULT_OUTPUT,
+                      iterations_help="timed calls per graph per round")
     parser.add_argument("--size", type=int, default=None,
                         help="input height = width; default 1.25x native (the graph resamples at every size)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--methods", default="timm,huggingface",
                         help=f"conventions to time beside the Resize form, comma-separated (of {', '.join(RESAMPLE_METHODS)})")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--iterations", type=int, default=30, help="timed calls per graph per round")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
-    for name in ("batch", "threads", "rounds", "iterations", *(("depth",) if args.depth is not None else ())):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, "batch")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in RESAMPLE_METHODS]
     if unknown or not args.methods:
@@ -138,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    overrides = {"depth": args.depth} if args.depth is not None else {}
+    overrides = model_overrides(args)
     base = vitdeploy.create_model(args.model, **overrides).eval()
     config = base.config
     size = args.size or (5 * config.image_size // 4) // config.stride * config.stride
