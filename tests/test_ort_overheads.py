@@ -28,6 +28,7 @@ def test_small_run_reports_every_row_with_parity_and_both_targets(tmp_path, caps
     assert setup["fusions"] == {"attention": 1, "gelu": 2}  # the class-token block keeps its attention
     wrapped = rows["onnxruntime, contrib-fused (OrtRuntime.__call__)"]["p50_ms_median"]
     ratio = report["targets"]["onnxruntime_vs_eager"]
-    assert ratio["measured"] == pytest.approx(wrapped / rows["torch eager fp32"]["p50_ms_median"], abs=1e-4)
+    # Both sides are rounded (ratio to 4 places, the p50s to 3 in ms): equal to well within that rounding.
+    assert ratio["measured"] == pytest.approx(wrapped / rows["torch eager fp32"]["p50_ms_median"], rel=2e-3)
     assert ratio["met"] == (ratio["measured"] <= 0.8)
     assert "OrtRuntime vs eager" in capsys.readouterr().out
