@@ -141,15 +141,16 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
                 torch.matmul(a, b)
                 if device == "cuda":
                     torch.cuda.synchronize()
-                best, runs = _best_seconds(lambda a=a, b=b: seconds_per_product(a, b), seconds / len(sizes))
-                if 2.0 * n**3 / best / 1e9 > rates.get("torch.matmul", (0.0, 0, 0))[0]:
-                    rates["torch.matmul"] = (2.0 * n**3 / best / 1e9, n, runs)
-                if device == "cpu" and precision == "fp32":
-                    product = _onnxruntime_product(n, threads)
-                    if product is not None:
-                        ort_best, ort_runs = _best_seconds(product, seconds / len(sizes))
-                        if 2.0 * n**3 / ort_best / 1e9 > rates.get("onnxruntime MatMul", (0.0, 0, 0))[0]:
-                            rates["onnxruntime MatMul"] = (2.0 * n**3 / ort_best / 1e9, n, ort_runs)
+                products: dict[str, Callable[[], float]] = {
+                    "torch.matmul": lambda a=a, b=b: seconds_per_product(a, b)}
+                ort_product = _onnxruntime_product(n, threads) if device == "cpu" and precision == "fp32" else None
+                if ort_product is not None:
+                    products["onnxruntime MatMul"] = ort_product
+                for library, product in products.items():
+                    best, runs = _best_seconds(product, seconds / len(sizes))
+                    gflops = 2.0 * n**3 / best / 1e9
+                    if gflops > rates.get(library, (0.0, 0, 0))[0]:
+                        rates[library] = (gflops, n, runs)
     finally:
         torch.set_num_threads(previous_threads)
     where = f"{threads} threads" if device == "cpu" else "CUDA events"
