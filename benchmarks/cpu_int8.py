@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import vitdeploy
+    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
     from vitdeploy.benchmarks.environment import capture_environment, recording_load
     from vitdeploy.calibration import load_calibration
     from vitdeploy.cpu_features import has_bf16, int8_dot_flags
@@ -154,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "validation_max_batch": 1, "preflight": False}
         _say(f"exporting {args.model} fp32 (validated, with its onnxruntime-CPU variant)")
         export_onnx(model, fp32_path, ExportOptions(**common))
-        # 7-bit weights where the CPU lacks VNNI/AMX: OpenVINO's 16-bit int8 sums saturate there.
-        reduce_range = not int8_dot_flags()
+        reduce_range = bench_int8_reduce_range()  # the form the suite's int8 files take on this CPU
         _say(f"exporting {args.model} int8 (calibration: {args.calibration or 'bundled photos + crops'}"
              f"{'; 7-bit weights: no VNNI/AMX on this CPU' if reduce_range else ''})")
         int8 = export_onnx(model, int8_path, ExportOptions(
