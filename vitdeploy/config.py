@@ -80,6 +80,8 @@ class ViTConfig:
     attention_dropout: float = 0.0
     drop_path: float = 0.0
     hybrid: HybridConfig | None = None
+    # CLIP's visual projection (pooled embedding -> the joint image-text space): its width, or None.
+    projection_dim: int | None = None
     name: str = "vit"
     # Preprocessing the checkpoint was trained with; runtimes read it from artifact metadata.
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
