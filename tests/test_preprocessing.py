@@ -179,3 +179,77 @@ def test_preprocessing_does_not_import_torch():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Image modes: every mode Pillow opens becomes the 8-bit RGB the eval transform expects
+
+
+def _round_trip(image: Image.Image, path) -> Image.Image:
+    """Save and reopen, so the test reads a real file the way `predict` does."""
+    image.save(path)
+    with Image.open(path) as opened:
+        opened.load()
+        assert opened.mode == image.mode, f"{path.suffix} did not keep mode {image.mode}"
+        return opened.copy()
+
+
+def _rgb(image) -> np.ndarray:
+    return np.asarray(load_image(image), dtype=np.int64)
+
+
+def test_eight_bit_modes_become_the_rgb_pillow_gives(tmp_path):
+    bits = Image.fromarray(np.array([[0, 255, 0], [255, 255, 0]], np.uint8)).convert("1")
+    assert (_rgb(_round_trip(bits, tmp_path / "bits.png")) == np.array([[0, 255, 0], [255, 255, 0]])[..., None]).all()
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([200, 10, 20, 5, 150, 250] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert _rgb(_round_trip(palette, tmp_path / "palette.png")).tolist() == [[[200, 10, 20], [5, 150, 250]]]
+
+    gray_alpha = Image.new("LA", (2, 2), (90, 10))
+    assert (_rgb(_round_trip(gray_alpha, tmp_path / "la.png")) == 90).all()  # alpha dropped, not composited
+
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert (_rgb(_round_trip(rgba, tmp_path / "rgba.png")) == [10, 20, 30]).all()
+
+    cmyk = Image.new("CMYK", (1, 1), (100, 50, 0, 30))
+    expected = [round((255 - ink) * (255 - 30) / 255) for ink in (100, 50, 0)]  # (255-C)(255-K)/255
+    assert _rgb(_round_trip(cmyk, tmp_path / "cmyk.tif")).tolist() == [[expected]]
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
+    values = np.array([[0, 257, 5000], [32768, 65280, 65535]], np.uint16)
+    expected = np.round(values / 257.0).astype(np.int64)  # 0, 1, 19, 128, 254, 255
+    i16 = _round_trip(Image.fromarray(values), tmp_path / "i16.png")
+    assert i16.mode == "I;16"
+    assert (_rgb(i16) == expected[..., None]).all()
+    big_endian = Image.frombytes("I;16B", (3, 2), values.astype(">u2").tobytes())
+    assert (_rgb(big_endian) == expected[..., None]).all()
+    as_int32 = _round_trip(Image.fromarray(values.astype(np.int32)), tmp_path / "i32.tif")
+    assert as_int32.mode == "I" and (_rgb(as_int32) == expected[..., None]).all()
+
+
+def test_a_dark_sixteen_bit_image_is_not_white(tmp_path):
+    """The report's case: a 16-bit PNG of 5000s (8 % grey) must preprocess like 8-bit grey 19, not white."""
+    Image.fromarray(np.full((20, 30), 5000, np.uint16)).save(tmp_path / "i16.png")
+    pre = Preprocessing.for_model(16, 0.875, interpolation="bicubic", **IMAGENET)
+    dark = preprocess(tmp_path / "i16.png", pre)
+    white = preprocess(Image.new("RGB", (30, 20), (255, 255, 255)), pre)
+    grey = preprocess(Image.new("L", (30, 20), 19), pre)
+    assert not np.allclose(dark, white)
+    np.testing.assert_array_equal(dark, grey)
+
+
+def test_float_images_in_zero_one_are_scaled_and_others_refused(tmp_path):
+    values = np.array([[0.0, 0.25, 0.5], [0.75, 0.999, 1.0]], np.float32)
+    floats = _round_trip(Image.fromarray(values), tmp_path / "f.tif")
+    assert floats.mode == "F"
+    assert (_rgb(floats) == np.round(values.astype(np.float64) * 255)[..., None]).all()
+    Image.fromarray(values * 255).save(tmp_path / "f255.tif")
+    with pytest.raises(ValueError, match=r"f255\.tif.*mode F.*0\.\.255.*\[0, 1\]"):
+        load_image(tmp_path / "f255.tif")
+    with pytest.raises(ValueError, match=r"mode F.*nan"):
+        load_image(Image.fromarray(np.full((2, 2), np.nan, np.float32)))
+    with pytest.raises(ValueError, match=r"mode I.*-5\.\.70000.*0\.\.65535"):
+        load_image(Image.fromarray(np.array([[-5, 70000]], np.int32)))

@@ -31,10 +31,57 @@ INTERPOLATIONS = {
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
+# Pillow modes that hold more than 8 bits per sample, and how they become 8-bit (see to_rgb).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+WIDE_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+
+
+def to_rgb(picture: Image.Image, name: str = "image") -> Image.Image:
+    """``picture`` as an 8-bit RGB image, with the samples of 16-bit, 32-bit and float images scaled, not clipped.
+
+    Pillow's ``convert("RGB")`` (what timm's and torchvision's loaders call) clips every value
+    above 255, so a dark 16-bit photo comes out white. The rules here:
+
+    * 8-bit modes (``1``, ``L``, ``P``, ``LA``, ``RGBA``, ``CMYK``, ...): Pillow's conversion, as
+      torchvision/timm users get it (alpha is dropped, not composited; CMYK uses Pillow's formula).
+    * ``I;16`` and its byte orders, and ``I`` (32-bit integers, the mode older Pillows and some
+      TIFF readers give 16-bit images): samples are taken as full-range 16-bit, 0..65535 → 0..255 by
+      ``round(v / 257)`` — the PNG/TIFF convention that sample values span the bit depth, so
+      65535 is white and 257·k is the 8-bit k exactly. ``I`` values outside 0..65535 are refused.
+    * ``F`` (32-bit float): samples must lie in [0, 1] (the float-image convention of
+      scikit-image and ``ToTensor`` output) and are scaled by 255; anything else (negative,
+      above 1, NaN) is refused, because [0, 1] and [0, 255] floats cannot be told apart reliably.
+
+    Raises ``ValueError`` naming ``name``, the mode and the value range found.
+    """
+    if picture.mode == "RGB":
+        return picture
+    if picture.mode not in WIDE_MODES:
+        return picture.convert("RGB")
+    values = np.asarray(picture)
+    if picture.mode == "F":
+        finite = bool(np.isfinite(values).all())
+        low, high = (float(values.min()), float(values.max())) if finite else (float("nan"), float("nan"))
+        if not finite or low < 0.0 or high > 1.0:
+            raise ValueError(f"{name} is a 32-bit float (mode F) image with values {low:g}..{high:g}; "
+                             "float images must hold values in [0, 1]; save it as 8- or 16-bit")
+        gray = np.round(values.astype(np.float64) * 255.0)
+    else:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"{name} is a 32-bit integer (mode {picture.mode}) image with values {low}..{high}; "
+                             "integer images must be 16-bit (0..65535); save it as 8- or 16-bit")
+        gray = np.round(values.astype(np.float64) / 257.0)
+    return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+
+
 def load_image(image: ImageLike) -> Image.Image:
-    """Open a path (or take a PIL image / ``HxWx3`` uint8 array) and return it as an RGB PIL image."""
+    """Open a path (or take a PIL image / ``HxWx3`` uint8 array) and return it as an RGB PIL image.
+
+    16-bit, 32-bit integer and float images are scaled to 8 bits (see :func:`to_rgb`).
+    """
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(
@@ -42,11 +89,14 @@ def load_image(image: ImageLike) -> Image.Image:
             )
         return Image.fromarray(image).convert("RGB")
     path = Path(image)
+    if path.is_dir():
+        raise IsADirectoryError(f"image {str(path)!r} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist or is not a file")
     try:
         with Image.open(path) as opened:
-            return opened.convert("RGB")
+            opened.load()
+            return to_rgb(opened, repr(str(path)))
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{str(path)!r} is not an image Pillow can read ({error})") from None
 
