@@ -146,6 +146,7 @@ class ExportOptions:
     keep_failed: bool = False
     source: str = ""
     source_sha256: str = ""
+    source_format: str = ""  # ResolvedModel.format: "variant" marks random weights in the metadata
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     validation_max_batch: int = 8
     validation_images: Sequence[Any] | None = None
@@ -496,6 +497,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         optimizations=[CLASS_TOKEN_LAST_BLOCK] if prunes_last_block(config, options) else [],
         source=options.source,
         source_sha256=options.source_sha256,
+        source_format=options.source_format,
         vitdeploy_version=__version__,
         labels=list(config.labels) if config.labels else None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import make_model, tiny_config
 
@@ -38,3 +39,34 @@ def test_inspect_bad_input_is_one_line_and_nonzero() -> None:
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("vitdeploy inspect: error:")
+
+
+def test_inspect_tells_the_validated_range_from_the_declared_one(tmp_path, capsys) -> None:
+    """Parity ran on batches up to 4 of a graph declared up to 64: inspect must not claim 1..64 was validated."""
+    import shutil
+
+    from onnx_artifacts import attach_metadata
+    from trt_artifacts import tiny_onnx  # the session's exported tiny graph (shared with other tests)
+
+    from vitdeploy.metadata import ShapeRange, read_onnx_metadata
+
+    path = Path(shutil.copy(tiny_onnx(), tmp_path / "tiny.onnx"))
+    metadata = read_onnx_metadata(path)
+    metadata.shape_range = ShapeRange(batch=(1, 64), height=(16, 64), width=(16, 64))
+    metadata.validation = {"passed": True, "shapes": [[1, 16, 16], [4, 40, 24], [1, 64, 16], [1, 64, 64]]}
+    attach_metadata(path, metadata)
+    out = tmp_path / "inspect.json"
+    assert main(["inspect", str(path), "--json", str(out)]) == 0
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+             if ":" in line}
+    assert lines["validated"] == "batch 1..4, 16..64; parity passed"
+    assert lines["declared"].startswith("batch 1..64, 16..64")
+    report = json.loads(out.read_text())["artifact"]
+    assert report["validated_range"] == {"batch": [1, 4], "height": [16, 64], "width": [16, 64]}
+    assert report["shape_range"]["batch"] == [1, 64]
+
+    metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
+    unchecked = Path(shutil.copy(path, tmp_path / "unchecked.onnx"))
+    attach_metadata(unchecked, metadata)
+    assert main(["inspect", str(unchecked)]) == 0
+    assert "validated    : not checked\n" in capsys.readouterr().out

@@ -242,3 +242,25 @@ def test_text_format_writer_escapes_strings_for_protobuf() -> None:
     assert text.startswith("# two\n# lines\n")
     with pytest.raises(ValueError, match="not an identifier"):
         Enum("TYPE FP32")
+
+
+def test_config_comments_tell_the_validated_range_from_the_declared_one(tmp_path) -> None:
+    import shutil
+
+    from onnx_artifacts import attach_metadata
+
+    onnx_path = Path(shutil.copy(tiny_served_onnx(), tmp_path / "tiny.onnx"))
+    metadata = read_onnx_metadata(onnx_path)
+    metadata.validation = {"passed": True, "shapes": [[1, 16, 16], [2, 40, 24], [1, 64, 64]]}
+    metadata.variants = {}
+    attach_metadata(onnx_path, metadata)
+    (entry,) = write_repository([onnx_path], tmp_path / "repo", RepositoryOptions(kinds=("onnxruntime",)))
+    comments = [line for line in (entry.path / "config.pbtxt").read_text().splitlines() if line.startswith("#")]
+    assert "# Shapes: validated: batch 1..2, 16..64; declared: batch 1..8, 16..64." in comments
+    assert parse_config(entry.path).max_batch_size == 8
+
+    engine = fake_engine(tmp_path, onnx_path)
+    (trt,) = write_repository([engine], tmp_path / "repo-trt", RepositoryOptions(kinds=("tensorrt",)))
+    comments = (trt.path / "config.pbtxt").read_text()
+    assert ("# Shapes: validated (ONNX parity): batch 1..2, 16..64; engine profiles: batch 1..16, height 16..48, "
+            "width 16..64.") in comments

@@ -53,6 +53,23 @@ class ShapeRange:
                 raise ValueError(f"{axis} range {low}:{high} is invalid; expected 0 < min <= max")
             setattr(self, axis, (low, high))
 
+    def describe(self) -> str:
+        """``batch 1..4, 112..448`` when height and width share a range, else ``batch 1..4, height .., width ..``."""
+        def span(values: tuple[int, int]) -> str:
+            return f"{values[0]}..{values[1]}"
+
+        sizes = span(self.height) if self.height == self.width else f"height {span(self.height)}, width {span(self.width)}"
+        return f"batch {span(self.batch)}, {sizes}"
+
+    @classmethod
+    def covering(cls, shapes: Any) -> ShapeRange | None:
+        """The smallest range holding every ``(batch, height, width)`` in ``shapes``; ``None`` when there are none."""
+        shapes = [tuple(int(v) for v in shape) for shape in shapes or []]
+        if not shapes:
+            return None
+        batches, heights, widths = zip(*shapes, strict=True)
+        return cls((min(batches), max(batches)), (min(heights), max(heights)), (min(widths), max(widths)))
+
 
 # ArtifactMetadata.optimizations entry: the last block is computed for the class token only
 # (VisionTransformer.forward_logits).
@@ -86,6 +103,8 @@ class ArtifactMetadata:
     opset: int = 18
     source: str = ""
     source_sha256: str = ""
+    # How ``source`` was read: a checkpoint format, or "variant" for a registry name (random weights).
+    source_format: str = ""
     vitdeploy_version: str = ""
     labels: list[str] | None = None
     validation: dict[str, Any] | None = None
@@ -108,6 +127,33 @@ class ArtifactMetadata:
     @property
     def num_classes(self) -> int:
         return int(self.model_config["num_classes"])
+
+    @property
+    def validated_range(self) -> ShapeRange | None:
+        """The range the parity check covered (its shapes' extent), ``None`` when it did not run.
+
+        It can be narrower than :attr:`shape_range` (the declared range the graph accepts): the
+        export caps the validation batch to keep it cheap.
+        """
+        return ShapeRange.covering((self.validation or {}).get("shapes"))
+
+    def range_text(self) -> str:
+        """``validated: batch 1..4, 112..448; declared: batch 1..64, 112..448`` (how every report shows ranges)."""
+        validated = self.validated_range
+        return (f"validated: {validated.describe() if validated else 'not checked'}; "
+                f"declared: {self.shape_range.describe()}")
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the graph was exported from a variant name (random weights, meaningless classes).
+
+        Files written before ``source_format`` existed are judged by their source: a variant name.
+        """
+        if self.source_format:
+            return self.source_format == "variant"
+        from vitdeploy.variants import VARIANTS
+
+        return self.source in VARIANTS
 
     def to_props(self) -> dict[str, str]:
         """Flatten into string key/value pairs for ONNX ``metadata_props``."""

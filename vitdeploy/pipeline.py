@@ -187,7 +187,7 @@ class Pipeline:
             options = ExportOptions(
                 batch=batch, height=resolution, width=resolution, precision=precision, validate=True,
                 validation_max_batch=self.options.validation_max_batch, source=str(self.resolved.source),
-                source_sha256=self.resolved.sha256, preflight=precision == "int8", **quantized,
+                source_sha256=self.resolved.sha256, source_format=self.resolved.format, preflight=precision == "int8", **quantized,
             )
             try:
                 result = export_onnx(self.resolved.model, path, options, progress=progress)
@@ -200,9 +200,7 @@ class Pipeline:
             report = result.report
             artifact = Artifact(path, "onnx", precision, report.summary() if report else None,
                                 report.passed if report else None, list(report.notes) if report else [])
-            rng = result.metadata.shape_range
-            artifact.notes.insert(0, f"batch {rng.batch[0]}..{rng.batch[1]}, height {rng.height[0]}..{rng.height[1]}, "
-                                     f"width {rng.width[0]}..{rng.width[1]}")
+            artifact.notes.insert(0, result.metadata.range_text())
             if result.quantization is not None:
                 record = result.quantization
                 artifact.notes.append(

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
-        source=str(resolved.source), source_sha256=resolved.sha256,
+        source=str(resolved.source), source_sha256=resolved.sha256, source_format=resolved.format,
         validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant, **quantization,
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,

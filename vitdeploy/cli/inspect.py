@@ -114,11 +114,15 @@ def _artifact(path: Path) -> tuple[Any, str, dict[str, Any]]:
                  "profiles": [profile.describe() for profile in manifest.profiles],
                  "engine_precision": manifest.precision, "transforms": manifest.transforms,
                  **_engine_layers(path, manifest)}
-    rng = metadata.shape_range
+    rng, validated = metadata.shape_range, metadata.validated_range
     section = {
         "precision": metadata.precision, "fp32_ops": metadata.fp32_ops,
         "inputs": [vars(t) for t in metadata.inputs], "outputs": [vars(t) for t in metadata.outputs],
         "shape_range": {"batch": list(rng.batch), "height": list(rng.height), "width": list(rng.width)},
+        "validated_range": None if validated is None else {"batch": list(validated.batch),
+                                                           "height": list(validated.height),
+                                                           "width": list(validated.width)},
+        "random_weights": metadata.random_weights,
         "optimizations": metadata.optimizations,
         "validation": (metadata.validation or {}).get("passed"),
         **extra,
@@ -167,6 +171,8 @@ def _print_layers(artifact: dict[str, Any], every_layer: bool) -> None:
 
 
 def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
+    from vitdeploy.metadata import ShapeRange
+
     cfg = report["config"]
     paper = report["paper"]
     paper_text = f"  (paper Table 1: {paper['model']} {paper['parameters_millions']}M)" if paper else ""
@@ -180,12 +186,15 @@ def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
     print(f"  classes      : {cfg['num_classes']}, native size {cfg['image_size']}")
     artifact = report.get("artifact")
     if artifact:
-        rng = artifact["shape_range"]
+        declared = ShapeRange(**artifact["shape_range"])
+        validated = ShapeRange(**artifact["validated_range"]) if artifact.get("validated_range") else None
         print(f"  precision    : {artifact['precision']}"
               + (f" (fp32 ops: {', '.join(artifact['fp32_ops'])})" if artifact["fp32_ops"] else ""))
-        print(f"  validated    : batch {rng['batch'][0]}..{rng['batch'][1]}, height {rng['height'][0]}..{rng['height'][1]}, "
-              f"width {rng['width'][0]}..{rng['width'][1]}; parity "
-              + {True: "passed", False: "FAILED", None: "not checked"}[artifact["validation"]])
+        parity = {True: "passed", False: "FAILED", None: "not checked"}[artifact["validation"]]
+        print(f"  validated    : {validated.describe() + '; parity ' + parity if validated else 'not checked'}")
+        print(f"  declared     : {declared.describe()} (what the graph accepts)")
+        if artifact.get("random_weights"):
+            print("  weights      : RANDOM (exported from a variant name): the classes mean nothing")
         io = ", ".join(f"{t['name']} {t['dtype']}" for t in artifact["inputs"] + artifact["outputs"])
         print(f"  tensors      : {io}")
         if artifact.get("target"):

@@ -32,7 +32,7 @@ from vitdeploy import __version__
 from vitdeploy.constants import INPUT_NAME, LOGITS_NAME
 from vitdeploy.engine_manifest import EngineManifest, envelope, manifest_path_for
 from vitdeploy.files import sha256_file
-from vitdeploy.metadata import CPU_VARIANT, ArtifactMetadata, read_onnx_metadata
+from vitdeploy.metadata import CPU_VARIANT, ArtifactMetadata, ShapeRange, read_onnx_metadata
 from vitdeploy.runtimes import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from vitdeploy.serving.pbtxt import Enum, to_text
 from vitdeploy.serving.releases import release_advice
@@ -298,8 +298,19 @@ def _header(artifact: _Artifact, kind: str, extra: list[str]) -> list[str]:
     if kind == ONNXRUNTIME:
         lines.append("ONNX Runtime backend on the portable graph (vitdeploy's CPU-fused variant is for the "
                      "python model only).")
+    lines.append(_range_line(artifact))
     lines.append("Triton batches only requests of the same shape: send one resolution per request stream.")
     return lines + extra
+
+
+def _range_line(artifact: _Artifact) -> str:
+    """The validated and the declared (or built) shape ranges, told apart: parity may cover less."""
+    validated = artifact.metadata.validated_range if artifact.metadata else None
+    validated_text = validated.describe() if validated else "not checked"
+    accepted = ShapeRange(artifact.batch, artifact.height, artifact.width).describe()
+    if artifact.kind == "engine":
+        return f"Shapes: validated (ONNX parity): {validated_text}; engine profiles: {accepted}."
+    return f"Shapes: validated: {validated_text}; declared: {accepted}."
 
 
 def _copy(source: Path, target_dir: Path) -> str:
