@@ -27,8 +27,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("argv, message", [
     (["vit_tiny_patch16_224", "--runtime", "tflite"], "runtime 'tflite'"),
-    (["vit_tiny_patch16_224", "--batch", "0"], "--batch '0'"),
-    (["vit_tiny_patch16_224", "--batch", "1,x"], "--batch '1,x'"),
+    (["vit_tiny_patch16_224", "--batch", "0"], "argument --batch: '0'"),
+    (["vit_tiny_patch16_224", "--batch", "1,x"], "argument --batch: '1,x'"),
     (["vit_tiny_patch16_224", "--resolution", "225"], "not a multiple"),
     (["vit_tiny_patch16_224", "--resolution", "22x"], "--resolution"),
     (["vit_nonexistent_patch16_224"], "vit_nonexistent_patch16_224"),

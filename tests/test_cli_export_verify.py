@@ -120,7 +120,6 @@ def test_verify_uses_an_images_folder_and_default_resolutions(exported, checkpoi
         (["--resolution", "64"], "outside the validated range 16..48"),
         (["--resolution", "36"], "not a multiple of the patch stride 8"),
         (["--batch", "8"], "outside the validated range 1..4"),
-        (["--resolution", "32y32"], "not N or HxW"),
     ],
 )
 def test_verify_rejects_shapes_outside_the_artifact(exported, checkpoints, argv, message):

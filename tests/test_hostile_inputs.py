@@ -109,7 +109,7 @@ CASES = [
     ("export --opset 16", lambda p: ["export", p["checkpoint"], "-o", p["root"] / "o.onnx", "--opset", "16"], 2,
      "opset 16 is outside 17..", lambda p: [p["root"] / "o.onnx"]),
     ("export --batch 0:4", lambda p: ["export", p["checkpoint"], "-o", p["root"] / "b.onnx", "--batch", "0:4"], 2,
-     "--batch '0:4' must be positive", lambda p: [p["root"] / "b.onnx"]),
+     "argument --batch: '0:4' must be positive", lambda p: [p["root"] / "b.onnx"]),
     ("export --batch 8:1", lambda p: ["export", p["checkpoint"], "-o", p["root"] / "b.onnx", "--batch", "8:1"], 2,
      "non-decreasing", lambda p: [p["root"] / "b.onnx"]),
     ("export --validation-max-batch 0", lambda p: ["export", p["checkpoint"], "-o", p["root"] / "v.onnx",

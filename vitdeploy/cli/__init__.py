@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from importlib import import_module
 
 from vitdeploy import __version__
-from vitdeploy.cli.common import ArgumentParser, CLIError
+from vitdeploy.cli.common import ArgumentParser, CLIError, CommandParser
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
 COMMANDS = ["deploy", "inspect", "convert", "export", "quantize", "verify", "predict", "check", "build", "bench",
@@ -116,13 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vitdeploy {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="vitdeploy",
+                                       parser_class=CommandParser)
     for name in COMMANDS:
         import_module(f"vitdeploy.cli.{name}").register(subparsers)
-    for command in subparsers.choices.values():
+    owners: dict[str, list[str]] = {}
+    for name, command in subparsers.choices.items():
         command.epilog = f"{command.epilog}\n\n{EXIT_CODES}" if command.epilog else EXIT_CODES
         if command.formatter_class is argparse.HelpFormatter:
             command.formatter_class = argparse.RawDescriptionHelpFormatter
+        if "--quiet" not in command._option_string_actions:
+            command.add_argument("-q", "--quiet", action="store_true",
+                                 help="no progress lines or elapsed-time display on stderr (warnings and errors stay)")
+        for option in command._option_string_actions:
+            if option.startswith("--") and option not in ("--help", "--quiet"):
+                owners.setdefault(option, []).append(name)
+    for name, command in subparsers.choices.items():
+        command.elsewhere = {option: [owner for owner in names if owner != name] for option, names in owners.items()
+                             if name not in names}
     return parser
 
 

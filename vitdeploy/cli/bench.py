@@ -10,12 +10,14 @@ from typing import Any
 from vitdeploy.cli.common import (
     CLIError,
     command_line,
+    int_list_arg,
     non_negative_int,
     output_folder,
     parse_int_list,
     parse_sizes,
     positive_float,
     positive_int,
+    sizes_arg,
 )
 
 DESCRIPTION = """\
@@ -50,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runtime", "--runtimes", dest="runtime",
                         help="comma-separated runtime labels (default: torch-eager-fp32,ort-cpu-fp32 on CPU; "
                              "torch-eager-fp32,torch-eager-fp16,ort-cuda-fp16,tensorrt-fp16 on GPU)")
-    parser.add_argument("--batch", help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--resolution", help="comma-separated sizes, N or HxW (default: each model's native size)")
+    parser.add_argument("--batch", type=int_list_arg, metavar="N,N", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--resolution", type=sizes_arg, metavar="R,R", help="comma-separated sizes, N or HxW (default: each model's native size)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="where torch runs (default auto: cuda if available)")
     parser.add_argument("--warmup", type=non_negative_int, help="warm-up iterations per point (default 5)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitdeploy.cli.common import CLIError, output_file, parse_range, progress
+from vitdeploy.cli.common import CLIError, output_file, parse_range, progress, range3_arg
 from vitdeploy.engine_manifest import HARDWARE_COMPATIBILITY_LEVELS, PRECISIONS
 
 DESCRIPTION = """\
@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="engine precision (default: the graph's); fp16 converts an fp32 graph first; "
                              "int8/fp8 need a Q/DQ graph of that type")
     shapes = parser.add_argument_group("optimization profiles")
-    shapes.add_argument("--batch", metavar="MIN:OPT:MAX", help="batch sizes for every profile (N = fixed)")
-    shapes.add_argument("--resolution", metavar="MIN:OPT:MAX", help="square image sizes for every profile (N = fixed)")
+    shapes.add_argument("--batch", type=range3_arg, metavar="MIN:OPT:MAX", help="batch sizes for every profile (N = fixed)")
+    shapes.add_argument("--resolution", type=range3_arg, metavar="MIN:OPT:MAX", help="square image sizes for every profile (N = fixed)")
     shapes.add_argument("--min-shape", metavar="NxCxHxW", help="explicit minimum input shape (with --opt/--max-shape)")
     shapes.add_argument("--opt-shape", metavar="NxCxHxW", help="explicit optimum input shape")
     shapes.add_argument("--max-shape", metavar="NxCxHxW", help="explicit maximum input shape")

@@ -13,7 +13,7 @@ from vitdeploy.console import progress
 from vitdeploy.files import atomic_write_json
 
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
-           "ArgumentParser", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
+           "ArgumentParser", "CommandParser", "range_arg", "range3_arg", "int_list_arg", "sizes_arg", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
            "non_negative_int", "add_pos_embed_resample", "add_quantize_arguments", "parse_keep_float",
            "quantize_options"]
 
@@ -27,6 +27,31 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class CommandParser(ArgumentParser):
+    """A subcommand's parser: it reports arguments it does not know itself, as ``vitdeploy <command>: error:``.
+
+    (argparse hands a subparser's leftovers to the top-level parser, whose error names no command.)
+    ``elsewhere`` maps option strings of the other commands to their names, for a hint.
+    """
+
+    elsewhere: dict[str, list[str]]
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._hint(extras)}")
+        return namespace, extras
+
+    def _hint(self, extras: list[str]) -> str:
+        command = self.prog.split()[-1]
+        hints = []
+        for option in (extra.split("=", 1)[0] for extra in extras if extra.startswith("-")):
+            owners = getattr(self, "elsewhere", {}).get(option)
+            if owners:
+                hints.append(f"{option} is an option of {', '.join(owners)}, not of {command}")
+        return f" ({'; '.join(hints)})" if hints else ""
 
 
 def output_file(text: str) -> str:
@@ -104,32 +129,95 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write_json(path, data)
 
 
-def parse_range(text: str, what: str, parts: int = 2) -> tuple[int, ...]:
-    """Parse ``MIN:MAX`` (or ``MIN:OPT:MAX`` with ``parts=3``; a single ``N`` means N for all)."""
+def _range(text: str, parts: int) -> tuple[int, ...]:
+    form = "MIN:MAX" if parts == 2 else "MIN:OPT:MAX"
     pieces = text.split(":")
     if len(pieces) == 1:
         pieces = pieces * parts
     if len(pieces) != parts:
-        form = "MIN:MAX" if parts == 2 else "MIN:OPT:MAX"
-        raise CLIError(f"--{what} {text!r} is not of the form {form}")
+        raise ValueError(f"{text!r} is not of the form {form} (or N)")
     try:
         values = tuple(int(p) for p in pieces)
     except ValueError:
-        raise CLIError(f"--{what} {text!r} must contain integers") from None
+        raise ValueError(f"{text!r} must be integers {form}") from None
     if any(v <= 0 for v in values) or list(values) != sorted(values):
-        raise CLIError(f"--{what} {text!r} must be positive and non-decreasing")
+        raise ValueError(f"{text!r} must be positive and non-decreasing ({form})")
     return values
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} must be comma-separated integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{text!r} must list positive integers")
+    return values
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        where = repr(item) if item == text.strip().lower() else f"{text!r}: {item!r}"
+        try:
+            values = [int(p) for p in item.split("x")]
+        except ValueError:
+            raise ValueError(f"{where} is not N or HxW with integers") from None
+        if len(values) not in (1, 2) or any(v <= 0 for v in values):
+            raise ValueError(f"{where} must be a positive N or HxW")
+        sizes.append((values[0], values[-1]))
+    if not sizes:
+        raise ValueError(f"{text!r} lists no size")
+    return sizes
+
+
+def parse_range(text: str, what: str, parts: int = 2) -> tuple[int, ...]:
+    """Parse ``MIN:MAX`` (or ``MIN:OPT:MAX`` with ``parts=3``; a single ``N`` means N for all)."""
+    try:
+        return _range(text, parts)
+    except ValueError as error:
+        raise CLIError(f"--{what} {error}") from None
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
     """Parse ``1,8,32`` into ``[1, 8, 32]``."""
     try:
-        values = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise CLIError(f"--{what} {text!r} must be comma-separated integers") from None
-    if not values or any(v <= 0 for v in values):
-        raise CLIError(f"--{what} {text!r} must list positive integers")
-    return values
+        return _int_list(text)
+    except ValueError as error:
+        raise CLIError(f"--{what} {error}") from None
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``224,384`` or ``224x320`` → ``[(224, 224), (384, 384)]`` / ``[(224, 320)]``."""
+    try:
+        return _sizes(text)
+    except ValueError as error:
+        raise CLIError(f"--resolution {error}") from None
+
+
+def _checked(parse: Callable[[str], Any], name: str) -> Callable[[str], str]:
+    """An argparse type that checks ``text`` with ``parse`` at parse time (before any heavy import) and keeps
+    the text, which the command parses again with the same function: argparse then says
+    ``argument --batch: '0:4' must be ...``."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    check.__name__ = name
+    return check
+
+
+# argparse types for the range and list options (see _checked).
+range_arg = _checked(lambda text: _range(text, 2), "range")
+range3_arg = _checked(lambda text: _range(text, 3), "range")
+int_list_arg = _checked(_int_list, "list")
+sizes_arg = _checked(_sizes, "sizes")
 
 
 def command_line(subcommand: str, argv: list[str] | None = None) -> str:
@@ -138,26 +226,6 @@ def command_line(subcommand: str, argv: list[str] | None = None) -> str:
     if argv and Path(argv[0]).name in ("vitdeploy", "__main__.py") and subcommand in argv[1:2]:
         return shlex.join(["vitdeploy", *argv[1:]])
     return ""
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``224,384`` or ``224x320`` → ``[(224, 224), (384, 384)]`` / ``[(224, 320)]``."""
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        parts = item.split("x")
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise CLIError(f"--resolution {text!r}: {item!r} is not N or HxW with integers") from None
-        if len(values) not in (1, 2) or any(v <= 0 for v in values):
-            raise CLIError(f"--resolution {text!r}: {item!r} must be a positive N or HxW")
-        sizes.append((values[0], values[-1]))
-    if not sizes:
-        raise CLIError(f"--resolution {text!r} lists no size")
-    return sizes
 
 
 def add_pos_embed_resample(parser: argparse.ArgumentParser) -> None:

@@ -9,12 +9,14 @@ import shlex
 from vitdeploy.cli.common import (
     CLIError,
     command_line,
+    int_list_arg,
     output_folder,
     parse_int_list,
     parse_range,
     positive_float,
     positive_int,
     progress,
+    range_arg,
 )
 from vitdeploy.pipeline import DEFAULT_SOURCE
 
@@ -56,10 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"checkpoint file/folder or variant name (default {DEFAULT_SOURCE})")
     parser.add_argument("-o", "--output", default="deploy-out", type=output_folder, metavar="OUT",
                         help="output folder (default deploy-out)")
-    parser.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts (default 1:64)")
-    parser.add_argument("--resolution", metavar="MIN:MAX",
+    parser.add_argument("--batch", default="1:64", type=range_arg, metavar="MIN:MAX", help="batch range of the artifacts (default 1:64)")
+    parser.add_argument("--resolution", type=range_arg, metavar="MIN:MAX",
                         help="resolution range of the artifacts (default: half to twice the native size)")
-    parser.add_argument("--bench-batch", default="1,8", metavar="N,N", help="batch sizes to benchmark (default 1,8)")
+    parser.add_argument("--bench-batch", default="1,8", type=int_list_arg, metavar="N,N", help="batch sizes to benchmark (default 1,8)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                         help="timing budget per benchmark point (default 3 on CPU, 1 on GPU)")

@@ -16,6 +16,7 @@ from vitdeploy.cli.common import (
     positive_int,
     progress,
     quantize_options,
+    range_arg,
     write_json,
 )
 
@@ -36,12 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="checkpoint file or folder, or a variant name such as vit_base_patch16_224")
     parser.add_argument("-o", "--output", required=True, type=onnx_output, metavar="PATH",
                         help="the ONNX file to write (model.onnx; an fp32 export also writes model.cpu.onnx)")
-    parser.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch size range (default 1:64)")
-    parser.add_argument("--resolution", metavar="MIN:MAX",
+    parser.add_argument("--batch", default="1:64", type=range_arg, metavar="MIN:MAX", help="batch size range (default 1:64)")
+    parser.add_argument("--resolution", type=range_arg, metavar="MIN:MAX",
                         help="height and width range in pixels, multiples of the patch stride "
                         "(default: half to twice the native size)")
-    parser.add_argument("--height", metavar="MIN:MAX", help="height range (instead of --resolution)")
-    parser.add_argument("--width", metavar="MIN:MAX", help="width range (instead of --resolution)")
+    parser.add_argument("--height", type=range_arg, metavar="MIN:MAX", help="height range (instead of --resolution)")
+    parser.add_argument("--width", type=range_arg, metavar="MIN:MAX", help="width range (instead of --resolution)")
     parser.add_argument("--opset", type=opset, default=18,
                         help="ONNX opset, from 17 to the highest the installed onnx/onnxruntime support (default 18)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8"], default="fp32",

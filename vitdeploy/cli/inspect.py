@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, output_file, parse_int_list, write_json
+from vitdeploy.cli.common import CLIError, int_list_arg, output_file, parse_int_list, write_json
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", nargs="?",
                         help="variant name (e.g. vit_base_patch16_224), checkpoint file/folder, .onnx or .engine")
-    parser.add_argument("--resolution", default=None,
+    parser.add_argument("--resolution", default=None, type=int_list_arg, metavar="R,R",
                         help="comma-separated square sizes to report (default: native, and 1.5x native)")
     parser.add_argument("--list", action="store_true", help="list every variant name and exit")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report as JSON to PATH")

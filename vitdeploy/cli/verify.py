@@ -9,12 +9,14 @@ from typing import Any
 from vitdeploy.cli.common import (
     CLIError,
     cosine,
+    int_list_arg,
     output_file,
     parse_int_list,
     parse_sizes,
     positive_float,
     positive_int,
     progress,
+    sizes_arg,
     write_json,
 )
 
@@ -37,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", required=True, metavar="SOURCE",
                         help="checkpoint (or variant name) of the eager reference model")
     parser.add_argument("--images", metavar="DIR", help="folder of images to use (default: the bundled photographs)")
-    parser.add_argument("--batch", default="1,4", metavar="N,N", help="batch sizes (default 1,4)")
-    parser.add_argument("--resolution", metavar="R,R",
+    parser.add_argument("--batch", default="1,4", type=int_list_arg, metavar="N,N", help="batch sizes (default 1,4)")
+    parser.add_argument("--resolution", type=sizes_arg, metavar="R,R",
                         help="resolutions: 224 for square or 224x320 for height x width, comma-separated "
                         "(default: native, smallest and a non-square size within the artifact's range)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
