@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from vitdeploy import console
 from vitdeploy.benchmarks.backends import Session, Skip, open_session
 from vitdeploy.benchmarks.environment import (
     OtherCpuLoad,
@@ -92,6 +93,7 @@ class Display:
         self.current = ""
 
     def message(self, text: str) -> None:
+        console.pause()
         if not self.quiet:
             self._clear()
             print(f"[bench] {text}", file=self.stream, flush=True)
@@ -101,6 +103,7 @@ class Display:
         self.index = 0
 
     def point_start(self, description: str) -> None:
+        console.pause()  # this display draws its own live line
         self.index += 1
         self.current = f"[{self.index}/{self.total}] {description}"
         if self.live and not self.quiet:

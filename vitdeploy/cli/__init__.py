@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from importlib import import_module
 
-from vitdeploy import __version__
+from vitdeploy import __version__, console
 from vitdeploy.cli.common import ArgumentParser, CLIError, CommandParser
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, --version, or a one-line argument error (status 2)
         return int(exit.code or 0)
     try:
-        with _sigterm_unwinds(), _one_line_warnings(args.command):
+        with _sigterm_unwinds(), _one_line_warnings(args.command), console.session(quiet=getattr(args, "quiet", False)):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"vitdeploy {args.command}: interrupted", file=sys.stderr)
