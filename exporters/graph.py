@@ -18,6 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
+from vitdeploy.metadata import check_onnx_path
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -28,12 +30,7 @@ def load_model(path: str | os.PathLike[str], load_external_data: bool = False) -
     model without a graph are refused, each naming the path and what is wrong.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an ONNX file")
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty, not an ONNX file")
+    check_onnx_path(path)
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except DecodeError as error:

@@ -212,6 +212,19 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
     return fields[1], fields[2]
 
 
+def check_onnx_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, naming ``path``, what cannot be an ONNX file before reading it: a folder, nothing, an empty file.
+
+    The one wording every command uses for these (``check``, ``predict``, ``inspect``, ...).
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an ONNX file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty, not an ONNX file")
+
+
 def read_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file, read without parsing (or loading) the graph.
 
@@ -219,6 +232,7 @@ def read_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
     the same for a 10 MB and a 2 GB model and needs neither ``onnx`` nor ``onnxruntime``.
     Raises ``ValueError`` if the file is not a protobuf ``ModelProto`` with a graph.
     """
+    check_onnx_path(path)
     props: dict[str, str] = {}
     seen_graph = False
     with open(path, "rb") as stream:

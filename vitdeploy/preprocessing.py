@@ -92,7 +92,7 @@ def load_image(image: ImageLike) -> Image.Image:
     if path.is_dir():
         raise IsADirectoryError(f"image {str(path)!r} is a folder, not an image file")
     if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist or is not a file")
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as opened:
             opened.load()

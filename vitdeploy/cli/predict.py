@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vitdeploy.cli.common import CLIError, output_file, positive_int, write_json
+from vitdeploy.cli.common import CLIError, output_file, positive_int, progress, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,9 +64,28 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str
     ]
 
 
+def _pixels(names: list[str], preprocessing: Any, dtype: Any) -> tuple[list[str], np.ndarray | None, list[dict[str, Any]]]:
+    """The images of ``names`` that load, stacked, and one error entry for each that does not."""
+    from vitdeploy.preprocessing import preprocess
+
+    good, arrays, errors = [], [], []
+    for name in names:
+        try:
+            arrays.append(preprocess(name, preprocessing))
+        except (ValueError, OSError) as error:
+            errors.append({"image": str(name), "error": " ".join(str(error).split())})
+            continue
+        good.append(name)
+    return good, (np.stack(arrays).astype(dtype) if arrays else None), errors
+
+
 def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
-    """Top-``k`` predictions for every image with ``runtime`` (which must carry metadata)."""
-    from vitdeploy.preprocessing import load_labels, preprocess
+    """Top-``k`` predictions for every image with ``runtime`` (which must carry metadata), in order.
+
+    An image that cannot be read gives ``{"image": ..., "error": ...}`` in its place; the others
+    are still classified.
+    """
+    from vitdeploy.preprocessing import load_labels
 
     metadata = runtime.metadata
     if metadata is None:
@@ -75,17 +96,49 @@ def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
     chunk = max(1, spec.batch[1])
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
-        pixels = np.stack([preprocess(name, metadata.preprocessing) for name in names]).astype(spec.dtype)
-        probabilities = softmax(runtime(pixels))
-        for name, row in zip(names, probabilities, strict=True):
-            results.append({"image": str(name), "top_k": top_k(row, labels, k)})
+        good, pixels, errors = _pixels(names, metadata.preprocessing, spec.dtype)
+        rows = dict(zip(good, softmax(runtime(pixels)), strict=True)) if pixels is not None else {}
+        failed = {entry["image"]: entry for entry in errors}
+        for name in names:
+            results.append(failed[str(name)] if name not in rows else
+                           {"image": str(name), "top_k": top_k(rows[name], labels, k)})
     return results
 
 
-def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any]]:
-    """Top-``k`` predictions for every image from a Triton model written by ``vitdeploy triton``."""
-    from vitdeploy.preprocessing import preprocess
+def describe_runtime(runtime: Any, kind: str) -> dict[str, Any]:
+    """What ran: the runtime, its providers or device, the graph file and the input it was given."""
+    metadata = runtime.metadata
+    graph = getattr(runtime, "graph_path", None) or getattr(runtime, "path", None)
+    variant = graph is not None and getattr(runtime, "path", graph) != graph
+    crop = metadata.preprocessing.crop_size if metadata else None
+    return {
+        "runtime": kind,
+        "backend": ", ".join(getattr(runtime, "providers", None) or []) or str(getattr(runtime, "device", "")) or None,
+        "graph": str(graph) if graph is not None else None,
+        "graph_variant": (metadata.target if metadata else None) if variant else "as given",
+        "precision": metadata.precision if metadata else None,
+        "input": [3, crop, crop] if crop else None,
+        "random_weights": bool(metadata and metadata.random_weights),
+    }
 
+
+def runtime_line(detail: dict[str, Any]) -> str:
+    """``onnxruntime (CPUExecutionProvider) ran tiny.cpu.onnx (onnxruntime-cpu variant), fp32, input 3x224x224``."""
+    ran = f"{detail['runtime']}" + (f" ({detail['backend']})" if detail["backend"] else "")
+    if detail["graph"]:
+        ran += f" ran {Path(detail['graph']).name}"
+        if detail["graph_variant"] != "as given":
+            ran += f" (its validated {detail['graph_variant']} variant)"
+    if detail["precision"]:
+        ran += f", {detail['precision']}"
+    if detail["input"]:
+        ran += ", input " + "x".join(str(v) for v in detail["input"])
+    return ran
+
+
+def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any]]:
+    """Top-``k`` predictions for every image from a Triton model written by ``vitdeploy triton`` (an unreadable
+    image gives an error entry, as in :func:`predict`)."""
     served = client.served
     if served.preprocessing is None:
         raise CLIError(f"model {served.name!r} carries no vitdeploy.preprocessing parameter; "
@@ -96,32 +149,40 @@ def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any
     chunk = max(1, served.max_batch_size)
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
-        pixels = np.stack([preprocess(name, served.preprocessing) for name in names]).astype(served.input_dtype)
-        logits = client.logits(pixels)
-        if not labels:
-            labels = [str(index) for index in range(logits.shape[1])]
-        probabilities = softmax(logits)
-        for name, row in zip(names, probabilities, strict=True):
-            results.append({"image": str(name), "top_k": top_k(row, labels, min(k, len(labels)))})
+        good, pixels, errors = _pixels(names, served.preprocessing, served.input_dtype)
+        rows: dict[str, np.ndarray] = {}
+        if pixels is not None:
+            logits = client.logits(pixels)
+            if not labels:
+                labels = [str(index) for index in range(logits.shape[1])]
+            rows = dict(zip(good, softmax(logits), strict=True))
+        failed = {entry["image"]: entry for entry in errors}
+        for name in names:
+            results.append(failed[str(name)] if name not in rows else
+                           {"image": str(name), "top_k": top_k(rows[name], labels, min(k, len(labels)))})
     return results
 
 
-def print_results(results: list[dict[str, Any]]) -> None:
-    """Each image, then its ranked classes with probabilities."""
+def print_results(results: list[dict[str, Any]]) -> int:
+    """Each image, then its ranked classes with probabilities; one ``error:`` line on stderr per image that
+    could not be read. Returns how many could not."""
+    failed = 0
     for result in results:
+        if "error" in result:
+            failed += 1
+            print(f"vitdeploy predict: error: {result['error']}", file=sys.stderr)
+            continue
         print(result["image"])
         for entry in result["top_k"]:
             label = entry["label"]
             suffix = f" ({entry['index']})" if label != str(entry["index"]) else ""
             print(f"  {entry['rank']:>2}. {entry['probability']:.4f}  {label}{suffix}")
+    return failed
 
 
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.runtimes import load, runtime_kind
 
-    for image in args.images:
-        if not Path(image).is_file():
-            raise CLIError(f"image {image!r} does not exist or is not a file")
     if args.server:
         if args.provider:
             raise CLIError("--provider does not apply with --server: the server's model config decides")
@@ -129,18 +190,24 @@ def run(args: argparse.Namespace) -> int:
 
         with TritonClient(args.server, args.artifact) as client:
             results = predict_server(client, list(args.images), args.top_k)
-        print_results(results)
+        failed = print_results(results)
         if args.json:
             write_json(args.json, {"server": args.server, "model": args.artifact, "runtime": "triton",
                                    "predictions": results})
-        return 0
+        return 2 if failed else 0
     kind = runtime_kind(args.artifact)
     if kind != "torch" and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
     with load(args.artifact, **runtime_options(kind, args.provider)) as runtime:
+        detail = describe_runtime(runtime, kind)
+        progress(runtime_line(detail))
+        if detail["random_weights"]:
+            origin = (f"{args.artifact} is a variant name, not a checkpoint" if kind == "torch" else
+                      f"{Path(args.artifact).name} was exported from the variant name {runtime.metadata.source!r}")
+            warnings.warn(f"{origin}: its weights are RANDOM, so the classes below mean nothing", stacklevel=1)
         k = min(args.top_k, runtime.metadata.num_classes if runtime.metadata else args.top_k)
         results = predict(runtime, list(args.images), k)
-    print_results(results)
+    failed = print_results(results)
     if args.json:
-        write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "predictions": results})
-    return 0
+        write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "ran": detail, "predictions": results})
+    return 2 if failed else 0
