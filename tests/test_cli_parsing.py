@@ -74,3 +74,34 @@ print(json.dumps([codes, sorted(m for m in ("torch", "onnx", "onnxruntime", "tim
     codes, heavy = json.loads(proc.stdout)
     assert codes == [2, 2] and heavy == [], proc.stderr
     assert proc.stderr.count("argument --batch: ") == 2, proc.stderr
+
+
+def test_top_level_help_describes_what_deploy_and_export_write(capsys) -> None:
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "deploy the whole pipeline: export fp32, fp16 and int8 ONNX" in text
+    assert "export export a checkpoint to ONNX (dynamic batch and resolution; fp32, fp16, or int8/fp8 Q/DQ)" in text
+
+
+def test_metavars_are_the_same_for_the_same_kind_of_value() -> None:
+    import argparse
+
+    from vitdeploy.cli import build_parser
+    from vitdeploy.cli.common import non_negative_int, opset, positive_int
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    seen = []
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if not action.option_strings or action.nargs == 0:
+                continue
+            where = f"{name} {action.option_strings[-1]}"
+            seen.append(where)
+            if action.dest == "json":
+                assert action.metavar == "PATH", where
+            if action.type in (int, positive_int, non_negative_int, opset) and action.choices is None:
+                assert action.metavar in ("N", "PORT", "SECONDS"), (where, action.metavar)
+            if action.choices is None:
+                assert action.metavar is not None, f"{where} shows argparse's default {action.dest.upper()}"
+    assert "predict --top-k" in seen and "check --json" in seen

@@ -61,6 +61,8 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
                                                       "TensorRT pre-flight", "TensorRT build", "benchmark"]
     int8_notes = " ".join(artifacts["tiny.safetensors-int8.onnx"]["notes"])
     assert "Q/DQ" in int8_notes and "TensorRT pre-flight: 0 error(s)" in int8_notes
+    # --validation-max-batch 2 of --batch 1:4: the report tells the two ranges apart.
+    assert "validated: batch 1..2, " in int8_notes and "declared: batch 1..4, 32..48" in int8_notes
     assert stages["TensorRT build"]["status"] == "skipped"
     assert report["tensorrt"]["built"] is False and report["tensorrt"]["reason"]
     assert report["tensorrt_preflight"]["ok"] is True
@@ -118,3 +120,28 @@ def test_deploy_unknown_source(main, capsys, tmp_path):
     status = main(["deploy", "vit_unknown_patch16_224", "-o", str(tmp_path / "out")])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert status == 2 and len(err) == 1 and "vit_unknown_patch16_224" in err[0]
+
+
+def _report(random_weights: bool, top1: float) -> dict:
+    worst = {"tolerance": "int8", "rel_max_error": 0.05, "max_abs": 0.01, "min_cosine": 0.995,
+             "min_top1_agreement": top1, "min_top5_agreement": 0.6}
+    int8 = {"path": "m-int8.onnx", "kind": "onnx", "precision": "int8", "bytes": 2**20, "passed": True,
+            "parity": {"passed": True, "shapes": [[1, 32, 32], [2, 48, 40]], "references": {"eager fp32": worst},
+                       "notes": []},
+            "notes": ["validated: batch 1..2, height 32..48, width 32..40; declared: batch 1..4, 32..48"]}
+    return {"source": {"source": "vit_small_patch16_224", "format": "variant" if random_weights else "safetensors",
+                       "sha256": "0" * 64, "random_weights": random_weights, "model": "vit_small_patch16_224"},
+            "command": "vitdeploy deploy -o out", "seconds": 1.0, "artifacts": [int8], "tensorrt": {"built": False},
+            "tensorrt_preflight": None, "benchmark": None, "stages": [],
+            "environment": {"cpu": {"model": "test CPU", "usable_cpus": 2}, "load_average_start": 0.0, "gpu": None,
+                            "versions": {}}}
+
+
+def test_report_says_random_weights_make_top1_a_near_tie():
+    from vitdeploy.pipeline import render_markdown
+
+    row = next(line for line in render_markdown(_report(True, 0.0)).splitlines() if line.startswith("| `m-int8.onnx`"))
+    assert "top-1 0.000); random weights leave the top classes near a tie, so top-1 agreement says little" in row
+    assert "validated: batch 1..2" in row and "declared: batch 1..4" in row
+    for random_weights, top1 in ((False, 0.0), (True, 1.0)):  # real weights, or no disagreement: nothing to explain
+        assert "near a tie" not in render_markdown(_report(random_weights, top1))

@@ -48,26 +48,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("targets", nargs="*", metavar="MODEL",
                         help="variant names, checkpoints or artifacts (or: compare A.json B.json)")
-    parser.add_argument("--suite", help="a shipped suite (cpu, gpu) or a suite JSON file; flags given override it")
-    parser.add_argument("--runtime", "--runtimes", dest="runtime",
+    parser.add_argument("--suite", metavar="NAME", help="a shipped suite (cpu, gpu) or a suite JSON file; flags given override it")
+    parser.add_argument("--runtime", "--runtimes", dest="runtime", metavar="NAMES",
                         help="comma-separated runtime labels (default: torch-eager-fp32,ort-cpu-fp32 on CPU; "
                              "torch-eager-fp32,torch-eager-fp16,ort-cuda-fp16,tensorrt-fp16 on GPU)")
     parser.add_argument("--batch", type=int_list_arg, metavar="N,N", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--resolution", type=sizes_arg, metavar="R,R", help="comma-separated sizes, N or HxW (default: each model's native size)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="where torch runs (default auto: cuda if available)")
-    parser.add_argument("--warmup", type=non_negative_int, help="warm-up iterations per point (default 5)")
-    parser.add_argument("--iterations", type=positive_int, help="timed iterations per point (default: use the time budget)")
+    parser.add_argument("--warmup", type=non_negative_int, metavar="N", help="warm-up iterations per point (default 5)")
+    parser.add_argument("--iterations", type=positive_int, metavar="N", help="timed iterations per point (default: use the time budget)")
     parser.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                         help="time spent timing each point (default 5; with --iterations, whichever ends first)")
-    parser.add_argument("--min-iterations", type=positive_int, help="at least this many timed iterations (default 5)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch and onnxruntime (default: usable CPUs)")
+    parser.add_argument("--min-iterations", type=positive_int, metavar="N", help="at least this many timed iterations (default 5)")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch and onnxruntime (default: usable CPUs)")
     parser.add_argument("--peak-gflops", metavar="PEAK",
                         help="peak GFLOP/s to compare with: N (all precisions) or fp32=N,fp16=M (default: measure)")
     parser.add_argument("--no-peak", action="store_true", help="do not measure a matmul peak (no %% of peak)")
     parser.add_argument("--overhead", action="store_true", default=None,
                         help="also measure the harness overhead against a bare loop at the smallest batch")
-    parser.add_argument("--compile-mode", help="torch.compile mode for torch-compile-* (default: torch's default)")
+    parser.add_argument("--compile-mode", metavar="MODE", help="torch.compile mode for torch-compile-* (default: torch's default)")
     parser.add_argument("-o", "--output", type=output_folder, metavar="DIR", help="output folder (default: bench-results)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="where exported ONNX files and engines are kept (default: OUT/artifacts)")

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("onnx", help="ONNX file from `vitdeploy export`")
-    parser.add_argument("-o", "--output", type=output_file, help="engine file (default: the ONNX name with .engine)")
+    parser.add_argument("-o", "--output", type=output_file, metavar="PATH", help="engine file (default: the ONNX name with .engine)")
     parser.add_argument("--precision", choices=list(PRECISIONS),
                         help="engine precision (default: the graph's); fp16 converts an fp32 graph first; "
                              "int8/fp8 need a Q/DQ graph of that type")
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     builder.add_argument("--workspace", metavar="SIZE", help="workspace memory limit, e.g. 4G or 512M (bare number: MiB)")
     builder.add_argument("--opt-level", type=int, choices=range(0, 6), metavar="0-5",
                          help="builder optimization level (TensorRT's default 3; higher builds longer)")
-    builder.add_argument("--timing-cache", type=output_file, metavar="FILE", help="timing cache file, loaded if present and saved back")
+    builder.add_argument("--timing-cache", type=output_file, metavar="PATH", help="timing cache file, loaded if present and saved back")
     builder.add_argument("--hardware-compat", choices=HARDWARE_COMPATIBILITY_LEVELS, default="none",
                          help="build an engine that also runs on other GPU architectures (default: none)")
     builder.add_argument("--version-compatible", action="store_true",
@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="build with layer-names-only profiling verbosity (no layer types or tactics, "
                               "so no word on attention fusion)")
     builder.add_argument("--verbose", action="store_true", help="TensorRT's verbose builder log")
-    parser.add_argument("--device", type=int, default=0, help="CUDA device to build on (default 0)")
+    parser.add_argument("--device", type=int, default=0, metavar="N", help="CUDA device to build on (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar for the build phases")
     parser.add_argument("--print-trtexec", action="store_true",
                         help="print the equivalent trtexec command and exit (no TensorRT needed)")

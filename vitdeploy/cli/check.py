@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target", choices=["tensorrt"], default="tensorrt", help="what to check for (default tensorrt)")
     parser.add_argument("--tensorrt-version", metavar="X.Y",
                         help="narrow the opset range to one TensorRT version, e.g. 10.13 or 11.5 (default: all of 10.x/11.x)")
-    parser.add_argument("--json", type=output_file, metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report as JSON to PATH")
     parser.set_defaults(func=run)
 
 

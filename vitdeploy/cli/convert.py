@@ -29,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="format of SOURCE (default: detect)")
     parser.add_argument("--num-classes", type=int, metavar="N",
                         help="replace the head with a zero-initialised N-class head (0: no head)")
-    parser.add_argument("--image-size", type=int, metavar="S",
-                        help="resample the position embeddings to S x S inputs for good")
-    parser.add_argument("--num-heads", type=int, metavar="H",
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="resample the position embeddings to N x N inputs for good")
+    parser.add_argument("--num-heads", type=int, metavar="N",
                         help="attention heads, for timm checkpoints of non-registry widths (not stored in them)")
     add_pos_embed_resample(parser)
     parser.set_defaults(func=run)

@@ -51,7 +51,8 @@ check (the report is still written), 2 on bad arguments.
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "deploy", help=f"the whole pipeline: export fp32+fp16, verify, TensorRT, benchmark, report (default {DEFAULT_SOURCE})",
+        "deploy", help=f"the whole pipeline: export fp32, fp16 and int8 ONNX, verify, TensorRT, benchmark, report "
+        f"(default {DEFAULT_SOURCE})",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE,
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="timing budget per benchmark point (default 3 on CPU, 1 on GPU)")
     budget.add_argument("--bench-budget", type=positive_float, default=None, metavar="SECONDS",
                         help="timing budget for the whole benchmark, split evenly over its points")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for the benchmark (default: usable CPUs)")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the benchmark (default: usable CPUs)")
     parser.add_argument("--validation-max-batch", type=positive_int, default=4, metavar="N",
                         help="largest batch in the export parity checks (default 4)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")

@@ -26,7 +26,8 @@ DEFAULT_FP32_OPS = "LayerNormalization,Softmax"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a checkpoint to ONNX (dynamic batch and resolution, fp32 or fp16), validated against eager",
+        help="export a checkpoint to ONNX (dynamic batch and resolution; fp32, fp16, or int8/fp8 Q/DQ), validated "
+        "against eager",
         description="Export SOURCE (a checkpoint file/folder in any supported format, or a variant name, which "
         "uses random weights) to ONNX with dynamic batch, height and width: input pixel_values "
         "[batch, 3, height, width], output logits [batch, num_classes]. Position embeddings are resampled in "
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: half to twice the native size)")
     parser.add_argument("--height", type=range_arg, metavar="MIN:MAX", help="height range (instead of --resolution)")
     parser.add_argument("--width", type=range_arg, metavar="MIN:MAX", help="width range (instead of --resolution)")
-    parser.add_argument("--opset", type=opset, default=18,
+    parser.add_argument("--opset", type=opset, default=18, metavar="N",
                         help="ONNX opset, from 17 to the highest the installed onnx/onnxruntime support (default 18)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8"], default="fp32",
                         help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from, "

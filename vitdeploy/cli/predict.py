@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="an exported .onnx file, a TensorRT .engine/.plan, or a checkpoint; with --server, the "
                         "Triton model name")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="how many classes to show per image (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, metavar="N", help="how many classes to show per image (default 5)")
     parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
                         help="onnxruntime provider for .onnx files (default cpu); cpu or cuda for checkpoints")
     parser.add_argument("--server", metavar="URL",

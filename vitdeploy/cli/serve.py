@@ -24,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "an error (exit 2); a model that fails to load is one line with Triton's reason (exit 1).",
     )
     parser.add_argument("target", metavar="ARTIFACT_OR_REPO", help="a model repository folder, or an .onnx/engine file")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--http-port", type=positive_int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--grpc-port", type=positive_int, default=8001, help="gRPC port (default 8001)")
-    parser.add_argument("--metrics-port", type=positive_int, default=8002,
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--http-port", type=positive_int, default=8000, metavar="PORT", help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=positive_int, default=8001, metavar="PORT", help="gRPC port (default 8001)")
+    parser.add_argument("--metrics-port", type=positive_int, default=8002, metavar="PORT",
                         help="Prometheus metrics port (default 8002)")
     parser.add_argument("--startup-timeout", type=positive_float, default=120.0, metavar="SECONDS",
                         help="how long to wait for the models to become READY (default 120)")

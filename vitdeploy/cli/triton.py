@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="exported .onnx files and/or TensorRT engines")
     parser.add_argument("-o", "--output", required=True, type=output_folder, metavar="REPO",
                         help="model repository folder (created)")
-    parser.add_argument("--name", help="base model name (one artifact only; default: the artifact's file stem)")
+    parser.add_argument("--name", metavar="NAME", help="base model name (one artifact only; default: the artifact's file stem)")
     parser.add_argument("--kinds", default=None, metavar="KIND,...",
                         help="which models to write: python, onnxruntime, tensorrt (default: all the artifact allows)")
     parser.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
