@@ -54,6 +54,8 @@ def test_export_writes_a_validated_file_and_json(exported, checkpoints, capsys):
     metadata = ArtifactMetadata.from_props({p.key: p.value for p in onnx.load(str(output)).metadata_props})
     assert metadata.shape_range.batch == (1, 4) and metadata.shape_range.height == (16, 48)
     assert metadata.source == str(checkpoints[0]) and metadata.source_sha256 == report["sha256"]
+    assert metadata.source_format == "native" and not metadata.random_weights
+    assert metadata.validated_range.batch == (1, 4) and metadata.validated_range.height == (16, 48)
     assert metadata.optimizations == ["class_token_last_block"]
 
 
@@ -61,7 +63,9 @@ def test_full_last_block_flag_turns_the_class_token_pruning_off(checkpoints, tmp
     output = tmp_path / "full.onnx"
     assert cli("export", checkpoints[0], "-o", output, "--batch", "1:2", "--resolution", "16:32",
                "--full-last-block", "--no-validate") == 0
-    assert "class token" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "class token" not in out
+    assert "fp32; validated: not checked; declared: batch 1..2, 16..32)" in out  # --no-validate
     metadata = ArtifactMetadata.from_props({p.key: p.value for p in onnx.load(str(output)).metadata_props})
     assert metadata.optimizations == []
 

@@ -132,11 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if result.report is not None:
         print(result.report.format_table())
     size = output.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
-    rng = result.metadata.shape_range
     print(
         f"wrote {output} ({size / 2**20:.1f} MiB{', weights in ' + result.data_path.name if result.data_path else ''}; "
-        f"{result.metadata.precision}; batch {rng.batch[0]}..{rng.batch[1]}, height {rng.height[0]}..{rng.height[1]}, "
-        f"width {rng.width[0]}..{rng.width[1]}"
+        f"{result.metadata.precision}; {result.metadata.range_text()}"
         f"{'; last block for the class token only' if CLASS_TOKEN_LAST_BLOCK in result.metadata.optimizations else ''}) in {result.seconds:.1f}s"
     )
     if result.variant_path is not None:
