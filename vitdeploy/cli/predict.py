@@ -65,16 +65,18 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str
 
 
 def _pixels(names: list[str], preprocessing: Any, dtype: Any) -> tuple[list[str], np.ndarray | None, list[dict[str, Any]]]:
-    """The images of ``names`` that load, stacked, and one error entry for each that does not."""
-    from vitdeploy.preprocessing import preprocess
+    """The images of ``names`` that load, preprocessed and stacked, and one error entry for each that does not
+    (a bad preprocessing spec is the artifact's fault, not an image's: it is raised)."""
+    from vitdeploy.preprocessing import load_image, preprocess
 
     good, arrays, errors = [], [], []
     for name in names:
         try:
-            arrays.append(preprocess(name, preprocessing))
+            picture = load_image(name)
         except (ValueError, OSError) as error:
             errors.append({"image": str(name), "error": " ".join(str(error).split())})
             continue
+        arrays.append(preprocess(picture, preprocessing))
         good.append(name)
     return good, (np.stack(arrays).astype(dtype) if arrays else None), errors
 
