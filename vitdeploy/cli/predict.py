@@ -99,12 +99,18 @@ def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
         good, pixels, errors = _pixels(names, metadata.preprocessing, spec.dtype)
-        rows = dict(zip(good, softmax(runtime(pixels)), strict=True)) if pixels is not None else {}
-        failed = {entry["image"]: entry for entry in errors}
-        for name in names:
-            results.append(failed[str(name)] if name not in rows else
-                           {"image": str(name), "top_k": top_k(rows[name], labels, k)})
+        probabilities = softmax(runtime(pixels)) if pixels is not None else None
+        results += _in_order(names, good, probabilities, errors, labels, k)
     return results
+
+
+def _in_order(names: list[str], good: list[str], probabilities: np.ndarray | None, errors: list[dict[str, Any]],
+              labels: list[str], k: int) -> list[dict[str, Any]]:
+    """One entry per name, in order: its top-``k`` (``good`` rows of ``probabilities``) or its error."""
+    rows = dict(zip(good, probabilities, strict=True)) if probabilities is not None else {}
+    failed = {entry["image"]: entry for entry in errors}
+    return [{"image": str(name), "top_k": top_k(rows[name], labels, k)} if name in rows else failed[str(name)]
+            for name in names]
 
 
 def describe_runtime(runtime: Any, kind: str) -> dict[str, Any]:
@@ -119,7 +125,7 @@ def describe_runtime(runtime: Any, kind: str) -> dict[str, Any]:
         "graph": str(graph) if graph is not None else None,
         "graph_variant": (metadata.target if metadata else None) if variant else "as given",
         "precision": metadata.precision if metadata else None,
-        "input": [3, crop, crop] if crop else None,
+        "input": [int(metadata.model_config.get("in_channels", 3)), crop, crop] if crop else None,
         "random_weights": bool(metadata and metadata.random_weights),
     }
 
@@ -152,16 +158,13 @@ def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
         good, pixels, errors = _pixels(names, served.preprocessing, served.input_dtype)
-        rows: dict[str, np.ndarray] = {}
+        probabilities = None
         if pixels is not None:
             logits = client.logits(pixels)
             if not labels:
                 labels = [str(index) for index in range(logits.shape[1])]
-            rows = dict(zip(good, softmax(logits), strict=True))
-        failed = {entry["image"]: entry for entry in errors}
-        for name in names:
-            results.append(failed[str(name)] if name not in rows else
-                           {"image": str(name), "top_k": top_k(rows[name], labels, min(k, len(labels)))})
+            probabilities = softmax(logits)
+        results += _in_order(names, good, probabilities, errors, labels, min(k, len(labels)))
     return results
 
 
