@@ -30,6 +30,7 @@ def test_an_option_of_another_command_says_whose_it_is(capsys, tmp_path) -> None
     line = one_line(capsys, "deploy", "-o", str(tmp_path / "d"), "--precision", "fp64")
     assert line.startswith("vitdeploy deploy: error: unrecognized arguments: --precision"), line
     assert "--precision is an option of export" in line and "not of deploy" in line
+    assert "the 'fp64' after it was read as a positional argument" in line
 
 
 def test_a_bad_choice_names_the_option_and_the_choices(capsys, tmp_path) -> None:

@@ -41,16 +41,22 @@ class CommandParser(ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}{self._hint(extras)}")
+            given = list(args) if args is not None else sys.argv[1:]
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._hint(extras, given)}")
         return namespace, extras
 
-    def _hint(self, extras: list[str]) -> str:
+    def _hint(self, extras: list[str], given: list[str]) -> str:
         command = self.prog.split()[-1]
         hints = []
-        for option in (extra.split("=", 1)[0] for extra in extras if extra.startswith("-")):
+        for extra in (extra for extra in extras if extra.startswith("-")):
+            option = extra.split("=", 1)[0]
             owners = getattr(self, "elsewhere", {}).get(option)
             if owners:
                 hints.append(f"{option} is an option of {', '.join(owners)}, not of {command}")
+            at = given.index(extra) if extra in given else -1
+            value = given[at + 1] if "=" not in extra and 0 <= at < len(given) - 1 else None
+            if value is not None and not value.startswith("-") and value not in extras:
+                hints.append(f"the {value!r} after it was read as a positional argument")
         return f" ({'; '.join(hints)})" if hints else ""
 
 
