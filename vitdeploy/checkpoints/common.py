@@ -222,6 +222,7 @@ _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ViTConfig))
 # Fields no tensor shows (left out of the probe config that is matched against the registry).
 _NOT_IN_SHAPES = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act", "labels",
                   "pos_embed_resample")
+_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation")
 # Fields a checkpoint keeps when model= forces another variant's architecture on it.
 _CHECKPOINT_FIELDS = ("num_classes", "image_size", "labels", "mean", "std", "crop_pct", "interpolation",
                       "pos_embed_resample")
@@ -417,14 +418,18 @@ def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> 
     """``config`` with the architecture of registry variant ``name`` (the ``model=`` override).
 
     The checkpoint keeps what its weights or files say about the task and the input (classes,
-    native size, labels, preprocessing, resampling convention) and, where the variant has one,
-    its projection width; everything else is the variant's. Strict loading then lists every
+    native size, labels, resampling convention, preprocessing unless it was only a default) and,
+    where the variant has one, its projection width; everything else is the variant's. Strict loading then lists every
     tensor the two disagree on.
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown model variant {name!r} for model=; expected one of: {', '.join(sorted(VARIANTS))}")
     variant = VARIANTS[name]
     kept = {k: getattr(config, k) for k in _CHECKPOINT_FIELDS}
+    # Preprocessing that was only a default (the detected variant's, or ViTConfig's) is the forced variant's.
+    defaults = [ViTConfig()] + ([VARIANTS[config.name]] if config.name in VARIANTS else [])
+    if any(all(getattr(config, k) == getattr(d, k) for k in _PREPROCESSING) for d in defaults):
+        kept.update({k: getattr(variant, k) for k in _PREPROCESSING})
     if variant.projection_dim and config.projection_dim:
         kept["projection_dim"] = config.projection_dim
     if kept["image_size"] % variant.stride:
