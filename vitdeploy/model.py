@@ -237,7 +237,8 @@ class AttentionPool(Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, tokens, D]`` → ``[N, D]``."""
         batch, tokens, channels = x.shape
-        q = self.q(self.latent.expand(batch, -1, -1)).reshape(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        # the latent's query is the same for every image: project it once, then broadcast it
+        q = self.q(self.latent).reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
         kv = self.kv(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         x = self.proj(self.attend(q, k, v).transpose(1, 2).reshape(batch, 1, channels))
