@@ -182,3 +182,33 @@ def test_model_override_forces_a_registry_architecture(tmp_path):
         load_model(path, model="deit_huge")
     with pytest.raises(ValueError, match="is a variant name already"):
         resolve_source("vit_tiny_patch16_224", model="deit_tiny_patch16_224")
+
+
+def test_an_unsupported_file_names_the_closest_family(tmp_path):
+    """DINOv2 giant's SwiGLU MLP (w12/w3) is no block vitdeploy has: one line says what is closest."""
+    with torch.device("meta"):
+        model = VisionTransformer(get_config("vit_small_patch14_dinov2", depth=2, hidden_size=64, num_heads=2,
+                                             mlp_size=128, image_size=28))
+    tensors = {k: torch.zeros(v.shape) for k, v in model.state_dict().items() if ".mlp.fc" not in k}
+    for block in range(2):
+        tensors[f"blocks.{block}.mlp.w12.weight"] = torch.zeros(256, 64)
+        tensors[f"blocks.{block}.mlp.w3.weight"] = torch.zeros(64, 128)
+    save_file(tensors, str(tmp_path / "swiglu.safetensors"))
+    with pytest.raises(CheckpointError, match=r"closest supported family: dinov2 \(like vit_\w+_patch14_dinov2\): "
+                                              r"it lacks blocks\.\*\.mlp\.fc1\.bias, .*; has blocks\.\*\.mlp\.w12"):
+        load_model(tmp_path / "swiglu.safetensors", num_heads=2)
+
+
+def test_a_clip_tower_fine_tuned_as_a_classifier_keeps_its_head(tmp_path):
+    """A biased head on a CLIP tower is a classifier (timm's *_clip_224.*_ft_in1k), not the projection."""
+    config = FAMILY_CONFIGS["clip"].replace(projection_dim=None, num_classes=10, act="gelu")
+    source = make_model(config)
+    with torch.no_grad():
+        source.head.bias.normal_()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    with pytest.warns(Warning, match="QuickGELU"):
+        loaded = load_model(tmp_path / "ft.safetensors", num_heads=4)
+    assert (loaded.config.num_classes, loaded.config.projection_dim, loaded.config.family) == (10, None, "clip")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=1e-5)

@@ -8,6 +8,7 @@ and loads that state dict strictly, so each format only has to rename and reshap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -228,6 +229,10 @@ _CHECKPOINT_FIELDS = ("num_classes", "image_size", "labels", "mean", "std", "cro
                       "pos_embed_resample")
 
 
+# The leading _ARCH_FIELDS that are sizes (the rest are structure).
+_SIZE_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size")
+
+
 def _architecture(config: ViTConfig) -> tuple[Any, ...]:
     return (*(getattr(config, f) for f in _ARCH_FIELDS), config.layer_scale is not None)
 
@@ -260,8 +265,49 @@ def match_variant(config: ViTConfig, prefer: str | None = None) -> str | None:
 def _require(state_dict: StateDict, key: str, what: str) -> torch.Tensor:
     if key not in state_dict:
         sample = ", ".join(sorted(state_dict)[:8])
-        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...)")
+        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...); "
+                              f"{closest_family(state_dict)}")
     return state_dict[key]
+
+
+def _key_pattern(name: str) -> str:
+    """A parameter name with its block index replaced: ``blocks.3.attn.qkv.weight`` → ``blocks.*.attn.qkv.weight``."""
+    return _BLOCK.sub("blocks.*.", name)
+
+
+@functools.lru_cache(maxsize=1)
+def _family_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
+    """The key patterns of every registry variant's structure (built on the meta device, one block deep)."""
+    seen: dict[frozenset[str], str] = {}
+    built: set[str] = set()
+    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].family != "vit", n)):
+        variant = VARIANTS[name]
+        structure = repr(tuple(bool(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                               for v in _architecture(variant)[len(_SIZE_FIELDS):]))
+        if structure in built:  # the names do not depend on the sizes
+            continue
+        built.add(structure)
+        small = variant.replace(depth=1, hidden_size=variant.num_heads * 4, mlp_size=8,
+                                image_size=variant.stride, num_classes=min(variant.num_classes, 2))
+        with torch.device("meta"):
+            model = VisionTransformer(small)
+        seen.setdefault(frozenset(_key_pattern(k) for k in model.state_dict()), name)
+    return tuple((name, patterns) for patterns, name in seen.items())
+
+
+def closest_family(state_dict: Mapping[str, Any], limit: int = 6) -> str:
+    """One line naming the supported family whose tensor names are closest to ``state_dict``'s, and how they differ."""
+    have = frozenset(_key_pattern(k) for k in state_dict)
+    name, patterns = min(_family_patterns(), key=lambda item: len(item[1] ^ have))
+
+    def listed(keys: frozenset[str]) -> str:
+        shown = sorted(keys)[:limit]
+        return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+    lacks, extra = patterns - have, have - patterns
+    parts = [f"lacks {listed(lacks)}" if lacks else "", f"has {listed(extra)} besides" if extra else ""]
+    detail = "; ".join(p for p in parts if p) or "has the same tensor names"
+    return f"closest supported family: {VARIANTS[name].family} (like {name}): it {detail}"
 
 
 def _guess_family(fields: Mapping[str, Any]) -> str:
@@ -497,6 +543,7 @@ def load_strict(model: VisionTransformer, state_dict: StateDict, what: str,
         raise CheckpointError(
             f"{what} does not fit the {model.config.name} model ({model.config.hidden_size} wide, "
             f"{model.config.depth} blocks): " + "; ".join(parts)
+            + (f". {closest_family(state_dict)}" if missing or unexpected else "")
         )
     for name, tensor in state_dict.items():
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
