@@ -212,3 +212,17 @@ def test_a_clip_tower_fine_tuned_as_a_classifier_keeps_its_head(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=1e-5)
+
+
+def test_strict_loading_resamples_a_patch_only_grid(tmp_path):
+    """A checkpoint grid other than the config's is resampled with the register tokens kept out of it."""
+    from vitdeploy.checkpoints.common import load_strict
+    from vitdeploy.pos_embed import resample_pos_embed
+
+    source = make_model(FAMILY_CONFIGS["dinov2_reg"])  # 4x4 grid, position embeddings for the patches only
+    target = VisionTransformer(FAMILY_CONFIGS["dinov2_reg"].replace(image_size=48)).eval()
+    notes: list[str] = []
+    with pytest.warns(Warning, match="resampled position embeddings 4x4 → 6x6"):
+        load_strict(target, dict(source.state_dict()), "test", notes=notes)
+    expected = resample_pos_embed(source.pos_embed.detach(), (6, 6), (4, 4), 0, method="timm")
+    torch.testing.assert_close(target.pos_embed.detach(), expected, rtol=0, atol=0)

@@ -228,3 +228,22 @@ def test_clip_activation_matters():
         ours_right.load_state_dict(state)
         right = rel_error(ours_right.forward_outputs(x, ["image_embeds"])["image_embeds"], reference(x))
     assert right <= TOLERANCE < wrong
+
+
+def test_loading_at_another_image_size_resamples_like_timm(loaded_family, tmp_path):
+    """``image_size=`` resamples the stored grid for good (only the embedded prefix tokens kept aside)."""
+    key, family, reference, ours = loaded_family
+    patch = ours.config.patch_size
+    size = ours.config.image_size + 2 * patch
+    path = save_timm(reference, family, tmp_path)
+    heads = {} if family.load.get("hub_folder") else {"num_heads": SMALL["num_heads"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        resized = load_model(path, image_size=size, **heads)
+    assert resized.config.image_size == size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+    expected = timm_outputs(reference, x, family.outputs)
+    with torch.no_grad():
+        got = resized.forward_outputs(x, family.outputs)
+    errors = {name: rel_error(got[name], expected[name]) for name in family.outputs}
+    assert max(errors.values()) <= TOLERANCE, (key, errors)

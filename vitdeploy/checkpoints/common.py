@@ -495,7 +495,7 @@ def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> 
 def _resample_checkpoint_pos_embed(tensor: torch.Tensor, config: ViTConfig, what: str,
                                    notes: list[str]) -> torch.Tensor | None:
     """The checkpoint's position embeddings resampled to ``config``'s grid, or None if they cannot be."""
-    prefix = config.num_prefix_tokens
+    prefix = config.num_pos_prefix_tokens  # the prefix tokens that have position embeddings
     if tensor.ndim != 3 or tensor.shape[-1] != config.hidden_size:
         return None
     try:
