@@ -245,12 +245,12 @@ def test_native_checkpoint_from_another_architecture_is_rejected(tmp_path, tiny_
         load_model(tmp_path / "ckpt", mlp_size=256)
 
 
-def test_unsupported_timm_variants_and_hf_state_dicts_are_named(tmp_path, tiny_model):
+def test_inconsistent_timm_keys_and_hf_state_dicts_are_named(tmp_path, tiny_model):
     tensors = state_dict_of(tiny_model)
-    tensors["fc_norm.weight"] = torch.ones(64)
+    tensors["fc_norm.weight"] = torch.ones(64)  # fc_norm (so mean pooling), yet a final norm and no fc_norm.bias
     save_file(tensors, str(tmp_path / "fc_norm.safetensors"))
-    with pytest.raises(CheckpointError, match="fc_norm"):
-        load_model(tmp_path / "fc_norm.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing 1: fc_norm\.bias; unexpected 2: norm\.bias, norm\.weight"):
+        load_model(tmp_path / "fc_norm.safetensors", num_heads=4)
     save_file({"vit.embeddings.patch_embeddings.projection.weight": torch.zeros(64, 3, 8, 8)},
               str(tmp_path / "hf.safetensors"))
     with pytest.raises(CheckpointError, match="Hugging Face"):

@@ -297,7 +297,8 @@ def test_jax_npz_loads_exactly(tmp_path, kind):
 
 
 def test_jax_flax_prefix_avg_pooling_and_pre_logits(tmp_path):
-    source = make_model(tiny_config(pooling="avg", representation_size=48, qkv_bias=False), seed=6)
+    # the original JAX 'gap' classifier: the encoder norm on the tokens, then the mean (fc_norm=False)
+    source = make_model(tiny_config(pooling="avg", fc_norm=False, representation_size=48, qkv_bias=False), seed=6)
     np.savez(tmp_path / "gap.npz", **{f"opt/target/{k}": v for k, v in jax_arrays(source).items()})
     loaded = load_model(tmp_path / "gap.npz")
     assert (loaded.config.pooling, loaded.config.representation_size, loaded.config.qkv_bias) == ("avg", 48, False)

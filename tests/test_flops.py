@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model, tiny_config, tiny_hybrid_config
+from test_families_config import FAMILY_CONFIGS
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitdeploy.flops import count_flops, count_macs, count_params
@@ -17,6 +18,8 @@ from vitdeploy.variants import VARIANTS, get_config
     (tiny_hybrid_config(), (64, 96)),
     (tiny_config(pos_embed_resample="huggingface"), (48, 24)),
     (tiny_config(), (32, 32)),  # the native grid: no resampling runs
+    *[(config, (40, 24)) for config in FAMILY_CONFIGS.values()],  # both DeiT heads, CLIP's proj, the pool
+    (FAMILY_CONFIGS["dinov2_reg"].replace(pos_embed_resample="dinov2"), (24, 48)),
 ])
 def test_count_matches_torch_flop_counter(config, size) -> None:
     model = make_model(config)
@@ -26,7 +29,9 @@ def test_count_matches_torch_flop_counter(config, size) -> None:
     assert count_flops(config, *size) == counter.get_total_flops()
 
 
-@pytest.mark.parametrize(("config", "size"), [(tiny_config(), (32, 48)), (tiny_hybrid_config(), (64, 96))])
+@pytest.mark.parametrize(("config", "size"), [(tiny_config(), (32, 48)), (tiny_hybrid_config(), (64, 96)),
+                                              (FAMILY_CONFIGS["deit_distilled"], (40, 24)),
+                                              (FAMILY_CONFIGS["clip"], (24, 32))])
 def test_class_token_last_block_count_matches_torch_flop_counter(config, size) -> None:
     model = make_model(config)
     model.set_precision_policy(fused_attention=False)

@@ -3,7 +3,8 @@
 The references are the very calls the frameworks make: ``F.interpolate(mode="bicubic",
 antialias=True)`` (timm's ``resample_abs_pos_embed``), ``F.interpolate(mode="bicubic",
 align_corners=False)`` (transformers' ``interpolate_pos_encoding``) and
-``scipy.ndimage.zoom(order=1)`` (the original JAX code). ``test_resample_parity.py`` compares
+``scipy.ndimage.zoom(order=1)`` (the original JAX code) and DINOv2's ``interpolate_pos_encoding``
+(:func:`dinov2_original`). ``test_resample_parity.py`` compares
 whole models against real timm and transformers.
 """
 
@@ -42,8 +43,23 @@ CASES = [((14, 14), (10, 10)), ((14, 14), (8, 12)), ((14, 14), (18, 18)), ((14, 
          ((24, 24), (10, 8))]
 
 
+def dinov2_original(grid: torch.Tensor, new: tuple[int, int]) -> torch.Tensor:
+    """facebookresearch/dinov2's DinoVisionTransformer.interpolate_pos_encoding on the grid part
+    (defaults interpolate_offset=0.1, interpolate_antialias=False; the stored grid returned as is).
+    The original's grid is square (``M = sqrt(N)``); each axis here scales by its own old size."""
+    old = (grid.shape[0], grid.shape[1])
+    if tuple(new) == old:
+        return grid
+    scale = (float(new[0] + 0.1) / old[0], float(new[1] + 0.1) / old[1])
+    out = F.interpolate(grid.permute(2, 0, 1)[None], scale_factor=scale, mode="bicubic", antialias=False)
+    assert tuple(out.shape[-2:]) == tuple(new)
+    return out[0].permute(1, 2, 0)
+
+
 def reference(method: str, grid: torch.Tensor, new: tuple[int, int]) -> torch.Tensor:
     """``grid`` ``[h, w, C]`` resampled to ``new`` by the framework's own call."""
+    if method == "dinov2":
+        return dinov2_original(grid, new)
     if method == "jax":
         zoom = (new[0] / grid.shape[0], new[1] / grid.shape[1], 1)
         return torch.from_numpy(scipy.ndimage.zoom(grid.numpy(), zoom, order=1))
@@ -116,7 +132,7 @@ def test_no_prefix_tokens_and_half_precision():
 def test_bad_method_and_shape_are_named():
     pos = with_prefix(smooth_grid(4, 4))
     with pytest.raises(ValueError, match=r"unknown position-embedding resampling 'bilinear'; expected one of "
-                                         r"timm, huggingface, jax"):
+                                         r"timm, huggingface, jax, dinov2"):
         resample_pos_embed(pos, (6, 6), (4, 4), 1, method="bilinear")
     with pytest.raises(ValueError, match=r"does not match a 5x5 grid with 1 prefix token\(s\); expected \[1, 26, C\]"):
         resample_pos_embed(pos, (6, 6), (5, 5), 1, method="timm")

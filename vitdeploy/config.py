@@ -9,7 +9,13 @@ from typing import Any, Literal
 
 from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
 
-Pooling = Literal["token", "avg"]
+Pooling = Literal["token", "avg", "map"]
+POOLINGS: tuple[str, ...] = ("token", "avg", "map")
+# MLP activations: "gelu" (exact, erf), "quick_gelu" (x * sigmoid(1.702 x), OpenAI's CLIP),
+# "gelu_tanh" (the tanh approximation, Hugging Face's SigLIP).
+ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
+# Informational family names (inspect, metadata, error messages); the fields decide the architecture.
+FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip")
 
 
 def default_size_range(image_size: int, stride: int) -> tuple[int, int]:
@@ -74,6 +80,7 @@ class ViTConfig:
     num_classes: int = 1000
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
+    # "token" (class token), "avg" (mean of the patch tokens) or "map" (SigLIP's attention-pool head).
     pooling: Pooling = "token"
     representation_size: int | None = None
     dropout: float = 0.0
@@ -82,6 +89,26 @@ class ViTConfig:
     hybrid: HybridConfig | None = None
     # CLIP's visual projection (pooled embedding -> the joint image-text space): its width, or None.
     projection_dim: int | None = None
+    # A class token; None: exactly when pooling is "token" (what configs without the field mean).
+    class_token: bool | None = None
+    # DINOv2's register tokens: prefix tokens after the class/distillation tokens that take part in
+    # attention, get no output of their own and are dropped from patch_tokens.
+    num_reg_tokens: int = 0
+    # DeiT's distillation token (second prefix token) and its head `head_dist`; logits average both heads.
+    distilled: bool = False
+    # timm's no_embed_class: position embeddings cover the patches only, not the prefix tokens.
+    no_embed_class: bool = False
+    # LayerScale (ls1.gamma / ls2.gamma on both residual branches); the value is its init.
+    layer_scale: float | None = None
+    # CLIP's LayerNorm after the embeddings, before the blocks (norm_pre).
+    pre_norm: bool = False
+    # The final norm applied to the pooled vector (fc_norm) instead of to the tokens (norm);
+    # None: timm's rule, exactly when pooling is "avg".
+    fc_norm: bool | None = None
+    act: str = "gelu"
+    # The patch embedding's bias (CLIP has none).
+    patch_bias: bool = True
+    family: str = "vit"
     name: str = "vit"
     # Preprocessing the checkpoint was trained with; runtimes read it from artifact metadata.
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -102,8 +129,31 @@ class ViTConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
-        if self.pooling not in ("token", "avg"):
-            raise ValueError(f"pooling must be 'token' or 'avg', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.pooling == "token" and self.class_token is False:
+            raise ValueError("pooling 'token' needs the class token; got class_token=False")
+        if self.distilled and (self.pooling != "token" or not self.has_class_token):
+            raise ValueError(f"a distilled model reads its class and distillation tokens: it needs pooling "
+                             f"'token' and a class token, got pooling {self.pooling!r}")
+        if self.distilled and (self.num_reg_tokens or self.representation_size):
+            raise ValueError("a distilled model has no register tokens or representation layer (as DeiT); "
+                             f"got num_reg_tokens={self.num_reg_tokens}, "
+                             f"representation_size={self.representation_size}")
+        if self.distilled and self.fc_norm:
+            raise ValueError("a distilled model's heads read the normed tokens; it has no fc_norm")
+        if self.num_reg_tokens < 0:
+            raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise ValueError(f"layer_scale is the LayerScale init and must be > 0 (or None), got {self.layer_scale}")
+        if self.projection_dim is not None and self.projection_dim <= 0:
+            raise ValueError(f"projection_dim must be positive (or None), got {self.projection_dim}")
+        if self.hybrid is not None and (self.num_reg_tokens or self.distilled or self.pooling == "map"):
+            raise ValueError("hybrid (ResNet stem) ViTs take no register/distillation tokens or attention pooling")
         if self.image_size % self.stride:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the total stride {self.stride}"
@@ -123,8 +173,34 @@ class ViTConfig:
         return side, side
 
     @property
+    def has_class_token(self) -> bool:
+        """Whether the model has a class token (``class_token``, or token pooling when it is None)."""
+        return self.pooling == "token" if self.class_token is None else bool(self.class_token)
+
+    @property
+    def use_fc_norm(self) -> bool:
+        """Whether the final norm follows the pooling (``fc_norm``) rather than preceding it (``norm``)."""
+        return self.pooling == "avg" if self.fc_norm is None else bool(self.fc_norm)
+
+    @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.pooling == "token" else 0
+        """Tokens before the patches: class, distillation, then register tokens, in that order."""
+        return int(self.has_class_token) + int(self.distilled) + self.num_reg_tokens
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """Prefix tokens that have a position embedding (none with ``no_embed_class``)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    @property
+    def num_pooled_prefix_tokens(self) -> int:
+        """Leading tokens the head reads when pooling by token (class, and distillation); 0 otherwise."""
+        return 1 + int(self.distilled) if self.pooling == "token" else 0
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of ``pooler_output``: the representation layer's, else the hidden size."""
+        return self.representation_size or self.hidden_size
 
     def default_size_range(self) -> tuple[int, int]:
         """The default validated height/width range: half to twice the native size, both rounded
@@ -149,13 +225,18 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
-        """A config from :meth:`to_dict`'s output; one saved before ``pos_embed_resample`` existed
-        keeps the resampling it was made with (:data:`vitdeploy.pos_embed.LEGACY_RESAMPLE`)."""
+        """A config from :meth:`to_dict`'s output. Older files keep their meaning: one saved before
+        ``pos_embed_resample`` existed keeps the resampling it was made with
+        (:data:`vitdeploy.pos_embed.LEGACY_RESAMPLE`), one saved before ``fc_norm`` existed applied the
+        final norm to the tokens (``fc_norm=False``)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ViTConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**{"pos_embed_resample": LEGACY_RESAMPLE, **data})
+        legacy: dict[str, Any] = {"pos_embed_resample": LEGACY_RESAMPLE}
+        if "fc_norm" not in data:
+            legacy["fc_norm"] = False
+        return cls(**{**legacy, **data})
 
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:

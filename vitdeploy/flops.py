@@ -2,7 +2,7 @@
 
 FLOPs are 2 x multiply-accumulates of the convolutions and matrix products (patch embedding,
 hybrid backbone, position-embedding resampling away from the native grid, qkv, attention scores,
-attention x values, projections, MLP, pre-logits, head).
+attention x values, projections, MLP, attention pool, pre-logits, heads, visual projection).
 Normalisation, softmax, GELU and additions are left out, as timm and the paper do; they are
 well under 1% of the total for every variant.
 """
@@ -46,8 +46,10 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
                class_token_last_block: bool = False) -> int:
     """Multiply-accumulates of one image's forward pass at ``height`` x ``width``.
 
-    ``class_token_last_block`` counts the last block as exported classifiers compute it
-    (``VisionTransformer.forward_logits``): k and v for every token, the rest for the class token.
+    ``class_token_last_block`` counts the last block as exported token-pooling models compute it
+    (``VisionTransformer.forward_logits``): k and v for every token, the rest for the pooled
+    prefix tokens (the class token, and the distillation token of DeiT). Counted: every output
+    the model has (both DeiT heads, CLIP's projection, SigLIP's attention pool).
     """
     height = config.image_size if height is None else height
     width = height if width is None else width
@@ -74,15 +76,18 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
             + 2 * queries * dim * config.mlp_size  # fc1 + fc2
         )
 
-    if class_token_last_block and config.pooling != "token":
+    pruned_queries = config.num_pooled_prefix_tokens
+    if class_token_last_block and not pruned_queries:
         raise ValueError(f"class_token_last_block needs pooling 'token', not {config.pooling!r}")
     pruned = 1 if class_token_last_block else 0
-    macs += (config.depth - pruned) * block(tokens) + pruned * block(1)
-    head_in = dim
+    macs += (config.depth - pruned) * block(tokens) + pruned * block(pruned_queries)
+    if config.pooling == "map":  # one latent query over the patch tokens, then proj and the MLP
+        macs += dim * dim + patches * dim * 2 * dim + 2 * patches * dim + dim * dim + 2 * dim * config.mlp_size
+    head_in = config.pooled_size
     if config.representation_size:
         macs += dim * config.representation_size
-        head_in = config.representation_size
-    macs += head_in * config.num_classes
+    macs += head_in * config.num_classes * (2 if config.distilled else 1)
+    macs += head_in * (config.projection_dim or 0)
     return macs
 
 
@@ -111,20 +116,25 @@ def count_params(config: ViTConfig) -> int:
     if config.hybrid is not None:
         params += _backbone_params(config.hybrid, channels)
         channels = config.hybrid.out_channels
-    params += channels * config.patch_size**2 * dim + dim  # patch projection
-    params += config.num_prefix_tokens * dim  # class token
+    params += channels * config.patch_size**2 * dim + (dim if config.patch_bias else 0)  # patch projection
+    params += config.num_prefix_tokens * dim  # class, distillation and register tokens
     grid_h, grid_w = config.grid_size
-    params += (config.num_prefix_tokens + grid_h * grid_w) * dim  # position embeddings
+    params += (config.num_pos_prefix_tokens + grid_h * grid_w) * dim  # position embeddings
+    norm = 2 * dim
+    params += norm if config.pre_norm else 0
     qkv_bias = 3 * dim if config.qkv_bias else 0
-    block = (2 * dim  # norm1
+    mlp = dim * config.mlp_size + config.mlp_size + config.mlp_size * dim + dim  # fc1, fc2
+    block = (norm  # norm1
              + dim * 3 * dim + qkv_bias + dim * dim + dim  # qkv, proj
-             + 2 * dim  # norm2
-             + dim * config.mlp_size + config.mlp_size + config.mlp_size * dim + dim)  # fc1, fc2
-    params += config.depth * block + 2 * dim  # blocks, final norm
-    head_in = dim
+             + norm + mlp  # norm2, MLP
+             + (2 * dim if config.layer_scale else 0))  # ls1, ls2
+    params += config.depth * block + norm  # blocks, the final norm (or fc_norm)
+    if config.pooling == "map":  # latent, q, kv, proj, norm, MLP
+        params += dim + (dim * dim + dim) + (2 * dim * dim + 2 * dim) + (dim * dim + dim) + norm + mlp
+    head_in = config.pooled_size
     if config.representation_size:
         params += dim * config.representation_size + config.representation_size
-        head_in = config.representation_size
     if config.num_classes > 0:
-        params += head_in * config.num_classes + config.num_classes
+        params += (head_in * config.num_classes + config.num_classes) * (2 if config.distilled else 1)
+    params += head_in * (config.projection_dim or 0)
     return params

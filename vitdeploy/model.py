@@ -1,20 +1,32 @@
 """The Vision Transformer (Dosovitskiy et al. 2020) in PyTorch, laid out like timm's.
 
-Parameter names match timm's ``VisionTransformer`` (and its hybrid ``HybridEmbed``), so a
-timm state dict loads without renaming. The forward pass accepts any input size that is a
+Parameter names match timm's ``VisionTransformer`` (its DeiT ``VisionTransformerDistilled``, its
+DINOv2, CLIP and SigLIP configurations, and its hybrid ``HybridEmbed``), so a timm state dict
+loads without renaming. The forward pass accepts any input size that is a
 multiple of the patch stride and resamples the position embeddings to it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitdeploy.config import ViTConfig
+from vitdeploy.config import ACTIVATIONS, ViTConfig
 from vitdeploy.constants import DEFAULT_FP32_OPS, POLICY_OPS, torch_dtype
+from vitdeploy.outputs import (
+    IMAGE_EMBEDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    PATCH_TOKENS,
+    POOLER_OUTPUT,
+    VECTOR_OUTPUTS,
+    check_outputs,
+    default_outputs,
+)
 from vitdeploy.pos_embed import resample_pos_embed
 from vitdeploy.resnetv2 import ResNetV2
 from vitdeploy.variants import get_config
@@ -33,6 +45,11 @@ class LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
+def make_norm(config: ViTConfig) -> LayerNorm:
+    """The model's LayerNorm over the hidden size (its epsilon from the config)."""
+    return LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
 class PatchEmbed(nn.Module):
     """Image → token sequence: a conv with stride = patch (after the ResNet for hybrids)."""
 
@@ -40,7 +57,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.backbone = ResNetV2(config.hybrid, config.in_channels) if config.hybrid else None
         in_channels = self.backbone.out_channels if self.backbone else config.in_channels
-        self.proj = nn.Conv2d(in_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+        self.proj = nn.Conv2d(in_channels, config.hidden_size, config.patch_size, stride=config.patch_size,
+                              bias=config.patch_bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.backbone is not None:
@@ -51,11 +69,12 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection.
+    """Multi-head attention of queries over keys and values: what every attention layer shares.
 
     Eager inference uses ``F.scaled_dot_product_attention``. The explicit path (for export, and
     for the fp16 policy that keeps softmax in fp32) scales Q, then MatMul → Softmax → MatMul,
-    the pattern TensorRT's fused multi-head attention recognises.
+    the pattern TensorRT's fused multi-head attention recognises. ``fused`` and ``softmax_dtype``
+    are set by :meth:`VisionTransformer.set_precision_policy` (and the exporter) on every subclass.
     """
 
     def __init__(self, config: ViTConfig) -> None:
@@ -63,12 +82,32 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.attn_drop = config.attention_dropout
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.proj_drop = nn.Dropout(config.dropout)
         self.fused = True
         self.softmax_dtype: torch.dtype | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q kᵀ / sqrt(d)) v`` for ``[batch, heads, tokens, head_dim]`` tensors."""
+        if self.fused and self.softmax_dtype is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        # Cast before the softmax (not softmax(dtype=...)): the exporter turns the latter into
+        # an fp16 Softmax followed by a Cast, which would defeat the fp32 policy.
+        if self.softmax_dtype is not None:
+            attn = attn.to(self.softmax_dtype)
+        attn = attn.softmax(dim=-1).to(v.dtype)
+        attn = F.dropout(attn, self.attn_drop, self.training)
+        return attn @ v
+
+
+class SelfAttention(Attention):
+    """Multi-head self-attention with a fused qkv projection (timm's ``Attention``)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__(config)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.proj_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """Attend from every token, or only from the first ``num_queries`` tokens (keys and values
@@ -81,18 +120,7 @@ class Attention(nn.Module):
         else:
             queries = num_queries
             q, k, v = self._project_subset(x, num_queries)
-        if self.fused and self.softmax_dtype is None:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            # Cast before the softmax (not softmax(dtype=...)): the exporter turns the latter into
-            # an fp16 Softmax followed by a Cast, which would defeat the fp32 policy.
-            if self.softmax_dtype is not None:
-                attn = attn.to(self.softmax_dtype)
-            attn = attn.softmax(dim=-1).to(v.dtype)
-            attn = F.dropout(attn, self.attn_drop, self.training)
-            x = attn @ v
-        x = x.transpose(1, 2).reshape(batch, queries, channels)
+        x = self.attend(q, k, v).transpose(1, 2).reshape(batch, queries, channels)
         return self.proj_drop(self.proj(x))
 
     def _project_subset(self, x: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, ...]:
@@ -109,18 +137,48 @@ class Attention(nn.Module):
         return q, k, v
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    """The MLP activation ``name`` (one of :data:`vitdeploy.config.ACTIVATIONS`)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
 class Mlp(nn.Module):
-    """Linear → GELU → Linear."""
+    """Linear → activation → Linear."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.mlp_size)
-        self.act = nn.GELU()
+        self.act = make_activation(config.act)
         self.fc2 = nn.Linear(config.mlp_size, config.hidden_size)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT/DeiT III/DINOv2), initialised to ``init``."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.init = init
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 class DropPath(nn.Module):
@@ -139,24 +197,53 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm Transformer encoder block: x + MSA(LN(x)), then x + MLP(LN(x)), each branch
+    optionally LayerScaled."""
 
     def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = Attention(config)
+        self.norm1 = make_norm(config)
+        self.attn = SelfAttention(config)
+        self.ls1 = LayerScale(config.hidden_size, config.layer_scale) if config.layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = make_norm(config)
         self.mlp = Mlp(config)
+        self.ls2 = LayerScale(config.hidden_size, config.layer_scale) if config.layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, num_outputs: int | None = None) -> torch.Tensor:
         """All tokens out, or only the first ``num_outputs`` (each still attends to every token)."""
         if num_outputs is None:
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         else:
-            x = x[:, :num_outputs] + self.drop_path1(self.attn(self.norm1(x), num_queries=num_outputs))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+            x = x[:, :num_outputs] + self.drop_path1(self.ls1(self.attn(self.norm1(x), num_queries=num_outputs)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class AttentionPool(Attention):
+    """SigLIP's attention-pool ("MAP") head, timm's ``AttentionPoolLatent``: one learned latent query
+    attends over the patch tokens, then a projection and a residual LayerNorm → MLP."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.latent = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm = make_norm(config)
+        self.mlp = Mlp(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, tokens, D]`` → ``[N, D]``."""
+        batch, tokens, channels = x.shape
+        # the latent's query is the same for every image: project it once, then broadcast it
+        q = self.q(self.latent).reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        kv = self.kv(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        x = self.proj(self.attend(q, k, v).transpose(1, 2).reshape(batch, 1, channels))
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]
 
 
 class PreLogits(nn.Module):
@@ -172,32 +259,54 @@ class PreLogits(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT: patch embedding + [CLS] + position embeddings → pre-norm encoder → LayerNorm → head."""
+    """ViT: patch embedding + prefix tokens + position embeddings → pre-norm encoder → norm → pooling → head.
+
+    One definition for every family; each architectural concept is one config field:
+    ``class_token``, ``distilled`` (DeiT's distillation token and ``head_dist``), ``num_reg_tokens``
+    (DINOv2's registers), ``no_embed_class``, ``layer_scale``, ``pre_norm`` (CLIP), ``pooling``
+    (token, avg, SigLIP's attention pool ``map``), ``fc_norm``, ``act``, ``patch_bias`` and
+    ``projection_dim`` (CLIP's visual projection ``proj``). Tokens are ordered class, distillation,
+    registers, patches, as in timm, and the parameter names are timm's.
+    """
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
         hidden = config.hidden_size
         self.patch_embed = PatchEmbed(config)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.pooling == "token" else None
-        num_tokens = config.num_prefix_tokens + config.grid_size[0] * config.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.has_class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, config.num_reg_tokens, hidden)) if config.num_reg_tokens else None
+        num_tokens = config.num_pos_prefix_tokens + config.grid_size[0] * config.grid_size[1]
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, hidden) * 0.02)
         self.pos_drop = nn.Dropout(config.dropout)
+        self.norm_pre = make_norm(config) if config.pre_norm else nn.Identity()
         # Stochastic depth grows linearly with depth, as in timm.
         rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.Sequential(*[Block(config, rate) for rate in rates])
-        self.norm = LayerNorm(hidden, eps=config.layer_norm_eps)
-        head_in = hidden
+        self.norm = nn.Identity() if config.use_fc_norm else make_norm(config)
+        self.attn_pool = AttentionPool(config) if config.pooling == "map" else None
+        self.fc_norm = make_norm(config) if config.use_fc_norm else nn.Identity()
         self.pre_logits: PreLogits | None = None
         if config.representation_size:
             self.pre_logits = PreLogits(hidden, config.representation_size)
-            head_in = config.representation_size
-        self.head = nn.Linear(head_in, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.head = self._new_head(config.num_classes)
+        self.head_dist = self._new_head(config.num_classes) if config.distilled else None
+        self.proj = (nn.Linear(config.pooled_size, config.projection_dim, bias=False)
+                     if config.projection_dim else None)
         self._init_weights()
 
+    def _new_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.config.pooled_size, num_classes) if num_classes > 0 else nn.Identity()
+
     def _init_weights(self) -> None:
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.config.hidden_size**-0.5)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -220,16 +329,8 @@ class VisionTransformer(nn.Module):
                     f"resize or crop the image to a multiple of {stride}"
                 )
 
-    def forward_features(self, pixel_values: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
-        """Encoder output after the final LayerNorm: ``[N, prefix + (H/p)(W/p), hidden]``.
-
-        ``class_token_only`` (token pooling only) returns ``[N, 1, hidden]``, the class token
-        alone, and computes the last block for that token only: nothing after the last
-        attention mixes tokens, so the logits are the same while that block's MLP, projection
-        and query work shrink to one token. Exported classifiers use it (see ``forward_logits``).
-        """
-        if class_token_only and self.config.pooling != "token":
-            raise ValueError(f"class_token_only needs pooling 'token', the model pools by {self.config.pooling!r}")
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with the prefix tokens before them and the position embeddings added."""
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
                 raise ValueError(
@@ -241,47 +342,121 @@ class VisionTransformer(nn.Module):
         if grid == self.grid_size and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             pos_embed = self.pos_embed  # resampling is the identity here; traced graphs keep it for every size
         else:
-            pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_prefix_tokens,
+            pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_pos_prefix_tokens,
                                            method=self.config.pos_embed_resample)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + pos_embed)
+        prefix = [token.expand(x.shape[0], -1, -1) for token in (self.cls_token, self.dist_token, self.reg_token)
+                  if token is not None]
+        if self.config.no_embed_class:
+            x = x + pos_embed
+            x = torch.cat([*prefix, x], dim=1) if prefix else x
+        else:
+            x = torch.cat([*prefix, x], dim=1) if prefix else x
+            x = x + pos_embed
+        return self.norm_pre(self.pos_drop(x))
+
+    def forward_features(self, pixel_values: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """Encoder output after the final norm: ``[N, prefix + (H/p)(W/p), hidden]`` (before any
+        ``fc_norm``: with one, the tokens are the last block's output, as in timm).
+
+        ``class_token_only`` (token pooling only) returns only the tokens the head reads, ``[N, 1,
+        hidden]`` (``[N, 2, hidden]`` with the distillation token), and computes the last block for
+        them alone: nothing after the last attention mixes tokens, so the pooled outputs are the
+        same while that block's MLP, projection and query work shrink to those tokens. Exported
+        classifiers and embedders use it (see ``forward_logits``).
+        """
+        keep = self.config.num_pooled_prefix_tokens
+        if class_token_only and not keep:
+            raise ValueError(f"class_token_only needs pooling 'token', the model pools by {self.config.pooling!r}")
+        x = self._embed(pixel_values)
         if class_token_only:
             for block in self.blocks[:-1]:
                 x = block(x)
-            x = self.blocks[-1](x, num_outputs=1)
+            x = self.blocks[-1](x, num_outputs=keep)
         else:
             x = self.blocks(x)
         return self.norm(x)
 
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """``pooler_output`` from :meth:`forward_features`' tokens: the class token (the mean of class
+        and distillation tokens for DeiT), the mean of the patch tokens or the attention pool, then
+        ``fc_norm`` and the representation layer where the model has them."""
+        pooling = self.config.pooling
+        if pooling == "token":
+            x = (features[:, 0] + features[:, 1]) / 2 if self.config.distilled else features[:, 0]
+        elif pooling == "avg":
+            x = features[:, self.config.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = self.attn_pool(features[:, self.config.num_prefix_tokens:])
+        x = self.fc_norm(x)
+        return self.pre_logits(x) if self.pre_logits is not None else x
+
+    def _logits(self, features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        if self.head_dist is not None:  # DeiT: the mean of the class-token and distillation-token heads
+            return (self.head(features[:, 0]) + self.head_dist(features[:, 1])) / 2
+        return self.head(pooled)
+
+    def _vector_outputs(self, features: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        pooled = self.pool(features)
+        outputs = {}
+        if LOGITS in names:
+            outputs[LOGITS] = self._logits(features, pooled)
+        if POOLER_OUTPUT in names:
+            outputs[POOLER_OUTPUT] = pooled
+        if IMAGE_EMBEDS in names:
+            outputs[IMAGE_EMBEDS] = self.proj(pooled)
+        return outputs
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Pool (CLS token or mean of tokens), optional pre-logits, then the linear head."""
-        x = features[:, 0] if self.config.pooling == "token" else features.mean(dim=1)
-        if self.pre_logits is not None:
-            x = self.pre_logits(x)
-        return self.head(x)
+        """The model's default output (:func:`vitdeploy.outputs.default_outputs`: logits for a
+        classifier, else ``image_embeds`` with a projection, else ``pooler_output``) from its tokens."""
+        (name,) = default_outputs(self.config)
+        return self._vector_outputs(features, (name,))[name]
+
+    def forward_outputs(self, pixel_values: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The outputs ``names`` (:mod:`vitdeploy.outputs`; checked against the config), exactly those keys.
+
+        When only per-image vectors are asked of a token-pooling model, the last block runs for
+        the pooled prefix tokens only (see :meth:`forward_features`).
+        """
+        names = check_outputs(names, self.config)
+        vectors_only = all(name in VECTOR_OUTPUTS for name in names)
+        prune = vectors_only and self.config.num_pooled_prefix_tokens > 0
+        features = self.forward_features(pixel_values, class_token_only=prune)
+        outputs: dict[str, torch.Tensor] = {}
+        if any(name in VECTOR_OUTPUTS for name in names):
+            outputs.update(self._vector_outputs(features, names))
+        if LAST_HIDDEN_STATE in names:
+            outputs[LAST_HIDDEN_STATE] = features
+        if PATCH_TOKENS in names:
+            outputs[PATCH_TOKENS] = features[:, self.config.num_prefix_tokens:]
+        return {name: outputs[name] for name in names}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(pixel_values))
 
     def forward_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The same logits as :meth:`forward`, computing only what they depend on.
+        """The same output as :meth:`forward`, computing only what it depends on.
 
-        With token pooling the last block runs for the class token alone (see
-        ``forward_features``); with mean pooling this is :meth:`forward`.
+        With token pooling the last block runs for the pooled prefix tokens alone (see
+        ``forward_features``); with mean or attention pooling this is :meth:`forward`.
         """
-        class_token_only = self.config.pooling == "token"
+        class_token_only = self.config.num_pooled_prefix_tokens > 0
         return self.forward_head(self.forward_features(pixel_values, class_token_only=class_token_only))
 
     def reset_head(self, num_classes: int) -> None:
-        """Replace the head with a zero-initialised one for ``num_classes`` (fine-tuning, paper §3.2)."""
-        in_features = self.config.representation_size or self.config.hidden_size
-        head = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(head, nn.Linear):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        """Replace the head (both heads of a distilled model) with zero-initialised ones for
+        ``num_classes`` (fine-tuning, paper §3.2)."""
         param = next(self.parameters())
-        self.head = head.to(device=param.device, dtype=param.dtype)
+        heads = []
+        for _ in range(2 if self.config.distilled else 1):
+            head = self._new_head(num_classes)
+            if isinstance(head, nn.Linear):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            heads.append(head.to(device=param.device, dtype=param.dtype))
+        self.head = heads[0]
+        if self.config.distilled:
+            self.head_dist = heads[1]
         self.config = self.config.replace(num_classes=num_classes, labels=None)
 
     @torch.no_grad()
@@ -292,8 +467,8 @@ class VisionTransformer(nn.Module):
         if image_size % stride or image_size <= 0:
             raise ValueError(f"image_size {image_size} is not a positive multiple of the patch stride {stride}")
         side = image_size // stride
-        resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size, self.config.num_prefix_tokens,
-                                       method=self.config.pos_embed_resample)
+        resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size,
+                                       self.config.num_pos_prefix_tokens, method=self.config.pos_embed_resample)
         self.pos_embed = nn.Parameter(resampled)
         crop_pct = self.config.crop_pct if image_size == self.config.image_size else 1.0
         self.config = self.config.replace(image_size=image_size, crop_pct=crop_pct)

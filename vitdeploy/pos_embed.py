@@ -43,19 +43,30 @@ RESAMPLE_METHODS: dict[str, ResampleMethod] = {
             "bicubic with antialias (PIL's kernel, a = -0.5, widened by the scale factor when downsampling, "
             "window clipped at the borders and renormalised), half-pixel centres",
             "timm's resample_abs_pos_embed: its dynamic_img_size forward and its checkpoint loading at "
-            "another size (torch.nn.functional.interpolate(mode='bicubic', antialias=True))",
+            "another size (torch.nn.functional.interpolate(mode='bicubic', antialias=True)), for every family "
+            "(ViT, DeiT, DeiT III, DINOv2, CLIP, SigLIP); also Hugging Face transformers' "
+            "Dinov2WithRegistersEmbeddings.interpolate_pos_encoding (transformers 5.x: size=..., antialias=True)",
         ),
         ResampleMethod(
             "huggingface",
             "bicubic without antialias (a = -0.75, border pixels repeated), half-pixel centres",
-            "Hugging Face transformers' ViTEmbeddings.interpolate_pos_encoding (transformers 5.x: "
-            "interpolate(size=..., mode='bicubic', align_corners=False))",
+            "Hugging Face transformers' interpolate_pos_encoding of ViT, DeiT, Dinov2, CLIP and SigLIP "
+            "(transformers 5.x: interpolate(size=..., mode='bicubic', align_corners=False))",
         ),
         ResampleMethod(
             "jax",
             "linear with corner-aligned samples (the first and last embeddings stay where they are)",
             "the original JAX code (google-research/vision_transformer, big_vision) resizing a checkpoint: "
             "scipy.ndimage.zoom(grid, (new_h / old_h, new_w / old_w, 1), order=1)",
+        ),
+        ResampleMethod(
+            "dinov2",
+            "bicubic without antialias (a = -0.75, border pixels repeated) at the scale factor "
+            "(new + 0.1) / old: output i samples (i + 0.5) * old / (new + 0.1) - 0.5; the stored grid "
+            "itself is returned unchanged",
+            "the original DINOv2 code (facebookresearch/dinov2 DinoVisionTransformer.interpolate_pos_encoding, "
+            "interpolate_offset=0.1, interpolate_antialias=False: interpolate(scale_factor=((h + 0.1) / M, "
+            "(w + 0.1) / M), mode='bicubic'), with its early return at the stored grid)",
         ),
     )
 }
@@ -91,7 +102,7 @@ def _positions(new: Any) -> torch.Tensor:
     return torch.arange(new).to(torch.float32)
 
 
-def _antialiased_bicubic(old: int, new: Any) -> torch.Tensor:
+def _antialiased_bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor:
     # torch's antialiased path (PIL's): output i is centred at (i + 0.5) * old/new; when shrinking, the
     # kernel is stretched by old/new; the weights inside the grid are renormalised to sum to 1.
     # Taps outside torch's window have zero weight, so no explicit window is needed.
@@ -105,21 +116,50 @@ def _antialiased_bicubic(old: int, new: Any) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def _bicubic(old: int, new: Any) -> torch.Tensor:
-    # torch's plain bicubic (align_corners=False): output i samples x = (i + 0.5) * old/new - 0.5 with the
-    # four taps floor(x) - 1 .. floor(x) + 2, whose indices are clamped into the grid (border repeated).
-    # Those taps lie in -2 .. old + 1: weigh every one of them by the kernel (zero beyond the four),
-    # then fold the two outside each border onto the border sample (a constant [old + 4, old] matrix).
+def _bicubic_at(source: torch.Tensor, old: int) -> torch.Tensor:
+    # torch's plain bicubic: output i samples x = source[i] with the four taps floor(x) - 1 .. floor(x) + 2,
+    # whose indices are clamped into the grid (border repeated). Those taps lie in -2 .. old + 1: weigh
+    # every one of them by the kernel (zero beyond the four), then fold the two outside each border onto
+    # the border sample (a constant [old + 4, old] matrix).
     import torch
 
-    source = (_positions(new) + 0.5) * (old / new) - 0.5
     taps = torch.arange(-2, old + 2, dtype=torch.float32)
     weights = _cubic(taps[None, :] - source[:, None], a=-0.75)  # [new, old + 4]
     fold = torch.arange(old, dtype=torch.float32)[None, :] == torch.clamp(taps, 0.0, float(old - 1))[:, None]
     return weights @ fold.to(torch.float32)
 
 
-def _corner_aligned_linear(old: int, new: Any) -> torch.Tensor:
+def _bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor:
+    # align_corners=False with an output size: output i samples (i + 0.5) * old/new - 0.5.
+    return _bicubic_at((_positions(new) + 0.5) * (old / new) - 0.5, old)
+
+
+def _size_value(new: Any) -> torch.Tensor:
+    """``new`` as a float32 scalar tensor (a sum of ones in a graph, where ``new`` is symbolic)."""
+    import torch
+
+    return torch.ones(new, dtype=torch.float32).sum()
+
+
+def _same_size(new: Any, old: int) -> torch.Tensor:
+    """1.0 where ``new == old``, else 0.0, as a tensor computed by arithmetic (no data-dependent branch)."""
+    import torch
+
+    return torch.clamp(1.0 - (_size_value(new) - float(old)).abs(), min=0.0)
+
+
+def _offset_bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor:
+    # DINOv2's interpolate(scale_factor=(new + 0.1) / old): torch maps output i to (i + 0.5) / scale - 0.5,
+    # so the 0.1 shifts every sample, except at the stored grid, which the original returns untouched
+    # (native = 1 there: offset 0, scale 1, the identity).
+    # The scale is 10*old / (10*new + 1): both exact in float32, so one division rounds it as torch
+    # does (float32 of the double 1 / scale_factor); float32(new + 0.1) would already be off by an ulp.
+    native = _same_size(new, old) if native is None else native
+    scale = (10.0 * old) / (10.0 * _size_value(new) + (1.0 - native))
+    return _bicubic_at((_positions(new) + 0.5) * scale - 0.5, old)
+
+
+def _corner_aligned_linear(old: int, new: Any, native: Any = None) -> torch.Tensor:
     # scipy.ndimage.zoom(order=1), grid_mode=False: output i samples input i * (old-1)/(new-1)
     # (0 for a single output), linear between the two neighbours.
     import torch
@@ -130,18 +170,23 @@ def _corner_aligned_linear(old: int, new: Any) -> torch.Tensor:
     return torch.clamp(1.0 - (columns[None, :] - source[:, None]).abs(), min=0.0)
 
 
-_MATRICES = {"timm": _antialiased_bicubic, "huggingface": _bicubic, "jax": _corner_aligned_linear}
+_MATRICES = {"timm": _antialiased_bicubic, "huggingface": _bicubic, "jax": _corner_aligned_linear,
+             "dinov2": _offset_bicubic}
+# Conventions whose matrix for one axis depends on whether the whole grid is the stored one.
+_WHOLE_GRID = frozenset({"dinov2"})
 
 
-def interpolation_matrix(old: int, new: Any, method: str) -> torch.Tensor:
+def interpolation_matrix(old: int, new: Any, method: str, native: Any = None) -> torch.Tensor:
     """The float32 ``[new, old]`` matrix that resamples one axis of ``old`` samples to ``new`` by ``method``.
 
     ``new`` may be a symbolic size while tracing: the matrix is then computed in the graph.
+    ``native`` (``"dinov2"`` only) is a 1.0/0.0 tensor saying the whole grid is the stored one
+    (the original returns it unchanged); without it, this axis alone decides.
     """
     check_resample(method)
     if int(old) < 1:
         raise ValueError(f"old grid size {old} must be positive")
-    return _MATRICES[method](int(old), new)
+    return _MATRICES[method](int(old), new, native)
 
 
 def resample_pos_embed(
@@ -154,7 +199,7 @@ def resample_pos_embed(
 ) -> torch.Tensor:
     """Resample ``pos_embed`` ``[1, prefix + old_h*old_w, C]`` to ``[1, prefix + new_h*new_w, C]`` by ``method``.
 
-    Prefix (class) tokens are kept as they are; the grid part is resampled in float32
+    Prefix tokens (those that have position embeddings: class, distillation) are kept as they are; the grid part is resampled in float32
     (``W_h · P · W_wᵀ``) and cast back to the input dtype.
     """
     import torch
@@ -168,8 +213,11 @@ def resample_pos_embed(
         )
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     channels = grid.shape[-1]
-    rows = interpolation_matrix(old_grid[0], new_grid[0], method)  # [new_h, old_h]
-    cols = interpolation_matrix(old_grid[1], new_grid[1], method)  # [new_w, old_w]
+    native = None
+    if method in _WHOLE_GRID:
+        native = _same_size(new_grid[0], old_grid[0]) * _same_size(new_grid[1], old_grid[1])
+    rows = interpolation_matrix(old_grid[0], new_grid[0], method, native)  # [new_h, old_h]
+    cols = interpolation_matrix(old_grid[1], new_grid[1], method, native)  # [new_w, old_w]
     grid = grid.float().reshape(old_grid[0], old_grid[1] * channels)
     grid = (rows @ grid).reshape(-1, old_grid[1], channels)  # [new_h, old_w, C]
     grid = (cols @ grid).reshape(1, -1, channels)  # [new_h, new_w, C] → tokens, row-major like the patches
@@ -187,7 +235,7 @@ def resample_macs(old_grid: tuple[int, int], new_grid: tuple[int, int], channels
         return 0
     (old_h, old_w), (new_h, new_w) = old_grid, new_grid
     macs = new_h * old_h * old_w * channels + new_h * new_w * old_w * channels  # W_h · P, then W_w · (W_h · P)
-    if method == "huggingface":  # each axis's kernel weights times its constant border fold
+    if method in ("huggingface", "dinov2"):  # each axis's kernel weights times its constant border fold
         macs += new_h * (old_h + 4) * old_h + new_w * (old_w + 4) * old_w
     return macs
 

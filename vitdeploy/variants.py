@@ -1,4 +1,14 @@
-"""Registry of named ViT variants, with timm's names and default configurations."""
+"""Registry of named ViT variants, with timm's names and default configurations.
+
+The plain ViTs of the paper and the families built from the same block: DeiT (with and without
+distillation), DeiT III, DINOv2 (with and without registers), and the image towers of CLIP and
+SigLIP. Each has timm's architecture and preprocessing; a CLIP tower is its embedder (the visual
+projection ``proj``, no classifier), so its parameter count is timm's with ``num_classes`` = the
+projection width less that head's bias (timm stores the projection as a biased ``head``, the bias
+zero). Left out: DINOv2 giant (its MLP is SwiGLU, which this block does not have) and
+``vit_so400m_patch14_siglip_384`` (384 is no multiple of 14; timm's conv drops the last 6 pixels,
+``vit_so400m_patch14_siglip_378`` is the same network at a size that divides).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +24,15 @@ _SIZES: dict[str, tuple[int, int, int, int, int | None]] = {
     "large": (1024, 24, 16, 4096, 307),
     "huge": (1280, 32, 16, 5120, 632),
 }
+# Families' other sizes: (hidden, depth, heads, mlp).
+_SO400M = (1152, 27, 16, 4304)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# CLIP's joint-space width by tower size.
+_CLIP_PROJECTION = {"base": 512, "large": 768, "huge": 1024}
 
 # (size, patch, image) for every plain variant that timm defines.
 _PLAIN = [
@@ -42,13 +61,53 @@ for _image in (224, 384):
     )
 
 
+
+
+def _add(name: str, size: str | tuple[int, int, int, int], patch: int, image: int, **fields: Any) -> None:
+    hidden, depth, heads, mlp = _SIZES[size][:4] if isinstance(size, str) else size
+    fields.setdefault("crop_pct", 0.9 if image == 224 else 1.0)
+    VARIANTS[name] = ViTConfig(name=name, image_size=image, patch_size=patch, hidden_size=hidden, depth=depth,
+                               num_heads=heads, mlp_size=mlp, **fields)
+
+
+_DEIT = dict(family="deit", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+for _size, _image in (("tiny", 224), ("small", 224), ("base", 224), ("base", 384)):
+    _add(f"deit_{_size}_patch16_{_image}", _size, 16, _image, **_DEIT)
+    _add(f"deit_{_size}_distilled_patch16_{_image}", _size, 16, _image, distilled=True, **_DEIT)
+for _size in ("small", "base", "large"):
+    for _image in (224, 384):
+        _add(f"deit3_{_size}_patch16_{_image}", _size, 16, _image, family="deit3", mean=IMAGENET_MEAN,
+             std=IMAGENET_STD, no_embed_class=True, layer_scale=1e-6)
+for _size in ("small", "base", "large"):
+    _dinov2 = dict(family="dinov2", num_classes=0, layer_scale=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   crop_pct=1.0)
+    _add(f"vit_{_size}_patch14_dinov2", _size, 14, 518, **_dinov2)
+    _add(f"vit_{_size}_patch14_reg4_dinov2", _size, 14, 518, num_reg_tokens=4, no_embed_class=True, **_dinov2)
+for _size, _patch, _image, _acts in (
+    ("base", 32, 224, ("gelu", "quick_gelu")), ("base", 16, 224, ("gelu", "quick_gelu")),
+    ("large", 14, 224, ("gelu", "quick_gelu")), ("large", 14, 336, ("gelu", "quick_gelu")),
+    ("huge", 14, 224, ("gelu", "quick_gelu")), ("huge", 14, 378, ("quick_gelu",)),
+):
+    for _act in _acts:
+        _tag = "_quickgelu" if _act == "quick_gelu" else ""
+        _add(f"vit_{_size}_patch{_patch}_clip{_tag}_{_image}", _size, _patch, _image, family="clip", num_classes=0,
+             projection_dim=_CLIP_PROJECTION[_size], pre_norm=True, patch_bias=False, layer_norm_eps=1e-5,
+             act=_act, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)
+_SIGLIP = dict(family="siglip", num_classes=0, class_token=False, crop_pct=0.9)
+for _image in (224, 256, 384, 512):
+    _add(f"vit_base_patch16_siglip_{_image}", "base", 16, _image, pooling="map", **_SIGLIP)
+    _add(f"vit_base_patch16_siglip_gap_{_image}", "base", 16, _image, pooling="avg", fc_norm=False, **_SIGLIP)
+for _patch, _image in ((14, 224), (14, 378), (16, 256), (16, 384), (16, 512)):
+    _add(f"vit_so400m_patch{_patch}_siglip_{_image}", _SO400M, _patch, _image, pooling="map", **_SIGLIP)
+
+
 def paper_size(name_or_config: str | ViTConfig) -> tuple[str, int] | None:
     """The paper's Table 1 model name and rounded size in millions, if this is one of its models."""
     config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     for size, (hidden, depth, heads, mlp, millions) in _SIZES.items():
         shape_matches = (config.hidden_size, config.depth, config.num_heads, config.mlp_size) == (
             hidden, depth, heads, mlp)
-        if millions is not None and shape_matches and config.hybrid is None:
+        if millions is not None and shape_matches and config.hybrid is None and config.family == "vit":
             return f"ViT-{size[0].upper()}", millions
     return None
 

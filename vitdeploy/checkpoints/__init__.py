@@ -23,6 +23,7 @@ from vitdeploy.checkpoints.common import (
     CheckpointError,
     CheckpointWarning,
     file_sha256,
+    force_variant,
     instantiate,
     state_dict_sha256,
 )
@@ -53,8 +54,21 @@ logger = logging.getLogger("vitdeploy.checkpoints")
 RANDOM_SEED = 0
 
 
-def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | None = None) -> Checkpoint:
-    """Read ``source`` into a :class:`Checkpoint` (config + tensors in our names) without building a model."""
+def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | None = None,
+                    model: str | None = None) -> Checkpoint:
+    """Read ``source`` into a :class:`Checkpoint` (config + tensors in our names) without building a model.
+
+    ``model`` (a registry variant name) forces that variant's architecture instead of the one
+    detected from the file (:func:`~vitdeploy.checkpoints.common.force_variant`).
+    """
+    checkpoint = _read(source, format, num_heads)
+    if model is not None:
+        checkpoint.config = force_variant(checkpoint.config, model, f"{checkpoint.format} checkpoint {source}",
+                                          checkpoint.notes)
+    return checkpoint
+
+
+def _read(source: str | Path, format: str, num_heads: int | None) -> Checkpoint:
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
     path = checkpoint_path(source)
@@ -72,18 +86,23 @@ def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | N
     return read_jax(path, num_heads=num_heads)
 
 
-def _load(source: str | Path, format: str, overrides: dict[str, Any]) -> tuple[VisionTransformer, Checkpoint]:
-    checkpoint = read_checkpoint(source, format, num_heads=overrides.get("num_heads"))
+def _load(source: str | Path, format: str, overrides: dict[str, Any],
+          model: str | None = None) -> tuple[VisionTransformer, Checkpoint]:
+    checkpoint = read_checkpoint(source, format, num_heads=overrides.get("num_heads"), model=model)
     model = instantiate(checkpoint, f"{checkpoint.format} checkpoint {source}", overrides)
     for message in checkpoint.notes:
         logger.info("%s: %s", source, message)
     return model, checkpoint
 
 
-def load_model(source: str | Path, format: str = "auto", **overrides: Any) -> VisionTransformer:
+def load_model(source: str | Path, format: str = "auto", model: str | None = None,
+               **overrides: Any) -> VisionTransformer:
     """Load a checkpoint file or folder in any supported format as an eval-mode :class:`VisionTransformer`.
 
     ``format`` is ``"auto"`` (detected) or one of ``native``, ``timm``, ``huggingface``, ``jax``.
+    ``model`` names the registry variant whose architecture to use instead of the detected one
+    (``model="vit_base_patch16_clip_quickgelu_224"`` for an OpenAI CLIP state dict, whose
+    activation the weights do not show); strict loading lists every tensor that does not fit.
     ``overrides`` edit the config: ``num_classes`` (a new zero-initialised head when it differs),
     ``image_size`` (position embeddings resampled), ``num_heads`` (formats that do not store it),
     ``mean``/``std``/``labels`` and the like.
@@ -93,7 +112,7 @@ def load_model(source: str | Path, format: str = "auto", **overrides: Any) -> Vi
             f"{source!r} is a variant name, not a checkpoint; use create_model({str(source)!r}) or "
             "resolve_source() for random weights"
         )
-    return _load(source, format, overrides)[0]
+    return _load(source, format, overrides, model)[0]
 
 
 @dataclass
@@ -113,25 +132,29 @@ class ResolvedModel:
 
 
 def resolve_source(source: str, format: str = "auto", log: Callable[[str], None] | None = None,
-                   **overrides: Any) -> ResolvedModel:
+                   model: str | None = None, **overrides: Any) -> ResolvedModel:
     """A checkpoint path (loaded like :func:`load_model`) or a registry variant name (random weights, warned).
 
+    ``model`` forces a registry variant's architecture on a checkpoint (see :func:`load_model`).
     With ``log``, the warnings loading raises (random weights, resampled position embeddings)
     go to ``log`` as ``warning: ...`` lines instead (what the CLI and the pipeline print).
     """
     if log is None:
-        return _resolve(source, format, **overrides)
+        return _resolve(source, format, model, **overrides)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resolved = _resolve(source, format, **overrides)
+        resolved = _resolve(source, format, model, **overrides)
     for warning in caught:
         log(f"warning: {warning.message}")
     return resolved
 
 
-def _resolve(source: str, format: str = "auto", **overrides: Any) -> ResolvedModel:
+def _resolve(source: str, format: str = "auto", model: str | None = None, **overrides: Any) -> ResolvedModel:
     path = Path(source).expanduser()
     if not path.exists() and source in VARIANTS:
+        if model is not None and model != source:
+            raise ValueError(f"model={model!r} forces the architecture of a checkpoint; {source!r} is a variant "
+                             "name already (use one or the other)")
         message = (f"{source} is a variant name, not a checkpoint: using RANDOM weights (seed {RANDOM_SEED}); "
                    "its outputs are meaningless beyond testing the pipeline")
         warnings.warn(message, CheckpointWarning, stacklevel=3)
@@ -144,6 +167,6 @@ def _resolve(source: str, format: str = "auto", **overrides: Any) -> ResolvedMod
             f"{source!r} is neither an existing checkpoint nor a model variant; {EXPECTED}; "
             f"or a variant name: {', '.join(list_variants())}"
         )
-    model, checkpoint = _load(path, format, overrides)
+    loaded, checkpoint = _load(path, format, overrides, model)
     sha256 = file_sha256(checkpoint_path(path))
-    return ResolvedModel(model, str(source), checkpoint.format, sha256, False, checkpoint.notes)
+    return ResolvedModel(loaded, str(source), checkpoint.format, sha256, False, checkpoint.notes)

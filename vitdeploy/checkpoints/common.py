@@ -7,6 +7,8 @@ and loads that state dict strictly, so each format only has to rename and reshap
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -209,8 +211,30 @@ def strip_prefixes(state_dict: StateDict, prefixes: tuple[str, ...] = ("module."
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _STAGE_BLOCK = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.")
+# What a registry variant must share with a state dict's shapes to lend it its name and defaults
+# (config fields and properties; the LayerScale init is compared as present or not).
 _ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size", "qkv_bias",
-                "pooling", "hybrid")
+                "pooling", "hybrid", "has_class_token", "num_reg_tokens", "distilled", "no_embed_class",
+                "pre_norm", "use_fc_norm", "patch_bias", "projection_dim", "representation_size")
+# Fields the weights cannot show, lent by the matching registry variant (or forced by model=).
+_VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act",
+                     "layer_scale")
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ViTConfig))
+# Fields no tensor shows (left out of the probe config that is matched against the registry).
+_NOT_IN_SHAPES = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act", "labels",
+                  "pos_embed_resample")
+_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation")
+# Fields a checkpoint keeps when model= forces another variant's architecture on it.
+_CHECKPOINT_FIELDS = ("num_classes", "image_size", "labels", "mean", "std", "crop_pct", "interpolation",
+                      "pos_embed_resample")
+
+
+# The leading _ARCH_FIELDS that are sizes (the rest are structure).
+_SIZE_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size")
+
+
+def _architecture(config: ViTConfig) -> tuple[Any, ...]:
+    return (*(getattr(config, f) for f in _ARCH_FIELDS), config.layer_scale is not None)
 
 
 def registry_heads(hidden_size: int, depth: int) -> int | None:
@@ -222,11 +246,18 @@ def registry_heads(hidden_size: int, depth: int) -> int | None:
     return by_hidden.pop() if len(by_hidden) == 1 else None
 
 
-def match_variant(config: ViTConfig) -> str | None:
-    """The registry name whose architecture (heads aside) equals ``config``'s, if any."""
-    for name in sorted(VARIANTS):
-        variant = VARIANTS[name]
-        if all(getattr(variant, f) == getattr(config, f) for f in _ARCH_FIELDS):
+def match_variant(config: ViTConfig, prefer: str | None = None) -> str | None:
+    """The registry name whose architecture (heads aside) equals ``config``'s, if any.
+
+    ``prefer`` (a name a file records, such as a timm Hub ``architecture``) wins when it matches;
+    otherwise plain ViTs come before the families with the same shapes (DeiT's are the same network),
+    then names in order (CLIP's GELU tower before its QuickGELU twin, which the weights cannot tell apart).
+    """
+    wanted = _architecture(config)
+    if prefer in VARIANTS and _architecture(VARIANTS[prefer]) == wanted:
+        return prefer
+    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].family != "vit", n)):
+        if _architecture(VARIANTS[name]) == wanted:
             return name
     return None
 
@@ -234,25 +265,92 @@ def match_variant(config: ViTConfig) -> str | None:
 def _require(state_dict: StateDict, key: str, what: str) -> torch.Tensor:
     if key not in state_dict:
         sample = ", ".join(sorted(state_dict)[:8])
-        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...)")
+        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...); "
+                              f"{closest_family(state_dict)}")
     return state_dict[key]
 
 
-def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
-                 base: Mapping[str, Any] | None = None) -> tuple[ViTConfig, list[str]]:
-    """Derive the :class:`ViTConfig` of a timm-named state dict from its tensor shapes.
+def _key_pattern(name: str) -> str:
+    """A parameter name with its block index replaced: ``blocks.3.attn.qkv.weight`` → ``blocks.*.attn.qkv.weight``."""
+    return _BLOCK.sub("blocks.*.", name)
 
-    Heads leave no trace in the shapes of a fused qkv: ``num_heads`` if given, else the registry
-    variant with the same width, else ``hidden_size // 64``. ``base`` supplies fields the shapes
-    cannot (preprocessing, labels, layer-norm eps). A matching registry variant lends its name
-    and preprocessing defaults.
+
+@functools.lru_cache(maxsize=1)
+def _family_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
+    """The key patterns of every registry variant's structure (built on the meta device, one block deep)."""
+    seen: dict[frozenset[str], str] = {}
+    built: set[str] = set()
+    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].family != "vit", n)):
+        variant = VARIANTS[name]
+        structure = repr(tuple(bool(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                               for v in _architecture(variant)[len(_SIZE_FIELDS):]))
+        if structure in built:  # the names do not depend on the sizes
+            continue
+        built.add(structure)
+        small = variant.replace(depth=1, hidden_size=variant.num_heads * 4, mlp_size=8,
+                                image_size=variant.stride, num_classes=min(variant.num_classes, 2))
+        with torch.device("meta"):
+            model = VisionTransformer(small)
+        seen.setdefault(frozenset(_key_pattern(k) for k in model.state_dict()), name)
+    return tuple((name, patterns) for patterns, name in seen.items())
+
+
+def closest_family(state_dict: Mapping[str, Any], limit: int = 6) -> str:
+    """One line naming the supported family whose tensor names are closest to ``state_dict``'s, and how they differ."""
+    have = frozenset(_key_pattern(k) for k in state_dict)
+    name, patterns = min(_family_patterns(), key=lambda item: len(item[1] ^ have))
+
+    def listed(keys: frozenset[str]) -> str:
+        shown = sorted(keys)[:limit]
+        return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+    lacks, extra = patterns - have, have - patterns
+    parts = [f"lacks {listed(lacks)}" if lacks else "", f"has {listed(extra)} besides" if extra else ""]
+    detail = "; ".join(p for p in parts if p) or "has the same tensor names"
+    return f"closest supported family: {VARIANTS[name].family} (like {name}): it {detail}"
+
+
+def _guess_family(fields: Mapping[str, Any]) -> str:
+    """The family name of an architecture no registry variant matches (informational only)."""
+    if fields["distilled"]:
+        return "deit"
+    if fields["pooling"] == "map":
+        return "siglip"
+    if fields["pre_norm"]:
+        return "clip"
+    if fields["layer_scale"] is not None:
+        return "dinov2" if fields["patch_size"] == 14 else "deit3"
+    return "vit"
+
+
+def _position_layout(tokens: int, prefix: int, reg_tokens: int, what: str) -> tuple[tuple[int, int], bool]:
+    """The position-embedding grid and ``no_embed_class`` of ``tokens`` embeddings with ``prefix`` prefix tokens."""
+    layouts = [(prefix, False), (0, True)] if prefix else [(0, False)]
+    if reg_tokens:  # timm's register models embed the patches only; try that reading first
+        layouts.reverse()
+    for embedded, no_embed_class in layouts:
+        try:
+            return infer_grid(tokens, embedded), no_embed_class
+        except ValueError:
+            continue
+    raise CheckpointError(f"{what}: {tokens} position embeddings are neither a square grid nor {prefix} prefix "
+                          "token(s) plus one")
+
+
+def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
+                 base: Mapping[str, Any] | None = None, prefer: str | None = None) -> tuple[ViTConfig, list[str]]:
+    """Derive the :class:`ViTConfig` of a timm-named state dict from its tensor names and shapes.
+
+    Read from the tensors: the class (``cls_token``), distillation (``dist_token``) and register
+    (``reg_token``) tokens, whether the prefix tokens have position embeddings, LayerScale
+    (``ls1.gamma``), CLIP's ``norm_pre`` and bias-free patch embedding, ``fc_norm``, SigLIP's
+    ``attn_pool``, the heads and CLIP's ``proj``. Heads leave no trace in the shapes of a fused
+    qkv: ``num_heads`` if given, else the registry variant with the same width, else
+    ``hidden_size // 64``. ``base`` supplies fields the shapes cannot (preprocessing, labels,
+    layer-norm eps). A matching registry variant (``prefer`` first) lends its name, activation,
+    norm epsilon and preprocessing defaults.
     """
     notes: list[str] = []
-    if any(k.startswith(("fc_norm.", "reg_token", "attn_pool.")) for k in state_dict):
-        raise CheckpointError(
-            f"{what}: timm variants with fc_norm, register tokens or attention pooling are not supported; "
-            "expected a classic ViT (final LayerNorm, then [CLS] token or mean pooling)"
-        )
     proj = _require(state_dict, "patch_embed.proj.weight", what)
     if proj.ndim != 4 or proj.shape[-1] != proj.shape[-2]:
         raise CheckpointError(f"{what}: patch_embed.proj.weight has shape {tuple(proj.shape)}; expected [D, C, p, p]")
@@ -279,15 +377,24 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     if depth == 0:
         raise CheckpointError(f"{what}: no transformer blocks (blocks.N.*) found")
     mlp = int(_require(state_dict, "blocks.0.mlp.fc1.weight", what).shape[0])
-    pooling = "token" if "cls_token" in state_dict else "avg"
+    class_token = "cls_token" in state_dict
+    distilled = "dist_token" in state_dict
+    reg = state_dict.get("reg_token")
+    reg_tokens = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
+    fc_norm = "fc_norm.weight" in state_dict
+    if "attn_pool.latent" in state_dict:
+        pooling = "map"
+    elif class_token and not fc_norm:
+        pooling = "token"
+    else:
+        pooling = "avg"
+    prefix = int(class_token) + int(distilled) + reg_tokens
     pos = _require(state_dict, "pos_embed", what)
-    try:
-        grid = infer_grid(int(pos.shape[1]), 1 if pooling == "token" else 0)
-    except ValueError as error:
-        raise CheckpointError(f"{what}: {error}") from None
+    grid, no_embed_class = _position_layout(int(pos.shape[1]), prefix, reg_tokens, what)
     stride = patch * (hybrid.stride if hybrid else 1)
     head = state_dict.get("head.weight")
     pre_logits = state_dict.get("pre_logits.fc.weight")
+    projection = state_dict.get("proj.weight")
 
     fields: dict[str, Any] = dict(base or {})
     fields.update(
@@ -295,6 +402,11 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         mlp_size=mlp, num_classes=int(head.shape[0]) if head is not None else 0,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, pooling=pooling,
         representation_size=int(pre_logits.shape[0]) if pre_logits is not None else None, hybrid=hybrid,
+        # None where the pooling implies the value (as configs written by hand leave it)
+        class_token=None if class_token == (pooling == "token") else class_token, distilled=distilled, num_reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+        layer_scale=1e-5 if "blocks.0.ls1.gamma" in state_dict else None, pre_norm="norm_pre.weight" in state_dict,
+        fc_norm=None if fc_norm == (pooling == "avg") else fc_norm, patch_bias="patch_embed.proj.bias" in state_dict,
+        projection_dim=int(projection.shape[0]) if projection is not None else None,
     )
     heads_from = "given"
     if num_heads is None:
@@ -305,26 +417,40 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
             heads_from = "guess"
     fields["num_heads"] = num_heads
 
+    shapes_only = {k: v for k, v in fields.items() if k in _CONFIG_FIELDS and k not in _NOT_IN_SHAPES}
     try:
-        probe = ViTConfig(**{k: v for k, v in fields.items() if k in _ARCH_FIELDS or k == "num_heads"})
+        probe = ViTConfig(**shapes_only)
     except ValueError as error:
         raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
-    name = match_variant(probe)
+    name = match_variant(probe, prefer)
     if name is not None:
         variant = VARIANTS[name]
-        defaults = {k: getattr(variant, k) for k in ("name", "mean", "std", "crop_pct", "interpolation",
-                                                     "layer_norm_eps")}
-        fields = {**defaults, **fields}
+        fields = {**{k: getattr(variant, k) for k in _VARIANT_DEFAULTS}, **fields}
+        # the same architecture, spelled as the registry spells it
+        fields.update({k: getattr(variant, k) for k in ("layer_scale", "class_token", "fc_norm")})
         notes.append(f"inferred variant {name} from the tensor shapes")
     else:
+        if prefer in VARIANTS:  # a named architecture built with other sizes (timm's model_args)
+            named = VARIANTS[prefer]
+            fields = {**{k: getattr(named, k) for k in ("family", "act", "layer_norm_eps", "mean", "std",
+                                                        "interpolation")}, **fields}
+            notes.append(f"took the activation, norm epsilon and family of {prefer} (the file's architecture, "
+                         "here with other sizes)")
         kind = "hybrid " if hybrid else ""
         tag = "_r" if hybrid else ""
         fields.setdefault("name", f"vit{tag}_d{hidden}_l{depth}_p{patch}_{fields['image_size']}")
         fields.setdefault("crop_pct", 0.9 if fields["image_size"] == 224 else 1.0)
+        fields.setdefault("family", _guess_family(fields))
+        if fields["pre_norm"]:
+            fields.setdefault("layer_norm_eps", 1e-5)  # CLIP's
         notes.append(
             f"inferred a {kind}ViT from the tensor shapes: hidden {hidden}, depth {depth}, patch {patch}, "
             f"mlp {mlp}, image {fields['image_size']} (no registry variant matches)"
         )
+    if fields.get("family") == "clip" and prefer not in VARIANTS and "act" not in (base or {}):
+        note(notes, f"{what}: a CLIP tower's activation is not stored in the weights; using {fields.get('act', 'gelu')}"
+             " (OpenCLIP's LAION towers). OpenAI's CLIP uses QuickGELU: pass model= a *_clip_quickgelu_* "
+             "variant if that is what this is", warn=True)
     if heads_from == "guess":
         note(notes, f"{what}: the number of attention heads is not stored in the weights; guessed "
              f"{num_heads} (hidden_size // 64). Pass num_heads= (CLI: --num-heads) if that is wrong", warn=True)
@@ -334,13 +460,42 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
 
 
+def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> ViTConfig:
+    """``config`` with the architecture of registry variant ``name`` (the ``model=`` override).
+
+    The checkpoint keeps what its weights or files say about the task and the input (classes,
+    native size, labels, resampling convention, preprocessing unless it was only a default) and,
+    where the variant has one, its projection width; everything else is the variant's. Strict loading then lists every
+    tensor the two disagree on.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r} for model=; expected one of: {', '.join(sorted(VARIANTS))}")
+    variant = VARIANTS[name]
+    kept = {k: getattr(config, k) for k in _CHECKPOINT_FIELDS}
+    # Preprocessing that was only a default (the detected variant's, or ViTConfig's) is the forced variant's.
+    defaults = [ViTConfig()] + ([VARIANTS[config.name]] if config.name in VARIANTS else [])
+    if any(all(getattr(config, k) == getattr(d, k) for k in _PREPROCESSING) for d in defaults):
+        kept.update({k: getattr(variant, k) for k in _PREPROCESSING})
+    if variant.projection_dim and config.projection_dim:
+        kept["projection_dim"] = config.projection_dim
+    if kept["image_size"] % variant.stride:
+        kept["image_size"] = variant.image_size
+    differs = [f for f in _ARCH_FIELDS if f not in kept and getattr(variant, f) != getattr(config, f)]
+    detail = f" (the weights looked different in: {', '.join(differs)})" if differs else ""
+    note(notes, f"{what}: architecture forced to {name} by model={name!r}{detail}")
+    try:
+        return variant.replace(**kept)
+    except ValueError as error:
+        raise CheckpointError(f"{what}: model={name!r} does not fit this checkpoint: {error}") from None
+
+
 # --------------------------------------------------------------------------- building the model
 
 
 def _resample_checkpoint_pos_embed(tensor: torch.Tensor, config: ViTConfig, what: str,
                                    notes: list[str]) -> torch.Tensor | None:
     """The checkpoint's position embeddings resampled to ``config``'s grid, or None if they cannot be."""
-    prefix = config.num_prefix_tokens
+    prefix = config.num_pos_prefix_tokens  # the prefix tokens that have position embeddings
     if tensor.ndim != 3 or tensor.shape[-1] != config.hidden_size:
         return None
     try:
@@ -388,6 +543,7 @@ def load_strict(model: VisionTransformer, state_dict: StateDict, what: str,
         raise CheckpointError(
             f"{what} does not fit the {model.config.name} model ({model.config.hidden_size} wide, "
             f"{model.config.depth} blocks): " + "; ".join(parts)
+            + (f". {closest_family(state_dict)}" if missing or unexpected else "")
         )
     for name, tensor in state_dict.items():
         if tensor.is_floating_point() and tensor.dtype != torch.float32:

@@ -4,7 +4,14 @@ Accepted: ``.safetensors`` or weights-only torch pickles (``.pth``/``.pt``/``.bi
 bare or under ``state_dict``/``model``/``state_dict_ema``/``model_ema``, with or without a
 ``module.`` prefix; and timm's Hugging Face Hub folders (``config.json`` with ``architecture``
 and ``pretrained_cfg`` beside ``model.safetensors``). The architecture is inferred from the
-tensor shapes (:func:`vitdeploy.checkpoints.common.infer_config`).
+tensor names and shapes (:func:`vitdeploy.checkpoints.common.infer_config`), for every family timm
+holds under these names: ViT, DeiT (``dist_token``/``head_dist``), DeiT III, DINOv2 (``reg_token``),
+CLIP towers and SigLIP (``attn_pool``).
+
+timm stores a CLIP tower's visual projection as ``head`` (``num_classes`` = the projection width,
+its bias zero, as timm's OpenCLIP conversion writes it); vitdeploy's name for it is ``proj``
+(no bias), so such a head is renamed: a CLIP tower (``norm_pre``, no patch bias) whose head bias
+is all zero is an embedder, one with a bias is a fine-tuned classifier.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vitdeploy.checkpoints.common import (
     Checkpoint,
     CheckpointError,
+    StateDict,
     folder_weight_files,
     infer_config,
     read_safetensors,
@@ -25,6 +35,8 @@ from vitdeploy.checkpoints.common import (
     unwrap_state_dict,
 )
 
+# Architecture name prefixes of the timm models vitdeploy reads.
+TIMM_PREFIXES = ("vit_", "deit_", "deit3_")
 HF_MARKERS = ("embeddings.patch_embeddings.projection.weight", "vit.embeddings.patch_embeddings.projection.weight")
 
 
@@ -32,11 +44,13 @@ def is_timm_hub_config(data: object) -> bool:
     return isinstance(data, dict) and isinstance(data.get("architecture"), str)
 
 
-def _hub_fields(data: dict[str, Any], where: Path) -> tuple[dict[str, Any], int | None]:
-    """Config fields (preprocessing, labels) and ``model_args.num_heads`` from a timm Hub ``config.json``."""
+def _hub_fields(data: dict[str, Any], where: Path) -> tuple[dict[str, Any], int | None, str]:
+    """Config fields (preprocessing, labels), ``model_args.num_heads`` and the architecture name
+    from a timm Hub ``config.json``."""
     architecture = data["architecture"].split(".")[0]
-    if not architecture.startswith("vit_"):
-        raise CheckpointError(f"{where}: timm architecture {data['architecture']!r} is not a ViT; expected vit_*")
+    if not architecture.startswith(TIMM_PREFIXES):
+        raise CheckpointError(f"{where}: timm architecture {data['architecture']!r} is not a ViT; expected "
+                              f"{', '.join(p + '*' for p in TIMM_PREFIXES)}")
     fields: dict[str, Any] = {}
     pretrained = data.get("pretrained_cfg") or {}
     for key in ("mean", "std", "crop_pct", "interpolation"):
@@ -46,19 +60,33 @@ def _hub_fields(data: dict[str, Any], where: Path) -> tuple[dict[str, Any], int 
     if isinstance(labels, list) and labels:
         fields["labels"] = [str(label) for label in labels]
     heads = (data.get("model_args") or {}).get("num_heads")
-    return fields, int(heads) if heads is not None else None
+    return fields, int(heads) if heads is not None else None, architecture
+
+
+def clip_head_as_projection(state_dict: StateDict, notes: list[str]) -> StateDict:
+    """A timm CLIP tower's zero-bias ``head`` renamed to vitdeploy's bias-free ``proj`` (see the module doc)."""
+    head, bias = state_dict.get("head.weight"), state_dict.get("head.bias")
+    is_clip = "norm_pre.weight" in state_dict and "patch_embed.proj.bias" not in state_dict
+    if not is_clip or head is None or bias is None or "proj.weight" in state_dict or torch.count_nonzero(bias):
+        return state_dict
+    state_dict = {k: v for k, v in state_dict.items() if k not in ("head.weight", "head.bias")}
+    state_dict["proj.weight"] = head
+    notes.append(f"read the CLIP tower's zero-bias head [{head.shape[0]}, {head.shape[1]}] as its visual "
+                 "projection proj (image_embeds)")
+    return state_dict
 
 
 def read_timm(path: Path, num_heads: int | None = None) -> Checkpoint:
     """Read a timm state dict file or timm Hub folder; ``num_heads`` overrides the inferred heads."""
     notes: list[str] = []
     base: dict[str, Any] = {}
+    architecture = None
     if path.is_dir():
         config_path = path / "config.json"
         data = json.loads(config_path.read_text())
         if not is_timm_hub_config(data):
             raise CheckpointError(f"{config_path} has no \"architecture\"; not a timm Hub folder")
-        base, hub_heads = _hub_fields(data, config_path)
+        base, hub_heads, architecture = _hub_fields(data, config_path)
         num_heads = num_heads if num_heads is not None else hub_heads
         files = folder_weight_files(path)
         state_dict = read_weight_files(files)
@@ -75,11 +103,12 @@ def read_timm(path: Path, num_heads: int | None = None) -> Checkpoint:
             f"{path} looks like a Hugging Face transformers ViT state dict; pass the model folder "
             "(with its config.json) instead, or format='huggingface'"
         )
+    state_dict = clip_head_as_projection(state_dict, notes)
     labels = base.get("labels")
     head = state_dict.get("head.weight")
     if labels is not None and (head is None or len(labels) != head.shape[0]):
         notes.append(f"ignored {len(labels)} label_names that do not match the head")
         base.pop("labels")
     base["pos_embed_resample"] = "timm"
-    config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base)
+    config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture)
     return Checkpoint(config, state_dict, "timm", files, notes=notes + inferred)

@@ -1,0 +1,228 @@
+"""The family fields of ViTConfig and the registry: validation, round trips, old files, parameter
+counts against real timm, the prefix-only last block, the fp16 policy and ``model=``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, tiny_config
+from safetensors.torch import save_file
+from timm_without_torchvision import import_timm
+
+from vitdeploy.checkpoints import CheckpointError, load_model, resolve_source
+from vitdeploy.config import ViTConfig
+from vitdeploy.model import Attention, AttentionPool, LayerNorm, VisionTransformer, prepare_model
+from vitdeploy.outputs import available_outputs, default_outputs
+from vitdeploy.variants import VARIANTS, get_config
+
+timm = import_timm()
+needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+
+# One small config per family piece (32x32 input, patch 8, width 64, two blocks).
+FAMILY_CONFIGS = {
+    "deit_distilled": tiny_config(distilled=True, family="deit"),
+    "deit3": tiny_config(no_embed_class=True, layer_scale=1e-6, family="deit3"),
+    "dinov2_reg": tiny_config(num_reg_tokens=4, no_embed_class=True, layer_scale=1e-5, num_classes=0,
+                              family="dinov2"),
+    "clip": tiny_config(pre_norm=True, patch_bias=False, projection_dim=24, num_classes=0, act="quick_gelu",
+                        layer_norm_eps=1e-5, family="clip"),
+    "siglip": tiny_config(pooling="map", class_token=False, num_classes=0, act="gelu_tanh", family="siglip"),
+    "avg_fc_norm_reg": tiny_config(pooling="avg", class_token=True, num_reg_tokens=2),
+}
+
+
+@pytest.mark.parametrize("key", sorted(FAMILY_CONFIGS))
+def test_round_trip_keeps_every_field(key):
+    config = FAMILY_CONFIGS[key]
+    assert ViTConfig.from_dict(config.to_dict()) == config
+    assert ViTConfig.from_json(config.to_json()) == config
+
+
+def test_old_saved_configs_keep_their_meaning():
+    """Written before the family fields: mean pooling then meant the final norm on the tokens."""
+    old = tiny_config(pooling="avg").to_dict()
+    for name in ("class_token", "num_reg_tokens", "distilled", "no_embed_class", "layer_scale", "pre_norm",
+                 "fc_norm", "act", "patch_bias", "family"):
+        del old[name]
+    config = ViTConfig.from_dict(old)
+    assert config.use_fc_norm is False and config.num_prefix_tokens == 0 and config.act == "gelu"
+    assert "norm.weight" in VisionTransformer(config).state_dict()
+    # a config built today follows timm's rule: fc_norm with mean pooling
+    assert tiny_config(pooling="avg").use_fc_norm is True
+    old_token = tiny_config().to_dict()
+    del old_token["class_token"], old_token["fc_norm"]
+    assert ViTConfig.from_dict(old_token).num_prefix_tokens == 1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(pooling="max"), "pooling must be one of token, avg, map, got 'max'"),
+    (dict(class_token=False), "pooling 'token' needs the class token"),
+    (dict(distilled=True, pooling="avg"), "needs pooling 'token' and a class token"),
+    (dict(distilled=True, num_reg_tokens=2), "no register tokens or representation layer"),
+    (dict(distilled=True, fc_norm=True), "no fc_norm"),
+    (dict(num_reg_tokens=-1), "num_reg_tokens must be >= 0, got -1"),
+    (dict(act="relu"), "act must be one of gelu, quick_gelu, gelu_tanh, got 'relu'"),
+    (dict(family="beit"), "family must be one of vit, deit, deit3, dinov2, clip, siglip, got 'beit'"),
+    (dict(layer_scale=0.0), "layer_scale is the LayerScale init and must be > 0"),
+    (dict(projection_dim=0), "projection_dim must be positive"),
+])
+def test_invalid_combinations_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(**overrides)
+
+
+def test_prefix_tokens_and_their_order():
+    model = make_model(FAMILY_CONFIGS["dinov2_reg"])
+    assert model.config.num_prefix_tokens == 5 and model.pos_embed.shape[1] == 16  # no_embed_class: patches only
+    with torch.no_grad():
+        tokens = model.forward_outputs(torch.randn(2, 3, 32, 48), ["last_hidden_state", "patch_tokens"])
+    assert tokens["last_hidden_state"].shape == (2, 5 + 4 * 6, 64)
+    assert torch.equal(tokens["patch_tokens"], tokens["last_hidden_state"][:, 5:])
+    distilled = make_model(FAMILY_CONFIGS["deit_distilled"])
+    assert distilled.pos_embed.shape[1] == 2 + 16  # class and distillation tokens have position embeddings
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = distilled.forward_features(x)
+        logits = distilled(x)
+        pooled = distilled.forward_outputs(x, ["pooler_output"])["pooler_output"]
+    expected = (distilled.head(features[:, 0]) + distilled.head_dist(features[:, 1])) / 2
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, (features[:, 0] + features[:, 1]) / 2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", sorted(FAMILY_CONFIGS))
+def test_forward_outputs_returns_exactly_what_is_asked(key):
+    model = make_model(FAMILY_CONFIGS[key])
+    x = torch.randn(2, 3, 40, 24)
+    names = available_outputs(model.config)
+    with torch.no_grad():
+        everything = model.forward_outputs(x, list(reversed(names)))
+        assert list(everything) == list(names)  # canonical order, whatever the order asked
+        default = model(x)
+        for name in names:
+            alone = model.forward_outputs(x, [name])
+            assert list(alone) == [name]
+            torch.testing.assert_close(alone[name], everything[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(default, everything[default_outputs(model.config)[0]], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="has no logits output" if "logits" not in names else "unknown output"):
+        model.forward_outputs(x, ["logits" if "logits" not in names else "embeddings"])
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "siglip", "clip"])
+def test_fp16_policy_reaches_the_attention_pool_and_every_norm(key):
+    model = make_model(FAMILY_CONFIGS[key])
+    half = prepare_model(model, "fp16", fp32_ops=("LayerNormalization", "Softmax"))
+    attentions = [m for m in half.modules() if isinstance(m, Attention)]
+    assert any(isinstance(m, AttentionPool) for m in attentions) == (key == "siglip")
+    assert all(not m.fused and m.softmax_dtype == torch.float32 for m in attentions)
+    assert all(m.compute_dtype == torch.float32 for m in half.modules() if isinstance(m, LayerNorm))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        got = half(x.half()).float()
+    assert float(torch.nn.functional.cosine_similarity(got, reference).min()) > 0.999
+
+
+# --------------------------------------------------------------------------- the registry against timm
+
+# A few of each family: vitdeploy's count equals timm's own model of the same name.
+TIMM_NAMES = ["deit_small_patch16_224", "deit_base_distilled_patch16_384", "deit3_large_patch16_384",
+              "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2", "vit_base_patch32_clip_224",
+              "vit_large_patch14_clip_quickgelu_336", "vit_base_patch16_siglip_256",
+              "vit_so400m_patch14_siglip_378", "vit_base_patch16_siglip_gap_224"]
+
+
+@needs_timm
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_parameter_counts_and_shapes_equal_timm(name):
+    config = get_config(name)
+    kwargs = {"num_classes": config.projection_dim} if config.projection_dim else {}
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False, **kwargs)
+        ours = VisionTransformer(config)
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    if config.projection_dim:  # timm's CLIP projection is a head with a (zero) bias; ours is proj, bias-free
+        assert theirs.pop("head.weight") == mine.pop("proj.weight") and theirs.pop("head.bias") == (
+            config.projection_dim,)
+    assert mine == theirs
+    assert reference.patch_embed.img_size[0] == config.image_size
+    assert (reference.blocks[0].mlp.act.__class__.__name__ == "QuickGELU") == (config.act == "quick_gelu")
+    assert reference.norm_pre.__class__.__name__ == ("LayerNorm" if config.pre_norm else "Identity")
+
+
+def test_registry_leaves_out_what_it_cannot_build():
+    assert "vit_giant_patch14_dinov2" not in VARIANTS  # SwiGLU MLP
+    assert "vit_so400m_patch14_siglip_384" not in VARIANTS  # 384 is no multiple of 14
+    assert {c.family for c in VARIANTS.values()} == {"vit", "deit", "deit3", "dinov2", "clip", "siglip"}
+
+
+# --------------------------------------------------------------------------- model= forces an architecture
+
+
+def test_model_override_forces_a_registry_architecture(tmp_path):
+    torch.manual_seed(0)
+    source = VisionTransformer(get_config("vit_tiny_patch16_224", depth=12)).eval()
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    assert load_model(path).config.name == "vit_tiny_patch16_224"  # plain ViT first: DeiT has the same shapes
+    deit = load_model(path, model="deit_tiny_patch16_224")
+    assert (deit.config.name, deit.config.family, deit.config.mean) == ("deit_tiny_patch16_224", "deit",
+                                                                        (0.485, 0.456, 0.406))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(deit(x), source(x), rtol=0, atol=1e-5)
+    with pytest.raises(CheckpointError,
+                       match=r"missing 3: dist_token, head_dist\.weight, head_dist\.bias; wrong shape 1: pos_embed"):
+        load_model(path, model="deit_tiny_distilled_patch16_224")
+    resolved = resolve_source(str(path), model="deit_tiny_patch16_224")
+    assert resolved.model.config.name == "deit_tiny_patch16_224"
+    assert any("forced to deit_tiny_patch16_224" in n for n in resolved.notes)
+    with pytest.raises(ValueError, match="unknown model variant 'deit_huge' for model="):
+        load_model(path, model="deit_huge")
+    with pytest.raises(ValueError, match="is a variant name already"):
+        resolve_source("vit_tiny_patch16_224", model="deit_tiny_patch16_224")
+
+
+def test_an_unsupported_file_names_the_closest_family(tmp_path):
+    """DINOv2 giant's SwiGLU MLP (w12/w3) is no block vitdeploy has: one line says what is closest."""
+    with torch.device("meta"):
+        model = VisionTransformer(get_config("vit_small_patch14_dinov2", depth=2, hidden_size=64, num_heads=2,
+                                             mlp_size=128, image_size=28))
+    tensors = {k: torch.zeros(v.shape) for k, v in model.state_dict().items() if ".mlp.fc" not in k}
+    for block in range(2):
+        tensors[f"blocks.{block}.mlp.w12.weight"] = torch.zeros(256, 64)
+        tensors[f"blocks.{block}.mlp.w3.weight"] = torch.zeros(64, 128)
+    save_file(tensors, str(tmp_path / "swiglu.safetensors"))
+    with pytest.raises(CheckpointError, match=r"closest supported family: dinov2 \(like vit_\w+_patch14_dinov2\): "
+                                              r"it lacks blocks\.\*\.mlp\.fc1\.bias, .*; has blocks\.\*\.mlp\.w12"):
+        load_model(tmp_path / "swiglu.safetensors", num_heads=2)
+
+
+def test_a_clip_tower_fine_tuned_as_a_classifier_keeps_its_head(tmp_path):
+    """A biased head on a CLIP tower is a classifier (timm's *_clip_224.*_ft_in1k), not the projection."""
+    config = FAMILY_CONFIGS["clip"].replace(projection_dim=None, num_classes=10, act="gelu")
+    source = make_model(config)
+    with torch.no_grad():
+        source.head.bias.normal_()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    with pytest.warns(Warning, match="QuickGELU"):
+        loaded = load_model(tmp_path / "ft.safetensors", num_heads=4)
+    assert (loaded.config.num_classes, loaded.config.projection_dim, loaded.config.family) == (10, None, "clip")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=1e-5)
+
+
+def test_strict_loading_resamples_a_patch_only_grid(tmp_path):
+    """A checkpoint grid other than the config's is resampled with the register tokens kept out of it."""
+    from vitdeploy.checkpoints.common import load_strict
+    from vitdeploy.pos_embed import resample_pos_embed
+
+    source = make_model(FAMILY_CONFIGS["dinov2_reg"])  # 4x4 grid, position embeddings for the patches only
+    target = VisionTransformer(FAMILY_CONFIGS["dinov2_reg"].replace(image_size=48)).eval()
+    notes: list[str] = []
+    with pytest.warns(Warning, match="resampled position embeddings 4x4 → 6x6"):
+        load_strict(target, dict(source.state_dict()), "test", notes=notes)
+    expected = resample_pos_embed(source.pos_embed.detach(), (6, 6), (4, 4), 0, method="timm")
+    torch.testing.assert_close(target.pos_embed.detach(), expected, rtol=0, atol=0)
