@@ -1,4 +1,4 @@
-"""Checkpoint import and export: native, timm, Hugging Face transformers and original JAX ViTs.
+"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2 and JAX ViTs.
 
 ``load_model(source)`` detects the format, reads tensors without ever unpickling code
 (safetensors, ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``), converts them
@@ -26,7 +26,15 @@ from vitdeploy.checkpoints.common import (
     instantiate,
     state_dict_sha256,
 )
-from vitdeploy.checkpoints.detect import EXPECTED, FORMATS, checkpoint_path, detect_format
+from vitdeploy.checkpoints.detect import (
+    EXPECTED,
+    FORMATS,
+    checkpoint_path,
+    closest_layout,
+    detect_format,
+    weight_keys,
+)
+from vitdeploy.checkpoints.dinov2 import read_dinov2
 from vitdeploy.checkpoints.huggingface import read_huggingface
 from vitdeploy.checkpoints.jax import read_jax
 from vitdeploy.checkpoints.native import read_native, save_model
@@ -63,10 +71,20 @@ def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | N
         raise CheckpointError(f"a Hugging Face checkpoint is a folder with config.json; {path} is a file")
     if fmt == "jax" and path.is_dir():
         raise CheckpointError(f"a JAX checkpoint is an .npz file; {path} is a folder")
+    if fmt == "dinov2" and path.is_dir():
+        raise CheckpointError(f"an original DINOv2 checkpoint is a .pth or .safetensors file; {path} is a folder")
     if fmt == "native":
         return read_native(path)
+    if fmt == "dinov2":
+        return read_dinov2(path, num_heads=num_heads)
     if fmt == "timm":
-        return read_timm(path, num_heads=num_heads)
+        try:
+            return read_timm(path, num_heads=num_heads)
+        except CheckpointError as error:
+            keys = weight_keys(path) if format == "auto" else None
+            if not keys:
+                raise
+            raise CheckpointError(f"{error}; {closest_layout(keys)}") from None
     if fmt == "huggingface":
         return read_huggingface(path)
     return read_jax(path, num_heads=num_heads)
@@ -83,7 +101,7 @@ def _load(source: str | Path, format: str, overrides: dict[str, Any]) -> tuple[V
 def load_model(source: str | Path, format: str = "auto", **overrides: Any) -> VisionTransformer:
     """Load a checkpoint file or folder in any supported format as an eval-mode :class:`VisionTransformer`.
 
-    ``format`` is ``"auto"`` (detected) or one of ``native``, ``timm``, ``huggingface``, ``jax``.
+    ``format`` is ``"auto"`` (detected) or one of ``native``, ``timm``, ``huggingface``, ``jax``, ``dinov2``.
     ``overrides`` edit the config: ``num_classes`` (a new zero-initialised head when it differs),
     ``image_size`` (position embeddings resampled), ``num_heads`` (formats that do not store it),
     ``mean``/``std``/``labels`` and the like.
