@@ -66,7 +66,8 @@ def _timm(name: str, **kwargs) -> torch.nn.Module:
 
 T = transformers
 CASES = [
-    Case("deit_teacher", lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
+    Case("deit_teacher",
+         lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
          lambda: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5),
          dict(family="deit", distilled=True, class_token=True, num_classes=5, pos_embed_resample="huggingface")),
     Case("deit_classifier", lambda: T.DeiTForImageClassification(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
@@ -91,7 +92,8 @@ CASES = [
              **SMALL, patch_size=14, mlp_ratio=2, num_register_tokens=4, num_labels=3)),
          lambda: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0),
          dict(family="dinov2", num_reg_tokens=4, pooling="token_avg", num_classes=3)),
-    Case("clip_vision", lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8)),
+    Case("clip_vision",
+         lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8)),
          lambda: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=0),
          dict(family="clip", pre_norm=True, patch_bias=False, act="quick_gelu", projection_dim=None,
               layer_norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)),
@@ -373,3 +375,23 @@ def test_hf_folders_are_detected_by_model_type_or_architecture(saved, tmp_path) 
     with pytest.raises(CheckpointError, match="closest supported layout is Hugging Face CLIP image tower") as error:
         detect_format(tmp_path)
     assert "\n" not in str(error.value)
+
+
+def test_closest_layout_names_the_family_and_the_differing_keys() -> None:
+    from vitdeploy.checkpoints.detect import closest_layout
+
+    keys = list(_timm("vit_small_patch14_reg4_dinov2", num_classes=0, init_values=1.0).state_dict())
+    keys = [k.replace("ls1.gamma", "gamma_1") for k in keys] + ["rope.freqs"]
+    line = closest_layout(keys)
+    assert line.startswith("closest supported layout is timm DINOv2 with registers")
+    assert "missing blocks.N.ls1.gamma" in line
+    assert "unexpected blocks.N.gamma_1, rope.freqs" in line
+    assert "\n" not in line
+    assert "share nothing" in closest_layout(["encoder.conv1.weight"])
+
+
+def test_unrecognised_state_dict_file_gets_the_closest_layout(tmp_path) -> None:
+    path = tmp_path / "odd.pth"
+    torch.save({"embed.weight": torch.zeros(2), "blocks.0.norm1.weight": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="closest supported layout is .*missing .*unexpected embed.weight"):
+        read_checkpoint(path)

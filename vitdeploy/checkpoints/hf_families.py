@@ -48,7 +48,9 @@ VIT_LAYER_MODULES = {
     **_QKV_ATTENTION, "layernorm_before": "norm1", "layernorm_after": "norm2",
     "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
 }
-DINOV2_LAYER_MODULES = {**_QKV_ATTENTION, "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+DINOV2_LAYER_MODULES = {
+    **_QKV_ATTENTION, "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
 DINOV2_LAYER_PARAMS = {"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
 CLIP_LAYER_MODULES = {
     "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k",
@@ -181,7 +183,8 @@ def convert_dinov2(source: StateDict, data: dict[str, Any], where: str) -> Conve
     source = strip_model_prefix(source, ("dinov2_with_registers.", "dinov2."))
     out, rest, unexpected = rename_layers(source, LAYER_KEY, DINOV2_LAYER_MODULES, DINOV2_LAYER_PARAMS)
     m = _Mapper(rest, out)
-    notes = _ignored_note(m.ignore(("embeddings.mask_token",)), "the masked-image-modelling token: not in the inference path")
+    notes = _ignored_note(m.ignore(("embeddings.mask_token",)),
+                          "the masked-image-modelling token: not in the inference path")
     m.move("embeddings.cls_token", "cls_token")
     registers = m.move("embeddings.register_tokens", "reg_token")
     m.move("embeddings.position_embeddings", "pos_embed")
