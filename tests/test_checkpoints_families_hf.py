@@ -378,9 +378,10 @@ def test_hf_folders_are_detected_by_model_type_or_architecture(saved, tmp_path) 
 
 
 def test_closest_layout_names_the_family_and_the_differing_keys() -> None:
-    from vitdeploy.checkpoints.detect import closest_layout
+    from vitdeploy.checkpoints.detect import closest_layout, match_layout
 
     keys = list(_timm("vit_small_patch14_reg4_dinov2", num_classes=0, init_values=1.0).state_dict())
+    assert match_layout(keys).exact and match_layout(keys).label == "timm DINOv2 with registers"
     keys = [k.replace("ls1.gamma", "gamma_1") for k in keys] + ["rope.freqs"]
     line = closest_layout(keys)
     assert line.startswith("closest supported layout is timm DINOv2 with registers")

@@ -32,6 +32,7 @@ from vitdeploy.checkpoints.detect import (
     checkpoint_path,
     closest_layout,
     detect_format,
+    match_layout,
     weight_keys,
 )
 from vitdeploy.checkpoints.dinov2 import read_dinov2
@@ -81,8 +82,9 @@ def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | N
         try:
             return read_timm(path, num_heads=num_heads)
         except CheckpointError as error:
+            # A file unlike every supported layout: say which one it is closest to, on the same line.
             keys = weight_keys(path) if format == "auto" else None
-            if not keys:
+            if not keys or match_layout(keys).exact:
                 raise
             raise CheckpointError(f"{error}; {closest_layout(keys)}") from None
     if fmt == "huggingface":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -212,21 +213,42 @@ def _listed(names: Iterable[str], limit: int = 4) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def closest_layout(keys: Iterable[str]) -> str:
-    """One line: the supported layout whose tensor names overlap ``keys`` most, and the names that differ."""
+@dataclass(frozen=True)
+class LayoutMatch:
+    """How the tensor names of a file compare with the supported layout they overlap most."""
+
+    label: str
+    shared: int
+    size: int
+    missing: frozenset[str]
+    unexpected: frozenset[str]
+
+    @property
+    def exact(self) -> bool:
+        return not self.missing and not self.unexpected
+
+
+def match_layout(keys: Iterable[str]) -> LayoutMatch:
+    """The :data:`LAYOUTS` entry whose tensor names overlap ``keys`` most (Jaccard index of the names)."""
     names = normalise_keys(keys)
 
     def score(item: tuple[str, frozenset[str]]) -> float:
-        layout = item[1]
-        return len(names & layout) / len(names | layout) if names | layout else 0.0
+        union = names | item[1]
+        return len(names & item[1]) / len(union) if union else 0.0
 
     label, layout = max(LAYOUTS.items(), key=score)
-    missing, unexpected = layout - names, names - layout
-    if not names & layout:
-        return f"its tensor names share nothing with any supported layout ({_listed(names)}); {EXPECTED}"
-    parts = [f"closest supported layout is {label} ({len(names & layout)} of its {len(layout)} tensor names)"]
-    if missing:
-        parts.append(f"missing {_listed(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {_listed(unexpected)}")
+    return LayoutMatch(label, len(names & layout), len(layout), layout - names, names - layout)
+
+
+def closest_layout(keys: Iterable[str]) -> str:
+    """One line: the supported layout whose tensor names overlap ``keys`` most, and the names that differ."""
+    keys = list(keys)
+    match = match_layout(keys)
+    if not match.shared:
+        return f"its tensor names share nothing with any supported layout ({_listed(normalise_keys(keys))}); {EXPECTED}"
+    parts = [f"closest supported layout is {match.label} ({match.shared} of its {match.size} tensor names)"]
+    if match.missing:
+        parts.append(f"missing {_listed(match.missing)}")
+    if match.unexpected:
+        parts.append(f"unexpected {_listed(match.unexpected)}")
     return "; ".join(parts)
