@@ -59,61 +59,61 @@ class Case:
     fields: dict
 
 
-def _timm(name: str, **kwargs) -> torch.nn.Module:
+def _timm(name: str, img_size: int | tuple[int, int] = 56, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS,
-                             img_size=56, **kwargs).eval()
+                             img_size=img_size, **kwargs).eval()
 
 
 T = transformers
 CASES = [
     Case("deit_teacher",
          lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
-         lambda: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5),
+         lambda **kw: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5, **kw),
          dict(family="deit", distilled=True, class_token=True, num_classes=5, pos_embed_resample="huggingface")),
     Case("deit_classifier", lambda: T.DeiTForImageClassification(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
-         lambda: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5),
+         lambda **kw: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5, **kw),
          dict(family="deit", distilled=True, num_classes=5)),
     Case("deit_model", lambda: T.DeiTModel(T.DeiTConfig(**SMALL, patch_size=8)),
-         lambda: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=0),
+         lambda **kw: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=0, **kw),
          dict(family="deit", distilled=True, num_classes=0)),
     Case("dinov2", lambda: T.Dinov2Model(T.Dinov2Config(**SMALL, patch_size=14, mlp_ratio=2)),
-         lambda: _timm("vit_small_patch14_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0),
+         lambda **kw: _timm("vit_small_patch14_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
          dict(family="dinov2", num_reg_tokens=0, no_embed_class=False, layer_scale=1.0, pooling="token",
               pos_embed_resample="huggingface", image_size=56, patch_size=14)),
     Case("dinov2_classifier",
          lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**SMALL, patch_size=14, mlp_ratio=2, num_labels=3)),
-         lambda: _timm("vit_small_patch14_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0),
+         lambda **kw: _timm("vit_small_patch14_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
          dict(family="dinov2", pooling="token_avg", num_classes=3)),
     Case("dinov2_reg", lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
              **SMALL, patch_size=14, mlp_ratio=2, num_register_tokens=4)),
-         lambda: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0),
+         lambda **kw: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
          dict(family="dinov2", num_reg_tokens=4, no_embed_class=True, pos_embed_resample="timm")),
     Case("dinov2_reg_classifier", lambda: T.Dinov2WithRegistersForImageClassification(T.Dinov2WithRegistersConfig(
              **SMALL, patch_size=14, mlp_ratio=2, num_register_tokens=4, num_labels=3)),
-         lambda: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0),
+         lambda **kw: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
          dict(family="dinov2", num_reg_tokens=4, pooling="token_avg", num_classes=3)),
     Case("clip_vision",
          lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8)),
-         lambda: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=0),
+         lambda **kw: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=0, **kw),
          dict(family="clip", pre_norm=True, patch_bias=False, act="quick_gelu", projection_dim=None,
               layer_norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)),
     Case("clip_vision_projection", lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(
              **{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8, projection_dim=32)),
-         lambda: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=32),
+         lambda **kw: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=32, **kw),
          dict(family="clip", projection_dim=32)),
     Case("clip_full", lambda: T.CLIPModel(T.CLIPConfig(
              vision_config=dict(**{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8),
              text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
              projection_dim=32)),
-         lambda: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=32),
+         lambda **kw: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=32, **kw),
          dict(family="clip", projection_dim=32, act="quick_gelu")),
     Case("siglip_vision", lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL, patch_size=8)),
-         lambda: _timm("vit_base_patch16_siglip_224", patch_size=8, mlp_ratio=2, num_classes=0, act_layer="gelu_tanh"),
+         lambda **kw: _timm("vit_base_patch16_siglip_224", patch_size=8, mlp_ratio=2, num_classes=0, act_layer="gelu_tanh", **kw),
          dict(family="siglip", class_token=False, pooling="map", act="gelu_tanh", mean=(0.5, 0.5, 0.5))),
     Case("siglip_full", lambda: T.SiglipModel(T.SiglipConfig(
              vision_config=dict(**SMALL, patch_size=8),
              text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))),
-         lambda: _timm("vit_base_patch16_siglip_224", patch_size=8, mlp_ratio=2, num_classes=0, act_layer="gelu_tanh"),
+         lambda **kw: _timm("vit_base_patch16_siglip_224", patch_size=8, mlp_ratio=2, num_classes=0, act_layer="gelu_tanh", **kw),
          dict(family="siglip", pooling="map")),
 ]
 
@@ -396,3 +396,44 @@ def test_unrecognised_state_dict_file_gets_the_closest_layout(tmp_path) -> None:
     torch.save({"embed.weight": torch.zeros(2), "blocks.0.norm1.weight": torch.ones(2)}, path)
     with pytest.raises(CheckpointError, match="closest supported layout is .*missing .*unexpected embed.weight"):
         read_checkpoint(path)
+
+
+RESAMPLED = ["deit_teacher", "dinov2", "dinov2_reg", "clip_vision", "siglip_vision"]
+
+
+@pytest.mark.parametrize("case_id", RESAMPLED)
+def test_each_source_resamples_by_its_named_convention(case_id: str, saved) -> None:
+    """At other (non-square) sizes, transformers' ``interpolate_pos_encoding`` equals the timm model
+    whose position embeddings vitdeploy's ``resample_pos_embed`` resampled by the convention the
+    conversion names, and the other convention misses."""
+    import inspect
+
+    from vitdeploy.pos_embed import resample_pos_embed
+
+    case = _case(case_id)
+    hf_model, folder = saved(case)
+    conversion, _ = convert_hf_folder(folder)
+    fields, pos = conversion.fields, conversion.state_dict["pos_embed"]
+    patch, side = fields["patch_size"], fields["image_size"] // fields["patch_size"]
+    prefix = pos.shape[1] - side * side
+    method = fields["pos_embed_resample"]
+    other = "timm" if method == "huggingface" else "huggingface"
+    kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(
+        hf_model.forward).parameters else {}
+    for grid in [(3, 5), (9, 6)]:
+        pixels = torch.randn(1, 3, grid[0] * patch, grid[1] * patch, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            result = hf_model(pixel_values=pixels, **kwargs)
+        expected = result.logits if fields.get("num_classes") else result.last_hidden_state
+        if case_id.startswith("clip"):
+            expected = getattr(hf_model, "vision_model", hf_model).post_layernorm(expected)
+        errors = {}
+        for name in (method, other):
+            reference = case.timm(img_size=(grid[0] * patch, grid[1] * patch))
+            resampled = resample_pos_embed(pos, grid, (side, side), prefix, method=name)
+            reference.load_state_dict(timm_state_dict({**conversion.state_dict, "pos_embed": resampled}, case))
+            with torch.no_grad():
+                errors[name] = rel_err(reference(pixels) if fields.get("num_classes")
+                                       else reference.forward_features(pixels), expected)
+        assert errors[method] <= TOLERANCE, (grid, errors)
+        assert errors[other] > 10 * TOLERANCE, (grid, errors)
