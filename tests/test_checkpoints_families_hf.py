@@ -437,3 +437,40 @@ def test_each_source_resamples_by_its_named_convention(case_id: str, saved) -> N
                                        else reference.forward_features(pixels), expected)
         assert errors[method] <= TOLERANCE, (grid, errors)
         assert errors[other] > 10 * TOLERANCE, (grid, errors)
+
+
+def original_dinov2_resample(pos_embed: torch.Tensor, grid: tuple[int, int], offset: float,
+                             antialias: bool) -> torch.Tensor:
+    """facebookresearch/dinov2's ``interpolate_pos_encoding`` (class position first, then the grid):
+    bicubic with scale factors ``(new + offset) / old`` when ``offset``, else at the exact size."""
+    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
+    dim = pos_embed.shape[-1]
+    if offset:
+        kwargs = {"scale_factor": ((grid[0] + offset) / side, (grid[1] + offset) / side)}
+    else:
+        kwargs = {"size": grid}
+    patches = torch.nn.functional.interpolate(pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
+                                              mode="bicubic", antialias=antialias, **kwargs)
+    return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_original_dinov2_convention(registers: bool) -> None:
+    """The convention named for the original DINOv2 reproduces its resampling (the register models:
+    antialiased, exact size = ``timm``; the others: no antialias, offset scale factors = ``dinov2``)."""
+    from vitdeploy.checkpoints.dinov2 import convert_dinov2_hub
+    from vitdeploy.pos_embed import RESAMPLE_METHODS, resample_pos_embed
+
+    torch.manual_seed(0)
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    conversion = convert_dinov2_hub(hub_state_dict(perturb(_timm(name, num_classes=0, init_values=1.0))), "test")
+    method = conversion.fields["pos_embed_resample"]
+    if method not in RESAMPLE_METHODS:
+        pytest.skip(f"vitdeploy.pos_embed has no {method!r} convention yet")
+    pos = torch.randn(1, 1 + 16, 8, generator=torch.Generator().manual_seed(6))  # class position + 4x4 grid
+    for grid in [(3, 5), (9, 4), (4, 7)]:
+        expected = original_dinov2_resample(pos, grid, 0.0 if registers else 0.1, antialias=registers)
+        assert rel_err(resample_pos_embed(pos, grid, (4, 4), 1, method=method), expected) <= 1e-5, grid
+    other = "huggingface" if registers else "timm"
+    assert rel_err(resample_pos_embed(pos, (3, 5), (4, 4), 1, method=other),
+                   original_dinov2_resample(pos, (3, 5), 0.0 if registers else 0.1, antialias=registers)) > 1e-3
