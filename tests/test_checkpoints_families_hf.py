@@ -166,8 +166,10 @@ def hf_outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.
     return outputs
 
 
-def timm_outputs(model: torch.nn.Module, pixels: torch.Tensor, fields: dict) -> dict[str, torch.Tensor]:
-    """What vitdeploy's model gives for each output name, computed by timm's model (the contract)."""
+def timm_outputs(model: torch.nn.Module, pixels: torch.Tensor, fields: dict,
+                 head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What vitdeploy's model gives for each output name, computed by timm's model (the contract);
+    ``head`` holds the converted ``head.*`` tensors (timm has no concatenating pooling to load them into)."""
     with torch.no_grad():
         tokens = model.forward_features(pixels)
         prefix = model.num_prefix_tokens
@@ -175,7 +177,7 @@ def timm_outputs(model: torch.nn.Module, pixels: torch.Tensor, fields: dict) -> 
         if fields["pooling"] == "token_avg":  # Dinov2ForImageClassification: cls ++ mean(patch tokens)
             pooled = torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
             outputs["pooler_output"] = pooled
-            outputs["logits"] = model.state_dict_head(pooled)
+            outputs["logits"] = torch.nn.functional.linear(pooled, head["head.weight"], head["head.bias"])
         else:
             outputs["pooler_output"] = model.forward_head(tokens, pre_logits=True)
             if fields["num_classes"]:
@@ -203,17 +205,14 @@ def test_hf_family_matches_timm(case: Case, saved) -> None:
         assert conversion.fields[key] == {"hidden_size": HIDDEN, "depth": DEPTH, "num_heads": HEADS}[key]
 
     reference = case.timm()
-    head = conversion.state_dict.get("head.weight") if conversion.fields["pooling"] == "token_avg" else None
-    state_dict = timm_state_dict({k: v for k, v in conversion.state_dict.items()
-                                  if head is None or not k.startswith("head.")}, case)
+    concatenated = conversion.fields["pooling"] == "token_avg"
+    head = {k: v for k, v in conversion.state_dict.items() if concatenated and k.startswith("head.")}
+    state_dict = timm_state_dict({k: v for k, v in conversion.state_dict.items() if k not in head}, case)
     reference.load_state_dict(state_dict, strict=True)
-    if head is not None:
-        bias = conversion.state_dict["head.bias"]
-        reference.state_dict_head = lambda x: torch.nn.functional.linear(x, head, bias)
 
     size = conversion.fields["image_size"]
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    ours = timm_outputs(reference, pixels, conversion.fields)
+    ours = timm_outputs(reference, pixels, conversion.fields, head)
     theirs = hf_outputs(hf_model, pixels)
     if "hf_last_hidden_state" in theirs:  # CLIP: transformers' last_hidden_state is before post_layernorm
         vision = getattr(hf_model, "vision_model", hf_model)
@@ -420,7 +419,7 @@ def test_each_source_resamples_by_its_named_convention(case_id: str, saved) -> N
     other = "timm" if method == "huggingface" else "huggingface"
     kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(
         hf_model.forward).parameters else {}
-    for grid in [(3, 5), (9, 6)]:
+    for grid in [(side - 1, side + 2)]:  # non-square: one axis shrinks, the other grows
         pixels = torch.randn(1, 3, grid[0] * patch, grid[1] * patch, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
             result = hf_model(pixel_values=pixels, **kwargs)
