@@ -90,7 +90,7 @@ def convert_dinov2_hub(source: StateDict, where: str, num_heads: int | None = No
         mlp_size=int(fc1.shape[0]), num_classes=int(head.shape[0]) if head is not None else 0,
         qkv_bias="blocks.0.attn.qkv.bias" in out, layer_norm_eps=1e-6, act="gelu", class_token=True,
         num_reg_tokens=num_reg, no_embed_class=registers,
-        layer_scale=1.0 if "blocks.0.ls1.gamma" in out else None, pooling="token",
+        layer_scale=1.0 if "blocks.0.ls1.gamma" in out else None, pooling="token", fc_norm=False,
         pos_embed_resample="timm" if registers else DINOV2_RESAMPLE,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic",
     )

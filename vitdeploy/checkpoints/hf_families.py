@@ -164,7 +164,7 @@ def convert_deit(source: StateDict, data: dict[str, Any], where: str) -> Convers
         m.module("classifier", "head")
     fields = dict(
         family="deit", name=_name(data, where, "hf_deit"), class_token=True, distilled=distilled,
-        pooling="token", pos_embed_resample="huggingface",
+        pooling="token", fc_norm=False, pos_embed_resample="huggingface",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic",
         **_shape_fields(out, 2 if distilled else 1, data, where), **_head_fields(out, data),
     )
@@ -206,7 +206,7 @@ def convert_dinov2(source: StateDict, data: dict[str, Any], where: str) -> Conve
         family="dinov2", name=_name(data, where, "hf_dinov2"), class_token=True, num_reg_tokens=num_reg,
         no_embed_class=registers, layer_scale=float(data["layerscale_value"]),
         # Dinov2ForImageClassification: head(concat(class token, mean of the patch tokens)).
-        pooling="token_avg" if head is not None else "token",
+        pooling="token_avg" if head is not None else "token", fc_norm=False,
         # transformers' Dinov2 resamples with plain bicubic; Dinov2WithRegisters with antialiased bicubic.
         pos_embed_resample="timm" if registers else "huggingface",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic",
