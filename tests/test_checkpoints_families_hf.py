@@ -145,24 +145,32 @@ def timm_state_dict(state_dict: dict[str, torch.Tensor], case: Case) -> dict[str
 
 
 def hf_outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """transformers' outputs of one model, by vitdeploy output name, converted where conventions differ."""
+    """transformers' outputs of one model under vitdeploy's output names (with
+    ``interpolate_pos_encoding`` where the model takes it; DINOv2 always interpolates).
+
+    CLIP's ``last_hidden_state`` is before ``post_layernorm``, vitdeploy's (= timm's) after it:
+    the norm is applied here, so the names mean the same thing on both sides."""
+    import inspect
+
+    vision = getattr(model, "vision_model", model)
     with torch.no_grad():
         if isinstance(model, (T.CLIPModel, T.SiglipModel)):
-            vision = model.vision_model(pixel_values=pixels)
-            outputs = {"pooler_output": vision.pooler_output, "last_hidden_state": vision.last_hidden_state}
+            result = vision(pixel_values=pixels, interpolate_pos_encoding=True)
+            outputs = {"pooler_output": result.pooler_output, "last_hidden_state": result.last_hidden_state}
             if isinstance(model, T.CLIPModel):
-                outputs["hf_last_hidden_state"] = outputs.pop("last_hidden_state")
-                features = model.get_image_features(pixel_values=pixels)
+                features = model.get_image_features(pixel_values=pixels, interpolate_pos_encoding=True)
                 outputs["image_embeds"] = getattr(features, "pooler_output", features)
-            return outputs
-        result = model(pixel_values=pixels)
-    outputs = {}
-    for name in ("logits", "pooler_output", "image_embeds", "last_hidden_state"):
-        value = getattr(result, name, None)
-        if value is not None:
-            outputs[name] = value
-    if "last_hidden_state" in outputs and isinstance(model, (T.CLIPVisionModel, T.CLIPVisionModelWithProjection)):
-        outputs["hf_last_hidden_state"] = outputs.pop("last_hidden_state")
+        else:
+            takes = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+            result = model(pixel_values=pixels, **({"interpolate_pos_encoding": True} if takes else {}))
+            outputs = {name: getattr(result, name) for name in ("logits", "pooler_output", "image_embeds",
+                                                                "last_hidden_state")
+                       if getattr(result, name, None) is not None}
+        if isinstance(model, (T.CLIPModel, T.CLIPVisionModel, T.CLIPVisionModelWithProjection)):
+            outputs["last_hidden_state"] = vision.post_layernorm(outputs["last_hidden_state"])
+        if isinstance(model, T.DeiTModel):
+            # transformers' DeiT pooler (tanh(dense(class token))) is dropped: no vitdeploy counterpart.
+            outputs.pop("pooler_output", None)
     return outputs
 
 
@@ -187,13 +195,6 @@ def timm_outputs(model: torch.nn.Module, pixels: torch.Tensor, fields: dict,
     return outputs
 
 
-def _pooler_of_distilled(outputs: dict, hf: dict) -> None:
-    # timm's distilled pre_logits average the two tokens; transformers' DeiT pooler is a tanh layer
-    # (dropped) and its classifiers read the tokens apart: compare the tokens themselves.
-    outputs.pop("pooler_output", None)
-    hf.pop("pooler_output", None)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hf_family_matches_timm(case: Case, saved) -> None:
     hf_model, folder = saved(case)
@@ -214,12 +215,9 @@ def test_hf_family_matches_timm(case: Case, saved) -> None:
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     ours = timm_outputs(reference, pixels, conversion.fields, head)
     theirs = hf_outputs(hf_model, pixels)
-    if "hf_last_hidden_state" in theirs:  # CLIP: transformers' last_hidden_state is before post_layernorm
-        vision = getattr(hf_model, "vision_model", hf_model)
-        with torch.no_grad():
-            theirs["last_hidden_state"] = vision.post_layernorm(theirs.pop("hf_last_hidden_state"))
     if conversion.fields.get("distilled"):
-        _pooler_of_distilled(ours, theirs)
+        # timm's distilled pre_logits average the two tokens; transformers has no such output.
+        ours.pop("pooler_output")
     assert theirs, "transformers gave no output to compare"
     for name, expected in theirs.items():
         assert rel_err(ours[name], expected) <= TOLERANCE, name
@@ -473,3 +471,25 @@ def test_original_dinov2_convention(registers: bool) -> None:
     other = "huggingface" if registers else "timm"
     assert rel_err(resample_pos_embed(pos, (3, 5), (4, 4), 1, method=other),
                    original_dinov2_resample(pos, (3, 5), 0.0 if registers else 0.1, antialias=registers)) > 1e-3
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.fields.get("pooling") != "token_avg"], ids=lambda c: c.id)
+def test_vitdeploy_model_matches_transformers(case: Case, saved) -> None:
+    """``load_model`` of the folder, then every output transformers has, at the native size and a
+    non-square one (runs once ViTConfig and the model have the family fields)."""
+    from vitdeploy.checkpoints import load_model
+    from vitdeploy.outputs import available_outputs
+
+    if not {"class_token", "num_reg_tokens", "pre_norm", "act"} <= set(ViTConfig.__dataclass_fields__):
+        pytest.skip("ViTConfig has no family fields yet (helper 'families')")
+    hf_model, folder = saved(case)
+    model = load_model(folder)
+    patch, side = model.config.patch_size, model.config.image_size // model.config.patch_size
+    for grid in [(side, side), (side - 1, side + 2)]:
+        pixels = torch.randn(2, 3, grid[0] * patch, grid[1] * patch, generator=torch.Generator().manual_seed(7))
+        theirs = hf_outputs(hf_model, pixels)
+        with torch.no_grad():
+            ours = model.forward_outputs(pixels, available_outputs(model.config))
+        assert theirs
+        for name, expected in theirs.items():
+            assert rel_err(ours[name], expected) <= TOLERANCE, (grid, name)
