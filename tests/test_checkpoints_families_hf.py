@@ -493,3 +493,10 @@ def test_vitdeploy_model_matches_transformers(case: Case, saved) -> None:
         assert theirs
         for name, expected in theirs.items():
             assert rel_err(ours[name], expected) <= TOLERANCE, (grid, name)
+
+
+def test_cli_format_choices_are_the_checkpoint_formats() -> None:
+    from vitdeploy.checkpoints import FORMATS
+    from vitdeploy.cli.convert import FORMAT_CHOICES
+
+    assert FORMAT_CHOICES == ("auto", *FORMATS)
