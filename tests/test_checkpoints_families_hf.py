@@ -499,4 +499,4 @@ def test_cli_format_choices_are_the_checkpoint_formats() -> None:
     from vitdeploy.checkpoints import FORMATS
     from vitdeploy.cli.convert import FORMAT_CHOICES
 
-    assert FORMAT_CHOICES == ("auto", *FORMATS)
+    assert ("auto", *FORMATS) == FORMAT_CHOICES
