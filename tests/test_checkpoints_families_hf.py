@@ -442,6 +442,8 @@ def original_dinov2_resample(pos_embed: torch.Tensor, grid: tuple[int, int], off
     bicubic with scale factors ``(new + offset) / old`` when ``offset``, else at the exact size."""
     side = int(round((pos_embed.shape[1] - 1) ** 0.5))
     dim = pos_embed.shape[-1]
+    if tuple(grid) == (side, side):  # the original returns the stored embeddings at their own grid
+        return pos_embed
     if offset:
         kwargs = {"scale_factor": ((grid[0] + offset) / side, (grid[1] + offset) / side)}
     else:
@@ -465,7 +467,7 @@ def test_original_dinov2_convention(registers: bool) -> None:
     if method not in RESAMPLE_METHODS:
         pytest.skip(f"vitdeploy.pos_embed has no {method!r} convention yet")
     pos = torch.randn(1, 1 + 16, 8, generator=torch.Generator().manual_seed(6))  # class position + 4x4 grid
-    for grid in [(3, 5), (9, 4), (4, 7)]:
+    for grid in [(3, 5), (9, 4), (4, 7), (4, 4)]:
         expected = original_dinov2_resample(pos, grid, 0.0 if registers else 0.1, antialias=registers)
         assert rel_err(resample_pos_embed(pos, grid, (4, 4), 1, method=method), expected) <= 1e-5, grid
     other = "huggingface" if registers else "timm"
@@ -500,3 +502,34 @@ def test_cli_format_choices_are_the_checkpoint_formats() -> None:
     from vitdeploy.cli.convert import FORMAT_CHOICES
 
     assert ("auto", *FORMATS) == FORMAT_CHOICES
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_vitdeploy_model_of_an_original_dinov2_file(tmp_path, registers: bool) -> None:
+    """``load_model`` of an original DINOv2 ``.pth`` against the original's forward pass at the native and
+    a non-square size (timm's blocks with the original's resampled position embeddings); runs once
+    ViTConfig and the model have the family fields."""
+    from vitdeploy.checkpoints import load_model
+
+    if not {"class_token", "num_reg_tokens", "no_embed_class"} <= set(ViTConfig.__dataclass_fields__):
+        pytest.skip("ViTConfig has no family fields yet (helper 'families')")
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    torch.manual_seed(0)
+    hub = hub_state_dict(perturb(_timm(name, mlp_ratio=2, num_classes=0, init_values=1.0)))
+    path = tmp_path / "dinov2.pth"
+    torch.save(hub, path)
+    model = load_model(path, num_heads=HEADS)
+    for grid in [(4, 4), (3, 6)]:
+        pos = original_dinov2_resample(hub["pos_embed"], grid, 0.0 if registers else 0.1, antialias=registers)
+        reference_sd = {k: v for k, v in hub.items() if k not in ("mask_token", "register_tokens")}
+        if registers:  # the original adds the class position before inserting the registers: fold it
+            reference_sd.update(reg_token=hub["register_tokens"], cls_token=hub["cls_token"] + pos[:, :1],
+                                pos_embed=pos[:, 1:])
+        else:
+            reference_sd["pos_embed"] = pos
+        reference = _timm(name, img_size=(grid[0] * 14, grid[1] * 14), mlp_ratio=2, num_classes=0, init_values=1.0)
+        reference.load_state_dict(reference_sd, strict=True)
+        pixels = torch.randn(2, 3, grid[0] * 14, grid[1] * 14, generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            ours = model.forward_outputs(pixels, ["last_hidden_state"])["last_hidden_state"]
+            assert rel_err(ours, reference.forward_features(pixels)) <= TOLERANCE, grid
