@@ -306,10 +306,10 @@ def test_detection_errors_name_the_path_and_formats(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_model(tmp_path / "empty")
-    (tmp_path / "deit").mkdir()
-    (tmp_path / "deit" / "config.json").write_text(json.dumps({"model_type": "deit"}))
-    with pytest.raises(CheckpointError, match="model_type 'deit'"):
-        load_model(tmp_path / "deit")
+    (tmp_path / "swin").mkdir()
+    (tmp_path / "swin" / "config.json").write_text(json.dumps({"model_type": "swin"}))
+    with pytest.raises(CheckpointError, match="model_type 'swin'"):
+        load_model(tmp_path / "swin")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="variant name"):

@@ -1,4 +1,4 @@
-"""Checkpoint import and export: native, timm, Hugging Face transformers and original JAX ViTs.
+"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2 and JAX ViTs.
 
 ``load_model(source)`` detects the format, reads tensors without ever unpickling code
 (safetensors, ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``), converts them
@@ -27,7 +27,16 @@ from vitdeploy.checkpoints.common import (
     instantiate,
     state_dict_sha256,
 )
-from vitdeploy.checkpoints.detect import EXPECTED, FORMATS, checkpoint_path, detect_format
+from vitdeploy.checkpoints.detect import (
+    EXPECTED,
+    FORMATS,
+    checkpoint_path,
+    closest_layout,
+    detect_format,
+    match_layout,
+    weight_keys,
+)
+from vitdeploy.checkpoints.dinov2 import read_dinov2
 from vitdeploy.checkpoints.huggingface import read_huggingface
 from vitdeploy.checkpoints.jax import read_jax
 from vitdeploy.checkpoints.native import read_native, save_model
@@ -77,10 +86,21 @@ def _read(source: str | Path, format: str, num_heads: int | None) -> Checkpoint:
         raise CheckpointError(f"a Hugging Face checkpoint is a folder with config.json; {path} is a file")
     if fmt == "jax" and path.is_dir():
         raise CheckpointError(f"a JAX checkpoint is an .npz file; {path} is a folder")
+    if fmt == "dinov2" and path.is_dir():
+        raise CheckpointError(f"an original DINOv2 checkpoint is a .pth or .safetensors file; {path} is a folder")
     if fmt == "native":
         return read_native(path)
+    if fmt == "dinov2":
+        return read_dinov2(path, num_heads=num_heads)
     if fmt == "timm":
-        return read_timm(path, num_heads=num_heads)
+        try:
+            return read_timm(path, num_heads=num_heads)
+        except CheckpointError as error:
+            # A file unlike every supported layout: say which one it is closest to, on the same line.
+            keys = weight_keys(path) if format == "auto" else None
+            if not keys or match_layout(keys).exact:
+                raise
+            raise CheckpointError(f"{error}; {closest_layout(keys)}") from None
     if fmt == "huggingface":
         return read_huggingface(path)
     return read_jax(path, num_heads=num_heads)
@@ -99,7 +119,7 @@ def load_model(source: str | Path, format: str = "auto", model: str | None = Non
                **overrides: Any) -> VisionTransformer:
     """Load a checkpoint file or folder in any supported format as an eval-mode :class:`VisionTransformer`.
 
-    ``format`` is ``"auto"`` (detected) or one of ``native``, ``timm``, ``huggingface``, ``jax``.
+    ``format`` is ``"auto"`` (detected) or one of ``native``, ``timm``, ``huggingface``, ``jax``, ``dinov2``.
     ``model`` names the registry variant whose architecture to use instead of the detected one
     (``model="vit_base_patch16_clip_quickgelu_224"`` for an OpenAI CLIP state dict, whose
     activation the weights do not show); strict loading lists every tensor that does not fit.

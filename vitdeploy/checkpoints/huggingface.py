@@ -1,9 +1,11 @@
-"""Hugging Face transformers ViT folders (``model_type: "vit"``).
+"""Hugging Face transformers folders: ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``.
 
-Weights are renamed to ours and the separate query/key/value projections are concatenated into
-the fused ``qkv``. Both the on-disk names (``encoder.layer.N.attention.attention.query``, which
-every transformers version writes) and transformers 5's in-memory names
-(``layers.N.attention.q_proj``, ``mlp.fc1``) are accepted, with or without the ``vit.`` prefix.
+The plain ViT (``model_type: "vit"``) is converted here; DeiT, DINOv2 (with registers), CLIP and
+SigLIP by :mod:`vitdeploy.checkpoints.hf_families`. Weights are renamed to ours and the separate
+query/key/value projections are concatenated into the fused ``qkv``. For the ViT, both the on-disk
+names (``encoder.layer.N.attention.attention.query``, which every transformers version writes) and
+transformers 5's in-memory names (``layers.N.attention.q_proj``, ``mlp.fc1``) are accepted, with
+or without the ``vit.`` prefix.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vitdeploy.checkpoints.common import (
     Checkpoint,
     CheckpointError,
@@ -23,6 +23,9 @@ from vitdeploy.checkpoints.common import (
     read_weight_files,
     strip_prefixes,
 )
+from vitdeploy.checkpoints.conversion import Conversion, build_config
+from vitdeploy.checkpoints.hf_common import labels, preprocessing, rename_layers, square, strip_model_prefix
+from vitdeploy.checkpoints.hf_families import MODEL_TYPES, convert_hf_family, family_model_type
 from vitdeploy.config import ViTConfig
 
 # transformers' ViTConfig defaults, for keys an older config.json may omit.
@@ -31,8 +34,6 @@ _HF_DEFAULTS: dict[str, Any] = dict(
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12, image_size=224,
     patch_size=16, num_channels=3, qkv_bias=True,
 )
-# PIL resampling codes used by transformers image processors.
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 _TOP = {
     "embeddings.cls_token": "cls_token",
@@ -44,7 +45,7 @@ _TOP = {
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
-# Per-layer names (after the layer prefix) → our name within blocks.N, or q/k/v parts of qkv.
+# Per-layer module names (after the layer prefix) → our module within blocks.N, or q/k/v parts of qkv.
 _LAYER = {
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
@@ -62,30 +63,18 @@ _LAYER = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
-_LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+_LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 _IGNORED = ("pooler.", "embeddings.mask_token")
+SUPPORTED_MODEL_TYPES = ("vit", *MODEL_TYPES)
 
 
 def is_hf_vit_config(data: object) -> bool:
     return isinstance(data, dict) and data.get("model_type") == "vit"
 
 
-def _square(value: Any, name: str, where: Path) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise CheckpointError(f"{where}: {name} {value} is not square; vitdeploy supports square sizes only")
-        value = value[0]
-    return int(value)
-
-
-def _labels(data: dict[str, Any]) -> list[str] | None:
-    id2label = data.get("id2label")
-    if not isinstance(id2label, dict) or not id2label:
-        return None
-    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    if labels == [f"LABEL_{i}" for i in range(len(labels))]:
-        return None  # transformers' placeholders carry no information
-    return labels
+def is_hf_config(data: object) -> bool:
+    """Whether ``data`` (a parsed ``config.json``) is a transformers config of a supported model."""
+    return is_hf_vit_config(data) or family_model_type(data) is not None
 
 
 def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
@@ -95,102 +84,82 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
         raise CheckpointError(
             f"{where}: hidden_act {values['hidden_act']!r} is not supported; expected 'gelu' (exact, erf-based)"
         )
-    labels = _labels(data)
-    if labels is not None and len(labels) != num_classes:
-        labels = None
     try:
         return ViTConfig(
             name=str(data.get("_name_or_path") or where.parent.name).rstrip("/").split("/")[-1] or "hf_vit",
-            image_size=_square(values["image_size"], "image_size", where),
-            patch_size=_square(values["patch_size"], "patch_size", where),
+            image_size=square(values["image_size"], "image_size", where),
+            patch_size=square(values["patch_size"], "patch_size", where),
             in_channels=int(values["num_channels"]), hidden_size=int(values["hidden_size"]),
             depth=int(values["num_hidden_layers"]), num_heads=int(values["num_attention_heads"]),
             mlp_size=int(values["intermediate_size"]), num_classes=num_classes, qkv_bias=bool(values["qkv_bias"]),
             layer_norm_eps=float(values["layer_norm_eps"]), pooling="token",
             dropout=float(values["hidden_dropout_prob"]),
             attention_dropout=float(values["attention_probs_dropout_prob"]),
-            crop_pct=1.0, interpolation="bilinear", labels=labels, pos_embed_resample="huggingface",
+            crop_pct=1.0, interpolation="bilinear", labels=labels(data, num_classes),
+            pos_embed_resample="huggingface",
         )
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable ViT config: {error}") from None
 
 
-def _preprocessing(folder: Path) -> dict[str, Any]:
-    """mean/std/interpolation/crop_pct from ``preprocessor_config.json``, when there is one."""
-    path = folder / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-    fields: dict[str, Any] = {}
-    if data.get("image_mean") is not None:
-        fields["mean"] = tuple(data["image_mean"])
-    if data.get("image_std") is not None:
-        fields["std"] = tuple(data["image_std"])
-    if data.get("resample") in _RESAMPLE:
-        fields["interpolation"] = _RESAMPLE[data["resample"]]
-    size, crop = data.get("size"), data.get("crop_size")
-    if data.get("do_center_crop") and isinstance(size, dict) and isinstance(crop, dict):
-        edge = size.get("shortest_edge") or size.get("height")
-        if edge and crop.get("height"):
-            fields["crop_pct"] = min(float(crop["height"]) / float(edge), 1.0)
-    return fields
-
-
 def convert_hf_state_dict(source: StateDict) -> tuple[StateDict, list[str], list[str]]:
     """Rename a transformers ViT state dict to ours; returns (state dict, unmapped keys, notes)."""
     notes: list[str] = []
-    if any(key.startswith("vit.") for key in source):
-        source = {(k[4:] if k.startswith("vit.") else k): v for k, v in source.items()}
-    out: StateDict = {}
-    unexpected: list[str] = []
-    parts: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    source = strip_model_prefix(source, ("vit.",))
     ignored = sorted(k for k in source if k.startswith(_IGNORED))
     if ignored:
         notes.append(f"ignored {', '.join(ignored)} (not part of the classifier's forward pass)")
-    for key, tensor in source.items():
-        if key.startswith(_IGNORED):
-            continue
+    source = {k: v for k, v in source.items() if not k.startswith(_IGNORED)}
+    out, rest, unexpected = rename_layers(source, _LAYER_KEY, _LAYER)
+    for key, tensor in rest.items():
         if key in _TOP:
             out[_TOP[key]] = tensor
-            continue
-        match = _LAYER_KEY.match(key)
-        target = _LAYER.get(match[2]) if match else None
-        if match is None or target is None:
-            unexpected.append(key)
-            continue
-        index, kind = int(match[1]), match[3]
-        if target in ("attn.q", "attn.k", "attn.v"):
-            parts.setdefault((index, kind), {})[target[-1]] = (key, tensor)
         else:
-            out[f"blocks.{index}.{target}.{kind}"] = tensor
-    for (index, kind), qkv in sorted(parts.items()):
-        if len(qkv) != 3:  # leaves blocks.N.attn.qkv missing; the orphans are reported with it
-            unexpected.extend(key for key, _ in qkv.values())
-            continue
-        out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([qkv[n][1] for n in "qkv"], dim=0)
+            unexpected.append(key)
     return out, unexpected, notes
 
 
-def read_huggingface(folder: Path) -> Checkpoint:
-    """Read a transformers ViT folder: ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` (or shards)."""
+def _read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     try:
         data = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config_path}: not a readable config.json ({error})") from None
-    if not is_hf_vit_config(data):
+    if not is_hf_config(data):
+        model_type = data.get("model_type") if isinstance(data, dict) else None
         raise CheckpointError(
-            f"{config_path} has model_type {data.get('model_type')!r}; expected 'vit' (transformers ViT)"
+            f"{config_path} has model_type {model_type!r}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return data
+
+
+def convert_hf_folder(folder: Path) -> tuple[Conversion, list[Path]]:
+    """The :class:`Conversion` of a transformers folder of a non-ViT family (DeiT, DINOv2, CLIP, SigLIP),
+    with preprocessing from its ``preprocessor_config.json``, and the weight files it came from."""
+    data = _read_config(folder)
+    files = folder_weight_files(folder)
+    raw, stripped = strip_prefixes(read_weight_files(files))
+    conversion = convert_hf_family(raw, data, str(folder / "config.json"))
+    conversion.fields.update(preprocessing(folder))
+    conversion.notes[:0] = stripped
+    return conversion, files
+
+
+def read_huggingface(folder: Path) -> Checkpoint:
+    """Read a transformers folder: ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` (or shards)."""
+    data = _read_config(folder)
+    config_path = folder / "config.json"
+    if not is_hf_vit_config(data):
+        conversion, files = convert_hf_folder(folder)
+        config = build_config(conversion.fields, str(config_path))
+        return Checkpoint(config, conversion.state_dict, "huggingface", files, conversion.unexpected,
+                          conversion.notes)
     files = folder_weight_files(folder)
     raw, stripped = strip_prefixes(read_weight_files(files))
     state_dict, unexpected, notes = convert_hf_state_dict(raw)
     head = state_dict.get("head.weight")
     config = hf_config(data, config_path, int(head.shape[0]) if head is not None else 0)
-    preprocessing = _preprocessing(folder)
-    if preprocessing:
-        config = config.replace(**preprocessing)
+    fields = preprocessing(folder)
+    if fields:
+        config = config.replace(**fields)
     return Checkpoint(config, state_dict, "huggingface", files, unexpected, stripped + notes)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vitdeploy.cli.common import CLIError, add_pos_embed_resample, output_file, output_folder, progress
 
-FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax")
+FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax", "dinov2")  # = vitdeploy.checkpoints.FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert a timm / Hugging Face / JAX checkpoint to vitdeploy's native format",
         description=(
             "Load a checkpoint in any supported format (detected automatically: a timm state dict "
-            ".pth/.pt/.bin/.safetensors or timm Hub folder, a Hugging Face transformers ViT folder, an "
-            "original JAX .npz, or a native vitdeploy checkpoint) and write it in vitdeploy's native format: "
+            ".pth/.pt/.bin/.safetensors or timm Hub folder, a Hugging Face transformers folder (ViT, DeiT, "
+            "DINOv2, CLIP or SigLIP image tower), an original DINOv2 .pth, an original JAX .npz, or a native "
+            "vitdeploy checkpoint) and write it in vitdeploy's native format: "
             "a folder with model.safetensors + config.json, or one .safetensors file when OUT ends in "
             ".safetensors. A registry variant name gives random weights (for pipeline tests)."
         ),

@@ -1,0 +1,132 @@
+"""Pieces every Hugging Face transformers folder shares: layer renaming with q/k/v fusion,
+labels from ``id2label``, preprocessing from ``preprocessor_config.json``, activation names.
+
+transformers keeps query, key and value as three projections; vitdeploy (like timm) has one
+fused ``attn.qkv``. :func:`rename_layers` renames the per-layer tensors of any transformers
+layout given its module table, and concatenates the three parts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdeploy.checkpoints.common import CheckpointError, StateDict
+
+# PIL resampling codes used by transformers image processors.
+RESAMPLE_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# transformers' hidden_act names → vitdeploy's ``act`` (GELU variants only; others are refused).
+ACTIVATIONS = {
+    "gelu": "gelu", "quick_gelu": "quick_gelu",
+    "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+}
+QKV_PARTS = ("attn.q", "attn.k", "attn.v")
+
+
+def activation(name: Any, where: Path | str) -> str:
+    """vitdeploy's ``act`` for a transformers ``hidden_act``, or a :class:`CheckpointError`."""
+    if name not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{where}: hidden_act {name!r} is not supported; expected one of {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]
+
+
+def square(value: Any, name: str, where: Path | str) -> int:
+    """An image or patch size that must be square, as one int."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise CheckpointError(f"{where}: {name} {value} is not square; vitdeploy supports square sizes only")
+        value = value[0]
+    return int(value)
+
+
+def labels(data: dict[str, Any], num_classes: int | None = None) -> list[str] | None:
+    """Class names from ``id2label`` (None for transformers' ``LABEL_i`` placeholders, or a count
+    that differs from ``num_classes``)."""
+    id2label = data.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None  # transformers' placeholders carry no information
+    if num_classes is not None and len(names) != num_classes:
+        return None
+    return names
+
+
+def preprocessing(folder: Path) -> dict[str, Any]:
+    """mean/std/interpolation/crop_pct from ``preprocessor_config.json``, when there is one."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    fields: dict[str, Any] = {}
+    if data.get("image_mean") is not None:
+        fields["mean"] = tuple(data["image_mean"])
+    if data.get("image_std") is not None:
+        fields["std"] = tuple(data["image_std"])
+    if data.get("resample") in RESAMPLE_CODES:
+        fields["interpolation"] = RESAMPLE_CODES[data["resample"]]
+    size, crop = data.get("size"), data.get("crop_size")
+    if data.get("do_center_crop") and isinstance(size, dict) and isinstance(crop, dict):
+        edge = size.get("shortest_edge") or size.get("height")
+        if edge and crop.get("height"):
+            fields["crop_pct"] = min(float(crop["height"]) / float(edge), 1.0)
+    return fields
+
+
+def strip_model_prefix(source: StateDict, prefixes: tuple[str, ...]) -> StateDict:
+    """Drop the first of ``prefixes`` (``"vit."``, ``"dinov2."``, ``"vision_model."`` ...) that some key has,
+    from every key that has it (heads such as ``classifier.*`` sit outside the prefix)."""
+    for prefix in prefixes:
+        if any(key.startswith(prefix) for key in source):
+            return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in source.items()}
+    return source
+
+
+def rename_layers(source: StateDict, layer_key: re.Pattern[str], modules: dict[str, str],
+                  params: dict[str, str] | None = None) -> tuple[StateDict, StateDict, list[str]]:
+    """Rename the per-layer tensors of ``source``: ``(ours, the keys that are not layer keys, unexpected)``.
+
+    ``layer_key`` matches a layer tensor with groups (index, rest). ``rest`` is looked up whole in
+    ``params`` (``"layer_scale1.lambda1": "ls1.gamma"``), else as ``module.weight``/``module.bias``
+    in ``modules`` (``"layer_norm1": "norm1"``; targets ``attn.q``/``attn.k``/``attn.v`` are fused
+    into ``attn.qkv``). A layer tensor matching neither, or a q/k/v part without its siblings,
+    is unexpected.
+    """
+    params = params or {}
+    out: StateDict = {}
+    rest: StateDict = {}
+    unexpected: list[str] = []
+    parts: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in source.items():
+        match = layer_key.match(key)
+        if match is None:
+            rest[key] = tensor
+            continue
+        index, name = int(match[1]), match[2]
+        if name in params:
+            out[f"blocks.{index}.{params[name]}"] = tensor
+            continue
+        module, _, kind = name.rpartition(".")
+        target = modules.get(module)
+        if target is None or kind not in ("weight", "bias"):
+            unexpected.append(key)
+        elif target in QKV_PARTS:
+            parts.setdefault((index, kind), {})[target[-1]] = (key, tensor)
+        else:
+            out[f"blocks.{index}.{target}.{kind}"] = tensor
+    for (index, kind), qkv in sorted(parts.items()):
+        if len(qkv) != 3:  # leaves blocks.N.attn.qkv missing; the orphans are reported with it
+            unexpected.extend(key for key, _ in qkv.values())
+            continue
+        out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([qkv[n][1] for n in "qkv"], dim=0)
+    return out, rest, unexpected
