@@ -273,6 +273,40 @@ class VisionTransformer(nn.Module):
         class_token_only = self.config.pooling == "token"
         return self.forward_head(self.forward_features(pixel_values, class_token_only=class_token_only))
 
+    def forward_outputs(self, pixel_values: torch.Tensor, names: Any) -> dict[str, torch.Tensor]:
+        """The outputs ``names`` (see :mod:`vitdeploy.outputs`), exactly those keys.
+
+        When only per-image vectors are asked of a class-token model, the last block runs for the
+        class token alone (as in :meth:`forward_logits`).
+        """
+        from vitdeploy.outputs import (
+            IMAGE_EMBEDS,
+            LAST_HIDDEN_STATE,
+            LOGITS,
+            PATCH_TOKENS,
+            POOLER_OUTPUT,
+            TOKEN_OUTPUTS,
+            check_outputs,
+        )
+
+        names = check_outputs(names, self.config)
+        if IMAGE_EMBEDS in names and getattr(self, "proj", None) is None:
+            raise ValueError(f"model {self.config.name} has no visual projection for {IMAGE_EMBEDS}")
+        tokens_wanted = any(name in TOKEN_OUTPUTS for name in names)
+        class_token_only = self.config.pooling == "token" and not tokens_wanted
+        hidden = self.forward_features(pixel_values, class_token_only=class_token_only)
+        pooled = hidden[:, 0] if self.config.pooling == "token" else hidden.mean(dim=1)
+        if self.pre_logits is not None:
+            pooled = self.pre_logits(pooled)
+        values = {
+            LOGITS: lambda: self.head(pooled),
+            POOLER_OUTPUT: lambda: pooled,
+            IMAGE_EMBEDS: lambda: self.proj(pooled),
+            LAST_HIDDEN_STATE: lambda: hidden,
+            PATCH_TOKENS: lambda: hidden[:, self.config.num_prefix_tokens:],
+        }
+        return {name: values[name]() for name in names}
+
     def reset_head(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (fine-tuning, paper §3.2)."""
         in_features = self.config.representation_size or self.config.hidden_size
