@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitdeploy.metadata import ArtifactMetadata
+from vitdeploy.outputs import primary_output
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,6 @@ class GraphRuntime(Runtime):
 
     def _set_outputs(self, names: list[str]) -> None:
         """Record the graph's output names and pick the primary one (logits, else the embedding)."""
-        from vitdeploy.outputs import primary_output
-
         self.output_names = list(names)
         self.output_name = primary_output(self.output_names)
 
