@@ -74,9 +74,18 @@ def check_outputs(names: Iterable[str], config: Any) -> tuple[str, ...]:
     return tuple(name for name in OUTPUT_NAMES if name in asked)
 
 
-def parse_outputs(text: str, config: Any) -> tuple[str, ...]:
-    """A comma-separated list of output names (``"logits,patch_tokens"``), checked by :func:`check_outputs`."""
-    return check_outputs([part.strip() for part in text.split(",") if part.strip()], config)
+def parse_outputs(text: str, config: Any = None) -> tuple[str, ...]:
+    """A comma-separated list of output names (``"logits,patch_tokens"``), checked by :func:`check_outputs`;
+    without ``config`` (command-line parsing, before the model is loaded) only the names are checked."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if config is not None:
+        return check_outputs(names, config)
+    if not names:
+        raise ValueError(f"no outputs given; expected some of {', '.join(OUTPUT_NAMES)}")
+    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown output(s) {', '.join(unknown)}; expected some of {', '.join(OUTPUT_NAMES)}")
+    return tuple(name for name in OUTPUT_NAMES if name in names)
 
 
 def output_dims(name: str) -> tuple[str, ...]:

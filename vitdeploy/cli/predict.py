@@ -32,7 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--server", metavar="URL",
                         help="classify with a model on a Triton server: http://HOST:8000 or grpc://HOST:8001")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the predictions as JSON to PATH")
+    parser.add_argument("--save-outputs", type=npz_file, metavar="PATH.npz",
+                        help="write every output of the artifact (logits, pooler_output, patch_tokens ...) for all "
+                        "images, in image order, to PATH.npz (numpy), plus an 'images' array of the file names")
     parser.set_defaults(func=run)
+
+
+def npz_file(text: str) -> str:
+    """argparse type: a writable ``.npz`` path."""
+    if not text.endswith(".npz"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .npz (numpy.savez adds it otherwise)")
+    return output_file(text)
 
 
 def runtime_options(kind: str, provider: str | None) -> dict[str, Any]:
@@ -62,8 +72,11 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str
     ]
 
 
-def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
-    """Top-``k`` predictions for every image with ``runtime`` (which must carry metadata)."""
+def predict(runtime: Any, images: list[str], k: int,
+            saved: dict[str, list[np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """Top-``k`` predictions for every image with ``runtime`` (which must carry metadata); for an
+    artifact without logits, its primary output's shape and L2 norm per image. ``saved`` collects
+    every output per batch (for ``--save-outputs``)."""
     from vitdeploy.preprocessing import load_labels, preprocess
 
     metadata = runtime.metadata
@@ -76,10 +89,27 @@ def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
         pixels = np.stack([preprocess(name, metadata.preprocessing) for name in names]).astype(spec.dtype)
-        probabilities = softmax(runtime(pixels))
+        primary = getattr(runtime, "output_name", "logits")
+        if saved is not None:
+            outputs = runtime.run_outputs(pixels)
+            for key, value in outputs.items():
+                saved.setdefault(key, []).append(np.asarray(value))
+            values = outputs[primary]
+        else:
+            values = runtime(pixels)
+        if primary != "logits":
+            results += [embedding_result(str(name), primary, row) for name, row in zip(names, values, strict=True)]
+            continue
+        probabilities = softmax(values)
         for name, row in zip(names, probabilities, strict=True):
             results.append({"image": str(name), "top_k": top_k(row, labels, k)})
     return results
+
+
+def embedding_result(image: str, output: str, value: np.ndarray) -> dict[str, Any]:
+    """What ``predict`` reports for one image of an artifact without logits: the output's shape and norm."""
+    value = np.asarray(value, dtype=np.float64)
+    return {"image": image, "output": output, "shape": list(value.shape), "norm": float(np.linalg.norm(value))}
 
 
 def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any]]:
@@ -106,9 +136,27 @@ def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any
     return results
 
 
+def save_outputs(path: str, images: list[str], saved: dict[str, list[np.ndarray]]) -> None:
+    """Every output, concatenated over the batches, and the image names, to ``path`` (numpy .npz, atomically)."""
+    import io
+
+    from vitdeploy.cli.common import progress
+    from vitdeploy.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    arrays = {name: np.concatenate(parts) for name, parts in saved.items()}
+    np.savez(buffer, images=np.asarray(images), **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+    progress(f"wrote {path}: " + ", ".join(f"{name} {list(value.shape)}" for name, value in arrays.items()))
+
+
 def print_results(results: list[dict[str, Any]]) -> None:
-    """Each image, then its ranked classes with probabilities."""
+    """Each image, then its ranked classes with probabilities (or its embedding's shape and norm)."""
     for result in results:
+        if "top_k" not in result:
+            shape = "x".join(str(d) for d in result["shape"])
+            print(f"{result['image']}\n  {result['output']} [{shape}], L2 norm {result['norm']:.4f}")
+            continue
         print(result["image"])
         for entry in result["top_k"]:
             label = entry["label"]
@@ -137,10 +185,13 @@ def run(args: argparse.Namespace) -> int:
     kind = runtime_kind(args.artifact)
     if kind != "torch" and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
+    saved: dict[str, list[np.ndarray]] | None = {} if args.save_outputs else None
     with load(args.artifact, **runtime_options(kind, args.provider)) as runtime:
         k = min(args.top_k, runtime.metadata.num_classes if runtime.metadata else args.top_k)
-        results = predict(runtime, list(args.images), k)
+        results = predict(runtime, list(args.images), k, saved)
     print_results(results)
+    if saved is not None:
+        save_outputs(args.save_outputs, list(args.images), saved)
     if args.json:
         write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "predictions": results})
     return 0
