@@ -110,6 +110,21 @@ def test_default_outputs_and_the_vector_only_optimisation(headless, classifier):
     torch.testing.assert_close(tokens, features[:, 1:])
 
 
+def test_metadata_reads_back_outputs_and_files_from_before_outputs_were_recorded(classifier):
+    from onnx_artifacts import make_metadata
+
+    metadata = make_metadata(classifier.config)
+    metadata.outputs.append(type(metadata.outputs[0])("last_hidden_state", "float32", ["batch", "sequence", 32]))
+    props = metadata.to_props()
+    features_era = ArtifactMetadata.from_props(props)  # an old `--features` export
+    assert features_era.output_names == ["logits", "last_hidden_state"] and features_era.primary_output == "logits"
+    del props["vitdeploy.outputs"]
+    oldest = ArtifactMetadata.from_props(props)
+    assert oldest.output_names == ["logits"] and oldest.output("logits").shape == ["batch", 10]
+    with pytest.raises(KeyError, match="no output 'patch_tokens'; it has logits"):
+        oldest.output("patch_tokens")
+
+
 # -- the exported graphs ---------------------------------------------------------------------------
 
 
@@ -253,3 +268,61 @@ def test_triton_repository_lists_each_output_with_its_dims(headless_export, clas
                                           "output": [{"name": o.name} for o in config.output],
                                           "parameters": {k: {"string_value": v} for k, v in params.items()}})
         assert served.primary_output == ("pooler_output" if stem == "backbone" else "logits")
+
+
+# -- TensorRT runtime (the test double: its "engine" computes mean(x[n]) * (k + 1) for every output) ----
+
+
+def two_output_graph(path, names: tuple[str, str]):
+    """The tiny exported graph with a second output (an Identity of the first) and metadata to match."""
+    from trt_artifacts import load_tiny
+
+    from vitdeploy.exporters.graph import set_metadata
+
+    proto = load_tiny()
+    metadata = read_onnx_metadata(_tiny_path())
+    first = proto.graph.output[0]
+    if names[0] != first.name:
+        for node in proto.graph.node:
+            node.output[:] = [names[0] if out == first.name else out for out in node.output]
+        first.name = names[0]
+    proto.graph.node.append(onnx.helper.make_node("Identity", [names[0]], [names[1]]))
+    second = proto.graph.output.add()
+    second.CopyFrom(first)
+    second.name = names[1]
+    metadata.outputs = [type(metadata.outputs[0])(name, "float32", ["batch", 10]) for name in names]
+    set_metadata(proto, metadata.to_props())
+    onnx.save(proto, str(path))
+    return path
+
+
+def _tiny_path():
+    from trt_artifacts import tiny_onnx
+
+    return tiny_onnx()
+
+
+@pytest.mark.parametrize("names, primary", [(("logits", "pooler_output"), "logits"),
+                                            (("pooler_output", "image_embeds"), "image_embeds")])
+def test_tensorrt_runtime_returns_every_engine_output(names, primary, tmp_path, monkeypatch):
+    from trt_double import Doubles
+
+    from vitdeploy.exporters import tensorrt_build
+    from vitdeploy.exporters.trt_plan import plan_build
+    from vitdeploy.runtimes.tensorrt import TensorRTRuntime
+
+    graph = two_output_graph(tmp_path / "two.onnx", names)  # torch work before the doubles stand in
+    Doubles().install(monkeypatch)
+    plan = plan_build(graph, tmp_path / "two.engine", profile_specs=["res=16:32:32"])
+    tensorrt_build.run_build(plan, show_progress=False)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 24)).astype(np.float32)
+    expected = (x.astype(np.float64).mean(axis=(1, 2, 3))[:, None] * np.arange(1, 11)).astype(np.float32)
+    with TensorRTRuntime(plan.engine_path) as runtime:
+        assert runtime.output_names == list(names) and runtime.output_name == primary
+        outputs = runtime.run_outputs(x)
+        assert sorted(outputs) == sorted(names)
+        for value in outputs.values():
+            np.testing.assert_allclose(value, expected, rtol=1e-6)
+        np.testing.assert_allclose(runtime(x), expected, rtol=1e-6)
+        with pytest.raises(ValueError, match="not a multiple of the patch stride"):
+            runtime.run_outputs(x[:, :, :, :20])

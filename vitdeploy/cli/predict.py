@@ -127,6 +127,11 @@ def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
         pixels = np.stack([preprocess(name, served.preprocessing) for name in names]).astype(served.input_dtype)
+        if served.primary_output != "logits":
+            values = client.primary(pixels)
+            results += [embedding_result(str(name), served.primary_output, row)
+                        for name, row in zip(names, values, strict=True)]
+            continue
         logits = client.logits(pixels)
         if not labels:
             labels = [str(index) for index in range(logits.shape[1])]
