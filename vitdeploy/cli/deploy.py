@@ -10,13 +10,13 @@ from vitdeploy.cli.common import (
     CLIError,
     command_line,
     output_folder,
+    output_names,
     parse_int_list,
     parse_range,
     positive_float,
     positive_int,
     progress,
 )
-from vitdeploy.cli.export import output_names
 from vitdeploy.pipeline import DEFAULT_SOURCE
 
 DESCRIPTION = f"""\

@@ -12,6 +12,7 @@ from vitdeploy.cli.common import (
     onnx_output,
     opset,
     output_file,
+    output_names,
     parse_range,
     positive_int,
     progress,
@@ -73,16 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pos_embed_resample(parser)
     add_quantize_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def output_names(text: str) -> tuple[str, ...]:
-    """``--outputs``: known output names (whether the model has them is checked once it is loaded)."""
-    from vitdeploy.outputs import parse_outputs
-
-    try:
-        return parse_outputs(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_fp32_ops(text: str) -> tuple[str, ...]:
