@@ -203,7 +203,7 @@ class ExportOptions:
         names = tuple(self.outputs) if self.outputs is not None else default_outputs(config)
         if self.features:
             names += (LAST_HIDDEN_STATE,)
-        return check_outputs(dict.fromkeys(names), config)
+        return check_outputs(names, config)
 
     def shape_range(self, config: Any) -> ShapeRange:
         """The declared range for ``config``; raises ``ValueError`` naming a bound off the stride."""

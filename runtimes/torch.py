@@ -127,7 +127,7 @@ class TorchRuntime(Runtime):
         names = tuple(outputs) if outputs is not None else default_outputs(config)
         if features:
             names += (LAST_HIDDEN_STATE,)
-        self.output_names = list(check_outputs(dict.fromkeys(names), config))
+        self.output_names = list(check_outputs(names, config))
         self.output_name = primary_output(self.output_names)
         outputs = [TensorInfo(name, "float32", output_shape(name, config)) for name in self.output_names]
         self.metadata = ArtifactMetadata(
