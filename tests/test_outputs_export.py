@@ -166,6 +166,17 @@ def test_validation_reports_every_output_with_classification_metrics_for_logits_
     assert headless_export.variant_report.passed and headless_export.variant_report.outputs == list(HEADLESS_OUTPUTS)
 
 
+def test_validation_refuses_references_without_one_of_the_graph_outputs(headless_export, headless):
+    from vitdeploy.exporters.validation import validate_onnx
+    from vitdeploy.parity import Reference, tolerance_for
+    from vitdeploy.runtimes.torch import TorchRuntime
+
+    partial = TorchRuntime(headless, outputs=("pooler_output",), batch=(1, 4), height=(16, 48), width=(16, 48))
+    reference = Reference("eager fp32, pooled only", partial, tolerance_for("fp32"))
+    with pytest.raises(ValueError, match="does not return the graph's output.s. patch_tokens; it returns pooler_output"):
+        validate_onnx(headless_export.path, headless, headless_export.metadata, references=[reference])
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("which", ["headless", "classifier"])
 def test_runtimes_match_eager_for_every_output_at_non_square_sizes(backend, which, request):
