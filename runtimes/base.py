@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +78,7 @@ class Runtime(abc.ABC):
     metadata: ArtifactMetadata | None = None
     check_finite: bool = False
     # The artifact's outputs (vitdeploy.outputs names) and the one a call returns.
-    output_names: list[str] = ["logits"]  # noqa: RUF012 - read-only default, replaced per instance
+    output_names: Sequence[str] = ("logits",)
     output_name: str = "logits"
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
