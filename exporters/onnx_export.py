@@ -423,6 +423,7 @@ def name_dynamic_dims(proto: Any) -> None:
                 f"the exported input {INPUT_NAME} has a fixed {new} ({dims[index].dim_value}); expected a dynamic dim"
             )
         mapping[dims[index].dim_param] = new
+    token_dims = []
     for output in proto.graph.output:
         if output.name not in TOKEN_OUTPUTS:
             continue
@@ -430,11 +431,15 @@ def name_dynamic_dims(proto: Any) -> None:
         dim_name = output_dims(output.name)[1]
         if not tokens.dim_param:
             raise ExportError(f"{output.name} has a fixed {dim_name} length {tokens.dim_value}; expected a dynamic dim")
-        mapping[tokens.dim_param] = dim_name
+        mapping.setdefault(tokens.dim_param, dim_name)
+        token_dims.append((tokens, dim_name))
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in mapping:
                 dim.dim_param = mapping[dim.dim_param]
+    # Without prefix tokens the sequence is the patch count, one symbol: each output keeps its own name.
+    for dim, dim_name in token_dims:
+        dim.dim_param = dim_name
 
 
 def strip_exporter_metadata(proto: Any) -> None:

@@ -166,6 +166,26 @@ def test_validation_reports_every_output_with_classification_metrics_for_logits_
     assert headless_export.variant_report.passed and headless_export.variant_report.outputs == list(HEADLESS_OUTPUTS)
 
 
+def test_mean_pooled_model_names_sequence_and_patches_apart():
+    """Without prefix tokens the sequence is the patch count (one symbol in the trace): each output
+    still gets its own dim name, and both token outputs match eager."""
+    import onnxruntime as ort
+
+    from vitdeploy.exporters import onnx_export
+
+    model = make_model(tiny_config(pooling="avg", **SMALL), seed=3)
+    names = ("logits", "last_hidden_state", "patch_tokens")
+    options = ExportOptions(outputs=names)
+    proto = onnx_export.trace_to_onnx(model, options)
+    onnx_export.name_dynamic_dims(proto)
+    assert [dims(o) for o in proto.graph.output] == [["batch", 10], ["batch", "sequence", 32], ["batch", "patches", 32]]
+    assert onnx_export.check_graph(proto, options.output_names(model.config)) == []
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(1).standard_normal((2, 3, 24, 40), dtype=np.float32)
+    outputs = dict(zip(names, session.run(list(names), {"pixel_values": pixels}), strict=True))
+    assert_matches(outputs, eager(model, pixels, names), rel=1e-4, cosine=0.99999)
+
+
 def test_validation_refuses_references_without_one_of_the_graph_outputs(headless_export, headless):
     from vitdeploy.exporters.validation import validate_onnx
     from vitdeploy.parity import Reference, tolerance_for
