@@ -1,7 +1,8 @@
 """Every stage carries the outputs asked for (vitdeploy.outputs): export, runtimes, graph transforms, Triton.
 
-Two real exports of tiny models are shared by the whole module (a headless backbone with
-``pooler_output`` + ``patch_tokens``, and a classifier with ``logits`` + ``patch_tokens``); the
+Two real exports of tiny models are shared by the whole module (a class-token headless backbone
+with ``pooler_output`` + ``patch_tokens``, and a mean-pooled classifier with ``logits`` +
+``last_hidden_state`` + ``patch_tokens``: no prefix tokens, so its sequence is its patch count); the
 fp16 and int8 graphs are made from the headless one by the transforms themselves. Every output
 is compared with the eager model at non-square sizes through onnxruntime and OpenVINO.
 """
@@ -25,7 +26,7 @@ SMALL = dict(hidden_size=32, depth=1, num_heads=2, mlp_size=64)
 RANGE = dict(batch=(1, 4), height=(16, 48), width=(16, 48), validation_max_batch=2)
 SIZES = [(2, 24, 40), (1, 48, 16)]  # non-square, both orientations
 HEADLESS_OUTPUTS = ("pooler_output", "patch_tokens")
-CLASSIFIER_OUTPUTS = ("logits", "patch_tokens")
+CLASSIFIER_OUTPUTS = ("logits", "last_hidden_state", "patch_tokens")
 
 
 def dims(value) -> list:
@@ -39,7 +40,7 @@ def headless():
 
 @pytest.fixture(scope="module")
 def classifier():
-    return make_model(tiny_config(**SMALL), seed=2)
+    return make_model(tiny_config(pooling="avg", **SMALL), seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,12 @@ def assert_matches(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarra
 # -- which outputs a model has and the class-token optimisation ---------------------------------
 
 
-def test_default_outputs_and_the_vector_only_optimisation(headless, classifier):
+def test_default_outputs_and_the_vector_only_optimisation(headless):
+    classifier = make_model(tiny_config(**SMALL), seed=2)  # class-token pooling
     assert ExportOptions().output_names(headless.config) == ("pooler_output",)
     assert ExportOptions().output_names(classifier.config) == ("logits",)
     assert ExportOptions(features=True).output_names(classifier.config) == ("logits", "last_hidden_state")
-    assert ExportOptions(outputs=("patch_tokens", "logits")).output_names(classifier.config) == CLASSIFIER_OUTPUTS
+    assert ExportOptions(outputs=("patch_tokens", "logits")).output_names(classifier.config) == ("logits", "patch_tokens")
     with pytest.raises(ValueError, match="this model has no logits output"):
         ExportOptions(outputs=("logits",)).output_names(headless.config)
     with pytest.raises(ValueError, match="sequence of output names"):
@@ -135,7 +137,8 @@ def test_graphs_export_only_the_outputs_asked_for_with_named_dynamic_dims(headle
     assert dims(headless_graph.graph.output[1]) == ["batch", "patches", 32]
     classifier_graph = onnx.load(str(classifier_export.path))
     assert [o.name for o in classifier_graph.graph.output] == list(CLASSIFIER_OUTPUTS)
-    assert dims(classifier_graph.graph.output[0]) == ["batch", 10]
+    assert [dims(o) for o in classifier_graph.graph.output] == [["batch", 10], ["batch", "sequence", 32],
+                                                                 ["batch", "patches", 32]]
     # Metadata records the outputs and reads them back; tokens asked for: the whole last block runs.
     for result, names in ((headless_export, HEADLESS_OUTPUTS), (classifier_export, CLASSIFIER_OUTPUTS)):
         metadata = read_onnx_metadata(result.path)
@@ -164,26 +167,6 @@ def test_validation_reports_every_output_with_classification_metrics_for_logits_
     variant = onnx.load(str(headless_export.variant_path))
     assert [o.name for o in variant.graph.output] == list(HEADLESS_OUTPUTS)
     assert headless_export.variant_report.passed and headless_export.variant_report.outputs == list(HEADLESS_OUTPUTS)
-
-
-def test_mean_pooled_model_names_sequence_and_patches_apart():
-    """Without prefix tokens the sequence is the patch count (one symbol in the trace): each output
-    still gets its own dim name, and both token outputs match eager."""
-    import onnxruntime as ort
-
-    from vitdeploy.exporters import onnx_export
-
-    model = make_model(tiny_config(pooling="avg", **SMALL), seed=3)
-    names = ("logits", "last_hidden_state", "patch_tokens")
-    options = ExportOptions(outputs=names)
-    proto = onnx_export.trace_to_onnx(model, options)
-    onnx_export.name_dynamic_dims(proto)
-    assert [dims(o) for o in proto.graph.output] == [["batch", 10], ["batch", "sequence", 32], ["batch", "patches", 32]]
-    assert onnx_export.check_graph(proto, options.output_names(model.config)) == []
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    pixels = np.random.default_rng(1).standard_normal((2, 3, 24, 40), dtype=np.float32)
-    outputs = dict(zip(names, session.run(list(names), {"pixel_values": pixels}), strict=True))
-    assert_matches(outputs, eager(model, pixels, names), rel=1e-4, cosine=0.99999)
 
 
 def test_validation_refuses_references_without_one_of_the_graph_outputs(headless_export, headless):
@@ -284,7 +267,7 @@ def test_triton_repository_lists_each_output_with_its_dims(headless_export, clas
     from vitdeploy.serving.repository import RepositoryOptions, write_repository
 
     expected = {"backbone": [("pooler_output", [32]), ("patch_tokens", [-1, 32])],
-                "classifier": [("logits", [10]), ("patch_tokens", [-1, 32])]}
+                "classifier": [("logits", [10]), ("last_hidden_state", [-1, 32]), ("patch_tokens", [-1, 32])]}
     entries = write_repository([headless_export.path, classifier_export.path], tmp_path / "repo",
                                RepositoryOptions(kinds=("python", "onnxruntime")))
     assert len(entries) == 4
