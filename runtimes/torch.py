@@ -72,8 +72,9 @@ class TorchRuntime(Runtime):
     Inputs are float32 ``[N, C, H, W]`` for every precision (cast inside); outputs come back
     float32. ``outputs`` names what :meth:`run_outputs` returns (:mod:`vitdeploy.outputs`; default
     the model's :func:`~vitdeploy.outputs.default_outputs`; ``features=True``, deprecated, adds
-    ``last_hidden_state``); a call returns the primary one (logits, else the embedding). ``batch``/``height``/``width`` are the accepted inclusive ranges; sizes default to
-    half to twice the model's native size. ``device="cuda"`` and ``compile=True`` follow
+    ``last_hidden_state``); a call returns the primary one (logits, else the embedding).
+    ``batch``/``height``/``width`` are the accepted inclusive ranges; sizes default to half to
+    twice the model's native size. ``device="cuda"`` and ``compile=True`` follow
     PyTorch's documented API but the CUDA path has not been run here.
     """
 
@@ -221,16 +222,14 @@ def eager_references(
             tol = replace(tol, min_cosine=min_cosine)
         return tol
 
-    bounds: dict[str, Any] = {}
+    common: dict[str, Any] = {"features": features, "outputs": tuple(outputs) if outputs is not None else None}
     if shape_range is not None:
-        bounds = {"batch": shape_range.batch, "height": shape_range.height, "width": shape_range.width}
-    bounds["features"] = features
-    bounds["outputs"] = tuple(outputs) if outputs is not None else None
+        common.update(batch=shape_range.batch, height=shape_range.height, width=shape_range.width)
     references = []
     if precision in LOW_FLOAT_PRECISIONS:
         ops = sorted(set(fp32_ops))
-        low = TorchRuntime(model, precision=precision, device=device, fp32_ops=ops, fused_attention=False, **bounds)
+        low = TorchRuntime(model, precision=precision, device=device, fp32_ops=ops, fused_attention=False, **common)
         references.append(Reference(f"eager {precision} (fp32 ops: {','.join(ops) or 'none'})", low, tolerance(False)))
-    fp32 = TorchRuntime(model, precision="fp32", device=device, **bounds)
+    fp32 = TorchRuntime(model, precision="fp32", device=device, **common)
     references.append(Reference("eager fp32", fp32, tolerance(True)))
     return references
