@@ -1,7 +1,8 @@
 """Export a ViT to ONNX with dynamic batch, height and width, in fp32, fp16, int8 or fp8, validated before hand-over.
 
-The graph takes ``pixel_values [batch, 3, height, width]`` and returns ``logits [batch,
-num_classes]`` (plus ``last_hidden_state [batch, sequence, hidden]`` with ``features``). Nothing
+The graph takes ``pixel_values [batch, 3, height, width]`` and returns the outputs asked for
+(:mod:`vitdeploy.outputs`; by default ``logits [batch, num_classes]`` for a classifier, the pooled
+embedding for a headless backbone), in canonical order, and nothing else. Nothing
 in it is tied to one batch or sequence length: the position embeddings are resampled inside
 the graph (bicubic ``Resize``, antialias off) to whatever grid the input gives. Attention is
 exported in its explicit form, ``MatMul(Q * scale, K^T) -> Softmax -> MatMul(., V)``, the shape
@@ -41,10 +42,8 @@ from typing import Any
 
 from vitdeploy.constants import (
     DEFAULT_FP32_OPS,
-    FEATURES_NAME,
     GRAPH_PRECISIONS,
     INPUT_NAME,
-    LOGITS_NAME,
     QUANTIZED_PRECISIONS,
     check_precision,
 )
@@ -56,6 +55,14 @@ from vitdeploy.metadata import (
     Preprocessing,
     ShapeRange,
     TensorInfo,
+)
+from vitdeploy.outputs import (
+    LAST_HIDDEN_STATE,
+    TOKEN_OUTPUTS,
+    check_outputs,
+    default_outputs,
+    output_dims,
+    output_shape,
 )
 from vitdeploy.parity import ParityReport
 
@@ -124,9 +131,12 @@ class ExportOptions:
 
     ``height``/``width`` default to half to twice the model's native size, rounded to its
     stride; every bound must be a multiple of ``config.stride``. The batch size used in
-    validation is capped at ``validation_max_batch`` (the report says so). A logits-only export
-    of a class-token model computes its last block for the class token alone (exact, and about
-    one block's work less); ``full_last_block`` turns that off (see :func:`prunes_last_block`).
+    validation is capped at ``validation_max_batch`` (the report says so). ``outputs`` names the
+    graph's outputs (:mod:`vitdeploy.outputs`; ``None``: :func:`~vitdeploy.outputs.default_outputs`
+    of the model); ``features`` is the deprecated way to add ``last_hidden_state``. An export of
+    per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
+    its last block for the class token alone (exact, and about one block's work less);
+    ``full_last_block`` turns that off (see :func:`prunes_last_block`).
     ``cpu_variant`` also writes ``<stem>.cpu.onnx`` beside an fp32 file: the same graph with
     onnxruntime CPU contrib ops (:func:`~vitdeploy.exporters.ort_fusion.cpu_variant`),
     validated like the portable file, which ``OrtRuntime`` runs on CPU in its place.
@@ -139,7 +149,8 @@ class ExportOptions:
     precision: str = "fp32"
     fp32_ops: tuple[str, ...] = DEFAULT_FP32_OPS
     fp16_io: bool = False
-    features: bool = False
+    outputs: tuple[str, ...] | None = None
+    features: bool = False  # deprecated: adds last_hidden_state to the outputs
     full_last_block: bool = False
     simplify: bool = False
     validate: bool = True
@@ -183,6 +194,17 @@ class ExportOptions:
             )
         if self.validation_max_batch < 1:
             raise ValueError(f"validation_max_batch must be >= 1, got {self.validation_max_batch}")
+        if self.outputs is not None:
+            if isinstance(self.outputs, str):
+                raise ValueError(f"outputs must be a sequence of output names, got the string {self.outputs!r}")
+            self.outputs = tuple(self.outputs)
+
+    def output_names(self, config: Any) -> tuple[str, ...]:
+        """The graph's outputs for ``config``, in canonical order; ``ValueError`` naming one it cannot have."""
+        names = tuple(self.outputs) if self.outputs is not None else default_outputs(config)
+        if self.features:
+            names += (LAST_HIDDEN_STATE,)
+        return check_outputs(names, config)
 
     def shape_range(self, config: Any) -> ShapeRange:
         """The declared range for ``config``; raises ``ValueError`` naming a bound off the stride."""
@@ -268,19 +290,25 @@ class _Stages:
 def prunes_last_block(config: Any, options: ExportOptions) -> bool:
     """Whether the export computes the last block for the class token only.
 
-    It does unless the graph also outputs every token (``features``), the model pools by mean,
-    or ``options.full_last_block`` asks for the whole block.
+    It does unless the graph also outputs tokens (``last_hidden_state``, ``patch_tokens``), the
+    model pools by mean, or ``options.full_last_block`` asks for the whole block.
     """
-    return config.pooling == "token" and not options.features and not options.full_last_block
+    outputs = options.output_names(config)
+    return (config.pooling == "token" and not any(name in TOKEN_OUTPUTS for name in outputs)
+            and not options.full_last_block)
 
 
-def _export_module(model: Any, precision: str, fp16_io: bool, features: bool, class_token_only: bool) -> Any:
-    """The module torch.onnx traces: casts in/out around the (policy-prepared) model.
+def _export_module(model: Any, precision: str, fp16_io: bool, outputs: tuple[str, ...], class_token_only: bool) -> Any:
+    """The module torch.onnx traces: casts in/out around the (policy-prepared) model's ``outputs``.
 
-    ``class_token_only`` traces :meth:`~vitdeploy.model.VisionTransformer.forward_logits`: the
-    last block runs for the class token alone (same logits, less work); it needs logits only.
+    :meth:`~vitdeploy.model.VisionTransformer.forward_outputs` runs the last block for the class
+    token alone when only per-image vectors are asked (same values, less work); without
+    ``class_token_only`` the tokens are asked for too (forcing the whole block) and dropped.
     """
     import torch
+
+    tokens = any(name in TOKEN_OUTPUTS for name in outputs)
+    asked = outputs if class_token_only or tokens else (*outputs, LAST_HIDDEN_STATE)
 
     class ExportWrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -290,13 +318,9 @@ def _export_module(model: Any, precision: str, fp16_io: bool, features: bool, cl
             self.out_dtype = torch.float16 if fp16_io else torch.float32
 
         def forward(self, pixel_values: torch.Tensor) -> Any:
-            if class_token_only:
-                return self.model.forward_logits(pixel_values.to(self.dtype)).to(self.out_dtype)
-            hidden = self.model.forward_features(pixel_values.to(self.dtype))
-            logits = self.model.forward_head(hidden).to(self.out_dtype)
-            if features:
-                return logits, hidden.to(self.out_dtype)
-            return logits
+            values = self.model.forward_outputs(pixel_values.to(self.dtype), asked)
+            result = tuple(values[name].to(self.out_dtype) for name in outputs)
+            return result[0] if len(result) == 1 else result
 
     return ExportWrapper().eval()
 
@@ -316,7 +340,8 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
         prepared = model  # no copy (saves the model's size in memory); attention switched below
     else:
         prepared = prepare_model(model, precision, options.fp32_ops, fused_attention=False, device="cpu")
-    module = _export_module(prepared, precision, options.fp16_io, options.features,
+    output_names = list(options.output_names(config))
+    module = _export_module(prepared, precision, options.fp16_io, tuple(output_names),
                             class_token_only=prunes_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
@@ -325,7 +350,6 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
     grid_h = torch.export.Dim("grid_h", min=1, max=max_grid)
     grid_w = torch.export.Dim("grid_w", min=1, max=max_grid)
     dynamic = {"pixel_values": {0: batch, 2: stride * grid_h, 3: stride * grid_w}}
-    output_names = [LOGITS_NAME, FEATURES_NAME] if options.features else [LOGITS_NAME]
     # torch.onnx prints its own progress to stdout; keep stdout clean for command results.
     with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), _explicit_attention(prepared), _quiet_exporter():
         program = torch.onnx.export(
@@ -388,8 +412,9 @@ def _dim_names(value: Any) -> list[Any]:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def name_dynamic_dims(proto: Any, features: bool) -> None:
-    """Rename the exporter's symbolic dims (``8*grid_h``) to ``batch``/``height``/``width``/``sequence``."""
+def name_dynamic_dims(proto: Any) -> None:
+    """Rename the exporter's symbolic dims (``8*grid_h``) to ``batch``/``height``/``width`` and each
+    token output's own (:func:`vitdeploy.outputs.output_dims`: ``sequence``, ``patches``)."""
     graph_input = proto.graph.input[0]
     dims = graph_input.type.tensor_type.shape.dim
     mapping = {}
@@ -399,15 +424,23 @@ def name_dynamic_dims(proto: Any, features: bool) -> None:
                 f"the exported input {INPUT_NAME} has a fixed {new} ({dims[index].dim_value}); expected a dynamic dim"
             )
         mapping[dims[index].dim_param] = new
-    if features:
-        seq = proto.graph.output[1].type.tensor_type.shape.dim[1]
-        if not seq.dim_param:
-            raise ExportError(f"last_hidden_state has a fixed sequence length {seq.dim_value}")
-        mapping[seq.dim_param] = "sequence"
+    token_dims = []
+    for output in proto.graph.output:
+        if output.name not in TOKEN_OUTPUTS:
+            continue
+        tokens = output.type.tensor_type.shape.dim[1]
+        dim_name = output_dims(output.name)[1]
+        if not tokens.dim_param:
+            raise ExportError(f"{output.name} has a fixed {dim_name} length {tokens.dim_value}; expected a dynamic dim")
+        mapping.setdefault(tokens.dim_param, dim_name)
+        token_dims.append((tokens, dim_name))
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in mapping:
                 dim.dim_param = mapping[dim.dim_param]
+    # Without prefix tokens the sequence is the patch count, one symbol: each output keeps its own name.
+    for dim, dim_name in token_dims:
+        dim.dim_param = dim_name
 
 
 def strip_exporter_metadata(proto: Any) -> None:
@@ -423,8 +456,8 @@ def strip_exporter_metadata(proto: Any) -> None:
     proto.doc_string = ""
 
 
-def check_graph(proto: Any, features: bool) -> list[str]:
-    """Structural guarantees of an exported graph; returns the problems found (empty when fine)."""
+def check_graph(proto: Any, outputs: Sequence[str]) -> list[str]:
+    """Structural guarantees of an exported graph with ``outputs``; returns the problems found (empty when fine)."""
     import onnx
 
     problems = []
@@ -435,7 +468,7 @@ def check_graph(proto: Any, features: bool) -> list[str]:
         problems.append(f"graph has {len(proto.functions)} local functions; expected them inlined")
     inputs = [v.name for v in proto.graph.input]
     outputs = [v.name for v in proto.graph.output]
-    expected_outputs = [LOGITS_NAME, FEATURES_NAME] if features else [LOGITS_NAME]
+    expected_outputs = list(outputs)
     if inputs != [INPUT_NAME]:
         problems.append(f"graph inputs are {inputs}; expected [{INPUT_NAME!r}]")
     if outputs != expected_outputs:
@@ -445,8 +478,13 @@ def check_graph(proto: Any, features: bool) -> list[str]:
         if dims[0] != "batch" or dims[2:] != ["height", "width"]:
             problems.append(f"{INPUT_NAME} dims are {dims}; expected ['batch', C, 'height', 'width']")
     for value in proto.graph.output:
-        if _dim_names(value)[0] != "batch":
-            problems.append(f"output {value.name} dims are {_dim_names(value)}; expected a dynamic 'batch' first")
+        if value.name not in expected_outputs:
+            continue
+        dims, expected = _dim_names(value), list(output_dims(value.name))
+        if len(dims) != len(expected) or dims[0] != "batch":
+            problems.append(f"output {value.name} dims are {dims}; expected {expected} with a dynamic 'batch' first")
+        elif value.name in TOKEN_OUTPUTS and dims[1] != expected[1]:
+            problems.append(f"output {value.name} dims are {dims}; expected a dynamic {expected[1]!r} second")
     for node in proto.graph.node:
         if node.op_type == "Resize":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -481,9 +519,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
 
     config = model.config
     io_dtype = "float16" if options.fp16_io else "float32"
-    outputs = [TensorInfo(LOGITS_NAME, io_dtype, ["batch", config.num_classes])]
-    if options.features:
-        outputs.append(TensorInfo(FEATURES_NAME, io_dtype, ["batch", "sequence", config.hidden_size]))
+    outputs = [TensorInfo(name, io_dtype, output_shape(name, config)) for name in options.output_names(config)]
     return ArtifactMetadata(
         model_config=config.to_dict(),
         preprocessing=Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
@@ -588,14 +624,14 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             proto = trace_to_onnx(model, options)
         with stages("convert"):
             strip_exporter_metadata(proto)
-            name_dynamic_dims(proto, options.features)
+            name_dynamic_dims(proto)
             if options.precision == "fp16":
                 keep_ops_in_fp32(proto, options.fp32_ops)
             if options.simplify:
                 proto = simplify_graph(proto)
             proto.producer_name, proto.producer_version = "vitdeploy", metadata.vitdeploy_version
             proto.graph.name = config.name
-            problems = check_graph(proto, options.features)
+            problems = check_graph(proto, metadata.output_names)
             if problems:
                 raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
             set_metadata(proto, metadata.to_props())
@@ -639,9 +675,9 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
 
             references = shared_references(eager_references(
                 model, metadata.precision, metadata.fp32_ops, shape_range=metadata.shape_range,
-                features=options.features))
+                outputs=metadata.output_names))
             with stages("validate"):
-                report = validate_onnx(tmp_model, model, metadata, features=options.features,
+                report = validate_onnx(tmp_model, model, metadata,
                                        max_batch=options.validation_max_batch, images=options.validation_images,
                                        on_case=say_case, references=references)
             if not report.passed:
@@ -650,7 +686,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             if variant is not None:
                 with stages(f"validate {variant_target.name}"):
                     variant_report = validate_onnx(
-                        tmp_variant, model, variant[1], features=options.features,
+                        tmp_variant, model, variant[1],
                         max_batch=options.validation_max_batch, images=options.validation_images,
                         on_case=say_case, references=references)
                 if not variant_report.passed:

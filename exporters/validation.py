@@ -4,7 +4,8 @@ Runs the file with :class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` (the runt
 on its CPU provider, the file exactly as written) and the eager PyTorch model on the same real
 and synthetic batches at the minimum, a middle (non-square) and the maximum of the declared
 shape range (:func:`vitdeploy.parity.validation_shapes`), against the references
-:func:`~vitdeploy.runtimes.torch.eager_references` makes for the graph's precision:
+:func:`~vitdeploy.runtimes.torch.eager_references` makes for the graph's precision, for every
+output the graph has (cosine and max-abs error for each; top-k agreement for ``logits`` only):
 
 * fp32 graphs against the eager fp32 model (tolerance ``fp32``);
 * fp16 graphs against the eager model cast to fp16 under the same precision policy (``fp16``,
@@ -71,17 +72,20 @@ class _MemoRun:
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
         self.input_spec = getattr(runtime, "input_spec", None)
+        self.output_name = getattr(runtime, "output_name", "logits")
+        self.output_names = list(getattr(runtime, "output_names", [self.output_name]))
         self._memo: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def run_outputs(self, pixel_values: Any) -> dict[str, Any]:
         key = (pixel_values.shape, str(pixel_values.dtype), hashlib.blake2b(pixel_values.tobytes()).hexdigest())
         if key not in self._memo:
             outputs = getattr(self.runtime, "run_outputs", None)
-            self._memo[key] = outputs(pixel_values) if outputs is not None else {"logits": self.runtime(pixel_values)}
+            self._memo[key] = (outputs(pixel_values) if outputs is not None
+                               else {self.output_name: self.runtime(pixel_values)})
         return self._memo[key]
 
     def __call__(self, pixel_values: Any) -> Any:
-        return self.run_outputs(pixel_values)["logits"]
+        return self.run_outputs(pixel_values)[self.output_name]
 
 
 def shared_references(references: Sequence[Reference]) -> list[Reference]:
@@ -94,7 +98,6 @@ def validate_onnx(
     model: Any,
     metadata: ArtifactMetadata,
     *,
-    features: bool = False,
     max_batch: int = 8,
     images: Sequence[Any] | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
@@ -105,7 +108,8 @@ def validate_onnx(
     ``model`` is the eager model in any precision; the references are built from it (fp32, and
     for reduced-precision graphs that precision under ``metadata.fp32_ops``) unless
     ``references`` are given (to share them between a graph and its CPU variant). The file's
-    own metadata must describe the graph's outputs.
+    own metadata must describe the graph's outputs; every one of them is compared (a reference
+    that does not return one of them is an error).
     """
     from vitdeploy.runtimes.onnxruntime import OrtRuntime
     from vitdeploy.runtimes.torch import eager_references
@@ -119,7 +123,13 @@ def validate_onnx(
         inputs = InputFactory(metadata.preprocessing, images=images)
         if references is None:
             references = eager_references(model, metadata.precision, metadata.fp32_ops,
-                                          shape_range=metadata.shape_range, features=features)
+                                          shape_range=metadata.shape_range, outputs=metadata.output_names)
+        for reference in references:
+            returned = list(getattr(reference.run, "output_names", None) or [])
+            missing = [name for name in candidate.output_names if returned and name not in returned]
+            if missing:
+                raise ValueError(f"reference {reference.name!r} does not return the graph's output(s) "
+                                 f"{', '.join(missing)}; it returns {', '.join(returned)}")
         if metadata.precision == "fp16":
             fallbacks = ort_cpu_fp32_fallbacks(path)
             if fallbacks:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from vitdeploy.metadata import ArtifactMetadata
+from vitdeploy.outputs import primary_output
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ def validate_input(spec: InputSpec, pixel_values: np.ndarray, check_finite: bool
 
 
 class Runtime(abc.ABC):
-    """A loaded model: call it with ``[N, 3, H, W]`` float pixels, get ``[N, num_classes]`` logits.
+    """A loaded model: call it with ``[N, 3, H, W]`` float pixels, get its primary output: ``[N,
+    num_classes]`` logits for a classifier, else the image embedding (:attr:`output_name`);
+    :meth:`run_outputs` returns every output (:attr:`output_names`) by name.
 
     Subclasses implement :meth:`_run`, which receives inputs already checked against
     :attr:`input_spec`, and :meth:`close`.
@@ -73,6 +77,9 @@ class Runtime(abc.ABC):
     input_spec: InputSpec
     metadata: ArtifactMetadata | None = None
     check_finite: bool = False
+    # The artifact's outputs (vitdeploy.outputs names) and the one a call returns.
+    output_names: Sequence[str] = ("logits",)
+    output_name: str = "logits"
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
         validate_input(self.input_spec, pixel_values, self.check_finite)
@@ -80,11 +87,11 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def _run(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Run the backend on validated input and return logits."""
+        """Run the backend on validated input and return the primary output (:attr:`output_name`)."""
 
     def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output the artifact has, by name (``logits`` and, for feature exports, more)."""
-        return {"logits": self(pixel_values)}
+        """Every output the artifact has, by name (a runtime with one output: that one)."""
+        return {self.output_name: self(pixel_values)}
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -99,10 +106,13 @@ class Runtime(abc.ABC):
 
 class GraphRuntime(Runtime):
     """A runtime of an ONNX graph with named outputs (onnxruntime, OpenVINO): subclasses implement
-    :meth:`_outputs` for a list of output names; logits and :meth:`run_outputs` come from it."""
+    :meth:`_outputs` for a list of output names and set :attr:`output_names` (with
+    :meth:`_set_outputs`); the call and :meth:`run_outputs` come from it."""
 
-    output_name: str
-    output_names: list[str]
+    def _set_outputs(self, names: list[str]) -> None:
+        """Record the graph's output names and pick the primary one (logits, else the embedding)."""
+        self.output_names = list(names)
+        self.output_name = primary_output(self.output_names)
 
     @abc.abstractmethod
     def _outputs(self, pixel_values: np.ndarray, names: list[str]) -> list[np.ndarray]:
@@ -112,6 +122,6 @@ class GraphRuntime(Runtime):
         return self._outputs(pixel_values, [self.output_name])[0]
 
     def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Every graph output (``logits``, and ``last_hidden_state`` for feature exports) as float32."""
+        """Every graph output (:attr:`output_names`) by name, as float32."""
         validate_input(self.input_spec, pixel_values, self.check_finite)
         return dict(zip(self.output_names, self._outputs(pixel_values, self.output_names), strict=True))

@@ -315,18 +315,14 @@ class OrtRuntime(GraphRuntime):
         elif isinstance(shape[1], int) and shape[1] != spec.channels:
             problems.append(f"its input has {shape[1]} channels, the metadata says {spec.channels}")
         outputs = self._session.get_outputs()
-        self.output_names = [output.name for output in outputs]
-        self.output_name = self.output_names[0]
+        self._set_outputs([output.name for output in outputs])
         if self.metadata is not None:
             described = [t.name for t in self.metadata.outputs]
             if self.output_names != described:
                 problems.append(f"its outputs are {self.output_names}, the metadata lists {described}")
-            logits = list(outputs[0].shape)
-            classes = self.metadata.num_classes
-            if len(logits) != 2:
-                problems.append(f"its {self.output_name} output has rank {len(logits)} {logits}, expected [batch, {classes}]")
-            elif isinstance(logits[1], int) and logits[1] != classes:
-                problems.append(f"its {self.output_name} output has {logits[1]} classes, the metadata says {classes}")
+            else:
+                for output, tensor in zip(outputs, self.metadata.outputs, strict=True):
+                    problems += _shape_problems(output.name, list(output.shape), list(tensor.shape))
         if problems:
             raise ValueError(f"{self.graph_path} is inconsistent with its own vitdeploy metadata: {'; '.join(problems)}")
 
@@ -374,3 +370,15 @@ class OrtRuntime(GraphRuntime):
 
     def __repr__(self) -> str:
         return f"OrtRuntime({str(self.path)!r}, provider={self.provider!r})"
+
+
+def _shape_problems(name: str, graph: list[Any], described: list[Any]) -> list[str]:
+    """How the graph's shape of output ``name`` contradicts the metadata's (rank, fixed widths)."""
+    if len(graph) != len(described):
+        return [f"its {name} output has rank {len(graph)} {graph}, the metadata says {described}"]
+    problems = []
+    for axis, (got, want) in enumerate(zip(graph, described, strict=True)):
+        if isinstance(got, int) and isinstance(want, int) and got != want:
+            what = f"{got} classes" if name == "logits" else f"{got} at axis {axis}"
+            problems.append(f"its {name} output has {what}, the metadata says {want}")
+    return problems

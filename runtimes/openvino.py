@@ -110,8 +110,7 @@ class OpenVINORuntime(GraphRuntime):
         properties.update(config or {})
         self._warn_int8_saturation(device)
         self._compiled = core.compile_model(model, device, properties)
-        self.output_names = [output.get_any_name() for output in self._compiled.outputs]
-        self.output_name = self.output_names[0]
+        self._set_outputs([output.get_any_name() for output in self._compiled.outputs])
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def _warn_int8_saturation(self, device: str) -> None:

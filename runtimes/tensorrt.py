@@ -87,6 +87,7 @@ from vitdeploy.engine_manifest import (
     select_profile,
 )
 from vitdeploy.metadata import ArtifactMetadata
+from vitdeploy.outputs import primary_output
 from vitdeploy.runtimes.base import InputSpec, Runtime, validate_input
 from vitdeploy.tensorrt_env import (
     TENSORRT_ALIGNMENT,
@@ -412,7 +413,9 @@ class TensorRTRuntime(Runtime):
             batch=batch, height=height, width=width,
             multiple_of=self.metadata.stride if self.metadata is not None else 1,
         )
-        self._logits = "logits" if "logits" in self._outputs else self._outputs[0]
+        self.output_names = list(self._outputs)
+        self.output_name = primary_output(self.output_names)
+        self._logits = self.output_name  # the output a call returns (and run_device writes)
         self._buffers: dict[str, _Buffer] = {}
         self._graphs: collections.OrderedDict[tuple[int, tuple[int, ...]], _Binding] = collections.OrderedDict()
         self._calls: list[_Binding] = []
@@ -598,6 +601,14 @@ class TensorRTRuntime(Runtime):
         return self.run_device(pixel_values)
 
     def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._host_outputs(pixel_values, [self._logits])[self._logits]
+
+    def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Every engine output (:attr:`output_names`) for a numpy batch, by name, as host arrays."""
+        validate_input(self.input_spec, pixel_values, self.check_finite)
+        return self._host_outputs(pixel_values, self.output_names)
+
+    def _host_outputs(self, pixel_values: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         shape = tuple(pixel_values.shape)
         index = select_profile(self.profiles, shape)
         pixel_values = np.ascontiguousarray(pixel_values)
@@ -609,11 +620,14 @@ class TensorRTRuntime(Runtime):
                 _host_view(source.host, pixel_values.nbytes)[:] = pixel_values.reshape(-1).view(np.uint8)
                 cuda.copy_async(source.device, source.host, pixel_values.nbytes, "htod", stream)
                 out_shapes = self._forward(index, shape, self._own_addresses())
-                result = buffers[self._logits]
-                nbytes = int(np.prod(out_shapes[self._logits])) * np.dtype(result.dtype).itemsize
-                cuda.copy_async(result.host, result.device, nbytes, "dtoh", stream)
+                sizes = {}
+                for name in names:
+                    result = buffers[name]
+                    sizes[name] = int(np.prod(out_shapes[name])) * np.dtype(result.dtype).itemsize
+                    cuda.copy_async(result.host, result.device, sizes[name], "dtoh", stream)
                 cuda.synchronize(stream)
-                return _host_view(result.host, nbytes).view(result.dtype).reshape(out_shapes[self._logits]).copy()
+                return {name: _host_view(buffers[name].host, sizes[name]).view(buffers[name].dtype)
+                        .reshape(out_shapes[name]).copy() for name in names}
 
     def _device_tensor(self, pixel_values: Any, shape: tuple[int, ...] | None, dtype: str | None) -> DeviceTensor:
         if isinstance(pixel_values, int):

@@ -20,9 +20,7 @@ import numpy as np
 
 from vitdeploy.constants import (
     DEFAULT_FP32_OPS,
-    FEATURES_NAME,
     INPUT_NAME,
-    LOGITS_NAME,
     LOW_FLOAT_PRECISIONS,
     TORCH_PRECISIONS,
 )
@@ -71,9 +69,12 @@ class TorchRuntime(Runtime):
     explicit attention the fp16 ONNX graph follows, so parity compares like with like. The
     model passed in is never modified (it is copied when it must be cast or moved).
 
-    Inputs are float32 ``[N, C, H, W]`` for every precision (cast inside); logits come back
-    float32. ``batch``/``height``/``width`` are the accepted inclusive ranges; sizes default to
-    half to twice the model's native size. ``device="cuda"`` and ``compile=True`` follow
+    Inputs are float32 ``[N, C, H, W]`` for every precision (cast inside); outputs come back
+    float32. ``outputs`` names what :meth:`run_outputs` returns (:mod:`vitdeploy.outputs`; default
+    the model's :func:`~vitdeploy.outputs.default_outputs`; ``features=True``, deprecated, adds
+    ``last_hidden_state``); a call returns the primary one (logits, else the embedding).
+    ``batch``/``height``/``width`` are the accepted inclusive ranges; sizes default to half to
+    twice the model's native size. ``device="cuda"`` and ``compile=True`` follow
     PyTorch's documented API but the CUDA path has not been run here.
     """
 
@@ -90,10 +91,18 @@ class TorchRuntime(Runtime):
         check_finite: bool = False,
         fused_attention: bool | None = None,
         features: bool = False,
+        outputs: Iterable[str] | None = None,
     ) -> None:
         import torch
 
         from vitdeploy.model import prepare_model
+        from vitdeploy.outputs import (
+            LAST_HIDDEN_STATE,
+            check_outputs,
+            default_outputs,
+            output_shape,
+            primary_output,
+        )
 
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {list(TORCH_PRECISIONS)}")
@@ -116,10 +125,12 @@ class TorchRuntime(Runtime):
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
         self.check_finite = bool(check_finite)
-        self.features = bool(features)
-        outputs = [TensorInfo(LOGITS_NAME, "float32", ["batch", config.num_classes])]
+        names = tuple(outputs) if outputs is not None else default_outputs(config)
         if features:
-            outputs.append(TensorInfo(FEATURES_NAME, "float32", ["batch", "sequence", config.hidden_size]))
+            names += (LAST_HIDDEN_STATE,)
+        self.output_names = list(check_outputs(names, config))
+        self.output_name = primary_output(self.output_names)
+        outputs = [TensorInfo(name, "float32", output_shape(name, config)) for name in self.output_names]
         self.metadata = ArtifactMetadata(
             model_config=config.to_dict(),
             preprocessing=Preprocessing.for_model(
@@ -140,26 +151,26 @@ class TorchRuntime(Runtime):
         self._torch = torch
         self._closed = False
 
-    def _outputs(self, pixel_values: np.ndarray, features: bool) -> dict[str, np.ndarray]:
+    def _outputs(self, pixel_values: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         if self._closed:
             raise RuntimeError("TorchRuntime is closed; create a new runtime to run it again")
         torch = self._torch
         with self._lock, torch.inference_mode():
             inputs = torch.from_numpy(np.ascontiguousarray(pixel_values))
             inputs = inputs.to(device=self.device, dtype=self.dtype, non_blocking=True)
-            if not features:
-                return {LOGITS_NAME: self._forward(inputs).float().cpu().numpy()}
-            hidden = self.model.forward_features(inputs)
-            logits = self.model.forward_head(hidden)
-            return {LOGITS_NAME: logits.float().cpu().numpy(), FEATURES_NAME: hidden.float().cpu().numpy()}
+            if names == ["logits"]:
+                values = {"logits": self._forward(inputs)}  # forward() = logits, compiled when asked
+            else:
+                values = self.model.forward_outputs(inputs, names)
+            return {name: values[name].float().cpu().numpy() for name in names}
 
     def _run(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._outputs(pixel_values, features=False)[LOGITS_NAME]
+        return self._outputs(pixel_values, [self.output_name])[self.output_name]
 
     def run_outputs(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits, and with ``features=True`` the encoder output ``last_hidden_state``, as float32."""
+        """Every output in :attr:`output_names`, by name, as float32."""
         validate_input(self.input_spec, pixel_values, self.check_finite)
-        return self._outputs(pixel_values, features=self.features)
+        return self._outputs(pixel_values, self.output_names)
 
     def close(self) -> None:
         """Drop the model (and free its device memory); later calls raise ``RuntimeError``."""
@@ -190,6 +201,7 @@ def eager_references(
     features: bool = False,
     max_rel_error: float | None = None,
     min_cosine: float | None = None,
+    outputs: Iterable[str] | None = None,
 ) -> list[Reference]:
     """The eager references an artifact of ``precision`` is judged against, with their tolerances.
 
@@ -198,7 +210,9 @@ def eager_references(
     that precision under the graph's policy (``fp32_ops`` in fp32, explicit attention: like for
     like) besides the eager fp32 model (what the precision costs); a quantized artifact (int8,
     fp8) is judged against the eager fp32 model alone, with its precision's gate. ``shape_range`` bounds what the references
-    accept (default: the model's own); ``max_rel_error``/``min_cosine`` override the tolerances.
+    accept (default: the model's own); ``max_rel_error``/``min_cosine`` override the tolerances;
+    ``outputs`` are what the references return (the artifact's outputs; ``features`` is the
+    deprecated way to add ``last_hidden_state``).
     """
     def tolerance(against_fp32: bool) -> Tolerance:
         tol = tolerance_for(precision, against_fp32)
@@ -208,15 +222,14 @@ def eager_references(
             tol = replace(tol, min_cosine=min_cosine)
         return tol
 
-    bounds: dict[str, Any] = {}
+    common: dict[str, Any] = {"features": features, "outputs": tuple(outputs) if outputs is not None else None}
     if shape_range is not None:
-        bounds = {"batch": shape_range.batch, "height": shape_range.height, "width": shape_range.width}
+        common.update(batch=shape_range.batch, height=shape_range.height, width=shape_range.width)
     references = []
     if precision in LOW_FLOAT_PRECISIONS:
         ops = sorted(set(fp32_ops))
-        low = TorchRuntime(model, precision=precision, device=device, fp32_ops=ops, fused_attention=False,
-                           features=features, **bounds)
+        low = TorchRuntime(model, precision=precision, device=device, fp32_ops=ops, fused_attention=False, **common)
         references.append(Reference(f"eager {precision} (fp32 ops: {','.join(ops) or 'none'})", low, tolerance(False)))
-    fp32 = TorchRuntime(model, precision="fp32", device=device, features=features, **bounds)
+    fp32 = TorchRuntime(model, precision="fp32", device=device, **common)
     references.append(Reference("eager fp32", fp32, tolerance(True)))
     return references

@@ -59,7 +59,7 @@ def export_onnx(model: VisionTransformer, path: Path, metadata: ArtifactMetadata
 
     proto = onnx_export.trace_to_onnx(model, onnx_export.ExportOptions())
     onnx_export.strip_exporter_metadata(proto)
-    onnx_export.name_dynamic_dims(proto, features=False)
+    onnx_export.name_dynamic_dims(proto)
     onnx.save(proto, str(path))
     attach_metadata(path, metadata)
     return path

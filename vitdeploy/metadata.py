@@ -129,6 +129,26 @@ class ArtifactMetadata:
         return int(self.model_config["num_classes"])
 
     @property
+    def output_names(self) -> list[str]:
+        """The graph's outputs (:mod:`vitdeploy.outputs` names), in graph order."""
+        return [tensor.name for tensor in self.outputs]
+
+    @property
+    def primary_output(self) -> str:
+        """The output a runtime returns when called: ``logits``, else the embedding (see
+        :func:`vitdeploy.outputs.primary_output`)."""
+        from vitdeploy.outputs import primary_output
+
+        return primary_output(self.output_names)
+
+    def output(self, name: str) -> TensorInfo:
+        """The :class:`TensorInfo` of output ``name``; ``KeyError`` naming the outputs there are."""
+        for tensor in self.outputs:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"the artifact has no output {name!r}; it has {', '.join(self.output_names)}")
+
+    @property
     def validated_range(self) -> ShapeRange | None:
         """The range the parity check covered (its shapes' extent), ``None`` when it did not run.
 
@@ -167,6 +187,10 @@ class ArtifactMetadata:
         for key, text in props.items():
             if key.startswith(PREFIX):
                 data[key[len(PREFIX):]] = json.loads(text)
+        if "outputs" not in data and "model_config" in data:
+            # Files from before outputs were recorded held logits alone.
+            data["outputs"] = [{"name": "logits", "dtype": "float32",
+                                "shape": ["batch", int(data["model_config"].get("num_classes", 0))]}]
         required = ("model_config", "preprocessing", "inputs", "outputs", "shape_range")
         missing = [key for key in required if key not in data]
         if missing:

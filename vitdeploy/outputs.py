@@ -74,9 +74,18 @@ def check_outputs(names: Iterable[str], config: Any) -> tuple[str, ...]:
     return tuple(name for name in OUTPUT_NAMES if name in asked)
 
 
-def parse_outputs(text: str, config: Any) -> tuple[str, ...]:
-    """A comma-separated list of output names (``"logits,patch_tokens"``), checked by :func:`check_outputs`."""
-    return check_outputs([part.strip() for part in text.split(",") if part.strip()], config)
+def parse_outputs(text: str, config: Any = None) -> tuple[str, ...]:
+    """A comma-separated list of output names (``"logits,patch_tokens"``), checked by :func:`check_outputs`;
+    without ``config`` (command-line parsing, before the model is loaded) only the names are checked."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if config is not None:
+        return check_outputs(names, config)
+    if not names:
+        raise ValueError(f"no outputs given; expected some of {', '.join(OUTPUT_NAMES)}")
+    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown output(s) {', '.join(unknown)}; expected some of {', '.join(OUTPUT_NAMES)}")
+    return tuple(name for name in OUTPUT_NAMES if name in names)
 
 
 def output_dims(name: str) -> tuple[str, ...]:
@@ -91,3 +100,28 @@ def output_dims(name: str) -> tuple[str, ...]:
     if name not in dims:
         raise ValueError(f"unknown output {name!r}; expected one of {', '.join(OUTPUT_NAMES)}")
     return dims[name]
+
+
+def output_shape(name: str, config: Any) -> list[int | str]:
+    """Shape of output ``name`` for ``config``: dynamic dims by name (:func:`output_dims`), the last
+    dim as the number it is (classes, pooled width, projection width, hidden size)."""
+    dims = list(output_dims(name))
+    hidden = int(config.hidden_size)
+    width = {
+        LOGITS: int(getattr(config, "num_classes", 0) or 0),
+        POOLER_OUTPUT: int(getattr(config, "representation_size", None) or hidden),
+        IMAGE_EMBEDS: int(getattr(config, "projection_dim", None) or 0),
+    }.get(name, hidden)
+    return [*dims[:-1], width]
+
+
+def primary_output(names: Iterable[str]) -> str:
+    """The output a runtime returns when called (``runtime(x)``): ``logits`` if there, else the image
+    embedding (``image_embeds``, then ``pooler_output``), else the first of ``names``."""
+    names = list(names)
+    if not names:
+        raise ValueError("an artifact without outputs has no primary output")
+    for name in (LOGITS, IMAGE_EMBEDS, POOLER_OUTPUT):
+        if name in names:
+            return name
+    return names[0]

@@ -188,6 +188,14 @@ TOLERANCES: dict[str, Tolerance] = {
 QUANTIZED = ("int8", "fp8")
 
 
+def tolerance_for_output(tolerance: Tolerance, output: str) -> Tolerance:
+    """``tolerance`` (made for logits) as it applies to ``output``: the same error and cosine gates
+    for every output; the top-1 gate only for ``logits`` (the others have no classes)."""
+    if output == "logits":
+        return tolerance
+    return Tolerance(tolerance.name, tolerance.max_rel_error, tolerance.min_cosine)
+
+
 def tolerance_for(precision: str, against_fp32: bool = False) -> Tolerance:
     """The tolerance for an artifact of ``precision`` against a same-precision (or fp32) reference."""
     quantized = precision in QUANTIZED  # only ever compared with fp32
@@ -258,8 +266,16 @@ class ParityReport:
             for c in self.cases for msg in c.failures
         ]
 
-    def worst(self, reference: str | None = None, output: str = "logits") -> dict[str, float]:
-        """Worst values over the cases: largest relative max error, smallest cosine and agreements."""
+    @property
+    def outputs(self) -> list[str]:
+        """The outputs compared, in the order they first appear."""
+        return list(dict.fromkeys(c.output for c in self.cases))
+
+    def worst(self, reference: str | None = None, output: str | None = None) -> dict[str, float]:
+        """Worst values over the cases of ``output`` (default: ``logits`` if compared, else the first
+        output): largest relative max error, smallest cosine and agreements."""
+        if output is None:
+            output = "logits" if "logits" in self.outputs or not self.outputs else self.outputs[0]
         cases = [c for c in self.cases if c.output == output and (reference is None or c.reference == reference)]
         if not cases:
             return {}
@@ -276,16 +292,21 @@ class ParityReport:
         return worst
 
     def summary(self) -> dict[str, Any]:
-        """A compact summary (stored in artifact metadata)."""
+        """A compact summary (stored in artifact metadata): per reference the worst values of the
+        primary output (``logits``, else the first), and per output and reference the worst values."""
         references = sorted({c.reference for c in self.cases})
+
+        def worst(ref: str, output: str | None = None) -> dict[str, Any]:
+            return {"tolerance": next(c.tolerance.name for c in self.cases if c.reference == ref),
+                    **{k: _conservative(k, v) for k, v in self.worst(ref, output).items()}}
+
         return {
             "passed": self.passed,
             "shapes": sorted({(c.batch, c.height, c.width) for c in self.cases}),
-            "references": {
-                ref: {"tolerance": next(c.tolerance.name for c in self.cases if c.reference == ref),
-                      **{k: _conservative(k, v) for k, v in self.worst(ref).items()}}
-                for ref in references
-            },
+            "references": {ref: worst(ref) for ref in references},
+            "outputs": {output: {ref: worst(ref, output) for ref in references
+                                 if any(c.output == output and c.reference == ref for c in self.cases)}
+                        for output in self.outputs},
             "notes": list(self.notes),
         }
 
@@ -478,9 +499,7 @@ def verify(
             ref_seconds = time.perf_counter() - start
             for output in [name for name in ref_out if name in cand_out]:
                 metrics = compare_logits(ref_out[output], cand_out[output], classification=output == "logits")
-                tolerance = ref.tolerance if output == "logits" else Tolerance(
-                    ref.tolerance.name, ref.tolerance.max_rel_error, ref.tolerance.min_cosine
-                )
+                tolerance = tolerance_for_output(ref.tolerance, output)
                 case = CaseResult(
                     batch=batch, height=height, width=width, reference=ref.name, output=output,
                     tolerance=tolerance, metrics=metrics, failures=tolerance.check(metrics), inputs=description,

@@ -49,6 +49,7 @@ class DeployOptions:
     validation_max_batch: int = 4
     int8: bool = True  # also export the calibrated int8 Q/DQ graph
     calibration: str | None = None  # calibration images for int8 (None: bundled photos + synthetic crops)
+    outputs: tuple[str, ...] | None = None  # the graphs' outputs (vitdeploy.outputs; None: the model's default)
     command: str = ""
     log: Callable[[str], None] = progress
 
@@ -187,7 +188,8 @@ class Pipeline:
             options = ExportOptions(
                 batch=batch, height=resolution, width=resolution, precision=precision, validate=True,
                 validation_max_batch=self.options.validation_max_batch, source=str(self.resolved.source),
-                source_sha256=self.resolved.sha256, source_format=self.resolved.format, preflight=precision == "int8", **quantized,
+                source_sha256=self.resolved.sha256, source_format=self.resolved.format, preflight=precision == "int8",
+                outputs=self.options.outputs, **quantized,
             )
             try:
                 result = export_onnx(self.resolved.model, path, options, progress=progress)

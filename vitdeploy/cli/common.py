@@ -71,6 +71,16 @@ def output_file(text: str) -> str:
     return text
 
 
+def output_names(text: str) -> tuple[str, ...]:
+    """``--outputs``: known output names (whether the model has them is checked once it is loaded)."""
+    from vitdeploy.outputs import parse_outputs
+
+    try:
+        return parse_outputs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def output_folder(text: str) -> str:
     """argparse type: a folder that can be written in (it may not exist yet)."""
     from vitdeploy.files import check_output_folder

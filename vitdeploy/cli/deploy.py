@@ -11,6 +11,7 @@ from vitdeploy.cli.common import (
     command_line,
     int_list_arg,
     output_folder,
+    output_names,
     parse_int_list,
     parse_range,
     positive_float,
@@ -75,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 export")
     parser.add_argument("--calibration", metavar="DIR",
                         help="int8 calibration images (default: the bundled photos plus synthetic crops)")
+    parser.add_argument("--outputs", type=output_names, metavar="NAMES",
+                        help="the graphs' outputs, comma-separated (as `vitdeploy export --outputs`; default: logits "
+                        "for a classifier, else the image embedding)")
     parser.set_defaults(func=run)
 
 
@@ -86,6 +90,8 @@ def _reconstructed(args: argparse.Namespace) -> str:
         value = getattr(args, flag, None)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
+    if getattr(args, "outputs", None):
+        parts += ["--outputs", ",".join(args.outputs)]
     if getattr(args, "no_bench", False):
         parts.append("--no-bench")
     if getattr(args, "no_int8", False):
@@ -108,6 +114,6 @@ def run(args: argparse.Namespace) -> int:
         bench=not args.no_bench, bench_batches=tuple(bench_batches),
         point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,
         validation_max_batch=args.validation_max_batch, int8=not args.no_int8, calibration=args.calibration,
-        command=command_line("deploy") or _reconstructed(args), log=progress,
+        outputs=args.outputs, command=command_line("deploy") or _reconstructed(args), log=progress,
     )
     return deploy(options).status

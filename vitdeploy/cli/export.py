@@ -12,6 +12,7 @@ from vitdeploy.cli.common import (
     onnx_output,
     opset,
     output_file,
+    output_names,
     parse_range,
     positive_int,
     progress,
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "against eager",
         description="Export SOURCE (a checkpoint file/folder in any supported format, or a variant name, which "
         "uses random weights) to ONNX with dynamic batch, height and width: input pixel_values "
-        "[batch, 3, height, width], output logits [batch, num_classes]. Position embeddings are resampled in "
+        "[batch, 3, height, width], outputs as --outputs says (logits [batch, num_classes] for a classifier). Position embeddings are resampled in "
         "the graph, so one file serves every resolution in the declared range. The file is validated with "
         "onnxruntime against the eager model at the minimum, a middle and the maximum of the range and only "
         "written under its final name when it passes; a failing validation prints the numbers and exits 1.",
@@ -52,11 +53,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fp32-ops", default=DEFAULT_FP32_OPS, metavar="OPS",
                         help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default {DEFAULT_FP32_OPS})")
     parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
+    parser.add_argument("--outputs", type=output_names, metavar="NAMES",
+                        help="the graph's outputs, comma-separated, of logits, pooler_output, image_embeds, "
+                        "last_hidden_state, patch_tokens (default: logits for a classifier, image_embeds for a CLIP "
+                        "tower with its projection, else pooler_output)")
     parser.add_argument("--features", action="store_true",
-                        help="also output last_hidden_state [batch, 1 + (H/p)(W/p), hidden]")
+                        help="deprecated: adds last_hidden_state [batch, prefix + (H/p)(W/p), hidden] to --outputs")
     parser.add_argument("--full-last-block", action="store_true",
-                        help="compute the last block for every token; by default a logits-only export of a "
-                        "class-token model computes it for the class token alone (same logits, less work)")
+                        help="compute the last block for every token; by default an export of per-image vectors only "
+                        "(logits, pooler_output, image_embeds) of a class-token model computes it for the class token "
+                        "alone (same values, less work)")
     parser.add_argument("--no-cpu-variant", action="store_true",
                         help="do not write the validated onnxruntime-CPU variant <name>.cpu.onnx beside an fp32 file")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (optional package)")
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve_source(args.source, log=progress, **overrides)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
-        fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features,
+        fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features, outputs=args.outputs,
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256, source_format=resolved.format,
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result.metadata.precision}; {result.metadata.range_text()}"
         f"{'; last block for the class token only' if CLASS_TOKEN_LAST_BLOCK in result.metadata.optimizations else ''}) in {result.seconds:.1f}s"
     )
+    print(f"outputs: {', '.join(f'{t.name} {t.shape}' for t in result.metadata.outputs)}")
     if result.variant_path is not None:
         print(f"wrote {result.variant_path} (its validated onnxruntime-CPU variant, which OrtRuntime runs on CPU)")
     if args.json:

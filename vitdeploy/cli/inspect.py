@@ -197,6 +197,8 @@ def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
             print("  weights      : RANDOM (exported from a variant name): the classes mean nothing")
         io = ", ".join(f"{t['name']} {t['dtype']}" for t in artifact["inputs"] + artifact["outputs"])
         print(f"  tensors      : {io}")
+        print("  outputs      : " + ", ".join(f"{t['name']} [{', '.join(str(d) for d in t['shape'])}]"
+                                             for t in artifact["outputs"]))
         if artifact.get("target"):
             variants = ", ".join(f"{k}: {v['file']}" for k, v in artifact["variants"].items()) or "none"
             print(f"  graph        : {artifact['target']}, opset {artifact['opset']}; validated variants: {variants}")

@@ -34,7 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--server", metavar="URL",
                         help="classify with a model on a Triton server: http://HOST:8000 or grpc://HOST:8001")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the predictions as JSON to PATH")
+    parser.add_argument("--save-outputs", type=npz_file, metavar="PATH.npz",
+                        help="write every output of the artifact (logits, pooler_output, patch_tokens ...) for all "
+                        "images, in image order, to PATH.npz (numpy), plus an 'images' array of the file names")
     parser.set_defaults(func=run)
+
+
+def npz_file(text: str) -> str:
+    """argparse type: a writable ``.npz`` path."""
+    if not text.endswith(".npz"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .npz (numpy.savez adds it otherwise)")
+    return output_file(text)
 
 
 def runtime_options(kind: str, provider: str | None) -> dict[str, Any]:
@@ -81,11 +91,28 @@ def _pixels(names: list[str], preprocessing: Any, dtype: Any) -> tuple[list[str]
     return good, (np.stack(arrays).astype(dtype) if arrays else None), errors
 
 
-def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
-    """Top-``k`` predictions for every image with ``runtime`` (which must carry metadata), in order.
+def _entries(good: list[str], output: str, values: np.ndarray, labels: list[str], k: int) -> dict[str, dict[str, Any]]:
+    """One result per image of ``good``: its top-``k`` classes for ``logits``, else the output's shape and norm."""
+    if output != "logits":
+        return {str(name): embedding_result(str(name), output, row) for name, row in zip(good, values, strict=True)}
+    return {str(name): {"image": str(name), "top_k": top_k(row, labels, k)}
+            for name, row in zip(good, softmax(values), strict=True)}
+
+
+def _in_order(names: list[str], entries: dict[str, dict[str, Any]], errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per name, in order: its result or its error."""
+    failed = {entry["image"]: entry for entry in errors}
+    return [entries[str(name)] if str(name) in entries else failed[str(name)] for name in names]
+
+
+def predict(runtime: Any, images: list[str], k: int,
+            saved: dict[str, list[np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """Top-``k`` predictions for every image with ``runtime`` (which must carry metadata), in order; for an
+    artifact without logits, its primary output's shape and L2 norm per image. ``saved`` collects every
+    output per batch (for ``--save-outputs``).
 
     An image that cannot be read gives ``{"image": ..., "error": ...}`` in its place; the others
-    are still classified.
+    are still run.
     """
     from vitdeploy.preprocessing import load_labels
 
@@ -94,24 +121,30 @@ def predict(runtime: Any, images: list[str], k: int) -> list[dict[str, Any]]:
         raise CLIError("the artifact has no vitdeploy metadata, so its preprocessing is unknown")
     labels = load_labels(metadata)
     spec = runtime.input_spec
+    primary = getattr(runtime, "output_name", "logits")
     results: list[dict[str, Any]] = []
     chunk = max(1, spec.batch[1])
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
         good, pixels, errors = _pixels(names, metadata.preprocessing, spec.dtype)
-        probabilities = softmax(runtime(pixels)) if pixels is not None else None
-        results += _in_order(names, good, probabilities, errors, labels, k)
+        entries: dict[str, dict[str, Any]] = {}
+        if pixels is not None:
+            if saved is not None:
+                outputs = runtime.run_outputs(pixels)
+                for key, value in outputs.items():
+                    saved.setdefault(key, []).append(np.asarray(value))
+                values = outputs[primary]
+            else:
+                values = runtime(pixels)
+            entries = _entries(good, primary, values, labels, k)
+        results += _in_order(names, entries, errors)
     return results
 
 
-def _in_order(names: list[str], good: list[str], probabilities: np.ndarray | None, errors: list[dict[str, Any]],
-              labels: list[str], k: int) -> list[dict[str, Any]]:
-    """One entry per name, in order: its top-``k`` (``good`` rows of ``probabilities``) or its error."""
-    rows = dict(zip(good, probabilities, strict=True)) if probabilities is not None else {}
-    failed = {entry["image"]: entry for entry in errors}
-    return [{"image": str(name), "top_k": top_k(rows[name], labels, k)} if name in rows else failed[str(name)]
-            for name in names]
-
+def embedding_result(image: str, output: str, value: np.ndarray) -> dict[str, Any]:
+    """What ``predict`` reports for one image of an artifact without logits: the output's shape and norm."""
+    value = np.asarray(value, dtype=np.float64)
+    return {"image": image, "output": output, "shape": list(value.shape), "norm": float(np.linalg.norm(value))}
 
 def describe_runtime(runtime: Any, kind: str) -> dict[str, Any]:
     """What ran: the runtime, its providers or device, the graph file and the input it was given."""
@@ -158,24 +191,43 @@ def predict_server(client: Any, images: list[str], k: int) -> list[dict[str, Any
     for start in range(0, len(images), chunk):
         names = images[start:start + chunk]
         good, pixels, errors = _pixels(names, served.preprocessing, served.input_dtype)
-        probabilities = None
-        if pixels is not None:
+        entries: dict[str, dict[str, Any]] = {}
+        if pixels is not None and served.primary_output != "logits":
+            entries = _entries(good, served.primary_output, client.primary(pixels), labels, k)
+        elif pixels is not None:
             logits = client.logits(pixels)
             if not labels:
                 labels = [str(index) for index in range(logits.shape[1])]
-            probabilities = softmax(logits)
-        results += _in_order(names, good, probabilities, errors, labels, min(k, len(labels)))
+            entries = _entries(good, "logits", logits, labels, min(k, len(labels)))
+        results += _in_order(names, entries, errors)
     return results
 
 
+def save_outputs(path: str, images: list[str], saved: dict[str, list[np.ndarray]]) -> None:
+    """Every output, concatenated over the batches, and the image names, to ``path`` (numpy .npz, atomically)."""
+    import io
+
+    from vitdeploy.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    arrays = {name: np.concatenate(parts) for name, parts in saved.items()}
+    np.savez(buffer, images=np.asarray(images), **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+    progress(f"wrote {path}: " + ", ".join(f"{name} {list(value.shape)}" for name, value in arrays.items()))
+
+
 def print_results(results: list[dict[str, Any]]) -> int:
-    """Each image, then its ranked classes with probabilities; one ``error:`` line on stderr per image that
-    could not be read. Returns how many could not."""
+    """Each image, then its ranked classes with probabilities (or its embedding's shape and norm); one
+    ``error:`` line on stderr per image that could not be read. Returns how many could not."""
     failed = 0
     for result in results:
         if "error" in result:
             failed += 1
             print(f"vitdeploy predict: error: {result['error']}", file=sys.stderr)
+            continue
+        if "top_k" not in result:
+            shape = "x".join(str(d) for d in result["shape"])
+            print(f"{result['image']}\n  {result['output']} [{shape}], L2 norm {result['norm']:.4f}")
             continue
         print(result["image"])
         for entry in result["top_k"]:
@@ -203,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     kind = runtime_kind(args.artifact)
     if kind != "torch" and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
+    saved: dict[str, list[np.ndarray]] | None = {} if args.save_outputs else None
     with load(args.artifact, **runtime_options(kind, args.provider)) as runtime:
         detail = describe_runtime(runtime, kind)
         progress(runtime_line(detail))
@@ -211,8 +264,10 @@ def run(args: argparse.Namespace) -> int:
                       f"{Path(args.artifact).name} was exported from the variant name {runtime.metadata.source!r}")
             warnings.warn(f"{origin}: its weights are RANDOM, so the classes below mean nothing", stacklevel=1)
         k = min(args.top_k, runtime.metadata.num_classes if runtime.metadata else args.top_k)
-        results = predict(runtime, list(args.images), k)
+        results = predict(runtime, list(args.images), k, saved)
     failed = print_results(results)
+    if saved is not None and any("error" not in result for result in results):
+        save_outputs(args.save_outputs, [r["image"] for r in results if "error" not in r], saved)
     if args.json:
         write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "ran": detail, "predictions": results})
     return 2 if failed else 0

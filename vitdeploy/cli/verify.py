@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
             width=(min(w for _, _, w in shapes), max(w for _, _, w in shapes)),
         )
         refs = eager_references(model, precision, list(metadata.fp32_ops) or DEFAULT_FP32_OPS, shape_range=bounds,
-                                max_rel_error=args.max_rel_error, min_cosine=args.min_cosine)
+                                max_rel_error=args.max_rel_error, min_cosine=args.min_cosine,
+                                outputs=metadata.output_names)
         inputs = InputFactory(metadata.preprocessing, images=images, synthetic=not args.no_synthetic)
         notes = []
         if metadata.source_sha256 and resolved.sha256 != metadata.source_sha256:
@@ -212,6 +213,9 @@ def run_accuracy(args: argparse.Namespace, runtime: Any, backend: str) -> int:
     metadata = runtime.metadata
     if metadata is None:
         raise CLIError(f"{args.artifact} has no vitdeploy metadata (preprocessing unknown)")
+    if "logits" not in metadata.output_names:
+        raise CLIError(f"{args.artifact} has no logits output (it has {', '.join(metadata.output_names)}): "
+                       "accuracy needs a classifier; verify it against its reference without --labelled/--labels")
     names = list(metadata.labels) if metadata.labels else None
     if args.labels:
         data = labels_file(args.labels, metadata.num_classes, names, root=args.labelled)

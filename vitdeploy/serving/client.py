@@ -2,9 +2,10 @@
 
 ``TritonClient("http://127.0.0.1:8000", "model_python")`` (or ``grpc://host:8001``) reads the
 model's config from the server, where the ``vitdeploy.*`` parameters say how to preprocess an
-image, which sizes are valid and what the labels are; :meth:`TritonClient.logits` sends an
-``[N, 3, H, W]`` batch over HTTP or gRPC (``tritonclient``, the ``serve`` extra) and returns the
-logits. Every request is one shape: Triton's dynamic batcher only merges requests of the same
+image, which sizes are valid and what the labels are; :meth:`TritonClient.infer` sends an
+``[N, 3, H, W]`` batch over HTTP or gRPC (``tritonclient``, the ``serve`` extra) and returns every
+output the model has (``logits``, ``pooler_output``, ``patch_tokens`` ...: :mod:`vitdeploy.outputs`),
+:meth:`TritonClient.logits` and :meth:`TritonClient.primary` one of them. Every request is one shape: Triton's dynamic batcher only merges requests of the same
 shape, so a client that sends mixed resolutions should bucket them itself.
 """
 
@@ -40,6 +41,13 @@ class ServedModel:
     shape_range: dict[str, list[int]] | None
     labels: list[str] | None
     num_classes: int | None
+
+    @property
+    def primary_output(self) -> str:
+        """The output a vitdeploy runtime returns when called: ``logits``, else the embedding."""
+        from vitdeploy.outputs import primary_output
+
+        return primary_output(self.outputs)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ServedModel:
@@ -134,8 +142,16 @@ class TritonClient:
         return {name: result.as_numpy(name) for name in names}
 
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:
-        """The ``logits`` of one batch as float32."""
+        """The ``logits`` of one batch as float32 (``ValueError`` for a model without them)."""
+        if LOGITS_NAME not in self.served.outputs:
+            raise ValueError(f"model {self.model!r} has no {LOGITS_NAME!r} output; it has "
+                             f"{', '.join(self.served.outputs)} (use infer() or primary())")
         return np.asarray(self.infer(pixel_values, [LOGITS_NAME])[LOGITS_NAME], dtype=np.float32)
+
+    def primary(self, pixel_values: np.ndarray) -> np.ndarray:
+        """The model's primary output (logits, else the image embedding) of one batch as float32."""
+        name = self.served.primary_output
+        return np.asarray(self.infer(pixel_values, [name])[name], dtype=np.float32)
 
     def statistics(self) -> dict[str, Any]:
         """Triton's inference statistics of the model (``/v2/models/<model>/stats``) as JSON."""

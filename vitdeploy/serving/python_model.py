@@ -7,7 +7,7 @@ model parameter; :class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` runs the va
 ``.cpu.onnx`` variant beside it when there is one.
 
 Triton's dynamic batcher hands ``execute`` several requests at once (only requests of one
-shape are batched together); they are run as one batch per shape and the logits are split
+shape are batched together); they are run as one batch per shape and every output is split
 back. A request that does not fit the artifact (size not a multiple of the patch, outside the
 validated range) gets an error response naming the value; the others in the batch still run.
 """
@@ -50,7 +50,7 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request, in order: logits, or an error naming what is wrong with it."""
+        """One response per request, in order: every output of the model config, or an error naming what is wrong."""
         responses: list[Any] = [None] * len(requests)
         groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for index, request in enumerate(requests):

@@ -12,7 +12,8 @@
   only) and the CPU fallback anywhere.
 
 Every model takes ``pixel_values`` with dims ``[3, -1, -1]`` (the batch dimension is Triton's,
-``max_batch_size`` is the validated maximum), returns ``logits``, batches dynamically with a
+``max_batch_size`` is the validated maximum), returns each output of the artifact with its dims
+(``logits [C]``, ``pooler_output [D]``, ``patch_tokens [-1, D]`` ...), batches dynamically with a
 queue delay and carries the preprocessing in its ``parameters`` (``vitdeploy.*`` keys) so a
 client can read it from the model config. Nothing here imports torch, onnx or tritonclient.
 """
@@ -33,6 +34,7 @@ from vitdeploy.constants import INPUT_NAME, LOGITS_NAME
 from vitdeploy.engine_manifest import EngineManifest, envelope, manifest_path_for
 from vitdeploy.files import sha256_file
 from vitdeploy.metadata import CPU_VARIANT, ArtifactMetadata, ShapeRange, read_onnx_metadata
+from vitdeploy.outputs import OUTPUT_NAMES
 from vitdeploy.runtimes import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from vitdeploy.serving.pbtxt import Enum, to_text
 from vitdeploy.serving.releases import release_advice
@@ -195,6 +197,7 @@ def client_parameters(metadata: ArtifactMetadata | None, artifact: _Artifact) ->
             "precision": metadata.precision,
             "model": str(metadata.model_config.get("name", "")),
             "source_sha256": metadata.source_sha256,
+            "outputs": json.dumps(metadata.output_names),
         })
         labels = metadata.labels or metadata.model_config.get("labels")
         if labels:
@@ -226,8 +229,11 @@ def _check_io(artifact: _Artifact) -> None:
     if len(dims) != 3 or dims[1:] != [-1, -1]:
         raise ValueError(f"{artifact.path}: input {INPUT_NAME!r} must be [batch, channels, height, width] with dynamic "
                          f"height and width, got dims {dims} after the batch")
-    if LOGITS_NAME not in [t.name for t in artifact.outputs]:
-        raise ValueError(f"{artifact.path}: no {LOGITS_NAME!r} output among {[t.name for t in artifact.outputs]}")
+    names = [t.name for t in artifact.outputs]
+    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    if not names or unknown:
+        raise ValueError(f"{artifact.path}: outputs {names} are not vitdeploy outputs; expected some of "
+                         f"{', '.join(OUTPUT_NAMES)}")
 
 
 def _max_batch(artifact: _Artifact, options: RepositoryOptions) -> int:
