@@ -11,11 +11,7 @@ import torch
 from conftest import make_model, tiny_config
 from onnx import TensorProto, helper, numpy_helper
 
-from vitdeploy.benchmarks.outliers import (
-    inject_outlier_channels,
-    inject_outlier_channels_eager,
-    outlier_channels,
-)
+from vitdeploy.benchmarks.outliers import inject_outlier_channels, outlier_channels
 from vitdeploy.calibration import BUNDLED, load_calibration
 from vitdeploy.cpu_features import int8_dot_flags
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
@@ -342,25 +338,27 @@ OUTLIER_SEEDS = (0, 1, 2)
 
 
 @pytest.mark.parametrize("seed", OUTLIER_SEEDS)
-def test_outlier_model_exports_at_int8_with_margin(seed, tmp_path):
-    """The issue's outlier ViT, small: three LayerNorm channels x30 in every block (drawn by the seed).
-    The int8 export passes its own gate with worst cosine >= 0.995 at every validation shape, and the
-    file holds that on the photos with onnxruntime and OpenVINO."""
+def test_outlier_model_quantizes_to_int8_with_margin(seed, exported, tmp_path):
+    """The issue's outlier ViT, small: three LayerNorm channels x30 in every block (drawn by the seed) in
+    the shared tiny export. Quantized and validated against the eager model at every validation shape
+    as ``export --precision int8`` does, it passes with worst cosine >= 0.995, and the file holds that on
+    the photos with onnxruntime and OpenVINO. (The full ViT-S/16 with five weight draws is
+    ``python -m vitdeploy.benchmarks.outliers``.)"""
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
     from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
 
-    config = tiny_config(hidden_size=96, mlp_size=192, depth=3, num_heads=4)
-    model = inject_outlier_channels_eager(make_model(config, seed=seed), outlier_channels(96, seed), 30.0)
-    path = tmp_path / "outliers-int8.onnx"
-    result = export_onnx(model, path, ExportOptions(
-        precision="int8", batch=(1, 4), validation_max_batch=4, preflight=False, cpu_variant=False,
-        calibration_size=32, quantize=QuantizeOptions(reduce_range=not int8_dot_flags())))
+    model, _, proto, _ = exported
+    source, path = tmp_path / "outliers.onnx", tmp_path / "outliers-int8.onnx"
+    onnx.save(inject_outlier_channels(proto, channels=outlier_channels(64, seed), factor=30.0), str(source))
+    result = quantize_onnx(source, path, QuantizeOptions(reduce_range=not int8_dot_flags()), calibration_size=16,
+                           reference=model, max_batch=4)
     assert result.report.passed
     cosines = {(c.batch, c.height, c.width): c.metrics.cosine for c in result.report.cases}
     assert len(cosines) >= 3 and min(cosines.values()) >= 0.995, cosines
     smoothing = result.quantization["smoothing"]
-    assert smoothing["layer_norms"] >= 2 * 3 and smoothing["alpha"] == "searched"
-    assert set(smoothing["alphas"].values()) <= set(QuantizeOptions().alpha_grid)
-    assert "final_cosine" in result.quantization["fallback"]
+    assert smoothing["layer_norms"] == 5 and smoothing["alpha"] == "searched"
+    assert set(smoothing["alphas"].values()) <= set(QuantizeOptions().alpha_grid) - {0.0}
+    assert result.quantization["fallback"]["reached"]
     pixels, reference = _photos(model, batch=4)
     with OrtRuntime(path) as ort_runtime, OpenVINORuntime(path) as ov_runtime:
         for runtime in (ort_runtime, ov_runtime):
