@@ -75,6 +75,17 @@ DEFAULT_SMOOTH_ALPHA = {"int8": 0.5, "fp8": 0.0}
 # Ops a smoothed LayerNorm output may pass through on its way to a linear layer: they select
 # tokens or samples and leave the channel (last) axis alone.
 _TOKEN_SELECT = ("Slice", "Gather")
+# SmoothQuant strengths searched per LayerNorm (0: leave it unsmoothed), as the paper's alpha search.
+DEFAULT_ALPHA_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
+# The float-fallback loop's goal (worst output cosine vs the fp32 graph on the probe images) and its
+# bound (how many layers it tries keeping in float).
+DEFAULT_FALLBACK_COSINE = 0.998
+DEFAULT_FALLBACK_TRIALS = 6
+# Rows (tokens) of each image kept per tensor to measure quantization error on.
+SAMPLE_ROWS = 16
+# Synthetic (uniform random pixel) images added to the fallback probe, as the export's gate uses them.
+PROBE_SYNTHETIC = 8
+PROBE_CALIBRATION = 16
 
 
 @dataclass
@@ -95,11 +106,32 @@ class QuantizeOptions:
     reduce_range: bool = False
     batch_size: int = 8
     threads: int | None = None
+    # Measured choices (int8; see :func:`search_alphas` and :func:`fall_back`). ``alpha_search``: with
+    # ``smooth_alpha`` left at None, each smoothed LayerNorm gets the alpha of ``alpha_grid`` (0 = not
+    # smoothed) whose quantized consumers reproduce their fp32 outputs best on the calibration set.
+    alpha_search: bool = True
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    # ``fallback_cosine``: while the quantized graph's worst output cosine against the fp32 graph on the
+    # probe images is below it, linear layers are kept in float (largest measured error first, at most
+    # ``fallback_trials`` tries); None turns the loop off.
+    fallback_cosine: float | None = DEFAULT_FALLBACK_COSINE
+    fallback_trials: int = DEFAULT_FALLBACK_TRIALS
 
     def __post_init__(self) -> None:
         check_precision(self.precision, QUANTIZED_PRECISIONS)
         if self.smooth_alpha is None:
             self.smooth_alpha = DEFAULT_SMOOTH_ALPHA[self.precision]
+        else:
+            self.alpha_search = False  # an explicit strength is used as given
+        if self.precision != "int8":
+            self.alpha_search = False
+            self.fallback_cosine = None
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError(f"alpha_grid must be strengths in [0, 1], got {list(self.alpha_grid)}")
+        if self.fallback_cosine is not None and not 0.0 < self.fallback_cosine <= 1.0:
+            raise ValueError(f"fallback_cosine must be in (0, 1] or None, got {self.fallback_cosine}")
+        if self.fallback_trials < 0:
+            raise ValueError(f"fallback_trials must be >= 0, got {self.fallback_trials}")
         if not self.smooth_threshold >= 1.0:
             raise ValueError(f"smooth_threshold must be >= 1 (a ratio of channel maxima), got {self.smooth_threshold}")
         self.keep_float = tuple(dict.fromkeys(self.keep_float))
@@ -162,6 +194,7 @@ class QuantizationRecord:
     calibration: dict[str, Any]
     opset: int
     reduce_range: bool = False
+    fallback: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": QUANTIZE_TRANSFORM, **asdict(self)}
@@ -209,8 +242,10 @@ def image_dependent(graph: onnx.GraphProto) -> set[str]:
     return dependent
 
 
-def plan_quantization(model: onnx.ModelProto, keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT) -> Plan:
-    """Which tensors of ``model`` get Q/DQ: the float inputs of every node whose role is not in ``keep_float``.
+def plan_quantization(model: onnx.ModelProto, keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT,
+                      keep_nodes: Iterable[str] = ()) -> Plan:
+    """Which tensors of ``model`` get Q/DQ: the float inputs of every node whose role is not in ``keep_float``
+    and whose name is not in ``keep_nodes`` (single layers kept in float, see :func:`fall_back`).
 
     Roles: ``Conv``/``MatMul``/``Gemm`` with a constant weight (activation input per tensor,
     weight per output channel), ``AttentionMatMul`` (both inputs), ``LayerNormalization`` and
@@ -219,12 +254,14 @@ def plan_quantization(model: onnx.ModelProto, keep_float: Iterable[str] = DEFAUL
     stays float.
     """
     keep = set(keep_float)
+    kept_nodes = set(keep_nodes)
     graph = model.graph
     index = GraphIndex(graph)
     dependent = image_dependent(graph)
     plan = Plan()
     for node in graph.node:
-        if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] not in dependent:
+        if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] not in dependent \
+                or node.name in kept_nodes:
             continue
         op = node.op_type
         if op in WEIGHTED_OPS:
@@ -347,6 +384,18 @@ class TensorStats:
     channel_amax: np.ndarray | None = None
     top: np.ndarray | None = None  # the largest magnitudes seen (percentile calibrator)
     count: int = 0
+    samples: list[np.ndarray] = field(default_factory=list)  # per image, some rows [k, channels] (error measures)
+
+    def sample(self, value: np.ndarray, rows: int, rng: np.random.Generator) -> None:
+        """Keep up to ``rows`` random rows (tokens) of each image of ``value`` ``[images, ..., channels]``."""
+        per_image = value.reshape(value.shape[0], -1, value.shape[-1])
+        for image in per_image:
+            pick = np.sort(rng.choice(image.shape[0], rows, replace=False)) if image.shape[0] > rows else slice(None)
+            self.samples.append(np.array(image[pick], dtype=np.float32))
+
+    def sampled(self) -> np.ndarray:
+        """The kept rows as ``[images, k, channels]``."""
+        return np.stack(self.samples)
 
     def update(self, value: np.ndarray, channels: bool, keep: int | None) -> None:
         magnitude = np.abs(value.astype(np.float32, copy=False))
@@ -390,14 +439,21 @@ def _session(model: onnx.ModelProto, folder: Path, threads: int | None) -> Any:
 
 def collect_stats(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[np.ndarray], *,
                   channels: Iterable[str] = (), percentile: float | None = None, samples: int | None = None,
-                  threads: int | None = None) -> dict[str, TensorStats]:
+                  threads: int | None = None, rows: Iterable[str] = (), rows_per_image: int = SAMPLE_ROWS,
+                  outputs: bool = False) -> dict[str, TensorStats]:
     """Run ``model`` (fp32) with onnxruntime on ``batches`` and gather magnitude statistics of ``tensors``.
 
     ``channels`` also get per-channel (last axis) maxima; with ``percentile`` (and ``samples``, the
-    number of calibration images) enough of the largest magnitudes are kept to read it exactly.
+    number of calibration images) enough of the largest magnitudes are kept to read it exactly;
+    ``rows`` keep ``rows_per_image`` random rows of each image (:meth:`TensorStats.sample`);
+    ``outputs`` also keeps every graph output whole (as samples, one per image).
     """
-    wanted = list(dict.fromkeys([*tensors, *channels]))
+    graph_outputs = [value.name for value in model.graph.output] if outputs else []
+    wanted = list(dict.fromkeys([*tensors, *channels, *rows, *graph_outputs]))
     per_channel = set(channels)
+    sampled = set(rows)
+    whole = set(graph_outputs)
+    rng = np.random.default_rng(0)
     probe = copy.deepcopy(model)
     existing = {value.name for value in probe.graph.output}
     input_name = probe.graph.input[0].name
@@ -419,6 +475,10 @@ def collect_stats(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
                     per_sample = values[name].size // max(1, values[name].shape[0])
                     keep = max(1, math.ceil((1.0 - percentile / 100.0) * per_sample * samples)) + 1
                 stats[name].update(values[name], name in per_channel, keep)
+                if name in sampled:
+                    stats[name].sample(values[name], rows_per_image, rng)
+                if name in whole:
+                    stats[name].samples.extend(np.array(v, dtype=np.float32) for v in values[name])
     return stats
 
 
@@ -426,31 +486,45 @@ def collect_stats(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
 # Transforms
 
 
+def _smooth_scale(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's ``s_j = amax(X_j)^alpha / amax(W_j)^(1 - alpha)`` (1 where a channel is all zero)."""
+    valid = (x_amax > 0) & (w_amax > 0)
+    scale = np.ones_like(x_amax, dtype=np.float64)
+    scale[valid] = x_amax[valid].astype(np.float64) ** alpha / w_amax[valid].astype(np.float64) ** (1.0 - alpha)
+    return np.clip(scale, 1e-5, 1e5)
+
+
+def _target_weights(model: onnx.ModelProto, target: SmoothTarget) -> list[tuple[WeightUse, np.ndarray, bool]]:
+    """The consumer weights of a smoothing target, each with whether it is stored ``[out, in]`` (Gemm transB)."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return [(use, numpy_helper.to_array(initializers[use.node.input[use.index]]), use.axis == 0)
+            for use in target.weights]
+
+
+def _input_channel_amax(weights: list[tuple[WeightUse, np.ndarray, bool]]) -> np.ndarray:
+    return np.max([np.abs(w.T if transposed else w).max(axis=1) for _, w, transposed in weights], axis=0)
+
+
 def smooth_layer_norms(model: onnx.ModelProto, targets: list[SmoothTarget], channel_amax: dict[str, np.ndarray],
-                       alpha: float) -> int:
+                       alpha: float | dict[str, float]) -> int:
     """Migrate activation outliers of each target LayerNorm into its consumers' weights (in place).
 
     ``s_j = amax(X_j)^alpha / amax(W_j)^(1 - alpha)`` over the LayerNorm output ``X`` and every
     consumer weight's input row ``j``; the LayerNorm's scale and bias are divided by ``s`` and the
-    weight rows multiplied by it, so the float function is unchanged. Returns how many were smoothed.
+    weight rows multiplied by it, so the float function is unchanged. ``alpha`` is one strength or
+    one per LayerNorm output name (:func:`search_alphas`; 0 leaves that one alone). Returns how many
+    were smoothed.
     """
     own_initializers(model, targets)
     initializers = {init.name: init for init in model.graph.initializer}
     smoothed = 0
     for target in targets:
         x_amax = channel_amax.get(target.norm.output[0])
-        if x_amax is None:
+        strength = alpha.get(target.norm.output[0], 0.0) if isinstance(alpha, dict) else alpha
+        if x_amax is None or strength <= 0:
             continue
-        weights = []
-        for use in target.weights:
-            array = numpy_helper.to_array(initializers[use.node.input[use.index]])
-            # Rows of a [in, out] MatMul/Gemm weight are its input channels; a transposed Gemm B is [out, in].
-            weights.append((use, array, use.axis == 0))
-        w_amax = np.max([np.abs(w.T if transposed else w).max(axis=1) for _, w, transposed in weights], axis=0)
-        valid = (x_amax > 0) & (w_amax > 0)
-        scale = np.ones_like(x_amax, dtype=np.float64)
-        scale[valid] = x_amax[valid].astype(np.float64) ** alpha / w_amax[valid].astype(np.float64) ** (1.0 - alpha)
-        scale = np.clip(scale, 1e-5, 1e5)
+        weights = _target_weights(model, target)
+        scale = _smooth_scale(x_amax, _input_channel_amax(weights), strength)
         for slot in (1, 2):
             name = target.norm.input[slot]
             array = numpy_helper.to_array(initializers[name]).astype(np.float64) / scale
@@ -461,6 +535,152 @@ def smooth_layer_norms(model: onnx.ModelProto, targets: list[SmoothTarget], chan
             initializers[name].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), name))
         smoothed += 1
     return smoothed
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured choices: the smoothing strength per LayerNorm, and layers kept in float
+
+
+def _fake_quant_activation(x: np.ndarray, amax: float, qmax: float) -> np.ndarray:
+    """``x`` through a per-tensor ``QuantizeLinear -> DequantizeLinear`` pair (int8: -128..127, half to even)."""
+    scale = amax / qmax if amax > 0 and math.isfinite(amax) else 1.0
+    return (np.clip(np.rint(x / np.float32(scale)), -qmax - 1, qmax) * np.float32(scale)).astype(np.float32)
+
+
+def _fake_quant_weight(weight: np.ndarray, qmax: float) -> np.ndarray:
+    """An ``[in, out]`` weight quantized per output channel (the columns) and restored, as :func:`insert_qdq`."""
+    channel_amax = np.abs(weight).max(axis=0).astype(np.float64)
+    scale = np.where(channel_amax > 0, channel_amax / qmax, 1.0).astype(np.float32)
+    return (np.clip(np.rint(weight.astype(np.float64) / scale), -qmax, qmax) * scale).astype(np.float32)
+
+
+def _relative_error(x_quantized: np.ndarray, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """``sum ||x_q W_q - x W||^2 / sum ||x W||^2`` over the ``(x W, W_q)`` pairs."""
+    error = norm = 0.0
+    for exact, weight_quantized in pairs:
+        error += float(np.square(x_quantized @ weight_quantized - exact, dtype=np.float64).sum())
+        norm += float(np.square(exact, dtype=np.float64).sum())
+    return error / norm if norm > 0 else 0.0
+
+
+def search_alphas(model: onnx.ModelProto, targets: list[SmoothTarget], stats: dict[str, TensorStats],
+                  grid: Iterable[float], weight_qmax: float, qmax: float = QMAX["int8"]
+                  ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The SmoothQuant strength of each target LayerNorm that its consumers' int8 outputs measure best.
+
+    For every ``alpha`` of ``grid``, on the rows sampled of the LayerNorm output ``X``
+    (``stats[...].sampled()``: the probe images, :func:`probe_images`) with its channel maxima over
+    the calibration set (``stats[...].channel_amax``, which set the int8 range), the relative error
+    ``sum ||Q(X/s) Q(s W) - X W||^2 / sum ||X W||^2`` over the consumer weights ``W`` (activations
+    per tensor, weights per output channel, exactly as :func:`insert_qdq` quantizes). Returns the
+    chosen strength per LayerNorm output name and, per name, the error at each strength tried.
+    """
+    own_initializers(model, targets)
+    chosen: dict[str, float] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for target in targets:
+        name = target.norm.output[0]
+        x = stats[name].sampled().reshape(-1, stats[name].samples[0].shape[-1])
+        x_amax = stats[name].channel_amax
+        weights = _target_weights(model, target)
+        in_major = [w.T if transposed else w for _, w, transposed in weights]
+        w_amax = _input_channel_amax(weights)
+        exact = [x @ w for w in in_major]  # the float function, the same for every strength
+        measured = {}
+        for alpha in grid:
+            scale = (_smooth_scale(x_amax, w_amax, alpha) if alpha > 0 else np.ones_like(x_amax, np.float64))
+            scale32 = scale.astype(np.float32)
+            x_smooth = x / scale32
+            x_quantized = _fake_quant_activation(x_smooth, float((x_amax / scale).max()), qmax)
+            pairs = [(y, _fake_quant_weight(w * scale32[:, None], weight_qmax)) for y, w in zip(exact, in_major, strict=True)]
+            measured[alpha] = _relative_error(x_quantized, pairs)
+        best = min(measured, key=lambda a: (measured[a], a))
+        chosen[name] = float(best)
+        errors[name] = {f"{a:g}": float(f"{e:.4g}") for a, e in measured.items()}
+    return chosen, errors
+
+
+def layer_errors(model: onnx.ModelProto, plan: Plan, amax: dict[str, float], stats: dict[str, TensorStats],
+                 weight_qmax: float, qmax: float = QMAX["int8"]) -> dict[str, float]:
+    """Each quantized MatMul/Gemm's own int8 error: the worst image's ``||Q(x) Q(W) - x W||^2 / ||x W||^2``
+    on its sampled fp32 input rows ``x`` (``stats``) with the calibrated activation range ``amax``."""
+    index = GraphIndex(model.graph)
+    errors = {}
+    for use in plan.weights:
+        node = use.node
+        if node.op_type not in ("MatMul", "Gemm") or node.input[0] not in stats or not stats[node.input[0]].samples:
+            continue
+        weight = index.const(node.input[use.index])
+        weight = weight.T if use.axis == 0 else weight
+        weight_quantized = _fake_quant_weight(weight, weight_qmax)
+        x = stats[node.input[0]].sampled()
+        errors[node.name] = max(_relative_error(_fake_quant_activation(image, amax.get(node.input[0], 0.0), qmax),
+                                                [(image @ weight, weight_quantized)]) for image in x)
+    return errors
+
+
+def probe_images(model: onnx.ModelProto, calibration: Any) -> np.ndarray:
+    """The images the fallback loop measures on: the first calibration images and, for a vitdeploy
+    artifact, synthetic uniform-noise images preprocessed as it says (the export's gate uses both)."""
+    from vitdeploy.metadata import ArtifactMetadata
+    from vitdeploy.parity import InputFactory
+
+    calibration_images = np.concatenate(list(calibration.batches(PROBE_CALIBRATION)))[:PROBE_CALIBRATION]
+    try:
+        metadata = ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    except ValueError:
+        return calibration_images
+    if calibration_images.ndim != 4:
+        return calibration_images
+    height, width = calibration_images.shape[2:]
+    synthetic, _ = InputFactory(metadata.preprocessing, images=[]).batch(PROBE_SYNTHETIC, height, width)
+    return np.concatenate([calibration_images, synthetic.astype(calibration_images.dtype)])
+
+
+def _in_batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
+    return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
+
+
+def output_cosine(model: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray], batch_size: int,
+                  threads: int | None) -> float:
+    """The worst per-image cosine of ``model``'s outputs against ``reference`` (one array per output)."""
+    from vitdeploy.parity import compare_logits
+
+    input_name = model.graph.input[0].name
+    names = list(reference)
+    with tempfile.TemporaryDirectory(prefix="vitdeploy-probe-") as folder:
+        session = _session(model, Path(folder), threads)
+        runs = [session.run(names, {input_name: images[start:start + batch_size]})
+                for start in range(0, len(images), batch_size)]
+    return min(compare_logits(reference[name], np.concatenate([run[i] for run in runs]), classification=False).cosine
+               for i, name in enumerate(names))
+
+
+def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float], measure: Callable[[onnx.ModelProto], float],
+              target: float, trials: int, say: Callable[[str], None]) -> tuple[list[str], dict[str, Any]]:
+    """Keep layers in float, largest measured error first, while the measured cosine is below ``target``.
+
+    ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` its worst
+    output cosine; a layer stays in float only if it raised that cosine, and at most ``trials``
+    layers are tried. Returns the kept layers and the record of what was tried.
+    """
+    kept: list[str] = []
+    cosine = measure(build(kept))
+    record: dict[str, Any] = {"target_cosine": target, "initial_cosine": round(cosine, 6), "tried": []}
+    ranked = sorted(errors, key=lambda name: -errors[name])
+    for name in ranked[:trials]:
+        if cosine >= target:
+            break
+        trial = measure(build([*kept, name]))
+        better = trial > cosine
+        record["tried"].append({"node": name, "layer_error": float(f"{errors[name]:.4g}"), "cosine": round(trial, 6),
+                                "kept_float": better})
+        say(f"  {name} in float: worst probe cosine {trial:.5f} ({'kept' if better else 'undone'})")
+        if better:
+            kept.append(name)
+            cosine = trial
+    record.update(kept_float=kept, final_cosine=round(cosine, 6), reached=cosine >= target)
+    return kept, record
 
 
 def _quantize_array(array: np.ndarray, scale: np.ndarray, precision: str) -> np.ndarray:
@@ -592,33 +812,59 @@ def quantize_model(model: onnx.ModelProto, calibration: Any, options: QuantizeOp
     if not plan.activations and not plan.weights:
         raise ValueError("nothing to quantize: the graph has no Conv/MatMul/Gemm with constant weights outside keep_float")
     targets = smoothing_targets(quantized) if options.smooth_alpha > 0 else []
-    smoothing: dict[str, Any] = {"method": "smoothquant-layernorm" if options.smooth_alpha > 0 else "none",
-                                 "alpha": options.smooth_alpha, "layer_norms": 0, "candidates": len(targets)}
+    search = options.alpha_search and bool(targets)
+    smoothing: dict[str, Any] = {"method": ("smoothquant-layernorm" + (", alpha searched per LayerNorm" if search else ""))
+                                 if options.smooth_alpha > 0 else "none",
+                                 "alpha": "searched" if search else options.smooth_alpha, "layer_norms": 0,
+                                 "candidates": len(targets)}
     percentile = options.percentile if options.calibrator == "percentile" else None
+    weight_qmax = REDUCED_WEIGHT_QMAX if options.reduce_range else QMAX[options.precision]
     say(f"calibrating {len(plan.activations)} activation scales on {calibration.count} images ({options.calibrator})"
         + (f" and the output channels of {len(targets)} LayerNorms" if targets else ""))
+    norm_outputs = [t.norm.output[0] for t in targets]
     stats = collect_stats(quantized, list(plan.activations), calibration.batches(options.batch_size),
-                          channels=[t.norm.output[0] for t in targets], percentile=percentile,
-                          samples=calibration.count, threads=options.threads)
+                          channels=norm_outputs, percentile=percentile, samples=calibration.count,
+                          threads=options.threads)
     if targets:
-        ratios = {t.norm.output[0]: float(stats[t.norm.output[0]].channel_amax.max()
-                                          / max(float(np.median(stats[t.norm.output[0]].channel_amax)), 1e-12))
-                  for t in targets}
+        ratios = {name: float(stats[name].channel_amax.max() / max(float(np.median(stats[name].channel_amax)), 1e-12))
+                  for name in norm_outputs}
         chosen = [t for t in targets if ratios[t.norm.output[0]] >= options.smooth_threshold]
         channel_amax = {t.norm.output[0]: stats[t.norm.output[0]].channel_amax for t in chosen}
-        smoothing["layer_norms"] = smooth_layer_norms(quantized, chosen, channel_amax, options.smooth_alpha)
+        alpha: float | dict[str, float] = options.smooth_alpha
+        if search and chosen:
+            say(f"searching the smoothing strength of {len(chosen)} LayerNorms over alpha in "
+                f"{', '.join(f'{a:g}' for a in options.alpha_grid)} (int8 error of the layers each feeds)")
+            # Errors are measured on the probe images (calibration and synthetic), ranges from calibration.
+            images = probe_images(quantized, calibration)
+            rows = collect_stats(quantized, [], _in_batches(images, options.batch_size), threads=options.threads,
+                                 rows=[t.norm.output[0] for t in chosen])
+            for name, value in rows.items():
+                value.channel_amax = stats[name].channel_amax
+            alpha, errors = search_alphas(quantized, chosen, rows, options.alpha_grid, weight_qmax,
+                                          QMAX[options.precision])
+            del rows
+            smoothing["alphas"] = {name: alpha[name] for name in alpha}
+            smoothing["alpha_errors"] = errors
+        smoothing["layer_norms"] = smooth_layer_norms(quantized, chosen, channel_amax, alpha)
         smoothing["threshold"] = options.smooth_threshold
         smoothing["max_channel_ratio"] = round(max(ratios.values()), 2)
         say(f"smoothed {smoothing['layer_norms']} of {len(targets)} LayerNorms (largest channel-max ratio "
             f"{smoothing['max_channel_ratio']}, threshold {options.smooth_threshold:g})")
-        if chosen:  # the smoothed LayerNorm outputs have new ranges: calibrate again (the function is the same)
+        if smoothing["layer_norms"]:  # smoothed LayerNorm outputs have new ranges: calibrate again (same function)
             say("calibrating the activation scales again after smoothing")
             stats = collect_stats(quantized, list(plan.activations), calibration.batches(options.batch_size),
                                   percentile=percentile, samples=calibration.count, threads=options.threads)
     amax = {name: (s.percentile_amax(options.percentile) if percentile is not None else s.amax)
             for name, s in stats.items()}
+    del stats
     if options.precision == "fp8" and opset_version(quantized) < FP8_MIN_OPSET:
         _raise_opset(quantized, FP8_MIN_OPSET)
+    kept_nodes: list[str] = []
+    fallback: dict[str, Any] = {}
+    if options.fallback_cosine is not None:
+        kept_nodes, fallback = _measured_fallback(quantized, plan, amax, calibration, options, weight_qmax, say)
+        if kept_nodes:
+            plan = plan_quantization(quantized, options.keep_float, kept_nodes)
     insert_qdq(quantized, plan, amax, options.precision, options.reduce_range)
     record = QuantizationRecord(
         precision=options.precision, quantizer=QUANTIZER,
@@ -628,10 +874,40 @@ def quantize_model(model: onnx.ModelProto, calibration: Any, options: QuantizeOp
         + (f" {options.percentile:g}" if percentile is not None else ""),
         keep_float=list(options.keep_float), quantized_nodes=dict(sorted(plan.roles.items())),
         smoothing=smoothing, calibration=calibration.describe(), opset=opset_version(quantized),
-        reduce_range=options.reduce_range,
+        reduce_range=options.reduce_range, fallback=fallback,
     )
     _update_metadata(quantized, record)
     return quantized, record
+
+
+def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, float], calibration: Any,
+                       options: QuantizeOptions, weight_qmax: float, say: Callable[[str], None]
+                       ) -> tuple[list[str], dict[str, Any]]:
+    """:func:`fall_back` on the smoothed fp32 graph: the probe images (:func:`probe_images`), their fp32
+    outputs and each linear layer's measured error (:func:`layer_errors`) on them."""
+    images = probe_images(smoothed, calibration)
+    linear_inputs = [use.node.input[0] for use in plan.weights if use.node.op_type in ("MatMul", "Gemm")]
+    say(f"measuring each linear layer's int8 error on {len(images)} probe images (calibration + synthetic)")
+    probe = collect_stats(smoothed, [], _in_batches(images, options.batch_size), rows=linear_inputs, outputs=True,
+                          threads=options.threads)
+    reference = {value.name: np.stack(probe[value.name].samples) for value in smoothed.graph.output}
+    errors = layer_errors(smoothed, plan, amax, probe, weight_qmax, QMAX[options.precision])
+    del probe
+
+    def build(kept: list[str]) -> onnx.ModelProto:
+        candidate = copy.deepcopy(smoothed)
+        insert_qdq(candidate, plan_quantization(candidate, options.keep_float, kept), amax, options.precision,
+                   options.reduce_range)
+        return candidate
+
+    def measure(candidate: onnx.ModelProto) -> float:
+        return output_cosine(candidate, images, reference, options.batch_size, options.threads)
+
+    kept, record = fall_back(build, errors, measure, options.fallback_cosine, options.fallback_trials, say)
+    record["probe"] = {"images": len(images), "synthetic": max(0, len(images) - min(PROBE_CALIBRATION, calibration.count))}
+    say(f"worst probe cosine {record['initial_cosine']:.5f} -> {record['final_cosine']:.5f} with "
+        f"{len(kept)} layer(s) in float (target {options.fallback_cosine:g})")
+    return kept, record
 
 
 def _update_metadata(model: onnx.ModelProto, record: QuantizationRecord) -> None:

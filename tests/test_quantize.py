@@ -11,13 +11,16 @@ import torch
 from conftest import make_model, tiny_config
 from onnx import TensorProto, helper, numpy_helper
 
-from vitdeploy.benchmarks.outliers import inject_outlier_channels
+from vitdeploy.benchmarks.outliers import inject_outlier_channels, outlier_channels
 from vitdeploy.calibration import BUNDLED, load_calibration
 from vitdeploy.cpu_features import int8_dot_flags
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.quantize import (
     QuantizeOptions,
+    collect_stats,
+    layer_errors,
     plan_quantization,
+    probe_images,
     quantization_record,
     quantize_model,
     smoothing_targets,
@@ -207,7 +210,7 @@ def test_outlier_channels_break_per_tensor_int8_and_smoothing_recovers(exported)
     outliers = inject_outlier_channels(proto, channels=(3, 17, 40, 61), factor=30.0)
     pixels, reference = _photos(model)
     assert compare_logits(reference, _run(outliers, pixels)).rel_max_error < 1e-4  # the float function is kept
-    plain, _ = quantize_model(outliers, calibration, QuantizeOptions(smooth_alpha=0.0))
+    plain, _ = quantize_model(outliers, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_cosine=None))
     smoothed, record = quantize_model(outliers, calibration)
     plain_cos = compare_logits(reference, _run(plain, pixels)).cosine
     smooth_cos = compare_logits(reference, _run(smoothed, pixels)).cosine
@@ -256,3 +259,107 @@ def test_calibration_sets(tmp_path):
         load_calibration(tmp_path / "empty", 4, pre)
     with pytest.raises(NotADirectoryError):
         load_calibration(tmp_path / "a" / "0.png", 4, pre)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outlier-robust int8 by measured choices: the smoothing strength per LayerNorm, layers kept in float
+
+
+def test_layer_error_is_the_error_onnxruntime_measures():
+    """The fallback ranks layers by an int8 error computed in numpy: it is the error of the real Q/DQ graph."""
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((16, 6)) * np.array([0.1, 1, 3, 0.01, 10, 0.5])).astype(np.float32)
+    calibration = rng.standard_normal((32, 16)).astype(np.float32)
+    fp32 = _matmul_model(weight)
+    options = QuantizeOptions(smooth_alpha=0, fallback_cosine=None)
+    quantized, _ = quantize_model(fp32, _Calibration(calibration), options)
+    probe = (rng.standard_normal((4, 16)) * 1.5).astype(np.float32)  # partly beyond the calibrated range
+    plan = plan_quantization(fp32)
+    amax = {"pixel_values": float(np.abs(calibration).max())}
+    stats = collect_stats(fp32, ["pixel_values"], [probe], rows=["pixel_values"])
+    errors = layer_errors(fp32, plan, amax, stats, weight_qmax=127.0)
+    exact = probe @ weight
+    measured = max(float(np.square(q - e).sum() / np.square(e).sum()) for q, e in zip(_run(quantized, probe), exact,
+                                                                                        strict=True))
+    assert list(errors) == [fp32.graph.node[0].name]
+    assert errors[fp32.graph.node[0].name] == pytest.approx(measured, rel=1e-4)
+
+
+def test_alpha_search_is_invariant_to_the_outliers_it_undoes(exported):
+    """Injected outliers are a diagonal rescaling, which SmoothQuant's scale undoes at any alpha > 0: the
+    search measures the same errors there and chooses the same strengths with and without them."""
+    _, _, proto, calibration = exported
+    options = QuantizeOptions(smooth_threshold=1.0, fallback_cosine=None)  # search every LayerNorm
+    _, clean = quantize_model(proto, calibration, options)
+    _, outliers = quantize_model(inject_outlier_channels(proto, channels=(3, 17, 40), factor=30.0), calibration,
+                                 options)
+    assert clean.smoothing["alpha"] == "searched" and set(clean.smoothing["alphas"]) == set(outliers.smoothing["alphas"])
+    assert len(clean.smoothing["alphas"]) == 5
+    for name, errors in clean.smoothing["alpha_errors"].items():
+        chosen = clean.smoothing["alphas"][name]
+        assert errors[f"{chosen:g}"] == min(errors.values())
+        with_outliers = outliers.smoothing["alpha_errors"][name]
+        for alpha, error in errors.items():  # alpha 0 (unsmoothed) sees the outliers, every other the same
+            assert alpha == "0" or with_outliers[alpha] == pytest.approx(error, rel=0.02, abs=1e-7)
+        # Unsmoothed is the worst choice with outliers; among the others both choose the same strength.
+        assert with_outliers["0"] > 3 * max(v for a, v in with_outliers.items() if a != "0")
+        smoothed = {a: v for a, v in errors.items() if a != "0"}
+        assert f"{outliers.smoothing['alphas'][name]:g}" == min(smoothed, key=smoothed.get)
+
+
+def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
+    """With no outlier handling the loop keeps layers in float, largest measured error first, while the
+    probe cosine is below its target; every choice is in the metadata and the graph has what it says."""
+    model, _, proto, calibration = exported
+    outliers = inject_outlier_channels(proto, channels=(3, 17, 40), factor=30.0)
+    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3)
+    quantized, record = quantize_model(outliers, calibration, options)
+    fallback = record.fallback
+    assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
+    errors = [trial["layer_error"] for trial in fallback["tried"]]
+    assert errors == sorted(errors, reverse=True)
+    kept = fallback["kept_float"]
+    assert kept and kept == [t["node"] for t in fallback["tried"] if t["kept_float"]]
+    assert fallback["final_cosine"] > fallback["initial_cosine"]
+    producers = {name: node for node in quantized.graph.node for name in node.output}
+    for node in quantized.graph.node:
+        dequantized = [producers[name].op_type == "DequantizeLinear" for name in node.input if name in producers]
+        assert not any(dequantized) if node.name in kept else True
+    assert record.quantized_nodes["MatMul"] + record.quantized_nodes.get("Gemm", 0) == 10 - len(kept)
+    stored = quantization_record(ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props}))
+    assert stored["fallback"]["kept_float"] == kept
+    # The recorded cosine is what the written graph measures on the probe images.
+    images = probe_images(outliers, calibration)
+    reference = _run(outliers, images)
+    assert compare_logits(reference, _run(quantized, images)).cosine == pytest.approx(fallback["final_cosine"], abs=2e-6)
+
+
+OUTLIER_SEEDS = (0, 1, 2)
+
+
+@pytest.mark.parametrize("seed", OUTLIER_SEEDS)
+def test_outlier_model_quantizes_to_int8_with_margin(seed, exported, tmp_path):
+    """The issue's outlier ViT, small: three LayerNorm channels x30 in every block (drawn by the seed) in
+    the shared tiny export. Quantized and validated against the eager model at every validation shape
+    as ``export --precision int8`` does, it passes with worst cosine >= 0.995, and the file holds that on
+    the photos with onnxruntime and OpenVINO. (The full ViT-S/16 with five weight draws is
+    ``python -m vitdeploy.benchmarks.outliers``.)"""
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
+    from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
+
+    model, _, proto, _ = exported
+    source, path = tmp_path / "outliers.onnx", tmp_path / "outliers-int8.onnx"
+    onnx.save(inject_outlier_channels(proto, channels=outlier_channels(64, seed), factor=30.0), str(source))
+    result = quantize_onnx(source, path, QuantizeOptions(reduce_range=not int8_dot_flags()), calibration_size=16,
+                           reference=model, max_batch=4)
+    assert result.report.passed
+    cosines = {(c.batch, c.height, c.width): c.metrics.cosine for c in result.report.cases}
+    assert len(cosines) >= 3 and min(cosines.values()) >= 0.995, cosines
+    smoothing = result.quantization["smoothing"]
+    assert smoothing["layer_norms"] == 5 and smoothing["alpha"] == "searched"
+    assert set(smoothing["alphas"].values()) <= set(QuantizeOptions().alpha_grid) - {0.0}
+    assert result.quantization["fallback"]["reached"]
+    pixels, reference = _photos(model, batch=4)
+    with OrtRuntime(path) as ort_runtime, OpenVINORuntime(path) as ov_runtime:
+        for runtime in (ort_runtime, ov_runtime):
+            assert compare_logits(reference, runtime(pixels)).cosine >= 0.995, runtime
