@@ -120,6 +120,10 @@ def latency_vs_accuracy(manifest: TuneManifest, path: Path) -> Path | None:
     gate = manifest.gate["max_drop_points"] if labelled else 1.0 - manifest.gate["min_cosine"]
     ax.axhline(gate, color="red", linestyle="--", linewidth=1, label="accuracy gate")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     if not labelled:
         ax.set_yscale("log")
     ax.set_xlabel(f"p50 latency at batch {batch} (ms)")

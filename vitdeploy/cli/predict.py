@@ -23,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "labels come from its config, the images go over HTTP (http://) or gRPC (grpc://); no torch needed.",
     )
     parser.add_argument("artifact", metavar="ARTIFACT_OR_MODEL",
-                        help="an exported .onnx file, a TensorRT .engine/.plan, or a checkpoint; with --server, the "
-                        "Triton model name")
+                        help="an exported .onnx file, a TensorRT .engine/.plan, a folder `vitdeploy tune` chose a "
+                        "runtime for (tune.json), or a checkpoint; with --server, the Triton model name")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="how many classes to show per image (default 5)")
     parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
@@ -135,12 +135,16 @@ def run(args: argparse.Namespace) -> int:
                                    "predictions": results})
         return 0
     kind = runtime_kind(args.artifact)
-    if kind != "torch" and not Path(args.artifact).is_file():
+    if kind not in ("torch", "tuned") and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
     with load(args.artifact, **runtime_options(kind, args.provider)) as runtime:
         k = min(args.top_k, runtime.metadata.num_classes if runtime.metadata else args.top_k)
         results = predict(runtime, list(args.images), k)
     print_results(results)
     if args.json:
+        if kind == "tuned":
+            from vitdeploy.tune_manifest import read_manifest
+
+            kind = f"tuned: {read_manifest(args.artifact).chosen.backend}"
         write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "predictions": results})
     return 0
