@@ -515,7 +515,7 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
         if candidate.reason is not None:
             record.status, record.reason = "unavailable", candidate.reason
         elif plan.only is not None and candidate.name not in plan.only:
-            record.status, record.reason = "unavailable", "not asked for (--candidates)"
+            record.status, record.reason = "skipped", "not asked for (--candidates)"
         elif path is None:
             record.status = "failed" if candidate.graph in made else "unavailable"
             record.reason = made.get(candidate.graph, f"no {candidate.graph} artifact in the folder")

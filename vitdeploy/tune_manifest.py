@@ -14,7 +14,8 @@ the schema:
     no candidate passed the accuracy gate.
 ``candidates``
     one :class:`CandidateRecord` per candidate, run or not: ``status`` ``ok`` (timed),
-    ``unavailable`` (cannot run here; ``reason`` says why), ``failed`` (``reason``: the error) or
+    ``unavailable`` (cannot run here; ``reason`` says why), ``skipped`` (not asked for), ``failed``
+    (``reason``: the error) or
     ``dropped`` (timed, but outside the accuracy gate; ``reason`` names the measured value);
     ``latency_ms`` (batch -> median over rounds of the per-round p50), ``images_per_s`` (batch ->
     images/s from that latency), ``throughput`` (the backend's throughput mode: ``images_per_s``,
@@ -41,7 +42,7 @@ MANIFEST_NAME = "tune.json"
 MANIFEST_KIND = "vitdeploy-tune"
 MANIFEST_VERSION = 1
 BACKENDS = ("onnxruntime", "openvino")
-STATUSES = ("ok", "dropped", "unavailable", "failed")
+STATUSES = ("ok", "dropped", "unavailable", "skipped", "failed")
 
 
 class TuneManifestError(ValueError):
