@@ -268,9 +268,12 @@ def ensure_int8_forms(folder: Path, artifacts: dict[str, Path], wanted: set[str]
 def export_for_tune(model: Any, folder: Path, name: str, batch: tuple[int, int], source: str = "",
                     source_sha256: str = "", calibration: str | None = None, calibration_size: int = 64,
                     log: Log | None = None) -> dict[str, Path]:
-    """Export ``model`` into ``folder`` as deploy does (fp32 with its onnxruntime-CPU variant, full-range
-    int8), each validated against the eager model, unless the folder already holds files of this source."""
+    """Export ``model`` into ``folder`` as deploy does: fp32 with its onnxruntime-CPU variant, and the
+    full-range int8 file quantized from it (one trace), each validated against the eager model; files
+    of this source already in the folder (same ``source_sha256``) are reused."""
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
     from vitdeploy.metadata import read_onnx_metadata
 
     say = log or (lambda message: None)
@@ -283,10 +286,12 @@ def export_for_tune(model: Any, folder: Path, name: str, batch: tuple[int, int],
             continue
         path = folder / f"{name}-{precision}.onnx"
         say(f"exporting {path.name} (validated against the eager model)")
-        quantized = {"calibration": calibration, "calibration_size": calibration_size} if precision == "int8" else {}
-        export_onnx(model, path, ExportOptions(batch=batch, precision=precision, validation_max_batch=4,
-                                               source=source, source_sha256=source_sha256, preflight=False,
-                                               **quantized), progress=say)
+        if precision == "fp32":
+            export_onnx(model, path, ExportOptions(batch=batch, validation_max_batch=4, source=source,
+                                                   source_sha256=source_sha256, preflight=False), progress=say)
+        else:
+            quantize_onnx(artifacts["fp32"], path, QuantizeOptions(), calibration=calibration,
+                          calibration_size=calibration_size, reference=model, max_batch=4, progress=say)
         artifacts[precision] = path
     return artifacts
 
@@ -495,6 +500,10 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
     if max(plan.batches) > spec.batch[1] or min(plan.batches) < spec.batch[0]:
         raise ValueError(f"batch sizes {list(plan.batches)} are outside the artifacts' validated batch range "
                          f"{spec.batch[0]}..{spec.batch[1]}")
+    throughput_batch = plan.throughput_batch or max(plan.batches)
+    if plan.throughput and not spec.batch[0] <= throughput_batch <= spec.batch[1]:
+        raise ValueError(f"throughput batch {throughput_batch} is outside the artifacts' validated batch range "
+                         f"{spec.batch[0]}..{spec.batch[1]}")
     native = int(metadata.model_config.get("image_size", spec.height[0]))
     size = min(max(native, spec.height[0], spec.width[0]), spec.height[1], spec.width[1])
     threads = plan.threads or usable_cpus()
@@ -570,15 +579,16 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
                 target.latency_ms[str(batch)] = median
                 target.latency_rounds_ms[str(batch)] = [round(v, 4) for v in values]
                 target.images_per_s[str(batch)] = batch * 1000.0 / median
-        # Throughput mode: each backend's own way of keeping many requests in flight.
-        if plan.throughput and runtimes:
-            batch = plan.throughput_batch or max(plan.batches)
-            if not spec.batch[0] <= batch <= spec.batch[1]:
-                raise ValueError(f"throughput batch {batch} is outside the artifacts' batch range "
-                                 f"{spec.batch[0]}..{spec.batch[1]}")
+        # Throughput mode: each backend's own way of keeping many requests in flight (the latency-mode
+        # runtimes are closed first: the throughput ones hold more copies of the weights).
+        timed = list(runtimes)
+        for runtime in runtimes.values():
+            runtime.close()
+        if plan.throughput and timed:
+            batch = throughput_batch
             pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
             bursts: dict[str, Any] = {}
-            for name in runtimes:
+            for name in timed:
                 try:
                     bursts[name] = _throughput_runner(by_name[name], folder / records[name].artifact, pixels, threads)
                 except Exception as error:  # noqa: BLE001 - the latency figures stand without it
@@ -590,8 +600,6 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
                 records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,
                                             "images_per_s": burst.images * 1000.0 / float(np.median(values))}
                 burst.close()
-    for runtime in runtimes.values():
-        runtime.close()
     if reference_model is None:
         reference_runtime.close()
 

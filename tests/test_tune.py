@@ -148,6 +148,9 @@ def test_runtimes_load_of_the_folder_follows_the_manifest(tuned, tmp_path):
         handle.write(b"\0")
     with pytest.raises(TuneManifestError, match="changed since"):
         runtimes.load(folder)
+    (folder / "tune.json").write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(TuneManifestError, match="version 99"):
+        runtimes.load(folder)
 
 
 def test_a_strict_gate_drops_real_candidates_and_labelled_accuracy(tuned, model, tmp_path):
