@@ -391,6 +391,8 @@ class TunePlan:
     objective: str = "latency"
     throughput: bool = True
     throughput_batch: int | None = None  # default: the largest of ``batches``
+    throughput_rounds: int | None = None  # default: ``rounds``
+    throughput_calls: int = 2  # requests per worker per burst
     calibration: str | None = None
     calibration_size: int = 64
     peer: bool = False  # also time OpenVINO + NNCF int8 (not selectable)
@@ -411,8 +413,11 @@ class TunePlan:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {list(OBJECTIVES)}")
-        if self.throughput_batch is not None and self.throughput_batch < 1:
-            raise ValueError(f"throughput batch must be >= 1, got {self.throughput_batch}")
+        for name in ("throughput_batch", "throughput_rounds"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.throughput_calls < 1:
+            raise ValueError(f"throughput_calls must be >= 1, got {self.throughput_calls}")
         if self.labelled is not None and not Path(self.labelled).is_dir():
             raise ValueError(f"labelled folder {self.labelled!r} is not a folder (ImageFolder layout: DIR/<class>/<image>)")
         if self.images is not None and not Path(self.images).is_dir():
@@ -448,14 +453,14 @@ def _open(candidate: Candidate, path: Path, threads: int) -> tuple[Any, list[str
     return runtime, [" ".join(str(w.message).split()) for w in caught]
 
 
-def _throughput_runner(candidate: Candidate, path: Path, pixels: np.ndarray, threads: int) -> Any:
+def _throughput_runner(candidate: Candidate, path: Path, pixels: np.ndarray, threads: int, calls: int) -> Any:
     from vitdeploy.benchmarks.throughput import onnxruntime_parallel, openvino_throughput
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # already noted by the latency-mode runtime
         if candidate.backend == "onnxruntime":
-            return onnxruntime_parallel(path, pixels, threads)
-        return openvino_throughput(path, pixels, threads,
+            return onnxruntime_parallel(path, pixels, threads, calls)
+        return openvino_throughput(path, pixels, threads, calls,
                                    inference_precision=candidate.options.get("inference_precision", "f32"))
 
 
@@ -590,11 +595,13 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
             bursts: dict[str, Any] = {}
             for name in timed:
                 try:
-                    bursts[name] = _throughput_runner(by_name[name], folder / records[name].artifact, pixels, threads)
+                    bursts[name] = _throughput_runner(by_name[name], folder / records[name].artifact, pixels, threads,
+                                                      plan.throughput_calls)
                 except Exception as error:  # noqa: BLE001 - the latency figures stand without it
                     records[name].notes.append(f"throughput mode failed: {_one_line(error)}")
-            say(f"throughput mode at batch {batch}: {len(bursts)} candidates x {plan.rounds} rounds, interleaved")
-            p50s = time_rounds(dict(bursts), plan.rounds, 1, 0)
+            rounds = plan.throughput_rounds or plan.rounds
+            say(f"throughput mode at batch {batch}: {len(bursts)} candidates x {rounds} rounds, interleaved")
+            p50s = time_rounds(dict(bursts), rounds, 1, 0)
             for name, values in p50s.items():
                 burst = bursts[name]
                 records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,

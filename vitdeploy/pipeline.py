@@ -356,6 +356,7 @@ class Pipeline:
         with self.stage("tune") as stage:
             plan = TunePlan(folder=self.out, batches=self.options.bench_batches, rounds=self.options.tune_rounds,
                             iterations=5, warmup=1, threads=self.options.threads, calibration=self.options.calibration,
+                            throughput_rounds=1, throughput_calls=1,
                             command=f"vitdeploy tune {shlex.quote(str(self.out))} --rounds {self.options.tune_rounds} "
                                     f"--batch {','.join(map(str, self.options.bench_batches))}")
             try:
