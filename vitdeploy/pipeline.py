@@ -357,6 +357,8 @@ class Pipeline:
             plan = TunePlan(folder=self.out, batches=self.options.bench_batches, rounds=self.options.tune_rounds,
                             iterations=5, warmup=1, threads=self.options.threads, calibration=self.options.calibration,
                             throughput_rounds=1, throughput_calls=1,
+                            # --no-int8: no int8 files here, and tune makes none either.
+                            only=None if self.options.int8 else ("ort-fp32", "openvino-fp32", "openvino-bf16"),
                             command=f"vitdeploy tune {shlex.quote(str(self.out))} --rounds {self.options.tune_rounds} "
                                     f"--batch {','.join(map(str, self.options.bench_batches))}")
             try:

@@ -128,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     source = Path(args.source)
-    reference = None
-    if source.is_dir() and "fp32" in find_artifacts(source):
+    exported = not (source.is_dir() and "fp32" in find_artifacts(source))
+    if not exported:
         if args.output is not None and Path(args.output).resolve() != source.resolve():
             raise CLIError(f"tune writes tune.json beside the artifacts it measured: omit -o or give {args.source!r}")
         folder = source
@@ -137,17 +137,11 @@ def run(args: argparse.Namespace) -> int:
         if args.output is None:
             raise CLIError(f"{args.source!r} is not an export folder with an fp32 vitdeploy ONNX file; give -o OUT to "
                            "export it there first")
-        from vitdeploy.benchmarks.models import slug
-        from vitdeploy.checkpoints import resolve_source
-
         folder = Path(args.output)
         if folder.exists() and not folder.is_dir():
             raise CLIError(f"output {args.output!r} exists and is not a folder")
-        resolved = resolve_source(args.source, log=progress)
-        reference = resolved.model.eval()
-        export_for_tune(reference, folder, slug(args.source), (1, max(64, *batches)), str(resolved.source),
-                        resolved.sha256, args.calibration, args.calibration_size, log=progress)
     only = tuple(n.strip() for n in args.candidates.split(",") if n.strip()) if args.candidates else None
+    # The plan checks every option before any export or measurement starts.
     plan = TunePlan(folder=folder, batches=batches, rounds=args.rounds, iterations=args.iterations,
                     warmup=args.warmup, threads=args.threads,
                     gate=gate_from(args.max_accuracy_drop, args.labelled is not None), labelled=args.labelled,
@@ -155,6 +149,15 @@ def run(args: argparse.Namespace) -> int:
                     throughput_batch=args.throughput_batch, calibration=args.calibration,
                     calibration_size=args.calibration_size, peer=args.compare_nncf, only=only,
                     command=command_line("tune") or _reconstructed(args))
+    reference = None
+    if exported:
+        from vitdeploy.benchmarks.models import slug
+        from vitdeploy.checkpoints import resolve_source
+
+        resolved = resolve_source(args.source, log=progress)
+        reference = resolved.model.eval()
+        export_for_tune(reference, folder, slug(args.source), (1, max(64, *batches)), str(resolved.source),
+                        resolved.sha256, args.calibration, args.calibration_size, log=progress)
     result = tune(plan, reference_model=reference, log=progress)
     print(terminal_table(result.manifest))
     if args.json:
