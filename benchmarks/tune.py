@@ -645,7 +645,7 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         versions={k: v for k, v in environment["versions"].items() if k in ("vitdeploy", "onnxruntime", "torch")}
         | {"openvino": _version("openvino"), "nncf": _version("nncf")},
-        peer=peer_record,
+        peer=peer_record, load=load.to_dict(),
     )
     manifest_file = write_manifest(folder, manifest)
     plot = None

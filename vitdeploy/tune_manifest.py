@@ -22,7 +22,9 @@ the schema:
     ``batch``, ``mode``) and ``accuracy`` (``kind`` ``labelled`` or ``agreement`` and its figures).
 ``cpu``
     the CPU's model, usable CPUs, threads used and arithmetic ``flags`` (avx2, avx512_vnni, ...).
-``gate``, ``objective``, ``batches``, ``rounds``, ``reference``, ``command``, ``created``, ``versions``.
+``gate``, ``objective``, ``batches``, ``rounds``, ``reference``, ``command``, ``created``, ``versions``,
+``peer`` (OpenVINO + NNCF int8 when compared: its figures and the choice's latency ratio to it) and
+``load`` (load averages and other processes' CPUs while timing).
 
 The manifest is written atomically (:func:`write_manifest`); :func:`read_manifest` refuses a file of
 another kind or version, and :func:`chosen_artifact` refuses an artifact whose bytes changed since.
@@ -109,6 +111,7 @@ class TuneManifest:
     created: str = ""
     versions: dict[str, str | None] = field(default_factory=dict)
     peer: dict[str, Any] | None = None
+    load: dict[str, Any] | None = None  # load averages and other processes' CPUs while timing
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
