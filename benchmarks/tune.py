@@ -683,4 +683,6 @@ def _nncf_peer(fp32: Path, plan: TunePlan, metadata: Any, threads: int, size: in
     except ImportError as error:
         return {"name": PEER, "description": description, "run": None,
                 "reason": f"nncf is not installed ({error}); pip install 'vitdeploy[bench]'"}
+    except Exception as error:  # noqa: BLE001 - the peer failing leaves the candidates' figures standing
+        return {"name": PEER, "description": description, "run": None, "reason": f"NNCF failed: {_one_line(error)}"}
     return {"name": PEER, "description": description, "run": run, "calibration": calibration.describe()}

@@ -202,3 +202,18 @@ def test_cli_tune_and_predict_follow_the_folder(tuned, monkeypatch, capsys, tmp_
     chosen = read_manifest(folder).chosen
     written = json.loads(out.read_text())
     assert written["runtime"] == f"tuned: {chosen.backend}" and len(written["predictions"][0]["top_k"]) == 3
+
+
+def test_the_nncf_peer_is_timed_beside_the_candidates(tuned, model, tmp_path):
+    """--compare-nncf: OpenVINO + NNCF int8 of the same fp32 file, in the same rounds (skipped without nncf)."""
+    pytest.importorskip("nncf")
+    folder = shutil.copytree(tuned[0], tmp_path / "copy")
+    plan = TunePlan(folder=folder, batches=(1, 2), rounds=1, iterations=1, warmup=0, threads=1, throughput=False,
+                    calibration_size=4, peer=True, only=("ort-fp32",))
+    manifest = tune(plan, reference_model=model).manifest
+    peer, chosen = manifest.peer, next(c for c in manifest.candidates if c.name == manifest.chosen.name)
+    assert peer["accuracy"]["kind"] == "agreement" and peer["accuracy"]["cosine"] > 0.99
+    assert set(peer["latency_ms"]) == {"1", "2"} and peer["calibration"]["count"] == 4
+    for batch, ratio in peer["chosen_vs_peer"].items():
+        assert ratio == pytest.approx(chosen.latency_ms[batch] / peer["latency_ms"][batch])
+    assert "(peer) | peer |" in (folder / "tune.md").read_text()
