@@ -476,6 +476,60 @@ def _relative(path: Path, folder: Path) -> str:
     return os.path.relpath(path, folder)
 
 
+def _random_pixels(batch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def _time_latency(plan: TunePlan, records: dict[str, Any], runtimes: dict[str, Any], peer: dict[str, Any] | None,
+                  size: int, say: Log) -> None:
+    """Every runtime (and the peer) side by side in interleaved rounds at each batch size; fills the
+    records' ``latency_ms``, ``latency_rounds_ms`` and ``images_per_s`` (the peer's ``latency_ms``)."""
+    from vitdeploy.benchmarks.side_by_side import time_rounds
+
+    for batch in plan.batches:
+        pixels = _random_pixels(batch, size)
+        runners = {name: (lambda run=runtime, x=pixels: run(x)) for name, runtime in runtimes.items()}
+        if peer is not None and peer.get("run") is not None:
+            runners[PEER] = lambda run=peer["run"], x=pixels: run(x)
+        iterations = max(1, plan.iterations // batch)
+        say(f"batch {batch}: {len(runners)} candidates x {plan.rounds} rounds x {iterations} calls, interleaved")
+        for name, values in time_rounds(runners, plan.rounds, iterations, plan.warmup).items():
+            median = float(np.median(values))
+            if name == PEER:
+                peer.setdefault("latency_ms", {})[str(batch)] = median
+                continue
+            record = records[name]
+            record.latency_ms[str(batch)] = median
+            record.latency_rounds_ms[str(batch)] = [round(v, 4) for v in values]
+            record.images_per_s[str(batch)] = batch * 1000.0 / median
+
+
+def _time_throughput(plan: TunePlan, timed: list[tuple[Candidate, Any]], batch: int, size: int, threads: int,
+                     say: Log) -> None:
+    """Each candidate in its backend's throughput mode, bursts interleaved; fills ``record.throughput``."""
+    from vitdeploy.benchmarks.side_by_side import time_rounds
+
+    pixels = _random_pixels(batch, size)
+    bursts: dict[str, Any] = {}
+    records = {record.name: record for _, record in timed}
+    for candidate, record in timed:
+        try:
+            bursts[record.name] = _throughput_runner(candidate, plan.folder / record.artifact, pixels, threads,
+                                                     plan.throughput_calls)
+        except Exception as error:  # noqa: BLE001 - the latency figures stand without it
+            record.notes.append(f"throughput mode failed: {_one_line(error)}")
+    rounds = plan.throughput_rounds or plan.rounds
+    say(f"throughput mode at batch {batch}: {len(bursts)} candidates x {rounds} rounds, interleaved")
+    try:
+        for name, values in time_rounds(dict(bursts), rounds, 1, 0).items():
+            burst = bursts[name]
+            records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,
+                                        "images_per_s": burst.images * 1000.0 / float(np.median(values))}
+    finally:
+        for burst in bursts.values():
+            burst.close()
+
+
 def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) -> TuneResult:
     """Run ``plan`` on the export folder ``plan.folder`` (see the module docstring). ``reference_model``
     (the eager model) is the accuracy reference; without it, the fp32 graph on onnxruntime is."""
@@ -487,7 +541,6 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
         recording_load,
         usable_cpus,
     )
-    from vitdeploy.benchmarks.side_by_side import time_rounds
     from vitdeploy.benchmarks.tune_report import latency_vs_accuracy, render_markdown
     from vitdeploy.files import atomic_write_text, sha256_file
     from vitdeploy.metadata import read_onnx_metadata
@@ -565,48 +618,15 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
     if peer is not None and peer.get("run") is not None:
         peer["accuracy"] = data.figures(peer["run"])
 
-    # Latency: every candidate side by side, interleaved rounds, at each batch size.
     with recording_load() as load:
-        for batch in plan.batches:
-            pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
-            runners = {name: (lambda run=runtime, x=pixels: run(x)) for name, runtime in runtimes.items()}
-            if peer is not None and peer.get("run") is not None:
-                runners[PEER] = lambda run=peer["run"], x=pixels: run(x)
-            iterations = max(1, plan.iterations // batch)
-            say(f"batch {batch}: {len(runners)} candidates x {plan.rounds} rounds x {iterations} calls, interleaved")
-            p50s = time_rounds(runners, plan.rounds, iterations, plan.warmup)
-            for name, values in p50s.items():
-                median = float(np.median(values))
-                target = records.get(name)
-                if target is None:
-                    peer.setdefault("latency_ms", {})[str(batch)] = median
-                    continue
-                target.latency_ms[str(batch)] = median
-                target.latency_rounds_ms[str(batch)] = [round(v, 4) for v in values]
-                target.images_per_s[str(batch)] = batch * 1000.0 / median
-        # Throughput mode: each backend's own way of keeping many requests in flight (the latency-mode
-        # runtimes are closed first: the throughput ones hold more copies of the weights).
+        _time_latency(plan, records, runtimes, peer, size, say)
+        # The latency-mode runtimes are closed first: the throughput ones hold more copies of the weights.
         timed = list(runtimes)
         for runtime in runtimes.values():
             runtime.close()
         if plan.throughput and timed:
-            batch = throughput_batch
-            pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
-            bursts: dict[str, Any] = {}
-            for name in timed:
-                try:
-                    bursts[name] = _throughput_runner(by_name[name], folder / records[name].artifact, pixels, threads,
-                                                      plan.throughput_calls)
-                except Exception as error:  # noqa: BLE001 - the latency figures stand without it
-                    records[name].notes.append(f"throughput mode failed: {_one_line(error)}")
-            rounds = plan.throughput_rounds or plan.rounds
-            say(f"throughput mode at batch {batch}: {len(bursts)} candidates x {rounds} rounds, interleaved")
-            p50s = time_rounds(dict(bursts), rounds, 1, 0)
-            for name, values in p50s.items():
-                burst = bursts[name]
-                records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,
-                                            "images_per_s": burst.images * 1000.0 / float(np.median(values))}
-                burst.close()
+            _time_throughput(plan, [(by_name[name], records[name]) for name in timed], throughput_batch, size,
+                             threads, say)
     if reference_model is None:
         reference_runtime.close()
 
