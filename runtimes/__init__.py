@@ -4,8 +4,10 @@
 (onnxruntime), ``.engine``/``.plan`` → :class:`TensorRTRuntime`, anything else (a checkpoint
 file or folder, or a variant name) → :class:`TorchRuntime`, the eager reference;
 ``load(path, backend="openvino")`` (or ``"onnxruntime"``, ``"tensorrt"``, ``"torch"``) chooses
-explicitly, e.g. :class:`OpenVINORuntime` for an ONNX file. Backends are imported on first use,
-so ``import vitdeploy.runtimes`` needs numpy only.
+explicitly, e.g. :class:`OpenVINORuntime` for an ONNX file. A folder that ``vitdeploy tune`` wrote
+its ``tune.json`` into opens the artifact it chose with the backend and options it chose
+(:mod:`vitdeploy.tune_manifest`). Backends are imported on first use, so ``import
+vitdeploy.runtimes`` needs numpy only.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ __all__ = ["InputSpec", "Runtime", "validate_input", "load", "runtime_kind"]
 
 
 def runtime_kind(path: str | os.PathLike[str]) -> str:
-    """``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``: the backend :func:`load` uses for ``path``."""
+    """``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``: the backend :func:`load` uses for ``path``;
+    ``"tuned"`` for a folder with a tune manifest (its manifest names the backend)."""
+    from vitdeploy.tune_manifest import is_tuned_folder
+
+    if is_tuned_folder(path):
+        return "tuned"
     suffix = Path(path).suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return "onnxruntime"
@@ -47,8 +54,11 @@ def runtime_kind(path: str | os.PathLike[str]) -> str:
 
 def load(path: str | os.PathLike[str], backend: str | None = None, **options: Any) -> Runtime:
     """Open ``path`` with ``backend`` (``"onnxruntime"``, ``"openvino"``, ``"tensorrt"``, ``"torch"``),
-    by default the one its kind calls for; ``options`` go to that runtime's constructor."""
+    by default the one its kind calls for; ``options`` go to that runtime's constructor (for a tuned
+    folder, over the options the manifest chose)."""
     kind = runtime_kind(path)
+    if kind == "tuned":
+        return _load_tuned(path, backend, options)
     backend = kind if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
@@ -58,6 +68,28 @@ def load(path: str | os.PathLike[str], backend: str | None = None, **options: An
         raise ValueError(f"backend {backend!r} opens {wanted[_BACKEND_KINDS[backend][0]]}, not {str(path)!r}")
     cls = BACKENDS[backend]
     return getattr(import_module(_LAZY[cls]), cls)(path, **options)
+
+
+def _load_tuned(folder: str | os.PathLike[str], backend: str | None, options: dict[str, Any]) -> Runtime:
+    """The runtime ``FOLDER/tune.json`` chose; warns when this CPU's arithmetic flags differ from the tuned one's."""
+    import warnings
+
+    from vitdeploy.cpu_features import cpu_flags
+    from vitdeploy.tune_manifest import chosen_artifact, read_manifest
+
+    manifest = read_manifest(folder)
+    choice, artifact = chosen_artifact(folder, manifest)
+    if backend is not None and backend != choice.backend:
+        raise ValueError(f"{str(folder)!r} was tuned to run {choice.artifact} on {choice.backend}, not {backend!r}; "
+                         "open the artifact file itself to run it on another backend")
+    checked = set(manifest.cpu.get("flags_checked", []))
+    tuned_flags, here = set(manifest.cpu.get("flags", [])), checked & cpu_flags()
+    if checked and here != tuned_flags:
+        warnings.warn(f"{folder} was tuned on a CPU with {sorted(tuned_flags) or 'none of'} {sorted(checked)}; this one "
+                      f"has {sorted(here) or 'none'}: run `vitdeploy tune` again for this CPU", RuntimeWarning,
+                      stacklevel=3)
+    cls = BACKENDS[choice.backend]
+    return getattr(import_module(_LAZY[cls]), cls)(artifact, **{**choice.options, **options})
 
 
 def __getattr__(name: str) -> Any:

@@ -41,7 +41,8 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     path, model = checkpoint
     out = tmp_path / "out"
     status = main(["deploy", str(path), "-o", str(out), "--batch", "1:4", "--resolution", "32:48",
-                   "--bench-batch", "1,2", "--time-budget", "0.2", "--validation-max-batch", "2", "--threads", "1"])
+                   "--bench-batch", "1,2", "--time-budget", "0.2", "--validation-max-batch", "2", "--threads", "1",
+                 "--tune-rounds", "1"])
     captured = capsys.readouterr()
     assert status == 0, captured.err[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -58,7 +59,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
 
     stages = {s["name"]: s for s in report["stages"]}
     assert [s["name"] for s in report["stages"]] == ["load", "export fp32", "export fp16", "export int8",
-                                                      "TensorRT pre-flight", "TensorRT build", "benchmark"]
+                                                      "TensorRT pre-flight", "TensorRT build", "benchmark", "tune"]
     int8_notes = " ".join(artifacts["tiny.safetensors-int8.onnx"]["notes"])
     assert "Q/DQ" in int8_notes and "TensorRT pre-flight: 0 error(s)" in int8_notes
     # --validation-max-batch 2 of --batch 1:4: the report tells the two ranges apart.
@@ -89,6 +90,14 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     markdown = (out / "report.md").read_text()
     assert "## What was produced" in markdown and "not built here" in markdown
     assert "## Speed on this machine" in markdown and "ort-cpu-fp16" in markdown
+
+    # No GPU here: deploy tuned the CPU path on its own exports and reports every candidate.
+    assert stages["tune"]["status"] == "ok", stages["tune"]
+    tuned = report["tune"]["document"]
+    assert tuned["chosen"]["name"] in {c["name"] for c in tuned["candidates"] if c["status"] == "ok"}
+    assert (out / "tune.json").is_file() and "## Fastest accurate CPU path (tune)" in markdown
+    assert all(f"`{c['name']}` ({c['status']}): {c['reason']}" in markdown for c in tuned["candidates"]
+               if c["status"] != "ok")
 
     # The parity the report claims holds for the file on disk: run it and compare with the eager model.
     from vitdeploy.runtimes.onnxruntime import OrtRuntime

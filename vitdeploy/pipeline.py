@@ -6,6 +6,7 @@ command to build one), this machine's benchmark and a report (``vitdeploy deploy
 one a calibrated Q/DQ graph with its TensorRT pre-flight) → TensorRT
 pre-flight of the fp16 graph → engine build where TensorRT and a GPU exist (else
 ``build_engine.sh`` with the equivalent ``trtexec`` command) → engine parity → benchmark →
+on a machine without a GPU, ``tune`` (the fastest accurate CPU path, recorded in ``tune.json``) →
 ``report.md`` and ``report.json``. Each stage records its status, time and a one-line detail.
 """
 
@@ -50,6 +51,8 @@ class DeployOptions:
     int8: bool = True  # also export the calibrated int8 Q/DQ graph
     calibration: str | None = None  # calibration images for int8 (None: bundled photos + synthetic crops)
     outputs: tuple[str, ...] | None = None  # the graphs' outputs (vitdeploy.outputs; None: the model's default)
+    tune: bool = True  # on a machine without a GPU: vitdeploy tune on the exports (few rounds)
+    tune_rounds: int = 3
     command: str = ""
     log: Callable[[str], None] = progress
 
@@ -64,6 +67,8 @@ class DeployOptions:
                              f"{self.batch[0]}:{self.batch[1]}")
         if self.validation_max_batch < 1:
             raise ValueError(f"validation_max_batch must be >= 1, got {self.validation_max_batch}")
+        if self.tune_rounds < 1:
+            raise ValueError(f"tune_rounds must be >= 1, got {self.tune_rounds}")
         for name in ("point_budget_s", "bench_budget_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -151,6 +156,7 @@ class Pipeline:
         self.preflight: dict[str, Any] | None = None
         self.tensorrt: dict[str, Any] = {"built": False}
         self.bench: dict[str, Any] | None = None
+        self.tuned: Any = None  # the TuneResult
         self.resolved: Any = None
         self.name = ""
 
@@ -343,6 +349,29 @@ class Pipeline:
             if not ok:
                 stage.status = "failed"
 
+    def tune(self) -> None:
+        from vitdeploy.benchmarks.tune import TunePlan, tune
+        from vitdeploy.benchmarks.tune_report import terminal_table
+
+        with self.stage("tune") as stage:
+            plan = TunePlan(folder=self.out, batches=self.options.bench_batches, rounds=self.options.tune_rounds,
+                            iterations=5, warmup=1, threads=self.options.threads, calibration=self.options.calibration,
+                            throughput_rounds=1, throughput_calls=1,
+                            # --no-int8: no int8 files here, and tune makes none either.
+                            only=None if self.options.int8 else ("ort-fp32", "openvino-fp32", "openvino-bf16"),
+                            command=f"vitdeploy tune {shlex.quote(str(self.out))} --rounds {self.options.tune_rounds} "
+                                    f"--batch {','.join(map(str, self.options.bench_batches))}")
+            try:
+                self.tuned = tune(plan, reference_model=self.resolved.model, log=self.log)
+            except Exception as error:  # tune failing leaves the exports and the rest of the report standing
+                stage.status, stage.detail = "failed", _one_line(error)
+                return
+            print(terminal_table(self.tuned.manifest))
+            chosen = self.tuned.manifest.chosen
+            stage.detail = f"chose {chosen.name}" if chosen else "no candidate passed the accuracy gate"
+            if chosen is None:
+                stage.status = "failed"
+
     # -- everything -------------------------------------------------------------------------
 
     def run(self) -> DeployResult:
@@ -368,6 +397,8 @@ class Pipeline:
                 engine = built.path
         if options.bench and onnx:
             self.benchmark(onnx, engine)
+        if options.tune and "fp32" in onnx and not _cuda_available():
+            self.tune()
         self.seconds = time.perf_counter() - started
         report = self.write_report()
         failed = [a for a in self.artifacts if a.passed is False]
@@ -405,6 +436,10 @@ class Pipeline:
             "tensorrt_preflight": self.preflight,
             "tensorrt": self.tensorrt,
             "benchmark": bench,
+            "tune": None if self.tuned is None else {
+                "manifest": self.tuned.manifest_path.name, "report": self.tuned.report_path.name,
+                "plot": self.tuned.plot_path.name if self.tuned.plot_path else None,
+                "document": self.tuned.manifest.to_dict()},
             "environment": self.bench["environment"] if self.bench else capture_environment(self.command),
         }
 
@@ -494,6 +529,22 @@ def render_markdown(data: dict[str, Any]) -> str:
         if bench.get("busy"):
             lines += [f"**Note:** {bench['busy']}.", ""]
         lines += [f"![{name}](bench/{name})" for name in bench["plots"]] + [""]
+
+    tuned = data.get("tune")
+    if tuned:
+        from vitdeploy.benchmarks.tune_report import section_lines
+        from vitdeploy.tune_manifest import TuneManifest
+
+        manifest = TuneManifest.from_dict(tuned["document"])
+        lines += ["## Fastest accurate CPU path (tune)", "",
+                  f"Every CPU candidate timed side by side ({manifest.rounds} interleaved rounds; `--rounds` of "
+                  f"`vitdeploy tune` for more), accuracy on {manifest.gate['accuracy_on']} against "
+                  f"{manifest.reference}, gate: {manifest.gate['rule']}. The choice is recorded in "
+                  f"`{tuned['manifest']}`: `vitdeploy predict OUT IMAGE` and "
+                  "`vitdeploy.runtimes.load(OUT)` run it. CPU flags: "
+                  f"{', '.join(manifest.cpu['flags']) or 'none'}.", ""]
+        lines += section_lines(manifest)
+        lines += [""] + ([f"![latency vs accuracy]({tuned['plot']})", ""] if tuned.get("plot") else [])
 
     lines += ["## Stages", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['detail'].replace('|', '/')} |" for s in data["stages"]]

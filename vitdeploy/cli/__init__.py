@@ -22,7 +22,7 @@ from vitdeploy import __version__, console
 from vitdeploy.cli.common import ArgumentParser, CLIError, CommandParser
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
-COMMANDS = ["deploy", "inspect", "convert", "export", "quantize", "verify", "predict", "check", "build", "bench",
+COMMANDS = ["deploy", "tune", "inspect", "convert", "export", "quantize", "verify", "predict", "check", "build", "bench",
             "triton", "serve"]
 
 EXIT_CODES = """\

@@ -36,7 +36,11 @@ uses random weights; default {DEFAULT_SOURCE}) and write everything into OUT/:
   5. benchmark   this machine's runtimes (CPU: torch eager, onnxruntime fp32/fp16/int8, OpenVINO
                  fp32/int8 where installed; GPU: + torch fp16,
                  onnxruntime CUDA, TensorRT) into OUT/bench/ (results.json/csv, report.md, plots)
-  6. report      OUT/report.md and OUT/report.json: what was produced, the parity each artifact
+  6. tune        on a machine without a GPU: every CPU candidate (onnxruntime/OpenVINO x fp32/bf16/
+                 int8) timed side by side in a few rounds, the fastest accurate one recorded in
+                 OUT/tune.json, which `vitdeploy predict OUT` follows (--no-tune to skip; see
+                 `vitdeploy tune --help`)
+  7. report      OUT/report.md and OUT/report.json: what was produced, the parity each artifact
                  reached, and how fast each runtime ran
 
 The same pipeline from Python: vitdeploy.pipeline.deploy(DeployOptions(...)).
@@ -74,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest batch in the export parity checks (default 4)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 export")
+    parser.add_argument("--no-tune", action="store_true", help="skip tune (run by default on a machine without a GPU)")
+    parser.add_argument("--tune-rounds", type=positive_int, default=3, metavar="N",
+                        help="interleaved rounds of tune (default 3)")
     parser.add_argument("--calibration", metavar="DIR",
                         help="int8 calibration images (default: the bundled photos plus synthetic crops)")
     parser.add_argument("--outputs", type=output_names, metavar="NAMES",
@@ -96,6 +103,8 @@ def _reconstructed(args: argparse.Namespace) -> str:
         parts.append("--no-bench")
     if getattr(args, "no_int8", False):
         parts.append("--no-int8")
+    if getattr(args, "no_tune", False):
+        parts.append("--no-tune")
     return shlex.join(parts)
 
 
@@ -114,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         bench=not args.no_bench, bench_batches=tuple(bench_batches),
         point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,
         validation_max_batch=args.validation_max_batch, int8=not args.no_int8, calibration=args.calibration,
-        outputs=args.outputs, command=command_line("deploy") or _reconstructed(args), log=progress,
+        outputs=args.outputs, tune=not args.no_tune, tune_rounds=args.tune_rounds,
+        command=command_line("deploy") or _reconstructed(args), log=progress,
     )
     return deploy(options).status

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "labels come from its config, the images go over HTTP (http://) or gRPC (grpc://); no torch needed.",
     )
     parser.add_argument("artifact", metavar="ARTIFACT_OR_MODEL",
-                        help="an exported .onnx file, a TensorRT .engine/.plan, or a checkpoint; with --server, the "
-                        "Triton model name")
+                        help="an exported .onnx file, a TensorRT .engine/.plan, a folder `vitdeploy tune` chose a "
+                        "runtime for (tune.json), or a checkpoint; with --server, the Triton model name")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     parser.add_argument("--top-k", type=positive_int, default=5, metavar="N", help="how many classes to show per image (default 5)")
     parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
                                    "predictions": results})
         return 2 if failed else 0
     kind = runtime_kind(args.artifact)
-    if kind != "torch" and not Path(args.artifact).is_file():
+    if kind not in ("torch", "tuned") and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
     saved: dict[str, list[np.ndarray]] | None = {} if args.save_outputs else None
     with load(args.artifact, **runtime_options(kind, args.provider)) as runtime:
@@ -269,5 +269,9 @@ def run(args: argparse.Namespace) -> int:
     if saved is not None and any("error" not in result for result in results):
         save_outputs(args.save_outputs, [r["image"] for r in results if "error" not in r], saved)
     if args.json:
+        if kind == "tuned":
+            from vitdeploy.tune_manifest import read_manifest
+
+            kind = f"tuned: {read_manifest(args.artifact).chosen.backend}"
         write_json(args.json, {"artifact": str(args.artifact), "runtime": kind, "ran": detail, "predictions": results})
     return 2 if failed else 0

@@ -1,0 +1,133 @@
+"""What ``vitdeploy tune`` shows: the candidates table (terminal and Markdown) and latency vs accuracy.
+
+Every candidate is a row, run or not: timed ones with their p50 latency and images/s per batch,
+their throughput-mode images/s and their accuracy; dropped and unavailable ones with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.tune_manifest import TuneManifest
+
+
+def _accuracy_text(accuracy: dict[str, Any] | None) -> str:
+    if not accuracy:
+        return "-"
+    if accuracy["kind"] == "labelled":
+        return f"top-1 {100 * accuracy['top1']:.2f}% (drop {accuracy['top1_drop_points']:+.2f} pt)"
+    return f"cos {accuracy['cosine']:.5f}, top-1 agr {accuracy['top1_agreement']:.2f}"
+
+
+def _rows(manifest: TuneManifest) -> tuple[list[str], list[list[str]]]:
+    batches = [str(b) for b in manifest.batches]
+    header = ["candidate", "status", *[f"b{b} p50 ms" for b in batches], *[f"b{b} img/s" for b in batches],
+              "throughput img/s", "accuracy", "reason / notes"]
+    chosen = manifest.chosen.name if manifest.chosen else None
+    rows = []
+    for c in manifest.candidates:
+        status = "CHOSEN" if c.name == chosen else c.status
+        latency = [f"{c.latency_ms[b]:.3f}" if b in c.latency_ms else "-" for b in batches]
+        ips = [f"{c.images_per_s[b]:.1f}" if b in c.images_per_s else "-" for b in batches]
+        throughput = f"{c.throughput['images_per_s']:.1f} (b{c.throughput['batch']})" if c.throughput else "-"
+        reason = c.reason or "; ".join(c.notes) or ""
+        rows.append([c.name, status, *latency, *ips, throughput, _accuracy_text(c.accuracy), reason])
+    if manifest.peer is not None:
+        peer = manifest.peer
+        latency = [f"{peer['latency_ms'][b]:.3f}" if b in peer.get("latency_ms", {}) else "-" for b in batches]
+        ips = [f"{int(b) * 1000 / peer['latency_ms'][b]:.1f}" if b in peer.get("latency_ms", {}) else "-"
+               for b in batches]
+        rows.append([peer["name"], "peer" if peer.get("latency_ms") else "unavailable", *latency, *ips, "-",
+                     _accuracy_text(peer.get("accuracy")), peer.get("reason") or peer["description"]])
+    return header, rows
+
+
+def terminal_table(manifest: TuneManifest) -> str:
+    """The candidates as a plain-text table, then the choice and the peer ratio."""
+    header, rows = _rows(manifest)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header[:-1])]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header[:-1], widths, strict=True)) + "  " + header[-1]]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+              for row in rows]
+    lines.append(_verdict(manifest))
+    return "\n".join(lines)
+
+
+def _verdict(manifest: TuneManifest) -> str:
+    text = (f"chosen: {manifest.chosen.name} ({manifest.chosen.artifact} on {manifest.chosen.backend}"
+            f"{', ' + str(manifest.chosen.options) if manifest.chosen.options else ''}): {manifest.chosen.why}"
+            if manifest.chosen else f"no candidate passed the accuracy gate ({manifest.gate['rule']})")
+    ratios = (manifest.peer or {}).get("chosen_vs_peer")
+    if ratios:
+        text += "; vs the peer: " + ", ".join(f"batch {b} {r:.3f}x" for b, r in ratios.items())
+    return text
+
+
+def render_markdown(manifest: TuneManifest, load: str = "", plot: str | None = None) -> str:
+    """``tune.md``: the setup, the table, the choice, the dropped candidates with their reasons."""
+    cpu = manifest.cpu
+    lines = ["# vitdeploy tune", "", "Command:", "", "```", manifest.command or "(library call)", "```", "",
+             f"CPU: {cpu['model']}, {cpu['usable_cpus']} usable CPUs, {cpu['threads']} threads; arithmetic flags: "
+             f"{', '.join(cpu['flags']) or 'none'}. Accuracy: {manifest.gate['accuracy_on']} against "
+             f"{manifest.reference}; gate: {manifest.gate['rule']}. Timing: candidates interleaved in "
+             f"{manifest.rounds} rounds (order reversed every round), median of the per-round p50"
+             + (f"; {load}" if load else "") + ".", ""]
+    lines += section_lines(manifest)
+    if plot:
+        lines += ["", f"![latency vs accuracy]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def section_lines(manifest: TuneManifest) -> list[str]:
+    """The Markdown table, the choice and every candidate not chosen with its reason (deploy's report too)."""
+    header, rows = _rows(manifest)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    lines += ["", f"**{_verdict(manifest)}**", ""]
+    left = [c for c in manifest.candidates if c.status != "ok"]
+    if left:
+        lines += ["Not chosen, and why:", ""]
+        lines += [f"- `{c.name}` ({c.status}): {c.reason}" for c in left]
+    return lines
+
+
+def latency_vs_accuracy(manifest: TuneManifest, path: Path) -> Path | None:
+    """A scatter of each timed candidate: p50 at the smallest batch (log) against its accuracy figure
+    (labelled top-1 drop, or 1 - worst cosine, log); the gate as a line; the choice ringed."""
+    from vitdeploy.benchmarks.plots import _finish, _pyplot
+
+    batch = str(min(manifest.batches))
+    timed = [c for c in manifest.candidates if c.latency_ms.get(batch) and c.accuracy]
+    if not timed:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    labelled = timed[0].accuracy["kind"] == "labelled"
+
+    def error(accuracy: dict[str, Any]) -> float:
+        return accuracy["top1_drop_points"] if labelled else max(1.0 - accuracy["cosine"], 1e-7)
+
+    for c in timed:
+        marker = "o" if c.status == "ok" else "x"
+        ax.scatter(c.latency_ms[batch], error(c.accuracy), marker=marker, s=40)
+        ax.annotate(c.name, (c.latency_ms[batch], error(c.accuracy)), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    if manifest.chosen:
+        chosen = next(c for c in timed if c.name == manifest.chosen.name)
+        ax.scatter(chosen.latency_ms[batch], error(chosen.accuracy), s=220, facecolors="none", edgecolors="green",
+                   linewidths=1.5, label=f"chosen: {chosen.name}")
+    gate = manifest.gate["max_drop_points"] if labelled else 1.0 - manifest.gate["min_cosine"]
+    ax.axhline(gate, color="red", linestyle="--", linewidth=1, label="accuracy gate")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if not labelled:
+        ax.set_yscale("log")
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
+    ax.set_ylabel("top-1 drop (points)" if labelled else "1 - worst cosine vs eager fp32")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _finish(fig, [ax], 1, f"vitdeploy tune: latency vs accuracy (x: dropped; {manifest.cpu['model']})", path)

@@ -1,0 +1,219 @@
+"""`vitdeploy tune` on a tiny model with real onnxruntime and OpenVINO sessions (short rounds).
+
+One tune run per module (exports + every candidate this CPU runs); the tests read what it chose and
+recorded, load the folder the way a user does, and check the selection rule on its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_model, tiny_config
+
+from vitdeploy.benchmarks.tune import AccuracyGate, TunePlan, candidate_list, export_for_tune, select, tune
+from vitdeploy.cpu_features import cpu_flags
+from vitdeploy.tune_manifest import CandidateRecord, TuneManifestError, read_manifest
+
+OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+@pytest.fixture(scope="module")
+def model():
+    # The conftest tiny model (seed 0), whose fp32 trace the session's trace cache already holds in a full run.
+    return make_model(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, model):
+    """A folder exported as deploy does (fp32 + CPU variant, int8), then tuned: 1 round, batches 1 and 2."""
+    folder = tmp_path_factory.mktemp("tuned")
+    export_for_tune(model, folder, "tiny", (1, 4), source="tiny", source_sha256="0" * 64)
+    plan = TunePlan(folder=folder, batches=(1, 2), rounds=1, iterations=2, warmup=1, threads=1,
+                    calibration_size=8, command="pytest")
+    return folder, tune(plan, reference_model=model)
+
+
+def test_tune_times_every_runnable_candidate_and_records_the_fastest_accurate(tuned):
+    folder, result = tuned
+    manifest = read_manifest(folder)
+    assert manifest.to_dict() == json.loads((folder / "tune.json").read_text())
+    runnable = {c.name for c in candidate_list(cpu_flags(), True, OPENVINO) if c.reason is None}
+    records = {c.name: c for c in manifest.candidates}
+    assert set(records) == {c.name for c in candidate_list(frozenset())}  # every candidate is listed
+    for name, record in records.items():
+        if name in runnable:
+            assert record.status in ("ok", "dropped"), (name, record.reason)
+            assert set(record.latency_ms) == {"1", "2"} and all(v > 0 for v in record.latency_ms.values())
+            assert record.images_per_s["2"] == pytest.approx(2000.0 / record.latency_ms["2"])
+            assert record.throughput["batch"] == 2 and record.throughput["images_per_s"] > 0
+            assert record.accuracy["kind"] == "agreement" and record.accuracy["images"] == 4  # the bundled photos
+        else:
+            assert record.status == "unavailable" and record.reason and not record.latency_ms
+    # The tool made the int8 form the export lacked, from the fp32 file.
+    assert (folder / "tiny-int8-7bit.onnx").is_file() and records["ort-int8-7bit"].artifact == "tiny-int8-7bit.onnx"
+    assert records["ort-fp32"].accuracy["cosine"] > 0.99999  # the fused CPU graph against eager fp32
+
+    chosen = manifest.chosen
+    ok = [r for r in manifest.candidates if r.status == "ok"]
+    assert chosen.name == min(ok, key=lambda r: r.latency_ms["1"]).name
+    assert all(AccuracyGate().failures(r.accuracy) == [] for r in ok)
+    assert chosen.artifact == records[chosen.name].artifact and len(chosen.sha256) == 64
+    assert manifest.cpu["flags"] == sorted(set(manifest.cpu["flags_checked"]) & cpu_flags())
+    report = (folder / "tune.md").read_text()
+    assert all(f"| {name} |" in report for name in records) and f"chosen: {chosen.name}" in report
+    assert result.plot_path is not None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unavailable_candidate_is_listed_with_its_reason(tuned):
+    no_bf16 = {c.name: c.reason for c in candidate_list(frozenset({"avx2"}), onnxruntime=True, openvino=True)}
+    assert "avx512_bf16" in no_bf16["openvino-bf16"] and "avx512_bf16" in no_bf16["openvino-int8-bf16"]
+    assert no_bf16["openvino-fp32"] is None and "fp8 kernel" in no_bf16["ort-fp8"]
+    without = {c.name: c.reason for c in candidate_list(frozenset({"avx512_bf16"}), onnxruntime=True, openvino=False)}
+    assert all("openvino is not installed" in without[n] for n in without if n.startswith("openvino"))
+    folder, _ = tuned
+    fp8 = next(c for c in read_manifest(folder).candidates if c.name == "ort-fp8")
+    assert fp8.status == "unavailable" and f"- `ort-fp8` (unavailable): {fp8.reason}" in (folder / "tune.md").read_text()
+
+
+def _record(name: str, p50: float, cosine: float = 1.0, top1: float = 1.0, drop: float | None = None):
+    accuracy = ({"kind": "labelled", "top1_drop_points": drop, "images": 100} if drop is not None else
+                {"kind": "agreement", "cosine": cosine, "top1_agreement": top1, "images": 4})
+    return CandidateRecord(name, "onnxruntime", "int8", "int8", name, "ok", latency_ms={"1": p50}, accuracy=accuracy)
+
+
+def test_the_selection_rule_drops_an_inaccurate_fastest_candidate():
+    records = [_record("fp32", 10.0), _record("int8", 4.0, cosine=0.998), _record("bf16", 6.0, cosine=0.9995),
+               _record("int8-7bit", 5.0, cosine=0.9999, top1=0.75)]
+    selection = select(records, AccuracyGate())
+    assert selection.chosen == "bf16" and selection.ranking == ["bf16", "fp32"]
+    assert "worst cosine 0.99800" in selection.dropped["int8"] and "top-1 agreement 0.750" in selection.dropped["int8-7bit"]
+    looser = select(records, AccuracyGate(min_cosine=0.99, min_top1_agreement=0.5))
+    assert looser.chosen == "int8" and not looser.dropped
+    labelled = [_record("fp32", 10.0, drop=0.0), _record("int8", 4.0, drop=0.8), _record("int8-7bit", 5.0, drop=0.3)]
+    picked = select(labelled, AccuracyGate(max_drop_points=0.5))
+    assert picked.chosen == "int8-7bit" and "drops 0.80 points" in picked.dropped["int8"]
+    assert select([_record("int8", 4.0, cosine=float("nan"))], AccuracyGate()).chosen is None
+
+
+def test_gate_parsing():
+    assert AccuracyGate.parse("0.25") == AccuracyGate(max_drop_points=0.25)
+    assert AccuracyGate.parse("cosine=0.99, top1=0.9") == AccuracyGate(min_cosine=0.99, min_top1_agreement=0.9)
+    for bad in ("cos=0.9", "cosine=high", "", "points=-1"):
+        with pytest.raises(ValueError):
+            AccuracyGate.parse(bad)
+
+
+def test_runtimes_load_of_the_folder_follows_the_manifest(tuned, tmp_path):
+    import vitdeploy.runtimes as runtimes
+
+    source, _ = tuned
+    folder = tmp_path / "copy"
+    shutil.copytree(source, folder)
+    manifest = read_manifest(folder)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with runtimes.load(folder) as runtime:
+        assert type(runtime).__name__ == {"onnxruntime": "OrtRuntime", "openvino": "OpenVINORuntime"}[
+            manifest.chosen.backend]
+        assert runtime.path == folder / manifest.chosen.artifact
+        with runtimes.load(folder / manifest.chosen.artifact, backend=manifest.chosen.backend,
+                           **manifest.chosen.options) as direct:
+            np.testing.assert_array_equal(runtime(pixels), direct(pixels))
+    assert runtimes.runtime_kind(folder) == "tuned"
+
+    # Point the manifest at another candidate: load follows it, precision hint included.
+    data = json.loads((folder / "tune.json").read_text())
+    other = next(c for c in data["candidates"] if c["status"] in ("ok", "dropped") and c["backend"] != data["chosen"]["backend"])
+    from vitdeploy.files import sha256_file
+
+    data["chosen"] = {"name": other["name"], "backend": other["backend"], "artifact": other["artifact"],
+                      "sha256": sha256_file(folder / other["artifact"]), "options": other["options"], "why": "test"}
+    (folder / "tune.json").write_text(json.dumps(data))
+    with runtimes.load(folder) as runtime:
+        assert runtime.path == folder / other["artifact"]
+        if other["backend"] == "openvino":
+            assert runtime.inference_precision == other["options"]["inference_precision"]
+    with pytest.raises(ValueError, match="was tuned to run"):
+        runtimes.load(folder, backend="onnxruntime" if other["backend"] == "openvino" else "openvino")
+
+    # A CPU other than the tuned one is told to tune again; a changed artifact is refused.
+    data["cpu"]["flags"] = ["not-a-flag-here"]
+    (folder / "tune.json").write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="run `vitdeploy tune` again"), runtimes.load(folder):
+        pass
+    with open(folder / other["artifact"], "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(TuneManifestError, match="changed since"):
+        runtimes.load(folder)
+    (folder / "tune.json").write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(TuneManifestError, match="version 99"):
+        runtimes.load(folder)
+
+
+def test_a_strict_gate_drops_real_candidates_and_labelled_accuracy(tuned, model, tmp_path):
+    """A second, short run on the same folder: only two candidates, labelled digits, a gate int8 cannot meet."""
+    from digits import write_image_folder
+
+    from vitdeploy.parity import accuracy
+    from vitdeploy.preprocessing import preprocess_batch
+
+    folder = shutil.copytree(tuned[0], tmp_path / "copy")
+    labelled = write_image_folder(tmp_path / "digits", limit=20)
+    plan = TunePlan(folder=folder, batches=(1,), rounds=1, iterations=1, warmup=0, threads=1, throughput=False,
+                    labelled=str(labelled), gate=AccuracyGate(max_drop_points=0.0), only=("ort-fp32", "ort-int8"))
+    manifest = tune(plan, reference_model=model).manifest
+    records = {c.name: c for c in manifest.candidates}
+    assert (records["openvino-fp32"].status, records["openvino-fp32"].reason) == ("skipped", "not asked for (--candidates)")
+    fp32, int8 = records["ort-fp32"].accuracy, records["ort-int8"].accuracy
+    files = sorted(labelled.rglob("*.png"))
+    labels = [int(f.parent.name) for f in files]
+    import torch
+
+    from vitdeploy.metadata import read_onnx_metadata
+
+    pre = read_onnx_metadata(folder / "tiny-fp32.onnx").preprocessing
+    with torch.inference_mode():
+        eager = model(torch.from_numpy(preprocess_batch(files, pre))).numpy()
+    assert fp32["kind"] == "labelled" and fp32["images"] == 20
+    assert fp32["reference_top1"] == pytest.approx(accuracy(eager, labels).top1)
+    assert fp32["top1_drop_points"] == pytest.approx(100 * (fp32["reference_top1"] - fp32["top1"]))
+    assert (records["ort-int8"].status == "dropped") == (int8["top1_drop_points"] > 0.0)
+    assert manifest.chosen is not None and records[manifest.chosen.name].status == "ok"
+
+
+def test_cli_tune_and_predict_follow_the_folder(tuned, monkeypatch, capsys, tmp_path):
+    import vitdeploy.cli as cli
+
+    monkeypatch.setattr(cli, "COMMANDS", ["tune", "predict"])
+    folder, _ = tuned
+    assert cli.main(["tune", str(tmp_path / "nothing-here")]) == 2
+    assert "give -o OUT" in capsys.readouterr().err
+    assert cli.main(["tune", str(folder), "--max-accuracy-drop", "0.5"]) == 2  # points without --labelled
+    assert "--labelled" in capsys.readouterr().err
+    assert cli.main(["predict", str(folder), str(tmp_path / "missing.jpg")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from vitdeploy.preprocessing import bundled_images
+
+    out = tmp_path / "predictions.json"
+    assert cli.main(["predict", str(folder), str(bundled_images()[0]), "--top-k", "3", "--json", str(out)]) == 0
+    chosen = read_manifest(folder).chosen
+    written = json.loads(out.read_text())
+    assert written["runtime"] == f"tuned: {chosen.backend}" and len(written["predictions"][0]["top_k"]) == 3
+
+
+def test_the_nncf_peer_is_timed_beside_the_candidates(tuned, model, tmp_path):
+    """--compare-nncf: OpenVINO + NNCF int8 of the same fp32 file, in the same rounds (skipped without nncf)."""
+    pytest.importorskip("nncf")
+    folder = shutil.copytree(tuned[0], tmp_path / "copy")
+    plan = TunePlan(folder=folder, batches=(1, 2), rounds=1, iterations=1, warmup=0, threads=1, throughput=False,
+                    calibration_size=4, peer=True, only=("ort-fp32",))
+    manifest = tune(plan, reference_model=model).manifest
+    peer, chosen = manifest.peer, next(c for c in manifest.candidates if c.name == manifest.chosen.name)
+    assert peer["accuracy"]["kind"] == "agreement" and peer["accuracy"]["cosine"] > 0.99
+    assert set(peer["latency_ms"]) == {"1", "2"} and peer["calibration"]["count"] == 4
+    for batch, ratio in peer["chosen_vs_peer"].items():
+        assert ratio == pytest.approx(chosen.latency_ms[batch] / peer["latency_ms"][batch])
+    assert "(peer) | peer |" in (folder / "tune.md").read_text()
