@@ -60,11 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where the artifacts and tune.json go (default: the export folder itself; required "
                         "for a checkpoint)")
     parser.add_argument("--batch", default="1,8", metavar="N,N", help="batch sizes to time (default 1,8)")
-    parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--rounds", type=positive_int, default=5, metavar="N", help="interleaved rounds (default 5)")
     parser.add_argument("--iterations", type=positive_int, default=10, metavar="N",
                         help="calls per candidate per round at batch 1, divided by the batch size (default 10)")
     parser.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls per candidate (default 2)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads per candidate (default: usable CPUs)")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads per candidate (default: usable CPUs)")
     parser.add_argument("--labelled", metavar="DIR",
                         help="labelled images (ImageFolder: DIR/<class>/<image>): judge accuracy by top-1 drop")
     parser.add_argument("--images", metavar="DIR",
