@@ -226,3 +226,14 @@ def test_strict_loading_resamples_a_patch_only_grid(tmp_path):
         load_strict(target, dict(source.state_dict()), "test", notes=notes)
     expected = resample_pos_embed(source.pos_embed.detach(), (6, 6), (4, 4), 0, method="timm")
     torch.testing.assert_close(target.pos_embed.detach(), expected, rtol=0, atol=0)
+
+
+def test_variant_names_get_layer_scales_of_trained_size_not_the_training_init():
+    from vitdeploy.checkpoints import RANDOM_LAYER_SCALE, resolve_source
+    from vitdeploy.model import LayerScale
+
+    resolved = resolve_source("deit3_small_patch16_224", log=lambda line: None)
+    gammas = [m.gamma for m in resolved.model.modules() if isinstance(m, LayerScale)]
+    assert len(gammas) == 2 * resolved.model.config.depth
+    assert all(float(g.min()) == float(g.max()) == pytest.approx(RANDOM_LAYER_SCALE) for g in gammas)
+    assert resolved.model.config.layer_scale != RANDOM_LAYER_SCALE  # the config keeps timm's init value

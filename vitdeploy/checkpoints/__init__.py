@@ -169,6 +169,23 @@ def resolve_source(source: str, format: str = "auto", log: Callable[[str], None]
     return resolved
 
 
+# LayerScale's training init (1e-5 for DINOv2, 1e-6 for DeiT III) all but switches every block off: a
+# random-weights model would then be its patch embedding alone, and its fp16 graph would round the
+# blocks away entirely (1e-6 of an O(1) residual is below fp16's resolution). Trained checkpoints hold
+# gammas of order 0.1, so pipeline runs on variant names use that.
+RANDOM_LAYER_SCALE = 0.1
+
+
+def _scale_residual_branches_as_trained(model: VisionTransformer) -> None:
+    """Set every LayerScale of a random-weights ``model`` to :data:`RANDOM_LAYER_SCALE` (a no-op without LayerScale)."""
+    from vitdeploy.model import LayerScale
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LayerScale):
+                module.gamma.fill_(RANDOM_LAYER_SCALE)
+
+
 def _resolve(source: str, format: str = "auto", model: str | None = None, **overrides: Any) -> ResolvedModel:
     path = Path(source).expanduser()
     if not path.exists() and source in VARIANTS:
@@ -181,6 +198,7 @@ def _resolve(source: str, format: str = "auto", model: str | None = None, **over
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model = create_model(source, **overrides)
+        _scale_residual_branches_as_trained(model)
         return ResolvedModel(model, source, "variant", state_dict_sha256(model.state_dict()), True, [message])
     if not path.exists():
         raise FileNotFoundError(
