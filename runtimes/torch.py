@@ -47,9 +47,10 @@ def _load_source(source: Any) -> Any:
         from vitdeploy.variants import VARIANTS
 
         if str(source) in VARIANTS:
-            from vitdeploy.model import create_model
+            from vitdeploy.checkpoints import resolve_source
 
-            return create_model(str(source))
+            # The same seeded random weights export gets from the name; callers warn about them themselves.
+            return resolve_source(str(source), log=lambda line: None).model
         raise FileNotFoundError(
             f"{str(source)!r} is neither an existing checkpoint file/folder nor a known variant name "
             "(see `vitdeploy.list_variants()`)"

@@ -140,3 +140,16 @@ def test_close_drops_the_model(model):
     rt = TorchRuntime(model)
     rt.close()
     assert rt.model is None  # the rest of the close contract: tests/test_runtime_contract.py
+
+
+def test_a_variant_name_gives_the_seeded_weights_export_uses():
+    from vitdeploy.checkpoints import resolve_source
+    from vitdeploy.runtimes.torch import TorchRuntime
+
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    exported = resolve_source("vit_tiny_patch16_224", log=lambda line: None).model
+    with TorchRuntime("vit_tiny_patch16_224") as first, TorchRuntime("vit_tiny_patch16_224") as second:
+        a, b = first(pixels), second(pixels)
+    np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        np.testing.assert_allclose(a, exported(torch.from_numpy(pixels)).numpy(), rtol=0, atol=1e-5)
