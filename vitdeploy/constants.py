@@ -6,6 +6,8 @@ cannot drift apart.
 
 from __future__ import annotations
 
+from vitdeploy.outputs import LOGITS
+
 # Graph precisions an ONNX artifact or engine can have. int8 and fp8 are quantized (Q/DQ) graphs.
 GRAPH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "fp8")
 # Quantized graph precisions: calibrated QuantizeLinear/DequantizeLinear graphs (int8, fp8 = E4M3).
@@ -43,8 +45,7 @@ TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "b
 ORT_DTYPES: dict[str, str] = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 INPUT_NAME = "pixel_values"
-LOGITS_NAME = "logits"
-FEATURES_NAME = "last_hidden_state"
+LOGITS_NAME = LOGITS  # the output names themselves live in vitdeploy.outputs
 
 
 def check_precision(precision: str, allowed: tuple[str, ...], what: str = "precision") -> str:
