@@ -87,19 +87,19 @@ def test_a_source_that_is_no_checkpoint_says_so(capsys, tmp_path) -> None:
 def test_convert_with_the_model_option_records_the_forced_architecture(tmp_path, capsys) -> None:
     """A bare CLIP B/16 state dict does not show its activation: read alone it is the GELU tower (with a
     warning); ``--model vit_base_patch16_clip_quickgelu_224`` makes the converted checkpoint QuickGELU."""
-    from vitdeploy.checkpoints import read_checkpoint
-    from vitdeploy.checkpoints.common import safetensors_metadata
+    from vitdeploy.checkpoints.common import infer_config, safetensors_metadata
     from vitdeploy.checkpoints.native import META_CONFIG
     from vitdeploy.model import VisionTransformer
     from vitdeploy.variants import get_config
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in VisionTransformer(get_config("vit_base_patch16_clip_224")).state_dict().items()}
-    source = tmp_path / "openai_clip_b16.safetensors"
-    save_file({k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}, str(source))
+    tensors = {k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}
     with pytest.warns(Warning, match="QuickGELU"):
-        detected = read_checkpoint(source).config
+        detected, _ = infer_config(tensors, "test")
     assert (detected.name, detected.act) == ("vit_base_patch16_clip_224", "gelu")
+    source = tmp_path / "openai_clip_b16.safetensors"
+    save_file(tensors, str(source))
 
     out = tmp_path / "native.safetensors"
     assert main(["convert", str(source), "-o", str(out), "--model", "vit_base_patch16_clip_quickgelu_224"]) == 0
@@ -107,3 +107,26 @@ def test_convert_with_the_model_option_records_the_forced_architecture(tmp_path,
     config = json.loads(safetensors_metadata(out)[META_CONFIG])
     assert (config["name"], config["act"], config["projection_dim"]) == ("vit_base_patch16_clip_quickgelu_224",
                                                                          "quick_gelu", 512)
+
+
+def test_inspect_and_predict_load_a_checkpoint_with_the_forced_architecture(tmp_path, capsys) -> None:
+    """A ViT-Ti/16 state dict is read as the plain ViT; ``--model deit_tiny_patch16_224`` makes it DeiT (its
+    family and preprocessing) for ``inspect`` and for ``predict``'s eager runtime."""
+    from vitdeploy.model import create_model
+    from vitdeploy.preprocessing import bundled_images
+
+    source = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("vit_tiny_patch16_224").state_dict().items()}, str(source))
+    report = tmp_path / "inspect.json"
+    assert main(["inspect", str(source), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["config"]["family"] == "vit"
+    assert main(["inspect", str(source), "--model", "deit_tiny_patch16_224", "--json", str(report)]) == 0
+    config = json.loads(report.read_text())["config"]
+    assert (config["name"], config["family"], config["mean"]) == ("deit_tiny_patch16_224", "deit",
+                                                                  [0.485, 0.456, 0.406])
+    predictions = tmp_path / "predictions.json"
+    image = str(bundled_images()[0])
+    assert main(["predict", str(source), image, "--model", "deit_tiny_patch16_224", "--json", str(predictions)]) == 0
+    capsys.readouterr()
+    ran = json.loads(predictions.read_text())
+    assert ran["runtime"] == "torch" and len(ran["predictions"][0]["top_k"]) == 5
