@@ -5,9 +5,9 @@ a small size (width 32, one block), its weights perturbed away from their init, 
 source's own format, loaded by ``vitdeploy.checkpoints.load_model``, exported by the real exporter
 (``export_onnx``: every output the model has, validated against eager as every export is, on a
 range just wide enough) and run with onnxruntime at the native size and three others, two of them
-not square. Every output must equal the source library's own (timm ``dynamic_img_size=True``,
-transformers ``interpolate_pos_encoding=True``, the original DINOv2's own resampling) within 1e-4
-relative max error; the file's metadata must name the source's resampling convention, and
+not square. Every output of the file, and of the eager model it was exported from, must equal the
+source library's own (timm ``dynamic_img_size=True``, transformers ``interpolate_pos_encoding=True``,
+the original DINOv2's own resampling) within 1e-4 relative max error; the file's metadata must name the source's resampling convention, and
 vitdeploy's eager model under the other convention must miss the source at the changed sizes.
 
 The trace is what costs (seconds each), so each distinct model is exported once: timm's,
@@ -231,26 +231,35 @@ def pixels_at(size: tuple[int, int], seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=IDS)
-def test_onnx_matches_the_source_library(source: Source, loaded, exported) -> None:
+def test_eager_and_onnx_match_the_source_library(source: Source, loaded, exported, record_property) -> None:
+    """Every output at every size, from the file (onnxruntime) and from the eager model it was exported
+    from; the worst errors are recorded (``pytest --junitxml=FILE`` lists them per case)."""
     from vitdeploy import runtimes
 
     ours, result = loaded(source), exported(source)
     assert result.report.passed
-    errors: dict[tuple[tuple[int, int], str], float] = {}
+    errors: dict[tuple[str, tuple[int, int], str], float] = {}
     with runtimes.load(result.path) as runtime:
-        names = set(runtime.output_names)
+        names = runtime.output_names
         for index, size in enumerate(sizes(ours.model)):
             pixels = pixels_at(size, index)
-            got = runtime.run_outputs(pixels.numpy())
             expected = ours.reference(pixels)
-            assert names - set(expected) == source.missing, size  # every output the source library has
-            errors.update({(size, name): rel_err(got[name], value) for name, value in expected.items()
-                           if name in names})
+            assert set(names) - set(expected) == source.missing, size  # every output the source library has
+            compared = [name for name in names if name in expected]
+            got = runtime.run_outputs(pixels.numpy())
+            with torch.no_grad():
+                eager = ours.model.forward_outputs(pixels, compared)
+            for name in compared:
+                errors[("onnx", size, name)] = rel_err(got[name], expected[name])
+                errors[("eager", size, name)] = rel_err(eager[name], expected[name])
+    for path in ("onnx", "eager"):
+        record_property(f"{path}_worst_rel_err", max(v for k, v in errors.items() if k[0] == path))
     assert max(errors.values()) <= TOLERANCE, {k: v for k, v in errors.items() if v > TOLERANCE}
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=IDS)
-def test_the_file_records_the_convention_and_the_other_one_misses(source: Source, loaded, exported) -> None:
+def test_the_file_records_the_convention_and_the_other_one_misses(source: Source, loaded, exported,
+                                                                  record_property) -> None:
     from vitdeploy.metadata import read_onnx_metadata
 
     ours = loaded(source)
@@ -265,6 +274,7 @@ def test_the_file_records_the_convention_and_the_other_one_misses(source: Source
         with torch.no_grad():
             tokens = wrong.forward_outputs(pixels, ["patch_tokens"])["patch_tokens"]
         misses.append(rel_err(tokens, ours.reference(pixels)["patch_tokens"]))
+    record_property("other_convention_least_rel_err", min(misses))
     assert min(misses) > 10 * TOLERANCE, misses
 
 
