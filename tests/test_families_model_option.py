@@ -8,11 +8,13 @@ import argparse
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from vitdeploy.checkpoints import CheckpointWarning
 from vitdeploy.cli import build_parser, main
 
 # The commands that load a checkpoint (predict and verify's reference, quantize's reference, tune and bench
@@ -84,11 +86,11 @@ def test_a_source_that_is_no_checkpoint_says_so(capsys, tmp_path) -> None:
     assert line.endswith("--model vit_tiny_patch16_224 applies to the --reference checkpoint; none was given"), line
 
 
-def test_convert_with_the_model_option_records_the_forced_architecture(tmp_path, capsys) -> None:
+def test_the_model_option_gives_a_clip_state_dict_its_quickgelu(tmp_path) -> None:
     """A bare CLIP B/16 state dict does not show its activation: read alone it is the GELU tower (with a
-    warning); ``--model vit_base_patch16_clip_quickgelu_224`` makes the converted checkpoint QuickGELU."""
-    from vitdeploy.checkpoints.common import infer_config, safetensors_metadata
-    from vitdeploy.checkpoints.native import META_CONFIG
+    warning); with ``--model vit_base_patch16_clip_quickgelu_224`` the loaded config is QuickGELU (and
+    the warning about the guess is not given)."""
+    from vitdeploy.checkpoints.common import infer_config
     from vitdeploy.model import VisionTransformer
     from vitdeploy.variants import get_config
 
@@ -100,30 +102,32 @@ def test_convert_with_the_model_option_records_the_forced_architecture(tmp_path,
     assert (detected.name, detected.act) == ("vit_base_patch16_clip_224", "gelu")
     source = tmp_path / "openai_clip_b16.safetensors"
     save_file(tensors, str(source))
-
-    out = tmp_path / "native.safetensors"
-    assert main(["convert", str(source), "-o", str(out), "--model", "vit_base_patch16_clip_quickgelu_224"]) == 0
-    assert "vit_base_patch16_clip_quickgelu_224" in capsys.readouterr().out
-    config = json.loads(safetensors_metadata(out)[META_CONFIG])
+    report = tmp_path / "inspect.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)  # no word about a GELU guess the option replaced
+        assert main(["inspect", str(source), "--model", "vit_base_patch16_clip_quickgelu_224", "--json",
+                     str(report)]) == 0
+    config = json.loads(report.read_text())["config"]
     assert (config["name"], config["act"], config["projection_dim"]) == ("vit_base_patch16_clip_quickgelu_224",
                                                                          "quick_gelu", 512)
 
 
-def test_inspect_and_predict_load_a_checkpoint_with_the_forced_architecture(tmp_path, capsys) -> None:
+def test_convert_and_predict_load_a_checkpoint_with_the_forced_architecture(tmp_path, capsys) -> None:
     """A ViT-Ti/16 state dict is read as the plain ViT; ``--model deit_tiny_patch16_224`` makes it DeiT (its
-    family and preprocessing) for ``inspect`` and for ``predict``'s eager runtime."""
+    family and preprocessing) in the checkpoint ``convert`` writes and for ``predict``'s eager runtime."""
+    from vitdeploy.checkpoints.common import safetensors_metadata
+    from vitdeploy.checkpoints.native import META_CONFIG
     from vitdeploy.model import create_model
     from vitdeploy.preprocessing import bundled_images
 
     source = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in create_model("vit_tiny_patch16_224").state_dict().items()}, str(source))
-    report = tmp_path / "inspect.json"
-    assert main(["inspect", str(source), "--json", str(report)]) == 0
-    assert json.loads(report.read_text())["config"]["family"] == "vit"
-    assert main(["inspect", str(source), "--model", "deit_tiny_patch16_224", "--json", str(report)]) == 0
-    config = json.loads(report.read_text())["config"]
-    assert (config["name"], config["family"], config["mean"]) == ("deit_tiny_patch16_224", "deit",
-                                                                  [0.485, 0.456, 0.406])
+    for argv, family in (([], "vit"), (["--model", "deit_tiny_patch16_224"], "deit")):
+        out = tmp_path / f"native-{family}.safetensors"
+        assert main(["convert", str(source), "-o", str(out), *argv]) == 0
+        config = json.loads(safetensors_metadata(out)[META_CONFIG])
+        assert config["family"] == family
+    assert (config["name"], config["mean"]) == ("deit_tiny_patch16_224", [0.485, 0.456, 0.406])
     predictions = tmp_path / "predictions.json"
     image = str(bundled_images()[0])
     assert main(["predict", str(source), image, "--model", "deit_tiny_patch16_224", "--json", str(predictions)]) == 0
