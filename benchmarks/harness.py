@@ -56,6 +56,7 @@ class BenchPlan:
     command: str | None = None
     suite: str | None = None
     compile_mode: str | None = None
+    model_override: str | None = None  # a registry variant whose architecture every checkpoint is loaded with
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -185,7 +186,8 @@ class Harness:
         self.display.begin(plan.total_points)
         for index, source in enumerate(plan.models):
             try:
-                model = self.prepared.get(source) or BenchModel.open(source, plan.cache_dir)
+                model = self.prepared.get(source) or BenchModel.open(source, plan.cache_dir,
+                                                                      model_override=plan.model_override)
             except Exception as error:  # a bad model fails its points, not the run
                 self._fill(source, plan.runtimes, "failed", _error_text(error))
                 continue

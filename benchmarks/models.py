@@ -68,8 +68,9 @@ class BenchModel:
     _engines: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, source: str, cache_dir: str | Path) -> BenchModel:
-        """Resolve ``source`` (variant name, checkpoint file/folder, ``.onnx`` or ``.engine``)."""
+    def open(cls, source: str, cache_dir: str | Path, model_override: str | None = None) -> BenchModel:
+        """Resolve ``source`` (variant name, checkpoint file/folder, ``.onnx`` or ``.engine``); a checkpoint is
+        loaded with the architecture of the variant ``model_override`` if given (``resolve_source``'s ``model=``)."""
         from vitdeploy.variants import VARIANTS, get_config
 
         cache = Path(cache_dir)
@@ -96,7 +97,7 @@ class BenchModel:
             return model
         from vitdeploy.checkpoints import resolve_source
 
-        resolved = resolve_source(source)
+        resolved = resolve_source(source, model=model_override)
         model = cls(slug(source), source, "checkpoint", resolved.model.config, cache,
                     random_weights=bool(getattr(resolved, "random_weights", False)))
         model._model = resolved.model.eval()

@@ -291,10 +291,11 @@ def prunes_last_block(config: Any, options: ExportOptions) -> bool:
     """Whether the export computes the last block for the class token only.
 
     It does unless the graph also outputs tokens (``last_hidden_state``, ``patch_tokens``), the
-    model pools by mean, or ``options.full_last_block`` asks for the whole block.
+    head reads more than the prefix tokens (mean, attention or ``token_avg`` pooling), or
+    ``options.full_last_block`` asks for the whole block.
     """
     outputs = options.output_names(config)
-    return (config.pooling == "token" and not any(name in TOKEN_OUTPUTS for name in outputs)
+    return (config.num_pooled_prefix_tokens > 0 and not any(name in TOKEN_OUTPUTS for name in outputs)
             and not options.full_last_block)
 
 

@@ -5,125 +5,59 @@ the same family: small random transformers models, perturbed away from init, sav
 transformers has is compared with the timm output that vitdeploy's model will give
 (relative max error <= 1e-4 at the native size). The contrasts show that the conventions the
 conversion handles (class position folded into the class token, CLIP's post-norm) matter.
+Then vitdeploy's own model of each folder (and of original DINOv2 files) against the source at the
+native size and three others, two of them not square. The builders live in ``family_sources``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from timm_without_torchvision import import_timm
+from family_sources import (
+    TOLERANCE,
+    HFCase,
+    hf_cases,
+    hf_outputs,
+    hub_state_dict,
+    original_dinov2_outputs,
+    original_dinov2_resample,
+    parity_grids,
+    perturb,
+    rel_err,
+    timm,
+    timm_model,
+    timm_state_dict,
+)
 
 from vitdeploy.checkpoints import CheckpointError, read_checkpoint
-from vitdeploy.checkpoints.hf_families import CLIP_MEAN, CLIP_STD
 from vitdeploy.checkpoints.huggingface import convert_hf_folder
 from vitdeploy.config import ViTConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-timm = import_timm()
 transformers = pytest.importorskip("transformers")
 if timm is None:
     pytest.skip("timm is not installed (CI: pip install --no-deps timm)", allow_module_level=True)
 
-TOLERANCE = 1e-4
 HIDDEN, DEPTH, HEADS = 64, 2, 2
-SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=128,
-             image_size=56, layer_norm_eps=1e-6)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved away from its init (zero tokens, unit norms and layer scales included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
-@dataclass
-class Case:
-    """One transformers class: how to build it small, and the timm model of its family."""
-
-    id: str
-    hf: Callable[[], torch.nn.Module]
-    timm: Callable[[], torch.nn.Module] | None
-    fields: dict
+CASES = hf_cases(HIDDEN, DEPTH, HEADS, mlp=128)
+T = transformers
 
 
 def _timm(name: str, img_size: int | tuple[int, int] = 56, **kwargs) -> torch.nn.Module:
-    return timm.create_model(name, pretrained=False, embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS,
-                             img_size=img_size, **kwargs).eval()
-
-
-T = transformers
-CASES = [
-    Case("deit_teacher",
-         lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
-         lambda **kw: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5, **kw),
-         dict(family="deit", distilled=True, class_token=True, num_classes=5, pos_embed_resample="huggingface")),
-    Case("deit_classifier", lambda: T.DeiTForImageClassification(T.DeiTConfig(**SMALL, patch_size=8, num_labels=5)),
-         lambda **kw: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=5, **kw),
-         dict(family="deit", distilled=True, num_classes=5)),
-    Case("deit_model", lambda: T.DeiTModel(T.DeiTConfig(**SMALL, patch_size=8)),
-         lambda **kw: _timm("deit_tiny_distilled_patch16_224", patch_size=8, mlp_ratio=2, num_classes=0, **kw),
-         dict(family="deit", distilled=True, num_classes=0)),
-    Case("dinov2", lambda: T.Dinov2Model(T.Dinov2Config(**SMALL, patch_size=14, mlp_ratio=2)),
-         lambda **kw: _timm("vit_small_patch14_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
-         dict(family="dinov2", num_reg_tokens=0, no_embed_class=False, layer_scale=1.0, pooling="token",
-              pos_embed_resample="huggingface", image_size=56, patch_size=14)),
-    Case("dinov2_classifier",
-         lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**SMALL, patch_size=14, mlp_ratio=2, num_labels=3)),
-         lambda **kw: _timm("vit_small_patch14_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
-         dict(family="dinov2", pooling="token_avg", num_classes=3)),
-    Case("dinov2_reg", lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
-             **SMALL, patch_size=14, mlp_ratio=2, num_register_tokens=4)),
-         lambda **kw: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
-         dict(family="dinov2", num_reg_tokens=4, no_embed_class=True, pos_embed_resample="timm")),
-    Case("dinov2_reg_classifier", lambda: T.Dinov2WithRegistersForImageClassification(T.Dinov2WithRegistersConfig(
-             **SMALL, patch_size=14, mlp_ratio=2, num_register_tokens=4, num_labels=3)),
-         lambda **kw: _timm("vit_small_patch14_reg4_dinov2", mlp_ratio=2, num_classes=0, init_values=1.0, **kw),
-         dict(family="dinov2", num_reg_tokens=4, pooling="token_avg", num_classes=3)),
-    Case("clip_vision",
-         lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8)),
-         lambda **kw: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=0, **kw),
-         dict(family="clip", pre_norm=True, patch_bias=False, act="quick_gelu", projection_dim=None,
-              layer_norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)),
-    Case("clip_vision_projection", lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(
-             **{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8, projection_dim=32)),
-         lambda **kw: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=32, **kw),
-         dict(family="clip", projection_dim=32)),
-    Case("clip_full", lambda: T.CLIPModel(T.CLIPConfig(
-             vision_config=dict(**{**SMALL, "layer_norm_eps": 1e-5}, patch_size=8),
-             text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-             projection_dim=32)),
-         lambda **kw: _timm("vit_base_patch16_clip_quickgelu_224", patch_size=8, mlp_ratio=2, num_classes=32, **kw),
-         dict(family="clip", projection_dim=32, act="quick_gelu")),
-    Case("siglip_vision", lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL, patch_size=8)),
-         lambda **kw: _timm("vit_base_patch16_siglip_224", patch_size=8, mlp_ratio=2, num_classes=0, act_layer="gelu_tanh", **kw),
-         dict(family="siglip", class_token=False, pooling="map", act="gelu_tanh", mean=(0.5, 0.5, 0.5))),
-    Case("siglip_full", lambda: T.SiglipModel(T.SiglipConfig(
-             vision_config=dict(**SMALL, patch_size=8),
-             text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))),
-         lambda **kw: _timm("vit_base_patch16_siglip_224", patch_size=8, mlp_ratio=2, num_classes=0, act_layer="gelu_tanh", **kw),
-         dict(family="siglip", pooling="map")),
-]
+    return timm_model(name, HIDDEN, DEPTH, HEADS, img_size=img_size, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Callable[[Case], tuple[torch.nn.Module, Path]]:
+def saved(tmp_path_factory) -> Callable[[HFCase], tuple[torch.nn.Module, Path]]:
     """Build, perturb and ``save_pretrained`` each case's transformers model once."""
     cache: dict[str, tuple[torch.nn.Module, Path]] = {}
 
-    def get(case: Case) -> tuple[torch.nn.Module, Path]:
+    def get(case: HFCase) -> tuple[torch.nn.Module, Path]:
         if case.id not in cache:
             torch.manual_seed(0)
             model = perturb(case.hf())
@@ -133,45 +67,6 @@ def saved(tmp_path_factory) -> Callable[[Case], tuple[torch.nn.Module, Path]]:
         return cache[case.id]
 
     return get
-
-
-def timm_state_dict(state_dict: dict[str, torch.Tensor], case: Case) -> dict[str, torch.Tensor]:
-    """vitdeploy's names for timm's model: CLIP's projection is timm's bias-free-by-zero ``head``."""
-    state_dict = dict(state_dict)
-    if "proj.weight" in state_dict:
-        weight = state_dict.pop("proj.weight")
-        state_dict.update({"head.weight": weight, "head.bias": torch.zeros(weight.shape[0])})
-    return state_dict
-
-
-def hf_outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """transformers' outputs of one model under vitdeploy's output names (with
-    ``interpolate_pos_encoding`` where the model takes it; DINOv2 always interpolates).
-
-    CLIP's ``last_hidden_state`` is before ``post_layernorm``, vitdeploy's (= timm's) after it:
-    the norm is applied here, so the names mean the same thing on both sides."""
-    import inspect
-
-    vision = getattr(model, "vision_model", model)
-    with torch.no_grad():
-        if isinstance(model, (T.CLIPModel, T.SiglipModel)):
-            result = vision(pixel_values=pixels, interpolate_pos_encoding=True)
-            outputs = {"pooler_output": result.pooler_output, "last_hidden_state": result.last_hidden_state}
-            if isinstance(model, T.CLIPModel):
-                features = model.get_image_features(pixel_values=pixels, interpolate_pos_encoding=True)
-                outputs["image_embeds"] = getattr(features, "pooler_output", features)
-        else:
-            takes = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-            result = model(pixel_values=pixels, **({"interpolate_pos_encoding": True} if takes else {}))
-            outputs = {name: getattr(result, name) for name in ("logits", "pooler_output", "image_embeds",
-                                                                "last_hidden_state")
-                       if getattr(result, name, None) is not None}
-        if isinstance(model, (T.CLIPModel, T.CLIPVisionModel, T.CLIPVisionModelWithProjection)):
-            outputs["last_hidden_state"] = vision.post_layernorm(outputs["last_hidden_state"])
-        if isinstance(model, T.DeiTModel):
-            # transformers' DeiT pooler (tanh(dense(class token))) is dropped: no vitdeploy counterpart.
-            outputs.pop("pooler_output", None)
-    return outputs
 
 
 def timm_outputs(model: torch.nn.Module, pixels: torch.Tensor, fields: dict,
@@ -196,7 +91,7 @@ def timm_outputs(model: torch.nn.Module, pixels: torch.Tensor, fields: dict,
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hf_family_matches_timm(case: Case, saved) -> None:
+def test_hf_family_matches_timm(case: HFCase, saved) -> None:
     hf_model, folder = saved(case)
     conversion, _ = convert_hf_folder(folder)
     assert conversion.unexpected == []
@@ -208,7 +103,7 @@ def test_hf_family_matches_timm(case: Case, saved) -> None:
     reference = case.timm()
     concatenated = conversion.fields["pooling"] == "token_avg"
     head = {k: v for k, v in conversion.state_dict.items() if concatenated and k.startswith("head.")}
-    state_dict = timm_state_dict({k: v for k, v in conversion.state_dict.items() if k not in head}, case)
+    state_dict = timm_state_dict({k: v for k, v in conversion.state_dict.items() if k not in head})
     reference.load_state_dict(state_dict, strict=True)
 
     size = conversion.fields["image_size"]
@@ -218,16 +113,12 @@ def test_hf_family_matches_timm(case: Case, saved) -> None:
     if conversion.fields.get("distilled"):
         # timm's distilled pre_logits average the two tokens; transformers has no such output.
         ours.pop("pooler_output")
-    assert theirs, "transformers gave no output to compare"
+    assert {"last_hidden_state", "patch_tokens"} <= set(theirs), "transformers gave no tokens to compare"
     for name, expected in theirs.items():
         assert rel_err(ours[name], expected) <= TOLERANCE, name
-    if "last_hidden_state" in theirs:
-        fields = conversion.fields
-        prefix = int(fields["class_token"]) + int(fields.get("distilled", False)) + fields.get("num_reg_tokens", 0)
-        assert rel_err(ours["patch_tokens"], theirs["last_hidden_state"][:, prefix:]) <= TOLERANCE
 
 
-def _case(case_id: str) -> Case:
+def _case(case_id: str) -> HFCase:
     return next(c for c in CASES if c.id == case_id)
 
 
@@ -252,27 +143,6 @@ def test_conventions_the_conversion_handles_matter(saved) -> None:
     with torch.no_grad():
         raw = hf_model(pixel_values=pixels).last_hidden_state
         assert rel_err(reference.forward_features(pixels), raw) > 100 * TOLERANCE
-
-
-def hub_state_dict(model: torch.nn.Module, chunks: int = 0) -> dict[str, torch.Tensor]:
-    """A timm DINOv2 model's weights under facebookresearch/dinov2's names (the opposite way from the
-    reader): registers renamed, a class-token position embedding split off, a mask token added,
-    and optionally ``block_chunks`` names ``blocks.C.N``."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hidden = state["cls_token"].shape[-1]
-    generator = torch.Generator().manual_seed(5)
-    if "reg_token" in state:
-        class_pos = torch.randn(1, 1, hidden, generator=generator)
-        state["register_tokens"] = state.pop("reg_token")
-        state["cls_token"] = state["cls_token"] - class_pos
-        state["pos_embed"] = torch.cat([class_pos, state["pos_embed"]], dim=1)
-    state["mask_token"] = torch.randn(1, hidden, generator=generator)
-    if chunks:
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        per_chunk = -(-depth // chunks)
-        state = {(f"blocks.{int(k.split('.')[1]) // per_chunk}.{k[len('blocks.'):]}" if k.startswith("blocks.")
-                  else k): v for k, v in state.items()}
-    return state
 
 
 @pytest.mark.parametrize(("name", "registers", "chunks"), [
@@ -305,7 +175,8 @@ def test_original_dinov2_state_dict(tmp_path, name, registers, chunks) -> None:
 
 def test_preprocessing_and_labels_come_from_the_folder(tmp_path) -> None:
     torch.manual_seed(0)
-    config = T.Dinov2Config(**SMALL, patch_size=14, mlp_ratio=2, num_labels=3,
+    config = T.Dinov2Config(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=56,
+                            patch_size=14, mlp_ratio=2, num_labels=3,
                             id2label={0: "cat", 1: "dog", 2: "fish"}, label2id={"cat": 0, "dog": 1, "fish": 2})
     T.Dinov2ForImageClassification(config).save_pretrained(tmp_path)
     conversion, _ = convert_hf_folder(tmp_path)
@@ -400,9 +271,9 @@ RESAMPLED = ["deit_teacher", "dinov2", "dinov2_reg", "clip_vision", "siglip_visi
 
 @pytest.mark.parametrize("case_id", RESAMPLED)
 def test_each_source_resamples_by_its_named_convention(case_id: str, saved) -> None:
-    """At other (non-square) sizes, transformers' ``interpolate_pos_encoding`` equals the timm model
-    whose position embeddings vitdeploy's ``resample_pos_embed`` resampled by the convention the
-    conversion names, and the other convention misses."""
+    """At the two non-square sizes of the parity grid, transformers' ``interpolate_pos_encoding`` equals
+    the timm model whose position embeddings vitdeploy's ``resample_pos_embed`` resampled by the
+    convention the conversion names, and the other convention misses."""
     import inspect
 
     from vitdeploy.pos_embed import resample_pos_embed
@@ -417,7 +288,7 @@ def test_each_source_resamples_by_its_named_convention(case_id: str, saved) -> N
     other = "timm" if method == "huggingface" else "huggingface"
     kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(
         hf_model.forward).parameters else {}
-    for grid in [(side - 1, side + 2)]:  # non-square: one axis shrinks, the other grows
+    for grid in parity_grids(side)[2:]:
         pixels = torch.randn(1, 3, grid[0] * patch, grid[1] * patch, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
             result = hf_model(pixel_values=pixels, **kwargs)
@@ -428,29 +299,12 @@ def test_each_source_resamples_by_its_named_convention(case_id: str, saved) -> N
         for name in (method, other):
             reference = case.timm(img_size=(grid[0] * patch, grid[1] * patch))
             resampled = resample_pos_embed(pos, grid, (side, side), prefix, method=name)
-            reference.load_state_dict(timm_state_dict({**conversion.state_dict, "pos_embed": resampled}, case))
+            reference.load_state_dict(timm_state_dict({**conversion.state_dict, "pos_embed": resampled}))
             with torch.no_grad():
                 errors[name] = rel_err(reference(pixels) if fields.get("num_classes")
                                        else reference.forward_features(pixels), expected)
         assert errors[method] <= TOLERANCE, (grid, errors)
         assert errors[other] > 10 * TOLERANCE, (grid, errors)
-
-
-def original_dinov2_resample(pos_embed: torch.Tensor, grid: tuple[int, int], offset: float,
-                             antialias: bool) -> torch.Tensor:
-    """facebookresearch/dinov2's ``interpolate_pos_encoding`` (class position first, then the grid):
-    bicubic with scale factors ``(new + offset) / old`` when ``offset``, else at the exact size."""
-    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
-    dim = pos_embed.shape[-1]
-    if tuple(grid) == (side, side):  # the original returns the stored embeddings at their own grid
-        return pos_embed
-    if offset:
-        kwargs = {"scale_factor": ((grid[0] + offset) / side, (grid[1] + offset) / side)}
-    else:
-        kwargs = {"size": grid}
-    patches = torch.nn.functional.interpolate(pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
-                                              mode="bicubic", antialias=antialias, **kwargs)
-    return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
 @pytest.mark.parametrize("registers", [True, False])
@@ -475,24 +329,23 @@ def test_original_dinov2_convention(registers: bool) -> None:
                    original_dinov2_resample(pos, (3, 5), 0.0 if registers else 0.1, antialias=registers)) > 1e-3
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.fields.get("pooling") != "token_avg"], ids=lambda c: c.id)
-def test_vitdeploy_model_matches_transformers(case: Case, saved) -> None:
-    """``load_model`` of the folder, then every output transformers has, at the native size and a
-    non-square one (runs once ViTConfig and the model have the family fields)."""
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_vitdeploy_model_matches_transformers(case: HFCase, saved) -> None:
+    """``load_model`` of the folder, then every output transformers has, at the native size and three
+    others (two of them not square). Only DeiT's ``pooler_output`` has no transformers counterpart."""
     from vitdeploy.checkpoints import load_model
     from vitdeploy.outputs import available_outputs
 
-    if not {"class_token", "num_reg_tokens", "pre_norm", "act"} <= set(ViTConfig.__dataclass_fields__):
-        pytest.skip("ViTConfig has no family fields yet (helper 'families')")
     hf_model, folder = saved(case)
     model = load_model(folder)
     patch, side = model.config.patch_size, model.config.image_size // model.config.patch_size
-    for grid in [(side, side), (side - 1, side + 2)]:
+    names = available_outputs(model.config)
+    for grid in parity_grids(side):
         pixels = torch.randn(2, 3, grid[0] * patch, grid[1] * patch, generator=torch.Generator().manual_seed(7))
         theirs = hf_outputs(hf_model, pixels)
         with torch.no_grad():
-            ours = model.forward_outputs(pixels, available_outputs(model.config))
-        assert theirs
+            ours = model.forward_outputs(pixels, names)
+        assert set(names) - set(theirs) == ({"pooler_output"} if model.config.distilled else set())
         for name, expected in theirs.items():
             assert rel_err(ours[name], expected) <= TOLERANCE, (grid, name)
 
@@ -506,30 +359,22 @@ def test_cli_format_choices_are_the_checkpoint_formats() -> None:
 
 @pytest.mark.parametrize("registers", [True, False])
 def test_vitdeploy_model_of_an_original_dinov2_file(tmp_path, registers: bool) -> None:
-    """``load_model`` of an original DINOv2 ``.pth`` against the original's forward pass at the native and
-    a non-square size (timm's blocks with the original's resampled position embeddings); runs once
-    ViTConfig and the model have the family fields."""
+    """``load_model`` of an original DINOv2 ``.pth`` against the original's forward pass (timm's blocks with
+    the original's resampled position embeddings) at the native size and three others, two not square."""
     from vitdeploy.checkpoints import load_model
 
-    if not {"class_token", "num_reg_tokens", "no_embed_class"} <= set(ViTConfig.__dataclass_fields__):
-        pytest.skip("ViTConfig has no family fields yet (helper 'families')")
     name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
     torch.manual_seed(0)
     hub = hub_state_dict(perturb(_timm(name, mlp_ratio=2, num_classes=0, init_values=1.0)))
     path = tmp_path / "dinov2.pth"
     torch.save(hub, path)
     model = load_model(path, num_heads=HEADS)
-    for grid in [(4, 4), (3, 6)]:
-        pos = original_dinov2_resample(hub["pos_embed"], grid, 0.0 if registers else 0.1, antialias=registers)
-        reference_sd = {k: v for k, v in hub.items() if k not in ("mask_token", "register_tokens")}
-        if registers:  # the original adds the class position before inserting the registers: fold it
-            reference_sd.update(reg_token=hub["register_tokens"], cls_token=hub["cls_token"] + pos[:, :1],
-                                pos_embed=pos[:, 1:])
-        else:
-            reference_sd["pos_embed"] = pos
-        reference = _timm(name, img_size=(grid[0] * 14, grid[1] * 14), mlp_ratio=2, num_classes=0, init_values=1.0)
-        reference.load_state_dict(reference_sd, strict=True)
+    assert model.config.pos_embed_resample == ("timm" if registers else "dinov2")
+    for grid in parity_grids(4):
         pixels = torch.randn(2, 3, grid[0] * 14, grid[1] * 14, generator=torch.Generator().manual_seed(8))
+        theirs = original_dinov2_outputs(
+            hub, lambda **kw: _timm(name, mlp_ratio=2, num_classes=0, init_values=1.0, **kw), pixels)
         with torch.no_grad():
-            ours = model.forward_outputs(pixels, ["last_hidden_state"])["last_hidden_state"]
-            assert rel_err(ours, reference.forward_features(pixels)) <= TOLERANCE, grid
+            ours = model.forward_outputs(pixels, list(theirs))
+        for output, expected in theirs.items():
+            assert rel_err(ours[output], expected) <= TOLERANCE, (grid, output)

@@ -28,6 +28,9 @@ FAMILY_CONFIGS = {
                         layer_norm_eps=1e-5, family="clip"),
     "siglip": tiny_config(pooling="map", class_token=False, num_classes=0, act="gelu_tanh", family="siglip"),
     "avg_fc_norm_reg": tiny_config(pooling="avg", class_token=True, num_reg_tokens=2),
+    # Dinov2WithRegistersForImageClassification: head(cat(class token, mean of the patch tokens))
+    "dinov2_reg_classifier": tiny_config(pooling="token_avg", num_reg_tokens=2, no_embed_class=True,
+                                         layer_scale=1e-5, num_classes=3, family="dinov2"),
 }
 
 
@@ -55,8 +58,12 @@ def test_old_saved_configs_keep_their_meaning():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (dict(pooling="max"), "pooling must be one of token, avg, map, got 'max'"),
+    (dict(pooling="max"), "pooling must be one of token, avg, map, token_avg, got 'max'"),
     (dict(class_token=False), "pooling 'token' needs the class token"),
+    (dict(pooling="token_avg", class_token=False), "pooling 'token_avg' needs the class token"),
+    (dict(pooling="token_avg", fc_norm=True), "it has no fc_norm or representation layer"),
+    (dict(pooling="token_avg", representation_size=32), "it has no fc_norm or representation layer"),
+    (dict(pooling="token_avg", distilled=True), "needs pooling 'token' and a class token"),
     (dict(distilled=True, pooling="avg"), "needs pooling 'token' and a class token"),
     (dict(distilled=True, num_reg_tokens=2), "no register tokens or representation layer"),
     (dict(distilled=True, fc_norm=True), "no fc_norm"),
@@ -88,6 +95,48 @@ def test_prefix_tokens_and_their_order():
     expected = (distilled.head(features[:, 0]) + distilled.head_dist(features[:, 1])) / 2
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(pooled, (features[:, 0] + features[:, 1]) / 2, rtol=0, atol=1e-6)
+
+
+def test_token_avg_pools_the_class_token_beside_the_mean_patch_token(tmp_path):
+    """``token_avg`` (Dinov2ForImageClassification): ``pooler_output`` is ``cat(class token, mean of the
+    patch tokens)`` of the normed tokens, registers left out, ``[N, 2 * hidden]``; the head reads it;
+    every block runs for every token (no prefix-only last block); the width reaches the FLOP and
+    parameter counts, the output shapes and the exporter; a saved state dict is read back as
+    ``token_avg`` from its head's width; ``model=`` a DINOv2 variant keeps the classifier's pooling."""
+    from vitdeploy.checkpoints.common import force_variant, infer_config
+    from vitdeploy.exporters.onnx_export import ExportOptions, prunes_last_block
+    from vitdeploy.flops import count_params
+    from vitdeploy.outputs import output_shape
+
+    config = FAMILY_CONFIGS["dinov2_reg_classifier"]
+    assert (config.has_class_token, config.num_prefix_tokens, config.num_pooled_prefix_tokens) == (True, 3, 0)
+    assert config.pooled_size == 128 and config.use_fc_norm is False
+    assert output_shape("pooler_output", config) == ["batch", 128]
+    model = make_model(config)
+    assert model.head.in_features == 128
+    assert count_params(config) == model.num_parameters()
+    x = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        out = model.forward_outputs(x, ["logits", "pooler_output", "last_hidden_state"])
+        tokens = out["last_hidden_state"]
+        torch.testing.assert_close(out["pooler_output"], torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=1))
+        torch.testing.assert_close(out["logits"], model.head(out["pooler_output"]))
+        torch.testing.assert_close(model.forward_logits(x), out["logits"])
+    assert not prunes_last_block(config, ExportOptions(outputs=("logits",)))
+    assert ExportOptions().output_names(config) == ("logits",)
+
+    state = dict(model.state_dict())
+    inferred, _ = infer_config(state, "test", num_heads=config.num_heads)
+    assert (inferred.pooling, inferred.pooled_size, inferred.num_reg_tokens) == ("token_avg", 128, 2)
+    del state["head.weight"], state["head.bias"]
+    assert infer_config(state, "test", num_heads=config.num_heads)[0].pooling == "token"
+
+    backbone = get_config("vit_small_patch14_reg4_dinov2")
+    classifier = backbone.replace(pooling="token_avg", num_classes=3)
+    forced = force_variant(classifier, "vit_small_patch14_reg4_dinov2", "test", [])
+    assert (forced.pooling, forced.num_classes) == ("token_avg", 3)
+    assert force_variant(backbone.replace(num_classes=0), "vit_small_patch14_reg4_dinov2", "test",
+                         []).pooling == "token"
 
 
 @pytest.mark.parametrize("key", sorted(FAMILY_CONFIGS))
@@ -233,7 +282,7 @@ def test_variant_names_get_layer_scales_of_trained_size_not_the_training_init():
     from vitdeploy.model import LayerScale
 
     resolved = resolve_source("deit3_small_patch16_224", log=lambda line: None)
-    gammas = [m.gamma for m in resolved.model.modules() if isinstance(m, LayerScale)]
+    gammas = [m.gamma.detach() for m in resolved.model.modules() if isinstance(m, LayerScale)]
     assert len(gammas) == 2 * resolved.model.config.depth
     assert all(float(g.min()) == float(g.max()) == pytest.approx(RANDOM_LAYER_SCALE) for g in gammas)
     assert resolved.model.config.layer_scale != RANDOM_LAYER_SCALE  # the config keeps timm's init value

@@ -4,7 +4,8 @@ CLIP towers (GELU and QuickGELU) and SigLIP (attention pool and mean pool).
 Each case is a real timm model of that family at small sizes (width 64, two blocks, two heads,
 ``dynamic_img_size=True``), its weights perturbed away from their init and its position embeddings
 a smooth grid (timm's 0.02-scale random init would hide a wrong resampling), saved as timm saves
-weights and loaded by vitdeploy's timm loader, which must recognise the family from the keys.
+weights and loaded by vitdeploy's timm loader, which must recognise the family from the keys
+(the builders live in ``family_sources``).
 Every output the family has is compared at the native size and at three others, two of them not
 square: ``logits`` with timm's ``forward``, ``pooler_output`` with ``forward_head(pre_logits=True)``,
 ``last_hidden_state`` with ``forward_features`` and ``patch_tokens`` with its patch rows. Each
@@ -13,17 +14,22 @@ case also shows that the wrong resampling convention (and, for CLIP, the wrong a
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from test_resample_parity import realistic_pos_embed
-from timm_without_torchvision import import_timm
+from family_sources import (
+    FAMILIES,
+    SMALL,
+    TOLERANCE,
+    Family,
+    parity_sizes,
+    perturbed_timm_model,
+    save_timm,
+    timm,
+    timm_outputs,
+)
+from family_sources import rel_err as rel_error
 
 from vitdeploy.checkpoints import CheckpointWarning, load_model
 from vitdeploy.checkpoints.common import infer_config
@@ -31,116 +37,7 @@ from vitdeploy.checkpoints.timm import clip_head_as_projection
 from vitdeploy.model import VisionTransformer
 from vitdeploy.outputs import available_outputs
 
-timm = import_timm()
 pytestmark = pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")
-
-TOLERANCE = 1e-4  # relative max error against timm's own output
-SMALL = dict(embed_dim=64, depth=2, num_heads=2)
-
-
-@dataclass(frozen=True)
-class Family:
-    """A timm model name, the kwargs that make it small, and what vitdeploy must read from its keys."""
-
-    timm_name: str
-    kwargs: dict[str, Any]
-    expected: dict[str, Any]
-    outputs: tuple[str, ...]
-    load: dict[str, Any] = field(default_factory=dict)
-
-
-FAMILIES = {
-    "deit": Family("deit_tiny_patch16_224", dict(img_size=64, num_classes=10),
-                   dict(pooling="token", distilled=False), ("logits", "pooler_output", "last_hidden_state",
-                                                             "patch_tokens")),
-    "deit_distilled": Family("deit_tiny_distilled_patch16_224", dict(img_size=64, num_classes=10),
-                             dict(distilled=True, num_prefix_tokens=2, family="deit"),
-                             ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),
-    "deit3": Family("deit3_small_patch16_224", dict(img_size=64, num_classes=10),
-                    dict(no_embed_class=True, family="deit3"),
-                    ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),
-    "dinov2": Family("vit_small_patch14_dinov2", dict(img_size=70),
-                     dict(num_classes=0, no_embed_class=False, family="dinov2"),
-                     ("pooler_output", "last_hidden_state", "patch_tokens")),
-    "dinov2_reg4": Family("vit_small_patch14_reg4_dinov2", dict(img_size=70),
-                          dict(num_reg_tokens=4, no_embed_class=True, num_prefix_tokens=5, family="dinov2"),
-                          ("pooler_output", "last_hidden_state", "patch_tokens")),
-    "clip": Family("vit_base_patch16_clip_224", dict(img_size=64, num_classes=32),
-                   dict(pre_norm=True, patch_bias=False, projection_dim=32, num_classes=0, act="gelu",
-                        layer_norm_eps=1e-5, family="clip"),
-                   ("pooler_output", "image_embeds", "last_hidden_state", "patch_tokens")),
-    "clip_quickgelu": Family("vit_base_patch16_clip_quickgelu_224", dict(img_size=64, num_classes=32),
-                             dict(act="quick_gelu", projection_dim=32, family="clip"),
-                             ("pooler_output", "image_embeds", "last_hidden_state", "patch_tokens"),
-                             load=dict(hub_folder=True)),
-    "siglip": Family("vit_base_patch16_siglip_224", dict(img_size=64),
-                     dict(pooling="map", has_class_token=False, num_prefix_tokens=0, family="siglip"),
-                     ("pooler_output", "last_hidden_state", "patch_tokens")),
-    "siglip_gap": Family("vit_base_patch16_siglip_gap_224", dict(img_size=64, num_classes=10),
-                         dict(pooling="avg", use_fc_norm=False, has_class_token=False),
-                         ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),
-}
-
-
-def sizes(native: int, patch: int) -> list[tuple[int, int]]:
-    """The native size, one larger square and two non-square sizes (one taller, one wider)."""
-    grid = native // patch
-    return [(native, native), ((grid + 2) * patch,) * 2, ((grid - 1) * patch, (grid + 3) * patch),
-            ((grid + 4) * patch, (grid - 2) * patch)]
-
-
-def perturbed_timm_model(family: Family) -> torch.nn.Module:
-    """The small timm model with every weight moved away from its init and a smooth position grid."""
-    torch.manual_seed(0)
-    model = timm.create_model(family.timm_name, pretrained=False, dynamic_img_size=True,
-                              **{**SMALL, **family.kwargs}).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gamma"):  # LayerScale: from 1e-5 to order one, so the blocks matter
-                param.copy_(0.5 + 0.5 * torch.rand(param.shape, generator=generator))
-            elif name.endswith(("cls_token", "reg_token", "dist_token", "latent")):
-                param.copy_(torch.randn(param.shape, generator=generator))
-            elif name != "pos_embed":
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-        if "clip" in family.timm_name:
-            model.head.bias.zero_()  # timm's CLIP projection: a head without bias
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        model.pos_embed.copy_(realistic_pos_embed(prefix, model.patch_embed.grid_size[0], model.embed_dim))
-    return model
-
-
-def save_timm(model: torch.nn.Module, family: Family, folder: Path) -> Path:
-    """The weights as timm saves them: a bare safetensors file, or a timm Hub folder naming the architecture."""
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if not family.load.get("hub_folder"):
-        path = folder / f"{family.timm_name}.safetensors"
-        save_file(tensors, str(path))
-        return path
-    path = folder / family.timm_name
-    path.mkdir()
-    save_file(tensors, str(path / "model.safetensors"))
-    config = {"architecture": family.timm_name, "model_args": {**SMALL, **family.kwargs},
-              "pretrained_cfg": {"mean": list(model.pretrained_cfg["mean"]), "std": list(model.pretrained_cfg["std"]),
-                                 "crop_pct": 1.0, "interpolation": "bicubic"}}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def timm_outputs(model: torch.nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """timm's own view of each output."""
-    with torch.no_grad():
-        tokens = model.forward_features(x)
-        pooled = model.forward_head(tokens, pre_logits=True)
-        head = model.forward_head(tokens)
-    values = {"logits": head, "image_embeds": head, "pooler_output": pooled, "last_hidden_state": tokens,
-              "patch_tokens": tokens[:, model.num_prefix_tokens:]}
-    return {name: values[name] for name in names}
-
-
-def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    assert ours.shape == reference.shape
-    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 def errors_against(ours, reference, family: Family, native: int, patch: int,
@@ -149,7 +46,7 @@ def errors_against(ours, reference, family: Family, native: int, patch: int,
     block of token pooling) at every size."""
     generator = torch.Generator().manual_seed(2)
     result = {}
-    for size in sizes(native, patch):
+    for size in parity_sizes(native, patch):
         x = torch.randn(2, 3, *size, generator=generator)
         expected = timm_outputs(reference, x, family.outputs)
         with torch.no_grad():

@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
 
-Pooling = Literal["token", "avg", "map"]
-POOLINGS: tuple[str, ...] = ("token", "avg", "map")
+Pooling = Literal["token", "avg", "map", "token_avg"]
+POOLINGS: tuple[str, ...] = ("token", "avg", "map", "token_avg")
+# Poolings that read the class token (and so imply one when ``class_token`` is None).
+CLASS_TOKEN_POOLINGS: tuple[str, ...] = ("token", "token_avg")
 # MLP activations: "gelu" (exact, erf), "quick_gelu" (x * sigmoid(1.702 x), OpenAI's CLIP),
 # "gelu_tanh" (the tanh approximation, Hugging Face's SigLIP).
 ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
@@ -80,7 +82,9 @@ class ViTConfig:
     num_classes: int = 1000
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
-    # "token" (class token), "avg" (mean of the patch tokens) or "map" (SigLIP's attention-pool head).
+    # "token" (class token), "avg" (mean of the patch tokens), "map" (SigLIP's attention-pool head) or
+    # "token_avg" (the class token and the mean patch token concatenated: transformers'
+    # Dinov2ForImageClassification, whose head reads [batch, 2 * hidden]).
     pooling: Pooling = "token"
     representation_size: int | None = None
     dropout: float = 0.0
@@ -89,7 +93,8 @@ class ViTConfig:
     hybrid: HybridConfig | None = None
     # CLIP's visual projection (pooled embedding -> the joint image-text space): its width, or None.
     projection_dim: int | None = None
-    # A class token; None: exactly when pooling is "token" (what configs without the field mean).
+    # A class token; None: exactly when the pooling reads one (CLASS_TOKEN_POOLINGS; what configs
+    # without the field mean).
     class_token: bool | None = None
     # DINOv2's register tokens: prefix tokens after the class/distillation tokens that take part in
     # attention, get no output of their own and are dropped from patch_tokens.
@@ -131,8 +136,12 @@ class ViTConfig:
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.pooling == "token" and self.class_token is False:
-            raise ValueError("pooling 'token' needs the class token; got class_token=False")
+        if self.pooling in CLASS_TOKEN_POOLINGS and self.class_token is False:
+            raise ValueError(f"pooling {self.pooling!r} needs the class token; got class_token=False")
+        if self.pooling == "token_avg" and (self.fc_norm or self.representation_size):
+            raise ValueError("pooling 'token_avg' concatenates the normed class and mean patch tokens (as "
+                             "Dinov2ForImageClassification): it has no fc_norm or representation layer; got "
+                             f"fc_norm={self.fc_norm}, representation_size={self.representation_size}")
         if self.distilled and (self.pooling != "token" or not self.has_class_token):
             raise ValueError(f"a distilled model reads its class and distillation tokens: it needs pooling "
                              f"'token' and a class token, got pooling {self.pooling!r}")
@@ -174,8 +183,8 @@ class ViTConfig:
 
     @property
     def has_class_token(self) -> bool:
-        """Whether the model has a class token (``class_token``, or token pooling when it is None)."""
-        return self.pooling == "token" if self.class_token is None else bool(self.class_token)
+        """Whether the model has a class token (``class_token``, or a pooling that reads one when it is None)."""
+        return self.pooling in CLASS_TOKEN_POOLINGS if self.class_token is None else bool(self.class_token)
 
     @property
     def use_fc_norm(self) -> bool:
@@ -194,13 +203,17 @@ class ViTConfig:
 
     @property
     def num_pooled_prefix_tokens(self) -> int:
-        """Leading tokens the head reads when pooling by token (class, and distillation); 0 otherwise."""
+        """Leading tokens the head reads when pooling by token (class, and distillation); 0 otherwise
+        (``token_avg`` reads every patch token too)."""
         return 1 + int(self.distilled) if self.pooling == "token" else 0
 
     @property
     def pooled_size(self) -> int:
-        """Width of ``pooler_output``: the representation layer's, else the hidden size."""
-        return self.representation_size or self.hidden_size
+        """Width of ``pooler_output``: the representation layer's, else twice the hidden size for
+        ``token_avg`` (class token and mean patch token side by side), else the hidden size."""
+        if self.representation_size:
+            return self.representation_size
+        return 2 * self.hidden_size if self.pooling == "token_avg" else self.hidden_size
 
     def default_size_range(self) -> tuple[int, int]:
         """The default validated height/width range: half to twice the native size, both rounded

@@ -264,9 +264,9 @@ class VisionTransformer(nn.Module):
     One definition for every family; each architectural concept is one config field:
     ``class_token``, ``distilled`` (DeiT's distillation token and ``head_dist``), ``num_reg_tokens``
     (DINOv2's registers), ``no_embed_class``, ``layer_scale``, ``pre_norm`` (CLIP), ``pooling``
-    (token, avg, SigLIP's attention pool ``map``), ``fc_norm``, ``act``, ``patch_bias`` and
-    ``projection_dim`` (CLIP's visual projection ``proj``). Tokens are ordered class, distillation,
-    registers, patches, as in timm, and the parameter names are timm's.
+    (token, avg, SigLIP's attention pool ``map``, DINOv2 classifiers' ``token_avg``), ``fc_norm``,
+    ``act``, ``patch_bias`` and ``projection_dim`` (CLIP's visual projection ``proj``). Tokens are
+    ordered class, distillation, registers, patches, as in timm, and the parameter names are timm's.
     """
 
     def __init__(self, config: ViTConfig) -> None:
@@ -378,15 +378,20 @@ class VisionTransformer(nn.Module):
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """``pooler_output`` from :meth:`forward_features`' tokens: the class token (the mean of class
-        and distillation tokens for DeiT), the mean of the patch tokens or the attention pool, then
-        ``fc_norm`` and the representation layer where the model has them."""
+        and distillation tokens for DeiT), the mean of the patch tokens, the attention pool, or the
+        class token and the mean patch token side by side (``token_avg``: ``[N, 2 * hidden]``, what
+        transformers' ``Dinov2ForImageClassification`` head reads; registers are left out of the
+        mean), then ``fc_norm`` and the representation layer where the model has them."""
         pooling = self.config.pooling
+        patches = features[:, self.config.num_prefix_tokens:]
         if pooling == "token":
             x = (features[:, 0] + features[:, 1]) / 2 if self.config.distilled else features[:, 0]
         elif pooling == "avg":
-            x = features[:, self.config.num_prefix_tokens:].mean(dim=1)
+            x = patches.mean(dim=1)
+        elif pooling == "token_avg":
+            x = torch.cat([features[:, 0], patches.mean(dim=1)], dim=1)
         else:
-            x = self.attn_pool(features[:, self.config.num_prefix_tokens:])
+            x = self.attn_pool(patches)
         x = self.fc_norm(x)
         return self.pre_logits(x) if self.pre_logits is not None else x
 
@@ -438,7 +443,8 @@ class VisionTransformer(nn.Module):
         """The same output as :meth:`forward`, computing only what it depends on.
 
         With token pooling the last block runs for the pooled prefix tokens alone (see
-        ``forward_features``); with mean or attention pooling this is :meth:`forward`.
+        ``forward_features``); with every other pooling (mean, attention, ``token_avg``) this is
+        :meth:`forward`.
         """
         class_token_only = self.config.num_pooled_prefix_tokens > 0
         return self.forward_head(self.forward_features(pixel_values, class_token_only=class_token_only))

@@ -6,7 +6,8 @@ gets by default, and each one's dimension names, so the model, the exporter, the
 
 - ``logits`` ``[batch, num_classes]``: the classifier head's output (classifiers only).
 - ``pooler_output`` ``[batch, pooled]``: the vector the head reads: the pooled tokens (class token,
-  mean or attention pool) after the final norm / ``fc_norm`` and the representation layer if any.
+  mean or attention pool; for ``token_avg``, the class token and the mean patch token concatenated,
+  twice the hidden size) after the final norm / ``fc_norm`` and the representation layer if any.
 - ``image_embeds`` ``[batch, projection]``: ``pooler_output`` through CLIP's visual projection
   (configs with ``projection_dim`` only).
 - ``last_hidden_state`` ``[batch, sequence, hidden]``: every token (prefix tokens first) after the
@@ -103,13 +104,14 @@ def output_dims(name: str) -> tuple[str, ...]:
 
 
 def output_shape(name: str, config: Any) -> list[int | str]:
-    """Shape of output ``name`` for ``config``: dynamic dims by name (:func:`output_dims`), the last
-    dim as the number it is (classes, pooled width, projection width, hidden size)."""
+    """Shape of output ``name`` for ``config`` (a :class:`~vitdeploy.config.ViTConfig`): dynamic dims by
+    name (:func:`output_dims`), the last dim as the number it is (classes, pooled width, projection
+    width, hidden size)."""
     dims = list(output_dims(name))
     hidden = int(config.hidden_size)
     width = {
         LOGITS: int(getattr(config, "num_classes", 0) or 0),
-        POOLER_OUTPUT: int(getattr(config, "representation_size", None) or hidden),
+        POOLER_OUTPUT: int(config.pooled_size),
         IMAGE_EMBEDS: int(getattr(config, "projection_dim", None) or 0),
     }.get(name, hidden)
     return [*dims[:-1], width]

@@ -51,6 +51,7 @@ class DeployOptions:
     int8: bool = True  # also export the calibrated int8 Q/DQ graph
     calibration: str | None = None  # calibration images for int8 (None: bundled photos + synthetic crops)
     outputs: tuple[str, ...] | None = None  # the graphs' outputs (vitdeploy.outputs; None: the model's default)
+    model: str | None = None  # a registry variant whose architecture the checkpoint is loaded with (resolve_source)
     tune: bool = True  # on a machine without a GPU: vitdeploy tune on the exports (few rounds)
     tune_rounds: int = 3
     command: str = ""
@@ -179,7 +180,7 @@ class Pipeline:
         from vitdeploy.checkpoints import resolve_source
 
         with self.stage("load") as stage:
-            self.resolved = resolve_source(self.options.source, log=self.log)
+            self.resolved = resolve_source(self.options.source, log=self.log, model=self.options.model)
             self.name = slug(str(self.options.source))
             config = self.resolved.model.config
             stage.detail = (f"{config.name}: {self.resolved.format}"

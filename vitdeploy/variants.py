@@ -117,6 +117,13 @@ def list_variants() -> list[str]:
     return sorted(VARIANTS)
 
 
+def closest_variants(name: str, count: int = 3) -> list[str]:
+    """Up to ``count`` variant names spelled most like ``name`` (best first; empty when none is close)."""
+    import difflib
+
+    return difflib.get_close_matches(name, list_variants(), n=count, cutoff=0.6)
+
+
 def get_config(name: str, **overrides: Any) -> ViTConfig:
     """The configuration of the variant ``name`` with ``overrides`` applied."""
     if name not in VARIANTS:

@@ -70,10 +70,15 @@ def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | N
     ``model`` (a registry variant name) forces that variant's architecture instead of the one
     detected from the file (:func:`~vitdeploy.checkpoints.common.force_variant`).
     """
-    checkpoint = _read(source, format, num_heads)
-    if model is not None:
-        checkpoint.config = force_variant(checkpoint.config, model, f"{checkpoint.format} checkpoint {source}",
-                                          checkpoint.notes)
+    if model is None:
+        return _read(source, format, num_heads)
+    with warnings.catch_warnings():
+        # Detection's guesses at what the weights do not show (activation, heads) are moot once the variant's
+        # architecture replaces them; they stay in the notes.
+        warnings.simplefilter("ignore", CheckpointWarning)
+        checkpoint = _read(source, format, num_heads)
+    checkpoint.config = force_variant(checkpoint.config, model, f"{checkpoint.format} checkpoint {source}",
+                                      checkpoint.notes)
     return checkpoint
 
 

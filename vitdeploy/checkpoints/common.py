@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from vitdeploy.config import HybridConfig, ViTConfig
+from vitdeploy.config import CLASS_TOKEN_POOLINGS, HybridConfig, ViTConfig
 from vitdeploy.files import sha256_files
 from vitdeploy.model import VisionTransformer
 from vitdeploy.pos_embed import infer_grid, resample_pos_embed
-from vitdeploy.variants import VARIANTS
+from vitdeploy.variants import VARIANTS, closest_variants
 
 StateDict = dict[str, torch.Tensor]
 
@@ -382,19 +382,22 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     reg = state_dict.get("reg_token")
     reg_tokens = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
     fc_norm = "fc_norm.weight" in state_dict
+    head = state_dict.get("head.weight")
+    pre_logits = state_dict.get("pre_logits.fc.weight")
+    projection = state_dict.get("proj.weight")
     if "attn_pool.latent" in state_dict:
         pooling = "map"
     elif class_token and not fc_norm:
-        pooling = "token"
+        # A head twice as wide as the tokens reads the class token and the mean patch token side by side.
+        concatenated = (head is not None and head.ndim == 2 and int(head.shape[1]) == 2 * hidden
+                        and pre_logits is None and not distilled)
+        pooling = "token_avg" if concatenated else "token"
     else:
         pooling = "avg"
     prefix = int(class_token) + int(distilled) + reg_tokens
     pos = _require(state_dict, "pos_embed", what)
     grid, no_embed_class = _position_layout(int(pos.shape[1]), prefix, reg_tokens, what)
     stride = patch * (hybrid.stride if hybrid else 1)
-    head = state_dict.get("head.weight")
-    pre_logits = state_dict.get("pre_logits.fc.weight")
-    projection = state_dict.get("proj.weight")
 
     fields: dict[str, Any] = dict(base or {})
     fields.update(
@@ -403,7 +406,7 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, pooling=pooling,
         representation_size=int(pre_logits.shape[0]) if pre_logits is not None else None, hybrid=hybrid,
         # None where the pooling implies the value (as configs written by hand leave it)
-        class_token=None if class_token == (pooling == "token") else class_token, distilled=distilled, num_reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+        class_token=None if class_token == (pooling in CLASS_TOKEN_POOLINGS) else class_token, distilled=distilled, num_reg_tokens=reg_tokens, no_embed_class=no_embed_class,
         layer_scale=1e-5 if "blocks.0.ls1.gamma" in state_dict else None, pre_norm="norm_pre.weight" in state_dict,
         fc_norm=None if fc_norm == (pooling == "avg") else fc_norm, patch_bias="patch_embed.proj.bias" in state_dict,
         projection_dim=int(projection.shape[0]) if projection is not None else None,
@@ -465,11 +468,15 @@ def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> 
 
     The checkpoint keeps what its weights or files say about the task and the input (classes,
     native size, labels, resampling convention, preprocessing unless it was only a default) and,
-    where the variant has one, its projection width; everything else is the variant's. Strict loading then lists every
+    where the variant has one, its projection width, and a ``token_avg`` classifier head over a
+    class-token variant; everything else is the variant's. Strict loading then lists every
     tensor the two disagree on.
     """
     if name not in VARIANTS:
-        raise ValueError(f"unknown model variant {name!r} for model=; expected one of: {', '.join(sorted(VARIANTS))}")
+        close = closest_variants(name)
+        raise ValueError(f"unknown model variant {name!r} for model=; "
+                         + (f"closest: {', '.join(close)}" if close else "no variant name is close")
+                         + " (vitdeploy.list_variants() lists them all)")
     variant = VARIANTS[name]
     kept = {k: getattr(config, k) for k in _CHECKPOINT_FIELDS}
     # Preprocessing that was only a default (the detected variant's, or ViTConfig's) is the forced variant's.
@@ -478,6 +485,8 @@ def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> 
         kept.update({k: getattr(variant, k) for k in _PREPROCESSING})
     if variant.projection_dim and config.projection_dim:
         kept["projection_dim"] = config.projection_dim
+    if config.pooling == "token_avg" and variant.pooling == "token" and config.num_classes:
+        kept["pooling"] = "token_avg"  # a classifier's own head over the variant's backbone (Dinov2ForImageClassification)
     if kept["image_size"] % variant.stride:
         kept["image_size"] = variant.image_size
     differs = [f for f in _ARCH_FIELDS if f not in kept and getattr(variant, f) != getattr(config, f)]

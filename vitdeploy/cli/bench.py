@@ -9,6 +9,7 @@ from typing import Any
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_model_override,
     command_line,
     int_list_arg,
     non_negative_int,
@@ -17,6 +18,7 @@ from vitdeploy.cli.common import (
     parse_sizes,
     positive_float,
     positive_int,
+    refuse_model_override,
     sizes_arg,
 )
 
@@ -73,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where exported ONNX files and engines are kept (default: OUT/artifacts)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress display (the table is still printed)")
+    add_model_override(parser, "MODEL (every checkpoint given)")
     parser.set_defaults(func=run)
 
 
@@ -85,10 +88,12 @@ def _cuda_available() -> bool:
         return False
 
 
-def _check_model(source: str, sizes: list[tuple[int, int]] | None) -> None:
+def _check_model(source: str, sizes: list[tuple[int, int]] | None, model_override: str | None = None) -> None:
+    from vitdeploy.runtimes import ENGINE_SUFFIXES, ONNX_SUFFIXES
     from vitdeploy.variants import VARIANTS
 
     if source in VARIANTS and not Path(source).exists():
+        refuse_model_override(model_override, source, "a variant name already")
         stride = VARIANTS[source].stride
         for height, width in sizes or []:
             if height % stride or width % stride:
@@ -97,6 +102,8 @@ def _check_model(source: str, sizes: list[tuple[int, int]] | None) -> None:
     if not Path(source).exists():
         raise CLIError(f"model {source!r} is neither a known variant name nor an existing checkpoint/artifact path "
                        "(`vitdeploy inspect --list x` lists the variants)")
+    if Path(source).suffix.lower() in (*ONNX_SUFFIXES, *ENGINE_SUFFIXES):
+        refuse_model_override(model_override, source, "an artifact, whose metadata records its architecture")
 
 
 def _reconstructed(args: argparse.Namespace) -> str:
@@ -109,6 +116,8 @@ def _reconstructed(args: argparse.Namespace) -> str:
     for flag in ("no_peak", "overhead", "no_plots", "quiet"):
         if getattr(args, flag, None):
             parts.append(f"--{flag.replace('_', '-')}")
+    if getattr(args, "model_variant", None):
+        parts += ["--model", args.model_variant]
     return shlex.join(parts)
 
 
@@ -141,7 +150,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     else:
         sizes = [(s, s) for s in suite.resolution] if suite else None
     for model in models:
-        _check_model(model, sizes)
+        _check_model(model, sizes, args.model_variant)
 
     def pick(flag_value: Any, suite_key: str, default: Any) -> Any:
         if flag_value is not None:
@@ -170,7 +179,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
         peaks=parse_peaks(args.peak_gflops) if args.peak_gflops else None,
         measure_peaks=not args.no_peak, **overhead,
         command=command, suite=suite.name if suite else None,
-        compile_mode=pick(args.compile_mode, "compile_mode", None),
+        compile_mode=pick(args.compile_mode, "compile_mode", None), model_override=args.model_variant,
     )
     return plan, output, not args.no_plots
 

@@ -14,8 +14,8 @@ from vitdeploy.files import atomic_write_json
 
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "CommandParser", "range_arg", "range3_arg", "int_list_arg", "sizes_arg", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
-           "non_negative_int", "add_pos_embed_resample", "add_quantize_arguments", "parse_keep_float",
-           "quantize_options"]
+           "non_negative_int", "add_pos_embed_resample", "add_model_override", "model_variant",
+           "refuse_model_override", "add_quantize_arguments", "parse_keep_float", "quantize_options"]
 
 
 class CLIError(Exception):
@@ -255,6 +255,38 @@ def add_pos_embed_resample(parser: argparse.ArgumentParser) -> None:
         + ". Default: the checkpoint's own (timm files and JAX .npz → timm, Hugging Face folders → huggingface, "
         "native files → what they were saved with)",
     )
+
+
+def model_variant(text: str) -> str:
+    """argparse type of ``--model``: a registry variant name (checked at parse time, before torch loads);
+    an unknown one is named with the closest."""
+    from vitdeploy.variants import VARIANTS, closest_variants
+
+    if text in VARIANTS:
+        return text
+    close = closest_variants(text)
+    hint = f"closest: {', '.join(close)}" if close else "no variant name is close"
+    raise argparse.ArgumentTypeError(f"unknown model variant {text!r}; {hint} (`vitdeploy inspect --list` lists "
+                                     "them all)")
+
+
+def add_model_override(parser: argparse.ArgumentParser, what: str = "SOURCE") -> None:
+    """The ``--model NAME`` option of the commands that load a checkpoint (``args.model_variant``; passed as
+    ``model=`` to :func:`~vitdeploy.checkpoints.resolve_source`)."""
+    parser.add_argument(
+        "--model", dest="model_variant", type=model_variant, metavar="NAME",
+        help=f"load the checkpoint {what} with the architecture of the registry variant NAME instead of the one "
+        "detected from its files: for what the weights do not show, such as the QuickGELU of an OpenAI CLIP state "
+        "dict (--model vit_base_patch16_clip_quickgelu_224). The checkpoint keeps its classes, image size, labels, "
+        "resampling convention and (unless it was only a default) preprocessing; strict loading lists every tensor "
+        "that does not fit. `vitdeploy inspect --list` lists the names",
+    )
+
+
+def refuse_model_override(model: str | None, source: str, kind: str) -> None:
+    """One line when ``--model`` (``model``) was given for ``source``, which is no checkpoint but ``kind``."""
+    if model is not None:
+        raise CLIError(f"--model {model} forces an architecture on a checkpoint; {source!r} is {kind}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitdeploy.cli.common import CLIError, add_pos_embed_resample, output_file, output_folder, progress
+from vitdeploy.cli.common import (
+    CLIError,
+    add_model_override,
+    add_pos_embed_resample,
+    output_file,
+    output_folder,
+    progress,
+)
 
 FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax", "dinov2")  # = vitdeploy.checkpoints.FORMATS
 
@@ -35,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-heads", type=int, metavar="N",
                         help="attention heads, for timm checkpoints of non-registry widths (not stored in them)")
     add_pos_embed_resample(parser)
+    add_model_override(parser)
     parser.set_defaults(func=run)
 
 
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         warned.append(line)
         progress(line)
 
-    resolved = resolve_source(args.source, format=args.format, log=log, **overrides)
+    resolved = resolve_source(args.source, format=args.format, log=log, model=args.model_variant, **overrides)
     for message in resolved.notes:  # notes loading logged without warning about them
         if f"warning: {message}" not in warned:
             progress(message)

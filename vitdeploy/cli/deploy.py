@@ -8,6 +8,7 @@ import shlex
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_model_override,
     command_line,
     int_list_arg,
     output_folder,
@@ -86,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--outputs", type=output_names, metavar="NAMES",
                         help="the graphs' outputs, comma-separated (as `vitdeploy export --outputs`; default: logits "
                         "for a classifier, else the image embedding)")
+    add_model_override(parser)
     parser.set_defaults(func=run)
 
 
@@ -99,6 +101,8 @@ def _reconstructed(args: argparse.Namespace) -> str:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
     if getattr(args, "outputs", None):
         parts += ["--outputs", ",".join(args.outputs)]
+    if getattr(args, "model_variant", None):
+        parts += ["--model", args.model_variant]
     if getattr(args, "no_bench", False):
         parts.append("--no-bench")
     if getattr(args, "no_int8", False):
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not batch[0] <= b <= batch[1] for b in bench_batches):
         raise CLIError(f"--bench-batch {args.bench_batch!r} must lie inside --batch {args.batch}")
     options = DeployOptions(
-        source=args.source, output=args.output, batch=batch,
+        source=args.source, model=args.model_variant, output=args.output, batch=batch,
         resolution=parse_range(args.resolution, "resolution") if args.resolution else None,
         bench=not args.no_bench, bench_batches=tuple(bench_batches),
         point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_model_override,
     add_pos_embed_resample,
     add_quantize_arguments,
     onnx_output,
@@ -74,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest batch used in validation (default 8; the maximum resolution is always tested)")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the export and validation report as JSON to PATH")
     add_pos_embed_resample(parser)
+    add_model_override(parser)
     add_quantize_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                     "calibration_size": args.calibration_size} if quantized else {}
     progress(f"loading {args.source}")
     overrides = {"pos_embed_resample": args.pos_embed_resample} if args.pos_embed_resample else {}
-    resolved = resolve_source(args.source, log=progress, **overrides)
+    resolved = resolve_source(args.source, log=progress, model=args.model_variant, **overrides)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
         fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features, outputs=args.outputs,

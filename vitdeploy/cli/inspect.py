@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.cli.common import CLIError, int_list_arg, output_file, parse_int_list, write_json
+from vitdeploy.cli.common import (
+    CLIError,
+    add_model_override,
+    int_list_arg,
+    output_file,
+    parse_int_list,
+    refuse_model_override,
+    write_json,
+)
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 
@@ -30,14 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--layers", action="store_true",
                         help="for an engine: list every layer (name, type, tactic) from its layer list")
+    add_model_override(parser)
     parser.set_defaults(func=run)
 
 
-def describe(source: str, resolutions: list[int] | None = None) -> dict[str, Any]:
+def describe(source: str, resolutions: list[int] | None = None, model: str | None = None) -> dict[str, Any]:
     """The inspect report for ``source`` (variant, checkpoint, ``.onnx`` or engine) as a JSON-serialisable dict.
 
     Variants, ONNX artifacts and engines need no torch: counts come from the config
-    (:func:`~vitdeploy.flops.count_params`); checkpoints are loaded (torch).
+    (:func:`~vitdeploy.flops.count_params`); checkpoints are loaded (torch), with the architecture of
+    the variant ``model`` if given (see :func:`~vitdeploy.checkpoints.resolve_source`).
     """
     from vitdeploy.flops import count_flops, count_params
     from vitdeploy.variants import VARIANTS, paper_size
@@ -45,14 +55,16 @@ def describe(source: str, resolutions: list[int] | None = None) -> dict[str, Any
     artifact: dict[str, Any] | None = None
     path = Path(source)
     if source in VARIANTS and not path.exists():
+        refuse_model_override(model, source, "a variant name already")
         config = VARIANTS[source]
         origin = "variant (no weights)"
     elif path.is_file() and path.suffix.lower() in (".onnx", *ENGINE_SUFFIXES):
+        refuse_model_override(model, source, "an artifact, whose metadata records its architecture")
         config, origin, artifact = _artifact(path)
     elif path.exists():
         from vitdeploy.checkpoints import resolve_source
 
-        resolved = resolve_source(source)
+        resolved = resolve_source(source, model=model)
         config = resolved.model.config
         origin = f"{resolved.format} checkpoint"
     else:
@@ -224,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.source:
         raise CLIError("give a variant name or a checkpoint path (or --list for the variant names)")
     resolutions = parse_int_list(args.resolution, "resolution") if args.resolution else None
-    report = describe(args.source, resolutions)
+    report = describe(args.source, resolutions, model=args.model_variant)
     _print_report(report, every_layer=args.layers)
     if args.json:
         write_json(args.json, report)

@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.cli.common import CLIError, output_file, positive_int, progress, write_json
+from vitdeploy.cli.common import (
+    CLIError,
+    add_model_override,
+    output_file,
+    positive_int,
+    progress,
+    refuse_model_override,
+    write_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-outputs", type=npz_file, metavar="PATH.npz",
                         help="write every output of the artifact (logits, pooler_output, patch_tokens ...) for all "
                         "images, in image order, to PATH.npz (numpy), plus an 'images' array of the file names")
+    add_model_override(parser, "ARTIFACT_OR_MODEL")
     parser.set_defaults(func=run)
 
 
@@ -237,8 +246,23 @@ def print_results(results: list[dict[str, Any]]) -> int:
     return failed
 
 
+def open_runtime(args: argparse.Namespace, kind: str) -> Any:
+    """The runtime for ``args.artifact``; a checkpoint with ``--model`` is loaded with that architecture."""
+    from vitdeploy.runtimes import load
+
+    options = runtime_options(kind, args.provider)
+    if args.model_variant is None:
+        return load(args.artifact, **options)
+    if kind != "torch":
+        refuse_model_override(args.model_variant, args.artifact, "an artifact, whose metadata records its architecture")
+    from vitdeploy.checkpoints import resolve_source
+    from vitdeploy.runtimes.torch import TorchRuntime
+
+    return TorchRuntime(resolve_source(args.artifact, log=progress, model=args.model_variant).model, **options)
+
+
 def run(args: argparse.Namespace) -> int:
-    from vitdeploy.runtimes import load, runtime_kind
+    from vitdeploy.runtimes import runtime_kind
 
     if args.server:
         if args.provider:
@@ -256,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     if kind not in ("torch", "tuned") and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
     saved: dict[str, list[np.ndarray]] | None = {} if args.save_outputs else None
-    with load(args.artifact, **runtime_options(kind, args.provider)) as runtime:
+    with open_runtime(args, kind) as runtime:
         detail = describe_runtime(runtime, kind)
         progress(runtime_line(detail))
         if detail["random_weights"]:

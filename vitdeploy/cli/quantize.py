@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_model_override,
     add_quantize_arguments,
     onnx_output,
     output_file,
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep a graph that fails validation as <name>.failed.onnx")
     parser.add_argument("--json", type=output_file, metavar="PATH",
                         help="write the quantization and validation report as JSON")
+    add_model_override(parser, "of --reference")
     parser.set_defaults(func=run)
 
 
@@ -71,12 +73,14 @@ def run(args: argparse.Namespace) -> int:
         images = image_files(args.images) if args.images else None
     except (NotADirectoryError, ValueError) as error:
         raise CLIError(f"--images: {error}") from None
+    if args.model_variant is not None and not args.reference:
+        raise CLIError(f"--model {args.model_variant} applies to the --reference checkpoint; none was given")
     reference = None
     if args.reference:
         from vitdeploy.checkpoints import resolve_source
 
         progress(f"loading reference {args.reference}")
-        reference = resolve_source(args.reference, log=progress).model
+        reference = resolve_source(args.reference, log=progress, model=args.model_variant).model
     try:
         result = quantize_onnx(args.model, output, options, calibration=args.calibration,
                                calibration_size=args.calibration_size, reference=reference,

@@ -9,11 +9,13 @@ from pathlib import Path
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_model_override,
     command_line,
     output_file,
     parse_int_list,
     positive_int,
     progress,
+    refuse_model_override,
     write_json,
 )
 
@@ -87,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also time OpenVINO + NNCF int8 of the same fp32 file and calibration images (the "
                         "peer; needs nncf: pip install 'vitdeploy[bench]')")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the manifest as JSON to PATH")
+    add_model_override(parser, "SOURCE_OR_FOLDER (not an export folder)")
     parser.set_defaults(func=run)
 
 
@@ -97,6 +100,8 @@ def _reconstructed(args: argparse.Namespace) -> str:
         value = getattr(args, flag, None)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
+    if getattr(args, "model_variant", None):
+        parts += ["--model", args.model_variant]
     parts += [f"--{flag.replace('_', '-')}" for flag in ("no_throughput", "compare_nncf") if getattr(args, flag, False)]
     return shlex.join(parts)
 
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.source)
     exported = not (source.is_dir() and "fp32" in find_artifacts(source))
     if not exported:
+        refuse_model_override(args.model_variant, args.source, "an export folder, whose files record the architecture")
         if args.output is not None and Path(args.output).resolve() != source.resolve():
             raise CLIError(f"tune writes tune.json beside the artifacts it measured: omit -o or give {args.source!r}")
         folder = source
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         from vitdeploy.benchmarks.models import slug
         from vitdeploy.checkpoints import resolve_source
 
-        resolved = resolve_source(args.source, log=progress)
+        resolved = resolve_source(args.source, log=progress, model=args.model_variant)
         reference = resolved.model.eval()
         export_for_tune(reference, folder, slug(args.source), (1, max(64, *batches)), str(resolved.source),
                         resolved.sha256, args.calibration, args.calibration_size, log=progress)

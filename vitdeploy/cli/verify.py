@@ -8,6 +8,7 @@ from typing import Any
 
 from vitdeploy.cli.common import (
     CLIError,
+    add_model_override,
     cosine,
     int_list_arg,
     output_file,
@@ -67,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-rel-error", type=positive_float, metavar="X", help="override the tolerance's relative max error")
     parser.add_argument("--min-cosine", type=cosine, metavar="X", help="override the tolerance's minimum cosine, in (0, 1]")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the full report as JSON to PATH")
+    add_model_override(parser, "of --reference")
     parser.set_defaults(func=run)
 
 
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         if metadata is None:
             raise CLIError(f"{args.artifact} has no vitdeploy metadata (preprocessing and stride unknown)")
         progress(f"loading reference {args.reference}")
-        resolved = resolve_source(args.reference, log=progress)
+        resolved = resolve_source(args.reference, log=progress, model=args.model_variant)
         model = resolved.model
         if model.config.num_classes != metadata.num_classes:
             raise CLIError(
@@ -193,7 +195,7 @@ def _reference_model(args: argparse.Namespace, metadata: Any) -> Any:
     from vitdeploy.checkpoints import resolve_source
 
     progress(f"loading reference {args.reference}")
-    resolved = resolve_source(args.reference, log=progress)
+    resolved = resolve_source(args.reference, log=progress, model=args.model_variant)
     if resolved.model.config.num_classes != metadata.num_classes:
         raise CLIError(
             f"--reference {args.reference} has {resolved.model.config.num_classes} classes but the artifact has "
