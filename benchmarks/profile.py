@@ -5,8 +5,8 @@
 
 Each (backend, precision, batch) runs the graph a user of that backend runs (exported once into
 the cache folder and reused, as ``vitdeploy bench`` does): onnxruntime the validated CPU variant
-of the fp32 file (contrib-op attention and GELU) or the int8 Q/DQ file, OpenVINO the portable
-fp32 or int8 file at f32 inference precision. Each is run under its backend's own profiler for
+of the fp32 or int8 file (contrib-op attention and GELU), OpenVINO the portable fp32 or int8 file
+at f32 inference precision. Each is run under its backend's own profiler for
 several warm calls: onnxruntime's ``SessionOptions.enable_profiling`` (the JSON trace's per-node
 kernel times, named as in the optimized graph it saves) and OpenVINO's ``PERF_COUNT``
 (``InferRequest.profiling_info``: per executed node its type, kernel and time, tied to the ONNX
