@@ -36,7 +36,9 @@ def compute_precision(backend: str, device: str, precision: str, cpu_flags: froz
 
     onnxruntime's CPU provider has no fp16 MatMul/Gemm kernels and runs them in fp32 on
     fp16-rounded inputs; on a CPU without native fp16 (bf16) arithmetic, torch's fp16 (bf16)
-    linear layers compute in fp32 as well. GPUs compute in the precision asked for.
+    linear layers compute in fp32 as well. GPUs compute in the precision asked for. An int8 Q/DQ
+    graph computes its linear layers in int8 on every CPU (onnxruntime's ``MatMulIntegerToFloat``,
+    OpenVINO's int8 ``FullyConnected``), so it is held against the int8 peak.
     """
     if device != "cpu" or precision not in NATIVE_ARITHMETIC:
         return precision
@@ -56,36 +58,171 @@ def _best_seconds(product: Callable[[], float], seconds: float) -> tuple[float, 
             return best, runs
 
 
-def _onnxruntime_product(n: int, threads: int | None) -> Callable[[], float] | None:
-    """A timed ``n x n`` fp32 MatMul on onnxruntime's CPU provider (MLAS), or ``None`` without onnxruntime.
+def _plateau_sizes(rate: float, seconds: float, largest: int) -> list[int]:
+    """Square sizes from the probe size up to ``largest``, stopping where one product at ``rate``
+    (FLOP/s of the probe) would take over a quarter of ``seconds``."""
+    while largest > PROBE_SIZE and 2.0 * largest**3 / rate > seconds / 4:
+        largest //= 2
+    return [n for n in (512, 1024, 2048, 4096, 8192) if PROBE_SIZE <= n <= largest]
+
+
+def _square_matmul_graph(n: int) -> Any:
+    """``c = a @ b``, fp32, ``n x n``."""
+    from onnx import TensorProto, helper
+
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "peak", values[:2], values[2:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def int8_weight_qmax() -> int:
+    """The int8 weight range of this CPU's int8 files: 7 bits (+-63) without VNNI/AMX, as the
+    project's int8 exports (:func:`~vitdeploy.benchmarks.artifacts.bench_int8_reduce_range`)."""
+    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
+    from vitdeploy.exporters.quantize import QMAX, REDUCED_WEIGHT_QMAX
+
+    return int(REDUCED_WEIGHT_QMAX if bench_int8_reduce_range() else QMAX["int8"])
+
+
+def int8_matmul_graph(n: int, weight_qmax: int, seed: int = 0) -> Any:
+    """An ``n x n x n`` linear layer as vitdeploy's quantizer writes it: fp32 ``a`` ->
+    ``QuantizeLinear`` (int8, per tensor) -> ``DequantizeLinear`` -> ``MatMul`` with an int8 weight
+    (values within ``+-weight_qmax``) behind a per-output-channel ``DequantizeLinear``.
+
+    onnxruntime fuses it into ``QuantizeLinear`` + ``MatMulIntegerToFloat``; OpenVINO into an
+    int8 ``FullyConnected``: the kernels our int8 graphs run.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.integers(-weight_qmax, weight_qmax + 1, size=(n, n), dtype=np.int8)
+    initializers = [
+        numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"), numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "a_zero"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["a", "a_scale", "a_zero"], ["a_q"]),
+        helper.make_node("DequantizeLinear", ["a_q", "a_scale", "a_zero"], ["a_dq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=1),
+        helper.make_node("MatMul", ["a_dq", "w_dq"], ["c"]),
+    ]
+    graph = helper.make_graph(nodes, "int8_peak", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _integer_matmul_graph(n: int) -> Any:
+    """``c = a @ b`` with ``MatMulInteger``: uint8 ``a`` x int8 ``b`` -> int32 (the bare kernel)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_peak",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]), helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _timed(run: Callable[[], Any]) -> Callable[[], float]:
+    run()
+
+    def product() -> float:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+
+    return product
+
+
+def _onnxruntime_product(model: Any, feeds: dict[str, Any], threads: int | None) -> Callable[[], float] | None:
+    """A timed run of ``model`` on onnxruntime's CPU provider (MLAS), or ``None`` without onnxruntime.
 
     torch's BLAS is not the fastest fp32 GEMM on every CPU (on an AMD EPYC it reached half of
     MLAS's rate), so a peak from torch alone would be no ceiling for onnxruntime's kernels.
     """
     try:
-        import numpy as np
         import onnxruntime as ort
-        from onnx import TensorProto, helper
     except ImportError:
         return None
-    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "peak", values[:2], values[2:])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _timed(lambda: session.run(None, feeds))
+
+
+def _openvino_product(model: Any, feeds: dict[str, Any], threads: int | None) -> Callable[[], float] | None:
+    """A timed run of the ONNX ``model`` compiled by OpenVINO for the CPU, or ``None`` without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", properties)
+    request = compiled.create_infer_request()
+    inputs = {index: value for index, value in enumerate(feeds.values())}
+    return _timed(lambda: request.infer(inputs))
+
+
+def _int8_products(n: int, threads: int | None, weight_qmax: int) -> dict[str, Callable[[], float]]:
+    """Timed ``n x n x n`` int8 products of every int8 GEMM kernel installed here, by library."""
+    import numpy as np
+
     rng = np.random.default_rng(0)
-    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
-    session.run(None, feeds)
+    activations = rng.standard_normal((n, n), dtype=np.float32)
+    qdq = int8_matmul_graph(n, weight_qmax)
+    integer_feeds = {"a": rng.integers(0, 256, size=(n, n), dtype=np.uint8),
+                     "b": rng.integers(-weight_qmax, weight_qmax + 1, size=(n, n), dtype=np.int8)}
+    candidates = {
+        "onnxruntime Q/DQ MatMul (MatMulIntegerToFloat)": lambda: _onnxruntime_product(qdq, {"a": activations}, threads),
+        "onnxruntime MatMulInteger u8xs8": lambda: _onnxruntime_product(_integer_matmul_graph(n), integer_feeds, threads),
+        "OpenVINO Q/DQ MatMul (int8 FullyConnected)": lambda: _openvino_product(qdq, {"a": activations}, threads),
+    }
+    products = {}
+    for library, make in candidates.items():
+        product = make()
+        if product is not None:
+            products[library] = product
+    return products
 
-    def product() -> float:
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        return time.perf_counter() - t0
 
-    return product
+def measure_int8_peak(threads: int | None = None, size: int | None = None, seconds: float = 1.0) -> Peak:
+    """Best achieved GOP/s (2 x M x N x K) of the int8 GEMM kernels our Q/DQ graphs run on this CPU.
+
+    Kernels: onnxruntime's fused Q/DQ MatMul (``QuantizeLinear`` + ``MatMulIntegerToFloat``, what
+    an int8 linear layer of our graphs becomes), its bare ``MatMulInteger`` (uint8 x int8), and
+    OpenVINO's int8 ``FullyConnected`` compiled from the same Q/DQ graph; each timed for about
+    ``seconds`` over square sizes from 512 up to 2048 (fewer where a 512 probe says one product
+    would take over a quarter of ``seconds``; ``size`` times that size alone). Weights are 7-bit
+    where the CPU lacks VNNI/AMX, as the int8 files made for it (:func:`int8_weight_qmax`).
+    """
+    weight_qmax = int8_weight_qmax()
+    first = size or PROBE_SIZE
+    products = {first: _int8_products(first, threads, weight_qmax)}
+    if not products[first]:
+        raise ValueError("measuring the int8 matmul peak needs onnxruntime or openvino; neither is installed")
+    sizes = [first]
+    if size is None:
+        rate = 2.0 * PROBE_SIZE**3 / max(min(product() for product in products[first].values() for _ in range(3)), 1e-9)
+        sizes = _plateau_sizes(rate, seconds, _SIZES["cpu"])
+    rates: dict[str, tuple[float, int, int]] = {}  # library -> (GOP/s, size, runs)
+    for n in sizes:
+        for library, product in (products.pop(n, None) or _int8_products(n, threads, weight_qmax)).items():
+            best, runs = _best_seconds(product, seconds / len(sizes))
+            gops = 2.0 * n**3 / best / 1e9
+            if gops > rates.get(library, (0.0, 0, 0))[0]:
+                rates[library] = (gops, n, runs)
+    where = f"{threads} threads" if threads else "default threads"
+    method = "; ".join(f"{library} {n}x{n} int8 {gops:.0f} GOP/s (best of {runs})"
+                       for library, (gops, n, runs) in rates.items())
+    method += f", weights within +-{weight_qmax}, {where}"
+    return Peak(device="cpu", precision="int8", gflops=max(rate for rate, _, _ in rates.values()),
+                source="measured", method=method)
 
 
 def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
@@ -98,8 +235,12 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
     Sizes run from 512 up to the plateau size (2048 on CPU, 8192 on CUDA) but stop where a quick
     512x512 probe says one product would take over a quarter of ``seconds``, so the whole
     measurement stays within about ``seconds`` per library even on a slow path. ``size`` times
-    that size alone.
+    that size alone. int8 (CPU only) is :func:`measure_int8_peak`.
     """
+    if precision == "int8":
+        if device != "cpu":
+            raise ValueError(f"an int8 matmul peak is measured on the CPU only, not on {device!r}")
+        return measure_int8_peak(threads, size, seconds)
     import torch
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -125,16 +266,14 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
             return time.perf_counter() - t0
 
         with torch.inference_mode():
-            largest = size or _SIZES[device]
             if size is None:
                 probe = operands(PROBE_SIZE)
                 torch.matmul(*probe)
                 rate = 2.0 * PROBE_SIZE**3 / max(min(seconds_per_product(*probe) for _ in range(3)), 1e-9)
-                while largest > PROBE_SIZE and 2.0 * largest**3 / rate > seconds / 4:
-                    largest //= 2
-            # The fastest size differs by machine (cache sizes): time each from the probe size up.
-            sizes = [largest] if size is not None else [n for n in (512, 1024, 2048, 4096, 8192)
-                                                        if PROBE_SIZE <= n <= largest]
+                # The fastest size differs by machine (cache sizes): time each from the probe size up.
+                sizes = _plateau_sizes(rate, seconds, _SIZES[device])
+            else:
+                sizes = [size]
             rates: dict[str, tuple[float, int, int]] = {}  # library -> (GFLOP/s, size, runs)
             for n in sizes:
                 a, b = operands(n)
@@ -143,7 +282,9 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
                     torch.cuda.synchronize()
                 products: dict[str, Callable[[], float]] = {
                     "torch.matmul": lambda a=a, b=b: seconds_per_product(a, b)}
-                ort_product = _onnxruntime_product(n, threads) if device == "cpu" and precision == "fp32" else None
+                ort_product = None
+                if device == "cpu" and precision == "fp32":
+                    ort_product = _onnxruntime_product(_square_matmul_graph(n), {"a": a.numpy(), "b": b.numpy()}, threads)
                 if ort_product is not None:
                     products["onnxruntime MatMul"] = ort_product
                 for library, product in products.items():
@@ -160,8 +301,18 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
     return Peak(device=device, precision=precision, gflops=gflops, source="measured", method=method)
 
 
+# Precisions a peak is measured for: torch.matmul's (and MLAS's fp32) on any device, int8 on the CPU
+# (:func:`measure_int8_peak`); fp8 (a GPU Q/DQ precision) has none unless given.
+MEASURABLE = ("fp32", "fp16", "bf16", "int8")
+
+
+def measurable(device: str, precision: str) -> bool:
+    """Whether a matmul peak can be measured for ``precision`` on ``device``."""
+    return precision in MEASURABLE and (precision != "int8" or device == "cpu")
+
+
 def parse_peaks(text: str) -> dict[str, float]:
-    """``"345"`` (every precision) or ``"fp32=345,fp16=990000"`` → ``{precision or "*": GFLOP/s}``."""
+    """``"345"`` (every precision) or ``"fp32=345,int8=700"`` → ``{precision or "*": GFLOP/s (GOP/s for int8)}``."""
     peaks: dict[str, float] = {}
     for item in text.split(","):
         item = item.strip()
@@ -169,8 +320,8 @@ def parse_peaks(text: str) -> dict[str, float]:
             continue
         key, _, value = item.rpartition("=")
         key = key.strip() or "*"
-        if key not in ("*", "fp32", "fp16", "bf16"):
-            raise ValueError(f"--peak-gflops {text!r}: {key!r} is not fp32, fp16 or bf16")
+        if key not in ("*", *MEASURABLE):
+            raise ValueError(f"--peak-gflops {text!r}: {key!r} is not one of {', '.join(MEASURABLE)}")
         try:
             number = float(value)
         except ValueError:
@@ -183,18 +334,19 @@ def parse_peaks(text: str) -> dict[str, float]:
     return peaks
 
 
-# Precisions torch.matmul can measure a peak for; int8/fp8 (Q/DQ graphs) have none unless given.
-MEASURABLE = ("fp32", "fp16", "bf16")
 
 
 class PeakTable:
-    """Peaks per (device, precision): given ones first, else measured once on first use."""
+    """Peaks per (device, precision): given ones first, else measured once on first use
+    (about ``seconds`` per library, see :func:`measure_matmul_peak`)."""
 
     def __init__(self, given: dict[str, float] | None = None, measure: bool = True,
-                 threads: int | None = None, log: Callable[[str], None] | None = None) -> None:
+                 threads: int | None = None, log: Callable[[str], None] | None = None,
+                 seconds: float = 1.0) -> None:
         self.given = dict(given or {})
         self.measure = measure
         self.threads = threads
+        self.seconds = seconds
         self.log = log
         self._peaks: dict[tuple[str, str], Peak | None] = {}
 
@@ -204,12 +356,13 @@ class PeakTable:
             value = self.given.get(precision, self.given.get("*"))
             if value is not None:
                 self._peaks[key] = Peak(device, precision, value, "given", "--peak-gflops")
-            elif self.measure and precision in MEASURABLE:
+            elif self.measure and measurable(device, precision):
                 if self.log is not None:
-                    self.log(f"measuring the {device} {precision} matmul peak (torch.matmul) ...")
-                self._peaks[key] = peak = measure_matmul_peak(device, precision, self.threads)
+                    self.log(f"measuring the {device} {precision} matmul peak ...")
+                self._peaks[key] = peak = measure_matmul_peak(device, precision, self.threads, seconds=self.seconds)
                 if self.log is not None:
-                    self.log(f"{device} {precision} matmul peak: {peak.gflops:.1f} GFLOP/s ({peak.method})")
+                    unit = "GOP/s" if precision == "int8" else "GFLOP/s"
+                    self.log(f"{device} {precision} matmul peak: {peak.gflops:.1f} {unit} ({peak.method})")
             else:
                 self._peaks[key] = None
         return self._peaks[key]

@@ -88,7 +88,9 @@ def terminal_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (``|`` in cells escaped)."""
+
     def esc(cell: str) -> str:
         return cell.replace("|", "\\|")
 
@@ -207,13 +209,13 @@ def markdown_report(document: dict[str, Any], plots: list[str] | None = None, ti
         ["timing", ", ".join(f"{k}={v}" for k, v in document["timing"].items())],
         ["duration", f"{document.get('duration_s', 0):.0f} s"],
     ]
-    lines += ["## Environment", "", _md_table(["", ""], env_rows), ""]
+    lines += ["## Environment", "", markdown_table(["", ""], env_rows), ""]
 
     targets = evaluate_targets(document)
     if targets:
         rows = [[t["target"], t["measured"], {True: "met", False: "**not met**", None: "not measured"}[t["met"]],
                  t["note"]] for t in targets]
-        lines += ["## Targets", "", _md_table(["target", "measured", "", "note"], rows), ""]
+        lines += ["## Targets", "", markdown_table(["target", "measured", "", "note"], rows), ""]
 
     header, rows = _rows(document)
     lines += ["## Results", "",
@@ -221,7 +223,7 @@ def markdown_report(document: dict[str, Any], plots: list[str] | None = None, ti
               f"Speedup = {document['baseline']} p50 / p50 at the same model, batch and size. "
               "GFLOP/s from the analytic FLOP count (2 x MACs); % peak against the dense matmul peak below. "
               "'others' = CPUs kept busy by other processes while the point was timed (0 = quiet machine).", ""]
-    lines += [_md_table(header, rows) if rows else "No point ran successfully.", ""]
+    lines += [markdown_table(header, rows) if rows else "No point ran successfully.", ""]
     busy = busy_note(document)
     if busy:
         lines += [f"**Note:** {busy}.", ""]
@@ -233,8 +235,9 @@ def markdown_report(document: dict[str, Any], plots: list[str] | None = None, ti
         lines += ["## Matmul peaks", "",
                   "Each point is divided by the peak of the precision its backend computes in (`compute_precision` "
                   "in results.json): onnxruntime's CPU provider runs fp16 matmuls in fp32, and so does torch on a "
-                  "CPU without native fp16 arithmetic.", "",
-                  _md_table(["device", "precision", "GFLOP/s", "source", "method"], peak_rows), ""]
+                  "CPU without native fp16 arithmetic; int8 graphs are held against the int8 peak, in GOP/s "
+                  "(2 x M x N x K per second) of the fastest int8 GEMM kernel the CPU backends run.", "",
+                  markdown_table(["device", "precision", "GFLOP/s (int8: GOP/s)", "source", "method"], peak_rows), ""]
         notes = list(OrderedDict.fromkeys(f"{r['runtime']}: {r['peak_note']}" for r in document["records"]
                                           if r.get("peak_note")))
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
@@ -246,11 +249,11 @@ def markdown_report(document: dict[str, Any], plots: list[str] | None = None, ti
                   "Medians of interleaved rounds; 'reported' compares the latency the harness reports with the bare "
                   "loop's time per call, 'wall' the harness loop's own time per iteration; no-op = harness cost per "
                   "iteration on an empty call.", "",
-                  _md_table(["model", "runtime", "batch", "bare ms", "harness ms", "reported", "wall", "no-op ns"], rows), ""]
+                  markdown_table(["model", "runtime", "batch", "bare ms", "harness ms", "reported", "wall", "no-op ns"], rows), ""]
     skipped = not_run(document["records"])
     if skipped:
         rows = [[runtime, status, str(count), reason] for runtime, status, reason, count in skipped]
-        lines += ["## Not run", "", _md_table(["runtime", "status", "points", "reason"], rows), ""]
+        lines += ["## Not run", "", markdown_table(["runtime", "status", "points", "reason"], rows), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     lines += ["Schema: `benchmarks/schema.json` in the vitdeploy repository (`results.json` has one record per point).", ""]
@@ -267,7 +270,7 @@ def _speedup_matrix(document: dict[str, Any]) -> list[str]:
     rows = [[m, f"{h}x{w}", str(b)] + [_fmt(table.get((m, h, w, b, rt)), ".2f") for rt in runtimes]
             for m, h, w, b in keys]
     return [f"### Speedup vs {document['baseline']} (p50)", "",
-            _md_table(["model", "size", "batch", *runtimes], rows), ""]
+            markdown_table(["model", "size", "batch", *runtimes], rows), ""]
 
 
 def write_outputs(document: dict[str, Any], output_dir: str | Path, plots: bool = True,

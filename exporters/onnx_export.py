@@ -137,8 +137,8 @@ class ExportOptions:
     per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
     its last block for the class token alone (exact, and about one block's work less);
     ``full_last_block`` turns that off (see :func:`prunes_last_block`).
-    ``cpu_variant`` also writes ``<stem>.cpu.onnx`` beside an fp32 file: the same graph with
-    onnxruntime CPU contrib ops (:func:`~vitdeploy.exporters.ort_fusion.cpu_variant`),
+    ``cpu_variant`` also writes ``<stem>.cpu.onnx`` beside an fp32 or int8 file: the same graph
+    with onnxruntime CPU contrib ops (:func:`~vitdeploy.exporters.ort_fusion.cpu_variant`),
     validated like the portable file, which ``OrtRuntime`` runs on CPU in its place.
     """
 
@@ -642,12 +642,12 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
 
         external = graph_bytes(proto) > options.external_data_threshold
         variant = None
-        if options.cpu_variant and options.precision == "fp32":
+        from vitdeploy.exporters.ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant
+
+        if options.cpu_variant and options.precision in CPU_VARIANT_PRECISIONS:
             if external:
                 stages.say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
             else:
-                from vitdeploy.exporters.ort_fusion import cpu_variant
-
                 with stages("fuse for onnxruntime CPU"):
                     variant = cpu_variant(proto, metadata)
                 if variant is None:

@@ -13,13 +13,16 @@ import copy
 from typing import Any
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, ArtifactMetadata
 
-from .graph import GraphIndex, attr, topological
+from .graph import GraphIndex, Names, attr, topological
 
 _MS_DOMAIN = "com.microsoft"
+# Graph precisions that get an onnxruntime-CPU variant (fp16 graphs run their matmuls in fp32 on the
+# CPU anyway, and fp8 is an emulation there).
+CPU_VARIANT_PRECISIONS = ("fp32", "int8")
 _SQRT2 = 2.0**0.5
 
 
@@ -112,19 +115,33 @@ def _match_attention(index: GraphIndex, softmax: Any) -> dict[str, Any] | None:
     if biased is None:
         return None
     projection = index.producers[biased[0]]
-    weight = index.const(projection.input[1])
+    weight, quantized = _projection_weight(index, projection.input[1])
     hidden = heads * head_dim
-    if weight is None or weight.dtype != np.float32 or weight.shape != (hidden, 3 * hidden):
+    if weight is None or weight.shape != (hidden, 3 * hidden):
         return None
     return {
         "inputs": [projection.input[0], projection.input[1], biased[1]],
-        "output": merged.output[0], "heads": heads, "scale": scale,
+        "output": merged.output[0], "heads": heads, "scale": scale, "hidden": hidden,
+        "quantized": quantized, "qkv": split_heads.input[0],
         "nodes": [projection, biased[2], split_heads, heads_first, *picked, mul, k_t, scores, softmax,
                   weighted, merge, merged],
     }
 
 
-def _match_gelu(index: GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
+def _projection_weight(index: GraphIndex, name: str) -> tuple[np.ndarray | None, bool]:
+    """The qkv projection's weight: an fp32 constant, or (``True``) an int8/uint8 constant behind a
+    ``DequantizeLinear`` (a Q/DQ graph's linear layer); ``(None, False)`` for anything else (fp16)."""
+    weight = index.const(name)
+    if weight is not None:
+        return (weight, False) if weight.dtype == np.float32 else (None, False)
+    dequantize = index.produced_by(name, "DequantizeLinear")
+    stored = index.const(dequantize.input[0]) if dequantize is not None else None
+    if stored is None or stored.dtype not in (np.int8, np.uint8):
+        return None, False
+    return stored, True
+
+
+def match_gelu(index: GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
     """``x * 0.5 * (1 + Erf(x / sqrt(2)))`` (any operand order) or ONNX ``Gelu`` (exact) ending at ``node``.
 
     Returns ``(x, nodes)``.
@@ -165,13 +182,34 @@ def _match_gelu(index: GraphIndex, node: Any) -> tuple[str, list[Any]] | None:
     return None
 
 
+def _claim_attention_core(match: dict[str, Any], softmax: Any, claim: Any, names: Names,
+                          initializers: list[Any]) -> bool:
+    """Replace a quantized attention block's core (head split to head merge) with ``Split`` of the
+    biased qkv output into q, k, v and one ``com.microsoft.MultiHeadAttention``."""
+    base = softmax.name or "softmax"
+    sizes = names.new(f"{base}/qkv_sizes")
+    q, k, v = (names.new(f"{match['qkv']}_{part}") for part in "qkv")
+    split = helper.make_node("Split", [match["qkv"], sizes], [q, k, v], name=names.new(f"{base}/Split"), axis=-1)
+    attention = helper.make_node(
+        "MultiHeadAttention", [q, k, v], [match["output"]], name=names.new(f"{base}/MultiHeadAttention"),
+        domain=_MS_DOMAIN, num_heads=match["heads"], scale=float(match["scale"]))
+    if not claim(match["nodes"][2:], match["nodes"][-1], split, attention):
+        return False
+    initializers.append(numpy_helper.from_array(np.full(3, match["hidden"], dtype=np.int64), sizes))
+    return True
+
+
 def fuse_for_cpu(model: Any) -> dict[str, int]:
     """Rewrite an exported fp32 ViT graph (``onnx.ModelProto``, in place) for onnxruntime's CPU EP.
 
     onnxruntime's own optimizer does not recognise the exporter's attention and GELU, so this
     replaces them with its contrib ops: each attention block (qkv projection + bias, head
     split, ``MatMul -> Softmax -> MatMul``, head merge) with one ``com.microsoft.Attention``;
-    and ``bias + erf-GELU`` with ``com.microsoft.BiasGelu`` (``Gelu`` without a bias).
+    and ``bias + erf-GELU`` with ``com.microsoft.BiasGelu`` (``Gelu`` without a bias). In an
+    int8 Q/DQ graph the qkv projection stays the int8 linear layer onnxruntime fuses
+    (``MatMulIntegerToFloat``) and the rest of the attention block, from the head split to the
+    head merge, becomes ``Split`` + ``com.microsoft.MultiHeadAttention`` (fp32, as the Q/DQ graph
+    computes it); both count as ``attention``.
     (``SkipLayerNormalization`` and a three-input ``Sum`` for bias + residual were measured
     too and were slower on onnxruntime 1.32's CPU kernels.) Patterns that do not match
     exactly (fp16 graphs, other exporters) are left alone. Returns the number of rewrites of
@@ -184,7 +222,7 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
     replaced: set[int] = set()
     added: dict[int, list[Any]] = {}  # id(anchor node) -> new nodes placed where the anchor was
 
-    def claim(nodes: list[Any], anchor: Any, new: Any) -> bool:
+    def claim(nodes: list[Any], anchor: Any, *new: Any) -> bool:
         """Replace ``nodes`` by ``new`` unless one is taken or an inner tensor is used outside them."""
         if any(id(n) in replaced for n in nodes):
             return False
@@ -196,20 +234,25 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
                 if name in index.outputs or any(id(c) not in members for c in index.consumers.get(name, [])):
                     return False
         replaced.update(id(n) for n in nodes)
-        added.setdefault(id(anchor), []).append(new)
+        added.setdefault(id(anchor), []).extend(new)
         return True
+
+    names = Names(graph)
+    new_initializers: list[Any] = []
 
     for node in list(graph.node):
         if node.op_type == "Softmax":
             match = _match_attention(index, node)
-            if match is not None:
+            if match is not None and match["quantized"]:
+                counts["attention"] += _claim_attention_core(match, node, claim, names, new_initializers)
+            elif match is not None:
                 attention = helper.make_node(
                     "Attention", match["inputs"], [match["output"]], name=f"{node.name or 'softmax'}/Attention",
                     domain=_MS_DOMAIN, num_heads=match["heads"], scale=float(match["scale"]),
                 )
                 counts["attention"] += claim(match["nodes"], match["nodes"][-1], attention)
     for node in list(graph.node):
-        gelu = _match_gelu(index, node)
+        gelu = match_gelu(index, node)
         if gelu is None:
             continue
         x, nodes = gelu
@@ -229,6 +272,7 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
         nodes.extend(added.get(id(node), []))
         if id(node) not in replaced:
             nodes.append(node)
+    graph.initializer.extend(new_initializers)
     used = {name for node in nodes for name in node.input}
     kept = [init for init in graph.initializer if init.name in used or init.name in index.outputs]
     del graph.initializer[:]

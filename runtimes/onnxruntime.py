@@ -170,7 +170,10 @@ class OrtRuntime(GraphRuntime):
     model: nothing is rewritten here. :attr:`graph_path` is the file the session runs.
 
     ``intra_op_threads``/``inter_op_threads`` and ``graph_optimization`` (``"all"``,
-    ``"extended"``, ``"basic"``, ``"disabled"``) go to ``SessionOptions``. TensorRT-EP only:
+    ``"extended"``, ``"basic"``, ``"disabled"``) go to ``SessionOptions``. ``profile_prefix`` turns
+    on onnxruntime's profiler: its JSON trace (per-node kernel times, see :meth:`end_profiling`)
+    goes to ``<prefix>_<date>.json``, and the optimized graph whose node names the trace uses to
+    :attr:`optimized_graph_path` (``<prefix>.optimized.onnx``). TensorRT-EP only:
     ``fp16`` (default: on when the metadata precision is fp16), ``cache_dir`` for the engine
     and timing caches (default: ``.<stem>.ort_trt_cache/`` beside the ONNX file),
     ``tensorrt_options`` (extra/overriding EP options, see :func:`tensorrt_provider_options`).
@@ -195,6 +198,7 @@ class OrtRuntime(GraphRuntime):
         device_id: int = 0,
         input_spec: InputSpec | None = None,
         variant: str = "auto",
+        profile_prefix: str | os.PathLike[str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -219,6 +223,13 @@ class OrtRuntime(GraphRuntime):
             options.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads is not None:
             options.inter_op_num_threads = int(inter_op_threads)
+        self.optimized_graph_path: Path | None = None
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_prefix)
+            self.optimized_graph_path = Path(f"{profile_prefix}.optimized.onnx")
+            options.optimized_model_filepath = str(self.optimized_graph_path)
+            options.log_severity_level = 3  # not the warning that a graph saved with NCHWc layouts fits this CPU only
 
         # Metadata first (cheap, no session): it decides the graph, the input spec and the TensorRT profile.
         metadata = self._parse_metadata(read_metadata_props(self.path), required=input_spec is None)
@@ -351,6 +362,12 @@ class OrtRuntime(GraphRuntime):
             session.run_with_iobinding(binding)
             values = binding.copy_outputs_to_cpu()
         return [np.asarray(value, dtype=np.float32) for value in values]
+
+    def end_profiling(self) -> Path:
+        """Stop the profiler (``profile_prefix``) and return its JSON trace (Chrome trace format)."""
+        if self._session is None or self.optimized_graph_path is None:
+            raise RuntimeError(f"OrtRuntime for {self.path} is closed or was opened without profile_prefix")
+        return Path(self._session.end_profiling())
 
     def close(self) -> None:
         """Release the session; later calls raise ``RuntimeError``."""

@@ -516,16 +516,18 @@ def test_matmul_peak_measurement_is_sized_to_its_budget():
 
 def test_a_fraction_of_peak_above_one_is_never_reported(tiny_checkpoint, tmp_path):
     plan = BenchPlan(
-        models=[str(tiny_checkpoint)], runtimes=parse_runtimes("torch-eager-fp32,ort-cpu-fp16"), batches=[1],
-        sizes=[(32, 32)], timing=TimingConfig(warmup=1, iterations=3, time_budget_s=None, min_iterations=1),
-        cache_dir=tmp_path / "artifacts", threads=1, peaks={"fp32": 1e-6}, command="test",
+        models=[str(tiny_checkpoint)], runtimes=parse_runtimes("torch-eager-fp32,ort-cpu-fp16,ort-cpu-int8"),
+        batches=[1], sizes=[(32, 32)], timing=TimingConfig(warmup=1, iterations=3, time_budget_s=None, min_iterations=1),
+        cache_dir=tmp_path / "artifacts", threads=1, peaks={"fp32": 1e-6, "int8": 2e-6}, command="test",
     )
     document = Harness(plan, Display(stream=io.StringIO(), live=False)).run()
     validate(document)  # the schema itself caps peak_fraction at 1
     for record in document["records"]:
         assert record["status"] == "ok", record["reason"]
-        assert record["compute_precision"] == "fp32"  # onnxruntime CPU computes its fp16 graph's matmuls in fp32
+        # onnxruntime CPU computes its fp16 graph's matmuls in fp32; an int8 graph's in int8
+        assert record["compute_precision"] == ("int8" if record["precision"] == "int8" else "fp32")
         assert record["peak_fraction"] is None and "no ceiling" in record["peak_note"]
+        assert f"above the {record['compute_precision']} matmul peak" in record["peak_note"]
     report = markdown_report(document)
     assert "no ceiling" in report
     percents = [float(cell) for line in report.splitlines() if line.startswith("| ") for cell in

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import onnx
 import pytest
 from conftest import make_model, tiny_config
 
-from vitdeploy.benchmarks.peaks import PeakTable
+from vitdeploy.benchmarks.peaks import (
+    PeakTable,
+    int8_matmul_graph,
+    int8_weight_qmax,
+    measure_int8_peak,
+    parse_peaks,
+)
 from vitdeploy.benchmarks.specs import RuntimeSpec, parse_runtimes
 
 
@@ -30,10 +39,49 @@ def test_rules_name_the_label(label, message):
         RuntimeSpec.parse(label)
 
 
-def test_no_matmul_peak_is_measured_for_quantized_precisions():
-    table = PeakTable(measure=True)
-    assert table.get("cpu", "int8") is None
+def test_the_int8_peak_is_measured_on_the_cpu_only_and_fp8_has_none():
+    table = PeakTable(measure=True, threads=1, seconds=0.02)
+    peak = table.get("cpu", "int8")
+    assert peak is not None and peak.source == "measured" and peak.gflops > 0
+    assert "GOP/s" in peak.method and "onnxruntime Q/DQ MatMul" in peak.method
+    assert table.get("cuda", "int8") is None and table.get("cpu", "fp8") is None
     assert PeakTable(given={"int8": 100.0}).get("cpu", "int8").gflops == 100.0
+    assert parse_peaks("fp32=150,int8=200") == {"fp32": 150.0, "int8": 200.0}
+    with pytest.raises(ValueError, match="'fp8' is not one of fp32, fp16, bf16, int8"):
+        parse_peaks("fp8=1")
+
+
+def test_the_int8_peak_times_the_kernels_our_int8_graphs_run(tmp_path):
+    """The Q/DQ linear layer it times is what the int8 exports' linear layers become: onnxruntime's
+    MatMulIntegerToFloat and OpenVINO's int8 FullyConnected; weights in 7 bits without VNNI/AMX."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from vitdeploy.cpu_features import int8_dot_flags
+
+    qmax = int8_weight_qmax()
+    assert qmax == (127 if int8_dot_flags() else 63)
+    model = int8_matmul_graph(64, qmax)
+    weights = next(init for init in model.graph.initializer if init.name == "w_q")
+    assert np.abs(onnx.numpy_helper.to_array(weights)).max() <= qmax
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "MatMulIntegerToFloat" in fused and "MatMul" not in fused
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(ov.Core().read_model(model.SerializeToString()), "CPU")
+        kinds = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                 for op in compiled.get_runtime_model().get_ordered_ops()}
+        assert any(layer.startswith("FullyConnected") and precision in ("i8", "u8") for layer, precision in kinds), kinds
+
+    peak = measure_int8_peak(threads=1, size=256, seconds=0.03)
+    assert peak.precision == "int8" and peak.device == "cpu"
+    assert f"weights within +-{qmax}" in peak.method and "256x256" in peak.method
+    rates = [float(part.split(" GOP/s")[0].rsplit(" ", 1)[1]) for part in peak.method.split("; ")]
+    assert peak.gflops == pytest.approx(max(rates), rel=0.01)  # the fastest kernel is the peak
 
 
 def test_openvino_session_times_the_runtime(tmp_path):

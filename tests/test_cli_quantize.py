@@ -95,7 +95,9 @@ def test_export_precision_int8(digits_files):
     references = data["validation"]["cases"]
     assert {case["reference"] for case in references} == {"eager fp32"}
     assert {case["tolerance"]["name"] for case in references} == {"int8_vs_fp32"}
-    assert not out.with_name("exported-int8.cpu.onnx").exists()
+    # Beside it, its validated onnxruntime-CPU variant (int8 linear layers kept, attention and GELU fused).
+    assert data["cpu_variant"] == str(out.with_name("exported-int8.cpu.onnx"))
+    assert data["cpu_variant_validation"]["passed"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -141,3 +141,43 @@ def test_no_validation_means_no_variant_and_a_stale_one_is_removed(tmp_path, tin
     again = _export(tiny, tmp_path / "m.onnx", validate=False)
     assert again.variant_path is None and not (tmp_path / "m.cpu.onnx").exists()
     assert read_onnx_metadata(again.path).variants == {}
+
+
+def test_an_int8_export_writes_a_validated_variant_that_keeps_its_int8_linear_layers(tmp_path, tiny):
+    """In the int8 Q/DQ graph the attention core (head split to head merge) becomes MultiHeadAttention and
+    bias + GELU BiasGelu, while every linear layer stays the int8 MatMulIntegerToFloat onnxruntime makes
+    of it; the variant passes the int8 gate on its own, no less close to the eager model than the file."""
+    import onnxruntime as ort
+
+    from vitdeploy.exporters.quantize import QuantizeOptions
+
+    result = _export(tiny, tmp_path / "tiny8.onnx", precision="int8", validation_max_batch=2,
+                     quantize=QuantizeOptions(reduce_range=True))
+    depth = tiny.config.depth
+    assert result.variant_path == tmp_path / "tiny8.cpu.onnx" and result.variant_report.passed
+    variant_meta = read_onnx_metadata(result.variant_path)
+    assert variant_meta.precision == "int8" and variant_meta.target == CPU_VARIANT
+    assert variant_meta.transforms[-1] == {"name": CPU_FUSION, "counts": {"attention": depth - 1, "gelu": depth}}
+    ops = _op_types(onnx.load(str(result.variant_path)))
+    assert ops.count("MultiHeadAttention") == depth - 1 and ops.count("BiasGelu") == depth
+    assert ops.count("Softmax") == 1 and "Erf" not in ops  # the class-token-only last block stays explicit
+
+    def optimized_ops(path: Path) -> list[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return _op_types(onnx.load(options.optimized_model_filepath))
+
+    # No dequantize -> quantize pair anywhere: every QuantizeLinear reads a float op's output.
+    portable = onnx.load(str(result.path))
+    producers = {output: node.op_type for node in portable.graph.node for output in node.output}
+    assert all(producers.get(node.input[0]) != "DequantizeLinear" for node in portable.graph.node
+               if node.op_type == "QuantizeLinear")
+    portable_ops, variant_ops = optimized_ops(result.path), optimized_ops(result.variant_path)
+    assert variant_ops.count("MatMulIntegerToFloat") == portable_ops.count("MatMulIntegerToFloat") >= 4 * depth
+    assert len(variant_ops) < len(portable_ops)
+
+    worst = min(case.metrics.cosine for case in result.report.cases)
+    assert min(case.metrics.cosine for case in result.variant_report.cases) >= worst - 1e-4
+    with OrtRuntime(result.path) as runtime:
+        assert runtime.graph_path == result.variant_path and runtime.fusions["attention"] == depth - 1

@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(logits, pooler_output, image_embeds) of a class-token model computes it for the class token "
                         "alone (same values, less work)")
     parser.add_argument("--no-cpu-variant", action="store_true",
-                        help="do not write the validated onnxruntime-CPU variant <name>.cpu.onnx beside an fp32 file")
+                        help="do not write the validated onnxruntime-CPU variant <name>.cpu.onnx beside an fp32 or int8 file")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (optional package)")
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that fails validation as <name>.failed.onnx for inspection")
