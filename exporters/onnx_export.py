@@ -68,6 +68,7 @@ from vitdeploy.parity import ParityReport
 
 from .fp16 import keep_ops_in_fp32
 from .graph import graph_bytes, opset_version, set_metadata
+from .ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant
 
 MIN_OPSET = 17
 # Protobuf cannot serialise messages of 2 GiB or more; keep a margin for the graph itself.
@@ -598,6 +599,39 @@ def _run_preflight(path: Path, stages: _Stages) -> Any:
     return report
 
 
+def cpu_variant_path(target: Path) -> Path:
+    """Where the onnxruntime-CPU variant of the portable file ``target`` is written: ``<stem>.cpu.onnx``."""
+    return target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}")
+
+
+def make_cpu_variant(proto: Any, metadata: ArtifactMetadata, external: bool,
+                     say: Progress) -> tuple[Any, ArtifactMetadata] | None:
+    """The onnxruntime-CPU variant of the portable graph ``proto`` (not yet validated), or ``None`` with a
+    line to ``say`` why not (a precision without one, weights in an external file, nothing to fuse)."""
+    if metadata.precision not in CPU_VARIANT_PRECISIONS:
+        say(f"no onnxruntime CPU variant for {metadata.precision} graphs (only {', '.join(CPU_VARIANT_PRECISIONS)})")
+        return None
+    if external:
+        say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
+        return None
+    variant = cpu_variant(proto, metadata)
+    if variant is None:
+        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
+    return variant
+
+
+def attach_cpu_variant(variant: tuple[Any, ArtifactMetadata], report: ParityReport, metadata: ArtifactMetadata,
+                       variant_target: Path) -> bytes:
+    """Record the validated ``variant``'s ``report`` in its own metadata and the variant (file name, sha256)
+    in the portable file's ``metadata``; returns the variant's bytes to hand over beside it."""
+    variant_proto, variant_metadata = variant
+    variant_metadata.validation = _validation_record(report)
+    set_metadata(variant_proto, variant_metadata.to_props())
+    variant_bytes = variant_proto.SerializeToString()
+    metadata.variants = {CPU_VARIANT: {"file": variant_target.name, "sha256": hashlib.sha256(variant_bytes).hexdigest()}}
+    return variant_bytes
+
+
 def export_onnx(model: Any, output_path: str | os.PathLike[str], options: ExportOptions | None = None,
                 progress: Progress | None = None) -> ExportResult:
     """Export ``model`` (a ``VisionTransformer``) to ``output_path``; validate; hand over atomically.
@@ -642,17 +676,10 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
 
         external = graph_bytes(proto) > options.external_data_threshold
         variant = None
-        from vitdeploy.exporters.ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant
-
-        if options.cpu_variant and options.precision in CPU_VARIANT_PRECISIONS:
-            if external:
-                stages.say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
-            else:
-                with stages("fuse for onnxruntime CPU"):
-                    variant = cpu_variant(proto, metadata)
-                if variant is None:
-                    stages.say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
-        variant_target = target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}")
+        if options.cpu_variant and metadata.precision in CPU_VARIANT_PRECISIONS:
+            with stages("fuse for onnxruntime CPU"):
+                variant = make_cpu_variant(proto, metadata, external, stages.say)
+        variant_target = cpu_variant_path(target)
         tmp_model = folder / target.name
         tmp_variant = folder / variant_target.name
         data_path = target.with_name(f"{target.name}.data") if external else None
@@ -700,12 +727,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
             variant = None  # a variant is only ever handed over validated
         if variant is not None:
-            variant_proto, variant_metadata = variant
-            variant_metadata.validation = _validation_record(variant_report)
-            set_metadata(variant_proto, variant_metadata.to_props())
-            variant_bytes = variant_proto.SerializeToString()
-            metadata.variants = {CPU_VARIANT: {"file": variant_target.name,
-                                               "sha256": hashlib.sha256(variant_bytes).hexdigest()}}
+            variant_bytes = attach_cpu_variant(variant, variant_report, metadata, variant_target)
         set_metadata(proto, metadata.to_props())
         _hand_over(proto, folder, target, data_path, {variant_target: variant_bytes} if variant_bytes else {})
 
@@ -761,7 +783,7 @@ def _hand_over(proto: Any, folder: Path, target: Path, data_path: Path | None,
     stale = target.with_name(f"{target.name}.data")
     if data_path is None and stale.exists():
         stale.unlink()  # left over from an earlier, larger export to the same name
-    _remove_stale_variant(target.with_name(f"{target.stem}.cpu{target.suffix or '.onnx'}"), siblings)
+    _remove_stale_variant(cpu_variant_path(target), siblings)
 
 
 def _remove_stale_variant(path: Path, written: dict[Path, bytes]) -> None:

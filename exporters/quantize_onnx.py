@@ -30,6 +30,9 @@ from .onnx_export import (
     _keep_failed,
     _save,
     _validation_record,
+    attach_cpu_variant,
+    cpu_variant_path,
+    make_cpu_variant,
 )
 from .quantize import QuantizeOptions, quantize_model
 
@@ -46,9 +49,11 @@ class QuantizeResult:
     quantization: dict[str, Any]
     data_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    variant_path: Path | None = None  # the validated onnxruntime-CPU variant written beside it, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "data_path": str(self.data_path) if self.data_path else None,
+                "variant_path": str(self.variant_path) if self.variant_path else None,
                 "precision": self.metadata.precision, "quantization": self.quantization,
                 "validation": self.report.to_dict() if self.report else None}
 
@@ -64,8 +69,11 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
                   calibration: str | os.PathLike[str] | None = None, calibration_size: int = 64,
                   reference: Any = None, validate: bool = True, max_batch: int = 8,
                   images: Sequence[Any] | None = None, keep_failed: bool = False,
-                  progress: Progress | None = None) -> QuantizeResult:
+                  progress: Progress | None = None, cpu_variant: bool = True) -> QuantizeResult:
     """Quantize the fp32 vitdeploy ONNX file ``source`` into ``output`` (see the module docstring).
+
+    ``cpu_variant`` also writes the int8 graph's onnxruntime-CPU variant ``<stem>.cpu.onnx`` beside it,
+    validated against the same reference (as ``export --precision int8`` does); ``OrtRuntime`` runs it.
 
     Raises ``ValueError`` for a file that is not a portable fp32 vitdeploy graph, and
     :class:`~vitdeploy.exporters.onnx_export.ExportValidationError` when the quantized graph fails
@@ -101,13 +109,19 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
     quantized_metadata = ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props})
 
     external = graph_bytes(quantized) > EXTERNAL_DATA_THRESHOLD
+    variant = make_cpu_variant(quantized, quantized_metadata, external, say) if cpu_variant and validate else None
+    variant_target = cpu_variant_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp = folder / target.name
+    tmp_variant = folder / variant_target.name
     data_path = target.with_name(f"{target.name}.data") if external else None
     report = None
+    extra: dict[Path, bytes] = {}
     try:
         _save(quantized, tmp, external)
+        if variant is not None:
+            tmp_variant.write_bytes(variant[0].SerializeToString())
         if validate:
             if reference is not None:
                 from vitdeploy.runtimes.torch import eager_references
@@ -118,20 +132,34 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
                 fp32 = _fp32_reference(source)
                 references = [dataclasses.replace(fp32, tolerance=tolerance_for(quantized_metadata.precision))]
             say(f"validating against {references[-1].name} ({references[-1].tolerance.name})")
+
+            def say_case(case: Any) -> None:
+                say(f"  {case.batch}x3x{case.height}x{case.width}: cosine {case.metrics.cosine:.5f},"
+                    f" rel-max {case.metrics.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
+
             report = validate_onnx(tmp, None, quantized_metadata, max_batch=max_batch, images=images,
-                                   references=references, on_case=lambda case: say(
-                                       f"  {case.batch}x3x{case.height}x{case.width}: cosine {case.metrics.cosine:.5f},"
-                                       f" rel-max {case.metrics.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}"))
+                                   references=references, on_case=say_case)
             if not report.passed:
                 kept = _keep_failed(quantized, tmp, target, external) if keep_failed else None
                 raise ExportValidationError(report, kept)
+            if variant is not None:
+                say(f"validating {variant_target.name} (the onnxruntime-CPU variant) the same way")
+                variant_report = validate_onnx(tmp_variant, None, variant[1], max_batch=max_batch, images=images,
+                                               references=references, on_case=say_case)
+                if variant_report.passed:
+                    extra[variant_target] = attach_cpu_variant(variant, variant_report, quantized_metadata,
+                                                               variant_target)
+                else:
+                    say(f"the onnxruntime CPU variant failed validation and is not written: "
+                        f"{'; '.join(variant_report.failures[:2])}")
             quantized_metadata.validation = _validation_record(report)
             if reference is None:
                 quantized_metadata.validation["reference"] = f"{source.name} (fp32 graph)"
         else:
             quantized_metadata.validation = {"passed": None, "notes": ["quantized with validation disabled"]}
         set_metadata(quantized, quantized_metadata.to_props())
-        _hand_over(quantized, folder, target, data_path, {})
+        _hand_over(quantized, folder, target, data_path, extra)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return QuantizeResult(target, quantized_metadata, report, record.to_dict(), data_path)
+    return QuantizeResult(target, quantized_metadata, report, record.to_dict(), data_path,
+                          variant_path=variant_target if extra else None)

@@ -11,7 +11,7 @@ from digits import WEIGHTS, write_image_folder
 
 from vitdeploy.cli import main
 from vitdeploy.cpu_features import int8_dot_flags
-from vitdeploy.metadata import read_onnx_metadata
+from vitdeploy.metadata import CPU_FUSION, CPU_VARIANT, read_onnx_metadata
 
 pytest.importorskip("sklearn")
 # 7-bit weights where the CPU has no VNNI/AMX (OpenVINO's int8 sums saturate there otherwise).
@@ -51,6 +51,12 @@ def test_int8_stays_within_one_point_of_fp32_on_digits(digits_files, capsys):
     record = next(t for t in metadata.transforms if t["name"] == "quantize")
     assert metadata.precision == "int8" and metadata.validation["passed"] is True
     assert record["calibration"]["count"] == 64 and record["calibration"]["source"] == str(digits_files["calibration"])
+    # quantize writes the validated onnxruntime-CPU variant beside the file (what the accuracy above ran on).
+    variant = digits_files["int8"].with_name("digits-int8.cpu.onnx")
+    assert metadata.variants[CPU_VARIANT]["file"] == variant.name
+    variant_metadata = read_onnx_metadata(variant)
+    assert variant_metadata.precision == "int8" and variant_metadata.validation["passed"] is True
+    assert any(t["name"] == CPU_FUSION for t in variant_metadata.transforms)
 
 
 def test_int8_accuracy_on_openvino(digits_files):

@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
                         help="largest batch used in validation (default 8)")
     parser.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    parser.add_argument("--no-cpu-variant", action="store_true",
+                        help="do not write the validated onnxruntime-CPU variant <name>.cpu.onnx beside an int8 file")
     parser.add_argument("--keep-failed", action="store_true",
                         help="keep a graph that fails validation as <name>.failed.onnx")
     parser.add_argument("--json", type=output_file, metavar="PATH",
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         result = quantize_onnx(args.model, output, options, calibration=args.calibration,
                                calibration_size=args.calibration_size, reference=reference,
                                validate=not args.no_validate, max_batch=args.validation_max_batch, images=images,
-                               keep_failed=args.keep_failed, progress=progress)
+                               keep_failed=args.keep_failed, progress=progress, cpu_variant=not args.no_cpu_variant)
     except ExportValidationError as error:
         print(error.report.format_table())
         if args.json:
@@ -102,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {output} ({size / 2**20:.1f} MiB; {record['precision']}; {sum(record['quantized_nodes'].values())} "
           f"quantized nodes {record['quantized_nodes']}; calibrated on {record['calibration']['count']} images; "
           f"{record['smoothing']['layer_norms']} LayerNorms smoothed)")
+    if result.variant_path is not None:
+        print(f"wrote {result.variant_path} (the onnxruntime-CPU variant, validated the same way; OrtRuntime runs it)")
     if args.json:
         write_json(args.json, {"passed": result.report.passed if result.report else None, **result.to_dict()})
     return 0
