@@ -7,13 +7,16 @@ LayerNorm whose output feeds only linear layers, the scale and bias of ``channel
 multiplied by ``factor`` and the matching input rows of the consumers' weights divided by it. The
 float function is unchanged (up to rounding); the activations a per-tensor int8 scale must cover
 are not. :func:`inject_outlier_channels` does it to an fp32 ONNX graph,
-:func:`inject_outlier_channels_eager` to the eager model (so an export carries them).
+:func:`inject_outlier_channels_eager` to the eager model (so an export carries them), every family
+included: the blocks' norms, SigLIP's attention pool (its LayerNorm, and the final norm its ``kv``
+reads) and the norm before a classifier head or CLIP's projection.
 
 Run as a module, it is the issue's check: for each seed, a ViT with random weights (that seed),
 three LayerNorm channels x30 in every block (drawn by the seed), exported at int8 by the real
-exporter (its own gate: eager fp32 at the validation shapes), then the file compared with eager
-fp32 on the bundled photos with onnxruntime and OpenVINO; the target is worst cosine >= 0.995
-everywhere. Accuracy only; no timing::
+exporter (its own gate: eager fp32 at the validation shapes), then the file's default output
+(logits; CLIP's ``image_embeds``, SigLIP's ``pooler_output``) compared with eager fp32 on the
+bundled photos with onnxruntime and OpenVINO; the target is worst cosine >= 0.995 everywhere.
+Accuracy only; no timing::
 
     python -m vitdeploy.benchmarks.outliers [--model vit_small_patch16_224] [--seeds 0,1,2,3,4] [--depth N]
 """
@@ -51,15 +54,54 @@ def outlier_channels(width: int, seed: int, count: int = SEED_CHANNELS) -> tuple
     return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(width, count, replace=False)))
 
 
-def inject_outlier_channels_eager(model: Any, channels: Sequence[int], factor: float = DEFAULT_FACTOR) -> Any:
+def _outlier_pairs(model: Any, outputs: Sequence[str]) -> list[tuple[Any, list[Any]]]:
+    """Each LayerNorm that may carry outliers with the linear layers that alone read its output.
+
+    Every block's ``norm1`` (read by ``qkv``) and ``norm2`` (``fc1``); with an attention pool (SigLIP),
+    its LayerNorm (read by its MLP's ``fc1``) and the final norm (read by its ``kv``) unless the
+    tokens themselves are asked for; and the norm before the head (``norm``, or ``fc_norm``) when
+    every output in ``outputs`` is read from it through linear layers only: the representation
+    layer, the classifier head (and DeiT's distillation head) or CLIP's projection. CLIP's pre-norm
+    is left alone: its output is the residual stream, not only a linear layer's input.
+    """
+    from torch import nn
+
+    from vitdeploy.outputs import IMAGE_EMBEDS, LOGITS, POOLER_OUTPUT, TOKEN_OUTPUTS
+
+    config = model.config
+    pairs: list[tuple[Any, list[Any]]] = [(block.norm1, [block.attn.qkv]) for block in model.blocks]
+    pairs += [(block.norm2, [block.mlp.fc1]) for block in model.blocks]
+    tokens_asked = any(name in TOKEN_OUTPUTS for name in outputs)
+    if config.pooling == "map":
+        pairs.append((model.attn_pool.norm, [model.attn_pool.mlp.fc1]))
+        if not tokens_asked and isinstance(model.norm, nn.LayerNorm):
+            pairs.append((model.norm, [model.attn_pool.kv]))
+    pooled_norm = model.fc_norm if config.use_fc_norm else model.norm
+    if config.pooling in ("token", "avg") and isinstance(pooled_norm, nn.LayerNorm) \
+            and not (tokens_asked and not config.use_fc_norm):
+        if model.pre_logits is not None:
+            readers = {name: [model.pre_logits.fc] for name in (LOGITS, POOLER_OUTPUT, IMAGE_EMBEDS)}
+        else:
+            heads = [m for m in (model.head, model.head_dist) if isinstance(m, nn.Linear)]
+            readers = {LOGITS: heads, IMAGE_EMBEDS: [model.proj] if isinstance(model.proj, nn.Linear) else []}
+        linears = [linear for name in outputs for linear in readers.get(name, [])]
+        if linears and all(readers.get(name) for name in outputs if name not in TOKEN_OUTPUTS):
+            pairs.append((pooled_norm, list(dict.fromkeys(linears))))
+    return pairs
+
+
+def inject_outlier_channels_eager(model: Any, channels: Sequence[int], factor: float = DEFAULT_FACTOR,
+                                  outputs: Sequence[str] | None = None) -> Any:
     """The same outliers in an eager :class:`~vitdeploy.model.VisionTransformer` (in place, returned).
 
-    Every block's ``norm1``/``norm2`` and the final ``norm`` get ``channels`` of their scale and
-    bias multiplied by ``factor``; the input columns of the linear layers they feed (``qkv``,
-    ``fc1``, the pre-logits or head) are divided by it, so the logits are unchanged (up to
-    rounding) and an export made from the model carries the outliers in its graph.
+    The LayerNorms of :func:`_outlier_pairs` get ``channels`` of their scale and bias multiplied by
+    ``factor`` and the input columns of the linear layers reading them divided by it, so
+    ``outputs`` (default: the model's default outputs) are unchanged up to rounding, and an export
+    of those outputs carries the outliers in its graph.
     """
     import torch
+
+    from vitdeploy.outputs import check_outputs, default_outputs
 
     if factor <= 0:
         raise ValueError(f"factor must be > 0, got {factor}")
@@ -67,17 +109,14 @@ def inject_outlier_channels_eager(model: Any, channels: Sequence[int], factor: f
     bad = [c for c in channels if not 0 <= c < width]
     if bad:
         raise ValueError(f"channels {bad} are outside the hidden size {width}")
-    pairs = [(block.norm1, block.attn.qkv) for block in model.blocks] + \
-        [(block.norm2, block.mlp.fc1) for block in model.blocks]
-    after_norm = model.pre_logits.fc if model.pre_logits is not None else model.head
-    if isinstance(after_norm, torch.nn.Linear):
-        pairs.append((model.norm, after_norm))
+    outputs = check_outputs(outputs or default_outputs(model.config), model.config)
     index = torch.tensor(list(channels), dtype=torch.long)
     with torch.no_grad():
-        for norm, linear in pairs:
+        for norm, linears in _outlier_pairs(model, outputs):
             norm.weight[index] *= factor
             norm.bias[index] *= factor
-            linear.weight[:, index] /= factor
+            for linear in linears:
+                linear.weight[:, index] /= factor
     return model
 
 
@@ -134,21 +173,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _photo_cosines(path: Path, model: Any, preprocessing: Any) -> dict[str, dict[str, float | None]]:
-    """Worst cosine and top-1 agreement of the int8 file against eager fp32 on the bundled photos (224^2, 8)."""
+def _photo_cosines(path: Path, model: Any, preprocessing: Any, output: str) -> dict[str, dict[str, float | None]]:
+    """Worst cosine (and, for logits, top-1 agreement) of the int8 file's ``output`` against eager fp32
+    on the bundled photos (8 at the native size), on onnxruntime and OpenVINO."""
     import torch
 
+    from vitdeploy.outputs import LOGITS
     from vitdeploy.parity import InputFactory, compare_logits
     from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
 
     size = model.config.image_size
     pixels, _ = InputFactory(preprocessing, synthetic=False).batch(8, size, size)
     with torch.no_grad():
-        reference = model(torch.from_numpy(pixels)).numpy()
+        reference = model.forward_outputs(torch.from_numpy(pixels), [output])[output].numpy()
     results = {}
     for backend, runtime_class in (("onnxruntime", OrtRuntime), ("openvino", OpenVINORuntime)):
         with runtime_class(path) as runtime:
-            metrics = compare_logits(reference, runtime(pixels))
+            metrics = compare_logits(reference, runtime.run_outputs(pixels)[output], classification=output == LOGITS)
         results[backend] = {"cosine": round(metrics.cosine, 6), "top1_agreement": metrics.top1_agreement}
     return results
 
@@ -161,15 +202,20 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any
     from vitdeploy.cpu_features import int8_dot_flags
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.outputs import default_outputs
 
     torch.manual_seed(seed)
     overrides = {"depth": args.depth} if args.depth is not None else {}
     model = vitdeploy.create_model(args.model, **overrides).eval()
+    (output,) = default_outputs(model.config)
     channels = outlier_channels(model.config.hidden_size, seed, args.channels)
-    inject_outlier_channels_eager(model, channels, args.factor)
+    injected = [norm for norm, _ in _outlier_pairs(model, [output])]
+    names = {id(module): name for name, module in model.named_modules()}
+    inject_outlier_channels_eager(model, channels, args.factor, [output])
     path = folder / f"seed{seed}-int8.onnx"
     reduce_range = not int8_dot_flags()
-    row: dict[str, Any] = {"seed": seed, "channels": list(channels), "reduce_range": reduce_range}
+    row: dict[str, Any] = {"seed": seed, "output": output, "channels": list(channels), "reduce_range": reduce_range,
+                           "outlier_layer_norms": [names[id(norm)] for norm in injected]}
     start = time.perf_counter()
     try:
         result = export_onnx(model, path, ExportOptions(
@@ -184,14 +230,14 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["validation"] = {f"{c.batch}x{c.height}x{c.width}": {"cosine": round(c.metrics.cosine, 6),
                                                               "top1_agreement": c.metrics.top1_agreement}
-                         for c in report.cases if c.output == "logits"}
+                         for c in report.cases if c.output == output}
     smoothing = quantization.get("smoothing", {})
     row["quantization"] = {"smoothed_layer_norms": smoothing.get("layer_norms"),
                            "alphas": smoothing.get("alphas"), "fallback": quantization.get("fallback")}
     if row["export_passed"]:
         from vitdeploy.metadata import read_onnx_metadata
 
-        row["photos"] = _photo_cosines(path, model, read_onnx_metadata(path).preprocessing)
+        row["photos"] = _photo_cosines(path, model, read_onnx_metadata(path).preprocessing, output)
     worst = [case["cosine"] for case in row["validation"].values()] + \
         [r["cosine"] for r in row.get("photos", {}).values()]
     row["worst_cosine"] = min(worst) if worst else None
