@@ -174,6 +174,9 @@ class Pipeline:
         start = time.perf_counter()
         try:
             yield record
+        except BaseException as error:  # the run stops here; the stage's line says so
+            record.status, record.detail = "failed", _one_line(error)
+            raise
         finally:
             record.seconds = time.perf_counter() - start
             self.stages.append(record)
@@ -386,10 +389,15 @@ class Pipeline:
         options = self.options
         started = time.perf_counter()
         self.load()
-        stride = self.resolved.model.config.stride
+        config = self.resolved.model.config
+        stride = config.stride
         if options.resolution is not None and any(v % stride for v in options.resolution):
             raise ValueError(f"resolution range {options.resolution[0]}:{options.resolution[1]} must be multiples "
                              f"of the model's patch stride {stride}")
+        if options.outputs is not None:
+            from vitdeploy.outputs import check_outputs
+
+            check_outputs(options.outputs, config)  # before OUT/ is made: the model cannot give what was asked
         self.out.mkdir(parents=True, exist_ok=True)
         onnx: dict[str, Path] = {}
         for precision in ("fp32", "fp16", "int8"):
