@@ -5,9 +5,10 @@ The commands are read from README.md, so the table cannot promise what no test r
 folder where each file or folder name of the table is a tiny checkpoint of that family in that
 format (one block, width 64): a real timm model's state dict (``vit_small_patch14_reg4_dinov2``,
 ``vit_base_patch16_siglip_224`` built small with timm's kwargs), a ``save_pretrained`` folder of
-transformers' ``Dinov2WithRegistersModel`` / ``SiglipVisionModel``, and the timm DINOv2's weights
-under facebookresearch/dinov2's names. Small shape ranges (and, for ``deploy``, no benchmark and one
-tune round) are added to each command. What a user would check is checked: exit 0, each file's
+transformers' ``Dinov2WithRegistersModel`` / ``SiglipVisionModel``, and that DINOv2 folder's weights
+under facebookresearch/dinov2's names (the same network in a third format: its graph must give
+transformers' outputs too, and the session traces it once). Small shape ranges (and, for
+``deploy``, no benchmark and one tune round) are added to each command. What a user would check is checked: exit 0, each file's
 precision and outputs, the deploy report's outputs, stages and tune, the fp32 graphs against the
 source library's own model, the Triton configs' outputs and dims, and ``predict``'s embedding line.
 Every command runs once for the module; one deploy runs tune (one round), the other is told
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_checkpoints_families_hf import hub_state_dict, perturb
+from test_checkpoints_families_hf import perturb
 from timm_without_torchvision import import_timm
 
 from vitdeploy.cli import main
@@ -146,13 +147,6 @@ def timm_dinov2(path: Path) -> Checkpoint:
     return Checkpoint(56, _timm_outputs(model))
 
 
-def original_dinov2(path: Path) -> Checkpoint:
-    model = _small_timm("vit_small_patch14_reg4_dinov2", 56)
-    with torch.no_grad():  # the seed of timm_dinov2's: other weights, so the two are not one trace
-        for param in model.parameters():
-            param.mul_(1.1)
-    torch.save(hub_state_dict(model), path)
-    return Checkpoint(56, _timm_outputs(model))
 
 
 def timm_siglip(path: Path) -> Checkpoint:
@@ -163,13 +157,31 @@ def timm_siglip(path: Path) -> Checkpoint:
     return Checkpoint(64, _timm_outputs(model))
 
 
+HF_DINOV2 = "dinov2-with-registers-small"
+
+
 def hf_dinov2(path: Path) -> Checkpoint:
     torch.manual_seed(1)
     model = perturb(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
-        hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=56, patch_size=14,
+        # one 64-wide head: the original format does not record heads, and DINOv2's are 64 wide
+        hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=2, image_size=56, patch_size=14,
         num_register_tokens=4, layer_norm_eps=1e-6)))
     model.save_pretrained(path)
     return Checkpoint(56, _hf_outputs(model, 1 + 4))
+
+
+def original_dinov2(path: Path) -> Checkpoint:
+    """The HF folder's network under facebookresearch/dinov2's names: ``register_tokens``, a class-token
+    position embedding (zero, so the reader's folding gives back the same tensors) and a ``mask_token``."""
+    from vitdeploy.checkpoints import load_model
+
+    hf = transformers.Dinov2WithRegistersModel.from_pretrained(path.parent / HF_DINOV2).eval()
+    state = dict(load_model(path.parent / HF_DINOV2).state_dict())
+    state["register_tokens"] = state.pop("reg_token")
+    state["pos_embed"] = torch.cat([torch.zeros(1, 1, HIDDEN), state["pos_embed"]], dim=1)
+    state["mask_token"] = torch.zeros(1, HIDDEN)
+    torch.save(state, path)
+    return Checkpoint(56, _hf_outputs(hf, 1 + 4))
 
 
 def hf_siglip(path: Path) -> Checkpoint:
@@ -183,8 +195,8 @@ def hf_siglip(path: Path) -> Checkpoint:
 
 CHECKPOINTS: dict[str, Callable[[Path], Checkpoint]] = {
     "vit_small_patch14_reg4_dinov2.safetensors": timm_dinov2,
-    "dinov2-with-registers-small": hf_dinov2,
-    "dinov2_vits14_reg4_pretrain.pth": original_dinov2,
+    HF_DINOV2: hf_dinov2,
+    "dinov2_vits14_reg4_pretrain.pth": original_dinov2,  # after the folder it is made from
     "siglip-base-patch16-224": hf_siglip,
     "vit_base_patch16_siglip_224.safetensors": timm_siglip,
 }
@@ -257,6 +269,8 @@ def test_the_table_covers_both_families_every_format_and_precision():
         assert {p for row in rows for p in row.precisions} == set(PRECISIONS), family
         assert all(any(source in row.source for row in rows) for source in sources), family
         assert {row.command for row in rows} == {"deploy", "export"}, family
+    dinov2 = {row.outputs for row in ROWS if row.family.startswith("DINOv2")}
+    assert dinov2 == {("pooler_output",), ("pooler_output", "patch_tokens")}  # the default, and the dense features
     for row in ROWS:  # the precision marks say what the command writes
         asked = row.argv[row.argv.index("--precision") + 1] if "--precision" in row.argv else "fp32"
         assert row.precisions == (PRECISIONS if row.command == "deploy" else (asked,))
@@ -284,7 +298,7 @@ def test_deploy_reports_the_outputs_and_what_ran(ran, row):
     for artifact in written.values():
         assert artifact["passed"] is True
         assert [o["name"] for o in artifact["outputs"]] == list(row.outputs)
-    assert written["fp32"]["outputs"][0]["shape"] == ["batch", HIDDEN]
+    assert written["fp32"]["outputs"][0] == {"name": "pooler_output", "shape": ["batch", HIDDEN]}
     stages = {stage["name"]: stage for stage in report["stages"]}
     assert stages["export int8"]["status"] == "ok" and "TensorRT pre-flight: 0 error(s)" in " ".join(
         written["int8"]["notes"])
@@ -294,10 +308,7 @@ def test_deploy_reports_the_outputs_and_what_ran(ran, row):
         assert (out / "tune.json").is_file() and "## Fastest accurate CPU path (tune)" in (out / "report.md").read_text()
     else:
         assert stages["tune"]["status"] == "skipped" and stages["tune"]["detail"] == "--no-tune"
-    markdown = (out / "report.md").read_text()
-    assert f"`pooler_output` [batch, {HIDDEN}]" in markdown
-    if "patch_tokens" in row.outputs:
-        assert f"`patch_tokens` [batch, patches, {HIDDEN}]" in markdown
+    assert f"`pooler_output` [batch, {HIDDEN}]" in (out / "report.md").read_text()
     assert (out / "build_engine.sh").is_file()
 
 
@@ -328,7 +339,7 @@ def test_fp32_graphs_give_what_the_source_library_gives(ran):
 
 def test_triton_configs_list_each_output_with_its_dims(ran):
     folder, _, runs = ran
-    repositories = set()
+    repositories, served = set(), set()
     for argv in SERVING:
         if argv[0] != "triton":
             continue
@@ -337,12 +348,13 @@ def test_triton_configs_list_each_output_with_its_dims(ran):
         repositories.add(repository)
         for artifact in argv[1:argv.index("-o")]:
             outputs = read_onnx_metadata(folder / artifact).output_names
+            served.update(outputs)
             for kind in ("python", "onnxruntime"):
                 config = (repository / f"{Path(artifact).stem}_{kind}" / "config.pbtxt").read_text()
                 listed = re.findall(r'output \{\s*name: "(\w+)"\s*data_type: TYPE_FP32\s*dims: \[ ([-\d, ]+) \]', config)
                 expected = {"pooler_output": f"{HIDDEN}", "patch_tokens": f"-1, {HIDDEN}"}
                 assert listed == [(name, expected[name]) for name in outputs], config
-    assert len(repositories) == 1
+    assert len(repositories) == 1 and served == {"pooler_output", "patch_tokens"}
 
 
 def test_predict_prints_the_embedding_line(ran):
