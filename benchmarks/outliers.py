@@ -161,6 +161,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factor", type=float, default=DEFAULT_FACTOR, help=f"outlier factor (default {DEFAULT_FACTOR:g})")
     parser.add_argument("--calibration", metavar="DIR", help="calibration images (default: bundled photos + crops)")
     parser.add_argument("--calibration-size", type=int, default=64)
+    parser.add_argument("--weights", choices=("auto", "full", "7bit"), default="auto",
+                        help="int8 weight range: auto (the form this CPU needs: 7-bit without VNNI/AMX), full "
+                        "(TensorRT's and VNNI CPUs' form) or 7bit (default auto)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     try:
@@ -213,7 +216,7 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any
     names = {id(module): name for name, module in model.named_modules()}
     inject_outlier_channels_eager(model, channels, args.factor, [output])
     path = folder / f"seed{seed}-int8.onnx"
-    reduce_range = not int8_dot_flags()
+    reduce_range = {"auto": not int8_dot_flags(), "full": False, "7bit": True}[args.weights]
     row: dict[str, Any] = {"seed": seed, "output": output, "channels": list(channels), "reduce_range": reduce_range,
                            "outlier_layer_norms": [names[id(norm)] for norm in injected]}
     start = time.perf_counter()
@@ -269,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     met = all(row["meets_target"] for row in rows)
     report = {"command": command, "environment": capture_environment(command), "cpu_int8_dot_product": int8_dot_flags(),
               "setup": {"model": args.model, "depth": args.depth, "seeds": args.seeds, "channels": args.channels,
+                        "weights": args.weights,
                         "factor": args.factor, "calibration": args.calibration or "bundled photos + crops",
                         "calibration_size": args.calibration_size, "target_cosine": TARGET_COSINE,
                         "metrics": "vs eager fp32; cosine is the minimum over each batch's samples"},
