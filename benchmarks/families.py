@@ -195,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("python -m vitdeploy.benchmarks.families: error: timm is not installed (pip install --no-deps timm)",
               file=sys.stderr)
         return 2
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        print(f"python -m vitdeploy.benchmarks.families: error: --models {','.join(unknown)}: not timm model names "
+              "(timm.list_models() has them)", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="families.") as folder:

@@ -38,6 +38,16 @@ def test_bad_arguments_are_one_argparse_line(argv, message, capsys):
 
 
 @pytest.mark.skipif(import_timm() is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+def test_an_unknown_model_is_one_line_before_any_work(tmp_path, capsys):
+    assert families.main(["--models", "vit_small_patch16_224,vit_nonexistent_patch16_224",
+                          "--output", str(tmp_path / "f.json")]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m vitdeploy.benchmarks.families: error: --models "
+                                               "vit_nonexistent_patch16_224: not timm model names (timm.list_models() "
+                                               "has them)")
+    assert not (tmp_path / "f.json").exists()
+
+
+@pytest.mark.skipif(import_timm() is None, reason="timm is not installed (CI: pip install --no-deps timm)")
 def test_a_run_writes_each_contender_the_ratios_and_the_machine(tmp_path, capsys):
     output = tmp_path / "families.json"
     argv = ["--models", "deit3_small_patch16_224", "--depth", "1", "--rounds", "1", "--iterations", "1",
