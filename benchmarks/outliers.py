@@ -7,13 +7,16 @@ LayerNorm whose output feeds only linear layers, the scale and bias of ``channel
 multiplied by ``factor`` and the matching input rows of the consumers' weights divided by it. The
 float function is unchanged (up to rounding); the activations a per-tensor int8 scale must cover
 are not. :func:`inject_outlier_channels` does it to an fp32 ONNX graph,
-:func:`inject_outlier_channels_eager` to the eager model (so an export carries them).
+:func:`inject_outlier_channels_eager` to the eager model (so an export carries them), every family
+included: the blocks' norms, SigLIP's attention pool (its LayerNorm, and the final norm its ``kv``
+reads) and the norm before a classifier head or CLIP's projection.
 
 Run as a module, it is the issue's check: for each seed, a ViT with random weights (that seed),
 three LayerNorm channels x30 in every block (drawn by the seed), exported at int8 by the real
-exporter (its own gate: eager fp32 at the validation shapes), then the file compared with eager
-fp32 on the bundled photos with onnxruntime and OpenVINO; the target is worst cosine >= 0.995
-everywhere. Accuracy only; no timing::
+exporter (its own gate: eager fp32 at the validation shapes), then the file's default output
+(logits; CLIP's ``image_embeds``, SigLIP's ``pooler_output``) compared with eager fp32 on the
+bundled photos with onnxruntime and OpenVINO; the target is worst cosine >= 0.995 everywhere.
+Accuracy only; no timing::
 
     python -m vitdeploy.benchmarks.outliers [--model vit_small_patch16_224] [--seeds 0,1,2,3,4] [--depth N]
 """
@@ -51,15 +54,54 @@ def outlier_channels(width: int, seed: int, count: int = SEED_CHANNELS) -> tuple
     return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(width, count, replace=False)))
 
 
-def inject_outlier_channels_eager(model: Any, channels: Sequence[int], factor: float = DEFAULT_FACTOR) -> Any:
+def _outlier_pairs(model: Any, outputs: Sequence[str]) -> list[tuple[Any, list[Any]]]:
+    """Each LayerNorm that may carry outliers with the linear layers that alone read its output.
+
+    Every block's ``norm1`` (read by ``qkv``) and ``norm2`` (``fc1``); with an attention pool (SigLIP),
+    its LayerNorm (read by its MLP's ``fc1``) and the final norm (read by its ``kv``) unless the
+    tokens themselves are asked for; and the norm before the head (``norm``, or ``fc_norm``) when
+    every output in ``outputs`` is read from it through linear layers only: the representation
+    layer, the classifier head (and DeiT's distillation head) or CLIP's projection. CLIP's pre-norm
+    is left alone: its output is the residual stream, not only a linear layer's input.
+    """
+    from torch import nn
+
+    from vitdeploy.outputs import IMAGE_EMBEDS, LOGITS, POOLER_OUTPUT, TOKEN_OUTPUTS
+
+    config = model.config
+    pairs: list[tuple[Any, list[Any]]] = [(block.norm1, [block.attn.qkv]) for block in model.blocks]
+    pairs += [(block.norm2, [block.mlp.fc1]) for block in model.blocks]
+    tokens_asked = any(name in TOKEN_OUTPUTS for name in outputs)
+    if config.pooling == "map":
+        pairs.append((model.attn_pool.norm, [model.attn_pool.mlp.fc1]))
+        if not tokens_asked and isinstance(model.norm, nn.LayerNorm):
+            pairs.append((model.norm, [model.attn_pool.kv]))
+    pooled_norm = model.fc_norm if config.use_fc_norm else model.norm
+    if config.pooling in ("token", "avg") and isinstance(pooled_norm, nn.LayerNorm) \
+            and not (tokens_asked and not config.use_fc_norm):
+        if model.pre_logits is not None:
+            readers = {name: [model.pre_logits.fc] for name in (LOGITS, POOLER_OUTPUT, IMAGE_EMBEDS)}
+        else:
+            heads = [m for m in (model.head, model.head_dist) if isinstance(m, nn.Linear)]
+            readers = {LOGITS: heads, IMAGE_EMBEDS: [model.proj] if isinstance(model.proj, nn.Linear) else []}
+        linears = [linear for name in outputs for linear in readers.get(name, [])]
+        if linears and all(readers.get(name) for name in outputs if name not in TOKEN_OUTPUTS):
+            pairs.append((pooled_norm, list(dict.fromkeys(linears))))
+    return pairs
+
+
+def inject_outlier_channels_eager(model: Any, channels: Sequence[int], factor: float = DEFAULT_FACTOR,
+                                  outputs: Sequence[str] | None = None) -> Any:
     """The same outliers in an eager :class:`~vitdeploy.model.VisionTransformer` (in place, returned).
 
-    Every block's ``norm1``/``norm2`` and the final ``norm`` get ``channels`` of their scale and
-    bias multiplied by ``factor``; the input columns of the linear layers they feed (``qkv``,
-    ``fc1``, the pre-logits or head) are divided by it, so the logits are unchanged (up to
-    rounding) and an export made from the model carries the outliers in its graph.
+    The LayerNorms of :func:`_outlier_pairs` get ``channels`` of their scale and bias multiplied by
+    ``factor`` and the input columns of the linear layers reading them divided by it, so
+    ``outputs`` (default: the model's default outputs) are unchanged up to rounding, and an export
+    of those outputs carries the outliers in its graph.
     """
     import torch
+
+    from vitdeploy.outputs import check_outputs, default_outputs
 
     if factor <= 0:
         raise ValueError(f"factor must be > 0, got {factor}")
@@ -67,17 +109,14 @@ def inject_outlier_channels_eager(model: Any, channels: Sequence[int], factor: f
     bad = [c for c in channels if not 0 <= c < width]
     if bad:
         raise ValueError(f"channels {bad} are outside the hidden size {width}")
-    pairs = [(block.norm1, block.attn.qkv) for block in model.blocks] + \
-        [(block.norm2, block.mlp.fc1) for block in model.blocks]
-    after_norm = model.pre_logits.fc if model.pre_logits is not None else model.head
-    if isinstance(after_norm, torch.nn.Linear):
-        pairs.append((model.norm, after_norm))
+    outputs = check_outputs(outputs or default_outputs(model.config), model.config)
     index = torch.tensor(list(channels), dtype=torch.long)
     with torch.no_grad():
-        for norm, linear in pairs:
+        for norm, linears in _outlier_pairs(model, outputs):
             norm.weight[index] *= factor
             norm.bias[index] *= factor
-            linear.weight[:, index] /= factor
+            for linear in linears:
+                linear.weight[:, index] /= factor
     return model
 
 
@@ -122,6 +161,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factor", type=float, default=DEFAULT_FACTOR, help=f"outlier factor (default {DEFAULT_FACTOR:g})")
     parser.add_argument("--calibration", metavar="DIR", help="calibration images (default: bundled photos + crops)")
     parser.add_argument("--calibration-size", type=int, default=64)
+    parser.add_argument("--weights", choices=("auto", "full", "7bit"), default="auto",
+                        help="int8 weight range: auto (the form this CPU needs: 7-bit without VNNI/AMX), full "
+                        "(TensorRT's and VNNI CPUs' form) or 7bit (default auto)")
+    parser.add_argument("--no-outlier-handling", action="store_true",
+                        help="quantize without SmoothQuant migration and without the keep-in-float fallback (the "
+                        "control: what the outliers do to plain per-tensor int8)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     try:
@@ -134,70 +179,81 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _photo_cosines(path: Path, model: Any, preprocessing: Any) -> dict[str, dict[str, float | None]]:
-    """Worst cosine and top-1 agreement of the int8 file against eager fp32 on the bundled photos (224^2, 8)."""
+def _photo_cosines(path: Path, model: Any, preprocessing: Any, output: str) -> dict[str, dict[str, float | None]]:
+    """Worst cosine (and, for logits, top-1 agreement) of the int8 file's ``output`` against eager fp32
+    on the bundled photos (8 at the native size), on onnxruntime and OpenVINO."""
     import torch
 
+    from vitdeploy.outputs import LOGITS
     from vitdeploy.parity import InputFactory, compare_logits
     from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
 
     size = model.config.image_size
     pixels, _ = InputFactory(preprocessing, synthetic=False).batch(8, size, size)
     with torch.no_grad():
-        reference = model(torch.from_numpy(pixels)).numpy()
+        reference = model.forward_outputs(torch.from_numpy(pixels), [output])[output].numpy()
     results = {}
     for backend, runtime_class in (("onnxruntime", OrtRuntime), ("openvino", OpenVINORuntime)):
         with runtime_class(path) as runtime:
-            metrics = compare_logits(reference, runtime(pixels))
+            metrics = compare_logits(reference, runtime.run_outputs(pixels)[output], classification=output == LOGITS)
         results[backend] = {"cosine": round(metrics.cosine, 6), "top1_agreement": metrics.top1_agreement}
     return results
 
 
-def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]:
-    """One seed: build, inject, export at int8 (the export's gate), check the photos on both runtimes."""
+def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> tuple[dict[str, Any], float]:
+    """One seed: build, inject, export at int8 (the export's gate), check the photos on both runtimes.
+    Returns the result row and the seconds it took."""
     import torch
 
     import vitdeploy
     from vitdeploy.cpu_features import int8_dot_flags
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.outputs import default_outputs
 
     torch.manual_seed(seed)
     overrides = {"depth": args.depth} if args.depth is not None else {}
     model = vitdeploy.create_model(args.model, **overrides).eval()
+    (output,) = default_outputs(model.config)
     channels = outlier_channels(model.config.hidden_size, seed, args.channels)
-    inject_outlier_channels_eager(model, channels, args.factor)
+    injected = [norm for norm, _ in _outlier_pairs(model, [output])]
+    names = {id(module): name for name, module in model.named_modules()}
+    inject_outlier_channels_eager(model, channels, args.factor, [output])
     path = folder / f"seed{seed}-int8.onnx"
-    reduce_range = not int8_dot_flags()
-    row: dict[str, Any] = {"seed": seed, "channels": list(channels), "reduce_range": reduce_range}
+    reduce_range = {"auto": not int8_dot_flags(), "full": False, "7bit": True}[args.weights]
+    row: dict[str, Any] = {"seed": seed, "output": output, "channels": list(channels), "reduce_range": reduce_range,
+                           "outlier_layer_norms": [names[id(norm)] for norm in injected]}
     start = time.perf_counter()
     try:
         result = export_onnx(model, path, ExportOptions(
             precision="int8", calibration=args.calibration, calibration_size=args.calibration_size,
-            quantize=QuantizeOptions(reduce_range=reduce_range), cpu_variant=False, preflight=False))
+            quantize=QuantizeOptions(reduce_range=reduce_range,
+                                     **({"smooth_alpha": 0.0, "fallback_cosine": None} if args.no_outlier_handling
+                                        else {})),
+            cpu_variant=False, preflight=False))
         report = result.report
         row["export_passed"] = True
         quantization = result.quantization or {}
     except ExportValidationError as error:
         report, quantization = error.report, {}
         row["export_passed"] = False
-    row["seconds"] = round(time.perf_counter() - start, 1)
+    seconds = time.perf_counter() - start  # said on stderr, not recorded: machines here are shared
     row["validation"] = {f"{c.batch}x{c.height}x{c.width}": {"cosine": round(c.metrics.cosine, 6),
                                                               "top1_agreement": c.metrics.top1_agreement}
-                         for c in report.cases if c.output == "logits"}
+                         for c in report.cases if c.output == output}
     smoothing = quantization.get("smoothing", {})
     row["quantization"] = {"smoothed_layer_norms": smoothing.get("layer_norms"),
                            "alphas": smoothing.get("alphas"), "fallback": quantization.get("fallback")}
     if row["export_passed"]:
         from vitdeploy.metadata import read_onnx_metadata
 
-        row["photos"] = _photo_cosines(path, model, read_onnx_metadata(path).preprocessing)
+        row["photos"] = _photo_cosines(path, model, read_onnx_metadata(path).preprocessing, output)
     worst = [case["cosine"] for case in row["validation"].values()] + \
         [r["cosine"] for r in row.get("photos", {}).values()]
     row["worst_cosine"] = min(worst) if worst else None
     row["meets_target"] = bool(row["export_passed"] and worst and min(worst) >= TARGET_COSINE
                                and len(row.get("photos", {})) == 2)
-    return row
+    return row, seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,16 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in args.seeds:
             print(f"seed {seed}: {args.model}" + (f" depth {args.depth}" if args.depth else "")
                   + f", {args.channels} channels x{args.factor:g}, int8 export ...", file=sys.stderr, flush=True)
-            row = run_seed(args, seed, Path(folder))
+            row, seconds = run_seed(args, seed, Path(folder))
             rows.append(row)
             photos = ", ".join(f"{k} {v['cosine']:.5f}" for k, v in row.get("photos", {}).items())
             print(f"seed {seed}: export {'passed' if row['export_passed'] else 'REFUSED'}; validation worst "
                   f"{min(c['cosine'] for c in row['validation'].values()):.5f}; photos {photos or '-'}; "
-                  f"target {'met' if row['meets_target'] else 'MISSED'} ({row['seconds']} s)", file=sys.stderr,
+                  f"target {'met' if row['meets_target'] else 'MISSED'} ({seconds:.0f} s)", file=sys.stderr,
                   flush=True)
     met = all(row["meets_target"] for row in rows)
     report = {"command": command, "environment": capture_environment(command), "cpu_int8_dot_product": int8_dot_flags(),
               "setup": {"model": args.model, "depth": args.depth, "seeds": args.seeds, "channels": args.channels,
+                        "weights": args.weights, "outlier_handling": not args.no_outlier_handling,
                         "factor": args.factor, "calibration": args.calibration or "bundled photos + crops",
                         "calibration_size": args.calibration_size, "target_cosine": TARGET_COSINE,
                         "metrics": "vs eager fp32; cosine is the minimum over each batch's samples"},

@@ -16,9 +16,11 @@ import numpy as np
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int, iterations: int, warmup: int,
-                      default_output: Path, iterations_help: str) -> None:
-    """``--model``, ``--depth``, ``--threads``, ``--rounds``, ``--iterations``, ``--warmup`` and ``--output``."""
-    parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights, seed 0)")
+                      default_output: Path, iterations_help: str, model: bool = True) -> None:
+    """``--model`` (unless ``model=False``: a benchmark of several models names its own option),
+    ``--depth``, ``--threads``, ``--rounds``, ``--iterations``, ``--warmup`` and ``--output``."""
+    if model:
+        parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights, seed 0)")
     parser.add_argument("--depth", type=int, default=None,
                         help="keep only the first N blocks (a quick check of this script; not for measurements)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default 2)")

@@ -109,10 +109,12 @@ class Artifact:
     parity: dict[str, Any] | None = None
     passed: bool | None = None
     notes: list[str] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # the graph's outputs: name and shape
 
     def to_dict(self, root: Path) -> dict[str, Any]:
         data: dict[str, Any] = {"path": _relative(self.path, root), "kind": self.kind, "precision": self.precision,
-                                "passed": self.passed, "parity": self.parity, "notes": self.notes}
+                                "passed": self.passed, "parity": self.parity, "notes": self.notes,
+                                "outputs": self.outputs}
         if self.path.is_file() and self.kind != "trtexec-command":
             files = [self.path, *(p for p in [self.path.with_name(self.path.name + ".data")] if p.is_file())]
             data["bytes"] = sum(p.stat().st_size for p in files)
@@ -161,6 +163,11 @@ class Pipeline:
         self.resolved: Any = None
         self.name = ""
 
+    def skip(self, name: str, reason: str) -> None:
+        """Record a stage that did not run, and why (the report lists it with the others)."""
+        self.stages.append(Stage(name, "skipped", 0.0, reason))
+        self.log(f"{name}: skipped ({reason})")
+
     @contextmanager
     def stage(self, name: str) -> Iterator[Stage]:
         record = Stage(name)
@@ -168,6 +175,9 @@ class Pipeline:
         start = time.perf_counter()
         try:
             yield record
+        except BaseException as error:  # the run stops here; the stage's line says so
+            record.status, record.detail = "failed", _one_line(error)
+            raise
         finally:
             record.seconds = time.perf_counter() - start
             self.stages.append(record)
@@ -208,7 +218,8 @@ class Pipeline:
                 return None
             report = result.report
             artifact = Artifact(path, "onnx", precision, report.summary() if report else None,
-                                report.passed if report else None, list(report.notes) if report else [])
+                                report.passed if report else None, list(report.notes) if report else [],
+                                [{"name": t.name, "shape": list(t.shape)} for t in result.metadata.outputs])
             artifact.notes.insert(0, result.metadata.range_text())
             if result.quantization is not None:
                 record = result.quantization
@@ -379,13 +390,21 @@ class Pipeline:
         options = self.options
         started = time.perf_counter()
         self.load()
-        stride = self.resolved.model.config.stride
+        config = self.resolved.model.config
+        stride = config.stride
         if options.resolution is not None and any(v % stride for v in options.resolution):
             raise ValueError(f"resolution range {options.resolution[0]}:{options.resolution[1]} must be multiples "
                              f"of the model's patch stride {stride}")
+        if options.outputs is not None:
+            from vitdeploy.outputs import check_outputs
+
+            check_outputs(options.outputs, config)  # before OUT/ is made: the model cannot give what was asked
         self.out.mkdir(parents=True, exist_ok=True)
         onnx: dict[str, Path] = {}
-        for precision in ("fp32", "fp16", "int8") if options.int8 else ("fp32", "fp16"):
+        for precision in ("fp32", "fp16", "int8"):
+            if precision == "int8" and not options.int8:
+                self.skip("export int8", "--no-int8")
+                continue
             artifact = self.export(precision, options.batch, options.resolution)
             if artifact is not None:
                 onnx[precision] = artifact.path
@@ -398,7 +417,15 @@ class Pipeline:
                 engine = built.path
         if options.bench and onnx:
             self.benchmark(onnx, engine)
-        if options.tune and "fp32" in onnx and not _cuda_available():
+        elif not options.bench:
+            self.skip("benchmark", "--no-bench")
+        if not options.tune:
+            self.skip("tune", "--no-tune")
+        elif "fp32" not in onnx:
+            self.skip("tune", "no fp32 graph to tune from (its export failed)")
+        elif _cuda_available():
+            self.skip("tune", "a GPU is here: tune chooses among CPU paths, and the GPU path is the TensorRT engine")
+        else:
             self.tune()
         self.seconds = time.perf_counter() - started
         report = self.write_report()
@@ -473,6 +500,13 @@ def _parity_text(artifact: dict[str, Any], random_weights: bool = False) -> str:
     return text
 
 
+def _outputs_text(outputs: list[dict[str, Any]] | None) -> str:
+    """``pooler_output [batch, 384], patch_tokens [batch, patches, 384]`` (``-`` for no graph)."""
+    if not outputs:
+        return "-"
+    return ", ".join(f"`{o['name']}` [{', '.join(str(d) for d in o['shape'])}]" for o in outputs)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -485,11 +519,13 @@ def render_markdown(data: dict[str, Any]) -> str:
     origin += ", **random weights**: parity and speed are meaningful, accuracy is not)" if source["random_weights"] else ")"
     lines += [f"Source: {origin}, sha256 `{source['sha256'][:16]}…`. Total time {data['seconds']:.0f} s.", ""]
 
-    lines += ["## What was produced", "", "| file | kind | precision | size | parity | notes |", "|---|---|---|---|---|---|"]
+    lines += ["## What was produced", "",
+              "| file | kind | precision | outputs | size | parity | notes |", "|---|---|---|---|---|---|---|"]
     for artifact in data["artifacts"]:
         size = f"{artifact['bytes'] / 2**20:.1f} MiB" if artifact.get("bytes") else "-"
         notes = "; ".join(n for n in artifact["notes"] if n and not n.startswith("trtexec"))
-        lines.append(f"| `{artifact['path']}` | {artifact['kind']} | {artifact['precision']} | {size} | "
+        lines.append(f"| `{artifact['path']}` | {artifact['kind']} | {artifact['precision']} | "
+                     f"{_outputs_text(artifact.get('outputs'))} | {size} | "
                      f"{_parity_text(artifact, source['random_weights'])} | {notes.replace('|', '/')} |")
     lines.append("")
 

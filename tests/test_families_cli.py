@@ -1,0 +1,374 @@
+"""README's "The families from the command line", run as written: every command of its table and of
+the serving block below it, on tiny real checkpoints of each family in each format.
+
+The commands are read from README.md, so the table cannot promise what no test ran. They run in one
+folder where each file or folder name of the table is a tiny checkpoint of that family in that
+format (one block, width 64): a real timm model's state dict (``vit_small_patch14_reg4_dinov2``,
+``vit_base_patch16_siglip_224`` built small with timm's kwargs), a ``save_pretrained`` folder of
+transformers' ``Dinov2WithRegistersModel`` / ``SiglipVisionModel``, and that DINOv2 folder's weights
+under facebookresearch/dinov2's names (the same network in a third format: its graph must give
+transformers' outputs too, and the session traces it once). Small shape ranges (and, for
+``deploy``, no benchmark and one tune round) are added to each command. What a user would check is checked: exit 0, each file's
+precision and outputs, the deploy report's outputs, stages and tune, the fp32 graphs against the
+source library's own model, the Triton configs' outputs and dims, and ``predict``'s embedding line.
+Every command runs once for the module; one deploy runs tune (one round), the other is told
+``--no-tune`` and must say it skipped it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_checkpoints_families_hf import perturb
+from timm_without_torchvision import import_timm
+
+from vitdeploy.cli import main
+from vitdeploy.metadata import read_onnx_metadata
+from vitdeploy.preprocessing import bundled_images, preprocess
+
+timm = import_timm()
+transformers = pytest.importorskip("transformers")
+if timm is None:
+    pytest.skip("timm is not installed (CI: pip install --no-deps timm)", allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTION = "### The families from the command line"
+HIDDEN = 64
+TOLERANCE = 1e-4  # relative max error of an fp32 graph against the source library's model
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the README table."""
+
+    family: str
+    source: str
+    argv: tuple[str, ...]  # after "vitdeploy"
+    outputs: tuple[str, ...]
+    precisions: tuple[str, ...]
+
+    @property
+    def command(self) -> str:
+        return self.argv[0]
+
+    @property
+    def checkpoint(self) -> str:
+        return self.argv[1]
+
+    @property
+    def target(self) -> str:
+        return self.argv[self.argv.index("-o") + 1]
+
+
+def readme_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(SECTION)
+    end = text.index("\n#### ", start)
+    return text[start:end]
+
+
+def table_rows(section: str) -> list[Row]:
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or not cells[2].startswith("`vitdeploy "):
+            continue
+        argv = shlex.split(cells[2].strip("`"))
+        outputs = tuple(re.findall(r"`(\w+)`", cells[3]))
+        precisions = tuple(p for p, mark in zip(PRECISIONS, cells[4:], strict=True) if mark == "✓")
+        rows.append(Row(cells[0], cells[1], tuple(argv[1:]), outputs, precisions))
+    return rows
+
+
+def serving_commands(section: str) -> list[tuple[str, ...]]:
+    block = section[section.index("```bash"):]
+    block = block[:block.index("```", 3)]
+    return [tuple(shlex.split(line)[1:]) for line in block.splitlines() if line.startswith("vitdeploy ")]
+
+
+SECTION_TEXT = readme_section()
+ROWS = table_rows(SECTION_TEXT)
+SERVING = serving_commands(SECTION_TEXT)
+
+
+# -- the tiny checkpoints, under the table's names ------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """A tiny checkpoint, its native size and its source library's own outputs for pixels."""
+
+    native: int
+    reference: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _timm_outputs(model: torch.nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    def outputs(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            tokens = model.forward_features(pixels)
+            return {"pooler_output": model.forward_head(tokens, pre_logits=True),
+                    "patch_tokens": tokens[:, model.num_prefix_tokens:]}
+    return outputs
+
+
+def _hf_outputs(model: torch.nn.Module, prefix: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    def outputs(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            result = model(pixel_values=pixels)
+        return {"pooler_output": result.pooler_output, "patch_tokens": result.last_hidden_state[:, prefix:]}
+    return outputs
+
+
+def _small_timm(name: str, img_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # hidden 64 with one head: a bare state dict does not record heads, and the loader takes hidden // 64
+    return perturb(timm.create_model(name, pretrained=False, embed_dim=HIDDEN, depth=1, num_heads=1, mlp_ratio=2,
+                                     img_size=img_size, num_classes=0))
+
+
+def timm_dinov2(path: Path) -> Checkpoint:
+    from safetensors.torch import save_file
+
+    model = _small_timm("vit_small_patch14_reg4_dinov2", 56)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Checkpoint(56, _timm_outputs(model))
+
+
+
+
+def timm_siglip(path: Path) -> Checkpoint:
+    from safetensors.torch import save_file
+
+    model = _small_timm("vit_base_patch16_siglip_224", 64)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Checkpoint(64, _timm_outputs(model))
+
+
+HF_DINOV2 = "dinov2-with-registers-small"
+
+
+def hf_dinov2(path: Path) -> Checkpoint:
+    torch.manual_seed(1)
+    model = perturb(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        # one 64-wide head: the original format does not record heads, and DINOv2's are 64 wide
+        hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=2, image_size=56, patch_size=14,
+        num_register_tokens=4, layer_norm_eps=1e-6)))
+    model.save_pretrained(path)
+    return Checkpoint(56, _hf_outputs(model, 1 + 4))
+
+
+def original_dinov2(path: Path) -> Checkpoint:
+    """The HF folder's network under facebookresearch/dinov2's names: ``register_tokens``, a class-token
+    position embedding (zero, so the reader's folding gives back the same tensors) and a ``mask_token``."""
+    from vitdeploy.checkpoints import load_model
+
+    hf = transformers.Dinov2WithRegistersModel.from_pretrained(path.parent / HF_DINOV2).eval()
+    state = dict(load_model(path.parent / HF_DINOV2).state_dict())
+    state["register_tokens"] = state.pop("reg_token")
+    state["pos_embed"] = torch.cat([torch.zeros(1, 1, HIDDEN), state["pos_embed"]], dim=1)
+    state["mask_token"] = torch.zeros(1, HIDDEN)
+    torch.save(state, path)
+    return Checkpoint(56, _hf_outputs(hf, 1 + 4))
+
+
+def hf_siglip(path: Path) -> Checkpoint:
+    torch.manual_seed(2)
+    model = perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=64,
+        patch_size=16)))
+    model.save_pretrained(path)
+    return Checkpoint(64, _hf_outputs(model, 0))
+
+
+CHECKPOINTS: dict[str, Callable[[Path], Checkpoint]] = {
+    "vit_small_patch14_reg4_dinov2.safetensors": timm_dinov2,
+    HF_DINOV2: hf_dinov2,
+    "dinov2_vits14_reg4_pretrain.pth": original_dinov2,  # after the folder it is made from
+    "siglip-base-patch16-224": hf_siglip,
+    "vit_base_patch16_siglip_224.safetensors": timm_siglip,
+}
+
+
+# Tune runs in one deploy (one round); the other deploy skips it (and must say so), to keep the module short.
+TUNED = "vit_small_patch14_reg4_dinov2.safetensors"
+
+
+def fast(row: Row, native: int) -> list[str]:
+    """The small shape ranges (and the short deploy) the test adds to a table command."""
+    options = ["--batch", "1:2", "--resolution", f"{native // 2}:{native * 3 // 2}", "--validation-max-batch", "1"]
+    if row.command == "deploy":
+        options += ["--bench-batch", "1", "--no-bench", "--tune-rounds", "1"]
+        options += [] if row.checkpoint == TUNED else ["--no-tune"]
+    return options
+
+
+@dataclass
+class Run:
+    status: int
+    out: str
+    err: str
+
+
+def run(argv: list[str] | tuple[str, ...]) -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return Run(status, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """Every table command, then every serving command, run in one folder of tiny checkpoints."""
+    folder = tmp_path_factory.mktemp("families-cli")
+    checkpoints = {name: make(folder / name) for name, make in CHECKPOINTS.items()}
+    shutil.copy(bundled_images()[0], folder / "photo.jpg")
+    runs: dict[tuple[str, ...], Run] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for row in ROWS:
+            runs[row.argv] = run([*row.argv, *fast(row, checkpoints[row.checkpoint].native)])
+        for argv in SERVING:
+            runs[argv] = run(argv)
+    return folder, checkpoints, runs
+
+
+def _ok(result: Run) -> None:
+    assert result.status == 0, result.err[-3000:]
+
+
+def _artifacts(row: Row, folder: Path) -> dict[str, Path]:
+    """The ONNX file of each precision a row wrote."""
+    target = folder / row.target
+    if row.command == "export":
+        (precision,) = row.precisions
+        return {precision: target}
+    stem = Path(row.checkpoint).name
+    return {precision: target / f"{stem}-{precision}.onnx" for precision in row.precisions}
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+def test_the_table_covers_both_families_every_format_and_precision():
+    assert {row.checkpoint for row in ROWS} == set(CHECKPOINTS)
+    for family, sources in (("DINOv2 with registers", ("timm", "HF folder", "original")),
+                            ("SigLIP", ("timm", "HF folder"))):
+        rows = [row for row in ROWS if row.family == family]
+        assert {p for row in rows for p in row.precisions} == set(PRECISIONS), family
+        assert all(any(source in row.source for row in rows) for source in sources), family
+        assert {row.command for row in rows} == {"deploy", "export"}, family
+    dinov2 = {row.outputs for row in ROWS if row.family.startswith("DINOv2")}
+    assert dinov2 == {("pooler_output",), ("pooler_output", "patch_tokens")}  # the default, and the dense features
+    for row in ROWS:  # the precision marks say what the command writes
+        asked = row.argv[row.argv.index("--precision") + 1] if "--precision" in row.argv else "fp32"
+        assert row.precisions == (PRECISIONS if row.command == "deploy" else (asked,))
+    assert {argv[0] for argv in SERVING} == {"triton", "predict"}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: " ".join(row.argv[:2]) + (" int8" if "int8" in row.argv else ""))
+def test_each_command_writes_the_precisions_and_outputs_the_table_says(ran, row):
+    folder, _, runs = ran
+    _ok(runs[row.argv])
+    for precision, path in _artifacts(row, folder).items():
+        metadata = read_onnx_metadata(path)
+        assert metadata.precision == precision
+        assert tuple(metadata.output_names) == row.outputs
+        assert metadata.validation["passed"] is True
+
+
+@pytest.mark.parametrize("row", [row for row in ROWS if row.command == "deploy"], ids=lambda row: row.checkpoint)
+def test_deploy_reports_the_outputs_and_what_ran(ran, row):
+    folder, _, _ = ran
+    out = folder / row.target
+    report = json.loads((out / "report.json").read_text())
+    written = {a["precision"]: a for a in report["artifacts"] if a["kind"] == "onnx"}
+    assert sorted(written) == sorted(PRECISIONS)
+    for artifact in written.values():
+        assert artifact["passed"] is True
+        assert [o["name"] for o in artifact["outputs"]] == list(row.outputs)
+    assert written["fp32"]["outputs"][0] == {"name": "pooler_output", "shape": ["batch", HIDDEN]}
+    stages = {stage["name"]: stage for stage in report["stages"]}
+    assert stages["export int8"]["status"] == "ok" and "TensorRT pre-flight: 0 error(s)" in " ".join(
+        written["int8"]["notes"])
+    assert stages["benchmark"] == {"name": "benchmark", "status": "skipped", "seconds": 0.0, "detail": "--no-bench"}
+    if row.checkpoint == TUNED:
+        assert stages["tune"]["status"] == "ok" and report["tune"]["document"]["chosen"] is not None
+        assert (out / "tune.json").is_file() and "## Fastest accurate CPU path (tune)" in (out / "report.md").read_text()
+    else:
+        assert stages["tune"]["status"] == "skipped" and stages["tune"]["detail"] == "--no-tune"
+    assert f"`pooler_output` [batch, {HIDDEN}]" in (out / "report.md").read_text()
+    assert (out / "build_engine.sh").is_file()
+
+
+def test_fp32_graphs_give_what_the_source_library_gives(ran):
+    from vitdeploy.runtimes.onnxruntime import OrtRuntime
+
+    folder, checkpoints, _ = ran
+    checked = set()
+    for row in ROWS:
+        path = _artifacts(row, folder).get("fp32")
+        if path is None:
+            continue
+        checkpoint = checkpoints[row.checkpoint]
+        metadata = read_onnx_metadata(path)
+        image = preprocess(bundled_images()[1], metadata.preprocessing)
+        pixels = np.stack([image, image[:, ::-1].copy()]).astype(np.float32)
+        assert pixels.shape[-1] == checkpoint.native
+        expected = checkpoint.reference(torch.from_numpy(pixels))
+        with OrtRuntime(path) as runtime:
+            got = runtime.run_outputs(pixels)
+        for name in row.outputs:
+            reference = expected[name].numpy()
+            error = float(np.abs(got[name] - reference).max() / np.abs(reference).max())
+            assert error <= TOLERANCE, (row.checkpoint, name, error)
+        checked.add(row.checkpoint)
+    assert checked == set(CHECKPOINTS)
+
+
+def test_triton_configs_list_each_output_with_its_dims(ran):
+    folder, _, runs = ran
+    repositories, served = set(), set()
+    for argv in SERVING:
+        if argv[0] != "triton":
+            continue
+        _ok(runs[argv])
+        repository = folder / argv[argv.index("-o") + 1]
+        repositories.add(repository)
+        for artifact in argv[1:argv.index("-o")]:
+            outputs = read_onnx_metadata(folder / artifact).output_names
+            served.update(outputs)
+            for kind in ("python", "onnxruntime"):
+                config = (repository / f"{Path(artifact).stem}_{kind}" / "config.pbtxt").read_text()
+                listed = re.findall(r'output \{\s*name: "(\w+)"\s*data_type: TYPE_FP32\s*dims: \[ ([-\d, ]+) \]', config)
+                expected = {"pooler_output": f"{HIDDEN}", "patch_tokens": f"-1, {HIDDEN}"}
+                assert listed == [(name, expected[name]) for name in outputs], config
+    assert len(repositories) == 1 and served == {"pooler_output", "patch_tokens"}
+
+
+def test_predict_prints_the_embedding_line(ran):
+    from vitdeploy import runtimes
+
+    folder, _, runs = ran
+    for argv in SERVING:
+        if argv[0] != "predict":
+            continue
+        result = runs[argv]
+        _ok(result)
+        artifact, image = folder / argv[1], argv[2]
+        with runtimes.load(artifact) as runtime:  # a deploy folder: the path tune chose
+            metadata = runtime.metadata
+            pixels = preprocess(folder / image, metadata.preprocessing)[None].astype(np.float32)
+            norm = float(np.linalg.norm(runtime.run_outputs(pixels)["pooler_output"]))
+        assert f"{image}\n  pooler_output [{HIDDEN}], L2 norm {norm:.4f}\n" in result.out, result.out
