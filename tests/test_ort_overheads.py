@@ -28,7 +28,10 @@ def test_small_run_reports_every_row_with_parity_and_both_targets(tmp_path, caps
     assert setup["fusions"] == {"attention": 1, "gelu": 2}  # the class-token block keeps its attention
     wrapped = rows["onnxruntime, contrib-fused (OrtRuntime.__call__)"]["p50_ms_median"]
     ratio = report["targets"]["onnxruntime_vs_eager"]
-    # Both sides are rounded (ratio to 4 places, the p50s to 3 in ms): equal to well within that rounding.
-    assert ratio["measured"] == pytest.approx(wrapped / rows["torch eager fp32"]["p50_ms_median"], rel=2e-3)
+    # Both sides are rounded (the ratio to 4 places, the p50s to 3 in ms): equal within what that rounding allows,
+    # which for sub-millisecond p50s is more than a fixed relative tolerance.
+    eager = rows["torch eager fp32"]["p50_ms_median"]
+    rounding = 0.5e-4 + (wrapped / eager) * (0.5e-3 / wrapped + 0.5e-3 / eager)
+    assert ratio["measured"] == pytest.approx(wrapped / eager, abs=rounding)
     assert ratio["met"] == (ratio["measured"] <= 0.8)
     assert "OrtRuntime vs eager" in capsys.readouterr().out
