@@ -136,7 +136,8 @@ def tensorrt(out: Path, dry_run: bool) -> int:
     record: dict[str, Any] = {"status": "run", "tensorrt": trt.__version__, "steps": {}}
     commands = {
         "pytest_gpu": [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "tests/test_tensorrt_gpu.py",
-                       "-p", "no:cacheprovider", "--junitxml", str(out / "pytest-tensorrt.xml")],
+                       "-p", "no:cacheprovider", "-o", "addopts=",  # one process: no xdist workers on the GPU
+                       "--junitxml", str(out / "pytest-tensorrt.xml")],
         "bench": [sys.executable, "-m", "vitdeploy", "bench", "vit_base_patch16_224", "--device", "cuda",
                   "--runtime", "tensorrt-fp16", "--batch", "1,32", "--resolution", "224", "--time-budget", "0.3",
                   "--no-plots", "-o", str(out / "bench-tensorrt"), "--cache-dir", str(out / "artifacts")],
