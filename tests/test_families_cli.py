@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_checkpoints_families_hf import perturb
+from family_sources import hf_outputs, perturb, timm_outputs
 from timm_without_torchvision import import_timm
 
 from vitdeploy.cli import main
 from vitdeploy.metadata import read_onnx_metadata
+from vitdeploy.outputs import OUTPUT_NAMES
 from vitdeploy.preprocessing import bundled_images, preprocess
 
 timm = import_timm()
@@ -115,46 +116,42 @@ class Checkpoint:
     reference: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _timm_outputs(model: torch.nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    def outputs(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            tokens = model.forward_features(pixels)
-            return {"pooler_output": model.forward_head(tokens, pre_logits=True),
-                    "patch_tokens": tokens[:, model.num_prefix_tokens:]}
-    return outputs
-
-
-def _hf_outputs(model: torch.nn.Module, prefix: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    def outputs(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            result = model(pixel_values=pixels)
-        return {"pooler_output": result.pooler_output, "patch_tokens": result.last_hidden_state[:, prefix:]}
-    return outputs
-
-
-def _small_timm(name: str, img_size: int) -> torch.nn.Module:
+def _small_timm(name: str, img_size: int, num_classes: int = 0) -> torch.nn.Module:
     torch.manual_seed(0)
     # hidden 64 with one head: a bare state dict does not record heads, and the loader takes hidden // 64
     return perturb(timm.create_model(name, pretrained=False, embed_dim=HIDDEN, depth=1, num_heads=1, mlp_ratio=2,
-                                     img_size=img_size, num_classes=0))
+                                     img_size=img_size, num_classes=num_classes))
+
+
+def _timm_file(name: str, img_size: int, path: Path, num_classes: int = 0) -> Checkpoint:
+    """timm's ``name``, tiny, saved as timm saves weights; its reference is timm's own outputs."""
+    from safetensors.torch import save_file
+
+    model = _small_timm(name, img_size, num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Checkpoint(img_size, lambda pixels: timm_outputs(model, pixels, OUTPUT_NAMES))
+
+
+def _hf_folder(model: torch.nn.Module, native: int, path: Path) -> Checkpoint:
+    """``model`` saved with ``save_pretrained``; its reference is transformers' own outputs."""
+    model.save_pretrained(path)
+    return Checkpoint(native, lambda pixels: hf_outputs(model, pixels))
 
 
 def timm_dinov2(path: Path) -> Checkpoint:
-    from safetensors.torch import save_file
-
-    model = _small_timm("vit_small_patch14_reg4_dinov2", 56)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return Checkpoint(56, _timm_outputs(model))
-
-
+    return _timm_file("vit_small_patch14_reg4_dinov2", 56, path)
 
 
 def timm_siglip(path: Path) -> Checkpoint:
-    from safetensors.torch import save_file
+    return _timm_file("vit_base_patch16_siglip_224", 64, path)
 
-    model = _small_timm("vit_base_patch16_siglip_224", 64)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return Checkpoint(64, _timm_outputs(model))
+
+def timm_deit(path: Path) -> Checkpoint:
+    return _timm_file("deit_small_distilled_patch16_224", 64, path, num_classes=5)
+
+
+def timm_deit3(path: Path) -> Checkpoint:
+    return _timm_file("deit3_small_patch16_224", 64, path, num_classes=5)
 
 
 HF_DINOV2 = "dinov2-with-registers-small"
@@ -166,8 +163,7 @@ def hf_dinov2(path: Path) -> Checkpoint:
         # one 64-wide head: the original format does not record heads, and DINOv2's are 64 wide
         hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=2, image_size=56, patch_size=14,
         num_register_tokens=4, layer_norm_eps=1e-6)))
-    model.save_pretrained(path)
-    return Checkpoint(56, _hf_outputs(model, 1 + 4))
+    return _hf_folder(model, 56, path)
 
 
 def original_dinov2(path: Path) -> Checkpoint:
@@ -181,7 +177,7 @@ def original_dinov2(path: Path) -> Checkpoint:
     state["pos_embed"] = torch.cat([torch.zeros(1, 1, HIDDEN), state["pos_embed"]], dim=1)
     state["mask_token"] = torch.zeros(1, HIDDEN)
     torch.save(state, path)
-    return Checkpoint(56, _hf_outputs(hf, 1 + 4))
+    return Checkpoint(56, lambda pixels: hf_outputs(hf, pixels))
 
 
 def hf_siglip(path: Path) -> Checkpoint:
@@ -189,8 +185,15 @@ def hf_siglip(path: Path) -> Checkpoint:
     model = perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
         hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=64,
         patch_size=16)))
-    model.save_pretrained(path)
-    return Checkpoint(64, _hf_outputs(model, 0))
+    return _hf_folder(model, 64, path)
+
+
+def hf_clip(path: Path) -> Checkpoint:
+    torch.manual_seed(3)
+    model = perturb(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=64,
+        patch_size=16, projection_dim=32, layer_norm_eps=1e-5)))
+    return _hf_folder(model, 64, path)
 
 
 CHECKPOINTS: dict[str, Callable[[Path], Checkpoint]] = {
@@ -199,6 +202,9 @@ CHECKPOINTS: dict[str, Callable[[Path], Checkpoint]] = {
     "dinov2_vits14_reg4_pretrain.pth": original_dinov2,  # after the folder it is made from
     "siglip-base-patch16-224": hf_siglip,
     "vit_base_patch16_siglip_224.safetensors": timm_siglip,
+    "deit_small_distilled_patch16_224.safetensors": timm_deit,
+    "deit3_small_patch16_224.safetensors": timm_deit3,
+    "clip-vit-base-patch16": hf_clip,
 }
 
 
@@ -261,8 +267,10 @@ def _artifacts(row: Row, folder: Path) -> dict[str, Path]:
 
 # -- the table ------------------------------------------------------------------------------------
 
-def test_the_table_covers_both_families_every_format_and_precision():
+def test_the_table_covers_every_family_both_in_full_every_format_and_precision():
     assert {row.checkpoint for row in ROWS} == set(CHECKPOINTS)
+    assert {row.family for row in ROWS} == {"DeiT (distilled)", "DeiT III", "DINOv2 with registers", "CLIP", "SigLIP"}
+    assert {row.source for row in ROWS if row.family == "CLIP"} == {"HF folder (`CLIPVisionModelWithProjection`)"}
     for family, sources in (("DINOv2 with registers", ("timm", "HF folder", "original")),
                             ("SigLIP", ("timm", "HF folder"))):
         rows = [row for row in ROWS if row.family == family]
