@@ -178,12 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads = {"intra_op_threads": args.threads, "inter_op_threads": 1}
         ort_fp32 = OrtRuntime(fp32_path, **threads)
         ort_int8 = OrtRuntime(int8_path, **threads)
+        # the int8 file itself, beside the validated CPU variant OrtRuntime runs by default: what the fusion buys
+        ort_int8_portable = OrtRuntime(int8_path, variant="portable", **threads)
         ov_fp32 = OpenVINORuntime(fp32_path, threads=args.threads)
         ov_int8 = OpenVINORuntime(int8_path, threads=args.threads)
-        keep += [ort_fp32, ort_int8, ov_fp32, ov_int8]
+        keep += [ort_fp32, ort_int8, ort_int8_portable, ov_fp32, ov_int8]
         contenders.update({
             "vitdeploy OrtRuntime fp32 (CPU variant)": ort_fp32,
-            "vitdeploy OrtRuntime int8": ort_int8,
+            f"vitdeploy OrtRuntime int8 ({'CPU variant' if ort_int8.graph_path != int8_path else 'no CPU variant'})":
+                ort_int8,
+            "vitdeploy OrtRuntime int8 (portable file)": ort_int8_portable,
             "vitdeploy OpenVINORuntime fp32 (f32)": ov_fp32,
             "vitdeploy OpenVINORuntime int8 (f32 elsewhere)": ov_int8,
         })
