@@ -620,12 +620,25 @@ def make_cpu_variant(proto: Any, metadata: ArtifactMetadata, external: bool,
     return variant
 
 
+def validate_cpu_variant(variant: tuple[Any, ArtifactMetadata], path: Path,
+                         validate: Callable[[Path, ArtifactMetadata], ParityReport], say: Progress) -> ParityReport | None:
+    """Write ``variant`` to the scratch ``path`` and ``validate`` it (against the references its portable file
+    passed); its report when it passes, else ``None`` with a line to ``say`` (the portable file goes on alone)."""
+    path.write_bytes(variant[0].SerializeToString())
+    report = validate(path, variant[1])
+    if report.passed:
+        return report
+    say(f"the onnxruntime CPU variant failed validation and is not written: {'; '.join(report.failures[:2])}")
+    return None
+
+
 def attach_cpu_variant(variant: tuple[Any, ArtifactMetadata], report: ParityReport, metadata: ArtifactMetadata,
-                       variant_target: Path) -> bytes:
-    """Record the validated ``variant``'s ``report`` in its own metadata and the variant (file name, sha256)
-    in the portable file's ``metadata``; returns the variant's bytes to hand over beside it."""
+                       variant_target: Path, record: dict[str, Any] | None = None) -> bytes:
+    """Record the validated ``variant``'s ``report`` (with ``record``'s extra fields) in its own metadata and
+    the variant (file name, sha256) in the portable file's ``metadata``; returns the variant's bytes to hand
+    over beside it."""
     variant_proto, variant_metadata = variant
-    variant_metadata.validation = _validation_record(report)
+    variant_metadata.validation = {**_validation_record(report), **(record or {})}
     set_metadata(variant_proto, variant_metadata.to_props())
     variant_bytes = variant_proto.SerializeToString()
     metadata.variants = {CPU_VARIANT: {"file": variant_target.name, "sha256": hashlib.sha256(variant_bytes).hexdigest()}}
@@ -688,8 +701,6 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
         with stages("save"):
             _save(proto, tmp_model, external)
             onnx.checker.check_model(str(tmp_model))
-            if variant is not None:
-                tmp_variant.write_bytes(variant[0].SerializeToString())
         if options.validate:
             from vitdeploy.exporters.validation import shared_references, validate_onnx
             from vitdeploy.runtimes.torch import eager_references
@@ -713,13 +724,10 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
                 raise ExportValidationError(report, kept)
             if variant is not None:
                 with stages(f"validate {variant_target.name}"):
-                    variant_report = validate_onnx(
-                        tmp_variant, model, variant[1],
-                        max_batch=options.validation_max_batch, images=options.validation_images,
-                        on_case=say_case, references=references)
-                if not variant_report.passed:
-                    stages.say(f"the onnxruntime CPU variant failed validation and is not written: "
-                               f"{'; '.join(variant_report.failures[:2])}")
+                    variant_report = validate_cpu_variant(variant, tmp_variant, lambda path, data: validate_onnx(
+                        path, model, data, max_batch=options.validation_max_batch, images=options.validation_images,
+                        on_case=say_case, references=references), stages.say)
+                if variant_report is None:
                     variant = None
             metadata.validation = _validation_record(report)
         else:

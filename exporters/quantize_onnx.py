@@ -33,6 +33,7 @@ from .onnx_export import (
     attach_cpu_variant,
     cpu_variant_path,
     make_cpu_variant,
+    validate_cpu_variant,
 )
 from .quantize import QuantizeOptions, quantize_model
 
@@ -120,8 +121,6 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
     extra: dict[Path, bytes] = {}
     try:
         _save(quantized, tmp, external)
-        if variant is not None:
-            tmp_variant.write_bytes(variant[0].SerializeToString())
         if validate:
             if reference is not None:
                 from vitdeploy.runtimes.torch import eager_references
@@ -142,19 +141,16 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
             if not report.passed:
                 kept = _keep_failed(quantized, tmp, target, external) if keep_failed else None
                 raise ExportValidationError(report, kept)
+            judged_by = {} if reference is not None else {"reference": f"{source.name} (fp32 graph)"}
             if variant is not None:
                 say(f"validating {variant_target.name} (the onnxruntime-CPU variant) the same way")
-                variant_report = validate_onnx(tmp_variant, None, variant[1], max_batch=max_batch, images=images,
-                                               references=references, on_case=say_case)
-                if variant_report.passed:
+                variant_report = validate_cpu_variant(variant, tmp_variant, lambda path, data: validate_onnx(
+                    path, None, data, max_batch=max_batch, images=images, references=references,
+                    on_case=say_case), say)
+                if variant_report is not None:
                     extra[variant_target] = attach_cpu_variant(variant, variant_report, quantized_metadata,
-                                                               variant_target)
-                else:
-                    say(f"the onnxruntime CPU variant failed validation and is not written: "
-                        f"{'; '.join(variant_report.failures[:2])}")
-            quantized_metadata.validation = _validation_record(report)
-            if reference is None:
-                quantized_metadata.validation["reference"] = f"{source.name} (fp32 graph)"
+                                                               variant_target, judged_by)
+            quantized_metadata.validation = {**_validation_record(report), **judged_by}
         else:
             quantized_metadata.validation = {"passed": None, "notes": ["quantized with validation disabled"]}
         set_metadata(quantized, quantized_metadata.to_props())

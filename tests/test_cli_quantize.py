@@ -56,6 +56,7 @@ def test_int8_stays_within_one_point_of_fp32_on_digits(digits_files, capsys):
     assert metadata.variants[CPU_VARIANT]["file"] == variant.name
     variant_metadata = read_onnx_metadata(variant)
     assert variant_metadata.precision == "int8" and variant_metadata.validation["passed"] is True
+    assert variant_metadata.validation["reference"] == metadata.validation["reference"] == "digits.onnx (fp32 graph)"
     assert any(t["name"] == CPU_FUSION for t in variant_metadata.transforms)
 
 
