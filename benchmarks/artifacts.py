@@ -36,6 +36,17 @@ def export_for_bench(model: Any, path: Path, precision: str, sweep: Sweep, sourc
     return export_onnx(model, path, options).path
 
 
+def quantize_for_bench(model: Any, fp32_path: Path, path: Path) -> Path:
+    """The int8 file :func:`export_for_bench` would write, quantized from its fp32 export ``fp32_path``
+    instead of a second trace: the same quantizer and calibration, validated against the eager ``model``
+    (batch 1), with its onnxruntime-CPU variant, in the weight range :func:`bench_int8_reduce_range` says."""
+    from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
+
+    return quantize_onnx(fp32_path, path, QuantizeOptions(reduce_range=bench_int8_reduce_range()), reference=model,
+                         max_batch=1).path
+
+
 def engine_profiles(sweep: Sweep) -> list[str]:
     """``--profile`` specs for a sweep: a latency profile (small batches, optimum at the smallest batch
     and size) and, when the sweep goes past batch 8, a throughput profile (optimum at its largest batch
