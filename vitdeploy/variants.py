@@ -124,8 +124,17 @@ def closest_variants(name: str, count: int = 3) -> list[str]:
     return difflib.get_close_matches(name, list_variants(), n=count, cutoff=0.6)
 
 
+def unknown_variant_message(name: str, context: str = "",
+                            listing: str = "vitdeploy.list_variants() lists them all") -> str:
+    """The one line saying ``name`` is no variant (``context``: where it was given, e.g. ``" for model="``),
+    naming the closest variants and where the full list is (``listing``)."""
+    close = closest_variants(name)
+    hint = f"closest: {', '.join(close)}" if close else "no variant name is close"
+    return f"unknown model variant {name!r}{context}; {hint} ({listing})"
+
+
 def get_config(name: str, **overrides: Any) -> ViTConfig:
     """The configuration of the variant ``name`` with ``overrides`` applied."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown model variant {name!r}; expected one of: {', '.join(list_variants())}")
+        raise ValueError(unknown_variant_message(name))
     return VARIANTS[name].replace(**overrides)

@@ -24,7 +24,7 @@ from vitdeploy.config import CLASS_TOKEN_POOLINGS, HybridConfig, ViTConfig
 from vitdeploy.files import sha256_files
 from vitdeploy.model import VisionTransformer
 from vitdeploy.pos_embed import infer_grid, resample_pos_embed
-from vitdeploy.variants import VARIANTS, closest_variants
+from vitdeploy.variants import VARIANTS, unknown_variant_message
 
 StateDict = dict[str, torch.Tensor]
 
@@ -473,10 +473,7 @@ def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> 
     tensor the two disagree on.
     """
     if name not in VARIANTS:
-        close = closest_variants(name)
-        raise ValueError(f"unknown model variant {name!r} for model=; "
-                         + (f"closest: {', '.join(close)}" if close else "no variant name is close")
-                         + " (vitdeploy.list_variants() lists them all)")
+        raise ValueError(unknown_variant_message(name, " for model="))
     variant = VARIANTS[name]
     kept = {k: getattr(config, k) for k in _CHECKPOINT_FIELDS}
     # Preprocessing that was only a default (the detected variant's, or ViTConfig's) is the forced variant's.

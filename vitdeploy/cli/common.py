@@ -260,14 +260,11 @@ def add_pos_embed_resample(parser: argparse.ArgumentParser) -> None:
 def model_variant(text: str) -> str:
     """argparse type of ``--model``: a registry variant name (checked at parse time, before torch loads);
     an unknown one is named with the closest."""
-    from vitdeploy.variants import VARIANTS, closest_variants
+    from vitdeploy.variants import VARIANTS, unknown_variant_message
 
     if text in VARIANTS:
         return text
-    close = closest_variants(text)
-    hint = f"closest: {', '.join(close)}" if close else "no variant name is close"
-    raise argparse.ArgumentTypeError(f"unknown model variant {text!r}; {hint} (`vitdeploy inspect --list` lists "
-                                     "them all)")
+    raise argparse.ArgumentTypeError(unknown_variant_message(text, listing="`vitdeploy inspect --list` lists them all"))
 
 
 def add_model_override(parser: argparse.ArgumentParser, what: str = "SOURCE") -> None:
