@@ -206,7 +206,7 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> tuple[dict[st
     import torch
 
     import vitdeploy
-    from vitdeploy.cpu_features import int8_dot_flags
+    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions
     from vitdeploy.outputs import default_outputs
@@ -220,7 +220,7 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> tuple[dict[st
     names = {id(module): name for name, module in model.named_modules()}
     inject_outlier_channels_eager(model, channels, args.factor, [output])
     path = folder / f"seed{seed}-int8.onnx"
-    reduce_range = {"auto": not int8_dot_flags(), "full": False, "7bit": True}[args.weights]
+    reduce_range = {"auto": bench_int8_reduce_range(), "full": False, "7bit": True}[args.weights]
     row: dict[str, Any] = {"seed": seed, "output": output, "channels": list(channels), "reduce_range": reduce_range,
                            "outlier_layer_norms": [names[id(norm)] for norm in injected]}
     start = time.perf_counter()

@@ -415,10 +415,12 @@ class Pipeline:
             if built is not None:
                 self.verify_engine(built)
                 engine = built.path
-        if options.bench and onnx:
-            self.benchmark(onnx, engine)
-        elif not options.bench:
+        if not options.bench:
             self.skip("benchmark", "--no-bench")
+        elif not onnx:
+            self.skip("benchmark", "no graph to time (every export failed)")
+        else:
+            self.benchmark(onnx, engine)
         if not options.tune:
             self.skip("tune", "--no-tune")
         elif "fp32" not in onnx:
