@@ -66,6 +66,26 @@ def _plateau_sizes(rate: float, seconds: float, largest: int) -> list[int]:
     return [n for n in (512, 1024, 2048, 4096, 8192) if PROBE_SIZE <= n <= largest]
 
 
+def _fastest_by_library(products_at: Callable[[int], dict[str, Callable[[], float]]], sizes: list[int],
+                        seconds: float) -> dict[str, tuple[float, int, int]]:
+    """Each library's best rate over ``sizes``: ``{library: (G(FL)OP/s, size, runs)}``, every timed square
+    product (``products_at(n)``, one per library) run for about ``seconds / len(sizes)``."""
+    rates: dict[str, tuple[float, int, int]] = {}
+    for n in sizes:
+        for library, product in products_at(n).items():
+            best, runs = _best_seconds(product, seconds / len(sizes))
+            rate = 2.0 * n**3 / best / 1e9
+            if rate > rates.get(library, (0.0, 0, 0))[0]:
+                rates[library] = (rate, n, runs)
+    return rates
+
+
+def _describe(rates: dict[str, tuple[float, int, int]], precision: str, unit: str) -> str:
+    """``"torch.matmul 1024x1024 fp32 183 GFLOP/s (best of 25); ..."``: how each library's rate was measured."""
+    return "; ".join(f"{library} {n}x{n} {precision} {rate:.0f} {unit} (best of {runs})"
+                     for library, (rate, n, runs) in rates.items())
+
+
 def _square_matmul_graph(n: int) -> Any:
     """``c = a @ b``, fp32, ``n x n``."""
     from onnx import TensorProto, helper
@@ -210,17 +230,10 @@ def measure_int8_peak(threads: int | None = None, size: int | None = None, secon
     if size is None:
         rate = 2.0 * PROBE_SIZE**3 / max(min(product() for product in products[first].values() for _ in range(3)), 1e-9)
         sizes = _plateau_sizes(rate, seconds, _SIZES["cpu"])
-    rates: dict[str, tuple[float, int, int]] = {}  # library -> (GOP/s, size, runs)
-    for n in sizes:
-        for library, product in (products.pop(n, None) or _int8_products(n, threads, weight_qmax)).items():
-            best, runs = _best_seconds(product, seconds / len(sizes))
-            gops = 2.0 * n**3 / best / 1e9
-            if gops > rates.get(library, (0.0, 0, 0))[0]:
-                rates[library] = (gops, n, runs)
+    rates = _fastest_by_library(lambda n: products.pop(n, None) or _int8_products(n, threads, weight_qmax),
+                                sizes, seconds)
     where = f"{threads} threads" if threads else "default threads"
-    method = "; ".join(f"{library} {n}x{n} int8 {gops:.0f} GOP/s (best of {runs})"
-                       for library, (gops, n, runs) in rates.items())
-    method += f", weights within +-{weight_qmax}, {where}"
+    method = _describe(rates, "int8", "GOP/s") + f", weights within +-{weight_qmax}, {where}"
     return Peak(device="cpu", precision="int8", gflops=max(rate for rate, _, _ in rates.values()),
                 source="measured", method=method)
 
@@ -274,8 +287,8 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
                 sizes = _plateau_sizes(rate, seconds, _SIZES[device])
             else:
                 sizes = [size]
-            rates: dict[str, tuple[float, int, int]] = {}  # library -> (GFLOP/s, size, runs)
-            for n in sizes:
+
+            def products_at(n: int) -> dict[str, Callable[[], float]]:
                 a, b = operands(n)
                 torch.matmul(a, b)
                 if device == "cuda":
@@ -287,16 +300,13 @@ def measure_matmul_peak(device: str, precision: str, threads: int | None = None,
                     ort_product = _onnxruntime_product(_square_matmul_graph(n), {"a": a.numpy(), "b": b.numpy()}, threads)
                 if ort_product is not None:
                     products["onnxruntime MatMul"] = ort_product
-                for library, product in products.items():
-                    best, runs = _best_seconds(product, seconds / len(sizes))
-                    gflops = 2.0 * n**3 / best / 1e9
-                    if gflops > rates.get(library, (0.0, 0, 0))[0]:
-                        rates[library] = (gflops, n, runs)
+                return products
+
+            rates = _fastest_by_library(products_at, sizes, seconds)
     finally:
         torch.set_num_threads(previous_threads)
     where = f"{threads} threads" if device == "cpu" else "CUDA events"
-    method = "; ".join(f"{library} {n}x{n} {precision} {gflops:.0f} GFLOP/s (best of {runs})"
-                       for library, (gflops, n, runs) in rates.items()) + f", {where}"
+    method = _describe(rates, precision, "GFLOP/s") + f", {where}"
     gflops = max(rate for rate, _, _ in rates.values())
     return Peak(device=device, precision=precision, gflops=gflops, source="measured", method=method)
 
