@@ -75,6 +75,10 @@ class BenchModel:
 
         cache = Path(cache_dir)
         path = Path(source)
+        if model_override is not None and (path.suffix.lower() in (*ONNX_SUFFIXES, *ENGINE_SUFFIXES)
+                                           or (source in VARIANTS and not path.exists())):
+            raise ValueError(f"model_override={model_override!r} forces an architecture on a checkpoint; "
+                             f"{source!r} is a variant name or an artifact")
         if source in VARIANTS and not path.exists():
             return cls(source, source, "variant", get_config(source), cache, random_weights=True)
         if not path.exists():

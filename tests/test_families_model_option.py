@@ -134,3 +134,15 @@ def test_convert_and_predict_load_a_checkpoint_with_the_forced_architecture(tmp_
     capsys.readouterr()
     ran = json.loads(predictions.read_text())
     assert ran["runtime"] == "torch" and len(ran["predictions"][0]["top_k"]) == 5
+
+
+def test_bench_model_refuses_an_override_it_cannot_apply(tmp_path) -> None:
+    """The library path behind ``bench --model`` refuses, rather than ignores, an override for a variant
+    name or an artifact (nothing is loaded from them to force an architecture on)."""
+    from vitdeploy.benchmarks.models import BenchModel
+
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(b"")
+    for source in ("vit_tiny_patch16_224", str(artifact)):
+        with pytest.raises(ValueError, match="forces an architecture on a checkpoint"):
+            BenchModel.open(source, tmp_path / "cache", model_override="deit_small_patch16_224")
