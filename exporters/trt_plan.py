@@ -31,7 +31,7 @@ from vitdeploy.engine_manifest import (
     parse_shape,
     validate_profiles,
 )
-from vitdeploy.metadata import PREFIX, ArtifactMetadata
+from vitdeploy.metadata import PREFIX, ArtifactMetadata, DeployableRange
 
 # --softmax: "graph" builds the graph as it is; "fp16" computes softmax in fp16 (the Cast→Softmax(fp32)→Cast
 # islands removed), leaving its precision to TensorRT's fused attention kernel (see exporters/trt_attention.py).
@@ -62,7 +62,9 @@ class BuildOptions:
     ``softmax="fp16"`` (fp16 engines only) rewrites the graph so softmax runs in fp16 inside
     attention, parity-checks the rewrite against the graph on onnxruntime, then builds from it.
     ``detailed_profiling`` builds with ``ProfilingVerbosity.DETAILED`` so the engine inspector
-    reports each layer's type and tactic (whether attention was fused).
+    reports each layer's type and tactic (whether attention was fused). ``beyond_validated``
+    lets profiles reach the file's declared range instead of the validated one (warned, and
+    recorded in the manifest's build options).
     """
 
     precision: str | None = None
@@ -75,6 +77,7 @@ class BuildOptions:
     tf32: bool = True
     softmax: str = "graph"
     detailed_profiling: bool = True
+    beyond_validated: bool = False
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -104,6 +107,7 @@ class BuildOptions:
             "verbose": self.verbose,
             "softmax": self.softmax,
             "profiling_verbosity": "detailed" if self.detailed_profiling else "layer_names_only",
+            "beyond_validated": self.beyond_validated,
         }
 
 
@@ -206,19 +210,28 @@ def read_onnx_info(path: str | os.PathLike[str]) -> OnnxInfo:
     return OnnxInfo(path, inputs[0].name, shape, [o.name for o in model.graph.output], precision, opset, metadata)
 
 
-def default_ranges(info: OnnxInfo) -> dict[str, tuple[int, int, int]]:
+def profile_range(info: OnnxInfo, beyond_validated: bool = False) -> DeployableRange | None:
+    """The range profiles may span: the validated one (the declared one with ``beyond_validated``,
+    see :meth:`~vitdeploy.metadata.ArtifactMetadata.deployable_range`); ``None`` without metadata."""
+    if info.metadata is None:
+        return None
+    return info.metadata.deployable_range(beyond_validated, info.path.name)
+
+
+def default_ranges(info: OnnxInfo, beyond_validated: bool = False) -> dict[str, tuple[int, int, int]]:
     """Profile axes from the artifact metadata: min/max = the validated range; opt = batch min, native size.
 
     The rule (stated in ``vitdeploy build --help``): opt batch is the smallest validated batch
     (1 by default, the latency case) and opt height/width is the model's native
-    ``image_size`` clamped into the validated range.
+    ``image_size`` clamped into the validated range. ``beyond_validated``: the declared range.
     """
-    if info.metadata is None:
+    allowed = profile_range(info, beyond_validated)
+    if allowed is None:
         raise ValueError(
             f"{info.path} carries no vitdeploy metadata, so no default profile can be derived; pass "
             "--min-shape/--opt-shape/--max-shape (or --batch and --resolution)"
         )
-    rng = info.metadata.shape_range
+    rng = allowed.shape_range
     native = int(info.metadata.model_config.get("image_size", rng.height[0]))
     stride = info.metadata.stride
     return {
@@ -300,11 +313,13 @@ def make_profiles(
     opt_shape: str | None = None,
     max_shape: str | None = None,
     profile_specs: list[str] | tuple[str, ...] = (),
+    beyond_validated: bool = False,
 ) -> list[OptimizationProfile]:
     """Profiles from the command line, defaulting from the artifact metadata; validated.
 
     ``--batch``/``--resolution`` set those axes for every profile (and ``--profile`` specs
-    override them per profile); explicit ``--min/opt/max-shape`` make a single profile.
+    override them per profile); explicit ``--min/opt/max-shape`` make a single profile. Every
+    profile stays inside the validated range, or the declared one with ``beyond_validated``.
     """
     explicit = [s for s in (min_shape, opt_shape, max_shape) if s is not None]
     if explicit and len(explicit) != 3:
@@ -315,7 +330,7 @@ def make_profiles(
         raise ValueError("--min-shape/--opt-shape/--max-shape already fix every axis; drop --batch/--resolution")
     defaults: dict[str, tuple[int, int, int]] | None
     try:
-        defaults = default_ranges(info)
+        defaults = default_ranges(info, beyond_validated)
     except ValueError:
         if not explicit and not profile_specs and not (batch and resolution):
             raise
@@ -332,12 +347,19 @@ def make_profiles(
     else:
         assert defaults is not None
         profiles = [profile_from_ranges(info, defaults["batch"], defaults["height"], defaults["width"])]
-    validate_profiles(
-        profiles,
-        channels=info.channels,
-        multiple_of=info.stride,
-        shape_range=info.metadata.shape_range if info.metadata is not None else None,
-    )
+    allowed = profile_range(info, beyond_validated)
+    try:
+        validate_profiles(profiles, channels=info.channels, multiple_of=info.stride,
+                          shape_range=allowed.shape_range if allowed is not None else None)
+    except ValueError as error:
+        if allowed is None or allowed.source != "validated":
+            raise
+        try:  # inside the declared range: say how to build beyond the validated one
+            validate_profiles(profiles, shape_range=info.metadata.shape_range)
+        except ValueError:
+            raise error from None
+        raise ValueError(f"{error}; --beyond-validated builds up to the declared range "
+                         f"({info.metadata.shape_range.describe()}), warned and recorded") from None
     return profiles
 
 
@@ -349,6 +371,13 @@ class BuildPlan:
     engine_path: Path
     profiles: list[OptimizationProfile]
     options: BuildOptions = field(default_factory=BuildOptions)
+
+    @property
+    def range_warning(self) -> str | None:
+        """Why the profiles may leave the validated range (``--beyond-validated``, or a file never
+        validated); ``None`` when they stay inside it."""
+        allowed = profile_range(self.onnx, self.options.beyond_validated)
+        return allowed.warning if allowed is not None else None
 
     @property
     def precision(self) -> str:
@@ -400,7 +429,8 @@ def plan_build(
     engine = Path(engine_path) if engine_path is not None else info.path.with_suffix(".engine")
     if engine.suffix.lower() == ".onnx" or engine.resolve() == info.path.resolve():
         raise ValueError(f"output {engine} would overwrite the ONNX input; name the engine e.g. {info.path.stem}.engine")
-    return BuildPlan(info, engine, make_profiles(info, **profile_args), options)
+    profiles = make_profiles(info, beyond_validated=options.beyond_validated, **profile_args)
+    return BuildPlan(info, engine, profiles, options)
 
 
 def check_precision_request(info: OnnxInfo, options: BuildOptions) -> None:

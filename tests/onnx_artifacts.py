@@ -90,3 +90,18 @@ def fp16_io_graph(path: Path, config: ViTConfig, metadata: ArtifactMetadata, see
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return weight
+
+
+def validated_tiny_export(folder: Path, batch: tuple[int, int] = (1, 8), validation_max_batch: int = 2) -> Path:
+    """A real, validated ``vitdeploy export`` of the conftest tiny model (sizes 16..64) into ``folder``.
+
+    Declared batch ``batch``, validated only up to ``validation_max_batch`` (the export caps it), so
+    the validated and the declared range differ; the trace comes from the session's trace cache.
+    """
+    from conftest import make_model, tiny_config
+
+    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+
+    options = ExportOptions(batch=batch, height=(16, 64), width=(16, 64), validation_max_batch=validation_max_batch,
+                            preflight=False, cpu_variant=False)
+    return export_onnx(make_model(tiny_config()), Path(folder) / "validated.onnx", options).path

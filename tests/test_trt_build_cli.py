@@ -115,7 +115,8 @@ def test_build_with_the_double_writes_engine_and_manifest(onnx_path, tmp_path, m
 def test_main_exits_2_with_one_line(onnx_path, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert main(["build", str(onnx_path), "-o", str(tmp_path / "m.engine")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    # tiny_onnx() was exported with --no-validate: a "[vitdeploy] warning:" line says its declared range is used.
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[vitdeploy] ")]
     assert len(err) == 1 and err[0].startswith("vitdeploy build: error: TensorRT is not installed here")
 
 
@@ -166,3 +167,51 @@ def test_precision_and_softmax_choices(onnx_path, tmp_path, capsys) -> None:
     rewritten = tmp_path / "s.fp16-softmax.onnx"
     assert argv[1] == f"--onnx={rewritten}" and rewritten.is_file()  # rewritten, parity-checked, kept for trtexec
     assert "--int8" not in argv and "--fp16" not in argv and "--stronglyTyped" in argv
+
+
+@pytest.fixture(scope="module")
+def validated_onnx(tmp_path_factory):
+    """A real export declared for batch 1..8 whose parity check covered batch 1..2 (and sizes 16..64)."""
+    from onnx_artifacts import validated_tiny_export
+
+    return validated_tiny_export(tmp_path_factory.mktemp("validated"), batch=(1, 8), validation_max_batch=2)
+
+
+def test_profiles_come_from_the_validated_range_not_the_declared_one(validated_onnx, tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    from vitdeploy.metadata import read_onnx_metadata
+
+    metadata = read_onnx_metadata(validated_onnx)
+    assert metadata.shape_range.batch == (1, 8) and metadata.validated_range.batch == (1, 2)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    engine = tmp_path / "v.engine"
+    assert run_build([str(validated_onnx), "-o", str(engine), "--print-trtexec"]) == 0
+    captured = capsys.readouterr()
+    argv = shlex.split(captured.out.strip())
+    assert "--minShapes=pixel_values:1x3x16x16" in argv and "--maxShapes=pixel_values:2x3x64x64" in argv
+    assert "warning" not in captured.err
+
+    # A batch beyond the validated 2 is refused, naming the override; with it, the declared range is allowed, warned.
+    with pytest.raises(ValueError, match=r"batch 1\.\.8 is outside the range 1\.\.2 .*--beyond-validated builds up "
+                                         r"to the declared range \(batch 1\.\.8, 16\.\.64\)"):
+        run_build([str(validated_onnx), "-o", str(engine), "--print-trtexec", "--batch", "1:1:8"])
+    assert run_build([str(validated_onnx), "-o", str(engine), "--print-trtexec", "--beyond-validated"]) == 0
+    captured = capsys.readouterr()
+    assert "--maxShapes=pixel_values:8x3x64x64" in shlex.split(captured.out.strip())
+    assert "[vitdeploy] warning: beyond the validated range: using validated.onnx's declared range (batch 1..8, " \
+           "16..64) although only batch 1..2, 16..64 was validated" in captured.err
+
+
+def test_the_override_is_recorded_in_the_engine_manifest(validated_onnx, tmp_path, monkeypatch, capsys) -> None:
+    from vitdeploy.engine_manifest import EngineManifest, manifest_path_for
+
+    Doubles().install(monkeypatch)
+    plain, wide = tmp_path / "plain.engine", tmp_path / "wide.engine"
+    assert run_build([str(validated_onnx), "-o", str(plain), "--no-progress"]) == 0
+    assert run_build([str(validated_onnx), "-o", str(wide), "--no-progress", "--beyond-validated"]) == 0
+    plain_manifest = EngineManifest.read(manifest_path_for(plain))
+    wide_manifest = EngineManifest.read(manifest_path_for(wide))
+    assert [p.max for p in plain_manifest.profiles] == [(2, 3, 64, 64)]
+    assert plain_manifest.build_options["beyond_validated"] is False
+    assert [p.max for p in wide_manifest.profiles] == [(8, 3, 64, 64)]
+    assert wide_manifest.build_options["beyond_validated"] is True

@@ -71,6 +71,16 @@ class ShapeRange:
         return cls((min(batches), max(batches)), (min(heights), max(heights)), (min(widths), max(widths)))
 
 
+@dataclass(frozen=True)
+class DeployableRange:
+    """The shape range artifacts built from a file may claim (:meth:`ArtifactMetadata.deployable_range`):
+    ``source`` is ``"validated"`` or ``"declared"``; ``warning`` says why a declared range is used."""
+
+    shape_range: ShapeRange
+    source: str
+    warning: str | None = None
+
+
 # ArtifactMetadata.optimizations entry: the last block is computed for the class token only
 # (VisionTransformer.forward_logits).
 CLASS_TOKEN_LAST_BLOCK = "class_token_last_block"
@@ -156,6 +166,26 @@ class ArtifactMetadata:
         export caps the validation batch to keep it cheap.
         """
         return ShapeRange.covering((self.validation or {}).get("shapes"))
+
+    def deployable_range(self, beyond_validated: bool = False, name: str = "the file") -> DeployableRange:
+        """The range an engine profile or a serving config may claim: the validated one.
+
+        ``beyond_validated`` (an explicit, warned override) gives the declared range instead; a
+        file that records no validation (exported with ``--no-validate``) gives its declared range
+        with a warning saying nothing checked it.
+        """
+        validated, declared = self.validated_range, self.shape_range
+        if validated is None:
+            return DeployableRange(declared, "declared", f"{name} records no validation (exported with --no-validate?): "
+                                   f"using its declared range ({declared.describe()}), which nothing has checked")
+        validated = ShapeRange(*((max(v[0], d[0]), min(v[1], d[1])) for v, d in zip(
+            (validated.batch, validated.height, validated.width), (declared.batch, declared.height, declared.width),
+            strict=True)))
+        if beyond_validated and validated != declared:
+            return DeployableRange(declared, "declared", f"beyond the validated range: using {name}'s declared range "
+                                   f"({declared.describe()}) although only {validated.describe()} was validated; "
+                                   "shapes outside it were never compared with the eager model")
+        return DeployableRange(validated, "validated")
 
     def range_text(self) -> str:
         """``validated: batch 1..4, 112..448; declared: batch 1..64, 112..448`` (how every report shows ranges)."""

@@ -24,8 +24,11 @@ leaves softmax to TensorRT's fused kernel (the graph's fp32 softmax islands remo
 checked against the graph on onnxruntime CPU before building).
 
 Optimization profiles default to the range the ONNX file was validated on: min/max batch and
-resolution from its metadata, opt = the smallest validated batch at the model's native size.
-Shapes must be multiples of the patch stride and inside the validated range.
+resolution from its metadata (the shapes its parity check covered, not the wider range the graph
+declares), opt = the smallest validated batch at the model's native size. Shapes must be
+multiples of the patch stride and inside the validated range; --beyond-validated allows the
+declared range (a warning says so, and the manifest records it). A file exported with
+--no-validate has no validated range: its declared range is used, with a warning.
 
 Without TensorRT or a GPU, build stops with a one-line error; --print-trtexec prints the
 equivalent trtexec command instead (no TensorRT needed), to build on another machine.
@@ -57,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--min-shape", metavar="NxCxHxW", help="explicit minimum input shape (with --opt/--max-shape)")
     shapes.add_argument("--opt-shape", metavar="NxCxHxW", help="explicit optimum input shape")
     shapes.add_argument("--max-shape", metavar="NxCxHxW", help="explicit maximum input shape")
+    shapes.add_argument("--beyond-validated", action="store_true",
+                        help="let profiles reach the file's declared range, beyond the validated one (warned; "
+                             "recorded in the manifest)")
     shapes.add_argument(
         "--profile", action="append", default=[], metavar="SPEC",
         help="add a profile (repeat for several, e.g. one per resolution bucket): "
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         tf32=not args.no_tf32,
         softmax=args.softmax,
         detailed_profiling=not args.no_layer_info,
+        beyond_validated=args.beyond_validated,
     )
     plan = plan_build(
         args.onnx, args.output, options=options,
@@ -120,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
         profile_specs=args.profile,
     )
+    if plan.range_warning:
+        progress(f"warning: {plan.range_warning}")
     from vitdeploy.exporters import tensorrt_build
 
     if args.print_trtexec:

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(<stem>_python, the one that runs on the PyPI tritonserver); an engine gives a tensorrt_plan model "
         "(<stem>_tensorrt) with its manifest and the Triton release whose TensorRT loads it, plus a python model "
         "when the ONNX it was built from is beside it. Inputs are pixel_values [3, -1, -1] (Triton owns the batch "
-        "dimension), max_batch_size is the validated maximum, requests are batched dynamically, and the "
+        "dimension), max_batch_size and the shape range clients are told are the validated ones (the shapes the "
+        "export's parity check covered; --beyond-validated serves the declared range, with a warning), requests are batched dynamically, and the "
         "preprocessing goes into the model parameters for clients. Serve it with `vitdeploy serve REPO`.",
     )
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="exported .onnx files and/or TensorRT engines")
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which models to write: python, onnxruntime, tensorrt (default: all the artifact allows)")
     parser.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
                         help="max_batch_size (default and upper bound: the validated or built maximum)")
+    parser.add_argument("--beyond-validated", action="store_true",
+                        help="serve an ONNX file's declared batch/size range instead of its validated one (warned; "
+                             "recorded in config.pbtxt)")
     parser.add_argument("--instances", type=positive_int, default=1, metavar="N",
                         help="model instances per device (instance_group count, default 1)")
     parser.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000, metavar="N",
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--kinds {args.kinds!r} names no model kind")
     options = RepositoryOptions(name=args.name, max_batch=args.max_batch, instances=args.instances,
                                 max_queue_delay_us=args.max_queue_delay_us, ort_tensorrt=args.ort_tensorrt,
-                                kinds=kinds, overwrite=args.overwrite)
+                                kinds=kinds, overwrite=args.overwrite, beyond_validated=args.beyond_validated)
     entries = write_repository(list(args.artifacts), args.output, options)
     for entry in entries:
         for warning in entry.warnings:

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class RepositoryOptions:
     kinds: tuple[str, ...] | None = None
     overwrite: bool = False
     tensorrt_workspace_bytes: int = 1 << 30
+    # Serve an ONNX file's declared range instead of its validated one (warned; recorded in the config).
+    beyond_validated: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not _NAME.match(self.name):
@@ -117,6 +119,7 @@ class _Artifact:
     manifest: EngineManifest | None = None
     onnx_for_python: Path | None = None  # the ONNX file the python model runs
     warnings: list[str] = field(default_factory=list)
+    range_source: str = "engine profiles"  # an ONNX file's: "validated" or "declared" (DeployableRange.source)
 
 
 def _dims(shape: list[Any]) -> list[int]:
@@ -129,12 +132,15 @@ def _triton_dtype(dtype: str, where: str) -> str:
     return TRITON_DTYPES[dtype]
 
 
-def _onnx_artifact(path: Path) -> _Artifact:
+def _onnx_artifact(path: Path, beyond_validated: bool = False) -> _Artifact:
+    """An ONNX file served over its validated range (the declared one with ``beyond_validated``)."""
     metadata = read_onnx_metadata(path)
     inputs = [_Tensor(t.name, t.dtype, _dims(t.shape)) for t in metadata.inputs]
     outputs = [_Tensor(t.name, t.dtype, _dims(t.shape)) for t in metadata.outputs]
-    rng = metadata.shape_range
-    return _Artifact(path, "onnx", metadata, inputs, outputs, rng.batch, rng.height, rng.width, onnx_for_python=path)
+    allowed = metadata.deployable_range(beyond_validated, path.name)
+    rng = allowed.shape_range
+    return _Artifact(path, "onnx", metadata, inputs, outputs, rng.batch, rng.height, rng.width, onnx_for_python=path,
+                     warnings=[allowed.warning] if allowed.warning else [], range_source=allowed.source)
 
 
 def _source_onnx(engine: Path, manifest: EngineManifest) -> Path | None:
@@ -168,14 +174,14 @@ def _engine_artifact(path: Path) -> _Artifact:
     return artifact
 
 
-def describe(path: str | os.PathLike[str]) -> _Artifact:
+def describe(path: str | os.PathLike[str], beyond_validated: bool = False) -> _Artifact:
     """Read an ONNX file or an engine (by suffix); ``ValueError`` for anything else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return _onnx_artifact(path)
+        return _onnx_artifact(path, beyond_validated)
     if suffix in ENGINE_SUFFIXES:
         return _engine_artifact(path)
     raise ValueError(f"artifact {str(path)!r} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor a TensorRT "
@@ -187,6 +193,7 @@ def client_parameters(metadata: ArtifactMetadata | None, artifact: _Artifact) ->
     params = {
         "shape_range": json.dumps({"batch": list(artifact.batch), "height": list(artifact.height),
                                    "width": list(artifact.width)}),
+        "shape_range_source": artifact.range_source,
         "vitdeploy_version": __version__,
     }
     if metadata is not None:
@@ -241,8 +248,9 @@ def _max_batch(artifact: _Artifact, options: RepositoryOptions) -> int:
     if options.max_batch is None:
         return validated
     if options.max_batch > validated:
+        hint = "; --beyond-validated serves its declared range" if artifact.range_source == "validated" else ""
         raise ValueError(f"--max-batch {options.max_batch} is above the batch size {artifact.path.name} was "
-                         f"validated (or built) for, {validated}")
+                         f"validated (or built) for, {validated}{hint}")
     return int(options.max_batch)
 
 
@@ -283,6 +291,7 @@ def _ort_tensorrt_parameters(artifact: _Artifact, options: RepositoryOptions,
     from vitdeploy.runtimes.onnxruntime import profile_shapes
 
     spec = InputSpec.from_metadata(metadata) if metadata else InputSpec()
+    spec = replace(spec, batch=artifact.batch, height=artifact.height, width=artifact.width)  # what is served
     shapes = profile_shapes(spec, opt_batch=min(spec.batch[1], max(spec.batch[0], _max_batch(artifact, options) // 2)))
     precision = "FP16" if metadata is not None and metadata.precision == "fp16" else "FP32"
     values = {
@@ -316,7 +325,11 @@ def _range_line(artifact: _Artifact) -> str:
     accepted = ShapeRange(artifact.batch, artifact.height, artifact.width).describe()
     if artifact.kind == "engine":
         return f"Shapes: validated (ONNX parity): {validated_text}; engine profiles: {accepted}."
-    return f"Shapes: validated: {validated_text}; declared: {accepted}."
+    declared = artifact.metadata.shape_range.describe() if artifact.metadata else accepted
+    served = "the validated range" if artifact.range_source == "validated" else (
+        "the DECLARED range, beyond the validated one (--beyond-validated)" if validated else
+        "the declared range (the file records no validation)")
+    return f"Shapes: validated: {validated_text}; declared: {declared}; served: {accepted}, {served}."
 
 
 def _copy(source: Path, target_dir: Path) -> str:
@@ -418,7 +431,7 @@ def write_repository(artifacts: list[str | os.PathLike[str]], repository: str | 
     repository = Path(repository)
     if repository.exists() and not repository.is_dir():
         raise NotADirectoryError(f"repository {str(repository)!r} exists and is not a folder")
-    described = [describe(path) for path in artifacts]
+    described = [describe(path, options.beyond_validated) for path in artifacts]
     plan: list[tuple[_Artifact, str, str]] = []
     notes: dict[str, list[str]] = {}
     for artifact in described:
@@ -428,7 +441,7 @@ def write_repository(artifacts: list[str | os.PathLike[str]], repository: str | 
             name = model_name(artifact.path, kind, options.name)
             # An engine's python model runs the ONNX file it was built from, with that file's validated range.
             from_engine = kind == PYTHON and artifact.kind == "engine"
-            served = _onnx_artifact(artifact.onnx_for_python) if from_engine else artifact
+            served = _onnx_artifact(artifact.onnx_for_python, options.beyond_validated) if from_engine else artifact
             plan.append((served, kind, name))
             notes[name] = skipped
     names = [name for _, _, name in plan]
