@@ -256,11 +256,44 @@ def test_config_comments_tell_the_validated_range_from_the_declared_one(tmp_path
     attach_metadata(onnx_path, metadata)
     (entry,) = write_repository([onnx_path], tmp_path / "repo", RepositoryOptions(kinds=("onnxruntime",)))
     comments = [line for line in (entry.path / "config.pbtxt").read_text().splitlines() if line.startswith("#")]
-    assert "# Shapes: validated: batch 1..2, 16..64; declared: batch 1..8, 16..64." in comments
-    assert parse_config(entry.path).max_batch_size == 8
+    assert ("# Shapes: validated: batch 1..2, 16..64; declared: batch 1..8, 16..64; served: batch 1..2, 16..64, "
+            "the validated range.") in comments
+    config = parse_config(entry.path)
+    assert config.max_batch_size == 2 and not entry.warnings  # what was validated, not what the graph declares
+    assert json.loads(parameters(config)["vitdeploy.shape_range"])["batch"] == [1, 2]
+    assert parameters(config)["vitdeploy.shape_range_source"] == "validated"
+    with pytest.raises(ValueError, match="above the batch size tiny.onnx was validated .* 2; --beyond-validated"):
+        write_repository([onnx_path], tmp_path / "repo-8", RepositoryOptions(kinds=("onnxruntime",), max_batch=8))
+    # The explicit override serves the declared range, warns, and says so in the config.
+    (wide,) = write_repository([onnx_path], tmp_path / "repo-wide",
+                               RepositoryOptions(kinds=("onnxruntime",), beyond_validated=True, ort_tensorrt=True))
+    wide_config = parse_config(wide.path)
+    assert wide_config.max_batch_size == 8 and parameters(wide_config)["vitdeploy.shape_range_source"] == "declared"
+    assert any("beyond the validated range" in warning for warning in wide.warnings)
+    assert ("# Shapes: validated: batch 1..2, 16..64; declared: batch 1..8, 16..64; served: batch 1..8, 16..64, the "
+            "DECLARED range, beyond the validated one (--beyond-validated).") in (wide.path / "config.pbtxt").read_text()
 
     engine = fake_engine(tmp_path, onnx_path)
     (trt,) = write_repository([engine], tmp_path / "repo-trt", RepositoryOptions(kinds=("tensorrt",)))
     comments = (trt.path / "config.pbtxt").read_text()
     assert ("# Shapes: validated (ONNX parity): batch 1..2, 16..64; engine profiles: batch 1..16, height 16..48, "
             "width 16..64.") in comments
+
+
+def test_cli_serves_a_real_export_over_its_validated_range(tmp_path_factory, capsys) -> None:
+    """`vitdeploy triton` on an export declared for batch 1..8 whose parity covered 1..2."""
+    from onnx_artifacts import validated_tiny_export
+
+    onnx_path = validated_tiny_export(tmp_path_factory.mktemp("validated"), batch=(1, 8), validation_max_batch=2)
+    repo = tmp_path_factory.mktemp("repos")
+    assert main(["triton", str(onnx_path), "-o", str(repo / "a"), "--kinds", "onnxruntime", "--ort-tensorrt"]) == 0
+    captured = capsys.readouterr()
+    assert "validated_onnxruntime  onnxruntime model, max_batch_size 2" in captured.out and "warning" not in captured.err
+    config = parse_config(repo / "a" / "validated_onnxruntime")
+    accelerator = dict(config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters)
+    assert accelerator["trt_profile_max_shapes"] == "pixel_values:2x3x64x64"
+    assert "# Shapes: validated: batch 1..2, 16..64" in (repo / "a" / "validated_onnxruntime" / "config.pbtxt").read_text()
+    assert main(["triton", str(onnx_path), "-o", str(repo / "b"), "--kinds", "onnxruntime", "--beyond-validated"]) == 0
+    captured = capsys.readouterr()
+    assert "max_batch_size 8" in captured.out
+    assert "[vitdeploy] warning: validated_onnxruntime: beyond the validated range" in captured.err
