@@ -132,7 +132,8 @@ class ExportOptions:
 
     ``height``/``width`` default to half to twice the model's native size, rounded to its
     stride; every bound must be a multiple of ``config.stride``. The batch size used in
-    validation is capped at ``validation_max_batch`` (the report says so). ``outputs`` names the
+    validation is capped at ``validation_max_batch`` (the report says so); the default batch
+    range ends at that cap, so by default the validated range is the declared one. ``outputs`` names the
     graph's outputs (:mod:`vitdeploy.outputs`; ``None``: :func:`~vitdeploy.outputs.default_outputs`
     of the model); ``features`` is the deprecated way to add ``last_hidden_state``. An export of
     per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
@@ -143,7 +144,7 @@ class ExportOptions:
     validated like the portable file, which ``OrtRuntime`` runs on CPU in its place.
     """
 
-    batch: tuple[int, int] = (1, 64)
+    batch: tuple[int, int] = (1, 8)
     height: tuple[int, int] | None = None
     width: tuple[int, int] | None = None
     opset: int = 18

@@ -34,7 +34,7 @@ ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 # The lazy backends stay out of __all__ so that `from vitdeploy.runtimes import *` imports no backend.
-__all__ = ["InputSpec", "Runtime", "validate_input", "load", "runtime_kind"]
+__all__ = ["InputSpec", "Runtime", "validate_input", "load", "runtime_kind", "backend_of"]
 
 
 def runtime_kind(path: str | os.PathLike[str]) -> str:
@@ -50,6 +50,13 @@ def runtime_kind(path: str | os.PathLike[str]) -> str:
     if suffix in ENGINE_SUFFIXES:
         return "tensorrt"
     return "torch"
+
+
+def backend_of(runtime: Runtime) -> str | None:
+    """The backend (``"onnxruntime"``, ``"openvino"``, ``"tensorrt"``, ``"torch"``) an opened runtime runs on,
+    whatever path led to it (a tuned folder included); ``None`` for a runtime class not listed here."""
+    names = {cls.__name__ for cls in type(runtime).__mro__}
+    return next((backend for backend, cls in BACKENDS.items() if cls in names), None)
 
 
 def load(path: str | os.PathLike[str], backend: str | None = None, **options: Any) -> Runtime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import warnings
 
@@ -175,3 +176,30 @@ def test_warns_when_the_artifact_has_random_weights(labelled_onnx, tmp_path, cap
     with pytest.warns(UserWarning, match="random.onnx was exported from the variant name 'vit_tiny_patch16_224': "
                                          "its weights are RANDOM"):
         assert args.func(args) == 0
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("openvino"), reason="openvino (the openvino extra) is not installed")
+def test_a_tuned_folder_names_the_backend_precision_hint_and_file_that_ran(labelled_onnx, tmp_path, capsys):
+    """tune.json chose OpenVINO with a precision hint: predict says so, not "tuned ... fp32"."""
+    import shutil
+
+    from vitdeploy.cpu_features import has_bf16
+    from vitdeploy.files import sha256_file
+    from vitdeploy.tune_manifest import Choice, TuneManifest, write_manifest
+
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    shutil.copy(labelled_onnx, folder / "tiny.onnx")
+    hint = "bf16" if has_bf16() else "f32"
+    name = f"openvino-{'bf16' if hint == 'bf16' else 'fp32'}"
+    write_manifest(folder, TuneManifest(
+        chosen=Choice(name, "openvino", "tiny.onnx", sha256_file(folder / "tiny.onnx"), {"inference_precision": hint}),
+        candidates=[], cpu={}, gate={}, objective="latency: p50", batches=[1], rounds=1, reference="eager fp32"))
+    args = parse(str(folder), str(bundled_images()[0]), "--json", str(tmp_path / "p.json"))
+    assert args.func(args) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[vitdeploy] ")]
+    assert progress == [f"[vitdeploy] tune's choice {name}: openvino (CPU) ran tiny.onnx, fp32 graph at inference "
+                        f"precision {hint}, input 3x32x32"]
+    ran = json.loads((tmp_path / "p.json").read_text())["ran"]
+    assert (ran["runtime"], ran["tuned_choice"], ran["precision_hint"]) == ("openvino", name, hint)
+    assert ran["graph"] == str(folder / "tiny.onnx")

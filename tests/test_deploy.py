@@ -56,6 +56,8 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     assert script["kind"] == "trtexec-command"
     text = (out / "build_engine.sh").read_text()
     assert "trtexec --onnx=tiny.safetensors-fp16.onnx" in text and "--stronglyTyped" in text
+    # Declared batch 1..4, validated 1..2 (--validation-max-batch 2): the engine is for what was validated.
+    assert "--maxShapes=pixel_values:2x3x48x48" in text and "--minShapes=pixel_values:1x3x32x32" in text
 
     stages = {s["name"]: s for s in report["stages"]}
     assert [s["name"] for s in report["stages"]] == ["load", "export fp32", "export fp16", "export int8",

@@ -40,14 +40,14 @@ class DeployOptions:
 
     source: str = DEFAULT_SOURCE
     output: Path = Path("deploy-out")
-    batch: tuple[int, int] = (1, 64)
+    batch: tuple[int, int] = (1, 8)  # all of it validated (validation_max_batch): what the engine may be built for
     resolution: tuple[int, int] | None = None
     bench: bool = True
     bench_batches: tuple[int, ...] = (1, 8)
     point_budget_s: float | None = None
     bench_budget_s: float | None = None
     threads: int | None = None
-    validation_max_batch: int = 4
+    validation_max_batch: int = 8
     int8: bool = True  # also export the calibrated int8 Q/DQ graph
     calibration: str | None = None  # calibration images for int8 (None: bundled photos + synthetic crops)
     outputs: tuple[str, ...] | None = None  # the graphs' outputs (vitdeploy.outputs; None: the model's default)
@@ -267,6 +267,8 @@ class Pipeline:
                 atomic_write_text(script, "#!/bin/sh\n# Build the TensorRT engine on a machine with TensorRT and an NVIDIA GPU\n"
                                           f"# (or, with vitdeploy there: vitdeploy build {shlex.quote(onnx_path.name)} "
                                           f"-o {shlex.quote(engine_path.name)}, which also writes the manifest)\n"
+                                          "# Profiles span the range the export validated: "
+                                          f"{'; '.join(p.describe() for p in plan.profiles)}\n"
                                           'cd "$(dirname "$0")"\n'
                                           f"{command}\n")
                 script.chmod(0o755)

@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"checkpoint file/folder or variant name (default {DEFAULT_SOURCE})")
     parser.add_argument("-o", "--output", default="deploy-out", type=output_folder, metavar="OUT",
                         help="output folder (default deploy-out)")
-    parser.add_argument("--batch", default="1:64", type=range_arg, metavar="MIN:MAX", help="batch range of the artifacts (default 1:64)")
+    parser.add_argument("--batch", default="1:8", type=range_arg, metavar="MIN:MAX",
+                        help="batch range of the artifacts (default 1:8; the engine and Triton configs cover the "
+                             "validated part, up to --validation-max-batch)")
     parser.add_argument("--resolution", type=range_arg, metavar="MIN:MAX",
                         help="resolution range of the artifacts (default: half to twice the native size)")
     parser.add_argument("--bench-batch", default="1,8", type=int_list_arg, metavar="N,N", help="batch sizes to benchmark (default 1,8)")
@@ -75,8 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--bench-budget", type=positive_float, default=None, metavar="SECONDS",
                         help="timing budget for the whole benchmark, split evenly over its points")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the benchmark (default: usable CPUs)")
-    parser.add_argument("--validation-max-batch", type=positive_int, default=4, metavar="N",
-                        help="largest batch in the export parity checks (default 4)")
+    parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
+                        help="largest batch in the export parity checks (default 8: the whole default range)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 export")
     parser.add_argument("--no-tune", action="store_true", help="skip tune (run by default on a machine without a GPU)")

@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="checkpoint file or folder, or a variant name such as vit_base_patch16_224")
     parser.add_argument("-o", "--output", required=True, type=onnx_output, metavar="PATH",
                         help="the ONNX file to write (model.onnx; an fp32 export also writes model.cpu.onnx)")
-    parser.add_argument("--batch", default="1:64", type=range_arg, metavar="MIN:MAX", help="batch size range (default 1:64)")
+    parser.add_argument("--batch", default="1:8", type=range_arg, metavar="MIN:MAX",
+                        help="batch size range (default 1:8, all of it validated; engines and Triton configs are "
+                             "built for the validated part of a wider range, see --validation-max-batch)")
     parser.add_argument("--resolution", type=range_arg, metavar="MIN:MAX",
                         help="height and width range in pixels, multiples of the patch stride "
                         "(default: half to twice the native size)")

@@ -155,31 +155,42 @@ def embedding_result(image: str, output: str, value: np.ndarray) -> dict[str, An
     value = np.asarray(value, dtype=np.float64)
     return {"image": image, "output": output, "shape": list(value.shape), "norm": float(np.linalg.norm(value))}
 
-def describe_runtime(runtime: Any, kind: str) -> dict[str, Any]:
-    """What ran: the runtime, its providers or device, the graph file and the input it was given."""
+def describe_runtime(runtime: Any, kind: str, tuned_choice: str | None = None) -> dict[str, Any]:
+    """What ran: the backend the runtime is (whatever ``kind`` led to it: a tuned folder opens tune's
+    choice), its providers or device, the graph file, its precision and the backend's precision hint
+    (OpenVINO's ``inference_precision``), and the input it was given."""
+    from vitdeploy.runtimes import backend_of
+
     metadata = runtime.metadata
     graph = getattr(runtime, "graph_path", None) or getattr(runtime, "path", None)
     variant = graph is not None and getattr(runtime, "path", graph) != graph
     crop = metadata.preprocessing.crop_size if metadata else None
     return {
-        "runtime": kind,
+        "runtime": backend_of(runtime) or kind,
+        "tuned_choice": tuned_choice,
         "backend": ", ".join(getattr(runtime, "providers", None) or []) or str(getattr(runtime, "device", "")) or None,
         "graph": str(graph) if graph is not None else None,
         "graph_variant": (metadata.target if metadata else None) if variant else "as given",
         "precision": metadata.precision if metadata else None,
+        "precision_hint": getattr(runtime, "inference_precision", None),
         "input": [int(metadata.model_config.get("in_channels", 3)), crop, crop] if crop else None,
         "random_weights": bool(metadata and metadata.random_weights),
     }
 
 
 def runtime_line(detail: dict[str, Any]) -> str:
-    """``onnxruntime (CPUExecutionProvider) ran tiny.cpu.onnx (onnxruntime-cpu variant), fp32, input 3x224x224``."""
-    ran = f"{detail['runtime']}" + (f" ({detail['backend']})" if detail["backend"] else "")
+    """``onnxruntime (CPUExecutionProvider) ran tiny.cpu.onnx (onnxruntime-cpu variant), fp32, input 3x224x224``;
+    for a tuned folder ``tune's choice openvino-bf16: openvino (CPU) ran m.onnx, fp32 graph at inference
+    precision bf16, input 3x224x224``."""
+    ran = f"tune's choice {detail['tuned_choice']}: " if detail.get("tuned_choice") else ""
+    ran += f"{detail['runtime']}" + (f" ({detail['backend']})" if detail["backend"] else "")
     if detail["graph"]:
         ran += f" ran {Path(detail['graph']).name}"
         if detail["graph_variant"] != "as given":
             ran += f" (its validated {detail['graph_variant']} variant)"
-    if detail["precision"]:
+    if detail["precision"] and detail.get("precision_hint"):
+        ran += f", {detail['precision']} graph at inference precision {detail['precision_hint']}"
+    elif detail["precision"]:
         ran += f", {detail['precision']}"
     if detail["input"]:
         ran += ", input " + "x".join(str(v) for v in detail["input"])
@@ -280,8 +291,14 @@ def run(args: argparse.Namespace) -> int:
     if kind not in ("torch", "tuned") and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
     saved: dict[str, list[np.ndarray]] | None = {} if args.save_outputs else None
+    tuned_choice = None
+    if kind == "tuned":
+        from vitdeploy.tune_manifest import read_manifest
+
+        chosen = read_manifest(args.artifact).chosen
+        tuned_choice = chosen.name if chosen is not None else None
     with open_runtime(args, kind) as runtime:
-        detail = describe_runtime(runtime, kind)
+        detail = describe_runtime(runtime, kind, tuned_choice)
         progress(runtime_line(detail))
         if detail["random_weights"]:
             origin = (f"{args.artifact} is a variant name, not a checkpoint" if kind == "torch" else
