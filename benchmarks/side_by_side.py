@@ -43,8 +43,10 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: int,
-                warmup: int) -> dict[str, list[float]]:
+                warmup: int, on_round: Callable[[int, dict[str, list[float]]], None] | None = None
+                ) -> dict[str, list[float]]:
     """p50 latency (ms) of each runner per round; runners alternate, order reversed every round.
+    ``on_round(index, p50s)`` is called after each round (progress lines).
 
     Each block is timed by the bench harness's :func:`~vitdeploy.benchmarks.timing.measure`
     (garbage collector paused) after one untimed call: the first call after another runtime
@@ -61,4 +63,6 @@ def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: 
         order = list(runners) if index % 2 == 0 else list(runners)[::-1]
         for name in order:
             p50s[name].append(float(np.median(measure(runners[name], block).samples_ms)))
+        if on_round is not None:
+            on_round(index, p50s)
     return p50s

@@ -28,7 +28,7 @@ import importlib.util
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,12 @@ def installed(module: str) -> bool:
 class AccuracyGate:
     """How much accuracy a candidate may lose: ``max_drop_points`` of labelled top-1 when labelled
     images are given; else ``min_cosine`` (worst over the photos) and ``min_top1_agreement``
-    against eager fp32."""
+    against ``reference`` (eager fp32, or the fp32 graph when tune has no model at hand)."""
 
     max_drop_points: float = 0.5
     min_cosine: float = 0.999
     min_top1_agreement: float = 0.99
+    reference: str = field(default="eager fp32", compare=False)
 
     def __post_init__(self) -> None:
         if not self.max_drop_points >= 0:
@@ -152,7 +153,7 @@ class AccuracyGate:
                 f"{self.max_drop_points:g} allowed)"]
         failures = []
         if not accuracy["cosine"] >= self.min_cosine:  # NaN fails too
-            failures.append(f"worst cosine {accuracy['cosine']:.5f} vs eager fp32 on {accuracy['images']} photos is "
+            failures.append(f"worst cosine {accuracy['cosine']:.5f} vs {self.reference} on {accuracy['images']} photos is "
                             f"below {self.min_cosine:g}")
         if not accuracy["top1_agreement"] >= self.min_top1_agreement:
             failures.append(f"top-1 agreement {accuracy['top1_agreement']:.3f} is below {self.min_top1_agreement:g}")
@@ -160,8 +161,9 @@ class AccuracyGate:
 
     def describe(self, labelled: bool) -> str:
         if labelled:
-            return f"labelled top-1 drop <= {self.max_drop_points:g} points"
-        return f"worst cosine >= {self.min_cosine:g} and top-1 agreement >= {self.min_top1_agreement:g} vs eager fp32"
+            return f"labelled top-1 drop <= {self.max_drop_points:g} points vs {self.reference}"
+        return (f"worst cosine >= {self.min_cosine:g} and top-1 agreement >= {self.min_top1_agreement:g} "
+                f"vs {self.reference}")
 
 
 @dataclass
@@ -480,6 +482,14 @@ def _random_pixels(batch: int, size: int) -> np.ndarray:
     return np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
+def _round_line(what: str, rounds: int, say: Log) -> Callable[[int, dict[str, list[float]]], None]:
+    """A progress line after each interleaved round: every candidate's p50 of that round."""
+    def on_round(index: int, p50s: dict[str, list[float]]) -> None:
+        say(f"  {what}, round {index + 1}/{rounds}: " + ", ".join(f"{name} {values[-1]:.2f} ms"
+                                                                 for name, values in p50s.items()))
+    return on_round
+
+
 def _time_latency(plan: TunePlan, records: dict[str, Any], runtimes: dict[str, Any], peer: dict[str, Any] | None,
                   size: int, say: Log) -> None:
     """Every runtime (and the peer) side by side in interleaved rounds at each batch size; fills the
@@ -493,7 +503,8 @@ def _time_latency(plan: TunePlan, records: dict[str, Any], runtimes: dict[str, A
             runners[PEER] = lambda run=peer["run"], x=pixels: run(x)
         iterations = max(1, plan.iterations // batch)
         say(f"batch {batch}: {len(runners)} candidates x {plan.rounds} rounds x {iterations} calls, interleaved")
-        for name, values in time_rounds(runners, plan.rounds, iterations, plan.warmup).items():
+        for name, values in time_rounds(runners, plan.rounds, iterations, plan.warmup,
+                                        _round_line(f"batch {batch}", plan.rounds, say)).items():
             median = float(np.median(values))
             if name == PEER:
                 peer.setdefault("latency_ms", {})[str(batch)] = median
@@ -521,7 +532,8 @@ def _time_throughput(plan: TunePlan, timed: list[tuple[Candidate, Any]], batch: 
     rounds = plan.throughput_rounds or plan.rounds
     say(f"throughput mode at batch {batch}: {len(bursts)} candidates x {rounds} rounds, interleaved")
     try:
-        for name, values in time_rounds(dict(bursts), rounds, 1, 0).items():
+        for name, values in time_rounds(dict(bursts), rounds, 1, 0,
+                                        _round_line(f"throughput batch {batch}", rounds, say)).items():
             burst = bursts[name]
             records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,
                                         "images_per_s": burst.images * 1000.0 / float(np.median(values))}
@@ -597,13 +609,15 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
     # Accuracy, once per candidate, against the same reference outputs.
     if reference_model is not None:
         reference_fn, reference_name = eager_reference(reference_model), "eager fp32 (PyTorch)"
+        gate = replace(plan.gate, reference="eager fp32")
     else:
         from vitdeploy.runtimes import OrtRuntime
 
         reference_runtime = OrtRuntime(artifacts["fp32"], variant="portable", intra_op_threads=threads)
         reference_fn = reference_runtime
-        reference_name = f"{artifacts['fp32'].name} on onnxruntime (validated against eager fp32 at export)"
-    say(f"accuracy reference: {reference_name}")
+        gate = replace(plan.gate, reference=f"{artifacts['fp32'].name} (fp32 graph on onnxruntime)")
+        reference_name = f"{gate.reference}, itself validated against eager fp32 at export"
+    say(f"accuracy reference of every gate: {reference_name}; gate: {gate.describe(plan.labelled is not None)}")
     data = accuracy_data(reference_fn, metadata, spec.batch[1], size, plan.labelled, plan.images)
     say(f"measuring accuracy of {len(runtimes)} candidates on {data.source}")
     peer = None
@@ -612,6 +626,10 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
     for name, runtime in list(runtimes.items()):
         try:
             records[name].accuracy = data.figures(runtime)
+            figures = records[name].accuracy
+            say(f"  {name}: " + (f"top-1 drop {figures['top1_drop_points']:.2f} points" if "top1_drop_points" in figures
+                                 else f"worst cosine {figures['cosine']:.5f}, top-1 agreement "
+                                      f"{figures['top1_agreement']:.3f}") + f" vs {gate.reference}")
         except Exception as error:  # noqa: BLE001
             records[name].status, records[name].reason = "failed", _one_line(error)
             runtimes.pop(name).close()
@@ -630,7 +648,7 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
     if reference_model is None:
         reference_runtime.close()
 
-    selection = select(list(records.values()), plan.gate, plan.objective, plan.selection_batch)
+    selection = select(list(records.values()), gate, plan.objective, plan.selection_batch)
     for name, reason in selection.dropped.items():
         records[name].status, records[name].reason = "dropped", reason
     chosen = None
@@ -642,10 +660,10 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
         labelled = plan.labelled is not None
         chosen = Choice(winner.name, winner.backend, winner.artifact, sha256_file(folder / winner.artifact), options,
                         why=f"fastest {selection.key} of {len(selection.ranking)} candidate(s) within "
-                            f"{plan.gate.describe(labelled)}")
+                            f"{gate.describe(labelled)}")
         say(f"chose {winner.name}: {winner.description} ({chosen.why})")
     else:
-        say(f"no candidate passed the accuracy gate ({plan.gate.describe(plan.labelled is not None)})")
+        say(f"no candidate passed the accuracy gate ({gate.describe(plan.labelled is not None)})")
     peer_record = None
     if peer is not None:
         peer_record = {k: v for k, v in peer.items() if k != "run"}
@@ -657,7 +675,7 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
         chosen=chosen, candidates=list(records.values()),
         cpu={"model": cpu_model(), "usable_cpus": usable_cpus(), "threads": threads,
              "flags": sorted(set(ARITHMETIC_FLAGS) & flags), "flags_checked": list(ARITHMETIC_FLAGS)},
-        gate={"rule": plan.gate.describe(plan.labelled is not None), "max_drop_points": plan.gate.max_drop_points,
+        gate={"rule": gate.describe(plan.labelled is not None), "max_drop_points": plan.gate.max_drop_points,
               "min_cosine": plan.gate.min_cosine, "min_top1_agreement": plan.gate.min_top1_agreement,
               "accuracy_on": data.source},
         objective=f"{plan.objective}: {selection.key}", batches=list(plan.batches), rounds=plan.rounds,

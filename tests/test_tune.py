@@ -217,3 +217,26 @@ def test_the_nncf_peer_is_timed_beside_the_candidates(tuned, model, tmp_path):
     for batch, ratio in peer["chosen_vs_peer"].items():
         assert ratio == pytest.approx(chosen.latency_ms[batch] / peer["latency_ms"][batch])
     assert "(peer) | peer |" in (folder / "tune.md").read_text()
+
+
+def test_without_a_model_the_log_and_the_gates_name_the_same_reference(tuned, tmp_path):
+    """Tune on a folder alone judges against the fp32 graph: the log, the gate rule and every drop reason say
+    so (none says "eager fp32"), and each candidate and each interleaved round gets its own progress line."""
+    folder = shutil.copytree(tuned[0], tmp_path / "copy")
+    messages: list[str] = []
+    plan = TunePlan(folder=folder, batches=(1,), rounds=2, iterations=1, warmup=0, threads=1, throughput=False,
+                    gate=AccuracyGate(min_cosine=0.99999), only=("ort-fp32", "ort-int8"))
+    manifest = tune(plan, log=messages.append).manifest
+    reference = "tiny-fp32.onnx (fp32 graph on onnxruntime)"
+    assert messages[0].startswith(f"accuracy reference of every gate: {reference}, itself validated against eager "
+                                  f"fp32 at export; gate: worst cosine >= 0.99999 and top-1 agreement >= 0.99 vs "
+                                  f"{reference}")
+    assert manifest.gate["rule"].endswith(f"vs {reference}") and manifest.reference.startswith(reference)
+    dropped = [c for c in manifest.candidates if c.status == "dropped"]
+    assert dropped and all(f"vs {reference}" in c.reason for c in dropped)
+    assert not any("eager fp32" in m for m in messages if not m.startswith("accuracy reference"))
+    for name in ("ort-fp32", "ort-int8"):
+        assert any(m.startswith(f"  {name}: worst cosine ") and m.endswith(f"vs {reference}") for m in messages)
+    rounds = [m for m in messages if m.startswith("  batch 1, round ")]
+    assert [m.split(":")[0] for m in rounds] == ["  batch 1, round 1/2", "  batch 1, round 2/2"]
+    assert all("ort-fp32 " in m and "ort-int8 " in m and m.endswith(" ms") for m in rounds)
