@@ -666,6 +666,9 @@ def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, f
     """
     kept: list[str] = []
     cosine = measure(build(kept))
+    say(f"  every layer quantized: worst probe cosine {cosine:.5f} (target {target:g}"
+        + (f"; below it, up to {min(trials, len(errors))} layers go back to float, largest error first)"
+           if cosine < target else ")"))
     record: dict[str, Any] = {"target_cosine": target, "initial_cosine": round(cosine, 6), "tried": []}
     ranked = sorted(errors, key=lambda name: -errors[name])
     for name in ranked[:trials]:

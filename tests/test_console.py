@@ -104,3 +104,64 @@ def test_every_command_takes_quiet(tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.err == "" and "wrote native checkpoint" in captured.out
     assert not console._console.settings.quiet  # the setting lasts one command
+
+
+HEARTBEAT = re.compile(r"^\[vitdeploy\]   still running \(\d+s\): validate \.\.\.$")
+
+
+def test_off_a_terminal_a_silent_stage_gets_plain_still_running_lines(tmp_path) -> None:
+    """stderr redirected to a file (CI logs, `| tee`): a line every heartbeat_s while a stage is silent, none after."""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stream:
+        plain = Console(ConsoleSettings(heartbeat_s=0.1, interval_s=0.01), stream=stream)
+        assert not plain.live
+        plain.progress("validate ...")
+        time.sleep(0.65)
+        plain.progress("validate done in 0.6s")
+        time.sleep(0.03)
+        plain.close()
+        time.sleep(0.2)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "[vitdeploy] validate ..." and lines[-1] == "[vitdeploy] validate done in 0.6s"
+    beats = lines[1:-1]
+    assert 2 <= len(beats) <= 7 and all(HEARTBEAT.match(line) for line in beats), lines
+    assert "\r" not in log.read_text() and "\033" not in log.read_text()  # plain lines, no terminal codes
+
+
+def test_quiet_or_outside_a_command_no_heartbeat(tmp_path) -> None:
+    stream = io.StringIO()
+    quiet = Console(ConsoleSettings(quiet=True, heartbeat_s=0.05, interval_s=0.01), stream=stream)
+    quiet.progress("validate ...")
+    time.sleep(0.2)
+    quiet.close()
+    assert stream.getvalue() == ""
+    # The shared console beats only inside a command's session (library code prints its lines only).
+    assert console._console.settings.heartbeat_s is None
+    with console.session():
+        assert console._console.settings.heartbeat_s == console.HEARTBEAT_S == 30.0
+    with console.session(quiet=True):
+        console.progress("validate ...")
+        assert console._console._ticker is None  # quiet: no heartbeat thread either
+    assert console._console.settings.heartbeat_s is None
+
+
+def test_a_command_off_a_terminal_reports_each_stage_and_shape(tmp_path, monkeypatch) -> None:
+    """`vitdeploy quantize` with stderr a file: a line per stage (calibration, fallback search, validation) and
+    per validated shape."""
+    from onnx_artifacts import validated_tiny_export
+
+    source = validated_tiny_export(tmp_path, batch=(1, 2), validation_max_batch=2)
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stream:
+        monkeypatch.setattr("sys.stderr", stream)
+        status = main(["quantize", str(source), "-o", str(tmp_path / "q.onnx"), "--validation-max-batch", "2",
+                       "--no-cpu-variant"])
+    text = log.read_text()
+    assert status == 0, text[-2000:]
+    lines = [line for line in text.splitlines() if line.startswith("[vitdeploy] ")]
+    for stage in ("[vitdeploy] calibrating ", "[vitdeploy]   every layer quantized: worst probe cosine ",
+                  "[vitdeploy] validating against "):
+        assert any(line.startswith(stage) for line in lines), (stage, lines)
+    shapes = [line for line in lines if re.match(r"\[vitdeploy\]   \d+x3x\d+x\d+: cosine ", line)]
+    assert len(shapes) >= 3, lines
+    assert "\033" not in text

@@ -6,6 +6,11 @@ under its last message (``  | 12s  trace ...``), rewritten in place every
 :attr:`ConsoleSettings.interval_s` and erased when the next line comes or the command ends. It is
 off when stderr is not a terminal (logs, pipes, CI stay plain lines) and with ``--quiet``, which
 also drops the progress lines themselves but keeps warnings (lines starting ``warning:``).
+
+Off a terminal, during a command (:func:`session`), a stage silent for
+:attr:`ConsoleSettings.heartbeat_s` gets a plain line instead, ``[vitdeploy]   still running
+(30s): trace ...``, and another every ``heartbeat_s`` while it lasts: a CI log or ``| tee`` shows
+that work goes on, at one line per half minute at most.
 """
 
 from __future__ import annotations
@@ -20,16 +25,20 @@ from dataclasses import dataclass
 from typing import TextIO
 
 SPINNER = "|/-\\"
+HEARTBEAT_S = 30.0  # off a terminal: a plain line after this many silent seconds of a command, and every as many
 
 
 @dataclass
 class ConsoleSettings:
-    """How the elapsed-time line behaves; ``live=None`` means "when the stream is a terminal"."""
+    """How the elapsed-time line behaves; ``live=None`` means "when the stream is a terminal".
+    ``heartbeat_s``: off a terminal, a plain "still running" line after that many silent seconds
+    (and every that many after); ``None``: none."""
 
     quiet: bool = False
     live: bool | None = None
     delay_s: float = 3.0
     interval_s: float = 1.0
+    heartbeat_s: float | None = HEARTBEAT_S
 
 
 class Console:
@@ -44,6 +53,7 @@ class Console:
         self._ticker: threading.Thread | None = None
         self._message = ""
         self._since = 0.0
+        self._beat = 0.0  # when the last line (message or heartbeat) was printed
         self._shown = False  # an elapsed-time line is on screen (cursor at its start)
 
     @property
@@ -68,7 +78,8 @@ class Console:
             self._erase()
             print(f"[vitdeploy] {message}", file=self.stream, flush=True)
             self._message, self._since = message, time.monotonic()
-        if self.live:
+            self._beat = self._since
+        if self.live or (self.settings.heartbeat_s and not self.settings.quiet):
             self._start()
 
     def pause(self) -> None:
@@ -103,8 +114,18 @@ class Console:
             with self._lock:
                 if self._ticker is not threading.current_thread():
                     return
-                elapsed = time.monotonic() - self._since
-                if not self._message or elapsed < self.settings.delay_s:
+                now = time.monotonic()
+                elapsed = now - self._since
+                if not self._message:
+                    continue
+                if not self.live:
+                    every = self.settings.heartbeat_s
+                    if every and not self.settings.quiet and now - self._beat >= every:
+                        print(f"[vitdeploy]   still running ({elapsed:.0f}s): {self._message}", file=self.stream,
+                              flush=True)
+                        self._beat = now
+                    continue
+                if elapsed < self.settings.delay_s:
                     continue
                 width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
                 line = f"  {SPINNER[tick % len(SPINNER)]} {elapsed:.0f}s  {self._message}"[:width]
@@ -120,7 +141,7 @@ class Console:
             self._shown = False
 
 
-_console = Console()
+_console = Console(ConsoleSettings(heartbeat_s=None))  # heartbeats only inside a command's session()
 
 
 def progress(message: str) -> None:
@@ -138,7 +159,8 @@ def session(quiet: bool = False) -> Iterator[Console]:
     """Configure the shared console for one command (``--quiet``) and erase its elapsed-time line at the end."""
     previous = _console.settings
     _console.settings = ConsoleSettings(quiet=quiet, live=previous.live, delay_s=previous.delay_s,
-                                        interval_s=previous.interval_s)
+                                        interval_s=previous.interval_s,
+                                        heartbeat_s=previous.heartbeat_s if previous.heartbeat_s else HEARTBEAT_S)
     try:
         yield _console
     finally:
