@@ -98,6 +98,18 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     tuned = report["tune"]["document"]
     assert tuned["chosen"]["name"] in {c["name"] for c in tuned["candidates"] if c["status"] == "ok"}
     assert (out / "tune.json").is_file() and "## Fastest accurate CPU path (tune)" in markdown
+    # The benchmark and tune both timed the fp32 graph on onnxruntime: each table says how and when it was
+    # measured, and the report puts the two figures side by side with why they differ.
+    assert "Measured by the benchmark stage (started " in markdown and "Measured by the tune stage (recorded " in markdown
+    same = {(p["bench_runtime"], p["batch"]): p for p in report["benchmark"]["same_graph"]}
+    fp32 = same[("ort-cpu-fp32", 1)]
+    assert fp32["tune_candidate"] == "ort-fp32" and fp32["graph"] == "tiny.safetensors-fp32.cpu.onnx"
+    bench_p50 = next(p["p50_ms"] for p in points if (p["runtime"], p["batch"]) == ("ort-cpu-fp32", 1))
+    tune_p50 = next(c for c in tuned["candidates"] if c["name"] == "ort-fp32")["latency_ms"]["1"]
+    assert (fp32["bench_p50_ms"], fp32["tune_p50_ms"]) == (bench_p50, tune_p50)
+    assert (f"- `tiny.safetensors-fp32.cpu.onnx` at batch 1 (32x32): p50 {bench_p50:.3f} ms in the benchmark "
+            f"(`ort-cpu-fp32`) and {tune_p50:.3f} ms in tune (`ort-fp32`)") in markdown
+    assert "Compare runtimes within one table, not across the tables" in markdown
     assert all(f"`{c['name']}` ({c['status']}): {c['reason']}" in markdown for c in tuned["candidates"]
                if c["status"] != "ok")
 

@@ -27,6 +27,9 @@ from vitdeploy.files import atomic_write_json, atomic_write_text, sha256_file
 DEFAULT_SOURCE = "vit_small_patch16_224"
 # Per-point timing budget when neither a per-point nor a total budget is given.
 DEFAULT_POINT_BUDGET_S = {"cpu": 3.0, "cuda": 1.0}
+# Benchmark runtime label -> the tune candidate that runs the same graph with the same backend and precision.
+BENCH_TO_TUNE = {"ort-cpu-fp32": "ort-fp32", "ort-cpu-int8": "ort-int8", "openvino-cpu-fp32": "openvino-fp32",
+                 "openvino-cpu-bf16": "openvino-bf16", "openvino-cpu-int8": "openvino-int8"}
 
 
 @dataclass
@@ -455,7 +458,11 @@ class Pipeline:
                              "other_cpu_load": r.get("other_cpu_load")})
             bench = {"results": "bench/results.json", "report": "bench/report.md", "baseline": self.bench["baseline"],
                      "points": rows, "targets": evaluate_targets(self.bench), "busy": busy_note(self.bench),
-                     "plots": sorted(p.name for p in (self.out / "bench").glob("*.png"))}
+                     "plots": sorted(p.name for p in (self.out / "bench").glob("*.png")),
+                     "measured": {"started": self.bench["environment"].get("timestamp"),
+                                  "seconds": self.bench.get("duration_s"), "timing": self.bench.get("timing")}}
+            if self.tuned is not None:
+                bench["same_graph"] = same_graph_figures(self.bench, self.tuned.manifest)
         return {
             "kind": "vitdeploy-deploy",
             "version": 1,
@@ -481,6 +488,58 @@ class Pipeline:
         atomic_write_text(self.out / "report.md", render_markdown(data))
         self.log(f"wrote {self.out / 'report.md'} and {self.out / 'report.json'}")
         return data
+
+
+def _artifact_key(path: str | None) -> str | None:
+    """A graph file's name with the onnxruntime-CPU variant's ``.cpu`` dropped (the variant runs the same graph)."""
+    return None if not path else Path(path).name.replace(".cpu.onnx", ".onnx")
+
+
+def same_graph_figures(bench: dict[str, Any], manifest: Any) -> list[dict[str, Any]]:
+    """Each graph that both the benchmark and tune timed (same backend, file and precision, same batch): both
+    p50s and their ratio, so the report can put the two measurements side by side and say why they differ."""
+    candidates = {c.name: c for c in manifest.candidates}
+    pairs = []
+    for record in bench["records"]:
+        candidate = candidates.get(BENCH_TO_TUNE.get(record["runtime"], ""))
+        if record["status"] != "ok" or candidate is None or not record.get("latency_ms"):
+            continue
+        tune_ms = candidate.latency_ms.get(str(record["batch"]))
+        if tune_ms is None or _artifact_key(record.get("artifact")) != _artifact_key(candidate.artifact):
+            continue
+        bench_ms = record["latency_ms"]["p50"]
+        pairs.append({"bench_runtime": record["runtime"], "tune_candidate": candidate.name,
+                      "graph": Path(record["artifact"]).name, "batch": record["batch"],
+                      "size": f"{record['height']}x{record['width']}", "bench_p50_ms": bench_ms,
+                      "tune_p50_ms": tune_ms, "ratio": bench_ms / tune_ms,
+                      "bench_other_cpus": record.get("other_cpu_load")})
+    return pairs
+
+
+def _same_graph_lines(data: dict[str, Any], manifest: Any) -> list[str]:
+    """Why one graph has two figures in this report: two measurements, made differently and at different times."""
+    pairs = (data.get("benchmark") or {}).get("same_graph") or []
+    if not pairs:
+        return []
+    measured = data["benchmark"].get("measured") or {}
+    tune_load = (manifest.load or {}).get("other_processes_cpus")
+    lines = ["### One graph, two figures", "",
+             "These graphs were timed twice, by two separate measurements, so their numbers differ:", ""]
+    for pair in pairs:
+        lines.append(f"- `{pair['graph']}` at batch {pair['batch']} ({pair['size']}): p50 {pair['bench_p50_ms']:.3f} ms "
+                     f"in the benchmark (`{pair['bench_runtime']}`) and {pair['tune_p50_ms']:.3f} ms in tune "
+                     f"(`{pair['tune_candidate']}`), {pair['ratio']:.2f}x")
+    bench_busy = max((p["bench_other_cpus"] or 0.0 for p in pairs), default=0.0)
+    lines += ["", f"The benchmark (started {measured.get('started') or '?'}) times each runtime alone, one after "
+              "another, for its time budget; tune (recorded "
+              f"{manifest.created or '?'}, after the benchmark) alternates the candidates in {manifest.rounds} short interleaved round(s) "
+              "and reports the median of the rounds' p50s. Other processes used up to "
+              f"{bench_busy:.2f} CPUs during those benchmark points and "
+              + (f"{tune_load:.2f}" if tune_load is not None else "an unrecorded share of")
+              + " CPUs during tune; caches, clocks and thread placement also differ between the runs. Compare "
+              "runtimes within one table, not across the tables; tune's choice rests on its own interleaved figures.",
+              ""]
+    return lines
 
 
 def _parity_text(artifact: dict[str, Any], random_weights: bool = False) -> str:
@@ -553,8 +612,13 @@ def render_markdown(data: dict[str, Any]) -> str:
 
     bench = data.get("benchmark")
     if bench:
+        measured = bench.get("measured") or {}
+        timing = measured.get("timing") or {}
+        how = (f"Measured by the benchmark stage (started {measured.get('started') or '?'}): each runtime on its own, "
+               f"one after another, {timing.get('warmup', '?')} warm-up call(s) then calls for "
+               f"{_fmt(timing.get('time_budget_s'), 'g')} s per point; p50/p90/p99 of those calls. ")
         lines += ["## Speed on this machine", "",
-                  f"Latency per call (ms) and images/s; speedup against {bench['baseline']} (p50). "
+                  how + f"Latency per call (ms) and images/s; speedup against {bench['baseline']} (p50). "
                   f"Full results: `{bench['report']}`, `{bench['results']}`.", "",
                   "| runtime | batch | size | p50 ms | p90 ms | p99 ms | img/s | speedup | % peak |", "|---|---|---|---|---|---|---|---|---|"]
         for row in bench["points"]:
@@ -578,14 +642,16 @@ def render_markdown(data: dict[str, Any]) -> str:
 
         manifest = TuneManifest.from_dict(tuned["document"])
         lines += ["## Fastest accurate CPU path (tune)", "",
-                  f"Every CPU candidate timed side by side ({manifest.rounds} interleaved rounds; `--rounds` of "
-                  f"`vitdeploy tune` for more), accuracy on {manifest.gate['accuracy_on']} against "
+                  f"Measured by the tune stage (recorded {manifest.created or '?'}, after the benchmark, in a separate "
+                  f"run): every CPU candidate timed side by side ({manifest.rounds} interleaved rounds, the median of "
+                  f"the rounds' p50s; `--rounds` of `vitdeploy tune` for more), accuracy on {manifest.gate['accuracy_on']} against "
                   f"{manifest.reference}, gate: {manifest.gate['rule']}. The choice is recorded in "
                   f"`{tuned['manifest']}`: `vitdeploy predict OUT IMAGE` and "
                   "`vitdeploy.runtimes.load(OUT)` run it. CPU flags: "
                   f"{', '.join(manifest.cpu['flags']) or 'none'}.", ""]
         lines += section_lines(manifest)
         lines += [""] + ([f"![latency vs accuracy]({tuned['plot']})", ""] if tuned.get("plot") else [])
+        lines += _same_graph_lines(data, manifest)
 
     lines += ["## Stages", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['detail'].replace('|', '/')} |" for s in data["stages"]]
