@@ -71,7 +71,8 @@ def build_engine_for_bench(onnx_path: Path, engine_path: Path, sweep: Sweep,
     if (low_h, high_h) != (low_w, high_w):
         raise ValueError(f"engines for non-square sweeps are not supported here (height {low_h}..{high_h}, "
                          f"width {low_w}..{high_w}); build one with `vitdeploy build`")
-    options = BuildOptions(timing_cache=str(engine_path.with_name("tensorrt.timing-cache")))
+    # A timing engine: the sweep's batches go past the export's validation (batch 1), on purpose and recorded.
+    options = BuildOptions(timing_cache=str(engine_path.with_name("tensorrt.timing-cache")), beyond_validated=True)
     plan = plan_build(onnx_path, engine_path, options=options, profile_specs=engine_profiles(sweep))
     if _reusable(plan):
         if log is not None:

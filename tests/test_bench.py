@@ -341,7 +341,7 @@ def test_engine_profiles_and_reuse_of_a_built_engine(bench_run, tmp_path):
     from vitdeploy.benchmarks.artifacts import _reusable, engine_profiles
     from vitdeploy.benchmarks.models import Sweep
     from vitdeploy.engine_manifest import EngineManifest, GpuInfo
-    from vitdeploy.exporters.trt_plan import plan_build
+    from vitdeploy.exporters.trt_plan import BuildOptions, plan_build
     from vitdeploy.files import sha256_file
 
     small = Sweep((1, 2), ((32, 32), (48, 48)))
@@ -351,7 +351,9 @@ def test_engine_profiles_and_reuse_of_a_built_engine(bench_run, tmp_path):
 
     onnx_path = next((bench_run[3] / "artifacts").glob("*-fp32.onnx"))
     engine = tmp_path / "tiny.engine"
-    plan = plan_build(onnx_path, engine, profile_specs=engine_profiles(small))
+    # The bench export validated batch 1 only; its timing engines go beyond that on purpose (build_engine_for_bench).
+    timing = BuildOptions(beyond_validated=True)
+    plan = plan_build(onnx_path, engine, options=timing, profile_specs=engine_profiles(small))
     assert not _reusable(plan)
     engine.write_bytes(b"TensorRT engine double")  # stands in for an engine TensorRT built
     EngineManifest(
@@ -361,7 +363,7 @@ def test_engine_profiles_and_reuse_of_a_built_engine(bench_run, tmp_path):
         inputs=[], outputs=[],
     ).write(plan.manifest_path)
     assert _reusable(plan)
-    assert not _reusable(plan_build(onnx_path, engine, profile_specs=["batch=1:2:2,resolution=32:48:48"]))
+    assert not _reusable(plan_build(onnx_path, engine, options=timing, profile_specs=["batch=1:2:2,resolution=32:48:48"]))
     engine.write_bytes(b"another engine")
     assert not _reusable(plan)  # the manifest no longer describes the file
 
