@@ -107,8 +107,9 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     bench_p50 = next(p["p50_ms"] for p in points if (p["runtime"], p["batch"]) == ("ort-cpu-fp32", 1))
     tune_p50 = next(c for c in tuned["candidates"] if c["name"] == "ort-fp32")["latency_ms"]["1"]
     assert (fp32["bench_p50_ms"], fp32["tune_p50_ms"]) == (bench_p50, tune_p50)
-    assert (f"- `tiny.safetensors-fp32.cpu.onnx` at batch 1 (32x32): p50 {bench_p50:.3f} ms in the benchmark "
-            f"(`ort-cpu-fp32`) and {tune_p50:.3f} ms in tune (`ort-fp32`)") in markdown
+    assert (f"- onnxruntime, fp32 graph (fused CPU variant) (`tiny.safetensors-fp32.cpu.onnx`), batch 1, 32x32: p50 "
+            f"{bench_p50:.3f} ms in the benchmark (`ort-cpu-fp32`), {tune_p50:.3f} ms in tune (`ort-fp32`); "
+            f"benchmark/tune {bench_p50 / tune_p50:.2f}x") in markdown
     assert "Compare runtimes within one table, not across the tables" in markdown
     assert all(f"`{c['name']}` ({c['status']}): {c['reason']}" in markdown for c in tuned["candidates"]
                if c["status"] != "ok")

@@ -509,7 +509,7 @@ def same_graph_figures(bench: dict[str, Any], manifest: Any) -> list[dict[str, A
             continue
         bench_ms = record["latency_ms"]["p50"]
         pairs.append({"bench_runtime": record["runtime"], "tune_candidate": candidate.name,
-                      "graph": Path(record["artifact"]).name, "batch": record["batch"],
+                      "description": candidate.description, "graph": Path(record["artifact"]).name, "batch": record["batch"],
                       "size": f"{record['height']}x{record['width']}", "bench_p50_ms": bench_ms,
                       "tune_p50_ms": tune_ms, "ratio": bench_ms / tune_ms,
                       "bench_other_cpus": record.get("other_cpu_load")})
@@ -526,9 +526,10 @@ def _same_graph_lines(data: dict[str, Any], manifest: Any) -> list[str]:
     lines = ["### One graph, two figures", "",
              "These graphs were timed twice, by two separate measurements, so their numbers differ:", ""]
     for pair in pairs:
-        lines.append(f"- `{pair['graph']}` at batch {pair['batch']} ({pair['size']}): p50 {pair['bench_p50_ms']:.3f} ms "
-                     f"in the benchmark (`{pair['bench_runtime']}`) and {pair['tune_p50_ms']:.3f} ms in tune "
-                     f"(`{pair['tune_candidate']}`), {pair['ratio']:.2f}x")
+        lines.append(f"- {pair['description']} (`{pair['graph']}`), batch {pair['batch']}, {pair['size']}: p50 "
+                     f"{pair['bench_p50_ms']:.3f} ms in the benchmark (`{pair['bench_runtime']}`), "
+                     f"{pair['tune_p50_ms']:.3f} ms in tune (`{pair['tune_candidate']}`); benchmark/tune "
+                     f"{pair['ratio']:.2f}x")
     bench_busy = max((p["bench_other_cpus"] or 0.0 for p in pairs), default=0.0)
     lines += ["", f"The benchmark (started {measured.get('started') or '?'}) times each runtime alone, one after "
               "another, for its time budget; tune (recorded "
