@@ -202,3 +202,24 @@ def test_trtexec_command_every_option_and_profiles(onnx_path, tmp_path) -> None:
     assert f"'--timingCacheFile={tmp_path / 't cache.bin'}'" in text  # quoted for the shell
     same_cc = plan_build(onnx_path, options=BuildOptions(hardware_compatibility="same-compute-capability"))
     assert "--hardwareCompatibilityLevel=sameComputeCapability" in trtexec_command(same_cc)
+
+
+def test_an_unvalidated_file_builds_for_its_declared_range_with_a_warning(onnx_path) -> None:
+    # tiny_onnx() was exported with validation off: nothing narrower is known, and the plan says so.
+    plan = plan_build(onnx_path)
+    assert plan.profiles[0].max == (8, 3, 64, 64)
+    assert plan.range_warning.startswith("tiny_fp32.onnx records no validation (exported with --no-validate?): "
+                                         "using its declared range (batch 1..8, 16..64)")
+
+
+def test_deployable_range_is_the_validated_one_unless_overridden(info) -> None:
+    import dataclasses
+
+    metadata = dataclasses.replace(info.metadata, validation={"passed": True, "shapes": [[1, 16, 16], [4, 40, 24],
+                                                                                          [1, 64, 16], [1, 64, 64]]})
+    plain = metadata.deployable_range(name="m.onnx")
+    assert (plain.source, plain.warning, plain.shape_range.batch, plain.shape_range.height) == (
+        "validated", None, (1, 4), (16, 64))
+    wide = metadata.deployable_range(beyond_validated=True, name="m.onnx")
+    assert wide.source == "declared" and wide.shape_range == metadata.shape_range
+    assert "only batch 1..4, 16..64 was validated" in wide.warning
