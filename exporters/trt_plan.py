@@ -350,12 +350,14 @@ def make_profiles(
     allowed = profile_range(info, beyond_validated)
     try:
         validate_profiles(profiles, channels=info.channels, multiple_of=info.stride,
-                          shape_range=allowed.shape_range if allowed is not None else None)
+                          shape_range=allowed.shape_range if allowed is not None else None,
+                          range_name="the ONNX file was validated on" if allowed is None or
+                          allowed.source == "validated" else "the ONNX file declares")
     except ValueError as error:
         if allowed is None or allowed.source != "validated":
             raise
         try:  # inside the declared range: say how to build beyond the validated one
-            validate_profiles(profiles, shape_range=info.metadata.shape_range)
+            validate_profiles(profiles, shape_range=info.metadata.shape_range, range_name="the ONNX file declares")
         except ValueError:
             raise error from None
         raise ValueError(f"{error}; --beyond-validated builds up to the declared range "

@@ -121,12 +121,13 @@ def validate_profiles(
     channels: int | None = None,
     multiple_of: int | None = None,
     shape_range: ShapeRange | None = None,
+    range_name: str = "the ONNX file was validated on",
 ) -> None:
     """Check NCHW profiles before a build; raise ``ValueError`` naming the first bad value.
 
     Every profile must be ordered (``min <= opt <= max``), have ``channels`` channels, spatial
     sizes that are multiples of ``multiple_of`` (the patch stride) and stay inside
-    ``shape_range`` (what the ONNX file was validated on).
+    ``shape_range`` (what the ONNX file was validated on; ``range_name`` says what it is).
     """
     if not profiles:
         raise ValueError("at least one optimization profile is needed")
@@ -151,7 +152,7 @@ def validate_profiles(
                 if profile.min[position] < low or profile.max[position] > high:
                     raise ValueError(
                         f"{where}: {axis} {profile.min[position]}..{profile.max[position]} is outside the range "
-                        f"{low}..{high} the ONNX file was validated on; export with a wider range or narrow the profile"
+                        f"{low}..{high} {range_name}; export with a wider range or narrow the profile"
                     )
     names = {p.input for p in profiles}
     if len(names) != 1:
