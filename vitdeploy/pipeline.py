@@ -509,8 +509,8 @@ def same_graph_figures(bench: dict[str, Any], manifest: Any) -> list[dict[str, A
             continue
         bench_ms = record["latency_ms"]["p50"]
         pairs.append({"bench_runtime": record["runtime"], "tune_candidate": candidate.name,
-                      "description": candidate.description, "graph": Path(record["artifact"]).name, "batch": record["batch"],
-                      "size": f"{record['height']}x{record['width']}", "bench_p50_ms": bench_ms,
+                      "description": candidate.description, "graph": Path(record["artifact"]).name,
+                      "batch": record["batch"], "size": f"{record['height']}x{record['width']}", "bench_p50_ms": bench_ms,
                       "tune_p50_ms": tune_ms, "ratio": bench_ms / tune_ms,
                       "bench_other_cpus": record.get("other_cpu_load")})
     return pairs
@@ -532,9 +532,8 @@ def _same_graph_lines(data: dict[str, Any], manifest: Any) -> list[str]:
                      f"{pair['ratio']:.2f}x")
     bench_busy = max((p["bench_other_cpus"] or 0.0 for p in pairs), default=0.0)
     lines += ["", f"The benchmark (started {measured.get('started') or '?'}) times each runtime alone, one after "
-              "another, for its time budget; tune (recorded "
-              f"{manifest.created or '?'}, after the benchmark) alternates the candidates in {manifest.rounds} short interleaved round(s) "
-              "and reports the median of the rounds' p50s. Other processes used up to "
+              f"another, for its time budget; tune (recorded {manifest.created or '?'}, after the benchmark) "
+              f"alternates the candidates in {manifest.rounds} short interleaved round(s) and reports the median of the rounds' p50s. Other processes used up to "
               f"{bench_busy:.2f} CPUs during those benchmark points and "
               + (f"{tune_load:.2f}" if tune_load is not None else "an unrecorded share of")
               + " CPUs during tune; caches, clocks and thread placement also differ between the runs. Compare "

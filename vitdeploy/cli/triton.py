@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(<stem>_tensorrt) with its manifest and the Triton release whose TensorRT loads it, plus a python model "
         "when the ONNX it was built from is beside it. Inputs are pixel_values [3, -1, -1] (Triton owns the batch "
         "dimension), max_batch_size and the shape range clients are told are the validated ones (the shapes the "
-        "export's parity check covered; --beyond-validated serves the declared range, with a warning), requests are batched dynamically, and the "
+        "export's parity check covered; --beyond-validated serves the declared range, with a warning), requests "
+        "are batched dynamically, and the "
         "preprocessing goes into the model parameters for clients. Serve it with `vitdeploy serve REPO`.",
     )
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="exported .onnx files and/or TensorRT engines")
