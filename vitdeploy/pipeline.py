@@ -533,7 +533,8 @@ def _same_graph_lines(data: dict[str, Any], manifest: Any) -> list[str]:
     bench_busy = max((p["bench_other_cpus"] or 0.0 for p in pairs), default=0.0)
     lines += ["", f"The benchmark (started {measured.get('started') or '?'}) times each runtime alone, one after "
               f"another, for its time budget; tune (recorded {manifest.created or '?'}, after the benchmark) "
-              f"alternates the candidates in {manifest.rounds} short interleaved round(s) and reports the median of the rounds' p50s. Other processes used up to "
+              f"alternates the candidates in {manifest.rounds} short interleaved round(s) and reports the median of "
+              "the rounds' p50s. Other processes used up to "
               f"{bench_busy:.2f} CPUs during those benchmark points and "
               + (f"{tune_load:.2f}" if tune_load is not None else "an unrecorded share of")
               + " CPUs during tune; caches, clocks and thread placement also differ between the runs. Compare "
