@@ -175,7 +175,11 @@ def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> 
         module = timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
     except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
         raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not fit: the first line says which
+        raise SourceModelError(f"timm's {architecture} does not take these weights: "
+                               f"{' '.join(str(error).split())[:300]}") from None
     if missing or unexpected:
         raise SourceModelError(
             f"timm's {architecture} does not take these weights: missing {sorted(missing)[:4]}"
@@ -211,7 +215,7 @@ class SourcePlan:
     skipped: str | None = None
     notes: list[str] = field(default_factory=list)
     build: Callable[[], SourceModel] | None = None
-    lenient: bool = False  # a name guessed from the file: a load failure skips the check instead of failing it
+    lenient: bool = False  # a name not from the checkpoint's own config: a load failure skips the check
     _model: SourceModel | None = None
     _memo: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -315,7 +319,7 @@ def _timm_plan(source: str, model: str | None, image_size: int | None) -> Source
     else:
         files = [path]
         if model:
-            plan.architecture, plan.architecture_from = model, "--model"
+            plan.architecture, plan.architecture_from, plan.lenient = model, "--model", True
         elif timm.is_model(path.stem):
             plan.architecture, plan.architecture_from, plan.lenient = path.stem, "the file name", True
         else:
@@ -461,15 +465,15 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     """Run ``candidate`` (a runtime or callable, see :func:`vitdeploy.parity.verify`) and ``plan``'s source
     model on :data:`PHOTOS_PER_SIZE` real photos at the native and a changed, non-square size within
     ``height``/``width``; judge every output both give with the tolerance of ``metadata.precision``
-    against fp32. A name guessed from the file that the library cannot load skips the check; one the
-    checkpoint or ``--model`` gave fails it."""
+    against fp32. An architecture the checkpoint's own config names that its library cannot build or
+    load fails the check; a name from ``--model`` or the file name skips it, saying why."""
     if not plan.runs:
         return skipped(plan.skipped or "no source model", plan)
     try:
         plan.model()
     except SourceModelError as error:
         if plan.lenient:
-            return skipped(f"{error} (the name came from the file name; pass --model NAME)", plan)
+            return skipped(f"{error} (the name came from {plan.architecture_from}, not from the checkpoint)", plan)
         return SourceCheckResult(plan, error=f"{error} (--no-source-check skips this check)")
     native = int(metadata.model_config["image_size"])
     sizes = check_sizes(native, tuple(height), tuple(width), metadata.stride)

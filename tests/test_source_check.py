@@ -179,6 +179,22 @@ def test_a_bare_timm_state_dict_is_checked_under_the_name_it_is_given(tmp_path) 
     assert not unknown.runs and "has no model named 'vit_no_such_model'" in unknown.skipped
 
 
+def test_a_name_that_does_not_fit_the_weights_skips_unless_the_checkpoint_gave_it(timm_hub, tmp_path) -> None:
+    small = tmp_path / "deit_tiny_patch16_224.safetensors"  # timm's name, but 32 wide: timm's default is 192
+    small.write_bytes((timm_hub / "model.safetensors").read_bytes())
+    result = run_source_check(None, plan_source_check(small, "timm"), None, height=(32, 96), width=(32, 96))
+    assert result.passed is None and "does not take these weights" in result.reason
+    assert "the file name" in result.reason
+    config = json.loads((timm_hub / "config.json").read_text())
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "model.safetensors").write_bytes((timm_hub / "model.safetensors").read_bytes())
+    (hub / "config.json").write_text(json.dumps({**config, "model_args": {}}))  # the config no longer fits
+    result = run_source_check(None, plan_source_check(hub, "timm"), None, height=(32, 96), width=(32, 96))
+    assert result.passed is False and "does not take these weights" in result.failure_lines()[0]
+    assert "--no-source-check" in result.summary_line()
+
+
 def test_a_library_that_cannot_be_imported_is_said_so(monkeypatch, hf_dinov2) -> None:
     monkeypatch.setattr(source_check, "_importable", lambda name: False)
     assert plan_source_check(hf_dinov2, "huggingface").skipped.startswith("transformers is not importable")
