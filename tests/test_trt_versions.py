@@ -177,3 +177,11 @@ def test_check_command_takes_the_version_and_defaults_to_the_installed_or_pinned
     capsys.readouterr()
     assert main(["check", str(path), "--trt-version", "8.6"]) == 2
     assert "--trt-version" in capsys.readouterr().err
+
+
+def test_the_pinned_version_is_the_gpu_extras_lower_bound() -> None:
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    gpu = next(line for line in pyproject.splitlines() if line.startswith("gpu = "))
+    assert f'"tensorrt-cu13>={load_support_table()["by_version"]["pinned"]},' in gpu, gpu
