@@ -758,9 +758,9 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
         else:
             metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
             if options.source_check is not None:
-                from vitdeploy.exporters.source_check import skipped
+                from vitdeploy.exporters.source_check import not_checked
 
-                source_check = skipped("validation disabled (--no-validate)")
+                source_check = not_checked("validation disabled (--no-validate)")
                 metadata.validation["source_check"] = source_check.to_dict()
             stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
             variant = None  # a variant is only ever handed over validated

@@ -216,8 +216,8 @@ class SourcePlan:
     notes: list[str] = field(default_factory=list)
     build: Callable[[], SourceModel] | None = None
     lenient: bool = False  # a name not from the checkpoint's own config: a load failure skips the check
-    _model: SourceModel | None = None
-    _memo: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
+    _model: SourceModel | None = field(default=None, repr=False)
+    _memo: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def runs(self) -> bool:
@@ -243,15 +243,17 @@ class SourcePlan:
         return self._memo[key]
 
     def describe(self) -> str:
-        return f"{self.library} {self._version()} ({self.architecture}, named by {self.architecture_from})"
+        return f"{self.library} {self.version()} ({self.architecture}, named by {self.architecture_from})"
 
-    def _version(self) -> str:
+    def version(self) -> str:
+        """The source library's version (of the installed package until the model is built)."""
         if self._model is not None:
             return self._model.version
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
 
         try:
-            return version(self.library or "")
+            return package_version(self.library or "")
         except PackageNotFoundError:
             return "?"
 
@@ -438,7 +440,7 @@ class SourceCheckResult:
         if not self.checked:
             return {"checked": False, "reason": self.reason, "format": self.plan.format}
         data: dict[str, Any] = {
-            "checked": True, "passed": self.passed, "library": self.plan.library, "version": self.plan._version(),
+            "checked": True, "passed": self.passed, "library": self.plan.library, "version": self.plan.version(),
             "architecture": self.plan.architecture, "architecture_from": self.plan.architecture_from,
             "sizes": [list(size) for size in self.sizes], "images": f"{PHOTOS_PER_SIZE} photos per size",
             "tolerance": self.tolerance, "not_compared": list(self.not_compared), "failures": self.failure_lines(),
@@ -454,7 +456,7 @@ def _badness(case: CaseResult) -> float:
     return float("inf") if value != value else float(value)  # NaN first
 
 
-def skipped(reason: str, plan: SourcePlan | None = None) -> SourceCheckResult:
+def not_checked(reason: str, plan: SourcePlan | None = None) -> SourceCheckResult:
     """A result that records why no check ran."""
     return SourceCheckResult(plan or SourcePlan("", "", skipped=reason), reason=reason)
 
@@ -468,12 +470,12 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     against fp32. An architecture the checkpoint's own config names that its library cannot build or
     load fails the check; a name from ``--model`` or the file name skips it, saying why."""
     if not plan.runs:
-        return skipped(plan.skipped or "no source model", plan)
+        return not_checked(plan.skipped or "no source model", plan)
     try:
         plan.model()
     except SourceModelError as error:
         if plan.lenient:
-            return skipped(f"{error} (the name came from {plan.architecture_from}, not from the checkpoint)", plan)
+            return not_checked(f"{error} (the name came from {plan.architecture_from}, not from the checkpoint)", plan)
         return SourceCheckResult(plan, error=f"{error} (--no-source-check skips this check)")
     native = int(metadata.model_config["image_size"])
     sizes = check_sizes(native, tuple(height), tuple(width), metadata.stride)
@@ -486,7 +488,7 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     result = SourceCheckResult(plan, report=report, sizes=sizes, tolerance=tolerance.name,
                                not_compared=[n for n in metadata.output_names if n not in compared])
     if not report.cases:
-        return skipped(f"{plan.model().name} gives none of the artifact's outputs "
+        return not_checked(f"{plan.model().name} gives none of the artifact's outputs "
                        f"({', '.join(metadata.output_names)})", plan)
     if len(sizes) < 2:
         report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
