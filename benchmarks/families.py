@@ -184,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from vitdeploy.benchmarks.environment import capture_environment, package_versions, recording_load
-    from vitdeploy.benchmarks.timm_import import import_timm
     from vitdeploy.exporters.onnx_export import ExportValidationError
     from vitdeploy.files import atomic_write_json
+    from vitdeploy.timm_import import import_timm
 
     args = parse_args(argv)
     command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.families",

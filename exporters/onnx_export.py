@@ -126,6 +126,18 @@ class ExportValidationError(ExportError):
         )
 
 
+class SourceCheckError(ExportValidationError):
+    """The exported graph disagrees with the source library's own model of the checkpoint; carries the
+    :class:`~vitdeploy.exporters.source_check.SourceCheckResult` (its ``failure_lines`` say by how much)."""
+
+    def __init__(self, result: Any, kept: Path | None = None) -> None:
+        self.result = result
+        ExportError.__init__(self, f"exported graph disagrees with {result.reference}: "
+                             + "; ".join(result.failure_lines()))
+        self.report = result.report or ParityReport(candidate="artifact vs source")
+        self.kept = kept
+
+
 @dataclass
 class ExportOptions:
     """What to export and how to check it. Sizes are inclusive ``(min, max)`` ranges.
@@ -139,6 +151,9 @@ class ExportOptions:
     per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
     its last block for the class token alone (exact, and about one block's work less);
     ``full_last_block`` turns that off (see :func:`prunes_last_block`).
+    ``source_check`` (a :class:`~vitdeploy.exporters.source_check.SourcePlan`) also checks the
+    validated graph against the checkpoint's source library (timm, transformers) and refuses it
+    when they disagree; the metadata's validation record says what was checked or why not.
     ``cpu_variant`` also writes ``<stem>.cpu.onnx`` beside an fp32 or int8 file: the same graph
     with onnxruntime CPU contrib ops (:func:`~vitdeploy.exporters.ort_fusion.cpu_variant`),
     validated like the portable file, which ``OrtRuntime`` runs on CPU in its place.
@@ -170,6 +185,7 @@ class ExportOptions:
     quantize: Any = None
     calibration: str | os.PathLike[str] | None = None
     calibration_size: int = 64
+    source_check: Any = None  # a SourcePlan; None: no check against the source library, none recorded
 
     def __post_init__(self) -> None:
         check_precision(self.precision, GRAPH_PRECISIONS)
@@ -238,6 +254,7 @@ class ExportResult:
     variant_path: Path | None = None  # the validated onnxruntime-CPU graph beside the file
     variant_report: ParityReport | None = None
     quantization: dict[str, Any] | None = None  # the quantize transform record of an int8/fp8 export
+    source_check: Any = None  # the SourceCheckResult, when the export was given a source plan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -254,6 +271,7 @@ class ExportResult:
                             "width": list(self.metadata.shape_range.width)},
             "validation": self.report.to_dict() if self.report else None,
             "preflight": _preflight_dict(self.preflight),
+            "source_check": self.source_check.to_dict() if self.source_check is not None else None,
         }
 
 
@@ -697,7 +715,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
         tmp_model = folder / target.name
         tmp_variant = folder / variant_target.name
         data_path = target.with_name(f"{target.name}.data") if external else None
-        report = variant_report = None
+        report = variant_report = source_check = None
         variant_bytes: bytes | None = None
         with stages("save"):
             _save(proto, tmp_model, external)
@@ -723,6 +741,11 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             if not report.passed:
                 kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
                 raise ExportValidationError(report, kept)
+            if options.source_check is not None:
+                source_check = _check_against_source(tmp_model, metadata, options, stages, say_case)
+                if source_check.passed is False:
+                    kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
+                    raise SourceCheckError(source_check, kept)
             if variant is not None:
                 with stages(f"validate {variant_target.name}"):
                     variant_report = validate_cpu_variant(variant, tmp_variant, lambda path, data: validate_onnx(
@@ -731,8 +754,15 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
                 if variant_report is None:
                     variant = None
             metadata.validation = _validation_record(report)
+            if source_check is not None:
+                metadata.validation["source_check"] = source_check.to_dict()
         else:
             metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
+            if options.source_check is not None:
+                from vitdeploy.exporters.source_check import not_checked
+
+                source_check = not_checked("validation disabled (--no-validate)")
+                metadata.validation["source_check"] = source_check.to_dict()
             stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
             variant = None  # a variant is only ever handed over validated
         if variant is not None:
@@ -742,10 +772,34 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
 
     result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
                           stage_seconds=stages.seconds, variant_path=variant_target if variant_bytes else None,
-                          variant_report=variant_report if variant_bytes else None, quantization=quantization)
+                          variant_report=variant_report if variant_bytes else None, quantization=quantization,
+                          source_check=source_check)
     if options.preflight:
         result.preflight = _run_preflight(target, stages)
     result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check_against_source(path: Path, metadata: ArtifactMetadata, options: ExportOptions, stages: _Stages,
+                          say_case: Callable[[Any], None]) -> Any:
+    """The validated graph at ``path`` against the source library's own model (``options.source_check``)."""
+    from vitdeploy.exporters.source_check import run_source_check
+    from vitdeploy.runtimes.onnxruntime import OrtRuntime
+
+    plan = options.source_check
+    if not plan.runs:
+        stages.say(f"source check skipped: {plan.skipped}")
+        return run_source_check(None, plan, metadata, height=metadata.shape_range.height,
+                                width=metadata.shape_range.width)
+    candidate = OrtRuntime(path, variant="portable")
+    try:
+        with stages(f"check against {plan.library}'s own {plan.architecture}"):
+            result = run_source_check(candidate, plan, metadata, height=metadata.shape_range.height,
+                                      width=metadata.shape_range.width, images=options.validation_images,
+                                      on_case=say_case)
+    finally:
+        candidate.close()
+    stages.say(result.summary_line())
     return result
 
 

@@ -21,6 +21,14 @@
   for weights), takes constant positive scales, per-tensor scales for activations and
   per-channel scales only on constant weights, and a ``QuantizeLinear`` must feed a
   ``DequantizeLinear``. An asymmetric u8s8 graph (onnxruntime's default) fails here.
+
+Given the TensorRT version the engine will be built with (``check --trt-version 10.3``; JetPack 6
+ships 10.3), :func:`_version_findings` also applies the table's ``by_version`` entries, each keyed
+by a version range: operators added after that release, inputs that release needs constant,
+data types it lacks, and the known field failures of these graphs (an ``If`` node whose branches
+differ in shape, rejected before 10.13: TensorRT #4558, #4603; RoPE graphs miscompiled by
+10.3-10.4: #4742, #4723). All of it is data read from NVIDIA's documents and issues, never run
+against a TensorRT here.
 """
 
 from __future__ import annotations
@@ -47,6 +55,48 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 def load_support_table() -> dict[str, Any]:
     """The operator support table (with its ``sources``) as a dict."""
     return json.loads(TABLE_PATH.read_text(encoding="utf-8"))
+
+
+def parse_trt_version(text: str) -> tuple[int, int]:
+    """``"10.3"``, ``"10.3.0.26"`` → ``(10, 3)``; ``ValueError`` naming the text otherwise."""
+    parts = str(text).strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    except ValueError:
+        raise ValueError(f"TensorRT version {text!r} is not a version like 10.3 or 10.14.1") from None
+
+
+def in_versions(version: tuple[int, int], spec: str) -> bool:
+    """Whether ``version`` lies in ``spec``: comma-separated bounds such as ``">=10.0,<10.13"``."""
+    for bound in (part.strip() for part in spec.split(",") if part.strip()):
+        operator = next(op for op in (">=", "<=", "==", ">", "<") if bound.startswith(op))
+        limit = parse_trt_version(bound[len(operator):])
+        holds = {">=": version >= limit, "<=": version <= limit, "==": version == limit, ">": version > limit,
+                 "<": version < limit}[operator]
+        if not holds:
+            return False
+    return True
+
+
+def installed_tensorrt_version() -> str | None:
+    """The version of the TensorRT Python package installed here (its distribution metadata), else None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def default_tensorrt_version() -> tuple[str, str]:
+    """The version an engine would be built with: the installed TensorRT's, else the ``gpu`` extra's pin;
+    and where it came from."""
+    installed = installed_tensorrt_version()
+    if installed:
+        return installed, "installed"
+    return str(load_support_table()["by_version"]["pinned"]), "the gpu extra's pin, no TensorRT installed"
 
 
 def opset_range(tensorrt_version: str | None = None) -> tuple[int, int]:
@@ -96,6 +146,7 @@ class PreflightReport:
     opset_range: tuple[int, int]
     tensorrt_version: str | None
     findings: list[Finding] = field(default_factory=list)
+    version_source: str = ""  # where tensorrt_version came from ("--trt-version", "installed", ...)
 
     @property
     def errors(self) -> list[Finding]:
@@ -118,6 +169,7 @@ class PreflightReport:
             "opset": self.opset,
             "supported_opsets": list(self.opset_range),
             "tensorrt_version": self.tensorrt_version or "10.x/11.x",
+            "tensorrt_version_from": self.version_source or None,
             "support_table": load_support_table()["sources"]["operators"],
             "errors": len(self.errors),
             "warnings": len(self.warnings),
@@ -132,6 +184,8 @@ class PreflightReport:
 def format_report(report: PreflightReport) -> str:
     """Render ``report`` as text (summary line, then ``severity op node: message`` lines)."""
     versions = report.tensorrt_version or "10.x/11.x"
+    if report.version_source:
+        versions += f" ({report.version_source})"
     head = (
         f"TensorRT {versions} pre-flight of {report.model} (opset {report.opset}; parser supports "
         f"{report.opset_range[0]}..{report.opset_range[1]}): {len(report.errors)} error(s), "
@@ -386,15 +440,124 @@ def _node_findings(model: onnx.ModelProto, table: dict[str, Any], types: dict[st
     return findings
 
 
+def _constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensors the parser sees as weights: initializers and ``Constant`` outputs."""
+    names = {t.name for t in graph.initializer}
+    names.update(node.output[0] for node in graph.node if node.op_type == "Constant" and node.output)
+    return names
+
+
+def _nodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
+    """Every node with its name and the graph that holds it, subgraphs (If/Loop bodies) included."""
+    found = []
+    for index, node in enumerate(graph.node):
+        found.append((node, _node_name(node, index), graph))
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in subgraphs:
+                found.extend(_nodes(sub))
+    return found
+
+
+def _shape(value: onnx.ValueInfoProto) -> tuple[Any, ...] | None:
+    """A value's shape as dim values / names, None where unknown (no shape, or an unnamed dynamic dim)."""
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in value.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            return None
+    return tuple(dims)
+
+
+def _if_branches_differ(node: onnx.NodeProto) -> str | None:
+    """Why an ``If`` node's two branches give outputs TensorRT's conditional layer cannot join, or None."""
+    branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+    if len(branches) != 2:
+        return None
+    then, other = branches["then_branch"], branches["else_branch"]
+    for position, (left, right) in enumerate(zip(then.output, other.output, strict=False)):
+        left_shape, right_shape = _shape(left), _shape(right)
+        if left_shape is None or right_shape is None:
+            return f"output {position} has no static shape in {'then' if left_shape is None else 'else'}_branch"
+        if left_shape != right_shape:
+            return f"output {position} is {list(left_shape)} in then_branch but {list(right_shape)} in else_branch"
+    return None
+
+
+def _version_findings(model: onnx.ModelProto, version_text: str, table: dict[str, Any]) -> list[Finding]:
+    """What the TensorRT release ``version_text`` rejects or is known to get wrong (the ``by_version`` data)."""
+    version = parse_trt_version(version_text)
+    rules = table["by_version"]
+    findings: list[Finding] = []
+    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    for entry in rules["documented_opset_max"]:
+        if opset is not None and in_versions(version, entry["versions"]) and opset > entry["max"]:
+            findings.append(Finding("warning", "model", "", f"opset {opset} is above {entry['max']}, the highest the "
+                                    f"operator table of TensorRT {version_text} documents ({entry['source']}); "
+                                    f"export with --opset {entry['max']} to be sure", "opset-undocumented"))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shapes are a hint; the rules below fall back to what the graph declares
+        inferred = model
+    nodes = _nodes(inferred.graph)
+    constants = _constant_names(inferred.graph)
+    operators = table["operators"]
+    for node, name, graph in nodes:
+        entry = operators.get(node.op_type)
+        if node.domain in _DEFAULT_DOMAINS and entry and entry["supported"]:
+            since = parse_trt_version(entry["since"])
+            if version < since:
+                findings.append(Finding("error", name, node.op_type, f"op {node.op_type} is imported by TensorRT's "
+                                        f"parser only since {entry['since']}, not by {version_text}", "op-too-new"))
+        for rule in rules["constant_inputs"]:
+            if (node.op_type == rule["op"] and in_versions(version, rule["versions"]) and len(node.input) > rule["input"]
+                    and node.input[rule["input"]]
+                    and node.input[rule["input"]] not in constants | _constant_names(graph)):
+                findings.append(Finding("error", name, node.op_type, f"{rule['name']} is computed in the graph; "
+                                        f"TensorRT {version_text}'s parser needs it constant ({rule['source']})",
+                                        "input-not-constant"))
+    used_types = {t.data_type for t in inferred.graph.initializer}
+    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if value.type.HasField("tensor_type"):
+            used_types.add(value.type.tensor_type.elem_type)
+    for rule in rules["data_types"]:
+        code = getattr(onnx.TensorProto, rule["type"], None)
+        if code is not None and code in used_types and in_versions(version, rule["versions"]):
+            findings.append(Finding("error", "model", "", f"{rule['type']} tensors: TensorRT {version_text} does not "
+                                    f"import this type ({rule['source']})", "type-too-new"))
+    op_types = {node.op_type for node, _, _ in nodes}
+    for issue in rules["known_issues"]:
+        if not in_versions(version, issue["versions"]):
+            continue
+        cited = ", ".join(issue["issues"])
+        message = issue["message"].format(version=version_text)
+        if issue["when"] == "if_branches_differ":
+            for node, name, _ in nodes:
+                why = _if_branches_differ(node) if node.op_type == "If" else None
+                if why:
+                    findings.append(Finding(issue["severity"], name, "If", f"{why}: {message} ({cited})", issue["id"]))
+        elif issue["when"] == "rope" and {"Sin", "Cos"} <= op_types:
+            findings.append(Finding(issue["severity"], "model", "", f"{message} ({cited})", issue["id"]))
+    return findings
+
+
 def check_onnx(
     model: str | os.PathLike[str] | onnx.ModelProto,
     target: str = "tensorrt",
     tensorrt_version: str | None = None,
+    version_source: str = "",
 ) -> PreflightReport:
     """Check an ONNX file or ``ModelProto`` against TensorRT's ONNX parser; returns a :class:`PreflightReport`.
 
-    ``tensorrt_version`` (``"10.15"``, ``"11"`` ...) narrows the opset range; by default the
-    range all of TensorRT 10.x and 11.x accept. External data is not loaded.
+    ``tensorrt_version`` (``"10.3"``, ``"10.15"``, ``"11"`` ...) narrows the opset range and adds what
+    that release rejects or is known to get wrong (:func:`_version_findings`); by default the range
+    all of TensorRT 10.x and 11.x accept, with no release's own rules. ``version_source`` says where
+    the version came from, for the report. External data is not loaded.
     """
     if target != "tensorrt":
         raise ValueError(f"target {target!r} is not supported; expected 'tensorrt'")
@@ -405,7 +568,7 @@ def check_onnx(
     table = load_support_table()
     low, high = opset_range(tensorrt_version)
     opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)
-    report = PreflightReport(label, target, opset, (low, high), tensorrt_version)
+    report = PreflightReport(label, target, opset, (low, high), tensorrt_version, version_source=version_source)
     if opset is not None and not low <= opset <= high:
         report.findings.append(Finding(
             "error", "model", "", f"opset {opset} is outside the range {low}..{high} TensorRT's parser supports; "
@@ -414,4 +577,6 @@ def check_onnx(
     types = _elem_types(proto)
     report.findings.extend(_node_findings(proto, table, types))
     report.findings.extend(_qdq_findings(proto, types))
+    if tensorrt_version is not None:
+        report.findings.extend(_version_findings(proto, tensorrt_version, table))
     return report

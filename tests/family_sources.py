@@ -3,7 +3,8 @@
 Each source's own model, its weights perturbed away from their init, written in its own format:
 timm models (``dynamic_img_size=True``) saved as timm saves weights, transformers models saved with
 ``save_pretrained``, and timm DINOv2 weights under the original facebookresearch/dinov2 names. Then
-each library's own outputs under vitdeploy's output names (:mod:`vitdeploy.outputs`), and the sizes
+each library's own outputs under vitdeploy's output names (:func:`~vitdeploy.exporters.source_check.timm_outputs`,
+:func:`~vitdeploy.exporters.source_check.hf_outputs`, shared with the export's check against the source), and the sizes
 every parity test runs at: the native one and three others, two of them not square.
 
 ``tests/test_families_model.py`` (eager vs timm), ``tests/test_checkpoints_families_hf.py`` (eager
@@ -13,7 +14,6 @@ graph vs all three) share these builders.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import save_file
 from test_resample_parity import realistic_pos_embed
 from timm_without_torchvision import import_timm
+
+from vitdeploy.exporters.source_check import hf_outputs, timm_outputs  # noqa: F401 - re-exported for the tests
 
 timm = import_timm()
 
@@ -146,17 +148,6 @@ def save_timm(model: torch.nn.Module, family: Family, folder: Path, small: dict[
     return path
 
 
-def timm_outputs(model: torch.nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """timm's own view of each output: ``forward``, ``forward_head(pre_logits=True)``, ``forward_features``."""
-    with torch.no_grad():
-        tokens = model.forward_features(x)
-        pooled = model.forward_head(tokens, pre_logits=True)
-        head = model.forward_head(tokens)
-    values = {"logits": head, "image_embeds": head, "pooler_output": pooled, "last_hidden_state": tokens,
-              "patch_tokens": tokens[:, model.num_prefix_tokens:]}
-    return {name: values[name] for name in names}
-
-
 def timm_model(name: str, width: int, depth: int, heads: int, img_size: int | tuple[int, int] = 56,
                **kwargs: Any) -> torch.nn.Module:
     """timm's ``name`` at a small width and depth (random weights, eval mode)."""
@@ -238,61 +229,6 @@ def hf_cases(width: int = 64, depth: int = 2, heads: int = 2, mlp: int = 128) ->
                    vision_config=dict(**small, patch_size=8), text_config=text)),
                siglip, dict(family="siglip", pooling="map")),
     ]
-
-
-def _takes_interpolation(module: torch.nn.Module) -> dict[str, bool]:
-    """``interpolate_pos_encoding=True`` where ``module.forward`` takes it (transformers' DINOv2 always interpolates)."""
-    return {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(
-        module.forward).parameters else {}
-
-
-def hf_outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """transformers' own outputs of ``model`` under vitdeploy's output names (``interpolate_pos_encoding``
-    on), each from the model that gives it: a classifier's ``logits`` from its forward, the tokens from
-    its backbone (``model.base_model``: DeiTModel, Dinov2Model), a tower's pooled and projected
-    embeddings from ``vision_model`` and the projection. ``patch_tokens`` is ``last_hidden_state``
-    without the prefix rows.
-
-    Where the names mean different things on the two sides, the source's values are turned into
-    what vitdeploy's name means, by the source's own modules: CLIP's ``last_hidden_state`` is
-    before ``post_layernorm`` (vitdeploy's = timm's after it), so the norm is applied; a DINOv2
-    classifier's ``pooler_output`` is what its head reads, ``cat(class token, mean of the patch
-    tokens)`` of its backbone's output (its own ``linear_input``); transformers' DeiT pooler
-    (``tanh(dense(class token))``) has no vitdeploy counterpart and is left out.
-    """
-    import transformers as T
-
-    clip = (T.CLIPModel, T.CLIPVisionModel, T.CLIPVisionModelWithProjection)
-    siglip = (T.SiglipModel, T.SiglipVisionModel)
-    prefix = 0 if isinstance(model, siglip) else 1
-    with torch.no_grad():
-        if isinstance(model, clip + siglip):  # image towers, alone or in their full models
-            vision = getattr(model, "vision_model", model)  # transformers 5's CLIPVisionModel is the tower itself
-            tower = vision(pixel_values=pixels, interpolate_pos_encoding=True)
-            outputs = {"pooler_output": tower.pooler_output, "last_hidden_state": tower.last_hidden_state}
-            if isinstance(model, T.CLIPModel):
-                features = model.get_image_features(pixel_values=pixels, interpolate_pos_encoding=True)
-                outputs["image_embeds"] = getattr(features, "pooler_output", features)
-            elif isinstance(model, T.CLIPVisionModelWithProjection):
-                outputs["image_embeds"] = model(pixel_values=pixels, interpolate_pos_encoding=True).image_embeds
-            if isinstance(model, clip):
-                outputs["last_hidden_state"] = vision.post_layernorm(outputs["last_hidden_state"])
-        else:  # DeiT and DINOv2: a backbone, or a classifier over one
-            result = model(pixel_values=pixels, **_takes_interpolation(model))
-            backbone = model.base_model
-            tokens = (result if backbone is model else
-                      backbone(pixel_values=pixels, **_takes_interpolation(backbone))).last_hidden_state
-            prefix = 1 + int(getattr(backbone.embeddings, "distillation_token", None) is not None) + int(
-                getattr(model.config, "num_register_tokens", 0))
-            outputs = {"last_hidden_state": tokens}
-            if getattr(result, "logits", None) is not None:
-                outputs["logits"] = result.logits
-            if isinstance(model, (T.Dinov2Model, T.Dinov2WithRegistersModel)):
-                outputs["pooler_output"] = result.pooler_output
-            elif isinstance(model, (T.Dinov2ForImageClassification, T.Dinov2WithRegistersForImageClassification)):
-                outputs["pooler_output"] = torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
-    outputs["patch_tokens"] = outputs["last_hidden_state"][:, prefix:]
-    return outputs
 
 
 def timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

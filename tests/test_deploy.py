@@ -52,6 +52,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
         onnx = artifacts[f"tiny.safetensors-{precision}.onnx"]
         assert onnx["passed"] is True and onnx["parity"]["passed"] is True
         assert onnx["bytes"] > 0 and len(onnx["sha256"]) == 64
+        assert "source check skipped: vitdeploy's own safetensors format" in " ".join(onnx["notes"])
     script = artifacts["build_engine.sh"]
     assert script["kind"] == "trtexec-command"
     text = (out / "build_engine.sh").read_text()

@@ -57,6 +57,7 @@ class DeployOptions:
     model: str | None = None  # a registry variant whose architecture the checkpoint is loaded with (resolve_source)
     tune: bool = True  # on a machine without a GPU: vitdeploy tune on the exports (few rounds)
     tune_rounds: int = 3
+    source_check: bool = True  # also check each export against the checkpoint's own library (timm, transformers)
     command: str = ""
     log: Callable[[str], None] = progress
 
@@ -164,6 +165,7 @@ class Pipeline:
         self.bench: dict[str, Any] | None = None
         self.tuned: Any = None  # the TuneResult
         self.resolved: Any = None
+        self.source_plan: Any = None  # what the exports are checked against (exporters/source_check.py)
         self.name = ""
 
     def skip(self, name: str, reason: str) -> None:
@@ -194,6 +196,11 @@ class Pipeline:
 
         with self.stage("load") as stage:
             self.resolved = resolve_source(self.options.source, log=self.log, model=self.options.model)
+            from vitdeploy.exporters.source_check import plan_source_check
+
+            self.source_plan = plan_source_check(
+                self.resolved.source, self.resolved.format, model=self.options.model,
+                image_size=self.resolved.model.config.image_size, enabled=self.options.source_check)
             self.name = slug(str(self.options.source))
             config = self.resolved.model.config
             stage.detail = (f"{config.name}: {self.resolved.format}"
@@ -209,12 +216,14 @@ class Pipeline:
                 batch=batch, height=resolution, width=resolution, precision=precision, validate=True,
                 validation_max_batch=self.options.validation_max_batch, source=str(self.resolved.source),
                 source_sha256=self.resolved.sha256, source_format=self.resolved.format, preflight=precision == "int8",
-                outputs=self.options.outputs, **quantized,
+                outputs=self.options.outputs, source_check=self.source_plan, **quantized,
             )
             try:
                 result = export_onnx(self.resolved.model, path, options, progress=progress)
             except ExportValidationError as error:
-                stage.status, stage.detail = "failed", f"parity check failed; {path.name} was not written"
+                check = getattr(error, "result", None)  # a SourceCheckError: the graph disagrees with the source
+                what = f"disagrees with {check.reference}" if check is not None else "parity check failed"
+                stage.status, stage.detail = "failed", f"{what}; {path.name} was not written"
                 print(error.report.format_table())
                 self.artifacts.append(Artifact(path, "onnx", precision, error.report.summary(), False,
                                                ["not written: failed its parity check"]))
@@ -224,6 +233,8 @@ class Pipeline:
                                 report.passed if report else None, list(report.notes) if report else [],
                                 [{"name": t.name, "shape": list(t.shape)} for t in result.metadata.outputs])
             artifact.notes.insert(0, result.metadata.range_text())
+            if result.source_check is not None:
+                artifact.notes.append(result.source_check.summary_line())
             if result.quantization is not None:
                 record = result.quantization
                 artifact.notes.append(

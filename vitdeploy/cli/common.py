@@ -280,6 +280,18 @@ def add_model_override(parser: argparse.ArgumentParser, what: str = "SOURCE") ->
     )
 
 
+def add_source_check(parser: argparse.ArgumentParser) -> None:
+    """The ``--no-source-check`` option of the commands that check an artifact against its checkpoint's
+    source library (``args.no_source_check``)."""
+    parser.add_argument(
+        "--no-source-check", action="store_true",
+        help="do not also run the checkpoint's own library (timm for timm state dicts and Hub folders, "
+        "transformers for Hugging Face folders) on real photos at the native and a non-square size and compare; "
+        "by default an artifact that disagrees with it beyond its precision's tolerance is refused. The report "
+        "says whether it was checked, against which library and version, or why not",
+    )
+
+
 def refuse_model_override(model: str | None, source: str, kind: str) -> None:
     """One line when ``--model`` (``model``) was given for ``source``, which is no checkpoint but ``kind``."""
     if model is not None:

@@ -9,6 +9,7 @@ import shlex
 from vitdeploy.cli.common import (
     CLIError,
     add_model_override,
+    add_source_check,
     command_line,
     int_list_arg,
     output_folder,
@@ -29,7 +30,8 @@ uses random weights; default {DEFAULT_SOURCE}) and write everything into OUT/:
   1. export      OUT/<name>-fp32.onnx (+ its validated onnxruntime-CPU variant <name>-fp32.cpu.onnx)
                  OUT/<name>-fp16.onnx and OUT/<name>-int8.onnx (a calibrated Q/DQ graph; --no-int8
                  to skip), dynamic batch and resolution, each verified against the eager model on
-                 real photographs before it is written
+                 real photographs before it is written, and against the checkpoint's own library
+                 (timm, transformers) where it has one (--no-source-check to skip)
   2. pre-flight  the fp16 graph against TensorRT's ONNX parser support tables
   3. build       OUT/<name>-fp16.engine + manifest where TensorRT and a GPU exist; elsewhere
                  OUT/build_engine.sh with the equivalent trtexec command (and the report says so)
@@ -90,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the graphs' outputs, comma-separated (as `vitdeploy export --outputs`; default: logits "
                         "for a classifier, else the image embedding)")
     add_model_override(parser)
+    add_source_check(parser)
     parser.set_defaults(func=run)
 
 
@@ -111,6 +114,8 @@ def _reconstructed(args: argparse.Namespace) -> str:
         parts.append("--no-int8")
     if getattr(args, "no_tune", False):
         parts.append("--no-tune")
+    if getattr(args, "no_source_check", False):
+        parts.append("--no-source-check")
     return shlex.join(parts)
 
 
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,
         validation_max_batch=args.validation_max_batch, int8=not args.no_int8, calibration=args.calibration,
         outputs=args.outputs, tune=not args.no_tune, tune_rounds=args.tune_rounds,
+        source_check=not args.no_source_check,
         command=command_line("deploy") or _reconstructed(args), log=progress,
     )
     return deploy(options).status

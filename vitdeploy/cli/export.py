@@ -10,6 +10,7 @@ from vitdeploy.cli.common import (
     add_model_override,
     add_pos_embed_resample,
     add_quantize_arguments,
+    add_source_check,
     onnx_output,
     opset,
     output_file,
@@ -34,8 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "uses random weights) to ONNX with dynamic batch, height and width: input pixel_values "
         "[batch, 3, height, width], outputs as --outputs says (logits [batch, num_classes] for a classifier). Position embeddings are resampled in "
         "the graph, so one file serves every resolution in the declared range. The file is validated with "
-        "onnxruntime against the eager model at the minimum, a middle and the maximum of the range and only "
-        "written under its final name when it passes; a failing validation prints the numbers and exits 1.",
+        "onnxruntime against the eager model at the minimum, a middle and the maximum of the range and, for a timm or "
+        "Hugging Face checkpoint whose library is importable, against that library's own model on real photos at "
+        "the native and a non-square size; it is only written under its final name when both pass; a failing "
+        "check prints the numbers and exits 1.",
     )
     parser.add_argument("source", help="checkpoint file or folder, or a variant name such as vit_base_patch16_224")
     parser.add_argument("-o", "--output", required=True, type=onnx_output, metavar="PATH",
@@ -78,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the export and validation report as JSON to PATH")
     add_pos_embed_resample(parser)
     add_model_override(parser)
+    add_source_check(parser)
     add_quantize_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -103,7 +107,13 @@ def size_ranges(args: argparse.Namespace) -> tuple[tuple[int, int] | None, tuple
 
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.checkpoints import resolve_source
-    from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+    from vitdeploy.exporters.onnx_export import (
+        ExportOptions,
+        ExportValidationError,
+        SourceCheckError,
+        export_onnx,
+    )
+    from vitdeploy.exporters.source_check import plan_source_check
     from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK
 
     output = Path(args.output)
@@ -126,11 +136,25 @@ def run(args: argparse.Namespace) -> int:
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256, source_format=resolved.format,
         validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant, **quantization,
+        source_check=plan_source_check(resolved.source, resolved.format, model=args.model_variant,
+                                       image_size=resolved.model.config.image_size,
+                                       enabled=not args.no_source_check),
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
                    "random_weights": resolved.random_weights}
     try:
         result = export_onnx(resolved.model, output, options, progress=progress)
+    except SourceCheckError as error:
+        if error.report.cases:
+            print(error.report.format_table())
+        if args.json:
+            write_json(args.json, {"passed": False, "output": str(output), "kept": str(error.kept) if error.kept else None,
+                                   **source_info, "source_check": error.result.to_dict()})
+        for line in error.result.failure_lines():
+            print(f"  {line}")
+        print(f"vitdeploy export: the graph disagrees with {error.result.reference}; {output} was not written"
+              + (f" (kept as {error.kept})" if error.kept else "") + " (--no-source-check skips this check)")
+        return 1
     except ExportValidationError as error:
         print(error.report.format_table())
         if args.json:
@@ -150,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"outputs: {', '.join(f'{t.name} {t.shape}' for t in result.metadata.outputs)}")
     if result.variant_path is not None:
         print(f"wrote {result.variant_path} (its validated onnxruntime-CPU variant, which OrtRuntime runs on CPU)")
+    if result.source_check is not None:
+        print(result.source_check.summary_line())
     if args.json:
         write_json(args.json, {"passed": result.report.passed if result.report else None, **source_info,
                                **result.to_dict()})

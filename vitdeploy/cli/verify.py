@@ -9,6 +9,7 @@ from typing import Any
 from vitdeploy.cli.common import (
     CLIError,
     add_model_override,
+    add_source_check,
     cosine,
     int_list_arg,
     output_file,
@@ -34,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mean-abs, relative max error (max-abs / max |reference logit|), cosine similarity, top-1 and top-5 "
         "agreement and pass/fail against the tolerance of the artifact's precision; exits 1 on any failure. "
         "fp16 artifacts are compared with the eager model in fp16 under the same precision policy and with "
-        "the eager fp32 model.",
+        "the eager fp32 model. When --reference is a timm or Hugging Face checkpoint and that library is importable, "
+        "ARTIFACT is also compared with the library's own model on real photos at the native and a non-square size.",
     )
     parser.add_argument("artifact", help="an .onnx file, a TensorRT .engine/.plan, or a checkpoint")
     parser.add_argument("--reference", required=True, metavar="SOURCE",
@@ -69,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-cosine", type=cosine, metavar="X", help="override the tolerance's minimum cosine, in (0, 1]")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the full report as JSON to PATH")
     add_model_override(parser, "of --reference")
+    add_source_check(parser)
     parser.set_defaults(func=run)
 
 
@@ -182,13 +185,33 @@ def run(args: argparse.Namespace) -> int:
                 f"  {c.batch}x3x{c.height}x{c.width} vs {c.reference}: rel-max {c.metrics.rel_max_error:.2e}, "
                 f"cosine {c.metrics.cosine:.6f} {'ok' if c.passed else 'FAIL'}"),
         )
+        source = _source_check(args, resolved, runtime, metadata, spec, images)
     finally:
         runtime.close()
     print(report.format_table())
+    if source.report is not None:
+        print(source.report.format_table())
+    print(source.summary_line())
     if args.json:
         write_json(args.json, {"artifact": str(args.artifact), "runtime": backend, "reference": args.reference,
-                               "precision": precision, **report.to_dict()})
-    return 0 if report.passed else 1
+                               "precision": precision, **report.to_dict(), "source_check": source.to_dict()})
+    return 0 if report.passed and source.passed is not False else 1
+
+
+def _source_check(args: argparse.Namespace, resolved: Any, runtime: Any, metadata: Any, spec: Any,
+                  images: list[Path] | None) -> Any:
+    """The artifact against the reference checkpoint's own library (or why not), at the native and a
+    non-square size inside the runtime's range."""
+    from vitdeploy.exporters.source_check import plan_source_check, run_source_check
+
+    plan = plan_source_check(resolved.source, resolved.format, model=args.model_variant,
+                             image_size=resolved.model.config.image_size, enabled=not args.no_source_check)
+    if plan.runs:
+        progress(f"checking against {plan.library}'s own {plan.architecture}")
+    return run_source_check(runtime, plan, metadata, height=spec.height, width=spec.width, images=images,
+                            on_case=lambda c: progress(
+                                f"  {c.batch}x3x{c.height}x{c.width} vs {c.reference}: "
+                                f"{'ok' if c.passed else 'FAIL'}"))
 
 
 def _reference_model(args: argparse.Namespace, metadata: Any) -> Any:

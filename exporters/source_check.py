@@ -1,0 +1,495 @@
+"""Check an artifact against the source library's own model, not only against vitdeploy's.
+
+Parity with vitdeploy's eager model proves the export; it cannot prove the model. A checkpoint whose
+architecture or position convention the loader mis-reads gives an eager model and a graph that agree
+with each other and both differ from what the checkpoint's own library computes. So when the
+checkpoint is in a library's format and that library is importable, the artifact is also run against
+the library's own forward pass of the same weights:
+
+- timm: a timm Hub folder (``config.json`` naming the ``architecture``) or a bare state dict whose
+  architecture ``--model NAME`` (or else the file name) gives, built with ``timm.create_model(NAME,
+  dynamic_img_size=True)`` and loaded strictly;
+- transformers: a ``save_pretrained`` folder, built with the class its ``config.json`` names
+  (``architectures``) and run with ``interpolate_pos_encoding=True`` where the model takes it.
+
+Both run on real photographs at the native size and at a changed, non-square size (one side larger,
+one smaller: both up- and downsampling of a position grid), with the tolerance of the artifact's
+precision against fp32; every output the source gives is judged (tokens per token through
+:func:`vitdeploy.parity.verify`). Formats with no source library here (JAX ``.npz``, the original
+DINOv2 weights, vitdeploy's own safetensors, a variant name's random weights) are skipped, and the
+record says why. :func:`timm_outputs` and :func:`hf_outputs` are each library's own view of every
+output under vitdeploy's names; the parity tests use them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.config import snap_to_stride
+from vitdeploy.parity import CaseResult, InputFactory, ParityReport, Reference, tolerance_for, verify
+
+PHOTOS_PER_SIZE = 2
+
+# Why a format is not checked against a source library.
+NO_SOURCE_LIBRARY = {
+    "jax": "a JAX .npz checkpoint: its source (big_vision / the JAX ViT code) is not a library vitdeploy runs",
+    "dinov2": "the original DINOv2 format: facebookresearch/dinov2 is torch.hub code, not an installed library",
+    "native": "vitdeploy's own safetensors format: there is no other library's model to check against",
+    "variant": "a variant name: random weights vitdeploy made itself, so there is no source checkpoint",
+}
+
+
+class SourceModelError(RuntimeError):
+    """The source library cannot build or load the checkpoint as the architecture it names."""
+
+
+# --------------------------------------------------------------------------- each library's outputs
+
+
+def timm_outputs(model: Any, pixels: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """timm's own view of each output: ``forward_head`` (``logits``; ``image_embeds``, a CLIP tower's
+    projection), ``forward_head(pre_logits=True)`` (``pooler_output``) and ``forward_features``
+    (``last_hidden_state``; ``patch_tokens`` without the model's prefix tokens)."""
+    import torch
+
+    with torch.no_grad():
+        tokens = model.forward_features(pixels)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        head = model.forward_head(tokens)
+    values = {"logits": head, "image_embeds": head, "pooler_output": pooled, "last_hidden_state": tokens,
+              "patch_tokens": tokens[:, model.num_prefix_tokens:]}
+    return {name: values[name] for name in (names or values)}
+
+
+def _takes_interpolation(module: Any) -> dict[str, bool]:
+    """``interpolate_pos_encoding=True`` where ``module.forward`` takes it (transformers' DINOv2 always
+    interpolates; RoPE models recompute their positions)."""
+    return {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(
+        module.forward).parameters else {}
+
+
+def _patch_size(model: Any) -> int:
+    config = getattr(model.config, "vision_config", model.config)
+    patch = config.patch_size
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
+    """transformers' own outputs of ``model`` under vitdeploy's output names (``interpolate_pos_encoding``
+    on where taken), each from the model that gives it: a classifier's ``logits`` from its forward, the
+    tokens from its backbone (``model.base_model``), a tower's pooled and projected embeddings from
+    ``vision_model`` and the projection. ``patch_tokens`` is ``last_hidden_state`` without the prefix
+    rows (as many as the sequence holds beyond the patch grid).
+
+    Where the names mean different things on the two sides, the source's values are turned into
+    what vitdeploy's name means, by the source's own modules: CLIP's ``last_hidden_state`` is
+    before ``post_layernorm`` (vitdeploy's = timm's after it), so the norm is applied; a DINOv2
+    classifier's ``pooler_output`` is what its head reads, ``cat(class token, mean of the patch
+    tokens)`` of its backbone's output (its own ``linear_input``); a ViT/DeiT pooler
+    (``tanh(dense(class token))``) has no vitdeploy counterpart and is left out.
+    """
+    import torch
+    import transformers as T
+
+    def classes(*names: str) -> tuple[type, ...]:
+        return tuple(getattr(T, name) for name in names if hasattr(T, name))
+
+    clip = classes("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
+    siglip = classes("SiglipModel", "SiglipVisionModel")
+    dinov2_classifiers = classes("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
+    grid = (pixels.shape[-2] // _patch_size(model)) * (pixels.shape[-1] // _patch_size(model))
+    with torch.no_grad():
+        if isinstance(model, clip + siglip):  # image towers, alone or in their full models
+            vision = getattr(model, "vision_model", model)  # transformers 5's CLIPVisionModel is the tower itself
+            tower = vision(pixel_values=pixels, interpolate_pos_encoding=True)
+            outputs = {"pooler_output": tower.pooler_output, "last_hidden_state": tower.last_hidden_state}
+            if clip and isinstance(model, T.CLIPModel):
+                features = model.get_image_features(pixel_values=pixels, interpolate_pos_encoding=True)
+                outputs["image_embeds"] = getattr(features, "pooler_output", features)
+            elif clip and isinstance(model, T.CLIPVisionModelWithProjection):
+                outputs["image_embeds"] = model(pixel_values=pixels, interpolate_pos_encoding=True).image_embeds
+            if isinstance(model, clip):
+                outputs["last_hidden_state"] = vision.post_layernorm(outputs["last_hidden_state"])
+        else:  # a backbone, or a classifier over one
+            result = model(pixel_values=pixels, **_takes_interpolation(model))
+            backbone = model.base_model
+            tokens = (result if backbone is model else
+                      backbone(pixel_values=pixels, **_takes_interpolation(backbone))).last_hidden_state
+            outputs = {"last_hidden_state": tokens}
+            if getattr(result, "logits", None) is not None:
+                outputs["logits"] = result.logits
+            prefix = tokens.shape[1] - grid
+            if isinstance(model, dinov2_classifiers):
+                outputs["pooler_output"] = torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
+            elif (backbone is model and getattr(result, "pooler_output", None) is not None
+                  and not hasattr(getattr(model, "pooler", None), "dense")):
+                outputs["pooler_output"] = result.pooler_output
+    tokens = outputs["last_hidden_state"]
+    outputs["patch_tokens"] = tokens[:, tokens.shape[1] - grid:]
+    return outputs
+
+
+# --------------------------------------------------------------------------- the source model
+
+
+@dataclass
+class SourceModel:
+    """The source library's own model of a checkpoint, and how to read its outputs."""
+
+    library: str  # "timm" or "transformers"
+    version: str
+    architecture: str  # timm model name or transformers class name
+    module: Any
+    view: Callable[[Any, Any], dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return f"{self.library} {self.version} {self.architecture}"
+
+
+def _read_timm_weights(files: list[Path]) -> dict[str, Any]:
+    from vitdeploy.checkpoints.common import read_weight_files, strip_prefixes
+
+    return strip_prefixes(read_weight_files(files))[0]
+
+
+def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> SourceModel:
+    """timm's ``architecture`` with ``dynamic_img_size=True`` and ``kwargs``, the weights in ``files``
+    loaded strictly (read as data: safetensors or a weights-only pickle)."""
+    from vitdeploy.timm_import import import_timm
+
+    timm = import_timm()
+    state = _read_timm_weights(files)
+    if "num_classes" not in kwargs:
+        head = state.get("head.weight")
+        kwargs = {**kwargs, "num_classes": int(head.shape[0]) if head is not None else 0}
+    try:
+        module = timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
+    except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
+        raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not fit: the first line says which
+        raise SourceModelError(f"timm's {architecture} does not take these weights: "
+                               f"{' '.join(str(error).split())[:300]}") from None
+    if missing or unexpected:
+        raise SourceModelError(
+            f"timm's {architecture} does not take these weights: missing {sorted(missing)[:4]}"
+            f"{'...' if len(missing) > 4 else ''}, unexpected {sorted(unexpected)[:4]}"
+            f"{'...' if len(unexpected) > 4 else ''}")
+    return SourceModel("timm", timm.__version__, architecture, module.float().eval(), timm_outputs)
+
+
+def build_transformers(folder: Path, architecture: str) -> SourceModel:
+    """The transformers class ``architecture`` (else ``AutoModel``) from the ``save_pretrained`` ``folder``."""
+    import transformers
+
+    cls = getattr(transformers, architecture, None) or transformers.AutoModel
+    try:
+        module = cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - a one-line reason
+        raise SourceModelError(f"transformers cannot load {folder} as {cls.__name__}: {error}") from None
+    return SourceModel("transformers", transformers.__version__, cls.__name__, module.float().eval(), hf_outputs)
+
+
+# --------------------------------------------------------------------------- what to check against
+
+
+@dataclass
+class SourcePlan:
+    """What an artifact is checked against (a library and architecture, built on first use), or why not."""
+
+    source: str
+    format: str
+    library: str | None = None
+    architecture: str | None = None
+    architecture_from: str = ""  # where the architecture name came from
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+    build: Callable[[], SourceModel] | None = None
+    lenient: bool = False  # a name not from the checkpoint's own config: a load failure skips the check
+    _model: SourceModel | None = field(default=None, repr=False)
+    _memo: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def runs(self) -> bool:
+        return self.skipped is None and self.build is not None
+
+    def model(self) -> SourceModel:
+        """The source model, built once (an export of several precisions checks each against it)."""
+        if self._model is None:
+            assert self.build is not None
+            self._model = self.build()
+        return self._model
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The source model's outputs for an fp32 ``[N, 3, H, W]`` batch, computed once per batch."""
+        import torch
+
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        key = (pixels.shape, hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest())
+        if key not in self._memo:
+            model = self.model()
+            values = model.view(model.module, torch.from_numpy(pixels))
+            self._memo[key] = {name: value.detach().float().numpy() for name, value in values.items()}
+        return self._memo[key]
+
+    def describe(self) -> str:
+        return f"{self.library} {self.version()} ({self.architecture}, named by {self.architecture_from})"
+
+    def version(self) -> str:
+        """The source library's version (of the installed package until the model is built)."""
+        if self._model is not None:
+            return self._model.version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        try:
+            return package_version(self.library or "")
+        except PackageNotFoundError:
+            return "?"
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    if name == "timm":
+        from vitdeploy.timm_import import import_timm
+
+        try:
+            return import_timm() is not None
+        except Exception:  # noqa: BLE001 - a broken install is "not importable"
+            return False
+    return importlib.util.find_spec(name) is not None
+
+
+def plan_source_check(source: str | Path, format: str, *, model: str | None = None, image_size: int | None = None,
+                      enabled: bool = True) -> SourcePlan:
+    """What the checkpoint ``source`` (read as ``format``, :class:`~vitdeploy.checkpoints.ResolvedModel`'s)
+    is checked against. ``model`` is the architecture ``--model`` forced (used as the timm name of a
+    bare state dict), ``image_size`` the native size the weights were read at; ``enabled=False``
+    records that ``--no-source-check`` skipped it."""
+    source = str(source)
+    if not enabled:
+        return SourcePlan(source, format, skipped="--no-source-check")
+    if format == "timm":
+        return _timm_plan(source, model, image_size)
+    if format == "huggingface":
+        return _transformers_plan(source)
+    return SourcePlan(source, format, skipped=NO_SOURCE_LIBRARY.get(
+        format, f"the {format} format has no source library vitdeploy can run"))
+
+
+def _timm_plan(source: str, model: str | None, image_size: int | None) -> SourcePlan:
+    from vitdeploy.checkpoints.common import CheckpointError, folder_weight_files
+
+    plan = SourcePlan(source, "timm", library="timm")
+    if not _importable("timm"):
+        plan.skipped = "timm is not importable here (pip install timm)"
+        return plan
+    from vitdeploy.timm_import import import_timm
+
+    timm = import_timm()
+    path = Path(source).expanduser()
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    kwargs: dict[str, Any] = {}
+    if path.is_dir():
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        plan.architecture, plan.architecture_from = str(data["architecture"]).split(".")[0], "config.json"
+        kwargs = dict(data.get("model_args") or {})
+        if data.get("num_classes") is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = int(data["num_classes"])
+        input_size = (data.get("pretrained_cfg") or {}).get("input_size")
+        if "img_size" not in kwargs and input_size:
+            kwargs["img_size"] = tuple(int(s) for s in input_size[-2:])
+        if model and model != plan.architecture:
+            plan.notes.append(f"checked as {plan.architecture} (config.json), not --model {model}")
+        try:
+            files = folder_weight_files(path)
+        except CheckpointError as error:
+            plan.skipped = str(error)
+            return plan
+    else:
+        files = [path]
+        if model:
+            plan.architecture, plan.architecture_from, plan.lenient = model, "--model", True
+        elif timm.is_model(path.stem):
+            plan.architecture, plan.architecture_from, plan.lenient = path.stem, "the file name", True
+        else:
+            plan.skipped = ("a bare timm state dict names no architecture: pass --model NAME (a timm model name) "
+                            "to check it against timm's own model")
+            return plan
+    if not timm.is_model(plan.architecture):
+        plan.skipped = f"timm {timm.__version__} has no model named {plan.architecture!r}"
+        return plan
+    if "img_size" not in kwargs and image_size:
+        kwargs["img_size"] = int(image_size)
+    plan.build = lambda: build_timm(files, str(plan.architecture), dict(kwargs))
+    return plan
+
+
+def _transformers_plan(source: str) -> SourcePlan:
+    plan = SourcePlan(source, "huggingface", library="transformers")
+    if not _importable("transformers"):
+        plan.skipped = "transformers is not importable here (pip install transformers)"
+        return plan
+    folder = Path(source).expanduser()
+    if folder.is_file():
+        folder = folder.parent
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    names = data.get("architectures") or []
+    plan.architecture = str(names[0]) if names else "AutoModel"
+    plan.architecture_from = "config.json" if names else "config.json's model_type (AutoModel)"
+    plan.build = lambda: build_transformers(folder, str(plan.architecture))
+    return plan
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def check_sizes(native: int, height: tuple[int, int], width: tuple[int, int], stride: int) -> list[tuple[int, int]]:
+    """The native size and a changed, non-square one (one side larger, one smaller where the range
+    allows), both inside the ranges and multiples of ``stride``."""
+
+    def fit(value: int, bounds: tuple[int, int]) -> int:
+        return snap_to_stride(value, bounds[0], bounds[1], stride, nearest=True)
+
+    base = (fit(native, height), fit(native, width))
+    sizes = [base]
+    for dh, dw in ((2, -2), (-2, 2), (1, -1), (2, 1), (1, 2), (-1, -2), (-2, -1), (3, 0), (0, 3)):
+        size = (fit(native + dh * stride, height), fit(native + dw * stride, width))
+        if size[0] != size[1] and size != base:
+            sizes.append(size)
+            break
+    return sizes
+
+
+class _SourceRun:
+    """The source model as a :mod:`vitdeploy.parity` reference callable (outputs by name)."""
+
+    def __init__(self, plan: SourcePlan) -> None:
+        self.plan = plan
+
+    def __call__(self, pixel_values: np.ndarray) -> Mapping[str, np.ndarray]:
+        return self.plan.outputs(pixel_values)
+
+
+@dataclass
+class SourceCheckResult:
+    """The check of one artifact against its source library, or why it did not run."""
+
+    plan: SourcePlan
+    report: ParityReport | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    tolerance: str = ""
+    not_compared: list[str] = field(default_factory=list)
+    reason: str | None = None  # why the check did not run
+    error: str | None = None  # the source model could not be built or loaded as named
+
+    @property
+    def checked(self) -> bool:
+        return self.report is not None or self.error is not None
+
+    @property
+    def passed(self) -> bool | None:
+        """True or False when it ran, None when it was skipped."""
+        if self.error is not None:
+            return False
+        return None if self.report is None else self.report.passed
+
+    @property
+    def reference(self) -> str:
+        return self.plan.describe()
+
+    def failure_lines(self) -> list[str]:
+        """One line per output that disagrees, with its worst case and by how much."""
+        if self.error is not None:
+            return [self.error]
+        if self.report is None:
+            return []
+        lines = []
+        for output in self.report.outputs:
+            failing = [c for c in self.report.cases if c.output == output and not c.passed]
+            if failing:
+                worst = max(failing, key=_badness)
+                lines.append(f"{output} differs from {self.reference} at {worst.height}x{worst.width} "
+                             f"({worst.inputs}): {'; '.join(worst.failures)}")
+        return lines
+
+    def summary_line(self) -> str:
+        if not self.checked:
+            return f"source check skipped: {self.reason}"
+        if self.error is not None:
+            return f"source check: FAILED: {self.error}"
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
+        where = f"checked against {self.reference} at {sizes} on real photos"
+        if self.passed:
+            return f"source check: {where}: passed ({', '.join(self.report.outputs)}; tolerance {self.tolerance})"
+        return f"source check: {where}: FAILED: " + " | ".join(self.failure_lines())
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.checked:
+            return {"checked": False, "reason": self.reason, "format": self.plan.format}
+        data: dict[str, Any] = {
+            "checked": True, "passed": self.passed, "library": self.plan.library, "version": self.plan.version(),
+            "architecture": self.plan.architecture, "architecture_from": self.plan.architecture_from,
+            "sizes": [list(size) for size in self.sizes], "images": f"{PHOTOS_PER_SIZE} photos per size",
+            "tolerance": self.tolerance, "not_compared": list(self.not_compared), "failures": self.failure_lines(),
+            "notes": list(self.plan.notes),
+        }
+        if self.report is not None:
+            data["outputs"] = self.report.summary()["outputs"]
+        return data
+
+
+def _badness(case: CaseResult) -> float:
+    value = getattr(case.metrics, "rel_max_error", 0.0)
+    return float("inf") if value != value else float(value)  # NaN first
+
+
+def not_checked(reason: str, plan: SourcePlan | None = None) -> SourceCheckResult:
+    """A result that records why no check ran."""
+    return SourceCheckResult(plan or SourcePlan("", "", skipped=reason), reason=reason)
+
+
+def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height: tuple[int, int],
+                     width: tuple[int, int], images: Sequence[Any] | None = None,
+                     on_case: Callable[[CaseResult], None] | None = None) -> SourceCheckResult:
+    """Run ``candidate`` (a runtime or callable, see :func:`vitdeploy.parity.verify`) and ``plan``'s source
+    model on :data:`PHOTOS_PER_SIZE` real photos at the native and a changed, non-square size within
+    ``height``/``width``; judge every output both give with the tolerance of ``metadata.precision``
+    against fp32. An architecture the checkpoint's own config names that its library cannot build or
+    load fails the check; a name from ``--model`` or the file name skips it, saying why."""
+    if not plan.runs:
+        return not_checked(plan.skipped or "no source model", plan)
+    try:
+        plan.model()
+    except SourceModelError as error:
+        if plan.lenient:
+            return not_checked(f"{error} (the name came from {plan.architecture_from}, not from the checkpoint)", plan)
+        return SourceCheckResult(plan, error=f"{error} (--no-source-check skips this check)")
+    native = int(metadata.model_config["image_size"])
+    sizes = check_sizes(native, tuple(height), tuple(width), metadata.stride)
+    tolerance = tolerance_for(metadata.precision, against_fp32=True)
+    inputs = InputFactory(metadata.preprocessing, images=images, synthetic=False)
+    reference = Reference(plan.model().name, _SourceRun(plan), tolerance)
+    report = verify(candidate, [reference], [(PHOTOS_PER_SIZE, h, w) for h, w in sizes], inputs,
+                    candidate_name="artifact vs source", on_case=on_case)
+    compared = set(report.outputs)
+    result = SourceCheckResult(plan, report=report, sizes=sizes, tolerance=tolerance.name,
+                               not_compared=[n for n in metadata.output_names if n not in compared])
+    if not report.cases:
+        return not_checked(f"{plan.model().name} gives none of the artifact's outputs "
+                       f"({', '.join(metadata.output_names)})", plan)
+    if len(sizes) < 2:
+        report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
+    return result
