@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         report = verify(
             runtime, refs, shapes, inputs, candidate_name=f"{args.artifact} ({backend})", notes=notes,
             on_case=lambda c: progress(
-                f"  {c.batch}x3x{c.height}x{c.width} vs {c.reference}: rel-max {c.metrics.rel_max_error:.2e}, "
+                f"  {c.output} {c.batch}x3x{c.height}x{c.width} vs {c.reference}: "
+                f"rel-max {c.metrics.rel_max_error:.2e}, "
                 f"cosine {c.metrics.cosine:.6f} {'ok' if c.passed else 'FAIL'}"),
         )
     finally:
