@@ -1,0 +1,94 @@
+"""What the command line says when a user gets something wrong: short lines that name the closest thing and
+where the rest is, and a closed stdout pipe that ends quietly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model, tiny_config
+
+from vitdeploy.checkpoints import save_model
+from vitdeploy.cli import main
+
+# One error line, the "vitdeploy <command>: error: " prefix and any path the user typed aside.
+SHORT = 300
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines, "no error line"
+    return lines[-1]
+
+
+def test_a_misspelled_variant_is_one_short_line_with_the_closest_names(tmp_path, capsys):
+    assert main(["export", "vit_smal_patch16_224", "-o", str(tmp_path / "x.onnx")]) == 2
+    line = error_line(capsys)
+    assert line.startswith("vitdeploy export: error: 'vit_smal_patch16_224' is neither an existing checkpoint nor "
+                           "a model variant; closest: vit_small_patch16_224, "), line
+    assert "`vitdeploy inspect --list`" in line
+    assert len(line) <= SHORT, len(line)
+    assert "vit_tiny_patch16_384" not in line  # no listing of every variant
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_details_behind_a_short_line_come_with_vitdeploy_debug(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITDEPLOY_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="closest: vit_small_patch16_224"):
+        main(["export", "vit_smal_patch16_224", "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    details = [line for line in err.splitlines() if line.startswith("vitdeploy export: details: ")]
+    assert len(details) == 1
+    assert "vit_tiny_patch16_384" in details[0] and "a Hugging Face folder" in details[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_width_checkpoint(tmp_path_factory):
+    """ViT-Ti's width and depth (192 wide, 12 blocks) at a 32x32 input: a file `--model vit_small_*` cannot load."""
+    model = make_model(tiny_config(hidden_size=192, depth=12, num_heads=3, mlp_size=768, patch_size=16))
+    return save_model(model, tmp_path_factory.mktemp("messages") / "ti.safetensors")
+
+
+def test_model_of_the_wrong_size_is_one_short_line_naming_what_fits(tiny_width_checkpoint, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    argv = ["export", str(tiny_width_checkpoint), "--model", "vit_small_patch16_224", "-o", str(tmp_path / "x.onnx"),
+            "--json", str(report)]
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert len(line.replace(str(tiny_width_checkpoint), "")) <= SHORT, line
+    assert ("does not fit the vit_small_patch16_224 model (384 wide, 12 blocks): 151 tensor shapes differ; "
+            "the weights are 192 wide, 12 blocks, like vit_tiny_patch16_224, vit_tiny_patch16_384") in line
+    assert "`vitdeploy inspect --list`" in line and "blocks.3.mlp.fc1.weight" not in line
+    # --json holds every tensor.
+    written = json.loads(report.read_text())
+    assert written["passed"] is False and written["error"] == line.split("error: ", 1)[1]
+    assert "blocks.3.mlp.fc1.weight (checkpoint [768, 192], model [1536, 384])" in written["details"]
+    assert written["details"].count("(checkpoint [") == 151
+
+
+@pytest.mark.parametrize("argv", [["inspect", "--list"], ["inspect", "--help"]])
+def test_a_closed_stdout_pipe_ends_quietly(argv):
+    """`vitdeploy inspect --list | head -1`: the reader is gone before the first write, as with head."""
+    process = subprocess.Popen([sys.executable, "-m", "vitdeploy", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    status = process.wait(timeout=120)
+    process.stderr.close()
+    assert err == ""
+    assert status in (0, 141)  # 141 = 128 + SIGPIPE, what a POSIX tool's shell reports
+    assert status == 141 or argv[-1] == "--help"
+
+
+def test_a_broken_pipe_elsewhere_stays_an_error(capsys, monkeypatch):
+    """Only stdout's reader going away is a quiet end: a broken pipe to a subprocess is an error line."""
+    import vitdeploy.cli.inspect as inspect_cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(inspect_cli, "run", broken)
+    assert main(["inspect", "--list"]) == 2
+    assert error_line(capsys) == "vitdeploy inspect: error: [Errno 32] Broken pipe"
