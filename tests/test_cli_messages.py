@@ -92,3 +92,23 @@ def test_a_broken_pipe_elsewhere_stays_an_error(capsys, monkeypatch):
     monkeypatch.setattr(inspect_cli, "run", broken)
     assert main(["inspect", "--list"]) == 2
     assert error_line(capsys) == "vitdeploy inspect: error: [Errno 32] Broken pipe"
+
+
+def test_a_file_of_another_architecture_names_no_closest_family(tmp_path, capsys):
+    """A ConvNeXt state dict shares no tensor name with any ViT family: the line says so and names none."""
+    import torch
+    from safetensors.torch import save_file
+
+    names = ["stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias", "head.norm.weight", "head.norm.bias",
+             "head.fc.weight", "head.fc.bias"]
+    for stage in range(4):
+        names += [f"stages.{stage}.downsample.0.weight", f"stages.{stage}.downsample.1.weight"] if stage else []
+        names += [f"stages.{stage}.blocks.{b}.{n}" for b in range(2) for n in (
+            "gamma", "conv_dw.weight", "conv_dw.bias", "norm.weight", "norm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+            "mlp.fc2.weight", "mlp.fc2.bias")]
+    path = tmp_path / "convnext_tiny.safetensors"
+    save_file({name: torch.zeros(2) for name in names}, str(path))
+    assert main(["export", str(path), "-o", str(tmp_path / "x.onnx")]) == 2
+    line = error_line(capsys)
+    assert "its tensor names share nothing with any supported layout" in line
+    assert "closest supported family" not in line and "siglip (like" not in line

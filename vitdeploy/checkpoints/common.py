@@ -270,8 +270,9 @@ def match_variant(config: ViTConfig, prefer: str | None = None) -> str | None:
 def _require(state_dict: StateDict, key: str, what: str) -> torch.Tensor:
     if key not in state_dict:
         sample = ", ".join(sorted(state_dict)[:8])
-        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...); "
-                              f"{closest_family(state_dict)}")
+        closest = closest_family(state_dict)
+        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...)"
+                              + (f"; {closest}" if closest else ""))
     return state_dict[key]
 
 
@@ -301,9 +302,12 @@ def _family_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
 
 
 def closest_family(state_dict: Mapping[str, Any], limit: int = 6) -> str:
-    """One line naming the supported family whose tensor names are closest to ``state_dict``'s, and how they differ."""
+    """One line naming the supported family whose tensor names are closest to ``state_dict``'s, and how they
+    differ; empty when no family shares a tensor name with it (then none is closer than another)."""
     have = frozenset(_key_pattern(k) for k in state_dict)
     name, patterns = min(_family_patterns(), key=lambda item: len(item[1] ^ have))
+    if not patterns & have:
+        return ""
 
     def listed(keys: frozenset[str]) -> str:
         shown = sorted(keys)[:limit]
@@ -571,7 +575,8 @@ def _misfit_error(config: ViTConfig, state_dict: StateDict, what: str, missing: 
                          for kind, names, times in lists if names)
 
     head = f"{what} does not fit the {config.name} model ({config.hidden_size} wide, {config.depth} blocks): "
-    tail = f". {closest_family(state_dict)}" if missing or unexpected else ""
+    closest = closest_family(state_dict) if missing or unexpected else ""
+    tail = f". {closest}" if closest else ""
     short = parts(shown)
     width = next((int(state_dict[k].shape[-1]) for k in ("cls_token", "norm.weight") if k in state_dict), None)
     depth = len({match.group(1) for key in state_dict if (match := _BLOCK.match(key))})
