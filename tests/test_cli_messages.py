@@ -112,3 +112,34 @@ def test_a_file_of_another_architecture_names_no_closest_family(tmp_path, capsys
     line = error_line(capsys)
     assert "its tensor names share nothing with any supported layout" in line
     assert "closest supported family" not in line and "siglip (like" not in line
+
+
+@pytest.mark.parametrize(("gate", "expected"), [
+    ("cosine=1.5", "argument --max-accuracy-drop: 'cosine=1.5': cosine must be in (0, 1], got 1.5"),
+    ("cosine=0", "argument --max-accuracy-drop: 'cosine=0': cosine must be in (0, 1], got 0"),
+    ("top1=2", "argument --max-accuracy-drop: 'top1=2': top1 must be in [0, 1], got 2"),
+    ("points=-1", "argument --max-accuracy-drop: 'points=-1': points must be >= 0, got -1"),
+    ("cos=0.9", "argument --max-accuracy-drop: 'cos=0.9': 'cos' is not one of points, cosine, top1"),
+])
+def test_a_bad_accuracy_gate_is_an_argument_error_in_the_names_the_user_typed(gate, expected, tmp_path, capsys):
+    assert main(["tune", "vit_tiny_patch16_224", "-o", str(tmp_path / "out"), "--max-accuracy-drop", gate]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"vitdeploy tune: error: {expected}"), line
+    assert "min_cosine" not in line and "[-1, 1]" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_takes_the_sizes_verify_takes(capsys):
+    assert main(["inspect", "vit_base_patch16_224", "--resolution", "224x336,384"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["224x336", "14x21", "295"] in [row[:3] for row in rows]
+    assert ["384", "24x24", "577"] in [row[:3] for row in rows]
+    assert main(["inspect", "vit_base_patch16_224", "--resolution", "224x330"]) == 2
+    assert error_line(capsys) == "vitdeploy inspect: error: resolution 224x330 is not a multiple of the patch stride 16"
+
+
+def test_precisions_take_the_article_they_are_read_with():
+    from vitdeploy.constants import with_article
+
+    assert [with_article(p) for p in ("fp32", "fp16", "bf16", "int8", "fp8")] == [
+        "an fp32", "an fp16", "a bf16", "an int8", "an fp8"]
