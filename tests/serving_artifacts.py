@@ -10,12 +10,13 @@ answers with the direct runtime on these same files.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
 import shutil
 import socket
-import tempfile
+import subprocess
 from pathlib import Path
 
 import onnx
@@ -27,13 +28,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @functools.cache
 def tiny_served_onnx() -> Path:
     """``tiny.onnx`` (labels in its metadata) and ``tiny.cpu.onnx`` in a fresh folder; built once per session."""
+    from conftest import session_folder
     from trt_artifacts import tiny_onnx
 
     from vitdeploy.exporters.graph import set_metadata
     from vitdeploy.exporters.ort_fusion import cpu_variant
     from vitdeploy.metadata import CPU_VARIANT, read_onnx_metadata
 
-    folder = Path(tempfile.mkdtemp(prefix="vitdeploy-serving-tests-"))
+    folder = session_folder("serving")
     target = folder / "tiny.onnx"
     shutil.copy(tiny_onnx(), target)
     metadata = read_onnx_metadata(target)
@@ -49,17 +51,78 @@ def tiny_served_onnx() -> Path:
     return target
 
 
-def serve_python() -> Path | None:
-    """The torch-free serve venv's Python: ``$VITDEPLOY_SERVE_PYTHON`` or ``.venv-serve/bin/python``."""
-    configured = os.environ.get("VITDEPLOY_SERVE_PYTHON")
-    candidate = Path(configured) if configured else REPO_ROOT / ".venv-serve" / "bin" / "python"
-    return candidate if candidate.is_file() else None
+# The torch-free serve venv: `pip install '.[cpu,serve]'` (not editable) into a venv of Debian's python3.11, whose
+# libpython the bundled Triton's Python-backend stub links. $VITDEPLOY_SERVE_PYTHON names one; otherwise the tests
+# build it once under ~/.cache/vitdeploy (about a minute), keyed by pyproject.toml's hash, and reinstall only
+# vitdeploy itself (seconds) when its sources change.
+SERVE_PYTHON_ENV = "VITDEPLOY_SERVE_PYTHON"
+DEBIAN_PYTHON = Path("/usr/bin/python3.11")
+SERVE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitdeploy"
+PACKAGE_FOLDERS = ("vitdeploy", "runtimes", "exporters", "benchmarks")  # pyproject's package-dir
 
 
-SERVE_VENV_REASON = (
-    "no torch-free serve venv: .ci/run builds it (/usr/bin/python3.11 -m venv .venv-serve && "
-    ".venv-serve/bin/pip install '.[cpu,serve]') and exports VITDEPLOY_SERVE_PYTHON"
-)
+def serve_venv_missing() -> str | None:
+    """Why this machine cannot have the serve venv, as a hint that works; ``None`` when it can."""
+    configured = os.environ.get(SERVE_PYTHON_ENV)
+    if configured:
+        return None if Path(configured).is_file() else (
+            f"{SERVE_PYTHON_ENV}={configured} is not a file: unset it (the tests then build the serve venv) or point "
+            "it at the python of a venv with '.[cpu,serve]' installed")
+    if not DEBIAN_PYTHON.is_file():
+        return (f"no {DEBIAN_PYTHON} (the Triton Python-backend stub links Debian's libpython3.11): apt-get install "
+                "python3.11 python3.11-venv, and the tests build the serve venv themselves")
+    return None
+
+
+SERVE_VENV_REASON = serve_venv_missing() or ""
+
+
+def _digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _package_files() -> list[Path]:
+    results = REPO_ROOT / "benchmarks" / "results"
+    return sorted(path for folder in PACKAGE_FOLDERS for path in (REPO_ROOT / folder).rglob("*")
+                  if path.is_file() and "__pycache__" not in path.parts and results not in path.parents)
+
+
+def _pip(venv: Path, *args: str) -> None:
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                           "--disable-pip-version-check", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=900, check=False)
+    if done.returncode:
+        raise RuntimeError(f"building the serve venv {venv} failed: pip install {' '.join(args)}:\n"
+                           f"{done.stdout[-2000:]}{done.stderr[-4000:]}")
+
+
+@functools.cache
+def serve_python() -> Path:
+    """The serve venv's Python: ``$VITDEPLOY_SERVE_PYTHON``, or the cached venv (built or brought up to date here;
+    a lock keeps two test workers from building it at once)."""
+    configured = os.environ.get(SERVE_PYTHON_ENV)
+    if configured:
+        return Path(configured)
+    venv = SERVE_CACHE / f"serve-venv-py311-{_digest([REPO_ROOT / 'pyproject.toml'])[:16]}"
+    SERVE_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(SERVE_CACHE / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        complete, stamp = venv / ".vitdeploy-complete", venv / ".vitdeploy-sources"
+        sources = _digest(_package_files())
+        if not complete.is_file():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+            _pip(venv, ".[cpu,serve]")
+            complete.write_text("built from pyproject.toml by tests/serving_artifacts.py\n")
+        elif stamp.is_file() and stamp.read_text() == sources:
+            return venv / "bin" / "python"
+        else:  # the dependencies are current; vitdeploy's own files changed
+            _pip(venv, "--no-deps", "--force-reinstall", ".")
+        stamp.write_text(sources)
+    return venv / "bin" / "python"
 
 
 def free_ports(count: int) -> list[int]:
