@@ -99,6 +99,21 @@ def _pip(venv: Path, *args: str) -> None:
                            f"{done.stdout[-2000:]}{done.stderr[-4000:]}")
 
 
+def _remove_stale_venvs(current: Path) -> None:
+    """Remove the serve venvs of other pyproject.toml versions (about 500 MB each) that no session is using."""
+    for other in SERVE_CACHE.glob("serve-venv-py311-*"):
+        if other == current or not other.is_dir():
+            continue
+        lock_path = other.with_name(f"{other.name}.lock")
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by another session
+            shutil.rmtree(other, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+
+
 @functools.cache
 def serve_python() -> Path:
     """The serve venv's Python: ``$VITDEPLOY_SERVE_PYTHON``, or the cached venv (built or brought up to date here;
@@ -117,6 +132,7 @@ def serve_python() -> Path:
             subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
             _pip(venv, ".[cpu,serve]")
             complete.write_text("built from pyproject.toml by tests/serving_artifacts.py\n")
+            _remove_stale_venvs(venv)
         elif stamp.is_file() and stamp.read_text() == sources:
             return venv / "bin" / "python"
         else:  # the dependencies are current; vitdeploy's own files changed
