@@ -53,8 +53,9 @@ def tiny_served_onnx() -> Path:
 
 # The torch-free serve venv: `pip install '.[cpu,serve]'` (not editable) into a venv of Debian's python3.11, whose
 # libpython the bundled Triton's Python-backend stub links. $VITDEPLOY_SERVE_PYTHON names one; otherwise the tests
-# build it once under ~/.cache/vitdeploy (about a minute), keyed by pyproject.toml's hash, and reinstall only
-# vitdeploy itself (seconds) when its sources change.
+# build it once under ~/.cache/vitdeploy (about a minute), keyed by pyproject.toml's hash and the checkout (so two
+# checkouts never reinstall each other's vitdeploy), and reinstall only vitdeploy itself (seconds) when its
+# files change.
 SERVE_PYTHON_ENV = "VITDEPLOY_SERVE_PYTHON"
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 SERVE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitdeploy"
@@ -91,6 +92,17 @@ def _package_files() -> list[Path]:
 
 
 def _pip(venv: Path, *args: str) -> None:
+    """``pip install ARGS`` into ``venv`` from the checkout; the ``build/`` folder setuptools leaves in the
+    checkout goes again unless it was there before."""
+    had_build = (REPO_ROOT / "build").exists()
+    try:
+        _run_pip(venv, *args)
+    finally:
+        if not had_build:
+            shutil.rmtree(REPO_ROOT / "build", ignore_errors=True)
+
+
+def _run_pip(venv: Path, *args: str) -> None:
     done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
                            "--disable-pip-version-check", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=900, check=False)
@@ -100,28 +112,34 @@ def _pip(venv: Path, *args: str) -> None:
 
 
 def _remove_stale_venvs(current: Path) -> None:
-    """Remove the serve venvs of other pyproject.toml versions (about 500 MB each) that no session is using."""
+    """Remove the serve venvs (about 500 MB each) of this checkout's earlier pyproject.toml versions and of
+    checkouts that are gone, unless a session is building one."""
     for other in SERVE_CACHE.glob("serve-venv-py311-*"):
         if other == current or not other.is_dir():
             continue
+        checkout = other / ".vitdeploy-checkout"
+        owner = Path(checkout.read_text()) if checkout.is_file() else None
+        if owner is not None and owner != REPO_ROOT and (owner / "pyproject.toml").is_file():
+            continue  # another checkout's, still there
         lock_path = other.with_name(f"{other.name}.lock")
         with open(lock_path, "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue  # in use by another session
+                continue
             shutil.rmtree(other, ignore_errors=True)
         lock_path.unlink(missing_ok=True)
 
 
 @functools.cache
 def serve_python() -> Path:
-    """The serve venv's Python: ``$VITDEPLOY_SERVE_PYTHON``, or the cached venv (built or brought up to date here;
-    a lock keeps two test workers from building it at once)."""
+    """The serve venv's Python: ``$VITDEPLOY_SERVE_PYTHON``, or this checkout's cached venv (built, or brought
+    up to date with vitdeploy's files, here; a lock keeps two test workers from building it at once)."""
     configured = os.environ.get(SERVE_PYTHON_ENV)
     if configured:
         return Path(configured)
-    venv = SERVE_CACHE / f"serve-venv-py311-{_digest([REPO_ROOT / 'pyproject.toml'])[:16]}"
+    checkout = hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:8]
+    venv = SERVE_CACHE / f"serve-venv-py311-{_digest([REPO_ROOT / 'pyproject.toml'])[:16]}-{checkout}"
     SERVE_CACHE.mkdir(parents=True, exist_ok=True)
     with open(SERVE_CACHE / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -131,11 +149,10 @@ def serve_python() -> Path:
             shutil.rmtree(venv, ignore_errors=True)
             subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
             _pip(venv, ".[cpu,serve]")
+            (venv / ".vitdeploy-checkout").write_text(str(REPO_ROOT))
             complete.write_text("built from pyproject.toml by tests/serving_artifacts.py\n")
             _remove_stale_venvs(venv)
-        elif stamp.is_file() and stamp.read_text() == sources:
-            return venv / "bin" / "python"
-        else:  # the dependencies are current; vitdeploy's own files changed
+        elif not (stamp.is_file() and stamp.read_text() == sources):  # vitdeploy's own files changed
             _pip(venv, "--no-deps", "--force-reinstall", ".")
         stamp.write_text(sources)
     return venv / "bin" / "python"

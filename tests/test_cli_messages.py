@@ -143,3 +143,10 @@ def test_precisions_take_the_article_they_are_read_with():
 
     assert [with_article(p) for p in ("fp32", "fp16", "bf16", "int8", "fp8")] == [
         "an fp32", "an fp16", "a bf16", "an int8", "an fp8"]
+
+
+def test_inspect_of_a_misspelled_variant_names_the_closest(capsys):
+    assert main(["inspect", "vit_bse_patch16_224"]) == 2
+    line = error_line(capsys)
+    assert "closest: vit_base_patch16_224" in line and "`vitdeploy inspect --list`" in line
+    assert len(line) <= SHORT

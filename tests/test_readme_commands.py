@@ -68,3 +68,25 @@ def test_the_first_command_brings_openvino_for_tune() -> None:
     extras = _extras()
     installed = {requirement.split(">")[0].split("=")[0] for extra in spec.split(",") for requirement in extras[extra]}
     assert {"openvino", "nncf"} <= installed
+
+
+# Import names the tests skip on (pytest.importorskip) -> the requirement that provides them.
+PROVIDERS = {"google": "tritonclient", "matplotlib": "matplotlib", "nncf": "nncf", "openvino": "openvino",
+             "sklearn": "scikit-learn", "transformers": "transformers", "tritonclient": "tritonclient",
+             "vitdeploy": "vitdeploy"}
+
+
+def test_the_test_command_installs_every_module_a_test_skips_without() -> None:
+    """Only GPU/TensorRT tests may skip on the README's test command: each importorskip names a module that
+    its extras install."""
+    _, second = _commands()
+    (spec,) = re.findall(r'pip install -e "\.\[([^\]]*)\]"', second)
+    extras = _extras()
+    installed = {requirement.split("[")[0].split(">")[0].split("=")[0] for extra in spec.split(",")
+                 for requirement in extras[extra]} | {"vitdeploy"}
+    skipped_on = {name.split(".")[0] for path in (ROOT / "tests").glob("*.py")
+                  for name in re.findall(r'importorskip\(\s*"([\w.]+)"', path.read_text(encoding="utf-8"))}
+    assert skipped_on, "no importorskip found: the pattern is stale"
+    unknown = skipped_on - set(PROVIDERS)
+    assert not unknown, f"add the requirement that provides {unknown} to PROVIDERS"
+    assert {PROVIDERS[name] for name in skipped_on} <= installed, {PROVIDERS[n] for n in skipped_on} - installed

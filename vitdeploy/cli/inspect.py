@@ -70,8 +70,10 @@ def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
         config = resolved.model.config
         origin = f"{resolved.format} checkpoint"
     else:
+        from vitdeploy.variants import closest_hint
+
         raise CLIError(f"{source!r} is neither a known variant nor an existing checkpoint or artifact path; "
-                       "run `vitdeploy inspect --list` for the variant names")
+                       + closest_hint(source, "`vitdeploy inspect --list` lists the variants"))
     params = count_params(config)
     native = config.image_size
     if resolutions is None:
