@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy.config import ViTConfig
+from vitdeploy.constants import with_article
 from vitdeploy.metadata import ArtifactMetadata, read_onnx_metadata
 
 ONNX_SUFFIXES = (".onnx",)
@@ -137,7 +138,7 @@ class BenchModel:
                 return path
         if self.kind == "onnx":
             raise ValueError(
-                f"{self.source} is a {self.artifact_metadata.precision} artifact; "
+                f"{self.source} is {with_article(self.artifact_metadata.precision)} artifact; "
                 f"benchmark its own precision or pass the checkpoint to export {precision}"
             )
         if self.kind == "engine":

@@ -24,6 +24,30 @@ def _grid(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round ticks for a log axis from ``low`` to ``high``: powers of ten, else 1-2-5, else every digit, the
+    first of these that gives at least three (a span too short for any: a few evenly spaced round values)."""
+    from matplotlib.ticker import MaxNLocator
+
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for subs in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        ticks = [m * 10.0**e for e in range(first, last + 1) for m in subs if low <= m * 10.0**e <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return [float(v) for v in MaxNLocator(4).tick_values(low, high) if low <= v <= high and v > 0]
+
+
+def _labelled_log_axis(axis: Any) -> None:
+    """Label a log axis at :func:`log_ticks` of its view (plain numbers), with unlabelled minor ticks: every
+    label reads as a number, and no two crowd each other."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    low, high = sorted(axis.get_view_interval())
+    axis.set_major_locator(FixedLocator(log_ticks(low, high)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _plain_ticks(ax: Any, xticks: list[int] | None = None) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -32,9 +56,7 @@ def _plain_ticks(ax: Any, xticks: list[int] | None = None) -> None:
         ax.set_xticks(sorted(set(xticks)))
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    _labelled_log_axis(ax.yaxis)
 
 
 def _panels(count: int) -> tuple[Any, list[Any]]:

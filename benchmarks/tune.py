@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -117,17 +117,23 @@ class AccuracyGate:
     min_top1_agreement: float = 0.99
     reference: str = field(default="eager fp32", compare=False)
 
+    # Each field: the name ``--max-accuracy-drop`` gives it, its range as written, and the test of that range.
+    RANGES: ClassVar[dict[str, tuple[str, str, Callable[[float], bool]]]] = {
+        "max_drop_points": ("points", ">= 0", lambda v: 0 <= v < math.inf),
+        "min_cosine": ("cosine", "in (0, 1]", lambda v: 0 < v <= 1),
+        "min_top1_agreement": ("top1", "in [0, 1]", lambda v: 0 <= v <= 1),
+    }
+
     def __post_init__(self) -> None:
-        if not self.max_drop_points >= 0:
-            raise ValueError(f"max accuracy drop must be >= 0 points, got {self.max_drop_points}")
-        for name in ("min_cosine", "min_top1_agreement"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [-1, 1], got {getattr(self, name)}")
+        for field_name, (name, rule, ok) in self.RANGES.items():
+            if not ok(getattr(self, field_name)):
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, field_name)}")
 
     @classmethod
     def parse(cls, text: str) -> AccuracyGate:
-        """``"0.5"`` (labelled points) or ``"points=0.5,cosine=0.999,top1=0.99"`` (any subset)."""
-        keys = {"points": "max_drop_points", "cosine": "min_cosine", "top1": "min_top1_agreement"}
+        """``"0.5"`` (labelled points) or ``"points=0.5,cosine=0.999,top1=0.99"`` (any subset); a bad value
+        is named as written (``cosine=1.5: ...``)."""
+        keys = {name: field_name for field_name, (name, _, _) in cls.RANGES.items()}
         values: dict[str, float] = {}
         for item in (part.strip() for part in text.split(",")):
             if not item:
@@ -135,13 +141,17 @@ class AccuracyGate:
             key, _, value = item.rpartition("=")
             key = key.strip() or "points"
             if key not in keys:
-                raise ValueError(f"--max-accuracy-drop {text!r}: {key!r} is not one of {list(keys)}")
+                raise ValueError(f"{item!r}: {key!r} is not one of {', '.join(keys)}")
             try:
-                values[keys[key]] = float(value)
+                number = float(value)
             except ValueError:
-                raise ValueError(f"--max-accuracy-drop {text!r}: {value!r} is not a number") from None
+                raise ValueError(f"{item!r}: {value.strip()!r} is not a number") from None
+            _, rule, ok = cls.RANGES[keys[key]]
+            if not ok(number):
+                raise ValueError(f"{item!r}: {key} must be {rule}, got {value.strip()}")
+            values[keys[key]] = number
         if not values:
-            raise ValueError(f"--max-accuracy-drop {text!r} sets nothing; e.g. 0.5 or cosine=0.99,top1=0.95")
+            raise ValueError(f"{text!r} sets nothing; e.g. 0.5 or cosine=0.99,top1=0.95")
         return cls(**values)
 
     def failures(self, accuracy: dict[str, Any]) -> list[str]:

@@ -92,27 +92,34 @@ def section_lines(manifest: TuneManifest) -> list[str]:
     return lines
 
 
+# 1 - cosine of a candidate that matches eager fp32 to float rounding (fp32 graphs) is 0, or a few 1e-8, which a
+# log axis cannot show as it is: such points are drawn at this floor, and their legend entry says so.
+COSINE_FLOOR = 1e-7
+
+
 def latency_vs_accuracy(manifest: TuneManifest, path: Path) -> Path | None:
     """A scatter of each timed candidate: p50 at the smallest batch (log) against its accuracy figure
-    (labelled top-1 drop, or 1 - worst cosine, log); the gate as a line; the choice ringed."""
-    from vitdeploy.benchmarks.plots import _finish, _pyplot
+    (labelled top-1 drop, or 1 - worst cosine, log); the gate as a line; the choice ringed; a legend names
+    every point (beside the axes, so no label covers another or leaves the figure)."""
+    from vitdeploy.benchmarks.plots import _finish, _labelled_log_axis, _pyplot
 
     batch = str(min(manifest.batches))
     timed = [c for c in manifest.candidates if c.latency_ms.get(batch) and c.accuracy]
     if not timed:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.2, 5.6), layout="constrained")
     labelled = timed[0].accuracy["kind"] == "labelled"
 
     def error(accuracy: dict[str, Any]) -> float:
-        return accuracy["top1_drop_points"] if labelled else max(1.0 - accuracy["cosine"], 1e-7)
+        return accuracy["top1_drop_points"] if labelled else max(1.0 - accuracy["cosine"], COSINE_FLOOR)
 
     for c in timed:
-        marker = "o" if c.status == "ok" else "x"
-        ax.scatter(c.latency_ms[batch], error(c.accuracy), marker=marker, s=40)
-        ax.annotate(c.name, (c.latency_ms[batch], error(c.accuracy)), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+        floored = not labelled and 1.0 - c.accuracy["cosine"] < COSINE_FLOOR
+        label = c.name + (" (dropped)" if c.status != "ok" else "") + (
+            f" (1 - cosine < {COSINE_FLOOR:g}: drawn at {COSINE_FLOOR:g})" if floored else "")
+        ax.scatter(c.latency_ms[batch], error(c.accuracy), marker="x" if c.status != "ok" else "v" if floored else "o",
+                   s=40, label=label)
     if manifest.chosen:
         chosen = next(c for c in timed if c.name == manifest.chosen.name)
         ax.scatter(chosen.latency_ms[batch], error(chosen.accuracy), s=220, facecolors="none", edgecolors="green",
@@ -120,14 +127,12 @@ def latency_vs_accuracy(manifest: TuneManifest, path: Path) -> Path | None:
     gate = manifest.gate["max_drop_points"] if labelled else 1.0 - manifest.gate["min_cosine"]
     ax.axhline(gate, color="red", linestyle="--", linewidth=1, label="accuracy gate")
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
     if not labelled:
         ax.set_yscale("log")
     ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
     ax.set_ylabel("top-1 drop (points)" if labelled else "1 - worst cosine vs eager fp32")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    return _finish(fig, [ax], 1, f"vitdeploy tune: latency vs accuracy (x: dropped; {manifest.cpu['model']})", path)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=7)
+    ax.autoscale_view()
+    _labelled_log_axis(ax.xaxis)
+    return _finish(fig, [ax], 1, f"vitdeploy tune: latency vs accuracy ({manifest.cpu['model']})", path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitdeploy.constants import with_article
 from vitdeploy.metadata import CPU_VARIANT, ArtifactMetadata
 from vitdeploy.parity import ParityReport, Reference, tolerance_for
 
@@ -98,7 +99,7 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
         raise ValueError(f"output {str(target)!r} is the input file; write the quantized graph to a new file")
     metadata = read_onnx_metadata(source)
     if metadata.precision != "fp32":
-        raise ValueError(f"{source} is a {metadata.precision} graph; quantize the fp32 export")
+        raise ValueError(f"{source} is {with_article(metadata.precision)} graph; quantize the fp32 export")
     if metadata.target == CPU_VARIANT:
         raise ValueError(f"{source} is the onnxruntime-CPU variant (contrib ops); quantize the portable file it "
                          "was written beside")

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from temp_folder import pytest_configure, pytest_sessionfinish, pytest_unconfigure  # noqa: F401 - hooks
 
 from vitdeploy.config import HybridConfig, ViTConfig
 from vitdeploy.model import VisionTransformer
+
+_session_temp: pytest.TempPathFactory | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_temp_factory(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global _session_temp
+    _session_temp = tmp_path_factory
+
+
+def session_folder(prefix: str) -> Path:
+    """A new folder in the session's basetemp, for helpers that build once per session without a fixture
+    (pytest removes it with the basetemp)."""
+    if _session_temp is None:
+        raise RuntimeError("session_folder() is for tests and fixtures (no pytest session has started)")
+    return _session_temp.mktemp(prefix)
 
 
 def tiny_config(**overrides) -> ViTConfig:

@@ -32,6 +32,7 @@ from family_sources import (
     timm_model,
     timm_state_dict,
 )
+from timm_without_torchvision import TIMM_MISSING
 
 from vitdeploy.checkpoints import CheckpointError, read_checkpoint
 from vitdeploy.checkpoints.huggingface import convert_hf_folder
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 transformers = pytest.importorskip("transformers")
 if timm is None:
-    pytest.skip("timm is not installed (CI: pip install --no-deps timm)", allow_module_level=True)
+    pytest.skip(TIMM_MISSING, allow_module_level=True)
 
 HIDDEN, DEPTH, HEADS = 64, 2, 2
 CASES = hf_cases(HIDDEN, DEPTH, HEADS, mlp=128)

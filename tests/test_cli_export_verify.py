@@ -172,3 +172,22 @@ def test_fp16_export_and_verify_against_both_references(checkpoints, tmp_path, c
     assert report["precision"] == "fp16"
     assert {c["tolerance"]["name"] for c in report["cases"]} == {"fp16", "fp16_vs_fp32"}
     assert all(c["metrics"]["cosine"] >= 0.999 for c in report["cases"])
+
+
+def test_verify_against_a_different_model_says_so_before_any_shape(exported, tmp_path, capsys):
+    """A reference of another architecture (patch 16, wider, no class token) is named as a different model,
+    field by field, before the shapes are checked against its stride."""
+    _, output, _ = exported
+    other = save_model(make_model(tiny_config(patch_size=16, hidden_size=96, num_heads=4, pooling="avg"), seed=0),
+                       tmp_path / "other_arch.safetensors")
+    with pytest.raises(CLIError) as error:
+        cli("verify", output, "--reference", other, "--batch", "1")
+    message = str(error.value)
+    assert message.startswith(f"--reference {other} is a different model from the artifact: ")
+    assert "patch_size 16 (the artifact: 8)" in message and "hidden_size 96 (the artifact: 64)" in message
+    assert "pooling avg (the artifact: token)" in message
+    assert "multiple of the patch stride" not in message
+    # A reference without the artifact's outputs is a different model too.
+    headless = save_model(make_model(tiny_config(num_classes=0), seed=0), tmp_path / "headless.safetensors")
+    with pytest.raises(CLIError, match=r"is a different model from the artifact: .*no logits output"):
+        cli("verify", output, "--reference", headless, "--batch", "1")

@@ -55,7 +55,7 @@ def test_a_bad_choice_names_the_option_and_the_choices(capsys, tmp_path) -> None
     (["bench", "vit_tiny_patch16_224", "--resolution", "224x"],
      "vitdeploy bench: error: argument --resolution: '224x' is not N or HxW"),
     (["inspect", "vit_tiny_patch16_224", "--resolution", "0"],
-     "vitdeploy inspect: error: argument --resolution: '0' must list positive integers"),
+     "vitdeploy inspect: error: argument --resolution: '0' must be a positive N or HxW"),
 ], ids=lambda value: " ".join(value[:1] + value[-2:]) if isinstance(value, list) else None)
 def test_ranges_are_checked_when_parsed(capsys, tmp_path, argv, expected) -> None:
     line = one_line(capsys, *(arg.format(tmp=tmp_path) for arg in argv))

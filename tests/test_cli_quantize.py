@@ -108,7 +108,7 @@ def test_export_precision_int8(digits_files):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["quantize", "{int8}", "-o", "{root}/x.onnx"], "is a int8 graph; quantize the fp32 export"),
+    (["quantize", "{int8}", "-o", "{root}/x.onnx"], "is an int8 graph; quantize the fp32 export"),
     (["quantize", "{fp32}", "-o", "{root}/x.txt"], "must end in .onnx"),
     (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--calibration", "{root}/missing"], "is not a folder"),
     (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--keep-float", "Attention"], "not quantizable roles"),

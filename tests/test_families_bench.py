@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from timm_without_torchvision import import_timm
+from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy.benchmarks import families
 from vitdeploy.benchmarks.families import CONTENDERS, EAGER, FP32, INT8, summarize
@@ -37,7 +37,7 @@ def test_bad_arguments_are_one_argparse_line(argv, message, capsys):
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(import_timm() is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+@pytest.mark.skipif(import_timm() is None, reason=TIMM_MISSING)
 def test_an_unknown_model_is_one_line_before_any_work(tmp_path, capsys):
     assert families.main(["--models", "vit_small_patch16_224,vit_nonexistent_patch16_224",
                           "--output", str(tmp_path / "f.json")]) == 2
@@ -47,7 +47,7 @@ def test_an_unknown_model_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "f.json").exists()
 
 
-@pytest.mark.skipif(import_timm() is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+@pytest.mark.skipif(import_timm() is None, reason=TIMM_MISSING)
 def test_a_run_writes_each_contender_the_ratios_and_the_machine(tmp_path, capsys):
     output = tmp_path / "families.json"
     argv = ["--models", "deit3_small_patch16_224", "--depth", "1", "--rounds", "1", "--iterations", "1",

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 from family_sources import hf_outputs, perturb, timm_outputs
-from timm_without_torchvision import import_timm
+from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy.cli import main
 from vitdeploy.metadata import read_onnx_metadata
@@ -41,7 +41,7 @@ from vitdeploy.preprocessing import bundled_images, preprocess
 timm = import_timm()
 transformers = pytest.importorskip("transformers")
 if timm is None:
-    pytest.skip("timm is not installed (CI: pip install --no-deps timm)", allow_module_level=True)
+    pytest.skip(TIMM_MISSING, allow_module_level=True)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

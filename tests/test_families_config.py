@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_model, tiny_config
 from safetensors.torch import save_file
-from timm_without_torchvision import import_timm
+from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy.checkpoints import CheckpointError, load_model, resolve_source
 from vitdeploy.config import ViTConfig
@@ -16,7 +16,7 @@ from vitdeploy.outputs import available_outputs, default_outputs
 from vitdeploy.variants import VARIANTS, get_config
 
 timm = import_timm()
-needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+needs_timm = pytest.mark.skipif(timm is None, reason=TIMM_MISSING)
 
 # One small config per family piece (32x32 input, patch 8, width 64, two blocks).
 FAMILY_CONFIGS = {

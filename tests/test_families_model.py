@@ -30,6 +30,7 @@ from family_sources import (
     timm_outputs,
 )
 from family_sources import rel_err as rel_error
+from timm_without_torchvision import TIMM_MISSING
 
 from vitdeploy.checkpoints import CheckpointWarning, load_model
 from vitdeploy.checkpoints.common import infer_config
@@ -37,7 +38,7 @@ from vitdeploy.checkpoints.timm import clip_head_as_projection
 from vitdeploy.model import VisionTransformer
 from vitdeploy.outputs import available_outputs
 
-pytestmark = pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+pytestmark = pytest.mark.skipif(timm is None, reason=TIMM_MISSING)
 
 
 def errors_against(ours, reference, family: Family, native: int, patch: int,

@@ -42,11 +42,12 @@ from family_sources import (
     timm_outputs,
 )
 from safetensors.torch import save_file
+from timm_without_torchvision import TIMM_MISSING
 
 from vitdeploy.model import VisionTransformer
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
-              pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")]
+              pytest.mark.skipif(timm is None, reason=TIMM_MISSING)]
 transformers = pytest.importorskip("transformers")
 
 WIDTH, DEPTH, HEADS, MLP = 32, 1, 2, 64

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_pos_embed import dinov2_original, smooth_grid
-from timm_without_torchvision import import_timm
+from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy.pos_embed import RESAMPLE_METHODS, resample_pos_embed
 
@@ -108,7 +108,7 @@ SOURCES = {
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_each_source_is_one_convention_and_no_other(source):
     if "timm" in source and timm is None:
-        pytest.skip("timm is not installed")
+        pytest.skip(TIMM_MISSING)
     make, method = SOURCES[source]
     pos, prefix, reference = make()
     with torch.no_grad():

@@ -78,7 +78,13 @@ def test_predict_prints_shape_and_norm_and_saves_every_output(backbone, tmp_path
 def test_verify_and_inspect_show_every_output(backbone, capsys):
     _, checkpoint, output, _ = backbone
     assert main(["verify", str(output), "--reference", str(checkpoint), "--batch", "1", "--resolution", "16x40"]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "pooler_output" in table and "patch_tokens" in table and "PASSED" in table
+    # Each progress line names the output it compares (two outputs, one shape: two lines).
+    cases = [line for line in captured.err.splitlines() if " 1x3x16x40 vs " in line]
+    assert len(cases) == 2
+    assert cases[0].startswith("[vitdeploy]   pooler_output 1x3x16x40 vs eager")
+    assert cases[1].startswith("[vitdeploy]   patch_tokens 1x3x16x40 vs eager")
     assert main(["inspect", str(output)]) == 0
     assert "outputs      : pooler_output [batch, 32], patch_tokens [batch, patches, 32]" in capsys.readouterr().out

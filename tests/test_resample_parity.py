@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_pos_embed import smooth_grid
-from timm_without_torchvision import import_timm
+from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy import runtimes
 from vitdeploy.checkpoints import load_model
@@ -30,7 +30,7 @@ SIZES = [(160, 160), (128, 192), (288, 288), (224, 352), (384, 384)]
 TOLERANCE = 1e-4  # relative max error of the logits against the framework's own
 
 timm = import_timm()
-needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")
+needs_timm = pytest.mark.skipif(timm is None, reason=TIMM_MISSING)
 try:
     import transformers
 except ImportError:

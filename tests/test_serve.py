@@ -29,15 +29,14 @@ from vitdeploy.runtimes import OrtRuntime
 pytest.importorskip("tritonclient.http", reason="tritonclient[grpc,http] (dev extra)")
 from vitdeploy.serving.client import TritonClient, batch_sizes  # noqa: E402
 
-PYTHON = serve_python()
-pytestmark = pytest.mark.skipif(PYTHON is None, reason=SERVE_VENV_REASON)
+pytestmark = pytest.mark.skipif(bool(SERVE_VENV_REASON), reason=SERVE_VENV_REASON)
 MODEL = "tiny_python"
 # Every shape is within the tiny model's validated range (batch 1..8, sides 16..64, stride 8).
 SHAPES = [(1, 3, 32, 32), (3, 3, 32, 48), (2, 3, 64, 16), (8, 3, 16, 24)]
 
 
 def vitdeploy_command(*args: str) -> list[str]:
-    return [str(PYTHON.parent / "vitdeploy"), *args]
+    return [str(serve_python().parent / "vitdeploy"), *args]
 
 
 def run_vitdeploy(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -17,8 +17,7 @@ from serving_artifacts import LABELS, SERVE_VENV_REASON, serve_python, tiny_serv
 from vitdeploy.metadata import read_onnx_metadata
 from vitdeploy.preprocessing import bundled_images, preprocess_batch
 
-PYTHON = serve_python()
-pytestmark = pytest.mark.skipif(PYTHON is None, reason=SERVE_VENV_REASON)
+pytestmark = pytest.mark.skipif(bool(SERVE_VENV_REASON), reason=SERVE_VENV_REASON)
 
 RUNTIME_SCRIPT = """
 import json, sys
@@ -33,7 +32,7 @@ print(json.dumps({"logits": logits.tolist(), "module": vitdeploy.__file__, "grap
 
 
 def run_serve_python(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PYTHON), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([str(serve_python()), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_torch_free_install_runs_the_runtime_and_predict_like_eager(tmp_path) -> None:

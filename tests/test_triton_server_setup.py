@@ -70,7 +70,7 @@ def test_port_checks_name_the_flag() -> None:
         check_port_free("127.0.0.1", 70000, "--http-port")
 
 
-@pytest.mark.skipif(serve_python() is None, reason=SERVE_VENV_REASON)
+@pytest.mark.skipif(bool(SERVE_VENV_REASON), reason=SERVE_VENV_REASON)
 def test_stub_of_another_python_is_refused_before_starting() -> None:
     """The bundled stub links Debian's libpython3.11; this (pyenv or other) Python must not be paired with it."""
     venv = serve_python().parent.parent

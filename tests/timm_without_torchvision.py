@@ -3,4 +3,9 @@ stand-in for torchvision, which cannot be installed beside the CPU build of torc
 
 from vitdeploy.timm_import import TorchvisionAbsentError, import_timm
 
-__all__ = ["TorchvisionAbsentError", "import_timm"]
+__all__ = ["TIMM_MISSING", "TIMM_VERSION", "TorchvisionAbsentError", "import_timm"]
+
+# The timm the README's test command installs (tests/test_readme_commands.py checks they agree), and the
+# skip reason of a test that needs it: a hint that works, since the tests import timm through import_timm.
+TIMM_VERSION = "1.0.31"
+TIMM_MISSING = f"timm is not installed: pip install --no-deps timm=={TIMM_VERSION} (the README's test command does)"

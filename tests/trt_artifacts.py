@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +43,11 @@ def tiny_onnx(precision: str = "fp32") -> Path:
     Batch 1..8, height and width 16..64 (:data:`SHAPE_RANGE`); the exporter's own validation is
     skipped here (its tests cover it) to keep this suite fast.
     """
-    from conftest import make_model, tiny_config
+    from conftest import make_model, session_folder, tiny_config
 
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 
-    path = Path(tempfile.mkdtemp(prefix="vitdeploy-trt-tests-")) / f"tiny_{precision}.onnx"
+    path = session_folder("trt") / f"tiny_{precision}.onnx"
     options = ExportOptions(batch=SHAPE_RANGE.batch, height=SHAPE_RANGE.height, width=SHAPE_RANGE.width,
                             precision=precision, validate=False, preflight=False)
     return export_onnx(make_model(tiny_config()), path, options).path

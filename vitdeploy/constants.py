@@ -55,6 +55,11 @@ def check_precision(precision: str, allowed: tuple[str, ...], what: str = "preci
     return precision
 
 
+def with_article(name: str) -> str:
+    """``name`` after the article it is read with: ``an fp16``, ``an int8``, ``a bf16`` (letters are spelled out)."""
+    return f"{'an' if name[:1].lower() in 'aefhilmnorsx' else 'a'} {name}"
+
+
 def torch_dtype(precision: str):  # noqa: ANN201 - returns a torch.dtype; torch is imported here only
     """The ``torch.dtype`` of ``precision`` (imports torch)."""
     import torch

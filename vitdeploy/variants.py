@@ -128,9 +128,14 @@ def unknown_variant_message(name: str, context: str = "",
                             listing: str = "vitdeploy.list_variants() lists them all") -> str:
     """The one line saying ``name`` is no variant (``context``: where it was given, e.g. ``" for model="``),
     naming the closest variants and where the full list is (``listing``)."""
+    return f"unknown model variant {name!r}{context}; {closest_hint(name, listing)}"
+
+
+def closest_hint(name: str, listing: str = "`vitdeploy inspect --list` lists them all") -> str:
+    """``closest: a, b, c (listing)``: the variant names spelled most like ``name`` and where the full list is."""
     close = closest_variants(name)
     hint = f"closest: {', '.join(close)}" if close else "no variant name is close"
-    return f"unknown model variant {name!r}{context}; {hint} ({listing})"
+    return f"{hint} ({listing})"
 
 
 def get_config(name: str, **overrides: Any) -> ViTConfig:

@@ -42,7 +42,7 @@ from vitdeploy.checkpoints.jax import read_jax
 from vitdeploy.checkpoints.native import read_native, save_model
 from vitdeploy.checkpoints.timm import read_timm
 from vitdeploy.model import VisionTransformer, create_model
-from vitdeploy.variants import VARIANTS, list_variants
+from vitdeploy.variants import VARIANTS, closest_hint, list_variants
 
 __all__ = [
     "FORMATS",
@@ -105,7 +105,7 @@ def _read(source: str | Path, format: str, num_heads: int | None) -> Checkpoint:
             keys = weight_keys(path) if format == "auto" else None
             if not keys or match_layout(keys).exact:
                 raise
-            raise CheckpointError(f"{error}; {closest_layout(keys)}") from None
+            raise CheckpointError(f"{error}; {closest_layout(keys)}", details=error.details) from None
     if fmt == "huggingface":
         return read_huggingface(path)
     return read_jax(path, num_heads=num_heads)
@@ -206,10 +206,14 @@ def _resolve(source: str, format: str = "auto", model: str | None = None, **over
         _scale_residual_branches_as_trained(model)
         return ResolvedModel(model, source, "variant", state_dict_sha256(model.state_dict()), True, [message])
     if not path.exists():
-        raise FileNotFoundError(
-            f"{source!r} is neither an existing checkpoint nor a model variant; {EXPECTED}; "
-            f"or a variant name: {', '.join(list_variants())}"
+        # One short line; the formats and every variant name only on request (``details``).
+        error = FileNotFoundError(
+            f"{source!r} is neither an existing checkpoint nor a model variant; "
+            + closest_hint(source, "`vitdeploy inspect --list` lists the variants; VITDEPLOY_DEBUG=1 the checkpoint "
+                           "formats")
         )
+        error.details = f"{EXPECTED}; or a variant name: {', '.join(list_variants())}"  # type: ignore[attr-defined]
+        raise error
     loaded, checkpoint = _load(path, format, overrides, model)
     sha256 = file_sha256(checkpoint_path(path))
     return ResolvedModel(loaded, str(source), checkpoint.format, sha256, False, checkpoint.notes)

@@ -36,7 +36,12 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+    """A checkpoint that cannot be read or does not fit the model; the message says why in one short line,
+    ``details`` (optional) holds the full listing (the CLI shows it with VITDEPLOY_DEBUG=1 or in --json)."""
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class CheckpointWarning(UserWarning):
@@ -265,8 +270,9 @@ def match_variant(config: ViTConfig, prefer: str | None = None) -> str | None:
 def _require(state_dict: StateDict, key: str, what: str) -> torch.Tensor:
     if key not in state_dict:
         sample = ", ".join(sorted(state_dict)[:8])
-        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...); "
-                              f"{closest_family(state_dict)}")
+        closest = closest_family(state_dict)
+        raise CheckpointError(f"{what}: no {key!r} tensor, so this is not a ViT state dict (keys: {sample}, ...)"
+                              + (f"; {closest}" if closest else ""))
     return state_dict[key]
 
 
@@ -296,9 +302,12 @@ def _family_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
 
 
 def closest_family(state_dict: Mapping[str, Any], limit: int = 6) -> str:
-    """One line naming the supported family whose tensor names are closest to ``state_dict``'s, and how they differ."""
+    """One line naming the supported family whose tensor names are closest to ``state_dict``'s, and how they
+    differ; empty when no family shares a tensor name with it (then none is closer than another)."""
     have = frozenset(_key_pattern(k) for k in state_dict)
     name, patterns = min(_family_patterns(), key=lambda item: len(item[1] ^ have))
+    if not patterns & have:
+        return ""
 
     def listed(keys: frozenset[str]) -> str:
         shown = sorted(keys)[:limit]
@@ -539,18 +548,7 @@ def load_strict(model: VisionTransformer, state_dict: StateDict, what: str,
                 continue
         wrong.append(f"{name} (checkpoint {list(tensor.shape)}, model {list(shape)})")
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape {len(wrong)}: {', '.join(wrong)}")
-        raise CheckpointError(
-            f"{what} does not fit the {model.config.name} model ({model.config.hidden_size} wide, "
-            f"{model.config.depth} blocks): " + "; ".join(parts)
-            + (f". {closest_family(state_dict)}" if missing or unexpected else "")
-        )
+        raise _misfit_error(model.config, state_dict, what, missing, unexpected, wrong)
     for name, tensor in state_dict.items():
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
             tensor = tensor.float()
@@ -559,6 +557,38 @@ def load_strict(model: VisionTransformer, state_dict: StateDict, what: str,
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # a buffer the state dict does not carry; cannot happen with today's model
         raise CheckpointError(f"{what}: tensors {leftover} were not initialised by the checkpoint")
+
+
+def _misfit_error(config: ViTConfig, state_dict: StateDict, what: str, missing: list[str], unexpected: list[str],
+                  wrong: list[str], shown: int = 1) -> CheckpointError:
+    """The strict-load failure as one short line (counts, the first names, or the variants the weights'
+    sizes fit) with every tensor in ``details``."""
+
+    def listed(kind: str, names: list[str], limit: int | None) -> str:
+        head = names if limit is None else names[:limit]
+        more = f", +{len(names) - len(head)} more" if len(names) > len(head) else ""
+        return f"{kind} {len(names)}: {', '.join(head)}{more}"
+
+    def parts(limit: int | None) -> str:  # names are short, wrong shapes long: ``limit`` of those, 3x of names
+        lists = (("missing", missing, 3), ("unexpected", unexpected, 3), ("wrong shape", wrong, 1))
+        return "; ".join(listed(kind, names, None if limit is None else limit * times)
+                         for kind, names, times in lists if names)
+
+    head = f"{what} does not fit the {config.name} model ({config.hidden_size} wide, {config.depth} blocks): "
+    closest = closest_family(state_dict) if missing or unexpected else ""
+    tail = f". {closest}" if closest else ""
+    short = parts(shown)
+    width = next((int(state_dict[k].shape[-1]) for k in ("cls_token", "norm.weight") if k in state_dict), None)
+    depth = len({match.group(1) for key in state_dict if (match := _BLOCK.match(key))})
+    if wrong and not (missing or unexpected) and width and (width, depth) != (config.hidden_size, config.depth):
+        # The same layout at another size: say which variants it does fit.
+        fits = [name for name, v in sorted(VARIANTS.items(), key=lambda item: (item[1].family != config.family,
+                                                                               item[0]))
+                if v.hidden_size == width and v.depth == depth and v.patch_size == config.patch_size][:2]
+        short = (f"{len(wrong)} tensor shapes differ; the weights are {width} wide, {depth} blocks"
+                 + (f", like {', '.join(fits)}" if fits else ""))
+    listing = " (see `vitdeploy inspect --list`; all tensors: VITDEPLOY_DEBUG=1 or --json)"
+    return CheckpointError(head + short + tail + listing, details=head + parts(None) + tail)
 
 
 _SPECIAL_OVERRIDES = ("num_classes", "image_size", "labels")

@@ -4,7 +4,7 @@ One error path for every command (:func:`main`): bad input, an unusable output p
 backend ends in one line ``vitdeploy <command>: error: ...`` naming the value or path and the
 cause, never a traceback (``VITDEPLOY_DEBUG=1`` shows it). Exit status: 0 success; 1 the artifact
 failed its check (parity, pre-flight errors); 2 bad input or an unusable environment; 130
-interrupted (Ctrl-C); 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing behind.
+interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 stdout closed early (``| head``), without a word. Interrupted or terminated work leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from importlib import import_module
 
 from vitdeploy import __version__, console
-from vitdeploy.cli.common import ArgumentParser, CLIError, CommandParser
+from vitdeploy.cli.common import ArgumentParser, CLIError, CommandParser, write_json
 
 # Subcommand modules in help order; each defines register(subparsers) that sets func=run.
 COMMANDS = ["deploy", "tune", "inspect", "convert", "export", "quantize", "verify", "predict", "check", "build", "bench",
@@ -27,8 +27,9 @@ COMMANDS = ["deploy", "tune", "inspect", "convert", "export", "quantize", "verif
 
 EXIT_CODES = """\
 exit status: 0 success; 1 the artifact failed its check (parity, pre-flight errors); 2 bad input or
-an unusable environment (one line "vitdeploy COMMAND: error: ..."); 130 interrupted; 143 terminated.
-Set VITDEPLOY_DEBUG=1 to see the traceback behind an error line."""
+an unusable environment (one line "vitdeploy COMMAND: error: ..."); 130 interrupted; 143 terminated;
+141 stdout was closed early (e.g. "| head"), quietly. Set VITDEPLOY_DEBUG=1 to see the traceback and
+full details behind an error line."""
 
 # Top-level modules a command may lack, and the extra that installs them.
 EXTRAS = {"torch": "export", "safetensors": "export", "onnxscript": "export", "onnxruntime": "cpu", "openvino": "openvino",
@@ -139,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vitdeploy`` console script; returns the exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a reader that closed the pipe is found here, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        return _stdout_closed()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -154,11 +166,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitdeploy {args.command}: terminated", file=sys.stderr)
         return 143
     except Exception as error:
-        line = error_line(error)
-        if line is None or os.environ.get("VITDEPLOY_DEBUG"):  # a bug, or asked for the traceback
+        if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
             raise
+        line = error_line(error)
+        details = getattr(error, "details", None)  # the full listing behind a short line
+        if line is None or os.environ.get("VITDEPLOY_DEBUG"):  # a bug, or asked for the traceback
+            if details:
+                print(f"vitdeploy {args.command}: details: {details}", file=sys.stderr)
+            raise
+        if details and getattr(args, "json", None):
+            with contextlib.suppress(OSError):
+                write_json(args.json, {"passed": False, "error": line, "details": details})
         print(f"vitdeploy {args.command}: error: {line}", file=sys.stderr)
         return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end), so a
+    broken pipe elsewhere (a subprocess, a socket) stays an error."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): a normal end, as for POSIX tools (no message, status
+    141 = 128 + SIGPIPE). stdout is pointed at /dev/null so Python's flush at exit has nowhere to fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from typing import Any
 from vitdeploy.cli.common import (
     CLIError,
     add_model_override,
-    int_list_arg,
     output_file,
-    parse_int_list,
+    parse_sizes,
     refuse_model_override,
+    sizes_arg,
     write_json,
 )
 
@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", nargs="?",
                         help="variant name (e.g. vit_base_patch16_224), checkpoint file/folder, .onnx or .engine")
-    parser.add_argument("--resolution", default=None, type=int_list_arg, metavar="R,R",
-                        help="comma-separated square sizes to report (default: native, and 1.5x native)")
+    parser.add_argument("--resolution", default=None, type=sizes_arg, metavar="R,R",
+                        help="sizes to report: 224 for square or 224x336 for height x width, comma-separated "
+                        "(default: native, and 1.5x native)")
     parser.add_argument("--list", action="store_true", help="list every variant name and exit")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--layers", action="store_true",
@@ -42,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def describe(source: str, resolutions: list[int] | None = None, model: str | None = None) -> dict[str, Any]:
+def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
+             model: str | None = None) -> dict[str, Any]:
     """The inspect report for ``source`` (variant, checkpoint, ``.onnx`` or engine) as a JSON-serialisable dict.
 
     Variants, ONNX artifacts and engines need no torch: counts come from the config
@@ -68,23 +70,27 @@ def describe(source: str, resolutions: list[int] | None = None, model: str | Non
         config = resolved.model.config
         origin = f"{resolved.format} checkpoint"
     else:
+        from vitdeploy.variants import closest_hint
+
         raise CLIError(f"{source!r} is neither a known variant nor an existing checkpoint or artifact path; "
-                       "run `vitdeploy inspect --list` for the variant names")
+                       + closest_hint(source, "`vitdeploy inspect --list` lists the variants"))
     params = count_params(config)
     native = config.image_size
     if resolutions is None:
         larger = native * 3 // 2 // config.stride * config.stride
-        resolutions = [native, larger]
+        resolutions = [(native, native), (larger, larger)]
     sizes = []
-    for size in resolutions:
-        if size % config.stride:
-            raise CLIError(f"resolution {size} is not a multiple of the patch stride {config.stride}")
-        grid = size // config.stride
+    for height, width in resolutions:
+        label = str(height) if height == width else f"{height}x{width}"
+        if height % config.stride or width % config.stride:
+            raise CLIError(f"resolution {label} is not a multiple of the patch stride {config.stride}")
         sizes.append({
-            "resolution": size,
-            "grid": [grid, grid],
-            "sequence_length": config.seq_len(size),
-            "gflops": count_flops(config, size) / 1e9,
+            "resolution": label,
+            "height": height,
+            "width": width,
+            "grid": [height // config.stride, width // config.stride],
+            "sequence_length": config.seq_len(height, width),
+            "gflops": count_flops(config, height, width) / 1e9,
         })
     paper = paper_size(config)
     return {
@@ -235,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.source:
         raise CLIError("give a variant name or a checkpoint path (or --list for the variant names)")
-    resolutions = parse_int_list(args.resolution, "resolution") if args.resolution else None
+    resolutions = parse_sizes(args.resolution) if args.resolution else None
     report = describe(args.source, resolutions, model=args.model_variant)
     _print_report(report, every_layer=args.layers)
     if args.json:

@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="labelled images (ImageFolder: DIR/<class>/<image>): judge accuracy by top-1 drop")
     parser.add_argument("--images", metavar="DIR",
                         help="real photos to measure agreement with eager fp32 on (default: the bundled photos)")
-    parser.add_argument("--max-accuracy-drop", default=None, metavar="GATE",
+    parser.add_argument("--max-accuracy-drop", default=None, metavar="GATE", type=accuracy_gate,
                         help="how much accuracy a candidate may lose: POINTS of labelled top-1 (default 0.5), or "
                         "cosine=C,top1=A for agreement without labels (default cosine=0.999,top1=0.99)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="latency",
@@ -106,6 +106,17 @@ def _reconstructed(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def accuracy_gate(text: str) -> str:
+    """argparse type of ``--max-accuracy-drop``: checked at parse time, kept as text (``gate_from`` builds it)."""
+    from vitdeploy.benchmarks.tune import AccuracyGate
+
+    try:
+        AccuracyGate.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def gate_from(text: str | None, labelled: bool) -> object:
     """The accuracy gate of ``--max-accuracy-drop`` (the defaults where it is not given)."""
     from vitdeploy.benchmarks.tune import AccuracyGate
@@ -118,10 +129,10 @@ def gate_from(text: str | None, labelled: bool) -> object:
         raise CLIError(str(error)) from None
     keys = {part.rpartition("=")[0].strip() or "points" for part in text.split(",") if part.strip()}
     if labelled and keys - {"points"}:
-        raise CLIError(f"--max-accuracy-drop {text!r}: with --labelled the gate is the top-1 drop in points")
+        raise CLIError(f"argument --max-accuracy-drop: {text!r}: with --labelled the gate is the top-1 drop in points")
     if not labelled and "points" in keys:
-        raise CLIError(f"--max-accuracy-drop {text!r} is a labelled top-1 drop: give --labelled DIR, or gate the "
-                       "agreement with cosine=C,top1=A")
+        raise CLIError(f"argument --max-accuracy-drop: {text!r} is a labelled top-1 drop: give --labelled DIR, or "
+                       "gate the agreement with cosine=C,top1=A")
     return gate
 
 

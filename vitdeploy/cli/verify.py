@@ -103,6 +103,32 @@ def image_files(folder: str) -> list[Path]:
     return files
 
 
+# The fields that make two models compute differently (sizes, tokens, pooling, blocks), compared before any run.
+SAME_MODEL_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_size", "num_classes", "pooling",
+                     "num_reg_tokens", "distilled", "pre_norm", "act", "projection_dim")
+
+
+def check_same_model(reference: str, config: Any, metadata: Any) -> None:
+    """Refuse a ``--reference`` of another architecture than the artifact's (one line naming each difference),
+    so a wrong reference is not reported as a shape or parity failure."""
+    from vitdeploy.outputs import available_outputs
+
+    exported = metadata.model_config
+    differences = [f"{name} {getattr(config, name)} (the artifact: {exported[name]})" for name in SAME_MODEL_FIELDS
+                   if name in exported and getattr(config, name) != exported[name]]
+    if bool(config.hybrid) != bool(exported.get("hybrid")):
+        differences.append(f"{'a' if config.hybrid else 'no'} ResNet stem (the artifact: "
+                           f"{'one' if exported.get('hybrid') else 'none'})")
+    lacking = [name for name in metadata.output_names if name not in available_outputs(config)]
+    if lacking:
+        differences.append(f"no {', '.join(lacking)} output{'s' if len(lacking) > 1 else ''}")
+    if differences:
+        theirs = f"{exported.get('family', '?')} {exported.get('name', '?')}"
+        raise CLIError(f"--reference {reference} is a different model from the artifact: {'; '.join(differences)} "
+                       f"(reference: {config.family} {config.name}, artifact: {theirs}); "
+                       "pass the checkpoint the artifact was exported from")
+
+
 def check_shapes(shapes: list[tuple[int, int, int]], spec: Any) -> None:
     """The runtime's own input check, applied to each requested shape before any work."""
     from vitdeploy.runtimes.base import validate_shape
@@ -151,11 +177,7 @@ def run(args: argparse.Namespace) -> int:
         progress(f"loading reference {args.reference}")
         resolved = resolve_source(args.reference, log=progress, model=args.model_variant)
         model = resolved.model
-        if model.config.num_classes != metadata.num_classes:
-            raise CLIError(
-                f"--reference {args.reference} has {model.config.num_classes} classes but the artifact has "
-                f"{metadata.num_classes}; pass the checkpoint the artifact was exported from"
-            )
+        check_same_model(args.reference, model.config, metadata)
         spec = runtime.input_spec
         sizes = parse_sizes(args.resolution) if args.resolution else default_resolutions(
             spec, int(metadata.model_config["image_size"]))
@@ -182,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         report = verify(
             runtime, refs, shapes, inputs, candidate_name=f"{args.artifact} ({backend})", notes=notes,
             on_case=lambda c: progress(
-                f"  {c.batch}x3x{c.height}x{c.width} vs {c.reference}: rel-max {c.metrics.rel_max_error:.2e}, "
+                f"  {c.output} {c.batch}x3x{c.height}x{c.width} vs {c.reference}: "
+                f"rel-max {c.metrics.rel_max_error:.2e}, "
                 f"cosine {c.metrics.cosine:.6f} {'ok' if c.passed else 'FAIL'}"),
         )
         source = _source_check(args, resolved, runtime, metadata, spec, images)
@@ -219,11 +242,7 @@ def _reference_model(args: argparse.Namespace, metadata: Any) -> Any:
 
     progress(f"loading reference {args.reference}")
     resolved = resolve_source(args.reference, log=progress, model=args.model_variant)
-    if resolved.model.config.num_classes != metadata.num_classes:
-        raise CLIError(
-            f"--reference {args.reference} has {resolved.model.config.num_classes} classes but the artifact has "
-            f"{metadata.num_classes}; pass the checkpoint the artifact was exported from"
-        )
+    check_same_model(args.reference, resolved.model.config, metadata)
     return resolved
 
 
