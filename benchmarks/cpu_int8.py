@@ -32,8 +32,8 @@ from vitdeploy.benchmarks.side_by_side import (
     add_run_arguments,
     check_at_least_one,
     model_overrides,
-    time_rounds,
 )
+from vitdeploy.benchmarks.timing import time_rounds
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_int8.json"
 PEER = "OpenVINO + NNCF int8 (peer)"

@@ -16,7 +16,7 @@ DINOv2-S with registers at 518, CLIP B/16, SigLIP B/16 by default):
 
 Each output is checked against timm's on the bundled photos (the fp32 graph's relative error shows
 the weights are the same). A family's three contenders are timed in interleaved rounds whose order
-reverses every round (:func:`~vitdeploy.benchmarks.side_by_side.time_rounds`), families one after
+reverses every round (:func:`~vitdeploy.benchmarks.timing.time_rounds`), families one after
 another, all in one process; each contender's figure is the median over rounds of its per-round
 p50, and the ratios are graph / eager timm. The JSON carries the command, the CPU and its flags,
 the versions (timm's too) and the other processes' load while timing.
@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.benchmarks.side_by_side import add_run_arguments, check_at_least_one, time_rounds
+from vitdeploy.benchmarks.side_by_side import add_run_arguments, check_at_least_one
+from vitdeploy.benchmarks.timing import time_rounds
 
 DEFAULT_MODELS = ("deit_small_distilled_patch16_224", "deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2",
                   "vit_base_patch16_clip_224", "vit_base_patch16_siglip_224")

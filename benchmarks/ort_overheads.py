@@ -28,8 +28,8 @@ from vitdeploy.benchmarks.side_by_side import (
     add_run_arguments,
     check_at_least_one,
     model_overrides,
-    time_rounds,
 )
+from vitdeploy.benchmarks.timing import time_rounds
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "ort_overheads.json"
 ORT_TARGET = 0.8  # onnxruntime latency / eager latency

@@ -657,10 +657,10 @@ def _say(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vitdeploy.benchmarks.environment import ARITHMETIC_FLAGS, capture_environment
+    from vitdeploy.benchmarks.environment import capture_environment
     from vitdeploy.benchmarks.models import BenchModel, slug
     from vitdeploy.benchmarks.peaks import PeakTable
-    from vitdeploy.cpu_features import cpu_flags, has_bf16, int8_dot_flags
+    from vitdeploy.cpu_features import arithmetic_flags, has_bf16, int8_dot_flags
     from vitdeploy.files import atomic_write_json, atomic_write_text
 
     args = parse_args(argv)
@@ -680,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = {
         "command": command,
         "environment": capture_environment(command, threads=plan.threads),
-        "cpu": {"arithmetic_flags": sorted(set(ARITHMETIC_FLAGS) & cpu_flags()), "int8_dot_product": int8_dot_flags(),
+        "cpu": {"arithmetic_flags": arithmetic_flags(), "int8_dot_product": int8_dot_flags(),
                 "bf16": has_bf16()},
         "setup": {"model": args.model, "depth": bench.config.depth, "random_weights": bench.random_weights,
                   "threads": plan.threads, "calls": plan.calls, "warmup": plan.warmup,

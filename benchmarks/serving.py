@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.benchmarks.environment import cpu_model, load_average
+from vitdeploy.benchmarks.environment import load_average
 from vitdeploy.benchmarks.stats import summarize
 from vitdeploy.console import progress
+from vitdeploy.cpu_features import cpu_model
 from vitdeploy.files import atomic_write_json
 
 MODEL_KIND = "python"

@@ -1,18 +1,15 @@
 """What the side-by-side benchmarks share (``ort_overheads``, ``pos_embed_cost``, ``cpu_int8``).
 
-Each times its contenders in one process, in interleaved rounds whose order reverses every round,
-so drift and other processes' load hit every contender alike; each reports the median of the
-per-round p50 latencies. They take the same run arguments.
+Each times its contenders in one process with :func:`vitdeploy.benchmarks.timing.time_rounds`
+(interleaved rounds whose order reverses every round) and reports the median of the per-round p50
+latencies. They take the same run arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int, iterations: int, warmup: int,
@@ -40,25 +37,3 @@ def check_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``create_model`` overrides the run arguments ask for (``--depth``)."""
     return {"depth": args.depth} if args.depth is not None else {}
-
-
-def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: int,
-                warmup: int) -> dict[str, list[float]]:
-    """p50 latency (ms) of each runner per round; runners alternate, order reversed every round.
-
-    Each block is timed by the bench harness's :func:`~vitdeploy.benchmarks.timing.measure`
-    (garbage collector paused) after one untimed call: the first call after another runtime
-    pays for cold caches.
-    """
-    from vitdeploy.benchmarks.timing import TimingConfig, measure
-
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    block = TimingConfig(warmup=1, iterations=iterations, time_budget_s=None, min_iterations=1)
-    p50s: dict[str, list[float]] = {name: [] for name in runners}
-    for index in range(rounds):
-        order = list(runners) if index % 2 == 0 else list(runners)[::-1]
-        for name in order:
-            p50s[name].append(float(np.median(measure(runners[name], block).samples_ms)))
-    return p50s

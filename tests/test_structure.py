@@ -1,7 +1,8 @@
 """The layout keeps its promises: imports point down the floors, and the CLI only calls the library.
 
 Floors, from the ground up: 1 the core of ``vitdeploy/`` → 2 ``runtimes/`` → 3 ``exporters/`` →
-4 ``benchmarks/`` → 5 ``vitdeploy/pipeline.py``, ``vitdeploy/cli/``, ``vitdeploy/serving/``. A module
+4 ``benchmarks/`` → 5 ``vitdeploy/pipeline.py``, ``vitdeploy/tune/`` (user features), ``vitdeploy/cli/``,
+``vitdeploy/serving/``. A module
 may import from its own floor or lower ones, at module level or inside a function (a lazy import
 is still a dependency). Found by reading the source (``ast``), so a new module is checked as soon
 as it exists.
@@ -18,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (pyproject.toml's package-dir).
 PACKAGES = {"vitdeploy": "vitdeploy", "runtimes": "vitdeploy.runtimes", "exporters": "vitdeploy.exporters",
             "benchmarks": "vitdeploy.benchmarks"}
-TOP = ("vitdeploy.pipeline", "vitdeploy.cli", "vitdeploy.serving", "vitdeploy.__main__")
+TOP = ("vitdeploy.pipeline", "vitdeploy.tune", "vitdeploy.cli", "vitdeploy.serving", "vitdeploy.__main__")
 
 
 def floor(module: str) -> int:
     """The floor of a ``vitdeploy...`` module name."""
-    if module.startswith(TOP) or module in TOP:
+    if any(module == top or module.startswith(top + ".") for top in TOP):  # vitdeploy.tune_manifest is core
         return 5
     for prefix, level in (("vitdeploy.benchmarks", 4), ("vitdeploy.exporters", 3), ("vitdeploy.runtimes", 2)):
         if module == prefix or module.startswith(prefix + "."):

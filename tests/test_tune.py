@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from conftest import make_model, tiny_config
 
-from vitdeploy.benchmarks.tune import AccuracyGate, TunePlan, candidate_list, export_for_tune, select, tune
 from vitdeploy.cpu_features import cpu_flags
-from vitdeploy.tune_manifest import CandidateRecord, TuneManifestError, read_manifest
+from vitdeploy.tune import TunePlan, tune
+from vitdeploy.tune.accuracy import AccuracyGate
+from vitdeploy.tune.candidates import candidate_list, export_for_tune
+from vitdeploy.tune.selection import select
+from vitdeploy.tune_manifest import Candidate, TuneManifestError, read_manifest
 
 OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -82,7 +85,7 @@ def test_an_unavailable_candidate_is_listed_with_its_reason(tuned):
 def _record(name: str, p50: float, cosine: float = 1.0, top1: float = 1.0, drop: float | None = None):
     accuracy = ({"kind": "labelled", "top1_drop_points": drop, "images": 100} if drop is not None else
                 {"kind": "agreement", "cosine": cosine, "top1_agreement": top1, "images": 4})
-    return CandidateRecord(name, "onnxruntime", "int8", "int8", name, "ok", latency_ms={"1": p50}, accuracy=accuracy)
+    return Candidate(name, "onnxruntime", "int8", "int8", name, "ok", latency_ms={"1": p50}, accuracy=accuracy)
 
 
 def test_the_selection_rule_drops_an_inaccurate_fastest_candidate():

@@ -1,9 +1,9 @@
 """The tune manifest: ``tune.json`` beside the artifacts of an export folder (pure Python, no numpy).
 
-``vitdeploy tune`` times every CPU candidate (backend x artifact x precision hint) side by side,
-gates each on accuracy and writes this file; :func:`vitdeploy.runtimes.load` of the folder then
-runs the chosen artifact with the chosen backend and options. This module is the one home of
-the schema:
+``vitdeploy tune`` (:mod:`vitdeploy.tune`) times every CPU candidate (backend x artifact x precision
+hint) side by side, gates each on accuracy and writes this file; :func:`vitdeploy.runtimes.load` of
+the folder then runs the chosen artifact with the chosen backend and options. The schema sits in
+the core, beside the engine manifest, because the runtimes read it. This module is its one home:
 
 ``kind``, ``version``
     ``"vitdeploy-tune"`` and :data:`MANIFEST_VERSION`.
@@ -13,7 +13,7 @@ the schema:
     (``inference_precision``, ``performance_hint``) and ``why`` (one sentence); ``None`` when
     no candidate passed the accuracy gate.
 ``candidates``
-    one :class:`CandidateRecord` per candidate, run or not: ``status`` ``ok`` (timed),
+    one :class:`Candidate` per candidate, run or not: ``status`` ``ok`` (timed),
     ``unavailable`` (cannot run here; ``reason`` says why), ``skipped`` (not asked for), ``failed``
     (``reason``: the error) or
     ``dropped`` (timed, but outside the accuracy gate; ``reason`` names the measured value);
@@ -68,8 +68,10 @@ class Choice:
 
 
 @dataclass
-class CandidateRecord:
-    """One candidate's figures (see the module docstring for the fields)."""
+class Candidate:
+    """One way to run the model here (a backend, an artifact ``graph`` and a precision hint) and,
+    once tuned, its figures (see the module docstring for the fields). ``tune`` lists them with
+    status ``ok`` (can run here) or ``unavailable`` and fills them in as it measures."""
 
     name: str
     backend: str
@@ -100,7 +102,7 @@ class TuneManifest:
     """The whole ``tune.json`` document."""
 
     chosen: Choice | None
-    candidates: list[CandidateRecord]
+    candidates: list[Candidate]
     cpu: dict[str, Any]
     gate: dict[str, Any]
     objective: str
@@ -130,7 +132,7 @@ class TuneManifest:
         try:
             chosen = Choice(**fields.pop("chosen")) if fields.get("chosen") else None
             fields.pop("chosen", None)
-            candidates = [CandidateRecord(**c) for c in fields.pop("candidates")]
+            candidates = [Candidate(**c) for c in fields.pop("candidates")]
             return cls(chosen=chosen, candidates=candidates, **fields)
         except (TypeError, KeyError) as error:
             raise TuneManifestError(f"{where} is malformed: {error}") from None

@@ -1,5 +1,5 @@
 """`vitdeploy tune`: time every CPU candidate side by side, keep the fastest accurate one (the work is
-vitdeploy.benchmarks.tune)."""
+vitdeploy.tune)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ Exit status: 0 a candidate was chosen; 1 none passed the accuracy gate; 2 bad in
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vitdeploy.benchmarks.tune import OBJECTIVES, candidate_list
+    from vitdeploy.tune.candidates import candidate_list
+    from vitdeploy.tune.selection import OBJECTIVES
 
     names = ", ".join(c.name for c in candidate_list(frozenset()))
     parser = subparsers.add_parser(
@@ -108,7 +109,7 @@ def _reconstructed(args: argparse.Namespace) -> str:
 
 def gate_from(text: str | None, labelled: bool) -> object:
     """The accuracy gate of ``--max-accuracy-drop`` (the defaults where it is not given)."""
-    from vitdeploy.benchmarks.tune import AccuracyGate
+    from vitdeploy.tune.accuracy import AccuracyGate
 
     if text is None:
         return AccuracyGate()
@@ -126,8 +127,9 @@ def gate_from(text: str | None, labelled: bool) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitdeploy.benchmarks.tune import TunePlan, export_for_tune, find_artifacts, tune
-    from vitdeploy.benchmarks.tune_report import terminal_table
+    from vitdeploy.tune import TunePlan, tune
+    from vitdeploy.tune.candidates import export_for_tune, find_artifacts
+    from vitdeploy.tune.report import terminal_table
 
     batches = tuple(parse_int_list(args.batch, "batch"))
     if args.warmup < 0:

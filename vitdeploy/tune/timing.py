@@ -1,0 +1,69 @@
+"""How ``tune`` times its candidates: side by side, in interleaved rounds at each batch size
+(:func:`vitdeploy.benchmarks.timing.time_rounds`), then each in its backend's throughput mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.tune.candidates import throughput_runner
+from vitdeploy.tune.peer import PEER
+from vitdeploy.tune_manifest import Candidate
+
+Log = Callable[[str], None]
+
+
+def random_pixels(batch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def time_latency(plan: Any, records: dict[str, Candidate], runtimes: dict[str, Any], peer: dict[str, Any] | None,
+                 size: int, say: Log) -> None:
+    """Every runtime (and the peer) side by side in interleaved rounds at each batch size; fills the
+    records' ``latency_ms``, ``latency_rounds_ms`` and ``images_per_s`` (the peer's ``latency_ms``)."""
+    from vitdeploy.benchmarks.timing import time_rounds
+
+    for batch in plan.batches:
+        pixels = random_pixels(batch, size)
+        runners = {name: (lambda run=runtime, x=pixels: run(x)) for name, runtime in runtimes.items()}
+        if peer is not None and peer.get("run") is not None:
+            runners[PEER] = lambda run=peer["run"], x=pixels: run(x)
+        iterations = max(1, plan.iterations // batch)
+        say(f"batch {batch}: {len(runners)} candidates x {plan.rounds} rounds x {iterations} calls, interleaved")
+        for name, values in time_rounds(runners, plan.rounds, iterations, plan.warmup).items():
+            median = float(np.median(values))
+            if name == PEER:
+                peer.setdefault("latency_ms", {})[str(batch)] = median
+                continue
+            record = records[name]
+            record.latency_ms[str(batch)] = median
+            record.latency_rounds_ms[str(batch)] = [round(v, 4) for v in values]
+            record.images_per_s[str(batch)] = batch * 1000.0 / median
+
+
+def time_throughput(plan: Any, timed: list[Candidate], batch: int, size: int, threads: int, say: Log) -> None:
+    """Each candidate in its backend's throughput mode, bursts interleaved; fills ``record.throughput``."""
+    from vitdeploy.benchmarks.timing import time_rounds
+    from vitdeploy.console import error_line
+
+    pixels = random_pixels(batch, size)
+    bursts: dict[str, Any] = {}
+    records = {record.name: record for record in timed}
+    for record in timed:
+        try:
+            bursts[record.name] = throughput_runner(record, plan.folder / record.artifact, pixels, threads,
+                                                    plan.throughput_calls)
+        except Exception as error:  # noqa: BLE001 - the latency figures stand without it
+            record.notes.append(f"throughput mode failed: {error_line(error, 300)}")
+    rounds = plan.throughput_rounds or plan.rounds
+    say(f"throughput mode at batch {batch}: {len(bursts)} candidates x {rounds} rounds, interleaved")
+    try:
+        for name, values in time_rounds(dict(bursts), rounds, 1, 0).items():
+            burst = bursts[name]
+            records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,
+                                        "images_per_s": burst.images * 1000.0 / float(np.median(values))}
+    finally:
+        for burst in bursts.values():
+            burst.close()
