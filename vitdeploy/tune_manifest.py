@@ -17,14 +17,19 @@ the core, beside the engine manifest, because the runtimes read it. This module 
     ``unavailable`` (cannot run here; ``reason`` says why), ``skipped`` (not asked for), ``failed``
     (``reason``: the error) or
     ``dropped`` (timed, but outside the accuracy gate; ``reason`` names the measured value);
-    ``latency_ms`` (batch -> median over rounds of the per-round p50), ``images_per_s`` (batch ->
-    images/s from that latency), ``throughput`` (the backend's throughput mode: ``images_per_s``,
-    ``batch``, ``mode``) and ``accuracy`` (``kind`` ``labelled`` or ``agreement`` and its figures).
+    ``latency_ms`` (batch -> median over rounds of the per-round p50), ``latency_rounds_ms`` (batch ->
+    each round's p50), ``latency_spread`` (batch -> ``min``, ``p25``, ``median``, ``p75``, ``max`` of
+    the rounds and ``iqr_over_median``), ``unstable`` (batch or ``"throughput"`` -> why that speed is
+    unstable here: two modes or a wide spread), ``images_per_s`` (batch -> images/s from that latency),
+    ``throughput`` (the backend's throughput mode: ``images_per_s``, ``batch``, ``mode``, and its
+    ``spread`` over rounds) and ``accuracy`` (``kind`` ``labelled`` or ``agreement`` and its figures).
 ``cpu``
     the CPU's model, usable CPUs, threads used and arithmetic ``flags`` (avx2, avx512_vnni, ...).
 ``gate``, ``objective``, ``batches``, ``rounds``, ``reference``, ``command``, ``created``, ``versions``,
-``peer`` (OpenVINO + NNCF int8 when compared: its figures and the choice's latency ratio to it) and
-``load`` (load averages and other processes' CPUs while timing).
+``peer`` (OpenVINO + NNCF int8 when compared: its figures and the choice's latency ratio to it),
+``load`` (load averages and other processes' CPUs while timing) and ``stability`` (the rule that
+flags unstable candidates, and ``decision``: when the fastest was unstable, whether a steady one
+within the margin was chosen instead, with both candidates' figures).
 
 The manifest is written atomically (:func:`write_manifest`); :func:`read_manifest` refuses a file of
 another kind or version, and :func:`chosen_artifact` refuses an artifact whose bytes changed since.
@@ -42,7 +47,7 @@ from vitdeploy.files import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "tune.json"
 MANIFEST_KIND = "vitdeploy-tune"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 BACKENDS = ("onnxruntime", "openvino")
 STATUSES = ("ok", "dropped", "unavailable", "skipped", "failed")
 
@@ -84,6 +89,8 @@ class Candidate:
     options: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_rounds_ms: dict[str, list[float]] = field(default_factory=dict)
+    latency_spread: dict[str, dict[str, float]] = field(default_factory=dict)
+    unstable: dict[str, str] = field(default_factory=dict)  # batch (or "throughput") -> why its speed is unstable
     images_per_s: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
@@ -114,6 +121,7 @@ class TuneManifest:
     versions: dict[str, str | None] = field(default_factory=dict)
     peer: dict[str, Any] | None = None
     load: dict[str, Any] | None = None  # load averages and other processes' CPUs while timing
+    stability: dict[str, Any] | None = None  # the rule, and the decision it made (or questioned)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

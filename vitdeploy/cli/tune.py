@@ -35,7 +35,10 @@ A candidate that cannot run here is listed with its reason (no bf16 on this CPU,
 backend not installed). Missing int8 forms are quantized from the fp32 file with the same
 calibration images. Accuracy: with --labelled DIR, top-1 on those images against eager fp32;
 otherwise the worst cosine and top-1 agreement against eager fp32 on real photos (--images DIR,
-default the bundled ones). The fastest candidate within --max-accuracy-drop is chosen and written
+default the bundled ones). Each figure is reported with its spread across the rounds, and a
+candidate whose speed is unstable here (two modes, or an IQR above 20 % of its median) is flagged;
+a steady candidate within 10 % of an unstable faster one is preferred to it. The fastest (steady)
+candidate within --max-accuracy-drop is chosen and written
 to OUT/tune.json with every candidate's figures and the CPU's flags (plus OUT/tune.md and
 OUT/tune_latency_vs_accuracy.png); `vitdeploy predict OUT IMAGE` and runtimes.load(OUT) run it.
 

@@ -17,7 +17,7 @@ from vitdeploy.tune.candidates import (
     installed,
     open_runtime,
 )
-from vitdeploy.tune.selection import OBJECTIVES, Selection, select
+from vitdeploy.tune.selection import OBJECTIVES, Selection, StabilityRule, select
 from vitdeploy.tune_manifest import Candidate, Choice, TuneManifest, write_manifest
 
 Log = Callable[[str], None]
@@ -34,6 +34,7 @@ class TunePlan:
     warmup: int = 2
     threads: int | None = None
     gate: AccuracyGate = field(default_factory=AccuracyGate)
+    stability: StabilityRule = field(default_factory=StabilityRule)
     labelled: str | None = None
     images: str | None = None
     objective: str = "latency"
@@ -211,7 +212,7 @@ def _choose(plan: TunePlan, records: dict[str, Candidate], say: Log) -> tuple[Se
     """The selection, the dropped candidates marked, and the choice the runtimes will follow."""
     from vitdeploy.files import sha256_file
 
-    selection = select(list(records.values()), plan.gate, plan.objective, plan.selection_batch)
+    selection = select(list(records.values()), plan.gate, plan.objective, plan.selection_batch, plan.stability)
     for name, reason in selection.dropped.items():
         records[name].status, records[name].reason = "dropped", reason
     rule = plan.gate.describe(plan.labelled is not None)
@@ -222,8 +223,14 @@ def _choose(plan: TunePlan, records: dict[str, Candidate], say: Log) -> tuple[Se
     options = dict(winner.options)
     if plan.objective == "throughput" and winner.backend == "openvino":
         options["performance_hint"] = "THROUGHPUT"
+    why = f"fastest {selection.key} of {len(selection.ranking)} candidate(s) within {rule}"
+    if selection.steadiness is not None:
+        say(selection.steadiness["why"])
+        if selection.steadiness["preferred"] is not None:
+            why = f"steady, and within {100 * plan.stability.close_margin:g} % of the fastest {selection.key} " \
+                  f"of {len(selection.ranking)} candidate(s) within {rule}: {selection.steadiness['why']}"
     chosen = Choice(winner.name, winner.backend, winner.artifact, sha256_file(plan.folder / winner.artifact), options,
-                    why=f"fastest {selection.key} of {len(selection.ranking)} candidate(s) within {rule}")
+                    why=why)
     say(f"chose {winner.name}: {winner.description} ({chosen.why})")
     return selection, chosen
 
@@ -253,6 +260,7 @@ def _manifest(plan: TunePlan, setup: _Setup, records: dict[str, Candidate], sele
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         versions=package_versions(("vitdeploy", "onnxruntime", "torch", "openvino", "nncf")),
         peer=peer_record, load=load.to_dict(),
+        stability={**plan.stability.to_dict(), "decision": selection.steadiness},
     )
 
 

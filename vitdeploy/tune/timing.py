@@ -1,5 +1,7 @@
 """How ``tune`` times its candidates: side by side, in interleaved rounds at each batch size
-(:func:`vitdeploy.benchmarks.timing.time_rounds`), then each in its backend's throughput mode."""
+(:func:`vitdeploy.benchmarks.timing.time_rounds`), then each in its backend's throughput mode; each
+figure with its spread across the rounds, and a candidate whose speed is unstable flagged
+(:class:`~vitdeploy.tune.selection.StabilityRule`)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,27 @@ def random_pixels(batch: int, size: int) -> np.ndarray:
     return np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
+def spread_figures(rounds_ms: list[float]) -> dict[str, float]:
+    """The spread of per-round figures as the manifest records it (ms, 4 decimals)."""
+    from vitdeploy.benchmarks.stats import round_spread
+
+    return {key: round(value, 4) for key, value in round_spread(rounds_ms).to_dict().items()}
+
+
+def flag(record: Candidate, which: str, rounds_ms: list[float], rule: Any, say: Log) -> None:
+    """Record (and say) why ``record``'s speed at ``which`` (a batch, or ``"throughput"``) is unstable."""
+    why = rule.judge(rounds_ms)
+    if why is not None:
+        record.unstable[which] = why
+        where = "in throughput mode" if which == "throughput" else f"at batch {which}"
+        say(f"{record.name} is unstable {where}: {why}")
+
+
 def time_latency(plan: Any, records: dict[str, Candidate], runtimes: dict[str, Any], peer: dict[str, Any] | None,
                  size: int, say: Log) -> None:
     """Every runtime (and the peer) side by side in interleaved rounds at each batch size; fills the
-    records' ``latency_ms``, ``latency_rounds_ms`` and ``images_per_s`` (the peer's ``latency_ms``)."""
+    records' ``latency_ms``, ``latency_rounds_ms``, ``latency_spread``, ``unstable`` and ``images_per_s``
+    (the peer's ``latency_ms`` and ``latency_spread``)."""
     from vitdeploy.benchmarks.timing import time_rounds
 
     for batch in plan.batches:
@@ -36,11 +55,14 @@ def time_latency(plan: Any, records: dict[str, Candidate], runtimes: dict[str, A
             median = float(np.median(values))
             if name == PEER:
                 peer.setdefault("latency_ms", {})[str(batch)] = median
+                peer.setdefault("latency_spread", {})[str(batch)] = spread_figures(values)
                 continue
             record = records[name]
             record.latency_ms[str(batch)] = median
             record.latency_rounds_ms[str(batch)] = [round(v, 4) for v in values]
+            record.latency_spread[str(batch)] = spread_figures(values)
             record.images_per_s[str(batch)] = batch * 1000.0 / median
+            flag(record, str(batch), values, plan.stability, say)
 
 
 def time_throughput(plan: Any, timed: list[Candidate], batch: int, size: int, threads: int, say: Log) -> None:
@@ -63,7 +85,9 @@ def time_throughput(plan: Any, timed: list[Candidate], batch: int, size: int, th
         for name, values in time_rounds(dict(bursts), rounds, 1, 0).items():
             burst = bursts[name]
             records[name].throughput = {"batch": batch, "mode": burst.mode, "how": burst.describe,
-                                        "images_per_s": burst.images * 1000.0 / float(np.median(values))}
+                                        "images_per_s": burst.images * 1000.0 / float(np.median(values)),
+                                        "spread": spread_figures(values)}
+            flag(records[name], "throughput", values, plan.stability, say)
     finally:
         for burst in bursts.values():
             burst.close()
