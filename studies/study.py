@@ -1,15 +1,43 @@
-"""What the side-by-side benchmarks share (``ort_overheads``, ``pos_embed_cost``, ``cpu_int8``).
+"""What the studies share: their command line, one way to write their results, and the run arguments
+of the side-by-side ones.
 
-Each times its contenders in one process with :func:`vitdeploy.benchmarks.timing.time_rounds`
-(interleaved rounds whose order reverses every round) and reports the median of the per-round p50
-latencies. They take the same run arguments.
+A study is a script run from the repository (``python studies/NAME.py ...``), not part of the
+installed package: it imports ``vitdeploy`` like any user code. Each writes one JSON document
+(:func:`write_results`) that starts with the command that made it and the machine it ran on, by
+default into ``benchmarks/results/`` beside the command outputs the README links. The side-by-side
+studies (``ort_overheads``, ``pos_embed_cost``, ``cpu_int8``, ``families``) time their contenders with
+:func:`vitdeploy.benchmarks.timing.time_rounds` (interleaved rounds whose order reverses every round)
+and take the same run arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def command_line(study: str, argv: Sequence[str] | None) -> str:
+    """How this study was run, as one shell line (``python studies/NAME.py ARGS``)."""
+    return shlex.join(["python", f"studies/{study}.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_results(path: Path, command: str, results: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """Write ``{"command", "environment", **results}`` to ``path`` atomically (folders made), say so
+    on stderr, and return the document."""
+    from vitdeploy.benchmarks.environment import capture_environment
+    from vitdeploy.files import atomic_write_json
+
+    document = {"command": command, "environment": capture_environment(command, threads=threads), **results}
+    atomic_write_json(path, document, parents=True)
+    print(f"wrote {path}", file=sys.stderr)
+    return document
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int, iterations: int, warmup: int,

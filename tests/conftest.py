@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from vitdeploy.config import HybridConfig, ViTConfig
 from vitdeploy.model import VisionTransformer
+
+# The studies (studies/*.py) are scripts, not part of the package: tests import them as their own folder.
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+if str(STUDIES) not in sys.path:
+    sys.path.insert(0, str(STUDIES))
 
 
 def tiny_config(**overrides) -> ViTConfig:

@@ -99,3 +99,30 @@ def test_runtimes_never_import_torch_at_module_level():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "torch" or n.startswith("torch.") for n in names), f"{name} imports torch at import time"
+
+
+STUDIES = ROOT / "studies"
+
+
+def test_the_installed_package_holds_no_study_and_imports_none():
+    """One-off studies are scripts in studies/ (run, never imported by vitdeploy); the package keeps only
+    what a user command imports."""
+    studies = {path.stem for path in STUDIES.glob("*.py")}
+    assert {"cpu_int8", "ort_overheads", "outliers", "study"} <= studies
+    for name, path in MODULES.items():
+        assert path.stem not in studies, f"{name} has the name of a study in studies/"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imports += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+        assert not studies & {i.split(".")[0] for i in imports}, f"{name} imports a study"
+
+
+def test_no_module_cites_an_issue_number():
+    import re
+
+    cites = re.compile(r"\bissues? [0-9]")  # this project's issues; upstream ones are cited as #N
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".md", ".sh", ".json"):
+                lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if cites.search(line)]
+                assert not lines, f"{path.relative_to(ROOT)} cites an issue number at line(s) {lines}"
