@@ -316,7 +316,7 @@ class Harness:
 
 def _source_identity(source: str) -> tuple[str, bool]:
     """Display name and whether weights are random, for a model that could not be opened."""
-    from vitdeploy.benchmarks.models import slug
+    from vitdeploy.files import slug
     from vitdeploy.variants import VARIANTS
 
     return (source, True) if source in VARIANTS else (slug(source), False)

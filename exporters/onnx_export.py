@@ -134,10 +134,10 @@ class ExportOptions:
     stride; every bound must be a multiple of ``config.stride``. The batch size used in
     validation is capped at ``validation_max_batch`` (the report says so). ``outputs`` names the
     graph's outputs (:mod:`vitdeploy.outputs`; ``None``: :func:`~vitdeploy.outputs.default_outputs`
-    of the model); ``features`` is the deprecated way to add ``last_hidden_state``. An export of
+    of the model). An export of
     per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
     its last block for the class token alone (exact, and about one block's work less);
-    ``full_last_block`` turns that off (see :func:`prunes_last_block`).
+    ``full_last_block`` turns that off (see :func:`class_token_last_block`).
     ``cpu_variant`` also writes ``<stem>.cpu.onnx`` beside an fp32 or int8 file: the same graph
     with onnxruntime CPU contrib ops (:func:`~vitdeploy.exporters.ort_fusion.cpu_variant`),
     validated like the portable file, which ``OrtRuntime`` runs on CPU in its place.
@@ -151,7 +151,6 @@ class ExportOptions:
     fp32_ops: tuple[str, ...] = DEFAULT_FP32_OPS
     fp16_io: bool = False
     outputs: tuple[str, ...] | None = None
-    features: bool = False  # deprecated: adds last_hidden_state to the outputs
     full_last_block: bool = False
     simplify: bool = False
     validate: bool = True
@@ -203,8 +202,6 @@ class ExportOptions:
     def output_names(self, config: Any) -> tuple[str, ...]:
         """The graph's outputs for ``config``, in canonical order; ``ValueError`` naming one it cannot have."""
         names = tuple(self.outputs) if self.outputs is not None else default_outputs(config)
-        if self.features:
-            names += (LAST_HIDDEN_STATE,)
         return check_outputs(names, config)
 
     def shape_range(self, config: Any) -> ShapeRange:
@@ -288,7 +285,7 @@ class _Stages:
 # Tracing
 
 
-def prunes_last_block(config: Any, options: ExportOptions) -> bool:
+def class_token_last_block(config: Any, options: ExportOptions) -> bool:
     """Whether the export computes the last block for the class token only.
 
     It does unless the graph also outputs tokens (``last_hidden_state``, ``patch_tokens``), the
@@ -300,17 +297,18 @@ def prunes_last_block(config: Any, options: ExportOptions) -> bool:
             and not options.full_last_block)
 
 
-def _export_module(model: Any, precision: str, fp16_io: bool, outputs: tuple[str, ...], class_token_only: bool) -> Any:
+def _export_module(model: Any, precision: str, fp16_io: bool, outputs: tuple[str, ...],
+                   class_token_last_block: bool) -> Any:
     """The module torch.onnx traces: casts in/out around the (policy-prepared) model's ``outputs``.
 
     :meth:`~vitdeploy.model.VisionTransformer.forward_outputs` runs the last block for the class
     token alone when only per-image vectors are asked (same values, less work); without
-    ``class_token_only`` the tokens are asked for too (forcing the whole block) and dropped.
+    ``class_token_last_block`` the tokens are asked for too (forcing the whole block) and dropped.
     """
     import torch
 
     tokens = any(name in TOKEN_OUTPUTS for name in outputs)
-    asked = outputs if class_token_only or tokens else (*outputs, LAST_HIDDEN_STATE)
+    asked = outputs if class_token_last_block or tokens else (*outputs, LAST_HIDDEN_STATE)
 
     class ExportWrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -344,7 +342,7 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
         prepared = prepare_model(model, precision, options.fp32_ops, fused_attention=False, device="cpu")
     output_names = list(options.output_names(config))
     module = _export_module(prepared, precision, options.fp16_io, tuple(output_names),
-                            class_token_only=prunes_last_block(config, options))
+                            class_token_last_block=class_token_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
     max_grid = max(1024, 4 * config.image_size // stride)
@@ -532,7 +530,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         precision=options.precision,
         fp32_ops=list(options.fp32_ops) if options.precision == "fp16" else [],
         opset=int(options.opset),
-        optimizations=[CLASS_TOKEN_LAST_BLOCK] if prunes_last_block(config, options) else [],
+        optimizations=[CLASS_TOKEN_LAST_BLOCK] if class_token_last_block(config, options) else [],
         source=options.source,
         source_sha256=options.source_sha256,
         source_format=options.source_format,

@@ -31,7 +31,7 @@ from study import (
     add_run_arguments,
     check_at_least_one,
     command_line,
-    model_overrides,
+    random_model,
     write_results,
 )
 
@@ -106,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    import vitdeploy
     from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
     from vitdeploy.benchmarks.environment import recording_load
     from vitdeploy.calibration import load_calibration
@@ -121,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     command = command_line("cpu_int8", argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model = vitdeploy.create_model(args.model, **model_overrides(args)).eval()
+    model = random_model(args)
     size = args.size or model.config.image_size
     max_batch = max(max(args.batches), 4)
     bf16 = has_bf16()

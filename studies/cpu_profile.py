@@ -657,10 +657,10 @@ def _say(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vitdeploy.benchmarks.models import BenchModel, slug
+    from vitdeploy.benchmarks.models import BenchModel
     from vitdeploy.benchmarks.peaks import PeakTable
     from vitdeploy.cpu_features import arithmetic_flags, has_bf16, int8_dot_flags
-    from vitdeploy.files import atomic_write_text
+    from vitdeploy.files import atomic_write_text, slug
 
     args = parse_args(argv)
     command = command_line("cpu_profile", argv)

@@ -27,7 +27,7 @@ from study import (
     add_run_arguments,
     check_at_least_one,
     command_line,
-    model_overrides,
+    random_model,
     write_results,
 )
 
@@ -63,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    import vitdeploy
     from vitdeploy.benchmarks.environment import recording_load
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
     from vitdeploy.parity import compare_logits
@@ -71,9 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     command = command_line("ort_overheads", argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model = vitdeploy.create_model(args.model, **model_overrides(args)).eval()
+    model = random_model(args)
     size = args.size or model.config.image_size
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
     tensor = torch.from_numpy(pixels)

@@ -65,3 +65,14 @@ def check_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``create_model`` overrides the run arguments ask for (``--depth``)."""
     return {"depth": args.depth} if args.depth is not None else {}
+
+
+def random_model(args: argparse.Namespace) -> Any:
+    """``--model`` with random weights (seed 0; ``--depth`` blocks), torch on ``--threads`` threads."""
+    import torch
+
+    import vitdeploy
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    return vitdeploy.create_model(args.model, **model_overrides(args)).eval()

@@ -22,12 +22,11 @@ from vitdeploy.exporters.quantize import (
     layer_errors,
     plan_quantization,
     probe_images,
-    quantization_record,
     quantize_model,
     smoothing_targets,
 )
 from vitdeploy.exporters.trt_support import check_onnx
-from vitdeploy.metadata import ArtifactMetadata, read_onnx_metadata
+from vitdeploy.metadata import ArtifactMetadata, quantization_record, read_onnx_metadata
 from vitdeploy.parity import InputFactory, compare_logits
 
 

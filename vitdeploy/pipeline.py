@@ -181,8 +181,8 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        from vitdeploy.benchmarks.models import slug
         from vitdeploy.checkpoints import resolve_source
+        from vitdeploy.files import slug
 
         with self.stage("load") as stage:
             self.resolved = resolve_source(self.options.source, log=self.log, model=self.options.model)

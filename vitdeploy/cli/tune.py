@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     source = Path(args.source)
-    exported = not (source.is_dir() and "fp32" in find_artifacts(source))
-    if not exported:
+    needs_export = not (source.is_dir() and "fp32" in find_artifacts(source))
+    if not needs_export:
         refuse_model_override(args.model_variant, args.source, "an export folder, whose files record the architecture")
         if args.output is not None and Path(args.output).resolve() != source.resolve():
             raise CLIError(f"tune writes tune.json beside the artifacts it measured: omit -o or give {args.source!r}")
@@ -161,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
                     calibration_size=args.calibration_size, peer=args.compare_nncf, only=only,
                     command=command_line("tune") or _reconstructed(args))
     reference = None
-    if exported:
-        from vitdeploy.benchmarks.models import slug
+    if needs_export:
         from vitdeploy.checkpoints import resolve_source
+        from vitdeploy.files import slug
 
         resolved = resolve_source(args.source, log=progress, model=args.model_variant)
         reference = resolved.model.eval()

@@ -72,7 +72,7 @@ def installed(module: str) -> bool:
 def find_artifacts(folder: str | Path) -> dict[str, Path]:
     """The portable ONNX files of ``folder`` by graph kind (``fp32``, ``int8``, ``int8-7bit``, ``fp8``),
     read from their metadata (the ``.cpu.onnx`` variants are found by ``OrtRuntime`` itself)."""
-    from vitdeploy.metadata import CPU_VARIANT, read_onnx_metadata
+    from vitdeploy.metadata import CPU_VARIANT, quantization_record, read_onnx_metadata
 
     found: dict[str, Path] = {}
     for path in sorted(Path(folder).glob("*.onnx")):
@@ -84,8 +84,7 @@ def find_artifacts(folder: str | Path) -> dict[str, Path]:
             continue
         graph = metadata.precision
         if graph == "int8":
-            record = next((t for t in metadata.transforms if t.get("name") == "quantize"), {})
-            graph = "int8-7bit" if record.get("reduce_range") else "int8"
+            graph = "int8-7bit" if (quantization_record(metadata) or {}).get("reduce_range") else "int8"
         found.setdefault(graph, path)
     return found
 
