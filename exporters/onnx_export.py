@@ -643,6 +643,63 @@ def attach_cpu_variant(variant: tuple[Any, ArtifactMetadata], report: ParityRepo
     return variant_bytes
 
 
+@dataclass
+class Finalized:
+    """What :func:`finalize` handed over: the data file (weights over the threshold), the validation
+    report, and the validated onnxruntime-CPU variant with its report (``None`` when none was written)."""
+
+    data_path: Path | None
+    report: ParityReport | None
+    variant_path: Path | None
+    variant_report: ParityReport | None
+
+
+def finalize(proto: Any, metadata: ArtifactMetadata, target: Path, folder: Path, *,
+             validate: Callable[[Path, ArtifactMetadata], ParityReport] | None, cpu_variant: bool,
+             keep_failed: bool, not_validated: str, judged_by: dict[str, Any] | None = None,
+             external_threshold: int = EXTERNAL_DATA_THRESHOLD, say: Progress,
+             stage: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None) -> Finalized:
+    """The one tail of every export (``export_onnx`` at each precision, ``quantize_onnx``): save the
+    graph into the scratch ``folder`` → ``validate(path, metadata)`` it (``None``: recorded as
+    ``not_validated``) → write its onnxruntime-CPU variant (``cpu_variant``), validated the same way →
+    hand both over to ``target`` atomically. A failing graph raises :class:`ExportValidationError`
+    (kept as ``<stem>.failed.onnx`` with ``keep_failed``) and nothing is written under ``target``.
+    ``judged_by`` adds fields to the validation records; ``stage(name)`` times each step."""
+    import onnx
+
+    step = stage or (lambda name: contextlib.nullcontext())
+    external = graph_bytes(proto) > external_threshold
+    variant = None
+    if cpu_variant and validate is not None:  # a variant is only ever handed over validated
+        with step("fuse for onnxruntime CPU"):
+            variant = make_cpu_variant(proto, metadata, external, say)
+    variant_target = cpu_variant_path(target)
+    tmp = folder / target.name
+    data_path = target.with_name(f"{target.name}.data") if external else None
+    report = variant_report = None
+    siblings: dict[Path, bytes] = {}
+    with step("save"):
+        _save(proto, tmp, external)
+        onnx.checker.check_model(str(tmp))
+    if validate is not None:
+        with step("validate"):
+            report = validate(tmp, metadata)
+        if not report.passed:
+            raise ExportValidationError(report, _keep_failed(proto, tmp, target, external) if keep_failed else None)
+        if variant is not None:
+            with step(f"validate {variant_target.name}"):
+                variant_report = validate_cpu_variant(variant, folder / variant_target.name, validate, say)
+            if variant_report is not None:
+                siblings[variant_target] = attach_cpu_variant(variant, variant_report, metadata, variant_target,
+                                                              judged_by)
+        metadata.validation = {**_validation_record(report), **(judged_by or {})}
+    else:
+        metadata.validation = {"passed": None, "notes": [not_validated]}
+    set_metadata(proto, metadata.to_props())
+    _hand_over(proto, folder, target, data_path, siblings)
+    return Finalized(data_path, report, variant_target if siblings else None, variant_report if siblings else None)
+
+
 def export_onnx(model: Any, output_path: str | os.PathLike[str], options: ExportOptions | None = None,
                 progress: Progress | None = None) -> ExportResult:
     """Export ``model`` (a ``VisionTransformer``) to ``output_path``; validate; hand over atomically.
@@ -651,7 +708,6 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
     ``ValueError`` for options that do not fit the model. ``progress`` receives one line per
     stage (``vitdeploy.cli.common.progress`` prints them).
     """
-    import onnx
 
     options = options or ExportOptions()
     start = time.perf_counter()
@@ -685,20 +741,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
         if options.precision in QUANTIZED_PRECISIONS:
             proto, metadata, quantization = _quantize(proto, options, stages)
 
-        external = graph_bytes(proto) > options.external_data_threshold
-        variant = None
-        if options.cpu_variant and metadata.precision in CPU_VARIANT_PRECISIONS:
-            with stages("fuse for onnxruntime CPU"):
-                variant = make_cpu_variant(proto, metadata, external, stages.say)
-        variant_target = cpu_variant_path(target)
-        tmp_model = folder / target.name
-        tmp_variant = folder / variant_target.name
-        data_path = target.with_name(f"{target.name}.data") if external else None
-        report = variant_report = None
-        variant_bytes: bytes | None = None
-        with stages("save"):
-            _save(proto, tmp_model, external)
-            onnx.checker.check_model(str(tmp_model))
+        validate = None
         if options.validate:
             from vitdeploy.exporters.validation import shared_references, validate_onnx
             from vitdeploy.runtimes.torch import eager_references
@@ -713,33 +756,21 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             references = shared_references(eager_references(
                 model, metadata.precision, metadata.fp32_ops, shape_range=metadata.shape_range,
                 outputs=metadata.output_names))
-            with stages("validate"):
-                report = validate_onnx(tmp_model, model, metadata,
-                                       max_batch=options.validation_max_batch, images=options.validation_images,
-                                       on_case=say_case, references=references)
-            if not report.passed:
-                kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
-                raise ExportValidationError(report, kept)
-            if variant is not None:
-                with stages(f"validate {variant_target.name}"):
-                    variant_report = validate_cpu_variant(variant, tmp_variant, lambda path, data: validate_onnx(
-                        path, model, data, max_batch=options.validation_max_batch, images=options.validation_images,
-                        on_case=say_case, references=references), stages.say)
-                if variant_report is None:
-                    variant = None
-            metadata.validation = _validation_record(report)
+
+            def validate(path: Path, data: ArtifactMetadata) -> ParityReport:
+                return validate_onnx(path, model, data, max_batch=options.validation_max_batch,
+                                     images=options.validation_images, on_case=say_case, references=references)
         else:
-            metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
             stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
-            variant = None  # a variant is only ever handed over validated
-        if variant is not None:
-            variant_bytes = attach_cpu_variant(variant, variant_report, metadata, variant_target)
-        set_metadata(proto, metadata.to_props())
-        _hand_over(proto, folder, target, data_path, {variant_target: variant_bytes} if variant_bytes else {})
+        done = finalize(proto, metadata, target, folder, validate=validate,
+                        cpu_variant=options.cpu_variant and metadata.precision in CPU_VARIANT_PRECISIONS,
+                        keep_failed=options.keep_failed, not_validated="export ran with validation disabled",
+                        external_threshold=options.external_data_threshold, say=stages.say, stage=stages)
+        report, data_path = done.report, done.data_path
 
     result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
-                          stage_seconds=stages.seconds, variant_path=variant_target if variant_bytes else None,
-                          variant_report=variant_report if variant_bytes else None, quantization=quantization)
+                          stage_seconds=stages.seconds, variant_path=done.variant_path,
+                          variant_report=done.variant_report, quantization=quantization)
     if options.preflight:
         result.preflight = _run_preflight(target, stages)
     result.seconds = time.perf_counter() - start
