@@ -38,9 +38,9 @@ otherwise the worst cosine and top-1 agreement against eager fp32 on real photos
 default the bundled ones). Each figure is reported with its spread across the rounds, and a
 candidate whose speed is unstable here (two modes, or an IQR above 20 % of its median) is flagged;
 a steady candidate within 10 % of an unstable faster one is preferred to it. The fastest (steady)
-candidate within --max-accuracy-drop is chosen and written
-to OUT/tune.json with every candidate's figures and the CPU's flags (plus OUT/tune.md and
-OUT/tune_latency_vs_accuracy.png); `vitdeploy predict OUT IMAGE` and runtimes.load(OUT) run it.
+candidate within --max-accuracy-drop is chosen and written to OUT/tune.json with every candidate's
+figures and the CPU's flags (plus OUT/tune.md and OUT/tune_latency_vs_accuracy.png);
+`vitdeploy predict OUT IMAGE` and runtimes.load(OUT) run it.
 
 Exit status: 0 a candidate was chosen; 1 none passed the accuracy gate; 2 bad input.
 
