@@ -1,4 +1,4 @@
-"""Artifacts a benchmark needs: ONNX exports (validation off: timing only) and TensorRT engines."""
+"""Artifacts a benchmark needs: ONNX exports (validated, as a user's are, at batch 1) and TensorRT engines."""
 
 from __future__ import annotations
 

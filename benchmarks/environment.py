@@ -15,44 +15,9 @@ from dataclasses import dataclass
 from importlib import metadata as _metadata
 from typing import Any
 
+from vitdeploy.cpu_features import arithmetic_flags, cpu_model, usable_cpus
+
 _PACKAGES = ("vitdeploy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "onnx", "numpy", "matplotlib")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-# Flags that decide what a CPU computes natively (recorded with every benchmark).
-ARITHMETIC_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
-                    "amx_fp16")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), else ``os.cpu_count()``."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def host_memory_gib() -> float | None:
@@ -152,7 +117,7 @@ def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None
             versions[name] = _metadata.version(name)
         except _metadata.PackageNotFoundError:
             versions[name] = None
-    if versions.get("tensorrt") is None:
+    if "tensorrt" in versions and versions["tensorrt"] is None:
         # TensorRT's wheel may be installed as tensorrt-cuXX; the module knows its version.
         versions["tensorrt"] = _module_version("tensorrt")
     return versions
@@ -236,7 +201,7 @@ def capture_environment(command: str | None = None, threads: int | None = None) 
             "usable_cpus": usable_cpus(),
             "threads": threads,
             "memory_gib": host_memory_gib(),
-            "arithmetic_flags": sorted(set(ARITHMETIC_FLAGS) & cpu_flags()),
+            "arithmetic_flags": arithmetic_flags(),
         },
         "load_average_start": load_average(),
         "gpu": gpu_info(),

@@ -16,13 +16,7 @@ from typing import Any, TextIO
 
 from vitdeploy import console
 from vitdeploy.benchmarks.backends import Session, Skip, open_session
-from vitdeploy.benchmarks.environment import (
-    OtherCpuLoad,
-    capture_environment,
-    cpu_flags,
-    load_average,
-    usable_cpus,
-)
+from vitdeploy.benchmarks.environment import OtherCpuLoad, capture_environment, load_average
 from vitdeploy.benchmarks.memory import DeviceMemory, peak_rss_bytes, reset_peak_rss
 from vitdeploy.benchmarks.models import BenchModel, Sweep
 from vitdeploy.benchmarks.peaks import PeakTable, compute_precision
@@ -30,6 +24,7 @@ from vitdeploy.benchmarks.schema import SCHEMA_VERSION
 from vitdeploy.benchmarks.specs import BASELINE, RuntimeSpec
 from vitdeploy.benchmarks.stats import achieved_gflops, summarize, throughput
 from vitdeploy.benchmarks.timing import TimingConfig, measure, measure_overhead
+from vitdeploy.cpu_features import cpu_flags, usable_cpus
 
 MIB = 2**20
 
@@ -321,7 +316,7 @@ class Harness:
 
 def _source_identity(source: str) -> tuple[str, bool]:
     """Display name and whether weights are random, for a model that could not be opened."""
-    from vitdeploy.benchmarks.models import slug
+    from vitdeploy.files import slug
     from vitdeploy.variants import VARIANTS
 
     return (source, True) if source in VARIANTS else (slug(source), False)

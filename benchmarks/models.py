@@ -8,23 +8,17 @@ on first use into a cache folder and reused while they cover the sweep.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitdeploy.config import ViTConfig
 from vitdeploy.constants import with_article
+from vitdeploy.files import slug
 from vitdeploy.metadata import ArtifactMetadata, read_onnx_metadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a model name or path."""
-    name = Path(text).name if ("/" in text or "\\" in text) else text
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
 
 @dataclass(frozen=True)
@@ -200,6 +194,7 @@ def _int8_form_fits(metadata: Any) -> bool:
     """Whether a cached file's int8 weight range is the one this machine's bench exports
     (:func:`~vitdeploy.benchmarks.artifacts.bench_int8_reduce_range`); true for other precisions."""
     from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
+    from vitdeploy.metadata import quantization_record
 
-    quantize = next((t for t in metadata.transforms if t.get("name") == "quantize"), None)
+    quantize = quantization_record(metadata)
     return quantize is None or bool(quantize.get("reduce_range")) == bench_int8_reduce_range()

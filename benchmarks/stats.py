@@ -71,3 +71,45 @@ def achieved_gflops(flops_per_image: int, batch: int, mean_latency_ms: float) ->
     if mean_latency_ms <= 0:
         raise ValueError(f"mean latency must be > 0 ms, got {mean_latency_ms}")
     return flops_per_image * batch / (mean_latency_ms * 1e-3) / 1e9
+
+
+@dataclass(frozen=True)
+class RoundSpread:
+    """How one contender's per-round figures spread across interleaved rounds (ms): the quartiles,
+    and the interquartile range relative to the median (0.05: the middle half of the rounds lies
+    within 5 % of the median)."""
+
+    rounds: int
+    min: float
+    p25: float
+    median: float
+    p75: float
+    max: float
+    iqr_over_median: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def round_spread(values: Sequence[float]) -> RoundSpread:
+    """The :class:`RoundSpread` of per-round figures (at least one)."""
+    if not values:
+        raise ValueError("no rounds to describe; time at least one round")
+    median = percentile(values, 50)
+    p25, p75 = percentile(values, 25), percentile(values, 75)
+    return RoundSpread(len(values), min(values), p25, median, p75, max(values),
+                       (p75 - p25) / median if median > 0 else 0.0)
+
+
+def two_modes(values: Sequence[float], min_ratio: float, min_count: int = 2) -> tuple[list[float], list[float]] | None:
+    """The rounds split in two where consecutive sorted values jump by at least ``min_ratio``
+    (e.g. 1.3: the slow mode is 30 % slower than the fast one), when each side holds at least
+    ``min_count`` rounds; ``None`` when there is no such gap. The largest jump is the split."""
+    ordered = sorted(float(v) for v in values)
+    best, split = 0.0, None
+    for index in range(min_count, len(ordered) - min_count + 1):
+        low, high = ordered[index - 1], ordered[index]
+        ratio = high / low if low > 0 else math.inf
+        if ratio >= min_ratio and ratio > best:
+            best, split = ratio, index
+    return None if split is None else (ordered[:split], ordered[split:])

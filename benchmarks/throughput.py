@@ -11,7 +11,7 @@ keeps several requests in flight. Each backend has its own way:
 
 A :class:`ThroughputRunner` is one *burst* (every worker runs ``calls`` requests of ``batch``
 images) so that bursts of different candidates can be timed side by side in interleaved rounds
-(:func:`vitdeploy.benchmarks.side_by_side.time_rounds`); images/s = images per burst / burst time.
+(:func:`vitdeploy.benchmarks.timing.time_rounds`); images/s = images per burst / burst time.
 """
 
 from __future__ import annotations

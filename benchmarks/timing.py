@@ -249,3 +249,27 @@ def measure_overhead(fn: Callable[[], Any], iterations: int = 50, rounds: int = 
         harness_reported_ms=statistics.median(reported), harness_wall_ms=statistics.median(wall),
         noop_overhead_ns=noop_ns,
     )
+
+
+def time_rounds(runners: dict[str, Callable[[], Any]], rounds: int, iterations: int,
+                warmup: int, on_round: Callable[[int, dict[str, list[float]]], None] | None = None
+                ) -> dict[str, list[float]]:
+    """p50 latency (ms) of each runner per round; runners alternate, order reversed every round, so
+    drift and other processes' load hit every runner alike (``tune`` and the side-by-side studies).
+    ``on_round(index, p50s)`` is called after each round (progress lines).
+
+    Each block is timed by :func:`measure` (garbage collector paused) after one untimed call: the
+    first call after another runtime pays for cold caches.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    block = TimingConfig(warmup=1, iterations=iterations, time_budget_s=None, min_iterations=1)
+    p50s: dict[str, list[float]] = {name: [] for name in runners}
+    for index in range(rounds):
+        order = list(runners) if index % 2 == 0 else list(runners)[::-1]
+        for name in order:
+            p50s[name].append(statistics.median(measure(runners[name], block).samples_ms))
+        if on_round is not None:
+            on_round(index, p50s)
+    return p50s

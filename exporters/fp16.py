@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy as copy_module
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import onnx
@@ -293,28 +292,3 @@ def _update_artifact_metadata(model: onnx.ModelProto, fp32_ops: list[str], keep_
     metadata.validation = {"passed": None, "notes": [
         "converted from a validated fp32 graph by convert_to_fp16; this fp16 graph itself was not validated"]}
     set_metadata(model, metadata.to_props())
-
-
-def precision_summary(model: onnx.ModelProto) -> dict[str, Any]:
-    """Element types in a graph: IO, the compute type of each op type, and weight types.
-
-    ``compute`` maps op type → sorted type names of the nodes' first inputs; ``weights`` maps op
-    type → type names of the initializers they read. Used by tests and ``vitdeploy inspect``.
-    """
-    types = tensor_types(model)
-    initializers = {init.name for init in model.graph.initializer}
-    name = {value: key.lower() for key, value in TensorProto.DataType.items()}
-    compute: dict[str, set[str]] = {}
-    weights: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        if node.input and node.input[0] in types:
-            compute.setdefault(node.op_type, set()).add(name[types[node.input[0]]])
-        for item in node.input[1:]:
-            if item in initializers:
-                weights.setdefault(node.op_type, set()).add(name[types[item]])
-    return {
-        "inputs": {v.name: name[v.type.tensor_type.elem_type] for v in model.graph.input},
-        "outputs": {v.name: name[v.type.tensor_type.elem_type] for v in model.graph.output},
-        "compute": {op: sorted(kinds) for op, kinds in sorted(compute.items())},
-        "weights": {op: sorted(kinds) for op, kinds in sorted(weights.items())},
-    }

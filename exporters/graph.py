@@ -23,7 +23,7 @@ from vitdeploy.metadata import check_onnx_path
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def load_model(path: str | os.PathLike[str], load_external_data: bool = False) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike[str], load_external_data: bool = False) -> onnx.ModelProto:
     """Read an ONNX file, refusing with ``ValueError`` what is not one before anything judges it.
 
     A folder, a missing, empty or truncated file, bytes that are not an ONNX protobuf, and a
@@ -77,9 +77,11 @@ class GraphIndex:
         self.outputs = {value.name for value in graph.output}
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is an initializer or a ``Constant`` node's output."""
+        """The value of ``name`` if it is an initializer or a ``Constant`` node's output (``None`` for an
+        initializer whose external data was not loaded)."""
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            init = self.initializers[name]
+            return None if init.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(init)
         node = self.producers.get(name)
         if node is not None and node.op_type == "Constant":
             for attribute in node.attribute:

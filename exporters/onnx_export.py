@@ -147,10 +147,10 @@ class ExportOptions:
     validation is capped at ``validation_max_batch`` (the report says so); the default batch
     range ends at that cap, so by default the validated range is the declared one. ``outputs`` names the
     graph's outputs (:mod:`vitdeploy.outputs`; ``None``: :func:`~vitdeploy.outputs.default_outputs`
-    of the model); ``features`` is the deprecated way to add ``last_hidden_state``. An export of
+    of the model). An export of
     per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
     its last block for the class token alone (exact, and about one block's work less);
-    ``full_last_block`` turns that off (see :func:`prunes_last_block`).
+    ``full_last_block`` turns that off (see :func:`class_token_last_block`).
     ``source_check`` (a :class:`~vitdeploy.exporters.source_check.SourcePlan`) also checks the
     validated graph against the checkpoint's source library (timm, transformers) and refuses it
     when they disagree; the metadata's validation record says what was checked or why not.
@@ -167,7 +167,6 @@ class ExportOptions:
     fp32_ops: tuple[str, ...] = DEFAULT_FP32_OPS
     fp16_io: bool = False
     outputs: tuple[str, ...] | None = None
-    features: bool = False  # deprecated: adds last_hidden_state to the outputs
     full_last_block: bool = False
     simplify: bool = False
     validate: bool = True
@@ -220,8 +219,6 @@ class ExportOptions:
     def output_names(self, config: Any) -> tuple[str, ...]:
         """The graph's outputs for ``config``, in canonical order; ``ValueError`` naming one it cannot have."""
         names = tuple(self.outputs) if self.outputs is not None else default_outputs(config)
-        if self.features:
-            names += (LAST_HIDDEN_STATE,)
         return check_outputs(names, config)
 
     def shape_range(self, config: Any) -> ShapeRange:
@@ -307,7 +304,7 @@ class _Stages:
 # Tracing
 
 
-def prunes_last_block(config: Any, options: ExportOptions) -> bool:
+def class_token_last_block(config: Any, options: ExportOptions) -> bool:
     """Whether the export computes the last block for the class token only.
 
     It does unless the graph also outputs tokens (``last_hidden_state``, ``patch_tokens``), the
@@ -319,17 +316,18 @@ def prunes_last_block(config: Any, options: ExportOptions) -> bool:
             and not options.full_last_block)
 
 
-def _export_module(model: Any, precision: str, fp16_io: bool, outputs: tuple[str, ...], class_token_only: bool) -> Any:
+def _export_module(model: Any, precision: str, fp16_io: bool, outputs: tuple[str, ...],
+                   class_token_last_block: bool) -> Any:
     """The module torch.onnx traces: casts in/out around the (policy-prepared) model's ``outputs``.
 
     :meth:`~vitdeploy.model.VisionTransformer.forward_outputs` runs the last block for the class
     token alone when only per-image vectors are asked (same values, less work); without
-    ``class_token_only`` the tokens are asked for too (forcing the whole block) and dropped.
+    ``class_token_last_block`` the tokens are asked for too (forcing the whole block) and dropped.
     """
     import torch
 
     tokens = any(name in TOKEN_OUTPUTS for name in outputs)
-    asked = outputs if class_token_only or tokens else (*outputs, LAST_HIDDEN_STATE)
+    asked = outputs if class_token_last_block or tokens else (*outputs, LAST_HIDDEN_STATE)
 
     class ExportWrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -363,7 +361,7 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
         prepared = prepare_model(model, precision, options.fp32_ops, fused_attention=False, device="cpu")
     output_names = list(options.output_names(config))
     module = _export_module(prepared, precision, options.fp16_io, tuple(output_names),
-                            class_token_only=prunes_last_block(config, options))
+                            class_token_last_block=class_token_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
     max_grid = max(1024, 4 * config.image_size // stride)
@@ -551,7 +549,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         precision=options.precision,
         fp32_ops=list(options.fp32_ops) if options.precision == "fp16" else [],
         opset=int(options.opset),
-        optimizations=[CLASS_TOKEN_LAST_BLOCK] if prunes_last_block(config, options) else [],
+        optimizations=[CLASS_TOKEN_LAST_BLOCK] if class_token_last_block(config, options) else [],
         source=options.source,
         source_sha256=options.source_sha256,
         source_format=options.source_format,
@@ -664,6 +662,77 @@ def attach_cpu_variant(variant: tuple[Any, ArtifactMetadata], report: ParityRepo
     return variant_bytes
 
 
+@dataclass
+class Finalized:
+    """What :func:`finalize` handed over: the data file (weights over the threshold), the validation
+    report, the validated onnxruntime-CPU variant with its report (``None`` when none was written), and
+    the result of the check against the source library (``None`` when none was asked for)."""
+
+    data_path: Path | None
+    report: ParityReport | None
+    variant_path: Path | None
+    variant_report: ParityReport | None
+    source_check: Any = None  # the SourceCheckResult, when finalize was given a source check
+
+
+def finalize(proto: Any, metadata: ArtifactMetadata, target: Path, folder: Path, *,
+             validate: Callable[[Path, ArtifactMetadata], ParityReport] | None, cpu_variant: bool,
+             keep_failed: bool, not_validated: str, judged_by: dict[str, Any] | None = None,
+             source_check: Callable[[Path, ArtifactMetadata], Any] | None = None,
+             external_threshold: int = EXTERNAL_DATA_THRESHOLD, say: Progress,
+             stage: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None) -> Finalized:
+    """The one tail of every export (``export_onnx`` at each precision, ``quantize_onnx``): save the
+    graph into the scratch ``folder`` → ``validate(path, metadata)`` it (``None``: recorded as
+    ``not_validated``) → write its onnxruntime-CPU variant (``cpu_variant``), validated the same way →
+    hand both over to ``target`` atomically. A failing graph raises :class:`ExportValidationError`
+    (kept as ``<stem>.failed.onnx`` with ``keep_failed``) and nothing is written under ``target``.
+    ``source_check(path, metadata)`` (``export_onnx``'s check against the checkpoint's source library) runs
+    on the saved graph once it passed validation (or is not validated), before the variant: a result that
+    did not pass raises :class:`SourceCheckError` the same way, and its record joins the portable file's
+    validation record. ``judged_by`` adds fields to the validation records; ``stage(name)`` times each step."""
+    import onnx
+
+    step = stage or (lambda name: contextlib.nullcontext())
+    external = graph_bytes(proto) > external_threshold
+    variant = None
+    if cpu_variant and validate is not None:  # a variant is only ever handed over validated
+        with step("fuse for onnxruntime CPU"):
+            variant = make_cpu_variant(proto, metadata, external, say)
+    variant_target = cpu_variant_path(target)
+    tmp = folder / target.name
+    data_path = target.with_name(f"{target.name}.data") if external else None
+    report = variant_report = source = None
+    siblings: dict[Path, bytes] = {}
+    with step("save"):
+        _save(proto, tmp, external)
+        onnx.checker.check_model(str(tmp))
+    if validate is not None:
+        with step("validate"):
+            report = validate(tmp, metadata)
+        if not report.passed:
+            raise ExportValidationError(report, _keep_failed(proto, tmp, target, external) if keep_failed else None)
+    if source_check is not None:
+        source = source_check(tmp, metadata)
+        if source.passed is False:
+            raise SourceCheckError(source, _keep_failed(proto, tmp, target, external) if keep_failed else None)
+    if validate is not None:
+        if variant is not None:
+            with step(f"validate {variant_target.name}"):
+                variant_report = validate_cpu_variant(variant, folder / variant_target.name, validate, say)
+            if variant_report is not None:
+                siblings[variant_target] = attach_cpu_variant(variant, variant_report, metadata, variant_target,
+                                                              judged_by)
+        metadata.validation = {**_validation_record(report), **(judged_by or {})}
+    else:
+        metadata.validation = {"passed": None, "notes": [not_validated]}
+    if source is not None:
+        metadata.validation["source_check"] = source.to_dict()
+    set_metadata(proto, metadata.to_props())
+    _hand_over(proto, folder, target, data_path, siblings)
+    return Finalized(data_path, report, variant_target if siblings else None, variant_report if siblings else None,
+                     source)
+
+
 def export_onnx(model: Any, output_path: str | os.PathLike[str], options: ExportOptions | None = None,
                 progress: Progress | None = None) -> ExportResult:
     """Export ``model`` (a ``VisionTransformer``) to ``output_path``; validate; hand over atomically.
@@ -672,7 +741,6 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
     ``ValueError`` for options that do not fit the model. ``progress`` receives one line per
     stage (``vitdeploy.cli.common.progress`` prints them).
     """
-    import onnx
 
     options = options or ExportOptions()
     start = time.perf_counter()
@@ -706,74 +774,45 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
         if options.precision in QUANTIZED_PRECISIONS:
             proto, metadata, quantization = _quantize(proto, options, stages)
 
-        external = graph_bytes(proto) > options.external_data_threshold
-        variant = None
-        if options.cpu_variant and metadata.precision in CPU_VARIANT_PRECISIONS:
-            with stages("fuse for onnxruntime CPU"):
-                variant = make_cpu_variant(proto, metadata, external, stages.say)
-        variant_target = cpu_variant_path(target)
-        tmp_model = folder / target.name
-        tmp_variant = folder / variant_target.name
-        data_path = target.with_name(f"{target.name}.data") if external else None
-        report = variant_report = source_check = None
-        variant_bytes: bytes | None = None
-        with stages("save"):
-            _save(proto, tmp_model, external)
-            onnx.checker.check_model(str(tmp_model))
+        def say_case(case: Any) -> None:
+            stages.say(
+                f"  {case.batch}x{config.in_channels}x{case.height}x{case.width} {case.output} vs "
+                f"{case.reference}: rel-max {case.metrics.rel_max_error:.2e}, cosine {case.metrics.cosine:.6f} "
+                f"{'ok' if case.passed else 'FAIL'}"
+            )
+
+        validate = None
         if options.validate:
             from vitdeploy.exporters.validation import shared_references, validate_onnx
             from vitdeploy.runtimes.torch import eager_references
 
-            def say_case(case: Any) -> None:
-                stages.say(
-                    f"  {case.batch}x{config.in_channels}x{case.height}x{case.width} {case.output} vs "
-                    f"{case.reference}: rel-max {case.metrics.rel_max_error:.2e}, cosine {case.metrics.cosine:.6f} "
-                    f"{'ok' if case.passed else 'FAIL'}"
-                )
-
             references = shared_references(eager_references(
                 model, metadata.precision, metadata.fp32_ops, shape_range=metadata.shape_range,
                 outputs=metadata.output_names))
-            with stages("validate"):
-                report = validate_onnx(tmp_model, model, metadata,
-                                       max_batch=options.validation_max_batch, images=options.validation_images,
-                                       on_case=say_case, references=references)
-            if not report.passed:
-                kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
-                raise ExportValidationError(report, kept)
-            if options.source_check is not None:
-                source_check = _check_against_source(tmp_model, metadata, options, stages, say_case)
-                if source_check.passed is False:
-                    kept = _keep_failed(proto, tmp_model, target, external) if options.keep_failed else None
-                    raise SourceCheckError(source_check, kept)
-            if variant is not None:
-                with stages(f"validate {variant_target.name}"):
-                    variant_report = validate_cpu_variant(variant, tmp_variant, lambda path, data: validate_onnx(
-                        path, model, data, max_batch=options.validation_max_batch, images=options.validation_images,
-                        on_case=say_case, references=references), stages.say)
-                if variant_report is None:
-                    variant = None
-            metadata.validation = _validation_record(report)
-            if source_check is not None:
-                metadata.validation["source_check"] = source_check.to_dict()
-        else:
-            metadata.validation = {"passed": None, "notes": ["export ran with validation disabled"]}
-            if options.source_check is not None:
-                from vitdeploy.exporters.source_check import not_checked
 
-                source_check = not_checked("validation disabled (--no-validate)")
-                metadata.validation["source_check"] = source_check.to_dict()
+            def validate(path: Path, data: ArtifactMetadata) -> ParityReport:
+                return validate_onnx(path, model, data, max_batch=options.validation_max_batch,
+                                     images=options.validation_images, on_case=say_case, references=references)
+        else:
             stages.say("validation skipped (--no-validate): the file has not been compared with the eager model")
-            variant = None  # a variant is only ever handed over validated
-        if variant is not None:
-            variant_bytes = attach_cpu_variant(variant, variant_report, metadata, variant_target)
-        set_metadata(proto, metadata.to_props())
-        _hand_over(proto, folder, target, data_path, {variant_target: variant_bytes} if variant_bytes else {})
+        check_source = None
+        if options.source_check is not None:
+            def check_source(path: Path, data: ArtifactMetadata) -> Any:
+                if not options.validate:
+                    from vitdeploy.exporters.source_check import not_checked
+
+                    return not_checked("validation disabled (--no-validate)")
+                return _check_against_source(path, data, options, stages, say_case)
+        done = finalize(proto, metadata, target, folder, validate=validate, source_check=check_source,
+                        cpu_variant=options.cpu_variant and metadata.precision in CPU_VARIANT_PRECISIONS,
+                        keep_failed=options.keep_failed, not_validated="export ran with validation disabled",
+                        external_threshold=options.external_data_threshold, say=stages.say, stage=stages)
+        report, data_path = done.report, done.data_path
 
     result = ExportResult(path=target, metadata=metadata, report=report, seconds=0.0, data_path=data_path,
-                          stage_seconds=stages.seconds, variant_path=variant_target if variant_bytes else None,
-                          variant_report=variant_report if variant_bytes else None, quantization=quantization,
-                          source_check=source_check)
+                          stage_seconds=stages.seconds, variant_path=done.variant_path,
+                          variant_report=done.variant_report, quantization=quantization,
+                          source_check=done.source_check)
     if options.preflight:
         result.preflight = _run_preflight(target, stages)
     result.seconds = time.perf_counter() - start

@@ -53,6 +53,7 @@ from vitdeploy.constants import (
     QUANTIZED_PRECISIONS,
     check_precision,
 )
+from vitdeploy.metadata import QUANTIZE_TRANSFORM
 
 from .graph import GraphIndex, Names, attr, graph_bytes, opset_version, set_metadata, topological
 
@@ -60,7 +61,6 @@ WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # roles with a constant weight
 ATTENTION_MATMUL = "AttentionMatMul"
 GELU = "Gelu"  # exact GELU, as one op or the exporter's x·0.5·(1 + erf(x/√2))
 QUANTIZABLE = QUANTIZABLE_ROLES
-QUANTIZE_TRANSFORM = "quantize"
 QUANTIZER = "vitdeploy"
 FP8_MIN_OPSET = 19
 # The largest magnitude a symmetric quantized value holds: int8 weights use [-127, 127] (narrow
@@ -929,11 +929,3 @@ def _update_metadata(model: onnx.ModelProto, record: QuantizationRecord) -> None
     metadata.variants = {}
     metadata.validation = None
     set_metadata(model, metadata.to_props())
-
-
-def quantization_record(metadata: Any) -> dict[str, Any] | None:
-    """The ``quantize`` entry of an artifact's ``transforms`` (``None`` for a float graph)."""
-    for transform in getattr(metadata, "transforms", []) or []:
-        if transform.get("name") == QUANTIZE_TRANSFORM:
-            return transform
-    return None

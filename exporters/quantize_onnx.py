@@ -12,8 +12,6 @@ it passes.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +21,7 @@ from vitdeploy.constants import with_article
 from vitdeploy.metadata import CPU_VARIANT, ArtifactMetadata
 from vitdeploy.parity import ParityReport, Reference, tolerance_for
 
-from .graph import graph_bytes, set_metadata
-from .onnx_export import (
-    EXTERNAL_DATA_THRESHOLD,
-    ExportValidationError,
-    _hand_over,
-    _keep_failed,
-    _save,
-    _validation_record,
-    attach_cpu_variant,
-    cpu_variant_path,
-    make_cpu_variant,
-    validate_cpu_variant,
-)
+from .onnx_export import finalize
 from .quantize import QuantizeOptions, quantize_model
 
 Progress = Callable[[str], None]
@@ -87,6 +73,7 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
 
     from vitdeploy.calibration import load_calibration
     from vitdeploy.exporters.validation import validate_onnx
+    from vitdeploy.files import temporary_folder
     from vitdeploy.metadata import read_onnx_metadata
 
     say = progress or (lambda message: None)
@@ -110,53 +97,32 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
     del proto
     quantized_metadata = ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props})
 
-    external = graph_bytes(quantized) > EXTERNAL_DATA_THRESHOLD
-    variant = make_cpu_variant(quantized, quantized_metadata, external, say) if cpu_variant and validate else None
-    variant_target = cpu_variant_path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp = folder / target.name
-    tmp_variant = folder / variant_target.name
-    data_path = target.with_name(f"{target.name}.data") if external else None
-    report = None
-    extra: dict[Path, bytes] = {}
-    try:
-        _save(quantized, tmp, external)
-        if validate:
-            if reference is not None:
-                from vitdeploy.runtimes.torch import eager_references
+    judge = None
+    judged_by: dict[str, Any] = {}
+    if validate:
+        if reference is not None:
+            from vitdeploy.runtimes.torch import eager_references
 
-                references = eager_references(reference, quantized_metadata.precision,
-                                              shape_range=quantized_metadata.shape_range)
-            else:
-                fp32 = _fp32_reference(source)
-                references = [dataclasses.replace(fp32, tolerance=tolerance_for(quantized_metadata.precision))]
-            say(f"validating against {references[-1].name} ({references[-1].tolerance.name})")
-
-            def say_case(case: Any) -> None:
-                say(f"  {case.batch}x3x{case.height}x{case.width}: cosine {case.metrics.cosine:.5f},"
-                    f" rel-max {case.metrics.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
-
-            report = validate_onnx(tmp, None, quantized_metadata, max_batch=max_batch, images=images,
-                                   references=references, on_case=say_case)
-            if not report.passed:
-                kept = _keep_failed(quantized, tmp, target, external) if keep_failed else None
-                raise ExportValidationError(report, kept)
-            judged_by = {} if reference is not None else {"reference": f"{source.name} (fp32 graph)"}
-            if variant is not None:
-                say(f"validating {variant_target.name} (the onnxruntime-CPU variant) the same way")
-                variant_report = validate_cpu_variant(variant, tmp_variant, lambda path, data: validate_onnx(
-                    path, None, data, max_batch=max_batch, images=images, references=references,
-                    on_case=say_case), say)
-                if variant_report is not None:
-                    extra[variant_target] = attach_cpu_variant(variant, variant_report, quantized_metadata,
-                                                               variant_target, judged_by)
-            quantized_metadata.validation = {**_validation_record(report), **judged_by}
+            references = eager_references(reference, quantized_metadata.precision,
+                                          shape_range=quantized_metadata.shape_range)
         else:
-            quantized_metadata.validation = {"passed": None, "notes": ["quantized with validation disabled"]}
-        set_metadata(quantized, quantized_metadata.to_props())
-        _hand_over(quantized, folder, target, data_path, extra)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return QuantizeResult(target, quantized_metadata, report, record.to_dict(), data_path,
-                          variant_path=variant_target if extra else None)
+            fp32 = _fp32_reference(source)
+            references = [dataclasses.replace(fp32, tolerance=tolerance_for(quantized_metadata.precision))]
+            judged_by = {"reference": f"{source.name} (fp32 graph)"}
+        say(f"validating against {references[-1].name} ({references[-1].tolerance.name}); the onnxruntime-CPU "
+            "variant the same way")
+
+        def say_case(case: Any) -> None:
+            say(f"  {case.batch}x3x{case.height}x{case.width}: cosine {case.metrics.cosine:.5f},"
+                f" rel-max {case.metrics.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
+
+        def judge(path: Path, data: ArtifactMetadata) -> ParityReport:
+            return validate_onnx(path, None, data, max_batch=max_batch, images=images, references=references,
+                                 on_case=say_case)
+
+    with temporary_folder(target, log=say) as folder:
+        done = finalize(quantized, quantized_metadata, target, folder, validate=judge, cpu_variant=cpu_variant,
+                        keep_failed=keep_failed, not_validated="quantized with validation disabled",
+                        judged_by=judged_by, say=say)
+    return QuantizeResult(target, quantized_metadata, done.report, record.to_dict(), done.data_path,
+                          variant_path=done.variant_path)

@@ -42,13 +42,12 @@ from typing import Any
 
 import onnx
 
-from .graph import load_model
+from .graph import DEFAULT_DOMAINS, GraphIndex, attrs, graph_bytes, load_onnx, tensor_types
 
 TABLE_PATH = Path(__file__).with_name("trt_support_table.json")
 TWO_GB = 2**31 - 1
 SEVERITIES = ("error", "warning")
 _FLOAT16 = onnx.TensorProto.FLOAT16
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,40 +198,32 @@ def format_report(report: PreflightReport) -> str:
     return "\n".join(lines)
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    values = {}
-    for attribute in node.attribute:
-        value = onnx.helper.get_attribute_value(attribute)
-        values[attribute.name] = value.decode() if isinstance(value, bytes) else value
-    return values
-
-
 def _node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}#{index}"
 
 
 def _check_resize(node: onnx.NodeProto, name: str, table: dict[str, Any]) -> list[Finding]:
-    rules, attrs, findings = table["resize"], _attrs(node), []
+    rules, values, findings = table["resize"], attrs(node), []
 
     def bad(kind: str, message: str) -> None:
         findings.append(Finding("error", name, node.op_type, message, kind))
 
-    if int(attrs.get("antialias", 0)) not in rules["antialias"]:
+    if int(values.get("antialias", 0)) not in rules["antialias"]:
         bad("resize-antialias", "antialias=1: TensorRT's parser rejects antialiased Resize "
             "(vitdeploy.pos_embed computes antialiased resampling as MatMuls instead)")
-    mode = attrs.get("mode", "nearest")
+    mode = values.get("mode", "nearest")
     if mode not in rules["modes"]:
         bad("resize-mode", f"mode {mode!r} is not one of {rules['modes']}")
-    transform = attrs.get("coordinate_transformation_mode", "half_pixel")
+    transform = values.get("coordinate_transformation_mode", "half_pixel")
     if transform not in rules["coordinate_transformation_modes"]:
         bad("resize-coordinate-transform",
             f"coordinate_transformation_mode {transform!r} is not one of {rules['coordinate_transformation_modes']}")
-    nearest = attrs.get("nearest_mode", "round_prefer_floor")
+    nearest = values.get("nearest_mode", "round_prefer_floor")
     if mode == "nearest" and nearest not in rules["nearest_modes"]:
         bad("resize-nearest-mode", f"nearest_mode {nearest!r} is not one of {rules['nearest_modes']}")
     if transform == "tf_half_pixel_for_nn" and nearest != "round_prefer_floor":
         bad("resize-nearest-mode", "tf_half_pixel_for_nn needs nearest_mode round_prefer_floor")
-    policy = attrs.get("keep_aspect_ratio_policy", "stretch")
+    policy = values.get("keep_aspect_ratio_policy", "stretch")
     if policy not in rules["keep_aspect_ratio_policies"]:
         bad("resize-aspect-ratio", f"keep_aspect_ratio_policy {policy!r} is not supported (only 'stretch')")
     return findings
@@ -246,50 +237,16 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def _restriction_findings(node: onnx.NodeProto, name: str, used: set[str]) -> list[Finding]:
-    attrs = _attrs(node)
+    values = attrs(node)
     if node.op_type == "LayerNormalization" and any(o and o in used for o in node.output[1:]):
         return [Finding("error", name, node.op_type, "only the first output Y is supported (Mean/InvStdDev are used)",
                         "layernorm-extra-outputs")]
-    if node.op_type == "TopK" and int(attrs.get("sorted", 1)) == 0:
+    if node.op_type == "TopK" and int(values.get("sorted", 1)) == 0:
         return [Finding("error", name, node.op_type, "sorted=0 is not supported", "topk-unsorted")]
-    if node.op_type == "ScatterND" and attrs.get("reduction", "none") != "none":
-        return [Finding("error", name, node.op_type, f"reduction {attrs['reduction']!r} is not supported",
+    if node.op_type == "ScatterND" and values.get("reduction", "none") != "none":
+        return [Finding("error", name, node.op_type, f"reduction {values['reduction']!r} is not supported",
                         "scatternd-reduction")]
     return []
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every named tensor, from shape inference (best effort)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # inference is a hint here; an exotic graph must not stop the pre-flight
-        inferred = model
-    graph = inferred.graph
-    types = {t.name: t.data_type for t in graph.initializer}
-    for value in (*graph.input, *graph.value_info, *graph.output):
-        if value.type.HasField("tensor_type"):
-            types[value.name] = value.type.tensor_type.elem_type
-    for node in graph.node:
-        if node.op_type == "Cast":
-            to = _attrs(node).get("to")
-            if to is not None:
-                types.setdefault(node.output[0], int(to))
-    return types
-
-
-def _initializer_bytes(tensor: onnx.TensorProto) -> int:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return 0
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 4
-    return count * itemsize
 
 
 # Quantized element types TensorRT's explicit quantization accepts (docs: "Working with Quantized Types").
@@ -297,37 +254,15 @@ _QDQ_TYPES = {onnx.TensorProto.INT8: "INT8", onnx.TensorProto.FLOAT8E4M3FN: "FP8
 _WEIGHT_ONLY_TYPES = {onnx.TensorProto.INT4: "INT4", onnx.TensorProto.FLOAT4E2M1: "FP4 E2M1"}
 
 
-def _constant(graph_index: dict[str, Any], name: str) -> Any:
-    """The numpy value of an initializer or Constant output, else ``None``."""
-    from onnx import numpy_helper
-
-    init = graph_index["initializers"].get(name)
-    if init is not None:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        return numpy_helper.to_array(init)
-    node = graph_index["producers"].get(name)
-    if node is not None and node.op_type == "Constant":
-        for attribute in node.attribute:
-            if attribute.name == "value":
-                return numpy_helper.to_array(attribute.t)
-    return None
-
-
 def _qdq_findings(model: onnx.ModelProto, types: dict[str, int]) -> list[Finding]:
     """What TensorRT's explicit quantization would refuse in the graph's QuantizeLinear/DequantizeLinear."""
     import numpy as np
 
     graph = model.graph
-    index = {"initializers": {t.name: t for t in graph.initializer},
-             "producers": {name: node for node in graph.node for name in node.output}}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex(graph)
     findings: list[Finding] = []
     for position, node in enumerate(graph.node):
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in DEFAULT_DOMAINS:
             continue
         name = _node_name(node, position)
 
@@ -337,8 +272,8 @@ def _qdq_findings(model: onnx.ModelProto, types: dict[str, int]) -> list[Finding
         quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
         zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
         qtype = types.get(zero) if zero else types.get(quantized)
-        if node.op_type == "QuantizeLinear" and zero is None and _attrs(node).get("output_dtype"):
-            qtype = int(_attrs(node)["output_dtype"])
+        if node.op_type == "QuantizeLinear" and zero is None and attrs(node).get("output_dtype"):
+            qtype = int(attrs(node)["output_dtype"])
         if node.op_type == "QuantizeLinear" and qtype is None and zero is None:
             qtype = onnx.TensorProto.UINT8  # the ONNX default without a zero point
         weight_only = node.op_type == "DequantizeLinear" and qtype in _WEIGHT_ONLY_TYPES
@@ -347,23 +282,23 @@ def _qdq_findings(model: onnx.ModelProto, types: dict[str, int]) -> list[Finding
             bad("qdq-type", f"quantizes to {type_name}: TensorRT's explicit quantization takes signed INT8 or FP8 "
                 "E4M3 (INT4/FP4 for weights) only; re-quantize symmetric int8 (vitdeploy quantize)")
         if zero is not None:
-            value = _constant(index, zero)
+            value = index.const(zero)
             if value is None:
                 bad("qdq-zero-point", f"zero point {zero!r} is not a constant; TensorRT needs a constant 0")
             elif np.any(value.astype(np.float64) != 0):
                 bad("qdq-zero-point", f"zero point {zero!r} is not 0 (asymmetric quantization); TensorRT's "
                     "quantization is symmetric: every zero point must be 0")
-        scale = _constant(index, node.input[1])
+        scale = index.const(node.input[1])
         if scale is None:
             bad("qdq-scale", f"scale {node.input[1]!r} is not a constant; TensorRT needs constant scales")
         else:
             if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
                 bad("qdq-scale", f"scale {node.input[1]!r} has values <= 0 or not finite; scales must be positive")
-            if scale.size > 1 and _constant(index, node.input[0]) is None:
+            if scale.size > 1 and index.const(node.input[0]) is None:
                 bad("qdq-per-channel-activation", f"per-channel scale ({scale.size} values) on an activation: "
                     "TensorRT quantizes activations per tensor; per-channel scales are for constant weights")
         if node.op_type == "QuantizeLinear":
-            users = consumers.get(node.output[0], [])
+            users = index.consumers.get(node.output[0], [])
             if not users or any(user.op_type != "DequantizeLinear" for user in users):
                 bad("qdq-unpaired", "QuantizeLinear output must feed DequantizeLinear nodes only (explicit Q/DQ pairs)")
     return findings
@@ -387,7 +322,7 @@ def _graph_findings(model: onnx.ModelProto) -> list[Finding]:
             if kind == "input" and tensor.elem_type == onnx.TensorProto.DOUBLE:
                 findings.append(Finding("warning", value.name, "", "float64 input: TensorRT casts DOUBLE down to FLOAT",
                                         "double-input"))
-    inline = sum(_initializer_bytes(t) for t in graph.initializer)
+    inline = graph_bytes(model)
     if inline > TWO_GB:
         findings.append(Finding(
             "error", graph.name or "graph", "", f"{inline / 2**30:.2f} GiB of weights are stored inside the protobuf; "
@@ -408,7 +343,7 @@ def _node_findings(model: onnx.ModelProto, table: dict[str, Any], types: dict[st
             name = _node_name(node, index)
             if (node.domain, node.op_type) in local_functions:
                 continue  # the parser inlines model-local functions; their bodies are checked below
-            if node.domain not in _DEFAULT_DOMAINS:
+            if node.domain not in DEFAULT_DOMAINS:
                 findings.append(Finding(
                     "error", name, node.op_type, f"custom op from domain {node.domain!r}: TensorRT's parser imports "
                     "only default-domain ONNX ops (or a registered plugin of that name)", "custom-domain"))
@@ -494,7 +429,7 @@ def _version_findings(model: onnx.ModelProto, version_text: str, table: dict[str
     version = parse_trt_version(version_text)
     rules = table["by_version"]
     findings: list[Finding] = []
-    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
     for entry in rules["documented_opset_max"]:
         if opset is not None and in_versions(version, entry["versions"]) and opset > entry["max"]:
             findings.append(Finding("warning", "model", "", f"opset {opset} is above {entry['max']}, the highest the "
@@ -509,7 +444,7 @@ def _version_findings(model: onnx.ModelProto, version_text: str, table: dict[str
     operators = table["operators"]
     for node, name, graph in nodes:
         entry = operators.get(node.op_type)
-        if node.domain in _DEFAULT_DOMAINS and entry and entry["supported"]:
+        if node.domain in DEFAULT_DOMAINS and entry and entry["supported"]:
             since = parse_trt_version(entry["since"])
             if version < since:
                 findings.append(Finding("error", name, node.op_type, f"op {node.op_type} is imported by TensorRT's "
@@ -564,17 +499,20 @@ def check_onnx(
     if isinstance(model, onnx.ModelProto):
         proto, label = model, model.graph.name or "<ModelProto>"
     else:
-        proto, label = load_model(model), str(model)
+        proto, label = load_onnx(model), str(model)
     table = load_support_table()
     low, high = opset_range(tensorrt_version)
-    opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    opset = next((o.version for o in proto.opset_import if o.domain in DEFAULT_DOMAINS), None)
     report = PreflightReport(label, target, opset, (low, high), tensorrt_version, version_source=version_source)
     if opset is not None and not low <= opset <= high:
         report.findings.append(Finding(
             "error", "model", "", f"opset {opset} is outside the range {low}..{high} TensorRT's parser supports; "
             f"export with --opset {min(max(opset, low), high)}", "opset"))
     report.findings.extend(_graph_findings(proto))
-    types = _elem_types(proto)
+    try:
+        types = tensor_types(proto)
+    except Exception:  # inference is a hint here; an exotic graph must not stop the pre-flight
+        types = {t.name: t.data_type for t in proto.graph.initializer}
     report.findings.extend(_node_findings(proto, table, types))
     report.findings.extend(_qdq_findings(proto, types))
     if tensorrt_version is not None:

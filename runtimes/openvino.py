@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from vitdeploy.cpu_features import has_bf16, int8_dot_flags
-from vitdeploy.metadata import ArtifactMetadata, read_metadata_props
+from vitdeploy.metadata import ArtifactMetadata, quantization_record, read_metadata_props
 
 from .base import GraphRuntime, InputSpec
 
@@ -117,8 +117,7 @@ class OpenVINORuntime(GraphRuntime):
         """Warn when a full-range int8 graph meets a CPU whose int8 path saturates (no VNNI/AMX)."""
         if self.metadata is None or self.metadata.precision != "int8" or device.upper() != "CPU" or int8_dot_flags():
             return
-        record = next((t for t in self.metadata.transforms if t.get("name") == "quantize"), {})
-        if not record.get("reduce_range", False):
+        if not (quantization_record(self.metadata) or {}).get("reduce_range", False):
             warnings.warn(
                 f"{self.path.name}: this CPU has no VNNI/AMX int8 dot products, where OpenVINO's int8 matmuls "
                 "sum u8 x s8 pairs in saturating 16 bits and full-range int8 weights lose accuracy; quantize "

@@ -72,8 +72,7 @@ class TorchRuntime(Runtime):
 
     Inputs are float32 ``[N, C, H, W]`` for every precision (cast inside); outputs come back
     float32. ``outputs`` names what :meth:`run_outputs` returns (:mod:`vitdeploy.outputs`; default
-    the model's :func:`~vitdeploy.outputs.default_outputs`; ``features=True``, deprecated, adds
-    ``last_hidden_state``); a call returns the primary one (logits, else the embedding).
+    the model's :func:`~vitdeploy.outputs.default_outputs`); a call returns the primary one (logits, else the embedding).
     ``batch``/``height``/``width`` are the accepted inclusive ranges; sizes default to half to
     twice the model's native size. ``device="cuda"`` and ``compile=True`` follow
     PyTorch's documented API but the CUDA path has not been run here.
@@ -91,14 +90,12 @@ class TorchRuntime(Runtime):
         width: tuple[int, int] | None = None,
         check_finite: bool = False,
         fused_attention: bool | None = None,
-        features: bool = False,
         outputs: Iterable[str] | None = None,
     ) -> None:
         import torch
 
         from vitdeploy.model import prepare_model
         from vitdeploy.outputs import (
-            LAST_HIDDEN_STATE,
             check_outputs,
             default_outputs,
             output_shape,
@@ -127,8 +124,6 @@ class TorchRuntime(Runtime):
         self.dtype = next(model.parameters()).dtype
         self.check_finite = bool(check_finite)
         names = tuple(outputs) if outputs is not None else default_outputs(config)
-        if features:
-            names += (LAST_HIDDEN_STATE,)
         self.output_names = list(check_outputs(names, config))
         self.output_name = primary_output(self.output_names)
         outputs = [TensorInfo(name, "float32", output_shape(name, config)) for name in self.output_names]
@@ -199,7 +194,6 @@ def eager_references(
     fp32_ops: Iterable[str] = DEFAULT_FP32_OPS,
     shape_range: ShapeRange | None = None,
     device: str = "cpu",
-    features: bool = False,
     max_rel_error: float | None = None,
     min_cosine: float | None = None,
     outputs: Iterable[str] | None = None,
@@ -212,8 +206,7 @@ def eager_references(
     like) besides the eager fp32 model (what the precision costs); a quantized artifact (int8,
     fp8) is judged against the eager fp32 model alone, with its precision's gate. ``shape_range`` bounds what the references
     accept (default: the model's own); ``max_rel_error``/``min_cosine`` override the tolerances;
-    ``outputs`` are what the references return (the artifact's outputs; ``features`` is the
-    deprecated way to add ``last_hidden_state``).
+    ``outputs`` are what the references return (the artifact's outputs).
     """
     def tolerance(against_fp32: bool) -> Tolerance:
         tol = tolerance_for(precision, against_fp32)
@@ -223,7 +216,7 @@ def eager_references(
             tol = replace(tol, min_cosine=min_cosine)
         return tol
 
-    common: dict[str, Any] = {"features": features, "outputs": tuple(outputs) if outputs is not None else None}
+    common: dict[str, Any] = {"outputs": tuple(outputs) if outputs is not None else None}
     if shape_range is not None:
         common.update(batch=shape_range.batch, height=shape_range.height, width=shape_range.width)
     references = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ def session_folder(prefix: str) -> Path:
     if _session_temp is None:
         raise RuntimeError("session_folder() is for tests and fixtures (no pytest session has started)")
     return _session_temp.mktemp(prefix)
+
+
+# The studies (studies/*.py) are scripts, not part of the package: tests import them as their own folder.
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+if str(STUDIES) not in sys.path:
+    sys.path.insert(0, str(STUDIES))
 
 
 def tiny_config(**overrides) -> ViTConfig:

@@ -49,10 +49,10 @@ def model() -> VisionTransformer:
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    """fp32, with features, height/width 16..64, batch 1..16 (validation caps the batch at 4)."""
+    """fp32, logits and last_hidden_state, height/width 16..64, batch 1..16 (validation caps the batch at 4)."""
     folder = tmp_path_factory.mktemp("fp32")
     stages: list[str] = []
-    options = ExportOptions(batch=(1, 16), height=(16, 64), width=(16, 64), features=True,
+    options = ExportOptions(batch=(1, 16), height=(16, 64), width=(16, 64), outputs=("logits", "last_hidden_state"),
                             validation_max_batch=4, source="tiny.safetensors", source_sha256="ab" * 32)
     result = export_onnx(model, folder / "model.onnx", options, progress=stages.append)
     return result, stages

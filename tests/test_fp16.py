@@ -10,12 +10,8 @@ import torch
 from conftest import make_model, tiny_config
 from onnx import TensorProto, helper, numpy_helper
 
-from vitdeploy.exporters.fp16 import (
-    convert_to_fp16,
-    keep_ops_in_fp32,
-    precision_summary,
-    remove_redundant_casts,
-)
+from vitdeploy.exporters.fp16 import convert_to_fp16, keep_ops_in_fp32, remove_redundant_casts
+from vitdeploy.exporters.graph import tensor_types
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.validation import ort_cpu_fp32_fallbacks
 from vitdeploy.metadata import ArtifactMetadata, Preprocessing
@@ -77,6 +73,31 @@ def fp32_resampling_matmuls(proto: onnx.ModelProto) -> list[str]:
         if node.op_type == "MatMul":
             found.append(node.output[0])
     return found
+
+
+def precision_summary(model: onnx.ModelProto) -> dict:
+    """Element types in a graph: IO, the compute type of each op type, and weight types.
+
+    ``compute`` maps op type → sorted type names of the nodes' first inputs; ``weights`` maps op
+    type → type names of the initializers they read.
+    """
+    types = tensor_types(model)
+    initializers = {init.name for init in model.graph.initializer}
+    name = {value: key.lower() for key, value in TensorProto.DataType.items()}
+    compute: dict[str, set[str]] = {}
+    weights: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        if node.input and node.input[0] in types:
+            compute.setdefault(node.op_type, set()).add(name[types[node.input[0]]])
+        for item in node.input[1:]:
+            if item in initializers:
+                weights.setdefault(node.op_type, set()).add(name[types[item]])
+    return {
+        "inputs": {v.name: name[v.type.tensor_type.elem_type] for v in model.graph.input},
+        "outputs": {v.name: name[v.type.tensor_type.elem_type] for v in model.graph.output},
+        "compute": {op: sorted(kinds) for op, kinds in sorted(compute.items())},
+        "weights": {op: sorted(kinds) for op, kinds in sorted(weights.items())},
+    }
 
 
 def assert_strongly_typed_fp16(summary: dict, io: str = "float", fp32_resampling: bool = False) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
+import ort_overheads
 import pytest
-
-from vitdeploy.benchmarks import ort_overheads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 

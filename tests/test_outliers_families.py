@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from outliers import inject_outlier_channels_eager
 
 import vitdeploy
-from vitdeploy.benchmarks.outliers import inject_outlier_channels_eager
 from vitdeploy.outputs import available_outputs, default_outputs
 
 SMALL = dict(hidden_size=32, depth=1, num_heads=2, mlp_size=64, image_size=32)

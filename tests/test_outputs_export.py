@@ -18,7 +18,7 @@ import torch
 from conftest import make_model, tiny_config
 
 from vitdeploy import runtimes
-from vitdeploy.exporters.onnx_export import ExportOptions, build_metadata, export_onnx, prunes_last_block
+from vitdeploy.exporters.onnx_export import ExportOptions, build_metadata, class_token_last_block, export_onnx
 from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK, ArtifactMetadata, read_onnx_metadata
 from vitdeploy.parity import InputFactory, compare_logits
 
@@ -84,7 +84,8 @@ def test_default_outputs_and_the_vector_only_optimisation(headless):
     classifier = make_model(tiny_config(**SMALL), seed=2)  # class-token pooling
     assert ExportOptions().output_names(headless.config) == ("pooler_output",)
     assert ExportOptions().output_names(classifier.config) == ("logits",)
-    assert ExportOptions(features=True).output_names(classifier.config) == ("logits", "last_hidden_state")
+    assert ExportOptions(outputs=("last_hidden_state", "logits")).output_names(classifier.config) == (
+        "logits", "last_hidden_state")
     assert ExportOptions(outputs=("patch_tokens", "logits")).output_names(classifier.config) == ("logits", "patch_tokens")
     with pytest.raises(ValueError, match="this model has no logits output"):
         ExportOptions(outputs=("logits",)).output_names(headless.config)
@@ -92,9 +93,9 @@ def test_default_outputs_and_the_vector_only_optimisation(headless):
         ExportOptions(outputs="logits")
     # Vector outputs only: the last block runs for the class token alone, and the values are the same.
     vectors = ExportOptions(outputs=("logits", "pooler_output"))
-    assert prunes_last_block(classifier.config, vectors)
-    assert not prunes_last_block(classifier.config, ExportOptions(outputs=CLASSIFIER_OUTPUTS))
-    assert not prunes_last_block(classifier.config, ExportOptions(outputs=("logits",), full_last_block=True))
+    assert class_token_last_block(classifier.config, vectors)
+    assert not class_token_last_block(classifier.config, ExportOptions(outputs=CLASSIFIER_OUTPUTS))
+    assert not class_token_last_block(classifier.config, ExportOptions(outputs=("logits",), full_last_block=True))
     shape = build_metadata(headless, ExportOptions(), ExportOptions().shape_range(headless.config))
     assert shape.optimizations == [CLASS_TOKEN_LAST_BLOCK] and shape.output_names == ["pooler_output"]
     pixels = torch.randn(2, 3, 32, 24)

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from vitdeploy.benchmarks import plots  # noqa: E402
-from vitdeploy.benchmarks.tune_report import COSINE_FLOOR, latency_vs_accuracy  # noqa: E402
+from vitdeploy.tune.report import COSINE_FLOOR, latency_vs_accuracy  # noqa: E402
 from vitdeploy.tune_manifest import read_manifest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"

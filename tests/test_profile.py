@@ -10,9 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import make_model, tiny_config
-
-from vitdeploy.benchmarks.models import BenchModel, Sweep
-from vitdeploy.benchmarks.profile import (
+from cpu_profile import (
     ARITHMETIC,
     CATEGORIES,
     NodeTime,
@@ -23,6 +21,8 @@ from vitdeploy.benchmarks.profile import (
     profile_onnxruntime,
     profile_openvino,
 )
+
+from vitdeploy.benchmarks.models import BenchModel, Sweep
 from vitdeploy.flops import count_flops
 
 BATCH = 2

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_model, tiny_config
 from onnx import TensorProto, helper, numpy_helper
+from outliers import inject_outlier_channels, outlier_channels
 
-from vitdeploy.benchmarks.outliers import inject_outlier_channels, outlier_channels
 from vitdeploy.calibration import BUNDLED, load_calibration
 from vitdeploy.cpu_features import int8_dot_flags
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
@@ -22,12 +22,11 @@ from vitdeploy.exporters.quantize import (
     layer_errors,
     plan_quantization,
     probe_images,
-    quantization_record,
     quantize_model,
     smoothing_targets,
 )
 from vitdeploy.exporters.trt_support import check_onnx
-from vitdeploy.metadata import ArtifactMetadata, read_onnx_metadata
+from vitdeploy.metadata import ArtifactMetadata, quantization_record, read_onnx_metadata
 from vitdeploy.parity import InputFactory, compare_logits
 
 
@@ -353,7 +352,7 @@ def test_outlier_model_quantizes_to_int8_with_margin(seed, exported, tmp_path):
     the shared tiny export. Quantized and validated against the eager model at every validation shape
     as ``export --precision int8`` does, it passes with worst cosine >= 0.995, and the file holds that on
     the photos with onnxruntime and OpenVINO. (The full ViT-S/16 with five weight draws is
-    ``python -m vitdeploy.benchmarks.outliers``.)"""
+    ``python studies/outliers.py``.)"""
     from vitdeploy.exporters.quantize_onnx import quantize_onnx
     from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
 

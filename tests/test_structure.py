@@ -1,7 +1,8 @@
 """The layout keeps its promises: imports point down the floors, and the CLI only calls the library.
 
 Floors, from the ground up: 1 the core of ``vitdeploy/`` → 2 ``runtimes/`` → 3 ``exporters/`` →
-4 ``benchmarks/`` → 5 ``vitdeploy/pipeline.py``, ``vitdeploy/cli/``, ``vitdeploy/serving/``. A module
+4 ``benchmarks/`` → 5 ``vitdeploy/pipeline.py``, ``vitdeploy/tune/`` (user features), ``vitdeploy/cli/``,
+``vitdeploy/serving/``. A module
 may import from its own floor or lower ones, at module level or inside a function (a lazy import
 is still a dependency). Found by reading the source (``ast``), so a new module is checked as soon
 as it exists.
@@ -18,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (pyproject.toml's package-dir).
 PACKAGES = {"vitdeploy": "vitdeploy", "runtimes": "vitdeploy.runtimes", "exporters": "vitdeploy.exporters",
             "benchmarks": "vitdeploy.benchmarks"}
-TOP = ("vitdeploy.pipeline", "vitdeploy.cli", "vitdeploy.serving", "vitdeploy.__main__")
+TOP = ("vitdeploy.pipeline", "vitdeploy.tune", "vitdeploy.cli", "vitdeploy.serving", "vitdeploy.__main__")
 
 
 def floor(module: str) -> int:
     """The floor of a ``vitdeploy...`` module name."""
-    if module.startswith(TOP) or module in TOP:
+    if any(module == top or module.startswith(top + ".") for top in TOP):  # vitdeploy.tune_manifest is core
         return 5
     for prefix, level in (("vitdeploy.benchmarks", 4), ("vitdeploy.exporters", 3), ("vitdeploy.runtimes", 2)):
         if module == prefix or module.startswith(prefix + "."):
@@ -98,3 +99,30 @@ def test_runtimes_never_import_torch_at_module_level():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "torch" or n.startswith("torch.") for n in names), f"{name} imports torch at import time"
+
+
+STUDIES = ROOT / "studies"
+
+
+def test_the_installed_package_holds_no_study_and_imports_none():
+    """One-off studies are scripts in studies/ (run, never imported by vitdeploy); the package keeps only
+    what a user command imports."""
+    studies = {path.stem for path in STUDIES.glob("*.py")}
+    assert {"cpu_int8", "ort_overheads", "outliers", "study"} <= studies
+    for name, path in MODULES.items():
+        assert path.stem not in studies, f"{name} has the name of a study in studies/"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imports += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+        assert not studies & {i.split(".")[0] for i in imports}, f"{name} imports a study"
+
+
+def test_no_module_cites_an_issue_number():
+    import re
+
+    cites = re.compile(r"\bissues? [0-9]")  # this project's issues; upstream ones are cited as #N
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".md", ".sh", ".json"):
+                lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if cites.search(line)]
+                assert not lines, f"{path.relative_to(ROOT)} cites an issue number at line(s) {lines}"

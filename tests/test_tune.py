@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 from conftest import make_model, tiny_config
 
-from vitdeploy.benchmarks.tune import AccuracyGate, TunePlan, candidate_list, export_for_tune, select, tune
 from vitdeploy.cpu_features import cpu_flags
-from vitdeploy.tune_manifest import CandidateRecord, TuneManifestError, read_manifest
+from vitdeploy.tune import TunePlan, tune
+from vitdeploy.tune.accuracy import AccuracyGate
+from vitdeploy.tune.candidates import candidate_list, export_for_tune
+from vitdeploy.tune.selection import StabilityRule, select
+from vitdeploy.tune_manifest import Candidate, TuneManifestError, read_manifest
 
 OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -82,7 +86,7 @@ def test_an_unavailable_candidate_is_listed_with_its_reason(tuned):
 def _record(name: str, p50: float, cosine: float = 1.0, top1: float = 1.0, drop: float | None = None):
     accuracy = ({"kind": "labelled", "top1_drop_points": drop, "images": 100} if drop is not None else
                 {"kind": "agreement", "cosine": cosine, "top1_agreement": top1, "images": 4})
-    return CandidateRecord(name, "onnxruntime", "int8", "int8", name, "ok", latency_ms={"1": p50}, accuracy=accuracy)
+    return Candidate(name, "onnxruntime", "int8", "int8", name, "ok", latency_ms={"1": p50}, accuracy=accuracy)
 
 
 def test_the_selection_rule_drops_an_inaccurate_fastest_candidate():
@@ -240,3 +244,101 @@ def test_without_a_model_the_log_and_the_gates_name_the_same_reference(tuned, tm
     rounds = [m for m in messages if m.startswith("  batch 1, round ")]
     assert [m.split(":")[0] for m in rounds] == ["  batch 1, round 1/2", "  batch 1, round 2/2"]
     assert all("ort-fp32 " in m and "ort-int8 " in m and m.endswith(" ms") for m in rounds)
+
+
+class FlippingRuntime:
+    """A real onnxruntime session padded with real sleeps: ``fast_s`` before every call, or ``slow_s``
+    in every other period of ``period`` calls (a round's block is one untimed call + the iterations),
+    like a shared VM whose speed flips while neighbours come and go. No timer is mocked."""
+
+    def __init__(self, runtime, fast_s: float, slow_s: float | None = None, period: int = 1) -> None:
+        self.runtime, self.fast_s, self.slow_s, self.period, self.calls = runtime, fast_s, slow_s, period, 0
+
+    def __call__(self, pixels):
+        import time
+
+        slow = self.slow_s is not None and (self.calls // self.period) % 2 == 1
+        self.calls += 1
+        time.sleep(self.slow_s if slow else self.fast_s)
+        return self.runtime(pixels)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def test_an_unstable_candidate_is_flagged_and_a_steady_one_with_a_close_median_is_chosen(tuned, model):
+    """Two real sessions timed side by side: one flips between 40 and 120 ms per round (fastest median),
+    the other holds 48 ms; the flipping one is flagged and the steady one chosen, with the figures."""
+    from vitdeploy.metadata import read_onnx_metadata
+    from vitdeploy.runtimes import OrtRuntime
+    from vitdeploy.tune.accuracy import accuracy_data, eager_reference
+    from vitdeploy.tune.report import render_markdown
+    from vitdeploy.tune.timing import time_latency
+    from vitdeploy.tune_manifest import TuneManifest
+
+    folder, _ = tuned
+    records = {c.name: c for c in candidate_list(cpu_flags()) if c.name in ("ort-int8", "ort-fp32")}
+    iterations = 2
+    runtimes = {"ort-int8": FlippingRuntime(OrtRuntime(folder / "tiny-int8.onnx", intra_op_threads=1), 0.040, 0.120,
+                                            period=1 + iterations),
+                "ort-fp32": FlippingRuntime(OrtRuntime(folder / "tiny-fp32.onnx", intra_op_threads=1), 0.048)}
+    metadata = read_onnx_metadata(folder / "tiny-fp32.onnx")
+    data = accuracy_data(eager_reference(model), metadata, 4, 32)
+    for name, runtime in runtimes.items():
+        records[name].accuracy = data.figures(runtime.runtime)
+    rule = StabilityRule(close_margin=0.3)
+    plan = TunePlan(folder=folder, batches=(1,), rounds=7, iterations=iterations, warmup=0, threads=1,
+                    throughput=False, stability=rule)
+    said = []
+    try:
+        time_latency(plan, records, runtimes, None, 32, said.append)
+    finally:
+        for runtime in runtimes.values():
+            runtime.close()
+
+    flipping, steady = records["ort-int8"], records["ort-fp32"]
+    rounds = flipping.latency_rounds_ms["1"]
+    assert sum(v > 100 for v in rounds) == 3 and sum(v < 70 for v in rounds) == 4, rounds  # really two speeds
+    assert flipping.latency_spread["1"]["median"] == pytest.approx(float(np.median(rounds)))
+    assert flipping.latency_spread["1"]["p75"] > 100 > 70 > flipping.latency_spread["1"]["p25"]
+    modes = re.fullmatch(r"two modes: 4 of 7 rounds at ~([\d.]+) ms, 3 at ~([\d.]+) ms", flipping.unstable["1"])
+    assert modes and float(modes[1]) < 70 and float(modes[2]) > 100, flipping.unstable["1"]
+    assert any(line.startswith("ort-int8 is unstable at batch 1: two modes") for line in said)
+    assert steady.unstable == {} and steady.latency_spread["1"]["iqr_over_median"] < rule.spread_limit
+    assert flipping.latency_ms["1"] < steady.latency_ms["1"] <= flipping.latency_ms["1"] * (1 + rule.close_margin)
+
+    # Without the rule the fastest median wins; with it the steady candidate, and the decision keeps the figures.
+    assert select(list(records.values()), AccuracyGate(0.5, 0.99, 0.9)).chosen == "ort-int8"
+    selection = select(list(records.values()), AccuracyGate(0.5, 0.99, 0.9), stability=rule)
+    assert selection.chosen == "ort-fp32" and selection.ranking == ["ort-int8", "ort-fp32"]
+    decision = selection.steadiness
+    assert decision["preferred"] == "ort-fp32" and decision["fastest"] == "ort-int8"
+    assert decision["figures"]["ort-int8"]["spread"] == flipping.latency_spread["1"]
+    assert decision["figures"]["ort-fp32"]["slower_than_fastest"] == pytest.approx(
+        steady.latency_ms["1"] / flipping.latency_ms["1"] - 1, abs=1e-4)
+    # A steady candidate beyond the margin does not displace the fastest one: it is kept, and the doubt recorded.
+    narrow = select(list(records.values()), AccuracyGate(0.5, 0.99, 0.9), stability=StabilityRule(close_margin=0.01))
+    assert narrow.chosen == "ort-int8" and narrow.steadiness["preferred"] is None
+
+    # The manifest and tune.md carry the flag, the spread and the decision.
+    manifest = TuneManifest(chosen=None, candidates=list(records.values()), cpu={"model": "x", "usable_cpus": 1,
+                            "threads": 1, "flags": []}, gate={"rule": "r", "accuracy_on": "photos"}, objective="latency",
+                            batches=[1], rounds=7, reference="eager", stability={**rule.to_dict(), "decision": decision})
+    again = TuneManifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
+    assert {c.name: c.unstable for c in again.candidates} == {"ort-fp32": {}, "ort-int8": flipping.unstable}
+    assert again.stability["decision"]["preferred"] == "ort-fp32"
+    report = render_markdown(again)
+    spread = flipping.latency_spread["1"]
+    assert f"{flipping.latency_ms['1']:.3f} [{spread['p25']:.3f}-{spread['p75']:.3f}]" in report
+    assert "| UNSTABLE (b1) |" in report and "| steady |" in report
+    assert f"- `ort-int8` at batch 1: {flipping.unstable['1']}" in report and decision["why"] in report
+
+
+def test_the_stability_rule_on_plain_figures():
+    rule = StabilityRule()
+    assert rule.judge([20.0, 20.4, 19.9, 20.2, 20.1]) is None
+    assert rule.judge([20.0, 41.0]) is None  # two rounds cannot tell
+    assert "IQR" in rule.judge([20.0, 24.0, 28.0, 32.0, 36.0])  # wide but not two modes
+    assert rule.judge([20.5, 41.9, 20.4, 42.0, 20.6]).startswith("two modes: 3 of 5 rounds at ~20.5 ms, 2 at ~41.95")
+    with pytest.raises(ValueError):
+        StabilityRule(mode_ratio=1.0)

@@ -144,6 +144,13 @@ class Console:
 _console = Console(ConsoleSettings(heartbeat_s=None))  # heartbeats only inside a command's session()
 
 
+def error_line(error: BaseException, limit: int | None = None) -> str:
+    """``Type: message`` on one line (whitespace collapsed), cut to ``limit`` characters when given."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
 def progress(message: str) -> None:
     """Print ``[vitdeploy] message`` to stderr, flushed (with the elapsed-time line on a terminal)."""
     _console.progress(message)

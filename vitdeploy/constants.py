@@ -44,6 +44,13 @@ TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "b
 # onnxruntime type strings -> numpy dtype names.
 ORT_DTYPES: dict[str, str] = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
+# Normalisation statistics of the sources' preprocessing: ImageNet's (timm/torchvision, DeiT, DINOv2)
+# and OpenAI CLIP's.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
 INPUT_NAME = "pixel_values"
 LOGITS_NAME = LOGITS  # the output names themselves live in vitdeploy.outputs
 

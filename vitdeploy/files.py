@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,12 @@ from vitdeploy.console import progress
 # target, named by the process that owns it, so the next run can tell a leftover (its process is
 # gone: killed by SIGKILL or a power cut) from the work of a run still going.
 TMP_MARK = ".vitdeploy-tmp"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a model name or path (``deploy``, ``tune`` and ``bench`` name files with it)."""
+    name = Path(text).name if ("/" in text or "\\" in text) else text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
 
 def _pid_alive(pid: int) -> bool:

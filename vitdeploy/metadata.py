@@ -90,6 +90,8 @@ PORTABLE = "portable"
 CPU_VARIANT = "onnxruntime-cpu"
 # ArtifactMetadata.transforms entry name of the onnxruntime CPU contrib-op fusion.
 CPU_FUSION = "ort_cpu_fusion"
+# ArtifactMetadata.transforms entry name of a quantization (exporters/quantize.py writes it).
+QUANTIZE_TRANSFORM = "quantize"
 
 
 @dataclass
@@ -318,6 +320,14 @@ def read_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
     if not seen_graph:
         raise ValueError(f"{path} is not an ONNX model (no graph found)")
     return props
+
+
+def quantization_record(metadata: Any) -> dict[str, Any] | None:
+    """The ``quantize`` entry of an artifact's ``transforms`` (``None`` for a float graph)."""
+    for transform in getattr(metadata, "transforms", []) or []:
+        if transform.get("name") == QUANTIZE_TRANSFORM:
+            return transform
+    return None
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> ArtifactMetadata:

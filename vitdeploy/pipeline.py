@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.console import progress
+from vitdeploy.console import error_line, progress
 from vitdeploy.constants import DEFAULT_FP32_OPS
 from vitdeploy.files import atomic_write_json, atomic_write_text, sha256_file
 
@@ -133,11 +133,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 @dataclass
 class DeployResult:
     """What ``deploy`` produced: the report's data, where it was written, and the exit status.
@@ -181,7 +176,7 @@ class Pipeline:
         try:
             yield record
         except BaseException as error:  # the run stops here; the stage's line says so
-            record.status, record.detail = "failed", _one_line(error)
+            record.status, record.detail = "failed", error_line(error)
             raise
         finally:
             record.seconds = time.perf_counter() - start
@@ -191,8 +186,8 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        from vitdeploy.benchmarks.models import slug
         from vitdeploy.checkpoints import resolve_source
+        from vitdeploy.files import slug
 
         with self.stage("load") as stage:
             self.resolved = resolve_source(self.options.source, log=self.log, model=self.options.model)
@@ -296,7 +291,7 @@ class Pipeline:
             try:
                 manifest = tensorrt_build.run_build(plan, show_progress=False, log=progress)
             except Exception as error:  # a build failure is reported; the rest of the pipeline goes on
-                stage.status, stage.detail = "failed", _one_line(error)
+                stage.status, stage.detail = "failed", error_line(error)
                 self.tensorrt["reason"] = stage.detail
                 return None
             self.tensorrt.update(built=True, tensorrt_version=manifest.tensorrt_version,
@@ -378,8 +373,8 @@ class Pipeline:
                 stage.status = "failed"
 
     def tune(self) -> None:
-        from vitdeploy.benchmarks.tune import TunePlan, tune
-        from vitdeploy.benchmarks.tune_report import terminal_table
+        from vitdeploy.tune import TunePlan, tune
+        from vitdeploy.tune.report import terminal_table
 
         with self.stage("tune") as stage:
             plan = TunePlan(folder=self.out, batches=self.options.bench_batches, rounds=self.options.tune_rounds,
@@ -392,7 +387,7 @@ class Pipeline:
             try:
                 self.tuned = tune(plan, reference_model=self.resolved.model, log=self.log)
             except Exception as error:  # tune failing leaves the exports and the rest of the report standing
-                stage.status, stage.detail = "failed", _one_line(error)
+                stage.status, stage.detail = "failed", error_line(error)
                 return
             print(terminal_table(self.tuned.manifest))
             chosen = self.tuned.manifest.chosen
@@ -649,7 +644,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 
     tuned = data.get("tune")
     if tuned:
-        from vitdeploy.benchmarks.tune_report import section_lines
+        from vitdeploy.tune.report import section_lines
         from vitdeploy.tune_manifest import TuneManifest
 
         manifest = TuneManifest.from_dict(tuned["document"])

@@ -1,9 +1,9 @@
 """The tune manifest: ``tune.json`` beside the artifacts of an export folder (pure Python, no numpy).
 
-``vitdeploy tune`` times every CPU candidate (backend x artifact x precision hint) side by side,
-gates each on accuracy and writes this file; :func:`vitdeploy.runtimes.load` of the folder then
-runs the chosen artifact with the chosen backend and options. This module is the one home of
-the schema:
+``vitdeploy tune`` (:mod:`vitdeploy.tune`) times every CPU candidate (backend x artifact x precision
+hint) side by side, gates each on accuracy and writes this file; :func:`vitdeploy.runtimes.load` of
+the folder then runs the chosen artifact with the chosen backend and options. The schema sits in
+the core, beside the engine manifest, because the runtimes read it. This module is its one home:
 
 ``kind``, ``version``
     ``"vitdeploy-tune"`` and :data:`MANIFEST_VERSION`.
@@ -13,18 +13,23 @@ the schema:
     (``inference_precision``, ``performance_hint``) and ``why`` (one sentence); ``None`` when
     no candidate passed the accuracy gate.
 ``candidates``
-    one :class:`CandidateRecord` per candidate, run or not: ``status`` ``ok`` (timed),
+    one :class:`Candidate` per candidate, run or not: ``status`` ``ok`` (timed),
     ``unavailable`` (cannot run here; ``reason`` says why), ``skipped`` (not asked for), ``failed``
     (``reason``: the error) or
     ``dropped`` (timed, but outside the accuracy gate; ``reason`` names the measured value);
-    ``latency_ms`` (batch -> median over rounds of the per-round p50), ``images_per_s`` (batch ->
-    images/s from that latency), ``throughput`` (the backend's throughput mode: ``images_per_s``,
-    ``batch``, ``mode``) and ``accuracy`` (``kind`` ``labelled`` or ``agreement`` and its figures).
+    ``latency_ms`` (batch -> median over rounds of the per-round p50), ``latency_rounds_ms`` (batch ->
+    each round's p50), ``latency_spread`` (batch -> ``min``, ``p25``, ``median``, ``p75``, ``max`` of
+    the rounds and ``iqr_over_median``), ``unstable`` (batch or ``"throughput"`` -> why that speed is
+    unstable here: two modes or a wide spread), ``images_per_s`` (batch -> images/s from that latency),
+    ``throughput`` (the backend's throughput mode: ``images_per_s``, ``batch``, ``mode``, and its
+    ``spread`` over rounds) and ``accuracy`` (``kind`` ``labelled`` or ``agreement`` and its figures).
 ``cpu``
     the CPU's model, usable CPUs, threads used and arithmetic ``flags`` (avx2, avx512_vnni, ...).
 ``gate``, ``objective``, ``batches``, ``rounds``, ``reference``, ``command``, ``created``, ``versions``,
-``peer`` (OpenVINO + NNCF int8 when compared: its figures and the choice's latency ratio to it) and
-``load`` (load averages and other processes' CPUs while timing).
+``peer`` (OpenVINO + NNCF int8 when compared: its figures and the choice's latency ratio to it),
+``load`` (load averages and other processes' CPUs while timing) and ``stability`` (the rule that
+flags unstable candidates, and ``decision``: when the fastest was unstable, whether a steady one
+within the margin was chosen instead, with both candidates' figures).
 
 The manifest is written atomically (:func:`write_manifest`); :func:`read_manifest` refuses a file of
 another kind or version, and :func:`chosen_artifact` refuses an artifact whose bytes changed since.
@@ -42,7 +47,7 @@ from vitdeploy.files import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "tune.json"
 MANIFEST_KIND = "vitdeploy-tune"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 BACKENDS = ("onnxruntime", "openvino")
 STATUSES = ("ok", "dropped", "unavailable", "skipped", "failed")
 
@@ -68,8 +73,10 @@ class Choice:
 
 
 @dataclass
-class CandidateRecord:
-    """One candidate's figures (see the module docstring for the fields)."""
+class Candidate:
+    """One way to run the model here (a backend, an artifact ``graph`` and a precision hint) and,
+    once tuned, its figures (see the module docstring for the fields). ``tune`` lists them with
+    status ``ok`` (can run here) or ``unavailable`` and fills them in as it measures."""
 
     name: str
     backend: str
@@ -82,6 +89,8 @@ class CandidateRecord:
     options: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_rounds_ms: dict[str, list[float]] = field(default_factory=dict)
+    latency_spread: dict[str, dict[str, float]] = field(default_factory=dict)
+    unstable: dict[str, str] = field(default_factory=dict)  # batch (or "throughput") -> why its speed is unstable
     images_per_s: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
@@ -100,7 +109,7 @@ class TuneManifest:
     """The whole ``tune.json`` document."""
 
     chosen: Choice | None
-    candidates: list[CandidateRecord]
+    candidates: list[Candidate]
     cpu: dict[str, Any]
     gate: dict[str, Any]
     objective: str
@@ -112,6 +121,7 @@ class TuneManifest:
     versions: dict[str, str | None] = field(default_factory=dict)
     peer: dict[str, Any] | None = None
     load: dict[str, Any] | None = None  # load averages and other processes' CPUs while timing
+    stability: dict[str, Any] | None = None  # the rule, and the decision it made (or questioned)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,7 +140,7 @@ class TuneManifest:
         try:
             chosen = Choice(**fields.pop("chosen")) if fields.get("chosen") else None
             fields.pop("chosen", None)
-            candidates = [CandidateRecord(**c) for c in fields.pop("candidates")]
+            candidates = [Candidate(**c) for c in fields.pop("candidates")]
             return cls(chosen=chosen, candidates=candidates, **fields)
         except (TypeError, KeyError) as error:
             raise TuneManifestError(f"{where} is malformed: {error}") from None

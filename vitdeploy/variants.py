@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from vitdeploy.config import HybridConfig, ViTConfig
+from vitdeploy.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # Paper Table 1: (hidden, depth, heads, mlp, rounded parameter count in millions).
 _SIZES: dict[str, tuple[int, int, int, int, int | None]] = {
@@ -27,10 +28,6 @@ _SIZES: dict[str, tuple[int, int, int, int, int | None]] = {
 # Families' other sizes: (hidden, depth, heads, mlp).
 _SO400M = (1152, 27, 16, 4304)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # CLIP's joint-space width by tower size.
 _CLIP_PROJECTION = {"base": 512, "large": 768, "huge": 1024}
 

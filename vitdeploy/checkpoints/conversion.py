@@ -27,8 +27,6 @@ PLAIN_VIT_FIELDS: dict[str, Any] = {
 # Fields that only name things; a ViTConfig without them loses nothing by dropping them.
 INFORMATIONAL_FIELDS = ("family",)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -28,7 +28,8 @@ from vitdeploy.checkpoints.common import (
     strip_prefixes,
     unwrap_state_dict,
 )
-from vitdeploy.checkpoints.conversion import IMAGENET_MEAN, IMAGENET_STD, Conversion, build_config, grid_side
+from vitdeploy.checkpoints.conversion import Conversion, build_config, grid_side
+from vitdeploy.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # Name of the position-embedding convention of the DINOv2 models without registers (vitdeploy.pos_embed).
 DINOV2_RESAMPLE = "dinov2"

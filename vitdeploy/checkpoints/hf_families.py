@@ -32,11 +32,9 @@ from typing import Any
 import torch
 
 from vitdeploy.checkpoints.common import CheckpointError, StateDict
-from vitdeploy.checkpoints.conversion import IMAGENET_MEAN, IMAGENET_STD, Conversion, grid_side
+from vitdeploy.checkpoints.conversion import Conversion, grid_side
 from vitdeploy.checkpoints.hf_common import activation, labels, rename_layers, square, strip_model_prefix
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from vitdeploy.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 LAYER_KEY = re.compile(r"^(?:encoder\.layers?|layers)\.(\d+)\.(.+)$")
 _QKV_ATTENTION = {

@@ -15,7 +15,7 @@ from vitdeploy.files import atomic_write_json
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "CommandParser", "range_arg", "range3_arg", "int_list_arg", "sizes_arg", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
            "non_negative_int", "add_pos_embed_resample", "add_model_override", "model_variant",
-           "refuse_model_override", "add_quantize_arguments", "parse_keep_float", "quantize_options"]
+           "refuse_model_override", "add_quantize_arguments", "parse_op_list", "quantize_options"]
 
 
 class CLIError(Exception):
@@ -331,8 +331,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                        "saturate on full-range weights (OpenVINO there); not needed for TensorRT or VNNI CPUs")
 
 
-def parse_keep_float(text: str) -> tuple[str, ...]:
-    """``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
+def parse_op_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of op types or roles (``--fp32-ops``, ``--keep-float``):
+    ``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
     if text.strip().lower() in ("", "none"):
         return ()
     return tuple(op.strip() for op in text.split(",") if op.strip())
@@ -342,6 +343,6 @@ def quantize_options(args: argparse.Namespace, precision: str):  # noqa: ANN201 
     """:class:`~vitdeploy.exporters.quantize.QuantizeOptions` from the parsed arguments."""
     from vitdeploy.exporters.quantize import QuantizeOptions
 
-    return QuantizeOptions(precision=precision, keep_float=parse_keep_float(args.keep_float),
+    return QuantizeOptions(precision=precision, keep_float=parse_op_list(args.keep_float),
                            calibrator=args.calibrator, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
                            smooth_threshold=args.smooth_threshold, reduce_range=args.reduce_range)

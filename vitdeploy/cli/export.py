@@ -15,6 +15,7 @@ from vitdeploy.cli.common import (
     opset,
     output_file,
     output_names,
+    parse_op_list,
     parse_range,
     positive_int,
     progress,
@@ -22,8 +23,7 @@ from vitdeploy.cli.common import (
     range_arg,
     write_json,
 )
-
-DEFAULT_FP32_OPS = "LayerNormalization,Softmax"
+from vitdeploy.constants import DEFAULT_FP32_OPS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,15 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8"], default="fp32",
                         help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from, "
                         "int8/fp8 are calibrated Q/DQ graphs (see the quantization options and `vitdeploy quantize`)")
-    parser.add_argument("--fp32-ops", default=DEFAULT_FP32_OPS, metavar="OPS",
-                        help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default {DEFAULT_FP32_OPS})")
+    parser.add_argument("--fp32-ops", default=",".join(DEFAULT_FP32_OPS), metavar="OPS",
+                        help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default "
+                        f"{','.join(DEFAULT_FP32_OPS)})")
     parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
     parser.add_argument("--outputs", type=output_names, metavar="NAMES",
                         help="the graph's outputs, comma-separated, of logits, pooler_output, image_embeds, "
                         "last_hidden_state, patch_tokens (default: logits for a classifier, image_embeds for a CLIP "
                         "tower with its projection, else pooler_output)")
-    parser.add_argument("--features", action="store_true",
-                        help="deprecated: adds last_hidden_state [batch, prefix + (H/p)(W/p), hidden] to --outputs")
     parser.add_argument("--full-last-block", action="store_true",
                         help="compute the last block for every token; by default an export of per-image vectors only "
                         "(logits, pooler_output, image_embeds) of a class-token model computes it for the class token "
@@ -84,13 +83,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_source_check(parser)
     add_quantize_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def parse_fp32_ops(text: str) -> tuple[str, ...]:
-    """``"LayerNormalization,Softmax"`` → a tuple; ``"none"`` or ``""`` → empty."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(op.strip() for op in text.split(",") if op.strip())
 
 
 def size_ranges(args: argparse.Namespace) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -131,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve_source(args.source, log=progress, model=args.model_variant, **overrides)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
-        fp32_ops=parse_fp32_ops(args.fp32_ops), fp16_io=args.fp16_io, features=args.features, outputs=args.outputs,
+        fp32_ops=parse_op_list(args.fp32_ops), fp16_io=args.fp16_io, outputs=args.outputs,
         full_last_block=args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256, source_format=resolved.format,

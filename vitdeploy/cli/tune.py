@@ -1,5 +1,5 @@
 """`vitdeploy tune`: time every CPU candidate side by side, keep the fastest accurate one (the work is
-vitdeploy.benchmarks.tune)."""
+vitdeploy.tune)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,12 @@ A candidate that cannot run here is listed with its reason (no bf16 on this CPU,
 backend not installed). Missing int8 forms are quantized from the fp32 file with the same
 calibration images. Accuracy: with --labelled DIR, top-1 on those images against eager fp32;
 otherwise the worst cosine and top-1 agreement against eager fp32 on real photos (--images DIR,
-default the bundled ones). The fastest candidate within --max-accuracy-drop is chosen and written
-to OUT/tune.json with every candidate's figures and the CPU's flags (plus OUT/tune.md and
-OUT/tune_latency_vs_accuracy.png); `vitdeploy predict OUT IMAGE` and runtimes.load(OUT) run it.
+default the bundled ones). Each figure is reported with its spread across the rounds, and a
+candidate whose speed is unstable here (two modes, or an IQR above 20 % of its median) is flagged;
+a steady candidate within 10 % of an unstable faster one is preferred to it. The fastest (steady)
+candidate within --max-accuracy-drop is chosen and written to OUT/tune.json with every candidate's
+figures and the CPU's flags (plus OUT/tune.md and OUT/tune_latency_vs_accuracy.png);
+`vitdeploy predict OUT IMAGE` and runtimes.load(OUT) run it.
 
 Exit status: 0 a candidate was chosen; 1 none passed the accuracy gate; 2 bad input.
 
@@ -49,7 +52,8 @@ Exit status: 0 a candidate was chosen; 1 none passed the accuracy gate; 2 bad in
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vitdeploy.benchmarks.tune import OBJECTIVES, candidate_list
+    from vitdeploy.tune.candidates import candidate_list
+    from vitdeploy.tune.selection import OBJECTIVES
 
     names = ", ".join(c.name for c in candidate_list(frozenset()))
     parser = subparsers.add_parser(
@@ -108,7 +112,7 @@ def _reconstructed(args: argparse.Namespace) -> str:
 
 def accuracy_gate(text: str) -> str:
     """argparse type of ``--max-accuracy-drop``: checked at parse time, kept as text (``gate_from`` builds it)."""
-    from vitdeploy.benchmarks.tune import AccuracyGate
+    from vitdeploy.tune.accuracy import AccuracyGate
 
     try:
         AccuracyGate.parse(text)
@@ -119,7 +123,7 @@ def accuracy_gate(text: str) -> str:
 
 def gate_from(text: str | None, labelled: bool) -> object:
     """The accuracy gate of ``--max-accuracy-drop`` (the defaults where it is not given)."""
-    from vitdeploy.benchmarks.tune import AccuracyGate
+    from vitdeploy.tune.accuracy import AccuracyGate
 
     if text is None:
         return AccuracyGate()
@@ -137,15 +141,16 @@ def gate_from(text: str | None, labelled: bool) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitdeploy.benchmarks.tune import TunePlan, export_for_tune, find_artifacts, tune
-    from vitdeploy.benchmarks.tune_report import terminal_table
+    from vitdeploy.tune import TunePlan, tune
+    from vitdeploy.tune.candidates import export_for_tune, find_artifacts
+    from vitdeploy.tune.report import terminal_table
 
     batches = tuple(parse_int_list(args.batch, "batch"))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     source = Path(args.source)
-    exported = not (source.is_dir() and "fp32" in find_artifacts(source))
-    if not exported:
+    needs_export = not (source.is_dir() and "fp32" in find_artifacts(source))
+    if not needs_export:
         refuse_model_override(args.model_variant, args.source, "an export folder, whose files record the architecture")
         if args.output is not None and Path(args.output).resolve() != source.resolve():
             raise CLIError(f"tune writes tune.json beside the artifacts it measured: omit -o or give {args.source!r}")
@@ -167,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
                     calibration_size=args.calibration_size, peer=args.compare_nncf, only=only,
                     command=command_line("tune") or _reconstructed(args))
     reference = None
-    if exported:
-        from vitdeploy.benchmarks.models import slug
+    if needs_export:
         from vitdeploy.checkpoints import resolve_source
+        from vitdeploy.files import slug
 
         resolved = resolve_source(args.source, log=progress, model=args.model_variant)
         reference = resolved.model.eval()

@@ -18,14 +18,13 @@ exporter (its own gate: eager fp32 at the validation shapes), then the file's de
 bundled photos with onnxruntime and OpenVINO; the target is worst cosine >= 0.995 everywhere.
 Accuracy only; no timing::
 
-    python -m vitdeploy.benchmarks.outliers [--model vit_small_patch16_224] [--seeds 0,1,2,3,4] [--depth N]
+    python studies/outliers.py [--model vit_small_patch16_224] [--seeds 0,1,2,3,4] [--depth N]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from study import RESULTS, command_line, write_results
 
 from vitdeploy.exporters.quantize import own_initializers, smoothing_targets
 
@@ -44,7 +44,7 @@ DEFAULT_FACTOR = 30.0
 # The issue's outlier ViT: three LayerNorm channels x30 in every block, which channels drawn per seed.
 SEED_CHANNELS = 3
 TARGET_COSINE = 0.995
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "outliers_int8.json"
+DEFAULT_OUTPUT = RESULTS / "outliers_int8.json"
 
 
 def outlier_channels(width: int, seed: int, count: int = SEED_CHANNELS) -> tuple[int, ...]:
@@ -151,7 +151,7 @@ def inject_outlier_channels(model: onnx.ModelProto, channels: Sequence[int] = DE
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vitdeploy.benchmarks.outliers",
+    parser = argparse.ArgumentParser(prog="python studies/outliers.py",
                                      description="int8 exports of outlier-channel ViTs (random weights per seed), "
                                      "checked against eager fp32 at the validation shapes and on the photos")
     parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (default vit_small_patch16_224)")
@@ -257,13 +257,10 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> tuple[dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vitdeploy.benchmarks.environment import capture_environment
     from vitdeploy.cpu_features import int8_dot_flags
-    from vitdeploy.files import atomic_write_json
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.outliers",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("outliers", argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="outliers.") as folder:
         for seed in args.seeds:
@@ -277,16 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"target {'met' if row['meets_target'] else 'MISSED'} ({seconds:.0f} s)", file=sys.stderr,
                   flush=True)
     met = all(row["meets_target"] for row in rows)
-    report = {"command": command, "environment": capture_environment(command), "cpu_int8_dot_product": int8_dot_flags(),
+    report = {"cpu_int8_dot_product": int8_dot_flags(),
               "setup": {"model": args.model, "depth": args.depth, "seeds": args.seeds, "channels": args.channels,
                         "weights": args.weights, "outlier_handling": not args.no_outlier_handling,
                         "factor": args.factor, "calibration": args.calibration or "bundled photos + crops",
                         "calibration_size": args.calibration_size, "target_cosine": TARGET_COSINE,
                         "metrics": "vs eager fp32; cosine is the minimum over each batch's samples"},
               "results": rows, "target_met": met}
-    atomic_write_json(args.output, report, parents=True)
-    print(f"{'every' if met else 'NOT every'} seed meets worst cosine >= {TARGET_COSINE}; wrote {args.output}",
-          file=sys.stderr)
+    write_results(args.output, command, report)
+    print(f"{'every' if met else 'NOT every'} seed meets worst cosine >= {TARGET_COSINE}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """What the exact in-graph position-embedding resampling costs, against the single ``Resize`` it replaced.
 
-Since issue 11 an exported graph resamples the position embeddings with the checkpoint
+An exported graph resamples the position embeddings with the checkpoint
 framework's own convention, as ``W_h · P · W_wᵀ`` with interpolation matrices computed in the
 graph from the input size (``vitdeploy.pos_embed``). Before, it was one ONNX ``Resize``
 (bicubic, ``a = -0.75``, no antialias: Hugging Face's convention, which cannot express timm's
@@ -9,14 +9,13 @@ form with the real tracer and times them with onnxruntime side by side in one pr
 interleaved rounds (the order reverses every round), reporting the median of the per-round p50
 latencies: the whole model, and the position-embedding subgraph alone.
 
-    python -m vitdeploy.benchmarks.pos_embed_cost [--model vit_small_patch16_224] [--size 288] [--output PATH]
+    python studies/pos_embed_cost.py [--model vit_small_patch16_224] [--size 288] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -24,15 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vitdeploy.benchmarks.side_by_side import (
+from study import (
+    RESULTS,
     add_run_arguments,
     check_at_least_one,
+    command_line,
     model_overrides,
-    time_rounds,
+    write_results,
 )
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "pos_embed_cost.json"
+from vitdeploy.benchmarks.timing import time_rounds
+
+DEFAULT_OUTPUT = RESULTS / "pos_embed_cost.json"
 RESIZE = "resize"
 
 
@@ -40,7 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from vitdeploy.pos_embed import RESAMPLE_METHODS
 
     parser = argparse.ArgumentParser(
-        prog="python -m vitdeploy.benchmarks.pos_embed_cost",
+        prog="python studies/pos_embed_cost.py",
         description="Time the in-graph interpolation-matrix resampling of each convention against the single "
         "Resize node it replaced (onnxruntime CPU, one process, interleaved rounds).",
     )
@@ -62,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def resize_form(pos_embed: Any, new_grid: Any, old_grid: tuple[int, int], num_prefix_tokens: int = 1,
                 *, method: str) -> Any:
-    """The resampling before issue 11 (the baseline): one bicubic ``F.interpolate``, which exports as one
+    """The earlier resampling (the baseline): one bicubic ``F.interpolate``, which exports as one
     ``Resize`` node. It computes Hugging Face's convention whatever ``method`` says."""
     import torch
     import torch.nn.functional as F
@@ -125,14 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import vitdeploy
-    from vitdeploy.benchmarks.environment import capture_environment, recording_load
+    from vitdeploy.benchmarks.environment import recording_load
     from vitdeploy.exporters.onnx_export import ExportOptions, trace_to_onnx
-    from vitdeploy.files import atomic_write_json
     from vitdeploy.parity import compare_logits
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.pos_embed_cost",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("pos_embed_cost", argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     overrides = model_overrides(args)
@@ -192,8 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "extra_us_vs_resize": round((ms - baseline) * 1000, 1),
                      "rel_max_error_vs_eager": parity.get(name)})
     report = {
-        "command": command,
-        "environment": capture_environment(command, threads=args.threads),
         **load.to_dict(),
         "setup": {"model": args.model, "depth": config.depth, "batch": args.batch, "height": size, "width": size, "threads": args.threads,
                   "rounds": args.rounds, "iterations": args.iterations, "warmup": args.warmup,
@@ -209,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = row["rel_max_error_vs_eager"]
         print(f"{row['graph']:26s} {row['nodes']:6d} {row['p50_ms_median']:9.3f} {row['vs_resize']:9.3f}x "
               f"{row['extra_us_vs_resize']:9.1f} {'' if error is None else f'{error:9.1e}'}")
-    atomic_write_json(args.output, report, parents=True)
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_results(args.output, command, report, threads=args.threads)
     return 0
 
 

@@ -3,7 +3,7 @@
 Run it with the torch-free serve venv's Python (the one whose tritonserver stub works), on an
 exported ONNX file::
 
-    .venv-serve/bin/python -m vitdeploy.benchmarks.serving model.onnx --clients 1,8 --requests 200 \
+    .venv-serve/bin/python studies/serving.py model.onnx --clients 1,8 --requests 200 \
         --json serving.json
 
 It times the direct :class:`~vitdeploy.runtimes.onnxruntime.OrtRuntime` first, then writes a
@@ -21,7 +21,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -33,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from study import command_line, write_results
 
-from vitdeploy.benchmarks.environment import cpu_model, load_average
+from vitdeploy.benchmarks.environment import load_average
 from vitdeploy.benchmarks.stats import summarize
 from vitdeploy.console import progress
-from vitdeploy.files import atomic_write_json
+from vitdeploy.cpu_features import cpu_model
 
 MODEL_KIND = "python"
 
@@ -139,7 +139,7 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitdeploy.benchmarks.serving", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python studies/serving.py", description=__doc__.split("\n")[0])
     parser.add_argument("onnx", type=Path, help="an exported .onnx file (its .cpu.onnx variant is used when present)")
     parser.add_argument("--clients", default="1,8", help="concurrent client counts (default 1,8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per setting (default 200)")
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     side = args.resolution or metadata.preprocessing.crop_size
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, side, side)).astype(metadata.inputs[0].dtype)
     progress(f"direct runtime: {args.requests} requests of {args.batch}x3x{side}x{side}")
-    command = shlex.join(["python", "-m", "vitdeploy.benchmarks.serving", *(sys.argv[1:] if argv is None else argv)])
-    results: dict[str, Any] = {"command": command, "onnx": str(args.onnx), "shape": list(pixels.shape), "protocol": args.protocol,
+    command = command_line("serving", argv)
+    results: dict[str, Any] = {"onnx": str(args.onnx), "shape": list(pixels.shape), "protocol": args.protocol,
                                "cpu": cpu_model(), "load_average": load_average(),
                                "direct": time_direct(args.onnx, pixels, args.requests, args.warmup)}
     with tempfile.TemporaryDirectory(prefix="vitdeploy-serving-bench-") as folder:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         row = results[key]
         print(f"{key:<12} {row['images_per_s']:>10.1f} {row['p50_ms']:>9.2f} {row['p99_ms']:>9.2f}")
     if args.json:
-        atomic_write_json(args.json, results)
+        write_results(args.json, command, results)
     return 0
 
 

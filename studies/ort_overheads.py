@@ -9,13 +9,12 @@ per-round p50 latencies. Two more rows split onnxruntime's gain in two: the same
 its last block computed for every token (``--full-last-block``), and eager PyTorch computing
 the last block for the class token alone (``forward_logits``).
 
-    python -m vitdeploy.benchmarks.ort_overheads [--model vit_small_patch16_224] [--output PATH]
+    python studies/ort_overheads.py [--model vit_small_patch16_224] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -23,22 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vitdeploy.benchmarks.side_by_side import (
+from study import (
+    RESULTS,
     add_run_arguments,
     check_at_least_one,
-    model_overrides,
-    time_rounds,
+    command_line,
+    random_model,
+    write_results,
 )
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "ort_overheads.json"
+from vitdeploy.benchmarks.timing import time_rounds
+
+DEFAULT_OUTPUT = RESULTS / "ort_overheads.json"
 ORT_TARGET = 0.8  # onnxruntime latency / eager latency
 WRAPPER_TARGET = 0.03  # OrtRuntime latency / bare session latency - 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vitdeploy.benchmarks.ort_overheads",
+        prog="python studies/ort_overheads.py",
         description="Time eager torch fp32, a bare onnxruntime InferenceSession.run and OrtRuntime side by side.",
     )
     add_run_arguments(parser, rounds=9, iterations=30, warmup=5, default_output=DEFAULT_OUTPUT,
@@ -61,19 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    import vitdeploy
-    from vitdeploy.benchmarks.environment import capture_environment, recording_load
+    from vitdeploy.benchmarks.environment import recording_load
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
-    from vitdeploy.files import atomic_write_json
     from vitdeploy.parity import compare_logits
     from vitdeploy.runtimes import OrtRuntime
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.ort_overheads",
-                          *(sys.argv[1:] if argv is None else argv)])
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model = vitdeploy.create_model(args.model, **model_overrides(args)).eval()
+    command = command_line("ort_overheads", argv)
+    model = random_model(args)
     size = args.size or model.config.image_size
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
     tensor = torch.from_numpy(pixels)
@@ -133,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     wrapper = wrapped_ms / bare_ms - 1.0
     ort_ratio = wrapped_ms / eager_ms
     report = {
-        "command": command,
-        "environment": capture_environment(command, threads=args.threads),
         **load.to_dict(),
         "setup": {"model": args.model, "depth": model.config.depth, "batch": args.batch, "height": size, "width": size, "threads": args.threads,
                   "rounds": args.rounds, "iterations": args.iterations, "warmup": args.warmup,
@@ -161,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'met' if ort_ratio <= ORT_TARGET else 'NOT met'}")
     print(f"wrapper overhead: {wrapper:+.2%} ({(wrapped_ms - bare_ms) * 1000:+.0f} us; target <= "
           f"{WRAPPER_TARGET:.0%}) {'met' if wrapper <= WRAPPER_TARGET else 'NOT met'}")
-    atomic_write_json(args.output, report, parents=True)
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_results(args.output, command, report, threads=args.threads)
     return 0
 
 

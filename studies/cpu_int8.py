@@ -13,13 +13,12 @@ reports the median over rounds of the per-round p50 latency.
 NNCF is the peer, not a dependency: ``pip install nncf`` in the environment that runs this (it
 is skipped with its reason otherwise). bf16 rows appear only where the CPU has bf16.
 
-    python -m vitdeploy.benchmarks.cpu_int8 [--model vit_small_patch16_224] [--batch 1,8] [--output PATH]
+    python studies/cpu_int8.py [--model vit_small_patch16_224] [--batch 1,8] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,15 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vitdeploy.benchmarks.side_by_side import (
+from study import (
+    RESULTS,
     add_run_arguments,
     check_at_least_one,
-    model_overrides,
-    time_rounds,
+    command_line,
+    random_model,
+    write_results,
 )
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_int8.json"
+from vitdeploy.benchmarks.timing import time_rounds
+
+DEFAULT_OUTPUT = RESULTS / "cpu_int8.json"
 PEER = "OpenVINO + NNCF int8 (peer)"
 BASELINE = "torch eager fp32"
 MIN_COSINE = 0.99
@@ -43,7 +45,7 @@ MIN_COSINE = 0.99
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vitdeploy.benchmarks.cpu_int8",
+        prog="python studies/cpu_int8.py",
         description="Time vitdeploy's CPU runtimes (fp32/int8, onnxruntime/OpenVINO) against OpenVINO + NNCF "
         "int8 side by side in one process; report ratios and cosine vs eager fp32 on the bundled photos.",
     )
@@ -88,25 +90,6 @@ def ort_quantize_static(fp32: Path, output: Path, calibration: Any, input_name: 
     return output
 
 
-def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: int) -> Callable[[np.ndarray], Any]:
-    """OpenVINO running NNCF's int8 quantization of the fp32 graph (transformer preset), OpenVINO's
-    default inference precision for the rest; raises ImportError without nncf."""
-    import nncf
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(fp32))
-    name = model.inputs[0].get_any_name()
-    model.reshape({name: ov.PartialShape([ov.Dimension(1, max_batch), 3, size, size])})
-    dataset = nncf.Dataset(list(calibration.batches(1)))
-    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=calibration.count)
-    compiled = core.compile_model(quantized, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
-    return lambda pixels: np.array(request.infer({0: pixels})[output], copy=True)
-
-
 def openvino_session(path: Path, threads: int, precision: str = "f32") -> Callable[[np.ndarray], Any]:
     """A bare OpenVINO compiled model (for files without vitdeploy metadata, such as onnxruntime's)."""
     import openvino as ov
@@ -123,25 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    import vitdeploy
     from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
-    from vitdeploy.benchmarks.environment import capture_environment, recording_load
+    from vitdeploy.benchmarks.environment import recording_load
     from vitdeploy.calibration import load_calibration
     from vitdeploy.cpu_features import has_bf16, int8_dot_flags
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions
     from vitdeploy.exporters.quantize_onnx import quantize_onnx
-    from vitdeploy.files import atomic_write_json
     from vitdeploy.metadata import read_onnx_metadata
     from vitdeploy.parity import InputFactory, compare_logits
     from vitdeploy.runtimes import OpenVINORuntime, OrtRuntime
+    from vitdeploy.tune.peer import nncf_peer
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.cpu_int8",
-                          *(sys.argv[1:] if argv is None else argv)])
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model = vitdeploy.create_model(args.model, **model_overrides(args)).eval()
+    command = command_line("cpu_int8", argv)
+    model = random_model(args)
     size = args.size or model.config.image_size
     max_batch = max(max(args.batches), 4)
     bf16 = has_bf16()
@@ -274,8 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio_to_peer": round(ratio, 4) if ratio else None, "met": (ratio <= 1.0) if ratio else None,
         }
     report = {
-        "command": command,
-        "environment": capture_environment(command, threads=args.threads),
         "cpu": {"bf16": bf16, "int8_dot_product": int8_dot_flags()},
         **load.to_dict(),
         "setup": {"model": args.model, "depth": model.config.depth, "size": size, "batches": args.batches, "threads": args.threads,
@@ -301,8 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "n/a (no peer)" if target["met"] is None else ("met" if target["met"] else "NOT met")
         print(f"{name}: fastest vitdeploy path {target['fastest']} {target['fastest_ms']} ms vs peer "
               f"{target['peer_ms']} ms -> {verdict}")
-    atomic_write_json(args.output, report, parents=True)
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_results(args.output, command, report, threads=args.threads)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Where a ViT's time goes on the CPU: each backend's own profiler, by category, against the measured peaks.
 
-    python -m vitdeploy.benchmarks.profile --model vit_small_patch16_224 --precision fp32,int8 \\
+    python studies/cpu_profile.py --model vit_small_patch16_224 --precision fp32,int8 \\
         --batch 1,8 --backend onnxruntime,openvino [--output PATH]
 
 Each (backend, precision, batch) runs the graph a user of that backend runs (exported once into
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -38,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from study import RESULTS, command_line, write_results
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "profile.json"
+DEFAULT_OUTPUT = RESULTS / "profile.json"
 BACKENDS = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "int8")
 
@@ -612,7 +612,7 @@ def _csv(text: str, cast: Callable[[str], Any] = str) -> tuple[Any, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vitdeploy.benchmarks.profile",
+        prog="python studies/cpu_profile.py",
         description="Profile a ViT on onnxruntime and OpenVINO (CPU) with each backend's own profiler: time per "
         "category (GEMMs, attention, softmax, LayerNorm, GELU, Q/DQ, layout, ...) and the fraction of the "
         "measured matmul peak.")
@@ -657,15 +657,13 @@ def _say(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vitdeploy.benchmarks.environment import ARITHMETIC_FLAGS, capture_environment
-    from vitdeploy.benchmarks.models import BenchModel, slug
+    from vitdeploy.benchmarks.models import BenchModel
     from vitdeploy.benchmarks.peaks import PeakTable
-    from vitdeploy.cpu_features import cpu_flags, has_bf16, int8_dot_flags
-    from vitdeploy.files import atomic_write_json, atomic_write_text
+    from vitdeploy.cpu_features import arithmetic_flags, has_bf16, int8_dot_flags
+    from vitdeploy.files import atomic_write_text, slug
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.profile",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("cpu_profile", argv)
     cache = args.cache_dir or args.output.parent / "artifacts"
     if args.depth is None:
         bench = BenchModel.open(args.model, cache)
@@ -678,9 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = run_profiles(bench, args.plan, peaks, _say)
     plan = args.plan
     document = {
-        "command": command,
-        "environment": capture_environment(command, threads=plan.threads),
-        "cpu": {"arithmetic_flags": sorted(set(ARITHMETIC_FLAGS) & cpu_flags()), "int8_dot_product": int8_dot_flags(),
+        "cpu": {"arithmetic_flags": arithmetic_flags(), "int8_dot_product": int8_dot_flags(),
                 "bf16": has_bf16()},
         "setup": {"model": args.model, "depth": bench.config.depth, "random_weights": bench.random_weights,
                   "threads": plan.threads, "calls": plan.calls, "warmup": plan.warmup,
@@ -688,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peaks": peaks.to_list(),
         "profiles": profiles,
     }
-    atomic_write_json(args.output, document, parents=True)
+    document = write_results(args.output, command, document, threads=plan.threads)
     markdown = profile_markdown(document)
     atomic_write_text(args.output.with_suffix(".md"), markdown)
     print(markdown)

@@ -1,7 +1,8 @@
 """What ``vitdeploy tune`` shows: the candidates table (terminal and Markdown) and latency vs accuracy.
 
-Every candidate is a row, run or not: timed ones with their p50 latency and images/s per batch,
-their throughput-mode images/s and their accuracy; dropped and unavailable ones with the reason.
+Every candidate is a row, run or not: timed ones with their p50 latency per batch and its spread
+across the interleaved rounds (p25-p75), images/s, their throughput-mode images/s, their accuracy
+and whether their speed was unstable here; dropped and unavailable ones with the reason.
 """
 
 from __future__ import annotations
@@ -20,26 +21,40 @@ def _accuracy_text(accuracy: dict[str, Any] | None) -> str:
     return f"cos {accuracy['cosine']:.5f}, top-1 agr {accuracy['top1_agreement']:.2f}"
 
 
+def _latency_text(median: float | None, spread: dict[str, float] | None) -> str:
+    if median is None:
+        return "-"
+    return f"{median:.3f}" + (f" [{spread['p25']:.3f}-{spread['p75']:.3f}]" if spread else "")
+
+
+def _speed_text(candidate: Any) -> str:
+    """``UNSTABLE (b1)`` where the candidate's speed was flagged, ``steady`` where it was timed."""
+    if candidate.unstable:
+        return f"UNSTABLE ({', '.join(k if k == 'throughput' else 'b' + k for k in candidate.unstable)})"
+    return "steady" if candidate.latency_ms else "-"
+
+
 def _rows(manifest: TuneManifest) -> tuple[list[str], list[list[str]]]:
     batches = [str(b) for b in manifest.batches]
-    header = ["candidate", "status", *[f"b{b} p50 ms" for b in batches], *[f"b{b} img/s" for b in batches],
-              "throughput img/s", "accuracy", "reason / notes"]
+    header = ["candidate", "status", *[f"b{b} p50 ms [p25-p75]" for b in batches],
+              *[f"b{b} img/s" for b in batches], "throughput img/s", "accuracy", "speed", "reason / notes"]
     chosen = manifest.chosen.name if manifest.chosen else None
     rows = []
     for c in manifest.candidates:
         status = "CHOSEN" if c.name == chosen else c.status
-        latency = [f"{c.latency_ms[b]:.3f}" if b in c.latency_ms else "-" for b in batches]
+        latency = [_latency_text(c.latency_ms.get(b), c.latency_spread.get(b)) for b in batches]
         ips = [f"{c.images_per_s[b]:.1f}" if b in c.images_per_s else "-" for b in batches]
         throughput = f"{c.throughput['images_per_s']:.1f} (b{c.throughput['batch']})" if c.throughput else "-"
         reason = c.reason or "; ".join(c.notes) or ""
-        rows.append([c.name, status, *latency, *ips, throughput, _accuracy_text(c.accuracy), reason])
+        rows.append([c.name, status, *latency, *ips, throughput, _accuracy_text(c.accuracy), _speed_text(c), reason])
     if manifest.peer is not None:
         peer = manifest.peer
-        latency = [f"{peer['latency_ms'][b]:.3f}" if b in peer.get("latency_ms", {}) else "-" for b in batches]
+        latency = [_latency_text(peer.get("latency_ms", {}).get(b), peer.get("latency_spread", {}).get(b))
+                   for b in batches]
         ips = [f"{int(b) * 1000 / peer['latency_ms'][b]:.1f}" if b in peer.get("latency_ms", {}) else "-"
                for b in batches]
         rows.append([peer["name"], "peer" if peer.get("latency_ms") else "unavailable", *latency, *ips, "-",
-                     _accuracy_text(peer.get("accuracy")), peer.get("reason") or peer["description"]])
+                     _accuracy_text(peer.get("accuracy")), "-", peer.get("reason") or peer["description"]])
     return header, rows
 
 
@@ -71,8 +86,9 @@ def render_markdown(manifest: TuneManifest, load: str = "", plot: str | None = N
              f"CPU: {cpu['model']}, {cpu['usable_cpus']} usable CPUs, {cpu['threads']} threads; arithmetic flags: "
              f"{', '.join(cpu['flags']) or 'none'}. Accuracy: {manifest.gate['accuracy_on']} against "
              f"{manifest.reference}; gate: {manifest.gate['rule']}. Timing: candidates interleaved in "
-             f"{manifest.rounds} rounds (order reversed every round), median of the per-round p50"
-             + (f"; {load}" if load else "") + ".", ""]
+             f"{manifest.rounds} rounds (order reversed every round), median of the per-round p50 and, in "
+             "brackets, the 25th-75th percentile of the rounds" + (f"; {load}" if load else "") + "."
+             + (f" Stability: {manifest.stability['rule']}." if manifest.stability else ""), ""]
     lines += section_lines(manifest)
     if plot:
         lines += ["", f"![latency vs accuracy]({plot})"]
@@ -85,6 +101,15 @@ def section_lines(manifest: TuneManifest) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     lines += ["", f"**{_verdict(manifest)}**", ""]
+    unstable = [c for c in manifest.candidates if c.unstable]
+    if unstable:
+        lines += ["Unstable speed on this machine (the median alone would record whichever moment it caught):", ""]
+        lines += [f"- `{c.name}` {'in throughput mode' if which == 'throughput' else f'at batch {which}'}: {why}"
+                  for c in unstable for which, why in c.unstable.items()]
+        lines += [""]
+    decision = (manifest.stability or {}).get("decision")
+    if decision:
+        lines += [f"Stability decision: {decision['why']}.", ""]
     left = [c for c in manifest.candidates if c.status != "ok"]
     if left:
         lines += ["Not chosen, and why:", ""]

@@ -8,28 +8,28 @@ measured float fallback; 7-bit weights), its fp8, and onnxruntime's ``quantize_s
 layers by op type), each run by onnxruntime and OpenVINO and compared with the eager model on
 the bundled photos and on synthetic images: cosine (minimum over samples), relative max error,
 top-1 agreement. The same is repeated on a copy of the graph with outlier channels injected into
-every LayerNorm output (``benchmarks/outliers.py``: x30 on 4 channels, the float function
+every LayerNorm output (``studies/outliers.py``: x30 on 4 channels, the float function
 unchanged), the phenomenon trained ViTs show and random weights do not. Accuracy only; no timing.
 
-    python -m vitdeploy.benchmarks.quant_accuracy [--model vit_small_patch16_224] [--output PATH]
+    python studies/quant_accuracy.py [--model vit_small_patch16_224] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from study import RESULTS, command_line, write_results
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "quant_accuracy.json"
+DEFAULT_OUTPUT = RESULTS / "quant_accuracy.json"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vitdeploy.benchmarks.quant_accuracy",
+    parser = argparse.ArgumentParser(prog="python studies/quant_accuracy.py",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_small_patch16_224", help="variant name (random weights, seed 0)")
     parser.add_argument("--batch", type=int, default=8, help="images per comparison batch (default 8)")
@@ -50,22 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import openvino as ov
     import torch
+    from cpu_int8 import ort_quantize_static
+    from outliers import inject_outlier_channels
 
     import vitdeploy
-    from vitdeploy.benchmarks.cpu_int8 import ort_quantize_static
-    from vitdeploy.benchmarks.environment import capture_environment
-    from vitdeploy.benchmarks.outliers import inject_outlier_channels
     from vitdeploy.calibration import load_calibration
     from vitdeploy.cpu_features import int8_dot_flags
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
     from vitdeploy.exporters.quantize import QuantizeOptions, quantize_model
-    from vitdeploy.files import atomic_write_json
     from vitdeploy.metadata import read_onnx_metadata
     from vitdeploy.parity import InputFactory, compare_logits
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.quant_accuracy",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("quant_accuracy", argv)
     torch.manual_seed(0)
     model = vitdeploy.create_model(args.model).eval()
     size = model.config.image_size
@@ -131,14 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{graph_name:26s} {name:55s} {runtime:11s} photos cos {row['photos']['cosine']:.5f} "
                           f"top-1 {row['photos']['top1_agreement']:.2f} | synthetic cos {row['synthetic']['cosine']:.5f}")
-    report = {"command": command, "environment": capture_environment(command),
-              "cpu_int8_dot_product": int8_dot_flags(),
+    report = {"cpu_int8_dot_product": int8_dot_flags(),
               "setup": {"model": args.model, "size": size, "batch": args.batch, "calibration": calibration.describe(),
                         "outliers": f"x{args.outlier_factor:g} on channels of every LayerNorm feeding linear layers",
                         "metrics": "vs eager fp32; cosine is the minimum over the batch's samples"},
               "results": rows}
-    atomic_write_json(args.output, report, parents=True)
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_results(args.output, command, report)
     return 0
 
 

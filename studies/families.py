@@ -1,6 +1,6 @@
 """Each family's exported graphs against its eager timm model, side by side on the CPU at hand.
 
-The question (issue 18): at batch 1 and the native size, is the fp32 graph vitdeploy exports of
+The question: at batch 1 and the native size, is the fp32 graph vitdeploy exports of
 each family no slower than the same family's eager timm model, and where does the int8 graph
 stand beside them? For each family's representative variant (DeiT-S distilled, DeiT III-S,
 DINOv2-S with registers at 518, CLIP B/16, SigLIP B/16 by default):
@@ -16,19 +16,18 @@ DINOv2-S with registers at 518, CLIP B/16, SigLIP B/16 by default):
 
 Each output is checked against timm's on the bundled photos (the fp32 graph's relative error shows
 the weights are the same). A family's three contenders are timed in interleaved rounds whose order
-reverses every round (:func:`~vitdeploy.benchmarks.side_by_side.time_rounds`), families one after
+reverses every round (:func:`~vitdeploy.benchmarks.timing.time_rounds`), families one after
 another, all in one process; each contender's figure is the median over rounds of its per-round
 p50, and the ratios are graph / eager timm. The JSON carries the command, the CPU and its flags,
 the versions (timm's too) and the other processes' load while timing.
 
-    python -m vitdeploy.benchmarks.families [--models NAME,...] [--rounds 7] [--output PATH]
+    python studies/families.py [--models NAME,...] [--rounds 7] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -37,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, write_results
 
-from vitdeploy.benchmarks.side_by_side import add_run_arguments, check_at_least_one, time_rounds
+from vitdeploy.benchmarks.timing import time_rounds
 
 DEFAULT_MODELS = ("deit_small_distilled_patch16_224", "deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2",
                   "vit_base_patch16_clip_224", "vit_base_patch16_siglip_224")
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "families_vs_timm.json"
+DEFAULT_OUTPUT = RESULTS / "families_vs_timm.json"
 EAGER, FP32, INT8 = "timm eager fp32", "vitdeploy fp32 graph (onnxruntime)", "vitdeploy int8 graph (onnxruntime)"
 CONTENDERS = (EAGER, FP32, INT8)
 TRAINED_GAMMA = 0.1  # LayerScale: the size of trained gammas (timm inits them at 1e-5 / 1e-6, blocks all but off)
@@ -50,7 +50,7 @@ TRAINED_GAMMA = 0.1  # LayerScale: the size of trained gammas (timm inits them a
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vitdeploy.benchmarks.families",
+        prog="python studies/families.py",
         description="For each family, time the eager timm model, vitdeploy's fp32 graph and its int8 graph "
         "(onnxruntime) side by side at batch 1 and the native size; report p50s, the ratios to eager timm "
         "and whether the fp32 graph is no slower.",
@@ -183,22 +183,20 @@ def _say(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from vitdeploy.benchmarks.environment import capture_environment, package_versions, recording_load
+    from vitdeploy.benchmarks.environment import package_versions, recording_load
     from vitdeploy.exporters.onnx_export import ExportValidationError
-    from vitdeploy.files import atomic_write_json
     from vitdeploy.timm_import import import_timm
 
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, "-m", "vitdeploy.benchmarks.families",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("families", argv)
     timm = import_timm()
     if timm is None:
-        print("python -m vitdeploy.benchmarks.families: error: timm is not installed (pip install --no-deps timm)",
+        print("python studies/families.py: error: timm is not installed (pip install --no-deps timm)",
               file=sys.stderr)
         return 2
     unknown = [name for name in args.models if not timm.is_model(name)]
     if unknown:
-        print(f"python -m vitdeploy.benchmarks.families: error: --models {','.join(unknown)}: not timm model names "
+        print(f"python studies/families.py: error: --models {','.join(unknown)}: not timm model names "
               "(timm.list_models() has them)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
@@ -209,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 family = prepare_family(timm, name, args, Path(folder), _say)
             except ExportValidationError as error:  # nothing is open yet: the exports come first
-                print(f"python -m vitdeploy.benchmarks.families: error: {name}: a graph failed its export gate: "
+                print(f"python studies/families.py: error: {name}: a graph failed its export gate: "
                       f"{'; '.join(error.report.failures[:2])}", file=sys.stderr)
                 return 1
             try:
@@ -225,8 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"({row['int8_graph_vs_eager']:.3f}x; cosine {family.accuracy[INT8]['cosine']:.5f}); "
                  f"{load.describe()}")
     report = {
-        "command": command,
-        "environment": capture_environment(command, threads=args.threads),
         "timm_version": package_versions(("timm",))["timm"],
         "setup": {"models": args.models, "depth": args.depth, "threads": args.threads, "rounds": args.rounds,
                   "iterations": args.iterations, "warmup": args.warmup,
@@ -244,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['p50_ms'][INT8]:9.2f} {r['int8_graph_vs_eager']:9.3f}x {r['accuracy_vs_eager'][INT8]['cosine']:9.5f}")
     print(f"fp32 graph no slower than eager timm: "
           f"{'every family' if report['fp32_graph_no_slower_than_eager_everywhere'] else 'NOT every family'}")
-    atomic_write_json(args.output, report, parents=True)
+    write_results(args.output, command, report, threads=args.threads)
     _say(f"wrote {args.output}")
     return 0
 
