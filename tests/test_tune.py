@@ -157,6 +157,18 @@ def test_runtimes_load_of_the_folder_follows_the_manifest(tuned, tmp_path):
         runtimes.load(folder)
 
 
+def test_a_version_1_manifest_reads_with_empty_spread_and_stability():
+    """The committed results were tuned before version 2: they still read (and plot), the new fields empty."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tune" / "vit_small_patch16_224"
+    assert json.loads((path / "tune.json").read_text())["version"] == 1
+    manifest = read_manifest(path)
+    assert manifest.chosen.name == "ort-int8" and manifest.stability is None
+    assert all(c.latency_spread == {} and c.unstable == {} for c in manifest.candidates)
+    assert manifest.to_dict()["version"] == 2
+
+
 def test_a_strict_gate_drops_real_candidates_and_labelled_accuracy(tuned, model, tmp_path):
     """A second, short run on the same folder: only two candidates, labelled digits, a gate int8 cannot meet."""
     from digits import write_image_folder

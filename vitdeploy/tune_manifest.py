@@ -32,7 +32,8 @@ flags unstable candidates, and ``decision``: when the fastest was unstable, whet
 within the margin was chosen instead, with both candidates' figures).
 
 The manifest is written atomically (:func:`write_manifest`); :func:`read_manifest` refuses a file of
-another kind or version, and :func:`chosen_artifact` refuses an artifact whose bytes changed since.
+another kind or a version it cannot read (it reads version 1, whose spread and stability fields are
+absent, with them empty), and :func:`chosen_artifact` refuses an artifact whose bytes changed since.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from vitdeploy.files import atomic_write_json, sha256_file
 MANIFEST_NAME = "tune.json"
 MANIFEST_KIND = "vitdeploy-tune"
 MANIFEST_VERSION = 2
+# Version 1 had no spread or stability fields: it reads with them empty (committed results, folders tuned before).
+READABLE_VERSIONS = (1, MANIFEST_VERSION)
 BACKENDS = ("onnxruntime", "openvino")
 STATUSES = ("ok", "dropped", "unavailable", "skipped", "failed")
 
@@ -133,9 +136,9 @@ class TuneManifest:
             raise TuneManifestError(f"{where} is not a vitdeploy tune manifest (kind {data.get('kind')!r}, "
                                     f"expected {MANIFEST_KIND!r})" if isinstance(data, dict) else
                                     f"{where} is not a JSON object")
-        if data.get("version") != MANIFEST_VERSION:
-            raise TuneManifestError(f"{where} has version {data.get('version')!r}; this vitdeploy reads version "
-                                    f"{MANIFEST_VERSION}: run `vitdeploy tune` again")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise TuneManifestError(f"{where} has version {data.get('version')!r}; this vitdeploy reads versions "
+                                    f"{', '.join(map(str, READABLE_VERSIONS))}: run `vitdeploy tune` again")
         fields = {k: v for k, v in data.items() if k not in ("kind", "version")}
         try:
             chosen = Choice(**fields.pop("chosen")) if fields.get("chosen") else None
