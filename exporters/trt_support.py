@@ -42,7 +42,7 @@ from typing import Any
 
 import onnx
 
-from .graph import DEFAULT_DOMAINS, GraphIndex, attrs, graph_bytes, load_onnx, tensor_types
+from .graph import DEFAULT_DOMAINS, GraphIndex, attrs, graph_bytes, infer_types, load_onnx, tensor_types
 
 TABLE_PATH = Path(__file__).with_name("trt_support_table.json")
 TWO_GB = 2**31 - 1
@@ -436,9 +436,9 @@ def _version_findings(model: onnx.ModelProto, version_text: str, table: dict[str
                                     f"operator table of TensorRT {version_text} documents ({entry['source']}); "
                                     f"export with --opset {entry['max']} to be sure", "opset-undocumented"))
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        types, inferred = infer_types(model)
     except Exception:  # shapes are a hint; the rules below fall back to what the graph declares
-        inferred = model
+        types, inferred = {t.name: t.data_type for t in model.graph.initializer}, model
     nodes = _nodes(inferred.graph)
     constants = _constant_names(inferred.graph)
     operators = table["operators"]
@@ -456,10 +456,7 @@ def _version_findings(model: onnx.ModelProto, version_text: str, table: dict[str
                 findings.append(Finding("error", name, node.op_type, f"{rule['name']} is computed in the graph; "
                                         f"TensorRT {version_text}'s parser needs it constant ({rule['source']})",
                                         "input-not-constant"))
-    used_types = {t.data_type for t in inferred.graph.initializer}
-    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        if value.type.HasField("tensor_type"):
-            used_types.add(value.type.tensor_type.elem_type)
+    used_types = set(types.values())
     for rule in rules["data_types"]:
         code = getattr(onnx.TensorProto, rule["type"], None)
         if code is not None and code in used_types and in_versions(version, rule["versions"]):
