@@ -17,6 +17,7 @@ from vitdeploy.cpu_features import int8_dot_flags
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.quantize import (
     REDUCED_WEIGHT_QMAX,
+    QuantizationTargetError,
     QuantizeOptions,
     collect_stats,
     layer_errors,
@@ -322,10 +323,11 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     probe cosine is below its target; every choice is in the metadata and the graph has what it says."""
     model, _, proto, calibration = exported
     outliers = inject_outlier_channels(proto, channels=(3, 17, 40), factor=30.0)
-    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3)
+    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3, require_target=False)
     quantized, record = quantize_model(outliers, calibration, options)
     fallback = record.fallback
     assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
+    assert fallback["reached"] is False and fallback["failures"] and fallback["target"]["row_cosine"] == 0.99999
     errors = [trial["layer_error"] for trial in fallback["tried"]]
     assert errors == sorted(errors, reverse=True)
     kept = fallback["kept_float"]
@@ -342,6 +344,11 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     images = probe_images(outliers, calibration)
     reference = _run(outliers, images)
     assert compare_logits(reference, _run(quantized, images)).cosine == pytest.approx(fallback["final_cosine"], abs=2e-6)
+    # By default a search that misses its target refuses, with the probe's numbers.
+    with pytest.raises(QuantizationTargetError, match=r"missed its target on \d+ probe images with 1 layer.*logits "
+                                                      r"cosine 0\.9.*below 0\.99999"):
+        quantize_model(outliers, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999,
+                                                              fallback_trials=1))
 
 
 OUTLIER_SEEDS = (0, 1, 2)

@@ -1,0 +1,110 @@
+"""Gates by what each output is: token outputs per token, vectors per row, logits with top-k agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vitdeploy.parity import (
+    TOKENS_KIND,
+    TOLERANCES,
+    CaseResult,
+    ParityReport,
+    compare_logits,
+    compare_outputs,
+    output_kind,
+    tolerance_for,
+    tolerance_for_output,
+)
+
+
+def _tokens(seed: int = 0, shape: tuple[int, int, int] = (2, 197, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _one_bad_token(reference: np.ndarray) -> np.ndarray:
+    """``reference`` with a little noise everywhere and one low-norm token (``reference[1, 57]`` is made
+    one fifth as long, as low-norm tokens in trained ViTs are) replaced by an unrelated vector of its length."""
+    rng = np.random.default_rng(1)
+    reference[1, 57] *= 0.2
+    candidate = reference + 0.02 * rng.normal(size=reference.shape).astype(np.float32)
+    candidate[1, 57] = np.roll(reference[1, 57], 17)
+    return candidate
+
+
+def test_output_kinds():
+    assert [output_kind(name) for name in ("logits", "pooler_output", "image_embeds", "last_hidden_state",
+                                           "patch_tokens")] == ["logits", "vector", "vector", "tokens", "tokens"]
+
+
+def test_one_wrong_token_fails_the_token_gate_while_the_flattened_cosine_passes():
+    reference = _tokens()
+    candidate = _one_bad_token(reference)
+    flattened = compare_logits(reference, candidate, classification=False)
+    gate = tolerance_for_output(tolerance_for("int8"), "last_hidden_state")
+    assert flattened.cosine > 0.99 and not gate.check(flattened)  # what the old gate saw: a pass
+    metrics = compare_outputs(reference, candidate, TOKENS_KIND, gate.token_floor)
+    assert metrics.cosine == pytest.approx(flattened.cosine)
+    assert metrics.token_cosine_min < 0.3  # the bad token
+    assert metrics.token_cosine_p1 > 0.99  # 1 of 394 tokens is below the 1st percentile
+    assert metrics.token_share_below == pytest.approx(1 / 394)
+    failures = gate.check(metrics)
+    assert len(failures) == 1 and "worst token cosine" in failures[0] and "394 tokens" in failures[0]
+    assert gate.margin(metrics) < 0
+
+
+def test_share_below_the_floor_and_the_first_percentile_gate_many_mediocre_tokens():
+    reference = _tokens()
+    candidate = reference.copy()
+    rng = np.random.default_rng(2)
+    bad = rng.choice(reference.shape[1], 20, replace=False)
+    candidate[0, bad] += 0.25 * rng.normal(size=(20, reference.shape[-1]))  # cosine ~0.97 for 20 of 394 tokens
+    metrics = compare_outputs(reference, candidate, TOKENS_KIND, 0.99)
+    assert 0.95 < metrics.token_cosine_min < 0.99 and metrics.token_share_below == pytest.approx(20 / 394)
+    gate = tolerance_for_output(tolerance_for("int8"), "patch_tokens")
+    failures = gate.check(metrics)
+    assert any("1st-percentile" in f for f in failures)
+    strict = tolerance_for_output(tolerance_for("fp16"), "patch_tokens")
+    metrics = compare_outputs(reference, candidate, TOKENS_KIND, strict.token_floor)
+    assert any("5.08% of the tokens have cosine below 0.999" in f for f in strict.check(metrics))
+
+
+def test_vectors_are_judged_per_row_and_logits_by_top_k():
+    reference = _tokens(shape=(4, 32, 8))[:, :, 0]
+    candidate = reference.copy()
+    candidate[2] = -candidate[2]
+    vector = compare_outputs(reference, candidate, "vector")
+    assert vector.kind == "vector" and vector.cosine == pytest.approx(-1.0) and vector.top1_agreement is None
+    logits = compare_outputs(reference, candidate, "logits")
+    assert logits.top1_agreement == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="a token output is"):
+        compare_outputs(reference, candidate, "tokens")
+
+
+def test_nan_fails_every_token_gate():
+    reference = _tokens()
+    candidate = reference.copy()
+    candidate[0, 0, 0] = np.nan
+    metrics = compare_outputs(reference, candidate, TOKENS_KIND)
+    gate = tolerance_for_output(tolerance_for("fp32"), "last_hidden_state")
+    assert len(gate.check(metrics)) >= 3 and gate.margin(metrics) == float("-inf")
+
+
+def test_every_precision_gates_tokens_and_the_report_records_the_gates():
+    for tolerance in TOLERANCES.values():
+        assert tolerance.min_token_cosine is not None and tolerance.min_token_cosine_p1 is not None
+        assert tolerance.min_token_cosine <= tolerance.min_token_cosine_p1 <= 1.0
+    reference = _tokens()
+    candidate = _one_bad_token(reference)
+    gate = tolerance_for_output(tolerance_for("int8"), "last_hidden_state")
+    metrics = compare_outputs(reference, candidate, TOKENS_KIND, gate.token_floor)
+    report = ParityReport("test", [CaseResult(2, 224, 224, "eager", "last_hidden_state", gate, metrics,
+                                              gate.check(metrics))])
+    summary = report.summary()
+    assert summary["passed"] is False
+    worst = summary["outputs"]["last_hidden_state"]["eager"]
+    assert worst["min_token_cosine"] <= metrics.token_cosine_min and worst["max_token_share_below"] > 0
+    assert summary["gates"]["last_hidden_state"]["kind"] == "tokens"
+    assert summary["gates"]["last_hidden_state"]["references"]["eager"]["min_token_cosine"] == 0.97
+    table = report.format_table()
+    assert "token worst/p1/<floor" in table and f"{metrics.token_cosine_min:.4f}" in table and "token>=0.97" in table
