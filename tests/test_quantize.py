@@ -327,7 +327,8 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     quantized, record = quantize_model(outliers, calibration, options)
     fallback = record.fallback
     assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
-    assert fallback["reached"] is False and fallback["failures"] and fallback["target"]["row_cosine"] == 0.99999
+    assert fallback["headroom_reached"] is False and fallback["short_of_headroom"]
+    assert fallback["target"]["headroom_row_cosine"] == 0.99999 and fallback["target"]["gate"] == "int8_vs_fp32"
     errors = [trial["layer_error"] for trial in fallback["tried"]]
     assert errors == sorted(errors, reverse=True)
     kept = fallback["kept_float"]
@@ -344,11 +345,11 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     images = probe_images(outliers, calibration)
     reference = _run(outliers, images)
     assert compare_logits(reference, _run(quantized, images)).cosine == pytest.approx(fallback["final_cosine"], abs=2e-6)
-    # By default a search that misses its target refuses, with the probe's numbers.
-    with pytest.raises(QuantizationTargetError, match=r"missed its target on \d+ probe images with 1 layer.*logits "
-                                                      r"cosine 0\.9.*below 0\.99999"):
-        quantize_model(outliers, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999,
-                                                              fallback_trials=1))
+    # A search that misses its target (the gate, on the probe images) refuses, with the probe's numbers.
+    extreme = inject_outlier_channels(proto, channels=(3, 17, 40, 61), factor=3000.0)
+    with pytest.raises(QuantizationTargetError, match=r"missed its target on \d+ probe images with 0 layer.*logits "
+                                                      r"cosine .*is below 0\.99 \(tolerance int8_vs_fp32\)"):
+        quantize_model(extreme, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_trials=0, range_grid=()))
 
 
 OUTLIER_SEEDS = (0, 1, 2)
