@@ -92,6 +92,8 @@ RANGE_TAIL = 0.02
 # Synthetic (uniform random pixel) images added to the fallback probe, as the export's gate uses them.
 PROBE_SYNTHETIC = 8
 PROBE_CALIBRATION = 16
+# Images (a photo and a synthetic one) of each probe set at a validation size (probe_shapes).
+PROBE_PER_SHAPE = 2
 
 
 @dataclass
@@ -723,6 +725,24 @@ def probe_images(model: onnx.ModelProto, calibration: Any) -> np.ndarray:
     return np.concatenate([calibration_images, synthetic.astype(calibration_images.dtype)])
 
 
+def probe_shapes(model: onnx.ModelProto) -> list[np.ndarray]:
+    """Probe sets at the export gate's own validation sizes (:func:`vitdeploy.parity.validation_shapes`: the
+    range's minimum, a non-square middle, the maximum), :data:`PROBE_PER_SHAPE` images each (a photo and a
+    synthetic image): position resampling and other token counts change which tokens go wrong, so the
+    search measures where the gate will. Empty for a graph without vitdeploy metadata."""
+    from vitdeploy.metadata import ArtifactMetadata
+    from vitdeploy.parity import InputFactory, validation_shapes
+
+    try:
+        metadata = ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    except ValueError:
+        return []
+    shapes, _ = validation_shapes(metadata.shape_range, metadata.stride, PROBE_PER_SHAPE)
+    inputs = InputFactory(metadata.preprocessing)
+    sizes = list(dict.fromkeys((height, width) for _, height, width in shapes))
+    return [inputs.batch(PROBE_PER_SHAPE, height, width)[0] for height, width in sizes]
+
+
 def _in_batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
     return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
 
@@ -735,6 +755,11 @@ class ProbeResult:
     failures: list[str]  # the gate's thresholds missed (the target: the file is refused while any remain)
     figures: dict[str, dict[str, float]]  # per output: its kind's figures (rounded)
     short_of_headroom: list[str] = field(default_factory=list)  # row cosines below the search's headroom
+    shortfall: float = 0.0  # the sum of every similarity's distance below its aim, over outputs and sizes (<= 0)
+
+    def better_than(self, other: ProbeResult) -> bool:
+        """Closer to the aim: a smaller total shortfall, then a larger margin."""
+        return (self.shortfall, self.margin) > (other.shortfall, other.margin)
 
     @property
     def passed(self) -> bool:
@@ -752,36 +777,46 @@ class ProbeResult:
         return min(f.get("token_cosine_min", f["cosine"]) for f in self.figures.values())
 
 
-def probe_gate(model: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray], tolerance: Any,
+def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np.ndarray]]], tolerance: Any,
                batch_size: int, threads: int | None, row_target: float | None = None) -> ProbeResult:
-    """``model``'s outputs against ``reference`` (one array per output) on ``images``, each judged as its kind
-    is (:func:`vitdeploy.parity.compare_outputs`: tokens per token, vectors per row, logits with top-k) by
-    ``tolerance``; ``row_target`` raises the row-cosine threshold of every output (the search's headroom)."""
+    """``model``'s outputs against the fp32 references of each probe set ``(images, {output: array})``, each
+    output judged as its kind is (:func:`vitdeploy.parity.compare_outputs`: tokens per token, vectors per
+    row, logits with top-k) by ``tolerance``; ``row_target`` raises the row-cosine threshold of every output
+    (the search's headroom). The figures are the worst over the sets."""
     from dataclasses import replace as replace_fields
 
     from vitdeploy.parity import compare_outputs, output_kind, tolerance_for_output
 
     input_name = model.graph.input[0].name
-    names = list(reference)
+    margin, failures, short, figures, shortfall = math.inf, [], [], {}, 0.0
     with tempfile.TemporaryDirectory(prefix="vitdeploy-probe-") as folder:
         session = _session(model, Path(folder), threads)
-        runs = [session.run(names, {input_name: images[start:start + batch_size]})
-                for start in range(0, len(images), batch_size)]
-    margin, failures, short, figures = math.inf, [], [], {}
-    for i, name in enumerate(names):
-        gate = tolerance_for_output(tolerance, name)
-        aim = replace_fields(gate, min_cosine=max(gate.min_cosine, row_target)) if row_target is not None else gate
-        metrics = compare_outputs(reference[name], np.concatenate([run[i] for run in runs]), output_kind(name),
-                                  gate.token_floor)
-        margin = min(margin, aim.margin(metrics))
-        failures += [f"{name}: {failure}" for failure in gate.check(metrics)]
-        short += [f"{name}: {failure}" for failure in aim.check(metrics) if "cosine" in failure
-                  and failure not in gate.check(metrics)]
-        figures[name] = {key: round(value, 6) for key, value in (
-            ("cosine", metrics.cosine), ("token_cosine_min", metrics.token_cosine_min),
-            ("token_cosine_p1", metrics.token_cosine_p1), ("token_share_below", metrics.token_share_below))
-            if value is not None}
-    return ProbeResult(margin, failures, figures, short)
+        for images, reference in sets:
+            names = list(reference)
+            runs = [session.run(names, {input_name: images[start:start + batch_size]})
+                    for start in range(0, len(images), batch_size)]
+            where = f"{images.shape[2]}x{images.shape[3]}" if images.ndim == 4 else f"{len(images)} probe inputs"
+            for i, name in enumerate(names):
+                gate = tolerance_for_output(tolerance, name)
+                aim = replace_fields(gate, min_cosine=max(gate.min_cosine, row_target)) if row_target else gate
+                metrics = compare_outputs(reference[name], np.concatenate([run[i] for run in runs]),
+                                          output_kind(name), gate.token_floor)
+                gap = aim.margin(metrics)
+                margin = min(margin, gap)
+                shortfall += min(0.0, gap) if math.isfinite(gap) else -1.0
+                missed = gate.check(metrics)
+                failures += [f"{name} at {where}: {failure}" for failure in missed]
+                short += [f"{name} at {where}: {failure}" for failure in aim.check(metrics)
+                          if "cosine" in failure and failure not in missed]
+                entry = figures.setdefault(name, {})
+                for key, value in (("cosine", metrics.cosine), ("token_cosine_min", metrics.token_cosine_min),
+                                   ("token_cosine_p1", metrics.token_cosine_p1)):
+                    if value is not None:
+                        entry[key] = round(min(entry.get(key, math.inf), value), 6)
+                if metrics.token_share_below is not None:
+                    entry["token_share_below"] = round(max(entry.get("token_share_below", 0.0),
+                                                           metrics.token_share_below), 6)
+    return ProbeResult(margin, failures, figures, short, shortfall)
 
 
 def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float],
@@ -790,20 +825,22 @@ def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, f
     """Keep layers in float, largest measured error first, while the probe misses its target.
 
     ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` judges it
-    (:func:`probe_gate`); a layer stays in float only if it raised the probe's margin, and at most
+    (:func:`probe_gate`); a layer stays in float only if it brought the probe closer to its aim
+    (:meth:`ProbeResult.better_than`), and at most
     ``trials`` layers are tried. Returns the kept layers and the record of what was tried, with
     ``reached`` (whether the target was met) and the probe's figures before and after.
     """
     kept: list[str] = []
     result = measure(build(kept))
     record: dict[str, Any] = {"initial_cosine": round(result.worst_cosine, 6), "initial_margin": round(result.margin, 6),
+                              "initial_shortfall": round(result.shortfall, 6),
                               "initial": result.figures, "tried": []}
     ranked = sorted(errors, key=lambda name: -errors[name])
     for name in ranked[:trials]:
         if result.satisfied:
             break
         trial = measure(build([*kept, name]))
-        better = trial.margin > result.margin
+        better = trial.better_than(result)
         record["tried"].append({"node": name, "layer_error": float(f"{errors[name]:.4g}"),
                                 "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
                                 "kept_float": better})
@@ -813,6 +850,7 @@ def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, f
             kept.append(name)
             result = trial
     record.update(kept_float=kept, final_cosine=round(result.worst_cosine, 6), final_margin=round(result.margin, 6),
+                  final_shortfall=round(result.shortfall, 6),
                   final=result.figures, reached=result.passed, failures=result.failures,
                   headroom_reached=result.satisfied, short_of_headroom=result.short_of_headroom)
     return kept, record
@@ -1030,6 +1068,11 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     probe = collect_stats(smoothed, [], _in_batches(images, options.batch_size), rows=linear_inputs, outputs=True,
                           threads=options.threads)
     reference = {value.name: np.stack(probe[value.name].samples) for value in smoothed.graph.output}
+    sets = [(images, reference)]
+    for resized in probe_shapes(smoothed):
+        outputs = collect_stats(smoothed, [], [resized], outputs=True, threads=options.threads)
+        sets.append((resized, {value.name: np.stack(outputs[value.name].samples) for value in smoothed.graph.output}))
+        del outputs
     ranges: dict[str, dict[str, float]] = {}
     if options.range_grid:
         say(f"choosing each linear layer's input range over {', '.join(f'{f:g}' for f in options.range_grid)} "
@@ -1050,8 +1093,7 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     gate = tolerance_for(options.precision)
 
     def measure(candidate: onnx.ModelProto) -> ProbeResult:
-        return probe_gate(candidate, images, reference, gate, options.batch_size, options.threads,
-                          options.fallback_cosine)
+        return probe_gate(candidate, sets, gate, options.batch_size, options.threads, options.fallback_cosine)
 
     kept, record = fall_back(build, errors, measure, options.fallback_trials, say)
     if ranges:
@@ -1060,7 +1102,9 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     record["target"] = {"gate": gate.name, "headroom_row_cosine": max(gate.min_cosine, options.fallback_cosine or 0.0),
                         "token_cosine": gate.min_token_cosine, "token_cosine_p1": gate.min_token_cosine_p1,
                         "token_floor": gate.token_floor, "max_share_below": gate.max_share_below}
-    record["probe"] = {"images": len(images), "synthetic": max(0, len(images) - min(PROBE_CALIBRATION, calibration.count))}
+    record["probe"] = {"images": len(images), "synthetic": max(0, len(images) - min(PROBE_CALIBRATION, calibration.count)),
+                       "sizes": [f"{batch.shape[2]}x{batch.shape[3]}" for batch, _ in sets if batch.ndim == 4],
+                       "images_per_validation_size": PROBE_PER_SHAPE}
     say(f"worst probe cosine {record['initial_cosine']:.5f} -> {record['final_cosine']:.5f} with "
         f"{len(kept)} layer(s) in float ({'target reached' if record['reached'] else 'TARGET MISSED'}: "
         f"{gate.name} gate" + ("" if record["headroom_reached"] else
