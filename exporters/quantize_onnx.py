@@ -126,7 +126,8 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
                 from vitdeploy.runtimes.torch import eager_references
 
                 references = eager_references(reference, quantized_metadata.precision,
-                                              shape_range=quantized_metadata.shape_range)
+                                              shape_range=quantized_metadata.shape_range,
+                                              outputs=quantized_metadata.output_names)
             else:
                 fp32 = _fp32_reference(source)
                 references = [dataclasses.replace(fp32, tolerance=tolerance_for(quantized_metadata.precision))]

@@ -17,7 +17,9 @@ from vitdeploy.metadata import Preprocessing
 from vitdeploy.parity import InputFactory, compare_outputs, tolerance_for, tolerance_for_output
 
 DEPTH = 4  # trained blocks kept for the export tests
-SIZES = ((112, 112), (168, 112), (224, 224))  # the export's validation shapes for a 112:224 range
+NATIVE = 112  # their position table resampled to 8x8 patches: small sizes keep the tests quick
+RANGE = (56, 168)
+SIZES = ((112, 112), (84, 140), (168, 168))  # compared with transformers (one non-square)
 
 
 def _cached_folder(request: pytest.FixtureRequest, name: str, depth: int | None, image_size: int | None = None):
@@ -36,7 +38,7 @@ def full_folder(request):
 
 @pytest.fixture(scope="module")
 def shallow_folder(request):
-    return _cached_folder(request, f"trained-dinov2-s-{DEPTH}-blocks-224", DEPTH, 224)
+    return _cached_folder(request, f"trained-dinov2-s-{DEPTH}-blocks-{NATIVE}", DEPTH, NATIVE)
 
 
 def _photos(height: int, width: int, batch: int = 2) -> np.ndarray:
@@ -54,7 +56,7 @@ def test_rebuild_reproduces_the_packaged_graph_and_transformers(full_folder):
 
     model = load_model(str(full_folder))
     assert model.config.family == "dinov2" and model.config.depth == 12
-    pixels = _photos(224, 224, batch=3)
+    pixels = _photos(224, 224)
     with torch.no_grad():
         ours = model.forward_outputs(torch.from_numpy(pixels), ("last_hidden_state",))["last_hidden_state"].numpy()
     packaged = compare_outputs(trained_vit.packaged_backbone(pixels), ours, "tokens")
@@ -62,7 +64,7 @@ def test_rebuild_reproduces_the_packaged_graph_and_transformers(full_folder):
     # Trained, not random: token norms spread widely and a few channels dominate.
     norms = np.linalg.norm(ours, axis=-1)
     assert norms.max() / norms.min() > 1.3
-    pixels = _photos(182, 266)
+    pixels = _photos(126, 182)
     source = Dinov2Model.from_pretrained(str(full_folder)).eval()
     with torch.no_grad():
         expected = source(torch.from_numpy(pixels)).last_hidden_state.numpy()
@@ -72,22 +74,28 @@ def test_rebuild_reproduces_the_packaged_graph_and_transformers(full_folder):
 
 @pytest.fixture(scope="module")
 def exports(shallow_folder, tmp_path_factory):
-    """fp16, int8 and fp8 exports of the trained blocks (pooled and token outputs), each through its gate;
-    a refusal is kept as the exception (the test then checks it says why)."""
+    """fp16 and fp32 exports of the trained blocks (pooled and token outputs), int8 and fp8 quantized from
+    the fp32 file and validated against the eager model as ``export --precision int8`` does, each through
+    its gate; a refusal is kept as the exception (the test then says why)."""
     from vitdeploy.checkpoints import load_model
-    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+    from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
 
     model = load_model(str(shallow_folder))
     folder = tmp_path_factory.mktemp("trained")
+    options = dict(batch=(1, 2), height=RANGE, width=RANGE, outputs=("pooler_output", "last_hidden_state"),
+                   validation_max_batch=2, preflight=False, cpu_variant=False)
     results = {}
-    for precision in ("fp16", "int8", "fp8"):
-        path = folder / f"{precision}.onnx"
+    for precision in ("fp32", "fp16"):
+        results[precision] = export_onnx(model, folder / f"{precision}.onnx", ExportOptions(precision=precision,
+                                                                                            **options))
+    for precision in ("int8", "fp8"):
         try:
-            results[precision] = export_onnx(model, path, ExportOptions(
-                batch=(1, 2), height=(112, 224), width=(112, 224), precision=precision,
-                outputs=("pooler_output", "last_hidden_state"), validation_max_batch=2, preflight=False,
-                cpu_variant=False, calibration_size=8))
-        except ValueError as error:  # the export refused: a quantization search that missed its target
+            results[precision] = quantize_onnx(folder / "fp32.onnx", folder / f"{precision}.onnx",
+                                               QuantizeOptions(precision=precision), calibration_size=8,
+                                               reference=model, max_batch=2, cpu_variant=False)
+        except (ValueError, ExportValidationError) as error:  # refused: the search or the gate says why
             results[precision] = error
     return shallow_folder, results
 
@@ -107,7 +115,7 @@ def test_trained_precision_per_token_against_transformers(exports, precision):
     if isinstance(result, Exception):
         text = str(result)
         assert isinstance(result, (ValueError, ExportValidationError)) and "token" in text
-        pytest.fail(f"{precision} export refused on trained weights: {text[:400]}")
+        pytest.fail(f"{precision} export refused on trained weights: {text[-1500:]}")
     validation = result.metadata.validation
     assert validation["passed"] is True and validation["gates"]["last_hidden_state"]["kind"] == "tokens"
     worst = validation["outputs"]["last_hidden_state"]
