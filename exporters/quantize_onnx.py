@@ -134,8 +134,11 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
             say(f"validating against {references[-1].name} ({references[-1].tolerance.name})")
 
             def say_case(case: Any) -> None:
-                say(f"  {case.batch}x3x{case.height}x{case.width}: cosine {case.metrics.cosine:.5f},"
-                    f" rel-max {case.metrics.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
+                m = case.metrics
+                tokens = "" if m.token_cosine_min is None else (
+                    f", worst token {m.token_cosine_min:.5f} (p1 {m.token_cosine_p1:.5f})")
+                say(f"  {case.batch}x3x{case.height}x{case.width} {case.output}: cosine {m.cosine:.5f}{tokens},"
+                    f" rel-max {m.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
 
             report = validate_onnx(tmp, None, quantized_metadata, max_batch=max_batch, images=images,
                                    references=references, on_case=say_case)
