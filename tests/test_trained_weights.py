@@ -17,9 +17,9 @@ from vitdeploy.metadata import Preprocessing
 from vitdeploy.parity import InputFactory, compare_outputs, tolerance_for, tolerance_for_output
 
 DEPTH = 4  # trained blocks kept for the export tests
-NATIVE = 112  # their position table resampled to 8x8 patches: small sizes keep the tests quick
-RANGE = (56, 168)
-SIZES = ((112, 112), (84, 140), (168, 168))  # compared with transformers (one non-square)
+NATIVE = 84  # their position table resampled to 6x6 patches: small sizes keep the tests quick
+RANGE = (56, 112)
+SIZES = ((84, 84), (70, 112), (112, 112))  # compared with transformers (one non-square)
 
 
 def _cached_folder(request: pytest.FixtureRequest, name: str, depth: int | None, image_size: int | None = None):
@@ -85,7 +85,7 @@ def exports(shallow_folder, tmp_path_factory):
     model = load_model(str(shallow_folder))
     folder = tmp_path_factory.mktemp("trained")
     options = dict(batch=(1, 2), height=RANGE, width=RANGE, outputs=("pooler_output", "last_hidden_state"),
-                   validation_max_batch=2, preflight=False, cpu_variant=False)
+                   validation_max_batch=1, preflight=False, cpu_variant=False)
     results = {}
     for precision in ("fp32", "fp16"):
         results[precision] = export_onnx(model, folder / f"{precision}.onnx", ExportOptions(precision=precision,
@@ -94,7 +94,7 @@ def exports(shallow_folder, tmp_path_factory):
         try:
             results[precision] = quantize_onnx(folder / "fp32.onnx", folder / f"{precision}.onnx",
                                                QuantizeOptions(precision=precision), calibration_size=8,
-                                               reference=model, max_batch=2, cpu_variant=False)
+                                               reference=model, max_batch=1, cpu_variant=False)
         except (ValueError, ExportValidationError) as error:  # refused: the search or the gate says why
             results[precision] = error
     return shallow_folder, results
