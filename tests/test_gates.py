@@ -133,4 +133,14 @@ def test_int8_exports_with_outliers_in_the_weight_of_every_layer_norm(tmp_path):
     tokens = [c for c in result.report.cases if c.output == "last_hidden_state"]
     assert len(tokens) >= 3 and all(c.metrics.token_cosine_min >= 0.97 for c in tokens)
     assert any(c.height != c.width for c in tokens)
-    assert result.quantization["fallback"]["reached"] is True
+    fallback = result.quantization["fallback"]
+    assert fallback["reached"] is True
+    # Every choice is recorded: each linear input's range (a fraction of its calibrated maximum, measured per
+    # token), the probe's sizes (the gate's validation sizes among them), the layers kept in float.
+    from vitdeploy.exporters.quantize import DEFAULT_RANGE_GRID
+
+    assert fallback["ranges"] and set(fallback["ranges"].values()) <= set(DEFAULT_RANGE_GRID)
+    assert all(set(errors) >= {"1", "chosen"} for errors in fallback["range_errors"].values())
+    assert {f"{c.height}x{c.width}" for c in tokens} <= set(fallback["probe"]["sizes"])
+    stored = result.metadata.transforms[-1]["fallback"]
+    assert stored["kept_float"] == fallback["kept_float"] and stored["target"]["gate"] == "int8_vs_fp32"
