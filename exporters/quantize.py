@@ -92,8 +92,8 @@ RANGE_TAIL = 0.02
 # Synthetic (uniform random pixel) images added to the fallback probe, as the export's gate uses them.
 PROBE_SYNTHETIC = 8
 PROBE_CALIBRATION = 16
-# Images (a photo and a synthetic one) of each probe set at a validation size (probe_shapes).
-PROBE_PER_SHAPE = 2
+# Images (photos and synthetic ones, half each) of each probe set at a validation size (probe_shapes).
+PROBE_PER_SHAPE = 4
 
 
 @dataclass
@@ -727,8 +727,8 @@ def probe_images(model: onnx.ModelProto, calibration: Any) -> np.ndarray:
 
 def probe_shapes(model: onnx.ModelProto) -> list[np.ndarray]:
     """Probe sets at the export gate's own validation sizes (:func:`vitdeploy.parity.validation_shapes`: the
-    range's minimum, a non-square middle, the maximum), :data:`PROBE_PER_SHAPE` images each (a photo and a
-    synthetic image): position resampling and other token counts change which tokens go wrong, so the
+    range's minimum, a non-square middle, the maximum), :data:`PROBE_PER_SHAPE` images each (photos and synthetic
+    images, half each): position resampling and other token counts change which tokens go wrong, so the
     search measures where the gate will. Empty for a graph without vitdeploy metadata."""
     from vitdeploy.metadata import ArtifactMetadata
     from vitdeploy.parity import InputFactory, validation_shapes
