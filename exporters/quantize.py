@@ -81,6 +81,8 @@ DEFAULT_ALPHA_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
 # bound (how many layers it tries keeping in float).
 DEFAULT_FALLBACK_COSINE = 0.998
 DEFAULT_FALLBACK_TRIALS = 6
+# ... and while the gate itself is missed (the export would be refused), up to this many.
+DEFAULT_GATE_TRIALS = 16
 # Rows (tokens) of each image kept per tensor to measure quantization error on.
 SAMPLE_ROWS = 16
 HIGH_NORM_ROWS = 4  # and the longest rows of each image (see TensorStats.sample)
@@ -125,6 +127,7 @@ class QuantizeOptions:
     # with every row cosine raised to ``fallback_cosine`` (headroom for the other shapes); None turns it off.
     fallback_cosine: float | None = DEFAULT_FALLBACK_COSINE
     fallback_trials: int = DEFAULT_FALLBACK_TRIALS
+    gate_trials: int = DEFAULT_GATE_TRIALS
     # A search that misses its target raises QuantizationTargetError (False: the record says so, and the
     # caller's validation decides).
     require_target: bool = True
@@ -148,8 +151,9 @@ class QuantizeOptions:
             raise ValueError(f"alpha_grid must be strengths in [0, 1], got {list(self.alpha_grid)}")
         if self.fallback_cosine is not None and not 0.0 < self.fallback_cosine <= 1.0:
             raise ValueError(f"fallback_cosine must be in (0, 1] or None, got {self.fallback_cosine}")
-        if self.fallback_trials < 0:
-            raise ValueError(f"fallback_trials must be >= 0, got {self.fallback_trials}")
+        if self.fallback_trials < 0 or self.gate_trials < 0:
+            raise ValueError(f"fallback_trials and gate_trials must be >= 0, got {self.fallback_trials} and "
+                             f"{self.gate_trials}")
         if not self.smooth_threshold >= 1.0:
             raise ValueError(f"smooth_threshold must be >= 1 (a ratio of channel maxima), got {self.smooth_threshold}")
         self.keep_float = tuple(dict.fromkeys(self.keep_float))
@@ -820,14 +824,15 @@ def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np
 
 
 def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float],
-              measure: Callable[[onnx.ModelProto], ProbeResult], trials: int, say: Callable[[str], None]
-              ) -> tuple[list[str], dict[str, Any]]:
+              measure: Callable[[onnx.ModelProto], ProbeResult], trials: int, say: Callable[[str], None],
+              gate_trials: int = 0) -> tuple[list[str], dict[str, Any]]:
     """Keep layers in float, largest measured error first, while the probe misses its target.
 
     ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` judges it
     (:func:`probe_gate`); a layer stays in float only if it brought the probe closer to its aim
-    (:meth:`ProbeResult.better_than`), and at most
-    ``trials`` layers are tried. Returns the kept layers and the record of what was tried, with
+    (:meth:`ProbeResult.better_than`), and at most ``trials`` layers are tried for the headroom, up to
+    ``gate_trials`` while the gate itself is still missed (the file is refused otherwise). Returns the kept
+    layers and the record of what was tried, with
     ``reached`` (whether the target was met) and the probe's figures before and after.
     """
     kept: list[str] = []
@@ -836,8 +841,8 @@ def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, f
                               "initial_shortfall": round(result.shortfall, 6),
                               "initial": result.figures, "tried": []}
     ranked = sorted(errors, key=lambda name: -errors[name])
-    for name in ranked[:trials]:
-        if result.satisfied:
+    for tried, name in enumerate(ranked[:max(trials, gate_trials)]):
+        if result.satisfied or (tried >= trials and result.passed):
             break
         trial = measure(build([*kept, name]))
         better = trial.better_than(result)
@@ -1095,7 +1100,7 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     def measure(candidate: onnx.ModelProto) -> ProbeResult:
         return probe_gate(candidate, sets, gate, options.batch_size, options.threads, options.fallback_cosine)
 
-    kept, record = fall_back(build, errors, measure, options.fallback_trials, say)
+    kept, record = fall_back(build, errors, measure, options.fallback_trials, say, options.gate_trials)
     if ranges:
         record["ranges"] = {name: values["chosen"] for name, values in ranges.items()}
         record["range_errors"] = ranges

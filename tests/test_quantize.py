@@ -325,7 +325,8 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     probe cosine is below its target; every choice is in the metadata and the graph has what it says."""
     model, _, proto, calibration = exported
     outliers = inject_outlier_channels(proto, channels=(3, 17, 40), factor=30.0)
-    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3, require_target=False)
+    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3, gate_trials=0,
+                              require_target=False)
     quantized, record = quantize_model(outliers, calibration, options)
     fallback = record.fallback
     assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
@@ -353,7 +354,8 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     extreme = inject_outlier_channels(proto, channels=(3, 17, 40, 61), factor=3000.0)
     with pytest.raises(QuantizationTargetError, match=r"missed its target on \d+ probe images with 0 layer.*logits "
                                                       r"cosine .*is below 0\.99 \(tolerance int8_vs_fp32\)"):
-        quantize_model(extreme, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_trials=0, range_grid=()))
+        quantize_model(extreme, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_trials=0, gate_trials=0,
+                                                             range_grid=()))
 
 
 OUTLIER_SEEDS = (0, 1, 2)
