@@ -81,11 +81,21 @@ DEFAULT_ALPHA_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
 # bound (how many layers it tries keeping in float).
 DEFAULT_FALLBACK_COSINE = 0.998
 DEFAULT_FALLBACK_TRIALS = 6
+# ... and while the gate itself is missed (the export would be refused), up to this many.
+DEFAULT_GATE_TRIALS = 16
 # Rows (tokens) of each image kept per tensor to measure quantization error on.
 SAMPLE_ROWS = 16
+HIGH_NORM_ROWS = 4  # and the longest rows of each image (see TensorStats.sample)
+# Activation ranges tried per linear layer's input, as fractions of the calibrated maximum (1: "max");
+# the one whose int8 outputs measure closest to fp32, token by token, is used (choose_ranges).
+DEFAULT_RANGE_GRID = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3)
+# The tail of per-token errors a range is judged by: the mean of the worst share of rows.
+RANGE_TAIL = 0.02
 # Synthetic (uniform random pixel) images added to the fallback probe, as the export's gate uses them.
 PROBE_SYNTHETIC = 8
 PROBE_CALIBRATION = 16
+# Images (photos and synthetic ones, half each) of each probe set at a validation size (probe_shapes).
+PROBE_PER_SHAPE = 4
 
 
 @dataclass
@@ -111,11 +121,19 @@ class QuantizeOptions:
     # smoothed) whose quantized consumers reproduce their fp32 outputs best on the calibration set.
     alpha_search: bool = True
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
-    # ``fallback_cosine``: while the quantized graph's worst output cosine against the fp32 graph on the
-    # probe images is below it, linear layers are kept in float (largest measured error first, at most
-    # ``fallback_trials`` tries); None turns the loop off.
+    # The float-fallback loop: while the quantized graph misses its target against the fp32 graph on the probe
+    # images, linear layers are kept in float (largest measured error first, at most ``fallback_trials`` tries).
+    # The target is the precision's gate, each output judged as its kind (tokens per token, vectors per row),
+    # with every row cosine raised to ``fallback_cosine`` (headroom for the other shapes); None turns it off.
     fallback_cosine: float | None = DEFAULT_FALLBACK_COSINE
     fallback_trials: int = DEFAULT_FALLBACK_TRIALS
+    gate_trials: int = DEFAULT_GATE_TRIALS
+    # A search that misses its target raises QuantizationTargetError (False: the record says so, and the
+    # caller's validation decides).
+    require_target: bool = True
+    # Fractions of each linear layer's calibrated input maximum tried as its range (choose_ranges; int8 with
+    # the fallback loop on); () keeps the calibrator's range everywhere.
+    range_grid: tuple[float, ...] = DEFAULT_RANGE_GRID
 
     def __post_init__(self) -> None:
         check_precision(self.precision, QUANTIZED_PRECISIONS)
@@ -126,12 +144,16 @@ class QuantizeOptions:
         if self.precision != "int8":
             self.alpha_search = False
             self.fallback_cosine = None
+            self.range_grid = ()
+        if any(not 0.0 < f <= 1.0 for f in self.range_grid):
+            raise ValueError(f"range_grid must be fractions in (0, 1], got {list(self.range_grid)}")
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"alpha_grid must be strengths in [0, 1], got {list(self.alpha_grid)}")
         if self.fallback_cosine is not None and not 0.0 < self.fallback_cosine <= 1.0:
             raise ValueError(f"fallback_cosine must be in (0, 1] or None, got {self.fallback_cosine}")
-        if self.fallback_trials < 0:
-            raise ValueError(f"fallback_trials must be >= 0, got {self.fallback_trials}")
+        if self.fallback_trials < 0 or self.gate_trials < 0:
+            raise ValueError(f"fallback_trials and gate_trials must be >= 0, got {self.fallback_trials} and "
+                             f"{self.gate_trials}")
         if not self.smooth_threshold >= 1.0:
             raise ValueError(f"smooth_threshold must be >= 1 (a ratio of channel maxima), got {self.smooth_threshold}")
         self.keep_float = tuple(dict.fromkeys(self.keep_float))
@@ -148,6 +170,20 @@ class QuantizeOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.reduce_range and self.precision != "int8":
             raise ValueError("reduce_range applies to int8 weights only")
+
+
+class QuantizationTargetError(ValueError):
+    """The measured choices (smoothing, calibrators, layers kept in float) could not bring the quantized
+    graph within its gate on the probe images; carries the search's record and says by how much."""
+
+    def __init__(self, precision: str, record: dict[str, Any]) -> None:
+        self.record = record
+        figures = "; ".join(f"{name} " + ", ".join(f"{key} {value:g}" for key, value in values.items())
+                            for name, values in record.get("final", {}).items())
+        super().__init__(
+            f"{precision} quantization missed its target on {record.get('probe', {}).get('images', '?')} probe images "
+            f"with {len(record.get('kept_float', []))} layer(s) kept in float ({figures}): "
+            + "; ".join(record.get("failures", [])) + "; the graph was not written")
 
 
 @dataclass
@@ -387,10 +423,17 @@ class TensorStats:
     samples: list[np.ndarray] = field(default_factory=list)  # per image, some rows [k, channels] (error measures)
 
     def sample(self, value: np.ndarray, rows: int, rng: np.random.Generator) -> None:
-        """Keep up to ``rows`` random rows (tokens) of each image of ``value`` ``[images, ..., channels]``."""
+        """Keep up to ``rows`` random rows (tokens) of each image of ``value`` ``[images, ..., channels]`` and
+        its :data:`HIGH_NORM_ROWS` longest rows: the few high-norm tokens of a trained ViT set the per-tensor
+        range, and a measure that missed them would clip them unseen."""
         per_image = value.reshape(value.shape[0], -1, value.shape[-1])
         for image in per_image:
-            pick = np.sort(rng.choice(image.shape[0], rows, replace=False)) if image.shape[0] > rows else slice(None)
+            if image.shape[0] > rows + HIGH_NORM_ROWS:
+                longest = np.argpartition(np.square(image, dtype=np.float32).sum(-1), -HIGH_NORM_ROWS)[-HIGH_NORM_ROWS:]
+                rest = np.setdiff1d(np.arange(image.shape[0]), longest)
+                pick = np.sort(np.concatenate([longest, rng.choice(rest, rows, replace=False)]))
+            else:
+                pick = slice(None)
             self.samples.append(np.array(image[pick], dtype=np.float32))
 
     def sampled(self) -> np.ndarray:
@@ -600,6 +643,55 @@ def search_alphas(model: onnx.ModelProto, targets: list[SmoothTarget], stats: di
     return chosen, errors
 
 
+def _row_errors(x_quantized: np.ndarray, exact: np.ndarray, weight_quantized: np.ndarray) -> np.ndarray:
+    """Per row (token) ``||x_q W_q - x W||^2 / ||x W||^2``."""
+    error = np.square(x_quantized @ weight_quantized - exact, dtype=np.float64).sum(-1)
+    norm = np.square(exact, dtype=np.float64).sum(-1)
+    return error / np.maximum(norm, 1e-30)
+
+
+def tail_error(errors: np.ndarray, tail: float = RANGE_TAIL) -> float:
+    """The mean of the worst ``tail`` share of the per-row errors (at least one row)."""
+    count = max(1, math.ceil(tail * errors.size))
+    return float(np.mean(np.partition(errors.ravel(), errors.size - count)[errors.size - count:]))
+
+
+def choose_ranges(model: onnx.ModelProto, plan: Plan, amax: dict[str, float], stats: dict[str, TensorStats],
+                  grid: Iterable[float], weight_qmax: float, qmax: float = QMAX["int8"]
+                  ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The activation range of each linear layer's input, chosen by measured per-token error.
+
+    For every fraction ``f`` of ``grid``, the input rows sampled on the probe images (``stats``, high-norm
+    tokens included) are quantized per tensor with range ``f * amax`` and multiplied by the consumers'
+    quantized weights; the range whose worst tokens (:func:`tail_error` of the per-token relative errors)
+    come closest to fp32 wins. A per-tensor scale set by a few high-norm tokens (or GELU's long tail into
+    ``fc2``) leaves the other tokens few levels; clipping helps them until the clipped tokens' own error
+    dominates: this measures where. Returns the new ranges and, per tensor, the error at each fraction.
+    """
+    index = GraphIndex(model.graph)
+    consumers: dict[str, list[np.ndarray]] = {}
+    for use in plan.weights:
+        name = use.node.input[0]
+        if use.node.op_type not in ("MatMul", "Gemm") or name not in stats or not stats[name].samples:
+            continue
+        weight = index.const(use.node.input[use.index])
+        consumers.setdefault(name, []).append(weight.T if use.axis == 0 else weight)
+    chosen = dict(amax)
+    measured: dict[str, dict[str, float]] = {}
+    for name, weights in consumers.items():
+        x = stats[name].sampled().reshape(-1, stats[name].samples[0].shape[-1])
+        pairs = [(x @ w, _fake_quant_weight(w, weight_qmax)) for w in weights]
+        errors = {}
+        for fraction in grid:
+            x_quantized = _fake_quant_activation(x, fraction * amax.get(name, 0.0), qmax)
+            errors[fraction] = max(tail_error(_row_errors(x_quantized, exact, wq)) for exact, wq in pairs)
+        best = min(errors, key=lambda f: (errors[f], -f))
+        chosen[name] = best * amax.get(name, 0.0)
+        measured[name] = {f"{f:g}": float(f"{e:.4g}") for f, e in errors.items()}
+        measured[name]["chosen"] = best
+    return chosen, measured
+
+
 def layer_errors(model: onnx.ModelProto, plan: Plan, amax: dict[str, float], stats: dict[str, TensorStats],
                  weight_qmax: float, qmax: float = QMAX["int8"]) -> dict[str, float]:
     """Each quantized MatMul/Gemm's own int8 error: the worst image's ``||Q(x) Q(W) - x W||^2 / ||x W||^2``
@@ -637,52 +729,138 @@ def probe_images(model: onnx.ModelProto, calibration: Any) -> np.ndarray:
     return np.concatenate([calibration_images, synthetic.astype(calibration_images.dtype)])
 
 
+def probe_shapes(model: onnx.ModelProto) -> list[np.ndarray]:
+    """Probe sets at the export gate's own validation sizes (:func:`vitdeploy.parity.validation_shapes`: the
+    range's minimum, a non-square middle, the maximum), :data:`PROBE_PER_SHAPE` images each (photos and synthetic
+    images, half each): position resampling and other token counts change which tokens go wrong, so the
+    search measures where the gate will. Empty for a graph without vitdeploy metadata."""
+    from vitdeploy.metadata import ArtifactMetadata
+    from vitdeploy.parity import InputFactory, validation_shapes
+
+    try:
+        metadata = ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    except ValueError:
+        return []
+    shapes, _ = validation_shapes(metadata.shape_range, metadata.stride, PROBE_PER_SHAPE)
+    inputs = InputFactory(metadata.preprocessing)
+    sizes = list(dict.fromkeys((height, width) for _, height, width in shapes))
+    return [inputs.batch(PROBE_PER_SHAPE, height, width)[0] for height, width in sizes]
+
+
 def _in_batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
     return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
 
 
-def output_cosine(model: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray], batch_size: int,
-                  threads: int | None) -> float:
-    """The worst per-image cosine of ``model``'s outputs against ``reference`` (one array per output)."""
-    from vitdeploy.parity import compare_logits
+@dataclass
+class ProbeResult:
+    """A quantized graph on the probe images, judged by the precision's gate (one metric set with the export's)."""
+
+    margin: float  # Tolerance.margin's smallest gap over the outputs, headroom included (< 0: below an aim)
+    failures: list[str]  # the gate's thresholds missed (the target: the file is refused while any remain)
+    figures: dict[str, dict[str, float]]  # per output: its kind's figures (rounded)
+    short_of_headroom: list[str] = field(default_factory=list)  # row cosines below the search's headroom
+    shortfall: float = 0.0  # the sum of every similarity's distance below its aim, over outputs and sizes (<= 0)
+
+    def better_than(self, other: ProbeResult) -> bool:
+        """Closer to the aim: a smaller total shortfall, then a larger margin."""
+        return (self.shortfall, self.margin) > (other.shortfall, other.margin)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def satisfied(self) -> bool:
+        """Within the gate and the headroom: the search stops."""
+        return not self.failures and not self.short_of_headroom
+
+    @property
+    def worst_cosine(self) -> float:
+        """The smallest of each output's primary similarity: its worst token's cosine for token outputs,
+        its worst row's for vectors and logits."""
+        return min(f.get("token_cosine_min", f["cosine"]) for f in self.figures.values())
+
+
+def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np.ndarray]]], tolerance: Any,
+               batch_size: int, threads: int | None, row_target: float | None = None) -> ProbeResult:
+    """``model``'s outputs against the fp32 references of each probe set ``(images, {output: array})``, each
+    output judged as its kind is (:func:`vitdeploy.parity.compare_outputs`: tokens per token, vectors per
+    row, logits with top-k) by ``tolerance``; ``row_target`` raises the row-cosine threshold of every output
+    (the search's headroom). The figures are the worst over the sets."""
+    from dataclasses import replace as replace_fields
+
+    from vitdeploy.parity import compare_outputs, output_kind, tolerance_for_output
 
     input_name = model.graph.input[0].name
-    names = list(reference)
+    margin, failures, short, figures, shortfall = math.inf, [], [], {}, 0.0
     with tempfile.TemporaryDirectory(prefix="vitdeploy-probe-") as folder:
         session = _session(model, Path(folder), threads)
-        runs = [session.run(names, {input_name: images[start:start + batch_size]})
-                for start in range(0, len(images), batch_size)]
-    return min(compare_logits(reference[name], np.concatenate([run[i] for run in runs]), classification=False).cosine
-               for i, name in enumerate(names))
+        for images, reference in sets:
+            names = list(reference)
+            runs = [session.run(names, {input_name: images[start:start + batch_size]})
+                    for start in range(0, len(images), batch_size)]
+            where = f"{images.shape[2]}x{images.shape[3]}" if images.ndim == 4 else f"{len(images)} probe inputs"
+            for i, name in enumerate(names):
+                gate = tolerance_for_output(tolerance, name)
+                aim = replace_fields(gate, min_cosine=max(gate.min_cosine, row_target)) if row_target else gate
+                metrics = compare_outputs(reference[name], np.concatenate([run[i] for run in runs]),
+                                          output_kind(name), gate.token_floor)
+                gap = aim.margin(metrics)
+                margin = min(margin, gap)
+                shortfall += min(0.0, gap) if math.isfinite(gap) else -1.0
+                missed = gate.check(metrics)
+                failures += [f"{name} at {where}: {failure}" for failure in missed]
+                short += [f"{name} at {where}: {failure}" for failure in aim.check(metrics)
+                          if "cosine" in failure and failure not in missed]
+                entry = figures.setdefault(name, {})
+                for key, value in (("cosine", metrics.cosine), ("token_cosine_min", metrics.token_cosine_min),
+                                   ("token_cosine_p1", metrics.token_cosine_p1)):
+                    if value is not None:
+                        entry[key] = round(min(entry.get(key, math.inf), value), 6)
+                if metrics.token_share_below is not None:
+                    entry["token_share_below"] = round(max(entry.get("token_share_below", 0.0),
+                                                           metrics.token_share_below), 6)
+    return ProbeResult(margin, failures, figures, short, shortfall)
 
 
-def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float], measure: Callable[[onnx.ModelProto], float],
-              target: float, trials: int, say: Callable[[str], None]) -> tuple[list[str], dict[str, Any]]:
-    """Keep layers in float, largest measured error first, while the measured cosine is below ``target``.
+def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float],
+              measure: Callable[[onnx.ModelProto], ProbeResult], trials: int, say: Callable[[str], None],
+              gate_trials: int = 0) -> tuple[list[str], dict[str, Any]]:
+    """Keep layers in float, largest measured error first, while the probe misses its target.
 
-    ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` its worst
-    output cosine; a layer stays in float only if it raised that cosine, and at most ``trials``
-    layers are tried. Returns the kept layers and the record of what was tried.
+    ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` judges it
+    (:func:`probe_gate`); a layer stays in float only if it brought the probe closer to its aim
+    (:meth:`ProbeResult.better_than`), and at most ``trials`` layers are tried for the headroom, up to
+    ``gate_trials`` while the gate itself is still missed (the file is refused otherwise). Returns the kept
+    layers and the record of what was tried, with
+    ``reached`` (whether the target was met) and the probe's figures before and after.
     """
     kept: list[str] = []
-    cosine = measure(build(kept))
-    say(f"  every layer quantized: worst probe cosine {cosine:.5f} (target {target:g}"
-        + (f"; below it, up to {min(trials, len(errors))} layers go back to float, largest error first)"
-           if cosine < target else ")"))
-    record: dict[str, Any] = {"target_cosine": target, "initial_cosine": round(cosine, 6), "tried": []}
+    result = measure(build(kept))
+    say(f"  every layer quantized: worst probe cosine {result.worst_cosine:.5f}, margin {result.margin:+.5f}"
+        + ("" if result.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(errors))} layers "
+           "go back to float, largest error first)"))
+    record: dict[str, Any] = {"initial_cosine": round(result.worst_cosine, 6), "initial_margin": round(result.margin, 6),
+                              "initial_shortfall": round(result.shortfall, 6),
+                              "initial": result.figures, "tried": []}
     ranked = sorted(errors, key=lambda name: -errors[name])
-    for name in ranked[:trials]:
-        if cosine >= target:
+    for tried, name in enumerate(ranked[:max(trials, gate_trials)]):
+        if result.satisfied or (tried >= trials and result.passed):
             break
         trial = measure(build([*kept, name]))
-        better = trial > cosine
-        record["tried"].append({"node": name, "layer_error": float(f"{errors[name]:.4g}"), "cosine": round(trial, 6),
+        better = trial.better_than(result)
+        record["tried"].append({"node": name, "layer_error": float(f"{errors[name]:.4g}"),
+                                "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
                                 "kept_float": better})
-        say(f"  {name} in float: worst probe cosine {trial:.5f} ({'kept' if better else 'undone'})")
+        say(f"  {name} in float: worst probe cosine {trial.worst_cosine:.5f}, margin {trial.margin:+.5f} "
+            f"({'kept' if better else 'undone'})")
         if better:
             kept.append(name)
-            cosine = trial
-    record.update(kept_float=kept, final_cosine=round(cosine, 6), reached=cosine >= target)
+            result = trial
+    record.update(kept_float=kept, final_cosine=round(result.worst_cosine, 6), final_margin=round(result.margin, 6),
+                  final_shortfall=round(result.shortfall, 6),
+                  final=result.figures, reached=result.passed, failures=result.failures,
+                  headroom_reached=result.satisfied, short_of_headroom=result.short_of_headroom)
     return kept, record
 
 
@@ -865,7 +1043,10 @@ def quantize_model(model: onnx.ModelProto, calibration: Any, options: QuantizeOp
     kept_nodes: list[str] = []
     fallback: dict[str, Any] = {}
     if options.fallback_cosine is not None:
-        kept_nodes, fallback = _measured_fallback(quantized, plan, amax, calibration, options, weight_qmax, say)
+        kept_nodes, fallback, amax = _measured_fallback(quantized, plan, amax, calibration, options, weight_qmax,
+                                                        say)
+        if not fallback["reached"] and options.require_target:
+            raise QuantizationTargetError(options.precision, fallback)
         if kept_nodes:
             plan = plan_quantization(quantized, options.keep_float, kept_nodes)
     insert_qdq(quantized, plan, amax, options.precision, options.reduce_range)
@@ -885,15 +1066,27 @@ def quantize_model(model: onnx.ModelProto, calibration: Any, options: QuantizeOp
 
 def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, float], calibration: Any,
                        options: QuantizeOptions, weight_qmax: float, say: Callable[[str], None]
-                       ) -> tuple[list[str], dict[str, Any]]:
-    """:func:`fall_back` on the smoothed fp32 graph: the probe images (:func:`probe_images`), their fp32
-    outputs and each linear layer's measured error (:func:`layer_errors`) on them."""
+                       ) -> tuple[list[str], dict[str, Any], dict[str, float]]:
+    """:func:`choose_ranges` and :func:`fall_back` on the smoothed fp32 graph: the probe images
+    (:func:`probe_images`), their fp32 outputs and each linear layer's measured error (:func:`layer_errors`)
+    on them. Returns the layers kept in float, the record and the activation ranges to use."""
     images = probe_images(smoothed, calibration)
     linear_inputs = [use.node.input[0] for use in plan.weights if use.node.op_type in ("MatMul", "Gemm")]
     say(f"measuring each linear layer's int8 error on {len(images)} probe images (calibration + synthetic)")
     probe = collect_stats(smoothed, [], _in_batches(images, options.batch_size), rows=linear_inputs, outputs=True,
                           threads=options.threads)
     reference = {value.name: np.stack(probe[value.name].samples) for value in smoothed.graph.output}
+    sets = [(images, reference)]
+    for resized in probe_shapes(smoothed):
+        outputs = collect_stats(smoothed, [], [resized], outputs=True, threads=options.threads)
+        sets.append((resized, {value.name: np.stack(outputs[value.name].samples) for value in smoothed.graph.output}))
+        del outputs
+    ranges: dict[str, dict[str, float]] = {}
+    if options.range_grid:
+        say(f"choosing each linear layer's input range over {', '.join(f'{f:g}' for f in options.range_grid)} "
+            "x the calibrated maximum (per-token int8 error)")
+        amax, ranges = choose_ranges(smoothed, plan, amax, probe, options.range_grid, weight_qmax,
+                                     QMAX[options.precision])
     errors = layer_errors(smoothed, plan, amax, probe, weight_qmax, QMAX[options.precision])
     del probe
 
@@ -903,14 +1096,28 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
                    options.reduce_range)
         return candidate
 
-    def measure(candidate: onnx.ModelProto) -> float:
-        return output_cosine(candidate, images, reference, options.batch_size, options.threads)
+    from vitdeploy.parity import tolerance_for
 
-    kept, record = fall_back(build, errors, measure, options.fallback_cosine, options.fallback_trials, say)
-    record["probe"] = {"images": len(images), "synthetic": max(0, len(images) - min(PROBE_CALIBRATION, calibration.count))}
+    gate = tolerance_for(options.precision)
+
+    def measure(candidate: onnx.ModelProto) -> ProbeResult:
+        return probe_gate(candidate, sets, gate, options.batch_size, options.threads, options.fallback_cosine)
+
+    kept, record = fall_back(build, errors, measure, options.fallback_trials, say, options.gate_trials)
+    if ranges:
+        record["ranges"] = {name: values["chosen"] for name, values in ranges.items()}
+        record["range_errors"] = ranges
+    record["target"] = {"gate": gate.name, "headroom_row_cosine": max(gate.min_cosine, options.fallback_cosine or 0.0),
+                        "token_cosine": gate.min_token_cosine, "token_cosine_p1": gate.min_token_cosine_p1,
+                        "token_floor": gate.token_floor, "max_share_below": gate.max_share_below}
+    record["probe"] = {"images": len(images), "synthetic": max(0, len(images) - min(PROBE_CALIBRATION, calibration.count)),
+                       "sizes": [f"{batch.shape[2]}x{batch.shape[3]}" for batch, _ in sets if batch.ndim == 4],
+                       "images_per_validation_size": PROBE_PER_SHAPE}
     say(f"worst probe cosine {record['initial_cosine']:.5f} -> {record['final_cosine']:.5f} with "
-        f"{len(kept)} layer(s) in float (target {options.fallback_cosine:g})")
-    return kept, record
+        f"{len(kept)} layer(s) in float ({'target reached' if record['reached'] else 'TARGET MISSED'}: "
+        f"{gate.name} gate" + ("" if record["headroom_reached"] else
+                               f"; short of the headroom rows >= {record['target']['headroom_row_cosine']:g}") + ")")
+    return kept, record, amax
 
 
 def _update_metadata(model: onnx.ModelProto, record: QuantizationRecord) -> None:

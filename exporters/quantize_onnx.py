@@ -104,7 +104,8 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
             from vitdeploy.runtimes.torch import eager_references
 
             references = eager_references(reference, quantized_metadata.precision,
-                                          shape_range=quantized_metadata.shape_range)
+                                          shape_range=quantized_metadata.shape_range,
+                                          outputs=quantized_metadata.output_names)
         else:
             fp32 = _fp32_reference(source)
             references = [dataclasses.replace(fp32, tolerance=tolerance_for(quantized_metadata.precision))]
@@ -113,8 +114,11 @@ def quantize_onnx(source: str | os.PathLike[str], output: str | os.PathLike[str]
             "variant the same way")
 
         def say_case(case: Any) -> None:
-            say(f"  {case.batch}x3x{case.height}x{case.width}: cosine {case.metrics.cosine:.5f},"
-                f" rel-max {case.metrics.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
+            m = case.metrics
+            tokens = "" if m.token_cosine_min is None else (
+                f", worst token {m.token_cosine_min:.5f} (p1 {m.token_cosine_p1:.5f})")
+            say(f"  {case.batch}x3x{case.height}x{case.width} {case.output}: cosine {m.cosine:.5f}{tokens},"
+                f" rel-max {m.rel_max_error:.3f} {'ok' if case.passed else 'FAIL'}")
 
         def judge(path: Path, data: ArtifactMetadata) -> ParityReport:
             return validate_onnx(path, None, data, max_batch=max_batch, images=images, references=references,

@@ -29,7 +29,62 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy.metadata import ArtifactMetadata
-from vitdeploy.parity import CaseResult, InputFactory, ParityReport, Reference, validation_shapes, verify
+from vitdeploy.parity import (
+    CaseResult,
+    InputFactory,
+    ParityReport,
+    Reference,
+    Tolerance,
+    validation_shapes,
+    verify,
+)
+
+# onnxruntime's CPU emulation of an fp8 Q/DQ graph against the ONNX reference implementation of the same
+# graph (onnx.reference: QuantizeLinear to float8e4m3fn rounds to nearest even and saturates, as the spec
+# says). The rounding is the same, the summation order is not, so a value near a rounding boundary may land
+# one fp8 step apart and the difference carries through the blocks: measured on four trained DINOv2-S blocks
+# at 56x56, worst token 0.9986 and rows 0.99997, ten times closer than fp8 is to fp32 there (worst token
+# 0.9886). The gate asks for that order: the figures onnxruntime reports are the graph's. One e4m3 step is
+# 1/8 of its binade, so a single flipped rounding of the largest value moves the max-abs error that much.
+FP8_REFERENCE = Tolerance("fp8_onnx_reference", max_rel_error=0.15, min_cosine=0.999, min_token_cosine=0.99,
+                          min_token_cosine_p1=0.995, token_floor=0.999, max_share_below=None)
+
+
+class OnnxReferenceRun:
+    """A graph evaluated by ``onnx.reference.ReferenceEvaluator`` (numpy, every op as the ONNX spec defines
+    it; slow, and exact about fp8 rounding): the CPU's independent check of fp8 numerics."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        model = onnx.load(str(path))
+        self.output_names = [value.name for value in model.graph.output]
+        self.input_name = model.graph.input[0].name
+        self._evaluator = ReferenceEvaluator(model)
+
+    def run_outputs(self, pixel_values: Any) -> dict[str, Any]:
+        outputs = self._evaluator.run(None, {self.input_name: pixel_values})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def fp8_reference_check(path: str | Path, metadata: ArtifactMetadata, images: Sequence[Any] | None = None
+                        ) -> ParityReport:
+    """onnxruntime's run of the fp8 graph at ``path`` against ``onnx.reference``'s on one photo at the smallest
+    validated size, judged by :data:`FP8_REFERENCE` per output kind: what the fp8 figures onnxruntime reports
+    on the CPU are the graph's numerics, not an artefact of its emulation."""
+    from vitdeploy.runtimes.onnxruntime import OrtRuntime
+
+    shapes, _ = validation_shapes(metadata.shape_range, metadata.stride, 1)
+    _, height, width = shapes[0]
+    candidate = OrtRuntime(path, variant="portable")
+    try:
+        return verify(candidate, Reference("onnx.reference evaluator (same graph)", OnnxReferenceRun(path),
+                                           FP8_REFERENCE), [(1, height, width)],
+                      InputFactory(metadata.preprocessing, images=images, synthetic=False),
+                      candidate_name=f"{Path(path).name} (onnxruntime CPU fp8 emulation)")
+    finally:
+        candidate.close()
 
 
 def ort_cpu_fp32_fallbacks(path: str | Path) -> dict[str, int] | None:
@@ -142,7 +197,15 @@ def validate_onnx(
             notes.append("onnxruntime CPU has no fp8 arithmetic: it runs the fp8 Q/DQ graph as an emulation "
                          "(values rounded to float8e4m3fn, matmuls in fp32), the numerics a TensorRT fp8 engine "
                          "approximates with fp8 tensor-core matmuls")
-        return verify(candidate, references, shapes, inputs, candidate_name=f"{Path(path).name} (onnxruntime CPU)",
-                      notes=notes, on_case=on_case)
+        report = verify(candidate, references, shapes, inputs, candidate_name=f"{Path(path).name} (onnxruntime CPU)",
+                        notes=notes, on_case=on_case)
+        if metadata.precision == "fp8":
+            # The emulation itself is checked against the ONNX reference implementation of the same graph.
+            check = fp8_reference_check(path, metadata, images)
+            for case in check.cases:
+                if on_case is not None:
+                    on_case(case)
+            report.cases.extend(check.cases)
+        return report
     finally:
         candidate.close()

@@ -162,6 +162,6 @@ def test_a_command_off_a_terminal_reports_each_stage_and_shape(tmp_path, monkeyp
     for stage in ("[vitdeploy] calibrating ", "[vitdeploy]   every layer quantized: worst probe cosine ",
                   "[vitdeploy] validating against "):
         assert any(line.startswith(stage) for line in lines), (stage, lines)
-    shapes = [line for line in lines if re.match(r"\[vitdeploy\]   \d+x3x\d+x\d+: cosine ", line)]
+    shapes = [line for line in lines if re.match(r"\[vitdeploy\]   \d+x3x\d+x\d+ \w+: cosine ", line)]
     assert len(shapes) >= 3, lines
     assert "\033" not in text

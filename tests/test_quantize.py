@@ -17,11 +17,13 @@ from vitdeploy.cpu_features import int8_dot_flags
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.quantize import (
     REDUCED_WEIGHT_QMAX,
+    QuantizationTargetError,
     QuantizeOptions,
     collect_stats,
     layer_errors,
     plan_quantization,
     probe_images,
+    probe_shapes,
     quantize_model,
     smoothing_targets,
 )
@@ -123,7 +125,8 @@ def test_qdq_numerics_are_exactly_symmetric_per_channel_and_per_tensor(precision
     calibration = rng.standard_normal((32, 16)).astype(np.float32) * 2
     reduce_range = precision == "int8" and not int8_dot_flags()
     quantized, record = quantize_model(_matmul_model(weight), _Calibration(calibration),
-                                       QuantizeOptions(precision=precision, smooth_alpha=0, reduce_range=reduce_range))
+                                       QuantizeOptions(precision=precision, smooth_alpha=0, reduce_range=reduce_range,
+                                                       range_grid=()))
     qmax = 127.0 if precision == "int8" else 448.0
     weight_qmax = REDUCED_WEIGHT_QMAX if reduce_range else qmax
 
@@ -321,15 +324,18 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     probe cosine is below its target; every choice is in the metadata and the graph has what it says."""
     model, _, proto, calibration = exported
     outliers = inject_outlier_channels(proto, channels=(3, 17, 40), factor=30.0)
-    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3)
+    options = QuantizeOptions(smooth_alpha=0.0, fallback_cosine=0.99999, fallback_trials=3, gate_trials=0,
+                              require_target=False)
     quantized, record = quantize_model(outliers, calibration, options)
     fallback = record.fallback
     assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
+    assert fallback["headroom_reached"] is False and fallback["short_of_headroom"]
+    assert fallback["target"]["headroom_row_cosine"] == 0.99999 and fallback["target"]["gate"] == "int8_vs_fp32"
     errors = [trial["layer_error"] for trial in fallback["tried"]]
     assert errors == sorted(errors, reverse=True)
     kept = fallback["kept_float"]
     assert kept and kept == [t["node"] for t in fallback["tried"] if t["kept_float"]]
-    assert fallback["final_cosine"] > fallback["initial_cosine"]
+    assert fallback["final_shortfall"] > fallback["initial_shortfall"]
     producers = {name: node for node in quantized.graph.node for name in node.output}
     for node in quantized.graph.node:
         dequantized = [producers[name].op_type == "DequantizeLinear" for name in node.input if name in producers]
@@ -337,10 +343,18 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     assert record.quantized_nodes["MatMul"] + record.quantized_nodes.get("Gemm", 0) == 10 - len(kept)
     stored = quantization_record(ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props}))
     assert stored["fallback"]["kept_float"] == kept
-    # The recorded cosine is what the written graph measures on the probe images.
-    images = probe_images(outliers, calibration)
-    reference = _run(outliers, images)
-    assert compare_logits(reference, _run(quantized, images)).cosine == pytest.approx(fallback["final_cosine"], abs=2e-6)
+    # The recorded cosine is what the written graph measures on the probe images (calibration + synthetic at
+    # the native size, and a photo and a synthetic image at each of the export gate's validation sizes).
+    sets = [probe_images(outliers, calibration), *probe_shapes(outliers)]
+    assert len(sets) >= 3 and len(fallback["probe"]["sizes"]) == len(sets)
+    measured = min(compare_logits(_run(outliers, images), _run(quantized, images)).cosine for images in sets)
+    assert measured == pytest.approx(fallback["final_cosine"], abs=2e-6)
+    # A search that misses its target (the gate, on the probe images) refuses, with the probe's numbers.
+    extreme = inject_outlier_channels(proto, channels=(3, 17, 40, 61), factor=3000.0)
+    with pytest.raises(QuantizationTargetError, match=r"missed its target on \d+ probe images with 0 layer.*logits "
+                                                      r"cosine .*is below 0\.99 \(tolerance int8_vs_fp32\)"):
+        quantize_model(extreme, calibration, QuantizeOptions(smooth_alpha=0.0, fallback_trials=0, gate_trials=0,
+                                                             range_grid=()))
 
 
 OUTLIER_SEEDS = (0, 1, 2)

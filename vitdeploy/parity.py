@@ -23,8 +23,18 @@ artifact run by a runtime) on the same input batch and computes, on float64 copi
 ``top5_agreement``
     mean over samples of ``|top5(reference) & top5(candidate)| / 5`` (``k = min(5, C)``).
 
+Each output is judged by what it is (:func:`output_kind`):
+
+* ``logits``: one row per image, ``cosine`` per row plus top-1/top-5 agreement;
+* vectors (``pooler_output``, ``image_embeds``): ``cosine`` per row (the worst image);
+* token outputs (``last_hidden_state``, ``patch_tokens``, ``[N, T, C]``): the cosine of every token's
+  ``C``-vector, summarised as ``token_cosine_min`` (the worst token of the batch),
+  ``token_cosine_p1`` (the 1st percentile over tokens) and ``token_share_below`` (the share of
+  tokens whose cosine is below ``token_floor``). ``cosine`` is still the whole per-image tensor's,
+  but a cosine over ``T x C`` values averages a few wrong tokens away, so it is not what gates them.
+
 A :class:`Tolerance` gates ``rel_max_error`` and ``cosine`` (and top-1 agreement where it sets
-``min_top1``). Top-1 is not gated for reduced precisions on purpose: if the candidate's
+``min_top1``), and for token outputs the three token figures. Top-1 is not gated for reduced precisions on purpose: if the candidate's
 arg-max is class *b* while the reference's is *a*, then ``ref[a] - ref[b] <= 2 * max_abs``, so
 every flip that the max-abs gate lets through is a near-tie, and gating on it would only make
 the check flaky. It is reported all the same.
@@ -39,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -63,6 +73,12 @@ class ParityMetrics:
     top1_agreement: float | None
     top5_agreement: float | None
     num_samples: int
+    kind: str = "logits"  # logits, vector or tokens (output_kind)
+    token_cosine_min: float | None = None  # token outputs only: the worst token's cosine
+    token_cosine_p1: float | None = None  # the 1st percentile of the tokens' cosines
+    token_share_below: float | None = None  # the share of tokens whose cosine is below token_floor
+    token_floor: float | None = None
+    num_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,10 +101,57 @@ def _topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> flo
     return float(np.mean(overlap))
 
 
+LOGITS_KIND, VECTOR_KIND, TOKENS_KIND = "logits", "vector", "tokens"
+OUTPUT_KINDS = (LOGITS_KIND, VECTOR_KIND, TOKENS_KIND)
+# Token cosines below this count in ``token_share_below`` unless a tolerance sets its own floor.
+DEFAULT_TOKEN_FLOOR = 0.99
+
+
+def output_kind(output: str) -> str:
+    """How an output is judged: ``logits`` (rows and top-k), ``tokens`` (per token) or ``vector`` (per row)."""
+    from vitdeploy.outputs import LOGITS, TOKEN_OUTPUTS
+
+    if output == LOGITS:
+        return LOGITS_KIND
+    return TOKENS_KIND if output in TOKEN_OUTPUTS else VECTOR_KIND
+
+
+def token_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """The cosine of every token: ``[N, T, C]`` (or ``[N, ..., C]``) to ``N * T`` cosines over the last axis."""
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    return _cosines(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, kind: str = LOGITS_KIND,
+                    token_floor: float = DEFAULT_TOKEN_FLOOR) -> ParityMetrics:
+    """Metrics of ``candidate`` against ``reference`` for an output of ``kind`` (see the module docstring):
+    ``[N, C]`` rows for ``logits`` and ``vector``, ``[N, T, C]`` for ``tokens``."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"output kind {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    metrics = compare_logits(reference, candidate, classification=kind == LOGITS_KIND)
+    if kind != TOKENS_KIND:
+        return replace(metrics, kind=kind)
+    reference = np.asarray(reference)
+    if reference.ndim < 3:
+        raise ValueError(f"a token output is [N, T, C]; got shape {reference.shape}")
+    cosines = token_cosines(reference, candidate)
+    if not np.isfinite(np.asarray(candidate, dtype=np.float64)).all():
+        cosines = np.full_like(cosines, np.nan)
+    nan = bool(np.isnan(cosines).any())
+    return replace(
+        metrics, kind=kind, token_floor=float(token_floor), num_tokens=int(cosines.size),
+        token_cosine_min=float("nan") if nan else float(cosines.min()),
+        token_cosine_p1=float("nan") if nan else float(np.percentile(cosines, 1.0)),
+        token_share_below=float("nan") if nan else float(np.mean(cosines < token_floor)),
+    )
+
+
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, classification: bool = True) -> ParityMetrics:
     """Metrics of ``candidate`` against ``reference``, both ``[N, C]`` (or ``[N, ...]``, flattened per sample).
 
-    ``classification=False`` skips the top-k agreements (for feature outputs).
+    ``classification=False`` skips the top-k agreements (for feature outputs). Token outputs are
+    judged per token by :func:`compare_outputs`.
     """
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
@@ -129,12 +192,17 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, classification:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass thresholds: ``rel_max_error <= max_rel_error``, ``cosine >= min_cosine`` (and top-1)."""
+    """Pass thresholds: ``rel_max_error <= max_rel_error``, ``cosine >= min_cosine`` (and top-1); for token
+    outputs also the worst and 1st-percentile token cosines and the share of tokens below ``token_floor``."""
 
     name: str
     max_rel_error: float
     min_cosine: float
     min_top1: float | None = None
+    min_token_cosine: float | None = None
+    min_token_cosine_p1: float | None = None
+    token_floor: float = DEFAULT_TOKEN_FLOOR
+    max_share_below: float | None = None
 
     def check(self, metrics: ParityMetrics) -> list[str]:
         """The violated thresholds, as sentences naming the measured value (empty when it passes)."""
@@ -154,10 +222,46 @@ class Tolerance:
             failures.append(
                 f"top-1 agreement {metrics.top1_agreement:.3f} is below {self.min_top1} (tolerance {self.name})"
             )
+        if metrics.kind == TOKENS_KIND:
+            tokens = f"over {metrics.num_tokens} tokens"
+            if self.min_token_cosine is not None and not metrics.token_cosine_min >= self.min_token_cosine:
+                failures.append(f"worst token cosine {metrics.token_cosine_min:.6f} {tokens} is below "
+                                f"{self.min_token_cosine} (tolerance {self.name})")
+            if self.min_token_cosine_p1 is not None and not metrics.token_cosine_p1 >= self.min_token_cosine_p1:
+                failures.append(f"1st-percentile token cosine {metrics.token_cosine_p1:.6f} is below "
+                                f"{self.min_token_cosine_p1} (tolerance {self.name})")
+            if self.max_share_below is not None and not metrics.token_share_below <= self.max_share_below:
+                failures.append(f"{100 * metrics.token_share_below:.2f}% of the tokens have cosine below "
+                                f"{metrics.token_floor:g}; tolerance {self.name} allows "
+                                f"{100 * self.max_share_below:g}%")
         return failures
+
+    def margin(self, metrics: ParityMetrics) -> float:
+        """How far the similarity figures are above their thresholds: the smallest ``value - threshold``
+        over the cosines this tolerance gates for ``metrics.kind`` (negative: failing; NaN: -inf)."""
+        pairs = [(metrics.cosine, self.min_cosine)]
+        if metrics.kind == TOKENS_KIND:
+            pairs += [(metrics.token_cosine_min, self.min_token_cosine), (metrics.token_cosine_p1,
+                                                                          self.min_token_cosine_p1)]
+        gaps = [value - threshold for value, threshold in pairs if threshold is not None]
+        return float("-inf") if any(not math.isfinite(gap) for gap in gaps) else min(gaps)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self, kind: str = LOGITS_KIND) -> str:
+        """The thresholds that apply to an output of ``kind``, in one short phrase."""
+        parts = [f"rel-max<={self.max_rel_error:g}", f"cos>={self.min_cosine:g}"]
+        if kind == LOGITS_KIND and self.min_top1 is not None:
+            parts.append(f"top-1>={self.min_top1:g}")
+        if kind == TOKENS_KIND:
+            if self.min_token_cosine is not None:
+                parts.append(f"token>={self.min_token_cosine:g}")
+            if self.min_token_cosine_p1 is not None:
+                parts.append(f"p1>={self.min_token_cosine_p1:g}")
+            if self.max_share_below is not None:
+                parts.append(f"<{self.token_floor:g}:<={100 * self.max_share_below:g}%")
+        return f"{self.name} ({', '.join(parts)})"
 
 
 # Worst values measured with onnxruntime 1.32 CPU against eager torch 2.13 CPU on the bundled photos
@@ -171,29 +275,38 @@ class Tolerance:
 #   int8 Q/DQ graph (vitdeploy's quantizer, 64 calibration images) vs eager fp32: see the README's
 #     parity table for the worst values measured; cosine >= 0.99 on the bundled photos is the
 #     issue's gate. fp8 (E4M3, onnxruntime's CPU emulation) has 3 mantissa bits: its own, looser gate.
+#   Token outputs are gated per token (worst, 1st percentile, share below a floor): see the README's
+#   "Gates" section for the values measured on trained weights that set them.
 TOLERANCES: dict[str, Tolerance] = {
     # fp32 artifact vs eager fp32: only summation order differs.
-    "fp32": Tolerance("fp32", max_rel_error=1e-4, min_cosine=0.99999, min_top1=1.0),
+    "fp32": Tolerance("fp32", max_rel_error=1e-4, min_cosine=0.99999, min_top1=1.0, min_token_cosine=0.9999,
+                      min_token_cosine_p1=0.99999, token_floor=0.9999, max_share_below=0.0),
     # fp16 graph vs the eager model cast to fp16 under the same precision policy (like for like).
-    "fp16": Tolerance("fp16", max_rel_error=2e-2, min_cosine=0.9995),
+    "fp16": Tolerance("fp16", max_rel_error=2e-2, min_cosine=0.9995, min_token_cosine=0.995,
+                      min_token_cosine_p1=0.999, token_floor=0.999, max_share_below=0.01),
     # fp16 graph vs the eager fp32 model: what reduced precision costs.
-    "fp16_vs_fp32": Tolerance("fp16_vs_fp32", max_rel_error=5e-2, min_cosine=0.999),
+    "fp16_vs_fp32": Tolerance("fp16_vs_fp32", max_rel_error=5e-2, min_cosine=0.999, min_token_cosine=0.99,
+                              min_token_cosine_p1=0.998, token_floor=0.998, max_share_below=0.01),
     # bf16 (8 mantissa bits vs fp16's 11): not measured here, set 5x looser than fp16.
-    "bf16": Tolerance("bf16", max_rel_error=1e-1, min_cosine=0.995),
-    "bf16_vs_fp32": Tolerance("bf16_vs_fp32", max_rel_error=2e-1, min_cosine=0.99),
+    "bf16": Tolerance("bf16", max_rel_error=1e-1, min_cosine=0.995, min_token_cosine=0.97,
+                      min_token_cosine_p1=0.99, token_floor=0.99, max_share_below=0.05),
+    "bf16_vs_fp32": Tolerance("bf16_vs_fp32", max_rel_error=2e-1, min_cosine=0.99, min_token_cosine=0.95,
+                              min_token_cosine_p1=0.98, token_floor=0.99, max_share_below=0.1),
     # Quantized graphs have no like-for-like eager model: they are judged against eager fp32.
-    "int8_vs_fp32": Tolerance("int8_vs_fp32", max_rel_error=3e-1, min_cosine=0.99),
-    "fp8_vs_fp32": Tolerance("fp8_vs_fp32", max_rel_error=3e-1, min_cosine=0.98),
+    "int8_vs_fp32": Tolerance("int8_vs_fp32", max_rel_error=3e-1, min_cosine=0.99, min_token_cosine=0.97,
+                              min_token_cosine_p1=0.98, token_floor=0.99, max_share_below=0.1),
+    "fp8_vs_fp32": Tolerance("fp8_vs_fp32", max_rel_error=3e-1, min_cosine=0.98, min_token_cosine=0.95,
+                             min_token_cosine_p1=0.97, token_floor=0.98, max_share_below=0.1),
 }
 QUANTIZED = ("int8", "fp8")
 
 
 def tolerance_for_output(tolerance: Tolerance, output: str) -> Tolerance:
-    """``tolerance`` (made for logits) as it applies to ``output``: the same error and cosine gates
-    for every output; the top-1 gate only for ``logits`` (the others have no classes)."""
-    if output == "logits":
+    """``tolerance`` as it applies to ``output``: the same error and cosine gates for every output; the
+    top-1 gate only for ``logits`` (the others have no classes); the token gates for token outputs."""
+    if output_kind(output) == LOGITS_KIND:
         return tolerance
-    return Tolerance(tolerance.name, tolerance.max_rel_error, tolerance.min_cosine)
+    return replace(tolerance, min_top1=None)
 
 
 def tolerance_for(precision: str, against_fp32: bool = False) -> Tolerance:
@@ -241,6 +354,8 @@ def _conservative(key: str, value: float) -> float:
         return value
     if key.startswith("min_"):
         return math.floor(value * 1e7) / 1e7
+    if key.startswith("max_token_share"):
+        return math.ceil(value * 1e6) / 1e6
     if value == 0:
         return 0.0
     exponent = math.floor(math.log10(abs(value))) - 3
@@ -289,7 +404,20 @@ class ParityReport:
         if top1:
             worst["min_top1_agreement"] = min(top1)
             worst["min_top5_agreement"] = min(top5)
+        tokens = [c.metrics for c in cases if c.metrics.kind == TOKENS_KIND]
+        if tokens:
+            worst["min_token_cosine"] = min(m.token_cosine_min for m in tokens)
+            worst["min_token_cosine_p1"] = min(m.token_cosine_p1 for m in tokens)
+            worst["max_token_share_below"] = max(m.token_share_below for m in tokens)
         return worst
+
+    def gates(self) -> dict[str, dict[str, Any]]:
+        """Per output, how it was judged: its kind and, per reference, the thresholds applied."""
+        gates: dict[str, dict[str, Any]] = {}
+        for case in self.cases:
+            entry = gates.setdefault(case.output, {"kind": case.metrics.kind, "references": {}})
+            entry["references"].setdefault(case.reference, case.tolerance.to_dict())
+        return gates
 
     def summary(self) -> dict[str, Any]:
         """A compact summary (stored in artifact metadata): per reference the worst values of the
@@ -307,6 +435,7 @@ class ParityReport:
             "outputs": {output: {ref: worst(ref, output) for ref in references
                                  if any(c.output == output and c.reference == ref for c in self.cases)}
                         for output in self.outputs},
+            "gates": self.gates(),
             "notes": list(self.notes),
         }
 
@@ -322,17 +451,20 @@ class ParityReport:
     def format_table(self) -> str:
         """A plain-text table, one row per case, then the notes and the verdict."""
         header = ("shape", "output", "reference", "max-abs", "mean-abs", "rel-max", "cosine", "top-1", "top-5",
-                  "tolerance", "result")
+                  "token worst/p1/<floor", "tolerance", "result")
         rows = [header]
         for c in self.cases:
             m = c.metrics
+            tokens = "-"
+            if m.kind == TOKENS_KIND:
+                tokens = (f"{m.token_cosine_min:.4f}/{m.token_cosine_p1:.4f}/"
+                          f"{100 * m.token_share_below:.2f}%<{m.token_floor:g}")
             rows.append((
                 f"{c.batch}x3x{c.height}x{c.width}", c.output, c.reference, f"{m.max_abs:.3e}", f"{m.mean_abs:.3e}",
                 f"{m.rel_max_error:.2e}", f"{m.cosine:.6f}",
                 "-" if m.top1_agreement is None else f"{m.top1_agreement:.3f}",
                 "-" if m.top5_agreement is None else f"{m.top5_agreement:.3f}",
-                f"{c.tolerance.name} (<={c.tolerance.max_rel_error:g}, cos>={c.tolerance.min_cosine:g})",
-                "pass" if c.passed else "FAIL",
+                tokens, c.tolerance.describe(m.kind), "pass" if c.passed else "FAIL",
             ))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
         lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -498,8 +630,8 @@ def verify(
             ref_out = _call(ref.run, pixels)
             ref_seconds = time.perf_counter() - start
             for output in [name for name in ref_out if name in cand_out]:
-                metrics = compare_logits(ref_out[output], cand_out[output], classification=output == "logits")
                 tolerance = tolerance_for_output(ref.tolerance, output)
+                metrics = compare_outputs(ref_out[output], cand_out[output], output_kind(output), tolerance.token_floor)
                 case = CaseResult(
                     batch=batch, height=height, width=width, reference=ref.name, output=output,
                     tolerance=tolerance, metrics=metrics, failures=tolerance.check(metrics), inputs=description,

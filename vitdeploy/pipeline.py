@@ -203,6 +203,7 @@ class Pipeline:
 
     def export(self, precision: str, batch: tuple[int, int], resolution: tuple[int, int] | None) -> Artifact | None:
         from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+        from vitdeploy.exporters.quantize import QuantizationTargetError
 
         path = self.out / f"{self.name}-{precision}.onnx"
         with self.stage(f"export {precision}") as stage:
@@ -222,6 +223,10 @@ class Pipeline:
                 print(error.report.format_table())
                 self.artifacts.append(Artifact(path, "onnx", precision, error.report.summary(), False,
                                                ["not written: failed its parity check"]))
+                return None
+            except QuantizationTargetError as error:  # the keep-in-float search could not reach the gate
+                stage.status, stage.detail = "failed", f"quantization missed its gate; {path.name} was not written"
+                self.artifacts.append(Artifact(path, "onnx", precision, None, False, [f"not written: {error}"]))
                 return None
             report = result.report
             artifact = Artifact(path, "onnx", precision, report.summary() if report else None,
