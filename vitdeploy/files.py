@@ -139,6 +139,11 @@ def sha256_files(paths: Iterable[str | os.PathLike[str]], chunk: int = 1 << 22) 
     return digest.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data`` (a serialized engine held in memory)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of one file (engines and ONNX files can be GBs: read in chunks)."""
     return sha256_files([path])
