@@ -26,14 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from study import (
-    RESULTS,
-    add_run_arguments,
-    check_at_least_one,
-    command_line,
-    random_model,
-    write_results,
-)
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, finish, random_model
 
 from vitdeploy.benchmarks.timing import time_rounds
 
@@ -278,8 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "n/a (no peer)" if target["met"] is None else ("met" if target["met"] else "NOT met")
         print(f"{name}: fastest vitdeploy path {target['fastest']} {target['fastest_ms']} ms vs peer "
               f"{target['peer_ms']} ms -> {verdict}")
-    write_results(args.output, command, report, threads=args.threads)
-    return 0
+    return finish(args, command, report)
 
 
 if __name__ == "__main__":
