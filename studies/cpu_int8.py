@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from study import RESULTS, add_run_arguments, check_at_least_one, command_line, finish, random_model
+import study
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, random_model
 
 from vitdeploy.benchmarks.timing import time_rounds
 
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "n/a (no peer)" if target["met"] is None else ("met" if target["met"] else "NOT met")
         print(f"{name}: fastest vitdeploy path {target['fastest']} {target['fastest_ms']} ms vs peer "
               f"{target['peer_ms']} ms -> {verdict}")
-    return finish(args, command, report)
+    return study.finish(args, command, report)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from study import (
-    RESULTS,
-    add_run_arguments,
-    check_at_least_one,
-    command_line,
-    error_cell,
-    finish,
-    model_overrides,
-    run_line,
-)
+import study
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, model_overrides
 
 from vitdeploy.benchmarks.timing import time_rounds
 
@@ -202,12 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "statistic": "median over rounds of the per-round p50; rounds interleave the graphs"},
         "results": rows,
     }
-    print(run_line(args, size, load))
+    print(study.run_line(args, size, load))
     print(f"{'graph':26s} {'nodes':>6s} {'p50 ms':>9s} {'vs resize':>10s} {'extra us':>9s} {'rel err':>9s}")
     for row in rows:
         print(f"{row['graph']:26s} {row['nodes']:6d} {row['p50_ms_median']:9.3f} {row['vs_resize']:9.3f}x "
-              f"{row['extra_us_vs_resize']:9.1f} {error_cell(row['rel_max_error_vs_eager'])}")
-    return finish(args, command, report)
+              f"{row['extra_us_vs_resize']:9.1f} {study.error_cell(row['rel_max_error_vs_eager'])}")
+    return study.finish(args, command, report)
 
 
 if __name__ == "__main__":
