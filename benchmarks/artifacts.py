@@ -9,42 +9,21 @@ from typing import Any
 from vitdeploy.benchmarks.models import Sweep
 
 
-def bench_int8_reduce_range() -> bool:
-    """Whether the benchmark's int8 file gets 7-bit weights: on CPUs without VNNI/AMX, whose int8
-    matmuls saturate at 16 bits, as a user of this machine would export it (``--reduce-range``)."""
-    from vitdeploy.cpu_features import int8_dot_flags
-
-    return not int8_dot_flags()
-
-
-def export_for_bench(model: Any, path: Path, precision: str, sweep: Sweep, source: str = "") -> Path:
-    """Export ``model`` to ``path`` accepting every shape of ``sweep``, validated like any export.
+def artifact_plan(name: str, sweep: Sweep, source: str = "", quantize_from_fp32: bool = False) -> Any:
+    """The benchmark's artifact set of a model: every graph accepting every shape of ``sweep``, named
+    ``<name>-<graph>.onnx``, validated like any export (int8 as :data:`~vitdeploy.exporters.artifact_set.INT8_POLICY`
+    says).
 
     Validated, because only a validated fp32 export carries the onnxruntime-CPU variant that
     ``OrtRuntime`` runs on CPU: the benchmark times what a user of the file runs. Validation
-    batches stay at 1 to keep it cheap (the sweep's sizes are all covered). int8 files follow
-    :func:`bench_int8_reduce_range`.
+    batches stay at 1 to keep it cheap (the sweep's sizes are all covered). ``quantize_from_fp32``: the
+    int8 file is quantized from the fp32 export (one trace), validated against the eager model.
     """
-    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
-    from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.exporters.artifact_set import GRAPHS, ArtifactSetPlan
 
-    quantize = {"quantize": QuantizeOptions(reduce_range=bench_int8_reduce_range())} if precision == "int8" else {}
-    options = ExportOptions(
-        batch=sweep.batch_range, height=sweep.height_range, width=sweep.width_range, precision=precision,
-        validation_max_batch=1, preflight=False, source=source, **quantize,
-    )
-    return export_onnx(model, path, options).path
-
-
-def quantize_for_bench(model: Any, fp32_path: Path, path: Path) -> Path:
-    """The int8 file :func:`export_for_bench` would write, quantized from its fp32 export ``fp32_path``
-    instead of a second trace: the same quantizer and calibration, validated against the eager ``model``
-    (batch 1), with its onnxruntime-CPU variant, in the weight range :func:`bench_int8_reduce_range` says."""
-    from vitdeploy.exporters.quantize import QuantizeOptions
-    from vitdeploy.exporters.quantize_onnx import quantize_onnx
-
-    return quantize_onnx(fp32_path, path, QuantizeOptions(reduce_range=bench_int8_reduce_range()), reference=model,
-                         max_batch=1).path
+    return ArtifactSetPlan(name, graphs=GRAPHS, batch=sweep.batch_range, height=sweep.height_range,
+                           width=sweep.width_range, validation_max_batch=1, quantize_from_fp32=quantize_from_fp32,
+                           source=source)
 
 
 def engine_profiles(sweep: Sweep) -> list[str]:

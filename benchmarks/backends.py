@@ -13,6 +13,7 @@ only, no Python-side binding per call) on its own stream. The GPU paths have not
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +50,14 @@ def _input(batch: int, height: int, width: int, channels: int = 3, seed: int = 0
 
 def _optimizations(metadata: Any) -> tuple[str, ...]:
     return tuple(metadata.optimizations) if metadata is not None else ()
+
+
+def _import_or_skip(module: str, name: str, install: str) -> Any:
+    """``import module``, or :class:`Skip` saying ``name`` is not installed and ``pip install install`` gets it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise Skip(f"{name} is not installed ({error}); pip install {install}") from None
 
 
 def _require_cuda(what: str) -> None:
@@ -121,10 +130,7 @@ class OrtSession:
 
     def __init__(self, spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: int | None,
                  log: Log | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as error:
-            raise Skip(f"onnxruntime is not installed ({error}); pip install onnxruntime") from None
+        ort = _import_or_skip("onnxruntime", "onnxruntime", "onnxruntime")
         from vitdeploy.runtimes.onnxruntime import PROVIDERS, OrtRuntime
 
         available = ort.get_available_providers()
@@ -206,10 +212,7 @@ class TensorRTSession:
         _require_cuda(spec.label)
         from vitdeploy.runtimes.tensorrt import TensorRTRuntime, TensorRTUnavailable
 
-        try:
-            import cuda  # noqa: F401  (cuda-python, which the runtime drives the GPU with)
-        except ImportError as error:
-            raise Skip(f"cuda-python is not installed ({error}); pip install 'vitdeploy[gpu]'") from None
+        _import_or_skip("cuda", "cuda-python", "'vitdeploy[gpu]'")  # what the runtime drives the GPU with
         path = model.engine(spec.precision, sweep, log)
         self.artifact = str(path)
         try:
@@ -249,10 +252,7 @@ class OpenVINOSession:
 
     def __init__(self, spec: RuntimeSpec, model: BenchModel, sweep: Sweep, threads: int | None,
                  log: Log | None = None) -> None:
-        try:
-            import openvino  # noqa: F401
-        except ImportError as error:
-            raise Skip(f"openvino is not installed ({error}); pip install 'vitdeploy[openvino]'") from None
+        _import_or_skip("openvino", "openvino", "'vitdeploy[openvino]'")
         from vitdeploy.runtimes.openvino import OpenVINORuntime
 
         path = model.onnx(spec.graph_precision, sweep, log)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vitdeploy.benchmarks.schema import SchemaError, validate
+from vitdeploy.files import read_json
 
 Key = tuple[str, str, int, int, int]
 
@@ -49,6 +49,8 @@ class PointRatio:
 
 @dataclass
 class Comparison:
+    """Two results files side by side: the points both measured, and those only one of them has."""
+
     a_path: str
     b_path: str
     a: dict[str, Any]
@@ -65,10 +67,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         path = path / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} does not exist")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSON ({error})") from None
+    document = read_json(path)
     try:
         validate(document)
     except SchemaError as error:

@@ -137,13 +137,17 @@ class BenchModel:
             )
         if self.kind == "engine":
             raise ValueError(f"{self.source} is a TensorRT engine; onnxruntime needs an ONNX model")
-        path = self.cache_dir / f"{self.name}-{precision}.onnx"
+        from vitdeploy.benchmarks.artifacts import artifact_plan
+        from vitdeploy.exporters.artifact_set import build_artifact
+
+        plan = artifact_plan(self.name, sweep, source=self.source)
+        path = plan.path(self.cache_dir, precision)
         if path.exists():
             try:
                 metadata = read_onnx_metadata(path)
                 if metadata.precision == precision and sweep.covered_by(metadata) \
                         and metadata.model_config == self.config.to_dict() and self.kind != "checkpoint" \
-                        and _int8_form_fits(metadata):
+                        and _int8_form_fits(metadata, plan):
                     self._onnx[precision] = path
                     return path
             except Exception:  # a foreign or broken file under our name is simply replaced
@@ -151,9 +155,7 @@ class BenchModel:
         if log is not None:
             log(f"exporting {self.name} {precision} ONNX for batch {sweep.batch_range}, "
                 f"height {sweep.height_range}, width {sweep.width_range} -> {path}")
-        from vitdeploy.benchmarks.artifacts import export_for_bench
-
-        export_for_bench(self.torch_model(), path, precision, sweep, source=self.source)
+        build_artifact(self.torch_model(), plan, precision, self.cache_dir)
         self._onnx[precision] = path
         return path
 
@@ -190,11 +192,10 @@ def _engine_precision(path: Path) -> str:
     return EngineManifest.read(manifest_path_for(path)).precision
 
 
-def _int8_form_fits(metadata: Any) -> bool:
-    """Whether a cached file's int8 weight range is the one this machine's bench exports
-    (:func:`~vitdeploy.benchmarks.artifacts.bench_int8_reduce_range`); true for other precisions."""
-    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
+def _int8_form_fits(metadata: Any, plan: Any) -> bool:
+    """Whether a cached file's int8 weight range is the one ``plan`` exports
+    (:data:`~vitdeploy.exporters.artifact_set.INT8_POLICY`); true for other precisions."""
     from vitdeploy.metadata import quantization_record
 
     quantize = quantization_record(metadata)
-    return quantize is None or bool(quantize.get("reduce_range")) == bench_int8_reduce_range()
+    return quantize is None or bool(quantize.get("reduce_range")) == plan.int8.reduce_range

@@ -96,12 +96,12 @@ def _square_matmul_graph(n: int) -> Any:
 
 
 def int8_weight_qmax() -> int:
-    """The int8 weight range of this CPU's int8 files: 7 bits (+-63) without VNNI/AMX, as the
-    project's int8 exports (:func:`~vitdeploy.benchmarks.artifacts.bench_int8_reduce_range`)."""
-    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
+    """The weight range of the project's int8 files, as :data:`~vitdeploy.exporters.artifact_set.INT8_POLICY`
+    chooses it (full range, +-127; 7 bits, +-63, were it ``reduce_range``)."""
+    from vitdeploy.exporters.artifact_set import INT8_POLICY
     from vitdeploy.exporters.quantize import QMAX, REDUCED_WEIGHT_QMAX
 
-    return int(REDUCED_WEIGHT_QMAX if bench_int8_reduce_range() else QMAX["int8"])
+    return int(REDUCED_WEIGHT_QMAX if INT8_POLICY.reduce_range else QMAX["int8"])
 
 
 def int8_matmul_graph(n: int, weight_qmax: int, seed: int = 0) -> Any:
@@ -218,8 +218,8 @@ def measure_int8_peak(threads: int | None = None, size: int | None = None, secon
     an int8 linear layer of our graphs becomes), its bare ``MatMulInteger`` (uint8 x int8), and
     OpenVINO's int8 ``FullyConnected`` compiled from the same Q/DQ graph; each timed for about
     ``seconds`` over square sizes from 512 up to 2048 (fewer where a 512 probe says one product
-    would take over a quarter of ``seconds``; ``size`` times that size alone). Weights are 7-bit
-    where the CPU lacks VNNI/AMX, as the int8 files made for it (:func:`int8_weight_qmax`).
+    would take over a quarter of ``seconds``; ``size`` times that size alone). Weights span the range
+    the project's int8 files use (:func:`int8_weight_qmax`).
     """
     weight_qmax = int8_weight_qmax()
     first = size or PROBE_SIZE

@@ -59,6 +59,17 @@ def _plain_ticks(ax: Any, xticks: list[int] | None = None) -> None:
     _labelled_log_axis(ax.yaxis)
 
 
+def _log_panel(ax: Any, xticks: list[int], xlabel: str, ylabel: str, title: str) -> None:
+    """A line panel's finish: log y axis, plain tick labels at ``xticks``, labels, grid and legend."""
+    ax.set_yscale("log")
+    _plain_ticks(ax, xticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _panels(count: int) -> tuple[Any, list[Any]]:
     """A figure with ``count`` panels laid out in rows of at most three; returns (figure, flat axes)."""
     plt = _pyplot()
@@ -111,13 +122,7 @@ def latency_vs_batch(document: dict[str, Any], path: Path) -> Path | None:
                 line, = ax.plot(batches, p50, marker="o", label=runtime)
                 ax.fill_between(batches, p50, p90, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        _plain_ticks(ax, batches_here)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("latency p50 ms (band to p90)")
-        ax.set_title(f"{model} {height}x{width}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _log_panel(ax, batches_here, "batch size", "latency p50 ms (band to p90)", f"{model} {height}x{width}")
     return _finish(fig, axes, len(panels), "Latency vs batch size", path)
 
 
@@ -141,13 +146,7 @@ def throughput_vs_resolution(document: dict[str, Any], path: Path) -> Path | Non
                 sizes, ips = zip(*points, strict=True)
                 sizes_here += sizes
                 ax.plot(sizes, ips, marker="o", label=runtime)
-        ax.set_yscale("log")
-        _plain_ticks(ax, sizes_here)
-        ax.set_xlabel("resolution (height)")
-        ax.set_ylabel("images / s")
-        ax.set_title(f"{model}, batch {batch}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _log_panel(ax, sizes_here, "resolution (height)", "images / s", f"{model}, batch {batch}")
     return _finish(fig, axes, len(models), "Throughput vs resolution", path)
 
 

@@ -235,34 +235,8 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
                 attr.i = TensorProto.FLOAT16
 
     names = Names(graph)
-    head: list[onnx.NodeProto] = []
-    for value in graph.input:
-        tensor_type = value.type.tensor_type
-        if tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        if keep_io_types:
-            half = names.new(f"{value.name}_fp16")
-            replace_uses(graph, value.name, half)
-            head.append(helper.make_node("Cast", [value.name], [half], name=names.new(f"{value.name}_to_fp16"),
-                                         to=TensorProto.FLOAT16))
-        else:
-            tensor_type.elem_type = TensorProto.FLOAT16
-    tail: list[onnx.NodeProto] = []
-    for value in graph.output:
-        tensor_type = value.type.tensor_type
-        if tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        if keep_io_types:
-            half = names.new(f"{value.name}_fp16")
-            for node in graph.node:
-                for index, name in enumerate(node.output):
-                    if name == value.name:
-                        node.output[index] = half
-            replace_uses(graph, value.name, half)
-            tail.append(helper.make_node("Cast", [half], [value.name], name=names.new(f"{value.name}_to_fp32"),
-                                         to=TensorProto.FLOAT))
-        else:
-            tensor_type.elem_type = TensorProto.FLOAT16
+    head = _half_boundary(graph, names, graph.input, keep_io_types, inputs=True)
+    tail = _half_boundary(graph, names, graph.output, keep_io_types, inputs=False)
     nodes = [*head, *graph.node, *tail]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -272,6 +246,31 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = DEFAULT_FP
         set_metadata(model, {"vitdeploy.fp16.clipped_values": str(clipped[0])})
     _update_artifact_metadata(model, sorted(set(fp32_ops)), keep_io_types)
     return model
+
+
+def _half_boundary(graph: onnx.GraphProto, names: Names, values: Iterable[onnx.ValueInfoProto], keep_io_types: bool,
+                   inputs: bool) -> list[onnx.NodeProto]:
+    """Make the graph's float ``values`` (its inputs, or its outputs) fp16: retyped in place, or, with
+    ``keep_io_types``, kept fp32 behind a Cast; returns those Casts (to put first, or last)."""
+    casts: list[onnx.NodeProto] = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        if not keep_io_types:
+            tensor_type.elem_type = TensorProto.FLOAT16
+            continue
+        half = names.new(f"{value.name}_fp16")
+        if not inputs:  # the producer now writes the fp16 tensor; the Cast writes the output's name
+            for node in graph.node:
+                for index, name in enumerate(node.output):
+                    if name == value.name:
+                        node.output[index] = half
+        replace_uses(graph, value.name, half)
+        source, target, to = (value.name, half, "fp16") if inputs else (half, value.name, "fp32")
+        casts.append(helper.make_node("Cast", [source], [target], name=names.new(f"{value.name}_to_{to}"),
+                                      to=TensorProto.FLOAT16 if inputs else TensorProto.FLOAT))
+    return casts
 
 
 def _update_artifact_metadata(model: onnx.ModelProto, fp32_ops: list[str], keep_io_types: bool) -> None:

@@ -37,17 +37,13 @@ NVIDIA/TensorRT ``python/src/infer/pyCore.cpp``):
 
 The engine, the manifest, the layer list and the timing cache are written atomically (under a temporary name, then renamed).
 
-Verification status: written from NVIDIA's documentation and binding sources on machines where
-TensorRT cannot be installed. It has run against the test double in ``tests/trt_double.py``
-(call names, order, values, and the rules listed there) and, for the CUDA calls, against real
-cuda-python 12.9 and 13.5 without a GPU (argument types and error paths) — never against a real
-TensorRT. ``tests/test_tensorrt_gpu.py`` (run by ``benchmarks/gpu_check.sh``) is the first real run.
+Verification status: never run against a real TensorRT; tested with the test double
+``tests/trt_double.py`` (:mod:`vitdeploy.tensorrt_env` says how far that goes).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import tempfile
 import threading
@@ -73,7 +69,7 @@ from vitdeploy.engine_manifest import (
 )
 from vitdeploy.exporters.trt_plan import BuildPlan
 from vitdeploy.exporters.trt_progress import BuildProgress
-from vitdeploy.files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from vitdeploy.files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 from vitdeploy.tensorrt_env import (
     CudaApi,
     CudaError,
@@ -470,7 +466,7 @@ def _run_build(trt: Any, plan: BuildPlan, show_progress: bool, device: int, log:
         atomic_write_bytes(plan.options.timing_cache, output.timing_cache)
     manifest = EngineManifest(
         engine_file=plan.engine_path.name,
-        engine_sha256=hashlib.sha256(output.engine).hexdigest(),
+        engine_sha256=sha256_bytes(output.engine),
         engine_bytes=len(output.engine),
         onnx_file=str(plan.onnx.path),
         onnx_sha256=sha256_file(plan.onnx.path),

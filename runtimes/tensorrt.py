@@ -54,11 +54,8 @@ cudaStreamBeginCapture/EndCapture, cudaGraphInstantiate/Launch), https://nvidia.
 
 Neither tensorrt nor cuda-python is imported at module import; numpy only.
 
-Verification status: written from NVIDIA's documentation and binding sources on machines where
-TensorRT cannot be installed. It has run against the test double in ``tests/trt_double.py`` (call
-names, order, values, and the rules it enforces) and, for the CUDA calls, against real
-cuda-python 12.9 and 13.5 without a GPU (argument types and error paths) — never against a real
-TensorRT. ``tests/test_tensorrt_gpu.py`` (run by ``benchmarks/gpu_check.sh``) is the first real run.
+Verification status: never run against a real TensorRT; tested with the test double
+``tests/trt_double.py`` (:mod:`vitdeploy.tensorrt_env` says how far that goes).
 """
 
 from __future__ import annotations
@@ -66,7 +63,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import hashlib
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -86,6 +82,7 @@ from vitdeploy.engine_manifest import (
     manifest_path_for,
     select_profile,
 )
+from vitdeploy.files import sha256_bytes
 from vitdeploy.metadata import ArtifactMetadata
 from vitdeploy.outputs import primary_output
 from vitdeploy.runtimes.base import InputSpec, Runtime, validate_input
@@ -361,7 +358,7 @@ class TensorRTRuntime(Runtime):
         if self.manifest is not None:
             # Decided before TensorRT is even imported: a foreign or stale engine is refused on any
             # machine; only a matching one on a machine without TensorRT hears that it is missing.
-            self._refuse_or_warn(check_compatibility(self.manifest, engine_sha256=hashlib.sha256(data).hexdigest()),
+            self._refuse_or_warn(check_compatibility(self.manifest, engine_sha256=sha256_bytes(data)),
                                  force)
         problems = []
         trt = import_tensorrt()

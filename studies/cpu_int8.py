@@ -26,14 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from study import (
-    RESULTS,
-    add_run_arguments,
-    check_at_least_one,
-    command_line,
-    random_model,
-    write_results,
-)
+import study
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, random_model
 
 from vitdeploy.benchmarks.timing import time_rounds
 
@@ -106,11 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
     from vitdeploy.benchmarks.environment import recording_load
     from vitdeploy.calibration import load_calibration
     from vitdeploy.cpu_features import has_bf16, int8_dot_flags
-    from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+    from vitdeploy.exporters.artifact_set import ArtifactSetPlan, build_artifact
+    from vitdeploy.exporters.onnx_export import ExportValidationError
     from vitdeploy.exporters.quantize import QuantizeOptions
     from vitdeploy.exporters.quantize_onnx import quantize_onnx
     from vitdeploy.metadata import read_onnx_metadata
@@ -129,17 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep: list[Any] = []
 
     with tempfile.TemporaryDirectory(prefix="cpu_int8.") as folder:
-        fp32_path, int8_path = Path(folder) / "model.onnx", Path(folder) / "model-int8.onnx"
-        common = {"batch": (1, max_batch), "height": (size, size), "width": (size, size),
-                  "validation_max_batch": 1, "preflight": False}
+        plan = ArtifactSetPlan("model", graphs=("fp32", "int8"), batch=(1, max_batch), height=(size, size),
+                               width=(size, size), validation_max_batch=1, calibration=args.calibration,
+                               calibration_size=args.calibration_size)
+        fp32_path, int8_path = plan.path(folder, "fp32"), plan.path(folder, "int8")
         _say(f"exporting {args.model} fp32 (validated, with its onnxruntime-CPU variant)")
-        export_onnx(model, fp32_path, ExportOptions(**common))
-        reduce_range = bench_int8_reduce_range()  # the form the suite's int8 files take on this CPU
+        build_artifact(model, plan, "fp32", folder)
+        reduce_range = plan.int8.reduce_range  # the project's int8 form (INT8_POLICY)
         _say(f"exporting {args.model} int8 (calibration: {args.calibration or 'bundled photos + crops'}"
-             f"{'; 7-bit weights: no VNNI/AMX on this CPU' if reduce_range else ''})")
-        int8 = export_onnx(model, int8_path, ExportOptions(
-            precision="int8", calibration=args.calibration, calibration_size=args.calibration_size,
-            quantize=QuantizeOptions(reduce_range=reduce_range), **common), progress=_say)
+             f"{'; 7-bit weights' if reduce_range else ''})")
+        int8 = build_artifact(model, plan, "int8", folder, progress=_say)
         metadata = read_onnx_metadata(fp32_path)
         calibration = load_calibration(args.calibration, args.calibration_size, metadata.preprocessing, log=None)
         # The same quantizer with the attention batch-matmuls quantized too (what NNCF does): faster on
@@ -259,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "rounds": args.rounds, "iterations_batch1": args.iterations, "warmup": args.warmup,
                   "weights": "random (torch.manual_seed(0))",
                   "calibration": calibration.describe(), "int8_quantization": int8.quantization,
+                  "artifact_set": plan.record(),
                   "accuracy": f"vs eager fp32 on the bundled photos, batch {max_batch} at {size}x{size}",
                   "statistic": "median over rounds of the per-round p50; rounds interleave the contenders"},
         "skipped": skipped,
@@ -278,8 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "n/a (no peer)" if target["met"] is None else ("met" if target["met"] else "NOT met")
         print(f"{name}: fastest vitdeploy path {target['fastest']} {target['fastest_ms']} ms vs peer "
               f"{target['peer_ms']} ms -> {verdict}")
-    write_results(args.output, command, report, threads=args.threads)
-    return 0
+    return study.finish(args, command, report)
 
 
 if __name__ == "__main__":

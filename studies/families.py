@@ -11,8 +11,8 @@ DINOv2-S with registers at 518, CLIP B/16, SigLIP B/16 by default):
 - vitdeploy's fp32 graph of the same weights (saved as a timm Hub folder and loaded by vitdeploy's
   timm loader, exported and validated by the real exporter) on onnxruntime, the way ``OrtRuntime``
   runs it on a CPU (the validated onnxruntime-CPU variant);
-- the int8 graph of the same weights in the form this CPU needs (7-bit weights without VNNI/AMX,
-  :func:`~vitdeploy.benchmarks.artifacts.bench_int8_reduce_range`), on onnxruntime.
+- the int8 graph of the same weights, quantized from that fp32 graph in the project's int8 form
+  (:data:`~vitdeploy.exporters.artifact_set.INT8_POLICY`), on onnxruntime.
 
 Each output is checked against timm's on the bundled photos (the fp32 graph's relative error shows
 the weights are the same). A family's three contenders are timed in interleaved rounds whose order
@@ -130,9 +130,10 @@ def prepare_family(timm: Any, name: str, args: argparse.Namespace, folder: Path,
     """Build the timm model, export vitdeploy's fp32 and int8 graphs of its weights, open them, check them."""
     import torch
 
-    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range, export_for_bench, quantize_for_bench
+    from vitdeploy.benchmarks.artifacts import artifact_plan
     from vitdeploy.benchmarks.models import Sweep
     from vitdeploy.checkpoints import load_model
+    from vitdeploy.exporters.artifact_set import build_artifact
     from vitdeploy.outputs import LOGITS, default_outputs
     from vitdeploy.parity import InputFactory, compare_logits
     from vitdeploy.runtimes import OrtRuntime
@@ -143,8 +144,9 @@ def prepare_family(timm: Any, name: str, args: argparse.Namespace, folder: Path,
     (output,) = default_outputs(model.config)
     sweep = Sweep(batches=(1,), sizes=((size, size),))
     say(f"{name}: exporting fp32 and int8 at batch 1, {size}x{size} (validated)")
-    fp32 = export_for_bench(model, folder / f"{name}-fp32.onnx", "fp32", sweep, source=name)
-    int8 = quantize_for_bench(model, fp32, folder / f"{name}-int8.onnx")  # one trace for both
+    plan = artifact_plan(name, sweep, source=name, quantize_from_fp32=True)  # one trace for both
+    fp32 = build_artifact(model, plan, "fp32", folder).path
+    int8 = build_artifact(model, plan, "int8", folder).path
     threads = {"intra_op_threads": args.threads, "inter_op_threads": 1}
     runtimes = {FP32: OrtRuntime(fp32, **threads), INT8: OrtRuntime(int8, **threads)}
 
@@ -167,7 +169,7 @@ def prepare_family(timm: Any, name: str, args: argparse.Namespace, folder: Path,
         accuracy[contender] = {"cosine": round(metrics.cosine, 6), "rel_max_error": float(f"{metrics.rel_max_error:.3g}")}
     setup = {"model": name, "depth": model.config.depth, "batch": 1, "height": size, "width": size, "output": output,
              "graphs": {contender: runtime.graph_path.name for contender, runtime in runtimes.items()},
-             "int8_reduce_range": bench_int8_reduce_range()}
+             "int8_reduce_range": plan.int8.reduce_range}
 
     def close() -> None:
         for runtime in runtimes.values():

@@ -22,14 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from study import (
-    RESULTS,
-    add_run_arguments,
-    check_at_least_one,
-    command_line,
-    random_model,
-    write_results,
-)
+import study
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, random_model
 
 from vitdeploy.benchmarks.timing import time_rounds
 
@@ -145,19 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "met": wrapper <= WRAPPER_TARGET},
         },
     }
-    print(f"{args.model}, batch {args.batch}, {size}x{size}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.iterations} calls; {load.describe()}")
+    print(study.run_line(args, size, load))
     print(f"{'runtime':62s} {'p50 ms':>8s} {'vs eager':>9s} {'rel err':>9s}")
     for row in rows:
-        error = row["rel_max_error_vs_eager"]
         print(f"{row['runtime']:62s} {row['p50_ms_median']:8.2f} {row['vs_eager']:8.3f}x "
-              f"{'' if error is None else f'{error:9.1e}'}")
+              f"{study.error_cell(row['rel_max_error_vs_eager'])}")
     print(f"OrtRuntime vs eager: {ort_ratio:.3f}x (target <= {ORT_TARGET}) "
           f"{'met' if ort_ratio <= ORT_TARGET else 'NOT met'}")
     print(f"wrapper overhead: {wrapper:+.2%} ({(wrapped_ms - bare_ms) * 1000:+.0f} us; target <= "
           f"{WRAPPER_TARGET:.0%}) {'met' if wrapper <= WRAPPER_TARGET else 'NOT met'}")
-    write_results(args.output, command, report, threads=args.threads)
-    return 0
+    return study.finish(args, command, report)
 
 
 if __name__ == "__main__":

@@ -180,8 +180,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration", metavar="DIR", help="calibration images (default: bundled photos + crops)")
     parser.add_argument("--calibration-size", type=int, default=64)
     parser.add_argument("--weights", choices=("auto", "full", "7bit"), default="auto",
-                        help="int8 weight range: auto (the form this CPU needs: 7-bit without VNNI/AMX), full "
-                        "(TensorRT's and VNNI CPUs' form) or 7bit (default auto)")
+                        help="int8 weight range: auto (the project's int8 policy, INT8_POLICY in "
+                        "exporters/artifact_set.py: full range), full (TensorRT's and VNNI CPUs' form) or 7bit "
+                        "(default auto)")
     parser.add_argument("--no-outlier-handling", action="store_true",
                         help="quantize without SmoothQuant migration and without the keep-in-float fallback (the "
                         "control: what the outliers do to plain per-tensor int8)")
@@ -227,7 +228,7 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> tuple[dict[st
     import torch
 
     import vitdeploy
-    from vitdeploy.benchmarks.artifacts import bench_int8_reduce_range
+    from vitdeploy.exporters.artifact_set import INT8_POLICY
     from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
     from vitdeploy.exporters.quantize import QuantizationTargetError, QuantizeOptions
     from vitdeploy.outputs import default_outputs
@@ -245,7 +246,7 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> tuple[dict[st
     else:
         inject_outlier_channels_eager(model, channels, args.factor, [output])
     path = folder / f"seed{seed}-int8.onnx"
-    reduce_range = {"auto": bench_int8_reduce_range(), "full": False, "7bit": True}[args.weights]
+    reduce_range = {"auto": INT8_POLICY.reduce_range, "full": False, "7bit": True}[args.weights]
     row: dict[str, Any] = {"seed": seed, "output": output, "channels": list(channels), "reduce_range": reduce_range,
                            "outlier_layer_norms": [names[id(norm)] for norm in injected]}
     start = time.perf_counter()

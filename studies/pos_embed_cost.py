@@ -23,14 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from study import (
-    RESULTS,
-    add_run_arguments,
-    check_at_least_one,
-    command_line,
-    model_overrides,
-    write_results,
-)
+import study
+from study import RESULTS, add_run_arguments, check_at_least_one, command_line, model_overrides
 
 from vitdeploy.benchmarks.timing import time_rounds
 
@@ -200,15 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "statistic": "median over rounds of the per-round p50; rounds interleave the graphs"},
         "results": rows,
     }
-    print(f"{args.model}, batch {args.batch}, {size}x{size}, {args.threads} threads, {args.rounds} rounds x "
-          f"{args.iterations} calls; {load.describe()}")
+    print(study.run_line(args, size, load))
     print(f"{'graph':26s} {'nodes':>6s} {'p50 ms':>9s} {'vs resize':>10s} {'extra us':>9s} {'rel err':>9s}")
     for row in rows:
-        error = row["rel_max_error_vs_eager"]
         print(f"{row['graph']:26s} {row['nodes']:6d} {row['p50_ms_median']:9.3f} {row['vs_resize']:9.3f}x "
-              f"{row['extra_us_vs_resize']:9.1f} {'' if error is None else f'{error:9.1e}'}")
-    write_results(args.output, command, report, threads=args.threads)
-    return 0
+              f"{row['extra_us_vs_resize']:9.1f} {study.error_cell(row['rel_max_error_vs_eager'])}")
+    return study.finish(args, command, report)
 
 
 if __name__ == "__main__":

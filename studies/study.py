@@ -40,6 +40,25 @@ def write_results(path: Path, command: str, results: dict[str, Any], threads: in
     return document
 
 
+def finish(args: argparse.Namespace, command: str, report: dict[str, Any]) -> int:
+    """Write a side-by-side study's report to ``--output`` (:func:`write_results`, with its ``--threads``);
+    the study's exit status."""
+    write_results(args.output, command, report, threads=args.threads)
+    return 0
+
+
+def run_line(args: argparse.Namespace, size: int, load: Any) -> str:
+    """What a single-batch side-by-side study ran, in the line above its table (model, batch, size, threads,
+    rounds, calls and the other processes' load)."""
+    return (f"{args.model}, batch {args.batch}, {size}x{size}, {args.threads} threads, {args.rounds} rounds x "
+            f"{args.iterations} calls; {load.describe()}")
+
+
+def error_cell(error: float | None) -> str:
+    """A relative error in a printed table: blank where none was measured."""
+    return "" if error is None else f"{error:9.1e}"
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int, iterations: int, warmup: int,
                       default_output: Path, iterations_help: str, model: bool = True) -> None:
     """``--model`` (unless ``model=False``: a benchmark of several models names its own option),

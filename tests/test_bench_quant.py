@@ -53,14 +53,14 @@ def test_the_int8_peak_is_measured_on_the_cpu_only_and_fp8_has_none():
 
 def test_the_int8_peak_times_the_kernels_our_int8_graphs_run(tmp_path):
     """The Q/DQ linear layer it times is what the int8 exports' linear layers become: onnxruntime's
-    MatMulIntegerToFloat and OpenVINO's int8 FullyConnected; weights in 7 bits without VNNI/AMX."""
+    MatMulIntegerToFloat and OpenVINO's int8 FullyConnected; weights in the int8 policy's range."""
     import numpy as np
     import onnxruntime as ort
 
-    from vitdeploy.cpu_features import int8_dot_flags
+    from vitdeploy.exporters.artifact_set import INT8_POLICY
 
     qmax = int8_weight_qmax()
-    assert qmax == (127 if int8_dot_flags() else 63)
+    assert qmax == (63 if INT8_POLICY.reduce_range else 127)
     model = int8_matmul_graph(64, qmax)
     weights = next(init for init in model.graph.initializer if init.name == "w_q")
     assert np.abs(onnx.numpy_helper.to_array(weights)).max() <= qmax
@@ -104,10 +104,9 @@ def test_openvino_session_times_the_runtime(tmp_path):
         session.close()
 
 
-def test_bench_int8_file_fits_this_cpu_and_a_cached_other_form_is_reexported(tmp_path, monkeypatch):
-    import vitdeploy.benchmarks.artifacts as artifacts
+def test_bench_int8_file_follows_the_int8_policy_and_a_cached_other_form_is_reexported(tmp_path, monkeypatch):
+    import vitdeploy.exporters.artifact_set as artifact_set
     from vitdeploy.benchmarks.models import BenchModel, Sweep
-    from vitdeploy.cpu_features import int8_dot_flags
     from vitdeploy.metadata import read_onnx_metadata
 
     def weight_range(path):
@@ -117,8 +116,8 @@ def test_bench_int8_file_fits_this_cpu_and_a_cached_other_form_is_reexported(tmp
     model = make_model(tiny_config())
     sweep = Sweep(batches=(1,), sizes=((32, 32),))
     path = BenchModel.from_model("tiny", "tiny", model, tmp_path, True).onnx("int8", sweep)
-    assert weight_range(path) is (not int8_dot_flags())  # 7-bit weights exactly where VNNI/AMX are missing
+    assert weight_range(path) is False  # deploy's policy: full-range weights on every CPU
 
-    monkeypatch.setattr(artifacts, "bench_int8_reduce_range", lambda: bool(int8_dot_flags()))
+    monkeypatch.setattr(artifact_set, "INT8_POLICY", artifact_set.Int8Policy(reduce_range=True))
     again = BenchModel.from_model("tiny", "tiny", model, tmp_path, True).onnx("int8", sweep)
-    assert again == path and weight_range(again) is bool(int8_dot_flags())
+    assert again == path and weight_range(again) is True

@@ -129,6 +129,14 @@ def atomic_write_json(target: str | os.PathLike[str], data: Any, parents: bool =
     atomic_write_text(target, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
+    """The JSON document in ``path``; ``error`` naming the file when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as problem:
+        raise error(f"{path} is not JSON ({problem})") from None
+
+
 def sha256_files(paths: Iterable[str | os.PathLike[str]], chunk: int = 1 << 22) -> str:
     """Hex sha256 of the files' bytes read one after another (a sharded checkpoint hashes as one)."""
     digest = hashlib.sha256()
@@ -137,6 +145,11 @@ def sha256_files(paths: Iterable[str | os.PathLike[str]], chunk: int = 1 << 22) 
             for block in iter(lambda: handle.read(chunk), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data`` (a serialized engine held in memory)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

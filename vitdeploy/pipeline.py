@@ -161,6 +161,7 @@ class Pipeline:
         self.tuned: Any = None  # the TuneResult
         self.resolved: Any = None
         self.source_plan: Any = None  # what the exports are checked against (exporters/source_check.py)
+        self.plan: Any = None  # the exports' ArtifactSetPlan (exporters/artifact_set.py)
         self.name = ""
 
     def skip(self, name: str, reason: str) -> None:
@@ -201,21 +202,28 @@ class Pipeline:
             stage.detail = (f"{config.name}: {self.resolved.format}"
                             + (", random weights" if self.resolved.random_weights else ""))
 
-    def export(self, precision: str, batch: tuple[int, int], resolution: tuple[int, int] | None) -> Artifact | None:
-        from vitdeploy.exporters.onnx_export import ExportOptions, ExportValidationError, export_onnx
+    def artifact_plan(self) -> Any:
+        """The exports' artifact set: fp32, fp16 and (unless ``--no-int8``) int8, each traced and checked
+        against the eager model and the source library, the int8 one with its TensorRT pre-flight."""
+        from vitdeploy.exporters.artifact_set import ArtifactSetPlan
+
+        options = self.options
+        return ArtifactSetPlan(
+            self.name, graphs=("fp32", "fp16", "int8") if options.int8 else ("fp32", "fp16"), batch=options.batch,
+            height=options.resolution, width=options.resolution, validation_max_batch=options.validation_max_batch,
+            preflight=("int8",), calibration=options.calibration, source=str(self.resolved.source),
+            source_sha256=self.resolved.sha256, source_format=self.resolved.format, outputs=options.outputs,
+            source_check=self.source_plan)
+
+    def export(self, precision: str) -> Artifact | None:
+        from vitdeploy.exporters.artifact_set import build_artifact
+        from vitdeploy.exporters.onnx_export import ExportValidationError
         from vitdeploy.exporters.quantize import QuantizationTargetError
 
-        path = self.out / f"{self.name}-{precision}.onnx"
+        path = self.plan.path(self.out, precision)
         with self.stage(f"export {precision}") as stage:
-            quantized = {"calibration": self.options.calibration} if precision == "int8" else {}
-            options = ExportOptions(
-                batch=batch, height=resolution, width=resolution, precision=precision, validate=True,
-                validation_max_batch=self.options.validation_max_batch, source=str(self.resolved.source),
-                source_sha256=self.resolved.sha256, source_format=self.resolved.format, preflight=precision == "int8",
-                outputs=self.options.outputs, source_check=self.source_plan, **quantized,
-            )
             try:
-                result = export_onnx(self.resolved.model, path, options, progress=progress)
+                result = build_artifact(self.resolved.model, self.plan, precision, self.out, progress=progress)
             except ExportValidationError as error:
                 check = getattr(error, "result", None)  # a SourceCheckError: the graph disagrees with the source
                 what = f"disagrees with {check.reference}" if check is not None else "parity check failed"
@@ -416,12 +424,13 @@ class Pipeline:
 
             check_outputs(options.outputs, config)  # before OUT/ is made: the model cannot give what was asked
         self.out.mkdir(parents=True, exist_ok=True)
+        self.plan = self.artifact_plan()
         onnx: dict[str, Path] = {}
         for precision in ("fp32", "fp16", "int8"):
-            if precision == "int8" and not options.int8:
-                self.skip("export int8", "--no-int8")
+            if precision not in self.plan.graphs:
+                self.skip(f"export {precision}", "--no-int8")
                 continue
-            artifact = self.export(precision, options.batch, options.resolution)
+            artifact = self.export(precision)
             if artifact is not None:
                 onnx[precision] = artifact.path
         engine = None
@@ -483,6 +492,7 @@ class Pipeline:
             "seconds": round(self.seconds, 1),
             "stages": [s.to_dict() for s in self.stages],
             "artifacts": [a.to_dict(self.out) for a in self.artifacts],
+            "artifact_set": self.plan.record() if self.plan is not None else None,  # graphs, names, int8 policy
             "tensorrt_preflight": self.preflight,
             "tensorrt": self.tensorrt,
             "benchmark": bench,

@@ -20,6 +20,14 @@ Rules from NVIDIA's sources that this module encodes (TensorRT 10.16 / 11.1
   for the same reason (:func:`get_logger`).
 - A failed ``cudaStreamEndCapture`` or a failed capture body still leaves a ``cudaGraph_t`` to
   destroy (:meth:`CudaApi.capture`).
+
+Verification status of the TensorRT code (this module, the engine builder
+``vitdeploy.exporters.tensorrt_build`` and the runtime ``vitdeploy.runtimes.tensorrt``): written from
+NVIDIA's documentation and binding sources on machines where TensorRT cannot be installed. It has run
+against the test double in ``tests/trt_double.py`` (call names, order, values, and the rules it
+enforces) and, for the CUDA calls, against real cuda-python 12.9 and 13.5 without a GPU (argument
+types and error paths) — never against a real TensorRT. ``tests/test_tensorrt_gpu.py`` (run by
+``benchmarks/gpu_check.sh``) is the first real run.
 """
 
 from __future__ import annotations

@@ -38,13 +38,12 @@ absent, with them empty), and :func:`chosen_artifact` refuses an artifact whose 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.files import atomic_write_json, sha256_file
+from vitdeploy.files import atomic_write_json, read_json, sha256_file
 
 MANIFEST_NAME = "tune.json"
 MANIFEST_KIND = "vitdeploy-tune"
@@ -171,11 +170,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> TuneManifest:
     path = manifest_path(folder)
     if not path.is_file():
         raise TuneManifestError(f"{str(folder)!r} has no {MANIFEST_NAME}; run `vitdeploy tune` on it first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TuneManifestError(f"{path} is not JSON ({error})") from None
-    return TuneManifest.from_dict(data, str(path))
+    return TuneManifest.from_dict(read_json(path, TuneManifestError), str(path))
 
 
 def chosen_artifact(folder: str | os.PathLike[str], manifest: TuneManifest | None = None) -> tuple[Choice, Path]:

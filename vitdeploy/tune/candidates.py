@@ -20,8 +20,6 @@ from vitdeploy.tune_manifest import Candidate
 
 Log = Callable[[str], None]
 
-GRAPH_FILES = {"int8": "int8", "int8-7bit": "int8-7bit"}  # graph -> file-name suffix tune writes
-
 
 def _candidate(name: str, backend: str, graph: str, precision: str, description: str,
                options: dict[str, Any] | None = None, reason: str | None = None) -> Candidate:
@@ -93,22 +91,23 @@ def ensure_int8_forms(folder: Path, artifacts: dict[str, Path], wanted: set[str]
                       calibration_size: int, log: Log) -> dict[str, str]:
     """Quantize the fp32 file into each int8 form in ``wanted`` that ``artifacts`` lacks (validated
     against the fp32 graph, written into ``folder``); returns ``{graph: why not}`` for those that failed."""
+    from vitdeploy.exporters.artifact_set import INT8_FORMS, ArtifactSetPlan, build_artifact
     from vitdeploy.exporters.onnx_export import ExportValidationError
-    from vitdeploy.exporters.quantize import QuantizeOptions
-    from vitdeploy.exporters.quantize_onnx import quantize_onnx
 
     failed: dict[str, str] = {}
     fp32 = artifacts["fp32"]
     stem = fp32.stem[:-len("-fp32")] if fp32.stem.endswith("-fp32") else fp32.stem
+    plan = ArtifactSetPlan(stem, graphs=("fp32", *INT8_FORMS), validation_max_batch=1, quantize_from_fp32=True,
+                           calibration=calibration, calibration_size=calibration_size)
     for graph in sorted(wanted - set(artifacts)):
-        if graph not in GRAPH_FILES:
+        if graph not in INT8_FORMS:
             continue
-        target = folder / f"{stem}-{GRAPH_FILES[graph]}.onnx"
-        log(f"quantizing {fp32.name} -> {target.name} ({'7-bit' if graph == 'int8-7bit' else 'full-range'} int8 "
-            f"weights, calibration: {calibration or 'bundled photos + crops'})")
+        target = plan.path(folder, graph)
+        weights = "7-bit" if plan.quantize_options(graph).reduce_range else "full-range"
+        log(f"quantizing {fp32.name} -> {target.name} ({weights} int8 weights, calibration: "
+            f"{calibration or 'bundled photos + crops'})")
         try:
-            quantize_onnx(fp32, target, QuantizeOptions(reduce_range=graph == "int8-7bit"), calibration=calibration,
-                          calibration_size=calibration_size, max_batch=1)
+            build_artifact(None, plan, graph, folder, fp32=fp32)
             artifacts[graph] = target
         except ExportValidationError as error:
             failed[graph] = f"its quantized graph failed the int8 gate: {'; '.join(error.report.failures[:2])}"
@@ -119,29 +118,25 @@ def export_for_tune(model: Any, folder: Path, name: str, batch: tuple[int, int],
                     source_sha256: str = "", calibration: str | None = None, calibration_size: int = 64,
                     log: Log | None = None) -> dict[str, Path]:
     """Export ``model`` into ``folder`` as deploy does: fp32 with its onnxruntime-CPU variant, and the
-    full-range int8 file quantized from it (one trace), each validated against the eager model; files
+    int8 file quantized from it (one trace), each validated against the eager model; files
     of this source already in the folder (same ``source_sha256``) are reused."""
-    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
-    from vitdeploy.exporters.quantize import QuantizeOptions
-    from vitdeploy.exporters.quantize_onnx import quantize_onnx
+    from vitdeploy.exporters.artifact_set import ArtifactSetPlan, build_artifact
     from vitdeploy.metadata import read_onnx_metadata
 
     say = log or (lambda message: None)
+    plan = ArtifactSetPlan(name, graphs=("fp32", "int8"), batch=batch, validation_max_batch=4, quantize_from_fp32=True,
+                           calibration=calibration, calibration_size=calibration_size, source=source,
+                           source_sha256=source_sha256)
     artifacts = find_artifacts(folder) if folder.is_dir() else {}
     folder.mkdir(parents=True, exist_ok=True)
-    for precision in ("fp32", "int8"):
+    for precision in plan.graphs:
         existing = artifacts.get(precision)
         if existing is not None and source_sha256 and read_onnx_metadata(existing).source_sha256 == source_sha256:
             say(f"reusing {existing.name} (exported from this source)")
             continue
-        path = folder / f"{name}-{precision}.onnx"
+        path = plan.path(folder, precision)
         say(f"exporting {path.name} (validated against the eager model)")
-        if precision == "fp32":
-            export_onnx(model, path, ExportOptions(batch=batch, validation_max_batch=4, source=source,
-                                                   source_sha256=source_sha256, preflight=False), progress=say)
-        else:
-            quantize_onnx(artifacts["fp32"], path, QuantizeOptions(), calibration=calibration,
-                          calibration_size=calibration_size, reference=model, max_batch=4, progress=say)
+        build_artifact(model, plan, precision, folder, progress=say, fp32=artifacts.get("fp32"))
         artifacts[precision] = path
     return artifacts
 
