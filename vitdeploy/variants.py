@@ -138,3 +138,12 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
     if name not in VARIANTS:
         raise ValueError(unknown_variant_message(name))
     return VARIANTS[name].replace(**overrides)
+
+
+def _add_families() -> None:
+    from vitdeploy.families import all_variants
+
+    VARIANTS.update(all_variants())
+
+
+_add_families()

@@ -39,6 +39,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
+class ArchitectureRefused(CheckpointError):
+    """A checkpoint refused for what it is (a named architecture vitdeploy does not build, tensors that
+    differ from the architecture the file names, names that fit two architectures): no layout hint."""
+
+
 class CheckpointWarning(UserWarning):
     """Something about a loaded checkpoint the user should know (resampling, guesses, random weights)."""
 

@@ -1,0 +1,94 @@
+"""Checkpoints of the families in :mod:`vitdeploy.families`: which family a file is, and reading it.
+
+A file that names its architecture (a timm Hub ``config.json``'s ``architecture``, or ``model=``)
+is read as exactly that family's variant, or refused in one line naming it. A bare state dict is
+read as a family only where its tensor names fit that family alone; names that fit two
+architectures that compute differently (a Perception Encoder state dict has no RoPE tensor, so
+it also fits a ViT without RoPE) are refused with the candidates and ``model=NAME``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
+from vitdeploy.families import FAMILIES, family_of, unsupported_reason
+from vitdeploy.families.base import Family, infer_family_config
+from vitdeploy.families.dinov3 import FAMILY as DINOV3
+from vitdeploy.families.dinov3 import is_original_keys
+from vitdeploy.families.eva02 import FAMILY as EVA02
+from vitdeploy.families.pe import FAMILY as PE
+
+_EVA_MARKERS = (".gamma_1", ".attn.q_bias", ".attn.q_proj.", ".mlp.fc1_g.")
+
+
+def _has(names: set[str], part: str) -> bool:
+    return any(part in name for name in names)
+
+
+def bare_family(keys: Iterable[str], what: str) -> Family | None:
+    """The family a bare timm state dict's tensor names fit alone (None: none of them, so the ViT
+    readers decide); raises :class:`CheckpointError` when they fit a family and an architecture
+    that computes differently."""
+    names = set(keys)
+    if "patch_embed.proj.weight" not in names:
+        return None
+    eva_names = any(_has(names, marker) for marker in _EVA_MARKERS)
+    if "pos_embed" not in names and "cls_token" in names and "reg_token" in names:
+        return DINOV3  # no position table: only DINOv3's RoPE among what vitdeploy builds
+    if "pos_embed" in names and eva_names and _has(names, ".mlp.fc1") and (
+            _has(names, ".attn.q_bias") or _has(names, ".attn.q_proj.")):
+        return EVA02
+    pe_like = {"cls_token", "pos_embed", "norm_pre.weight", "attn_pool.latent"} <= names
+    if pe_like and "patch_embed.proj.bias" not in names:
+        candidates = ", ".join(sorted(PE.variants)[:2])
+        raise ArchitectureRefused(
+            f"{what}: its tensor names fit both a Perception Encoder (2-D RoPE, which stores no tensor) and a "
+            f"ViT without RoPE (class token, norm_pre, attention pool), which compute differently; "
+            f"name the architecture with model=NAME (CLI: --model NAME), e.g. {candidates}")
+    return None
+
+
+def architecture_family(architecture: str | None, what: str) -> Family | None:
+    """The family a recorded architecture name belongs to; a name vitdeploy cannot build is refused."""
+    reason = unsupported_reason(architecture)
+    if reason is not None:
+        raise ArchitectureRefused(f"{what}: architecture {architecture!r} is {reason}, which vitdeploy does not build; "
+                              "refusing to read it as another architecture")
+    return family_of(architecture)
+
+
+def read_family(family: Family, source_format: str, state_dict: StateDict, what: str, files: list,
+                architecture: str | None = None, num_heads: int | None = None,
+                base: Mapping[str, Any] | None = None, model_args: Mapping[str, Any] | None = None,
+                notes: list[str] | None = None) -> Checkpoint:
+    """``state_dict`` (in ``source_format``'s names) as a :class:`Checkpoint` of ``family``."""
+    from vitdeploy.checkpoints.timm import clip_head_as_projection
+
+    notes = list(notes or [])
+    key_map = family.key_maps.get(source_format)
+    if key_map is None:
+        raise CheckpointError(f"{what}: vitdeploy reads {family.label} from {', '.join(family.key_maps)} "
+                              f"files, not {source_format}")
+    mapped = clip_head_as_projection(key_map(state_dict), notes)
+    try:
+        config, inferred = infer_family_config(family, mapped, what, architecture, num_heads, base, model_args)
+    except ValueError as error:
+        raise ArchitectureRefused(str(error)) from None
+    return Checkpoint(config, mapped, source_format, files, notes=notes + inferred)
+
+
+def read_original_dinov3(state_dict: StateDict, what: str, files: list, num_heads: int | None = None,
+                         architecture: str | None = None) -> Checkpoint:
+    """An original facebookresearch/dinov3 hub state dict (its names: ``storage_tokens``, masked qkv bias)."""
+    if not is_original_keys(set(state_dict)):
+        raise CheckpointError(f"{what}: no storage_tokens tensor, so this is not an original DINOv3 state dict")
+    checkpoint = read_family(DINOV3, "dinov3", state_dict, what, files, architecture, num_heads,
+                             notes=["read the original DINOv3 names (storage tokens, masked k bias); "
+                                    "its RoPE periods are recomputed in float32, as timm does"])
+    return checkpoint
+
+
+__all__ = ["FAMILIES", "architecture_family", "bare_family", "is_original_keys", "read_family",
+           "read_original_dinov3"]
