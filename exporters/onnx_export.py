@@ -68,7 +68,7 @@ from vitdeploy.parity import ParityReport
 
 from .fp16 import keep_ops_in_fp32
 from .graph import graph_bytes, opset_version, set_metadata
-from .ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant
+from .ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant, unfused_parts
 
 MIN_OPSET = 17
 # Protobuf cannot serialise messages of 2 GiB or more; keep a margin for the graph itself.
@@ -615,8 +615,12 @@ def make_cpu_variant(proto: Any, metadata: ArtifactMetadata, external: bool,
         say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
         return None
     variant = cpu_variant(proto, metadata)
+    left = unfused_parts(proto)
     if variant is None:
-        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
+        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse"
+            + (f" ({'; '.join(left)})" if left else ""))
+    elif left:
+        say(f"onnxruntime CPU variant: {'; '.join(left)}")
     return variant
 
 
