@@ -143,3 +143,34 @@ def timm_rope_outputs(model: torch.nn.Module, case: RopeCase, x: torch.Tensor) -
     values = {"logits": head, "image_embeds": head, "pooler_output": pooled, "last_hidden_state": tokens,
               "patch_tokens": tokens[:, model.num_prefix_tokens:]}
     return {name: values[name] for name in case.outputs}
+
+
+def hf_dinov3(gated: bool, folder: Path, seed: int = 0) -> torch.nn.Module:
+    """transformers' ``DINOv3ViTModel`` at a tiny size (4 registers), perturbed like the timm models
+    (large q/k projections), written with ``save_pretrained`` to ``folder``."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                               num_register_tokens=4, image_size=64, patch_size=16, use_gated_mlp=gated,
+                               hidden_act="silu" if gated else "gelu", layerscale_value=0.5)
+    model = T.DINOv3ViTModel(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("q_proj.weight", "k_proj.weight")):
+                param.copy_(0.4 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(("cls_token", "register_tokens")):
+                param.copy_(torch.randn(param.shape, generator=generator))
+            else:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_dinov3_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' own outputs (it computes RoPE for every input size itself)."""
+    with torch.no_grad():
+        result = model(pixel_values=x)
+    return {"pooler_output": result.pooler_output, "last_hidden_state": result.last_hidden_state,
+            "patch_tokens": result.last_hidden_state[:, 5:]}

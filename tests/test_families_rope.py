@@ -182,3 +182,23 @@ def test_save_file_roundtrip_keeps_the_family(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
     save_file({}, str(tmp_path / "unused.safetensors"))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
+def test_transformers_dinov3_matches_transformers_at_three_sizes(gated, tmp_path):
+    """A transformers DINOv3ViTModel folder (save_pretrained): read as DINOv3 with class-token pooling
+    (its pooler_output), equal to transformers at the native size and two others, one not square."""
+    from rope_sources import hf_dinov3, hf_dinov3_outputs
+
+    source = hf_dinov3(gated, tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.family == "dinov3" and model.config.pooling == "token"
+    assert model.config.mlp_type == ("swiglu" if gated else "mlp") and model.config.qv_bias
+    worst = 0.0
+    for height, width in [(64, 64), (80, 80), (48, 96)]:
+        x = _photo(height, width)
+        expected = hf_dinov3_outputs(source, x)
+        with torch.no_grad():
+            actual = model.forward_outputs(x, list(expected))
+        worst = max(worst, *(rel_err(actual[name], expected[name]) for name in expected))
+    assert worst <= TOLERANCE

@@ -159,3 +159,27 @@ def test_cpu_variant_says_what_it_leaves_unfused(exported):
     entry = variant.transforms[-1]
     assert entry["counts"]["gelu"] == 2 and entry["counts"]["attention"] == 0
     assert any("RoPE" in part for part in entry["unfused"])
+
+
+def test_transformers_dinov3_file_matches_transformers_at_three_sizes(tmp_path):
+    """A transformers DINOv3ViTModel folder, exported once, against transformers at three sizes."""
+    from rope_sources import hf_dinov3, hf_dinov3_outputs
+
+    from vitdeploy import runtimes
+    from vitdeploy.checkpoints import load_model
+    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+
+    source = hf_dinov3(True, tmp_path / "hf")
+    model = load_model(tmp_path / "hf")
+    sizes = [(64, 64), (80, 80), (48, 96)]
+    options = ExportOptions(outputs=["pooler_output", "last_hidden_state"], batch=(1, 2), height=(48, 80),
+                            width=(64, 96), validation_max_batch=1, cpu_variant=False, preflight=False)
+    result = export_onnx(model, tmp_path / "dinov3_hf.onnx", options)
+    errors = {}
+    with runtimes.load(result.path) as runtime:
+        for index, size in enumerate(sizes):
+            pixels = _pixels(size, 30 + index)
+            expected = hf_dinov3_outputs(source, pixels)
+            got = runtime.run_outputs(pixels.numpy())
+            errors.update({(size, name): rel_err(got[name], expected[name]) for name in got})
+    assert max(errors.values()) <= TOLERANCE, errors

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
+from vitdeploy.checkpoints.conversion import Conversion
 from vitdeploy.families import FAMILIES, family_of, unsupported_reason
 from vitdeploy.families.base import Family, infer_family_config
 from vitdeploy.families.dinov3 import FAMILY as DINOV3
@@ -88,6 +89,20 @@ def read_original_dinov3(state_dict: StateDict, what: str, files: list, num_head
                              notes=["read the original DINOv3 names (storage tokens, masked k bias); "
                                     "its RoPE periods are recomputed in float32, as timm does"])
     return checkpoint
+
+
+def convert_dinov3_transformers(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
+    """A transformers ``DINOv3ViTModel`` state dict and its ``config.json`` as a :class:`Conversion`."""
+    from vitdeploy.families.dinov3 import from_transformers, transformers_fields
+
+    try:
+        state_dict = from_transformers(source)
+        fields = transformers_fields(data)
+        heads = fields.pop("num_heads")
+        config, notes = infer_family_config(DINOV3, state_dict, where, num_heads=heads, base=fields)
+    except (KeyError, ValueError) as error:
+        raise ArchitectureRefused(f"{where}: not a DINOv3ViTModel state dict ({error})") from None
+    return Conversion(state_dict, config.to_dict(), [], notes)
 
 
 __all__ = ["FAMILIES", "architecture_family", "bare_family", "is_original_keys", "read_family",

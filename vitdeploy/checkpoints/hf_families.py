@@ -33,6 +33,7 @@ import torch
 
 from vitdeploy.checkpoints.common import CheckpointError, StateDict
 from vitdeploy.checkpoints.conversion import IMAGENET_MEAN, IMAGENET_STD, Conversion, grid_side
+from vitdeploy.checkpoints.families import convert_dinov3_transformers
 from vitdeploy.checkpoints.hf_common import activation, labels, rename_layers, square, strip_model_prefix
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -301,6 +302,7 @@ MODEL_TYPES: dict[str, tuple[Converter, bool]] = {
     "clip": (convert_clip, True),
     "siglip_vision_model": (convert_siglip, False),
     "siglip": (convert_siglip, True),
+    "dinov3_vit": (convert_dinov3_transformers, False),
 }
 # transformers architecture names → model_type, for a config.json that lacks model_type.
 ARCHITECTURES: dict[str, str] = {
@@ -310,6 +312,7 @@ ARCHITECTURES: dict[str, str] = {
     "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
     "CLIPVisionModel": "clip_vision_model", "CLIPVisionModelWithProjection": "clip_vision_model",
     "CLIPModel": "clip", "SiglipVisionModel": "siglip_vision_model", "SiglipModel": "siglip",
+    "DINOv3ViTModel": "dinov3_vit",
 }
 
 
