@@ -112,6 +112,8 @@ def _shape_fields(out: StateDict, num_prefix_positions: int, data: dict[str, Any
     side = grid_side(out["pos_embed"], num_prefix_positions, where)
     depth = len({int(k.split(".")[1]) for k in out if k.startswith("blocks.")})
     fc1 = out.get("blocks.0.mlp.fc1.weight")
+    fc2 = out.get("blocks.0.mlp.fc2.weight")
+    swiglu = fc1 is not None and fc2 is not None and int(fc1.shape[0]) == 2 * int(fc2.shape[1])  # gate; value
     if depth == 0 or fc1 is None:
         raise CheckpointError(f"{where}: no transformer layers found")
     config_patch = data.get("patch_size")
@@ -119,7 +121,8 @@ def _shape_fields(out: StateDict, num_prefix_positions: int, data: dict[str, Any
         raise CheckpointError(f"{where}: config.json patch_size {config_patch} but the weights have {patch}")
     return dict(
         image_size=side * patch, patch_size=patch, in_channels=int(proj.shape[1]), hidden_size=int(proj.shape[0]),
-        depth=depth, num_heads=int(data["num_attention_heads"]), mlp_size=int(fc1.shape[0]),
+        depth=depth, num_heads=int(data["num_attention_heads"]), mlp_size=int(fc1.shape[0]) // (2 if swiglu else 1),
+        mlp_type="swiglu" if swiglu else "mlp",
         qkv_bias="blocks.0.attn.qkv.bias" in out, layer_norm_eps=float(data["layer_norm_eps"]),
         act=activation(data["hidden_act"], where),
     )
@@ -178,10 +181,10 @@ def convert_deit(source: StateDict, data: dict[str, Any], where: str) -> Convers
 def convert_dinov2(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
     """``Dinov2Model`` / ``Dinov2ForImageClassification`` and their ``Dinov2WithRegisters`` twins."""
     data = {**_DEFAULTS["dinov2"], **data}
-    if data.get("use_swiglu_ffn"):
-        raise CheckpointError(f"{where}: DINOv2 with a SwiGLU feed-forward (ViT-g) is not supported; "
-                              "expected use_swiglu_ffn false")
     source = strip_model_prefix(source, ("dinov2_with_registers.", "dinov2."))
+    if data.get("use_swiglu_ffn"):  # ViT-g: Dinov2SwiGLUFFN weights_in (gate; value) and weights_out
+        source = {k.replace(".mlp.weights_in.", ".mlp.fc1.").replace(".mlp.weights_out.", ".mlp.fc2."): v
+                  for k, v in source.items()}
     out, rest, unexpected = rename_layers(source, LAYER_KEY, DINOV2_LAYER_MODULES, DINOV2_LAYER_PARAMS)
     m = _Mapper(rest, out)
     notes = _ignored_note(m.ignore(("embeddings.mask_token",)),
