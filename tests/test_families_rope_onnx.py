@@ -79,7 +79,7 @@ def _ancestors(graph: Any, name: str) -> set[str]:
 
 
 @pytest.mark.parametrize("case_id", GRAPHS)
-def test_one_file_matches_timm_at_three_sizes(case_id, exported):
+def test_one_file_matches_timm_at_three_sizes(case_id, exported, record_property):
     from vitdeploy import runtimes
 
     result, source, model, _ = exported(case_id)
@@ -93,6 +93,7 @@ def test_one_file_matches_timm_at_three_sizes(case_id, exported):
             got = runtime.run_outputs(pixels.numpy())
             for name in expected:
                 errors[(size, name)] = rel_err(got[name], expected[name])
+    record_property("onnx_worst_rel_err", max(errors.values()))
     assert max(errors.values()) <= TOLERANCE, errors
 
 
@@ -119,7 +120,7 @@ def test_rope_is_computed_from_the_dynamic_grid(case_id, exported):
         assert not (len(dims) == 2 and dims[-1] in (head_dim, head_dim // 2) and dims[-2] in grids), (tensor.name, dims)
 
 
-def test_fp16_graph_keeps_rope_in_fp32_and_its_gate(exported):
+def test_fp16_graph_keeps_rope_in_fp32_and_its_gate(exported, record_property):
     import onnx
 
     from vitdeploy import runtimes
@@ -141,6 +142,7 @@ def test_fp16_graph_keeps_rope_in_fp32_and_its_gate(exported):
                 ref = model.forward_outputs(pixels, ["last_hidden_state"])["last_hidden_state"].double().numpy()
             cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
             worst = min(worst, float(cosine.min()))
+    record_property("fp16_worst_token_cosine", worst)
     assert worst >= 0.999, worst
 
 
@@ -161,7 +163,7 @@ def test_cpu_variant_says_what_it_leaves_unfused(exported):
     assert any("RoPE" in part for part in entry["unfused"])
 
 
-def test_transformers_dinov3_file_matches_transformers_at_three_sizes(tmp_path):
+def test_transformers_dinov3_file_matches_transformers_at_three_sizes(tmp_path, record_property):
     """A transformers DINOv3ViTModel folder, exported once, against transformers at three sizes."""
     from rope_sources import hf_dinov3, hf_dinov3_outputs
 
@@ -182,4 +184,5 @@ def test_transformers_dinov3_file_matches_transformers_at_three_sizes(tmp_path):
             expected = hf_dinov3_outputs(source, pixels)
             got = runtime.run_outputs(pixels.numpy())
             errors.update({(size, name): rel_err(got[name], expected[name]) for name in got})
+    record_property("onnx_worst_rel_err", max(errors.values()))
     assert max(errors.values()) <= TOLERANCE, errors
