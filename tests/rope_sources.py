@@ -1,6 +1,7 @@
-"""The RoPE families as timm builds them, for the parity tests (a test helper, no tests).
+"""The 2025-26 families as timm builds them, for the parity tests (a test helper, no tests).
 
-Each case is a timm ``Eva`` model (DINOv3, EVA-02, Perception Encoder) at a tiny size (width 64,
+Each case is a timm ``Eva`` model (DINOv3, EVA-02, Perception Encoder; and AIMv2, a timm
+``VisionTransformer`` with RMSNorm and SwiGLU) at a tiny size (width 64,
 depth 2, 4 heads), built with ``dynamic_img_size=True`` (timm's own switch for other sizes), its
 weights moved far from their init — q/k projections large enough that attention is far from
 uniform, so a wrong RoPE shows — written as timm writes weights: a timm Hub folder naming the
@@ -56,6 +57,7 @@ CASES = {
                  ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=7)),
         RopeCase("pe", "vit_pe_core_tiny_patch16_384", 64, 16, "pe",
                  ("image_embeds", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
+        RopeCase("aimv2", "aimv2_large_patch14_224", 56, 14, "aimv2", ("pooler_output", "last_hidden_state")),
     )
 }
 

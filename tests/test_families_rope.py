@@ -52,7 +52,10 @@ def _worst(model: VisionTransformer, source: torch.nn.Module, case, sizes) -> fl
     return worst
 
 
-@pytest.mark.parametrize("case_id", sorted(CASES))
+ROPE = sorted(case for case in CASES if case != "aimv2")
+
+
+@pytest.mark.parametrize("case_id", ROPE)
 def test_hub_folder_matches_timm_at_three_sizes(case_id, tmp_path):
     case = CASES[case_id]
     source = timm_rope_model(case)
@@ -67,9 +70,19 @@ def test_hub_folder_matches_timm_at_three_sizes(case_id, tmp_path):
     assert _worst(blind, source, case, case.sizes[:1]) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("case_id", ["dinov3", "eva02"])
+def test_aimv2_hub_folder_matches_timm_at_three_sizes(tmp_path):
+    """AIMv2: RMSNorm everywhere (after the patch embedding too), bias-free SwiGLU and projections."""
+    case = CASES["aimv2"]
+    source = timm_rope_model(case)
+    model = load_model(save_timm_rope(source, case, tmp_path, hub=True))
+    assert (model.config.family, model.config.norm, model.config.mlp_type) == ("aimv2", "rmsnorm", "swiglu")
+    assert not model.config.proj_bias and model.config.patch_norm
+    assert _worst(model, source, case, case.sizes) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case_id", ["dinov3", "eva02", "aimv2"])
 def test_bare_state_dict_loads_as_its_family(case_id, tmp_path):
-    """A bare DINOv3 or EVA-02 state dict fits its family alone: read as it (heads given, as the
+    """A bare DINOv3, EVA-02 or AIMv2 state dict fits its family alone: read as it (heads given, as the
     weights do not store them), and equal to timm."""
     case = CASES[case_id]
     source = timm_rope_model(case)
@@ -158,7 +171,7 @@ def test_variants_build_with_timm_parameter_counts():
     from vitdeploy.model import create_model
 
     for name in ("vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3_qkvb", "eva02_tiny_patch14_224",
-                 "eva02_base_patch14_448", "vit_pe_core_tiny_patch16_384"):
+                 "eva02_base_patch14_448", "vit_pe_core_tiny_patch16_384", "aimv2_large_patch14_224"):
         with torch.device("meta"):
             ours = create_model(name)
             theirs = timm.create_model(name, pretrained=False)

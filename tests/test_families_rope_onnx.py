@@ -78,7 +78,7 @@ def _ancestors(graph: Any, name: str) -> set[str]:
     return ops
 
 
-@pytest.mark.parametrize("case_id", GRAPHS)
+@pytest.mark.parametrize("case_id", [*GRAPHS, "aimv2"])
 def test_one_file_matches_timm_at_three_sizes(case_id, exported, record_property):
     from vitdeploy import runtimes
 

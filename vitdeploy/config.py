@@ -18,7 +18,7 @@ CLASS_TOKEN_POOLINGS: tuple[str, ...] = ("token", "token_avg")
 # "gelu_tanh" (the tanh approximation, Hugging Face's SigLIP).
 ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
 # Informational family names (inspect, metadata, error messages); the fields decide the architecture.
-FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3", "eva02", "pe")
+FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3", "eva02", "pe", "aimv2")
 # The MLP of each block: "mlp" (Linear -> act -> Linear) or "swiglu" (SiLU-gated, fc1 packed [gate; value]).
 MLP_TYPES: tuple[str, ...] = ("mlp", "swiglu")
 NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
@@ -145,6 +145,10 @@ class ViTConfig:
     qv_bias: bool = False
     # Heads of the attention-pool head (None: num_heads).
     pool_heads: int | None = None
+    # Biases of the blocks' output projection and MLP linears (timm's proj_bias; AIMv2 has none), and a
+    # norm after the patch embedding (timm's embed_norm_layer, AIMv2).
+    proj_bias: bool = True
+    patch_norm: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):

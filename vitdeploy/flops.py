@@ -126,13 +126,15 @@ def count_params(config: ViTConfig) -> int:
         params += (config.num_pos_prefix_tokens + grid_h * grid_w) * dim  # position embeddings
     norm = 2 * dim if config.norm == "layernorm" else dim  # RMSNorm has no bias
     params += norm if config.pre_norm else 0
+    params += norm if config.patch_norm else 0
     qkv_bias = 3 * dim if config.qkv_bias else 2 * dim if config.qv_bias else 0
     mlp = dim * config.mlp_size + config.mlp_size + config.mlp_size * dim + dim  # fc1, fc2
     fc1_width = 2 * config.mlp_size if config.mlp_type == "swiglu" else config.mlp_size
-    block_mlp = (dim * fc1_width + fc1_width + config.mlp_size * dim + dim
+    biases = fc1_width + dim if config.proj_bias else 0
+    block_mlp = (dim * fc1_width + config.mlp_size * dim + biases
                  + (norm // dim * config.mlp_size if config.mlp_norm else 0))  # fc1, fc2, the hidden norm
     block = (norm  # norm1
-             + dim * 3 * dim + qkv_bias + dim * dim + dim  # qkv, proj
+             + dim * 3 * dim + qkv_bias + dim * dim + (dim if config.proj_bias else 0)  # qkv, proj
              + norm + block_mlp  # norm2, MLP
              + (2 * dim if config.layer_scale else 0))  # ls1, ls2
     params += config.depth * block + norm  # blocks, the final norm (or fc_norm)

@@ -81,13 +81,14 @@ class PatchEmbed(nn.Module):
         in_channels = self.backbone.out_channels if self.backbone else config.in_channels
         self.proj = nn.Conv2d(in_channels, config.hidden_size, config.patch_size, stride=config.patch_size,
                               bias=config.patch_bias)
+        self.norm = make_norm(config) if config.patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.backbone is not None:
             x = self.backbone(x)
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid
+        return self.norm(x.flatten(2).transpose(1, 2)), grid
 
 
 class Attention(nn.Module):
@@ -140,7 +141,7 @@ class SelfAttention(Attention):
             self.v_bias = nn.Parameter(torch.zeros(hidden))
         else:
             self.q_bias = self.v_bias = None
-        self.proj = nn.Linear(hidden, hidden)
+        self.proj = nn.Linear(hidden, hidden, bias=config.proj_bias)
         self.proj_drop = nn.Dropout(config.dropout)
         spec = config.rope_spec
         self.rope_half = spec.rotate_half if spec is not None else False
@@ -211,12 +212,12 @@ def make_activation(name: str) -> nn.Module:
 class Mlp(nn.Module):
     """Linear → activation (``config.act``) → [norm] → Linear."""
 
-    def __init__(self, config: ViTConfig, norm: bool = False) -> None:
+    def __init__(self, config: ViTConfig, norm: bool = False, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size, bias=bias)
         self.act = make_activation(config.act)
         self.norm = make_norm(config, config.mlp_size) if norm else nn.Identity()
-        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size)
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size, bias=bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,12 +229,12 @@ class SwiGLU(nn.Module):
     ``SwiGLUPacked``/``GluMlp(gate_last=False)``; split checkpoints are packed by their loaders), the
     norm over the hidden width optional (EVA-02's scale-norm)."""
 
-    def __init__(self, config: ViTConfig, norm: bool = False) -> None:
+    def __init__(self, config: ViTConfig, norm: bool = False, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, 2 * config.mlp_size)
+        self.fc1 = nn.Linear(config.hidden_size, 2 * config.mlp_size, bias=bias)
         self.act = nn.SiLU()
         self.norm = make_norm(config, config.mlp_size) if norm else nn.Identity()
-        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size)
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size, bias=bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ MLPS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLU}
 
 def make_mlp(config: ViTConfig) -> nn.Module:
     """The block MLP the config chooses (``mlp_type``, with ``mlp_norm``)."""
-    return MLPS[config.mlp_type](config, norm=config.mlp_norm)
+    return MLPS[config.mlp_type](config, norm=config.mlp_norm, bias=config.proj_bias)
 
 
 class LayerScale(nn.Module):

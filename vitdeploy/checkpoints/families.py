@@ -15,6 +15,7 @@ from typing import Any
 from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
 from vitdeploy.checkpoints.conversion import Conversion
 from vitdeploy.families import FAMILIES, family_of, unsupported_reason
+from vitdeploy.families.aimv2 import FAMILY as AIMV2
 from vitdeploy.families.base import Family, infer_family_config
 from vitdeploy.families.dinov3 import FAMILY as DINOV3
 from vitdeploy.families.dinov3 import is_original_keys
@@ -41,6 +42,9 @@ def bare_family(keys: Iterable[str], what: str) -> Family | None:
     if "pos_embed" in names and eva_names and _has(names, ".mlp.fc1") and (
             _has(names, ".attn.q_bias") or _has(names, ".attn.q_proj.")):
         return EVA02
+    if "pos_embed" in names and "patch_embed.norm.weight" in names and "cls_token" not in names and _has(
+            names, ".mlp.fc1_g."):
+        return AIMV2  # RMSNorm after the patch embedding and a split SwiGLU: only AIMv2's
     pe_like = {"cls_token", "pos_embed", "norm_pre.weight", "attn_pool.latent"} <= names
     if pe_like and "patch_embed.proj.bias" not in names:
         candidates = ", ".join(sorted(PE.variants)[:2])

@@ -12,10 +12,10 @@ This package imports no torch at import time (the variants are part of the torch
 
 from __future__ import annotations
 
-from vitdeploy.families import dinov3, eva02, pe
+from vitdeploy.families import aimv2, dinov3, eva02, pe
 from vitdeploy.families.base import Family
 
-FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, eva02.FAMILY, pe.FAMILY)
+FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, eva02.FAMILY, pe.FAMILY, aimv2.FAMILY)
 
 # Architecture names (or name parts) of models that compute differently from every family
 # vitdeploy builds, with what they are: refused by name rather than read as the closest layout.
@@ -26,7 +26,6 @@ UNSUPPORTED_NAMES: tuple[tuple[str, str], ...] = (
     ("_clip_", "an EVA-02 CLIP tower"),  # only reached for eva names (see unsupported_reason)
     ("_rope_", "timm's RoPE ViT (index-grid RoPE)"),
     ("naflexvit", "NaFlex ViT (any aspect ratio, patch sequences)"),
-    ("aimv2", "AIMv2"),
     ("_dinov3", "DINOv3 of a size vitdeploy does not register"),
     ("vit_7b", "DINOv3 7B"),
     ("eva_", "EVA (v1)"),

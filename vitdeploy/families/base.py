@@ -100,7 +100,8 @@ def shape_fields(state_dict: StateDict, what: str) -> dict[str, Any]:
         class_token="cls_token" in state_dict, num_reg_tokens=reg[1] if reg else 0,
         layer_scale=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,
         pre_norm="norm_pre.weight" in state_dict, patch_bias="patch_embed.proj.bias" in state_dict,
-        abs_pos_embed="pos_embed" in state_dict,
+        abs_pos_embed="pos_embed" in state_dict, proj_bias="blocks.0.attn.proj.bias" in state_dict,
+        patch_norm="patch_embed.norm.weight" in state_dict,
         norm="layernorm" if "blocks.0.norm1.bias" in state_dict else "rmsnorm",
     )
     if "attn_pool.latent" in state_dict:
@@ -130,7 +131,7 @@ LENT = ("name", "family", "num_heads", "layer_norm_eps", "act", "rope", "rope_te
         "pos_embed_resample", "pooling", "fc_norm", "image_size", "class_token")
 # Fields the tensors show that must equal a named variant's (the rest are sizes).
 STRUCTURE = ("mlp_type", "mlp_norm", "qkv_bias", "qv_bias", "has_class_token", "num_reg_tokens", "pre_norm",
-             "patch_bias", "abs_pos_embed", "norm", "pooling", "use_fc_norm")
+             "patch_bias", "abs_pos_embed", "norm", "pooling", "use_fc_norm", "proj_bias", "patch_norm")
 
 
 def infer_family_config(family: Family, state_dict: StateDict, what: str, architecture: str | None = None,
