@@ -619,8 +619,7 @@ def make_cpu_variant(proto: Any, metadata: ArtifactMetadata, external: bool,
     variant = cpu_variant(proto, metadata)
     left = unfused_parts(proto)
     if variant is None:
-        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse"
-            + (f" ({'; '.join(left)})" if left else ""))
+        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse" + "".join(f"; {part}" for part in left))
     elif left:
         say(f"onnxruntime CPU variant: {'; '.join(left)}")
     return variant
