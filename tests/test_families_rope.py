@@ -215,3 +215,50 @@ def test_transformers_dinov3_matches_transformers_at_three_sizes(gated, tmp_path
             actual = model.forward_outputs(x, list(expected))
         worst = max(worst, *(rel_err(actual[name], expected[name]) for name in expected))
     assert worst <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["siglip2", "aimv2"])
+def test_transformers_folder_of_an_unread_model_type_is_refused_in_one_line(kind, tmp_path):
+    """A transformers folder whose config.json names a model type vitdeploy does not read
+    (Siglip2VisionModel: patch sequences; Aimv2VisionModel) is refused naming it, never read as the
+    closest layout."""
+    import transformers as T
+
+    from vitdeploy.checkpoints import CheckpointError
+
+    small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    if kind == "siglip2":
+        model = T.Siglip2VisionModel(T.Siglip2VisionConfig(**small, patch_size=16, num_patches=16))
+    else:
+        model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**small, patch_size=14, image_size=56))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and model.config.model_type in message and "does not read" in message
+
+
+def test_timm_siglip2_hub_folder_loads_as_siglip_and_matches_timm(tmp_path):
+    """timm's SigLIP 2 weights (``vit_*_siglip_*.v2_webli``) are the SigLIP architecture: a Hub folder
+    naming one loads as SigLIP and equals timm at three sizes, one not square (fixed-aspect inputs;
+    NaFlex is not read)."""
+    import json
+
+    from family_sources import FAMILIES, SMALL, perturbed_timm_model, timm_outputs
+
+    family = FAMILIES["siglip"]
+    source = perturbed_timm_model(family)
+    folder = tmp_path / "siglip2"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "vit_base_patch16_siglip_224.v2_webli", "model_args": {**SMALL, **family.kwargs},
+        "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bicubic"}}))
+    model = load_model(folder)
+    assert model.config.family == "siglip" and model.config.pooling == "map"
+    for height, width in [(64, 64), (80, 80), (48, 96)]:
+        x = _photo(height, width)
+        expected = timm_outputs(source, x, family.outputs)
+        with torch.no_grad():
+            actual = model.forward_outputs(x, list(expected))
+        assert max(rel_err(actual[n], expected[n]) for n in expected) <= TOLERANCE
