@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from family_sources import timm_outputs
 from safetensors.torch import save_file
 from test_resample_parity import realistic_pos_embed
 from timm_without_torchvision import import_timm
@@ -137,14 +138,8 @@ def original_dinov3_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor
 
 
 def timm_rope_outputs(model: torch.nn.Module, case: RopeCase, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """timm's own view of each output name (``forward_features``, ``forward_head(pre_logits=True)``, ``forward``)."""
-    with torch.no_grad():
-        tokens = model.forward_features(x)
-        pooled = model.forward_head(tokens, pre_logits=True)
-        head = model.forward_head(tokens)
-    values = {"logits": head, "image_embeds": head, "pooler_output": pooled, "last_hidden_state": tokens,
-              "patch_tokens": tokens[:, model.num_prefix_tokens:]}
-    return {name: values[name] for name in case.outputs}
+    """timm's own view of each of ``case``'s outputs (:func:`family_sources.timm_outputs`)."""
+    return timm_outputs(model, x, case.outputs)
 
 
 def hf_dinov3(gated: bool, folder: Path, seed: int = 0) -> torch.nn.Module:

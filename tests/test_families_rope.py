@@ -193,8 +193,7 @@ def test_save_file_roundtrip_keeps_the_family(tmp_path):
     assert again.config == model.config
     x = _photo(48, 80)
     with torch.no_grad():
-        assert torch.equal(again(x), model(x))
-    save_file({}, str(tmp_path / "unused.safetensors"))
+        torch.testing.assert_close(again(x), model(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
