@@ -15,43 +15,27 @@ from typing import Any
 from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
 from vitdeploy.checkpoints.conversion import Conversion
 from vitdeploy.families import FAMILIES, family_of, unsupported_reason
-from vitdeploy.families.aimv2 import FAMILY as AIMV2
 from vitdeploy.families.base import Family, infer_family_config
 from vitdeploy.families.dinov3 import FAMILY as DINOV3
 from vitdeploy.families.dinov3 import is_original_keys
-from vitdeploy.families.eva02 import FAMILY as EVA02
-from vitdeploy.families.pe import FAMILY as PE
-
-_EVA_MARKERS = (".gamma_1", ".attn.q_bias", ".attn.q_proj.", ".mlp.fc1_g.")
-
-
-def _has(names: set[str], part: str) -> bool:
-    return any(part in name for name in names)
 
 
 def bare_family(keys: Iterable[str], what: str) -> Family | None:
     """The family a bare timm state dict's tensor names fit alone (None: none of them, so the ViT
     readers decide); raises :class:`CheckpointError` when they fit a family and an architecture
     that computes differently."""
-    names = set(keys)
+    names = frozenset(keys)
     if "patch_embed.proj.weight" not in names:
         return None
-    eva_names = any(_has(names, marker) for marker in _EVA_MARKERS)
-    if "pos_embed" not in names and "cls_token" in names and "reg_token" in names:
-        return DINOV3  # no position table: only DINOv3's RoPE among what vitdeploy builds
-    if "pos_embed" in names and eva_names and _has(names, ".mlp.fc1") and (
-            _has(names, ".attn.q_bias") or _has(names, ".attn.q_proj.")):
-        return EVA02
-    if "pos_embed" in names and "patch_embed.norm.weight" in names and "cls_token" not in names and _has(
-            names, ".mlp.fc1_g."):
-        return AIMV2  # RMSNorm after the patch embedding and a split SwiGLU: only AIMv2's
-    pe_like = {"cls_token", "pos_embed", "norm_pre.weight", "attn_pool.latent"} <= names
-    if pe_like and "patch_embed.proj.bias" not in names:
-        candidates = ", ".join(sorted(PE.variants)[:2])
+    fitting = [family for family in FAMILIES if family.fits_bare is not None and family.fits_bare(names)]
+    if len(fitting) == 1 and fitting[0].lookalike is None:
+        return fitting[0]
+    if fitting:
+        candidates = [f"{family.label} ({', '.join(sorted(family.variants)[:2])}, ...)" for family in fitting]
+        candidates += [family.lookalike for family in fitting if family.lookalike]
         raise ArchitectureRefused(
-            f"{what}: its tensor names fit both a Perception Encoder (2-D RoPE, which stores no tensor) and a "
-            f"ViT without RoPE (class token, norm_pre, attention pool), which compute differently; "
-            f"name the architecture with model=NAME (CLI: --model NAME), e.g. {candidates}")
+            f"{what}: its tensor names fit {' and '.join(candidates)}, which compute differently (RoPE stores no "
+            "tensor); name the architecture with model=NAME (CLI: --model NAME)")
     return None
 
 

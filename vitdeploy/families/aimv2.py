@@ -11,7 +11,7 @@ transformers' ``Aimv2VisionModel`` is not read yet.
 
 from __future__ import annotations
 
-from vitdeploy.families.base import Family, from_timm_eva, variant
+from vitdeploy.families.base import Family, from_timm_eva, has_part, variant
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,4 +27,11 @@ VARIANTS = {
     for size, hidden, heads, mlp in _SIZES for image in (224, 336, 448)
 }
 
-FAMILY = Family("aimv2", "AIMv2", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON))
+def fits_bare(names: frozenset[str]) -> bool:
+    """A norm after the patch embedding, no class token and a split SwiGLU: only AIMv2's."""
+    return ("patch_embed.norm.weight" in names and "cls_token" not in names and "pos_embed" in names
+            and has_part(names, ".mlp.fc1_g."))
+
+
+FAMILY = Family("aimv2", "AIMv2", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON),
+                fits_bare=fits_bare)

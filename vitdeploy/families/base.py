@@ -36,6 +36,15 @@ class Family:
     key_maps: dict[str, Callable[[StateDict], StateDict]] = field(default_factory=dict)
     # fields of a config inferred without a variant name (what a bare state dict cannot show)
     defaults: dict[str, Any] = field(default_factory=dict)
+    # whether a bare timm state dict's tensor names (a set) fit this family; with ``lookalike`` (what
+    # else they fit that computes differently) such a file is refused rather than read as the family
+    fits_bare: Callable[[frozenset[str]], bool] | None = None
+    lookalike: str | None = None
+
+
+def has_part(names: frozenset[str], part: str) -> bool:
+    """Whether any tensor name contains ``part``."""
+    return any(part in name for name in names)
 
 
 def variant(name: str, image: int, patch: int, hidden: int, depth: int, heads: int, mlp: int,

@@ -135,6 +135,12 @@ def transformers_fields(data: dict[str, Any]) -> dict[str, Any]:
                 image_size=int(size if isinstance(size, int) else size[0]), pooling="token", fc_norm=False)
 
 
+def fits_bare(names: frozenset[str]) -> bool:
+    """No position table beside class and storage tokens: only DINOv3's RoPE among what vitdeploy builds."""
+    return "pos_embed" not in names and {"cls_token", "reg_token"} <= names
+
+
 FAMILY = Family("dinov3", "DINOv3", VARIANTS,
                 key_maps={"timm": from_timm_eva, "dinov3": from_original, "huggingface": from_transformers},
-                defaults={k: v for k, v in _COMMON.items() if k not in ("num_classes", "qkv_bias")})
+                defaults={k: v for k, v in _COMMON.items() if k not in ("num_classes", "qkv_bias")},
+                fits_bare=fits_bare)

@@ -14,7 +14,7 @@ The CLIP towers (``eva02_*_clip_*``) are not registered.
 
 from __future__ import annotations
 
-from vitdeploy.families.base import Family, from_timm_eva, variant
+from vitdeploy.families.base import Family, from_timm_eva, has_part, variant
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,4 +31,10 @@ for _size, _hidden, _depth, _heads, _mlp, _norm, _tuned in _SIZES:
         VARIANTS[_name] = variant(_name, _image, 14, _hidden, _depth, _heads, _mlp, mlp_norm=_norm,
                                   num_classes=_classes, crop_pct=0.9 if _image == 224 else 1.0, **_COMMON)
 
-FAMILY = Family("eva02", "EVA-02", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON))
+def fits_bare(names: frozenset[str]) -> bool:
+    """A position table with EVA's q/v biases (fused or split q/k/v) and a SwiGLU or GELU MLP."""
+    return "pos_embed" in names and (has_part(names, ".attn.q_bias") or has_part(names, ".attn.q_proj."))
+
+
+FAMILY = Family("eva02", "EVA-02", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON),
+                fits_bare=fits_bare)

@@ -31,4 +31,11 @@ VARIANTS = {
     for name, image, patch, hidden, depth, heads, projection in _SIZES
 }
 
-FAMILY = Family("pe", "Perception Encoder", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON))
+def fits_bare(names: frozenset[str]) -> bool:
+    """A CLIP-like tower (class token, norm_pre, no patch bias) with an attention pool."""
+    return ({"cls_token", "pos_embed", "norm_pre.weight", "attn_pool.latent"} <= names
+            and "patch_embed.proj.bias" not in names)
+
+
+FAMILY = Family("pe", "Perception Encoder", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON),
+                fits_bare=fits_bare, lookalike="a ViT without RoPE (class token, norm_pre, attention pool)")
