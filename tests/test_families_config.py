@@ -70,7 +70,7 @@ def test_old_saved_configs_keep_their_meaning():
     (dict(num_reg_tokens=-1), "num_reg_tokens must be >= 0, got -1"),
     (dict(act="relu"), "act must be one of gelu, quick_gelu, gelu_tanh, got 'relu'"),
     (dict(family="beit"), "family must be one of vit, deit, deit3, dinov2, clip, siglip, dinov3, eva02, pe, "
-                          "got 'beit'"),
+                          "aimv2, got 'beit'"),
     (dict(layer_scale=0.0), "layer_scale is the LayerScale init and must be > 0"),
     (dict(projection_dim=0), "projection_dim must be positive"),
 ])
@@ -205,7 +205,7 @@ def test_registry_leaves_out_what_it_cannot_build():
     assert VARIANTS["vit_giant_patch14_dinov2"].mlp_type == "swiglu"  # built since the MLP is a part
     assert "vit_so400m_patch14_siglip_384" not in VARIANTS  # 384 is no multiple of 14
     assert {c.family for c in VARIANTS.values()} == {"vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3",
-                                                     "eva02", "pe"}
+                                                     "eva02", "pe", "aimv2"}
 
 
 # --------------------------------------------------------------------------- model= forces an architecture
