@@ -58,6 +58,8 @@ CASES = {
                  ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=7)),
         RopeCase("pe", "vit_pe_core_tiny_patch16_384", 64, 16, "pe",
                  ("image_embeds", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
+        RopeCase("pe_spatial", "vit_pe_spatial_tiny_patch16_512", 64, 16, "pe_spatial",
+                 ("pooler_output", "last_hidden_state")),
         RopeCase("aimv2", "aimv2_large_patch14_224", 56, 14, "aimv2", ("pooler_output", "last_hidden_state")),
     )
 }

@@ -93,21 +93,22 @@ def test_bare_state_dict_loads_as_its_family(case_id, tmp_path):
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
 
-def test_bare_pe_state_dict_is_refused_then_loads_with_model(tmp_path):
+@pytest.mark.parametrize("case_id", ["pe", "pe_spatial"])
+def test_bare_pe_state_dict_is_refused_then_loads_with_model(case_id, tmp_path):
     """A PE state dict stores no RoPE tensor, so it also fits a ViT without RoPE: refused in one line
     naming the candidates and model=; with model= naming the variant it loads as PE, equal to timm."""
     from vitdeploy.checkpoints import CheckpointError
 
-    case = CASES["pe"]
+    case = CASES[case_id]
     source = timm_rope_model(case)
     path = save_timm_rope(source, case, tmp_path, hub=False)
     with pytest.raises(CheckpointError) as error:
         load_model(path, num_heads=4)
     message = str(error.value)
     assert "\n" not in message and "Perception Encoder" in message and "model=NAME" in message
-    assert "vit_pe_core_" in message
+    assert case.timm_name.rsplit("_", 3)[0] in message
     model = load_model(path, model=case.timm_name, num_heads=4)
-    assert model.config.family == "pe" and model.config.rope == "eva"
+    assert model.config.family == case.family and model.config.rope == "eva"
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
 
@@ -124,7 +125,7 @@ def test_original_dinov3_state_dict_matches_timm(tmp_path):
 
 
 @pytest.mark.parametrize("architecture, what", [
-    ("vit_pe_spatial_tiny_patch16_512", "Perception Encoder spatial"),
+    ("vit_pe_lang_large_patch14_448", "Perception Encoder language"),
     ("eva02_base_patch16_clip_224", "EVA-02 CLIP tower"),
     ("vit_medium_patch16_rope_reg1_gap_256", "RoPE ViT"),
 ])

@@ -18,7 +18,8 @@ CLASS_TOKEN_POOLINGS: tuple[str, ...] = ("token", "token_avg")
 # "gelu_tanh" (the tanh approximation, Hugging Face's SigLIP).
 ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
 # Informational family names (inspect, metadata, error messages); the fields decide the architecture.
-FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3", "eva02", "pe", "aimv2")
+FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3", "eva02", "pe", "aimv2",
+                             "pe_spatial")
 # The MLP of each block: "mlp" (Linear -> act -> Linear) or "swiglu" (SiLU-gated, fc1 packed [gate; value]).
 MLP_TYPES: tuple[str, ...] = ("mlp", "swiglu")
 NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
@@ -149,6 +150,8 @@ class ViTConfig:
     # norm after the patch embedding (timm's embed_norm_layer, AIMv2).
     proj_bias: bool = True
     patch_norm: bool = False
+    # The final norm (``norm``, or ``fc_norm`` after the pooling); PE spatial has neither.
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):

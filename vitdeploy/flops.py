@@ -137,7 +137,7 @@ def count_params(config: ViTConfig) -> int:
              + dim * 3 * dim + qkv_bias + dim * dim + (dim if config.proj_bias else 0)  # qkv, proj
              + norm + block_mlp  # norm2, MLP
              + (2 * dim if config.layer_scale else 0))  # ls1, ls2
-    params += config.depth * block + norm  # blocks, the final norm (or fc_norm)
+    params += config.depth * block + (norm if config.final_norm else 0)  # blocks, the final norm (or fc_norm)
     if config.pooling == "map":  # latent, q, kv, proj, norm, MLP
         params += dim + (dim * dim + dim) + (2 * dim * dim + 2 * dim) + (dim * dim + dim) + norm + mlp
     head_in = config.pooled_size

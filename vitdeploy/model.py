@@ -374,9 +374,9 @@ class VisionTransformer(nn.Module):
         # Stochastic depth grows linearly with depth, as in timm.
         rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.Sequential(*[Block(config, rate) for rate in rates])
-        self.norm = nn.Identity() if config.use_fc_norm else make_norm(config)
+        self.norm = nn.Identity() if config.use_fc_norm or not config.final_norm else make_norm(config)
         self.attn_pool = AttentionPool(config) if config.pooling == "map" else None
-        self.fc_norm = make_norm(config) if config.use_fc_norm else nn.Identity()
+        self.fc_norm = make_norm(config) if config.use_fc_norm and config.final_norm else nn.Identity()
         self.pre_logits: PreLogits | None = None
         if config.representation_size:
             self.pre_logits = PreLogits(hidden, config.representation_size)

@@ -221,7 +221,7 @@ _STAGE_BLOCK = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)
 _ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size", "qkv_bias",
                 "pooling", "hybrid", "has_class_token", "num_reg_tokens", "distilled", "no_embed_class",
                 "pre_norm", "use_fc_norm", "patch_bias", "projection_dim", "representation_size", "abs_pos_embed",
-                "rope", "mlp_type", "mlp_norm", "norm", "qv_bias", "proj_bias", "patch_norm")
+                "rope", "mlp_type", "mlp_norm", "norm", "qv_bias", "proj_bias", "patch_norm", "final_norm")
 # Fields the weights cannot show, lent by the matching registry variant (or forced by model=).
 _VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act",
                      "layer_scale")

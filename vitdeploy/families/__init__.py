@@ -15,12 +15,11 @@ from __future__ import annotations
 from vitdeploy.families import aimv2, dinov3, eva02, pe
 from vitdeploy.families.base import Family
 
-FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, eva02.FAMILY, pe.FAMILY, aimv2.FAMILY)
+FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, eva02.FAMILY, pe.FAMILY, pe.SPATIAL, aimv2.FAMILY)
 
 # Architecture names (or name parts) of models that compute differently from every family
 # vitdeploy builds, with what they are: refused by name rather than read as the closest layout.
 UNSUPPORTED_NAMES: tuple[tuple[str, str], ...] = (
-    ("vit_pe_spatial_", "Perception Encoder spatial (no final norm)"),
     ("vit_pe_lang_", "Perception Encoder language tower"),
     ("eva02_enormous", "EVA-02 enormous (post-norm blocks)"),
     ("_clip_", "an EVA-02 CLIP tower"),  # only reached for eva names (see unsupported_reason)

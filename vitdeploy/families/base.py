@@ -111,6 +111,7 @@ def shape_fields(state_dict: StateDict, what: str) -> dict[str, Any]:
         pre_norm="norm_pre.weight" in state_dict, patch_bias="patch_embed.proj.bias" in state_dict,
         abs_pos_embed="pos_embed" in state_dict, proj_bias="blocks.0.attn.proj.bias" in state_dict,
         patch_norm="patch_embed.norm.weight" in state_dict,
+        final_norm="norm.weight" in state_dict or "fc_norm.weight" in state_dict,
         norm="layernorm" if "blocks.0.norm1.bias" in state_dict else "rmsnorm",
     )
     if "attn_pool.latent" in state_dict:
@@ -140,7 +141,7 @@ LENT = ("name", "family", "num_heads", "layer_norm_eps", "act", "rope", "rope_te
         "pos_embed_resample", "pooling", "fc_norm", "image_size", "class_token")
 # Fields the tensors show that must equal a named variant's (the rest are sizes).
 STRUCTURE = ("mlp_type", "mlp_norm", "qkv_bias", "qv_bias", "has_class_token", "num_reg_tokens", "pre_norm",
-             "patch_bias", "abs_pos_embed", "norm", "pooling", "use_fc_norm", "proj_bias", "patch_norm")
+             "patch_bias", "abs_pos_embed", "norm", "pooling", "use_fc_norm", "proj_bias", "patch_norm", "final_norm")
 
 
 def infer_family_config(family: Family, state_dict: StateDict, what: str, architecture: str | None = None,
