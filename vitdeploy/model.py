@@ -356,6 +356,11 @@ class VisionTransformer(nn.Module):
     (token, avg, SigLIP's attention pool ``map``, DINOv2 classifiers' ``token_avg``), ``fc_norm``,
     ``act``, ``patch_bias`` and ``projection_dim`` (CLIP's visual projection ``proj``). Tokens are
     ordered class, distillation, registers, patches, as in timm, and the parameter names are timm's.
+
+    The parts of the 2025-26 families are config fields too: position information (``abs_pos_embed``,
+    ``rope`` with its parameters: :mod:`vitdeploy.rope`), the MLP (``mlp_type`` GELU-family or SwiGLU,
+    ``mlp_norm``), the norm (``norm``: LayerNorm or RMSNorm; ``patch_norm``, ``final_norm``), EVA's
+    ``qv_bias``, ``proj_bias`` and the attention pool's ``pool_heads`` (:mod:`vitdeploy.families`).
     """
 
     def __init__(self, config: ViTConfig) -> None:

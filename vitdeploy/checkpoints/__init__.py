@@ -1,4 +1,4 @@
-"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2 and JAX ViTs.
+"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2/DINOv3 and JAX ViTs.
 
 ``load_model(source)`` detects the format, reads tensors without ever unpickling code
 (safetensors, ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``), converts them

@@ -6,7 +6,10 @@ bare or under ``state_dict``/``model``/``state_dict_ema``/``model_ema``, with or
 and ``pretrained_cfg`` beside ``model.safetensors``). The architecture is inferred from the
 tensor names and shapes (:func:`vitdeploy.checkpoints.common.infer_config`), for every family timm
 holds under these names: ViT, DeiT (``dist_token``/``head_dist``), DeiT III, DINOv2 (``reg_token``),
-CLIP towers and SigLIP (``attn_pool``).
+CLIP towers and SigLIP (``attn_pool``). Checkpoints of timm's ``Eva`` and other families
+(:mod:`vitdeploy.families`: DINOv3, EVA-02, Perception Encoder, AIMv2) are read by
+:mod:`vitdeploy.checkpoints.families`: a Hub folder's ``architecture`` (or ``model=``) names the
+family, a bare state dict is read as one only where its tensor names fit it alone.
 
 timm stores a CLIP tower's visual projection as ``head`` (``num_classes`` = the projection width,
 its bias zero, as timm's OpenCLIP conversion writes it); vitdeploy's name for it is ``proj``
