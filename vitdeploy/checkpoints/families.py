@@ -73,7 +73,9 @@ def read_original_dinov3(state_dict: StateDict, what: str, files: list, num_head
     """An original facebookresearch/dinov3 hub state dict (its names: ``storage_tokens``, masked qkv bias)."""
     if not is_original_keys(set(state_dict)):
         raise CheckpointError(f"{what}: no storage_tokens tensor, so this is not an original DINOv3 state dict")
+    # the original's own output is the normed class token (x_norm_clstoken), as transformers' pooler_output
     checkpoint = read_family(DINOV3, "dinov3", state_dict, what, files, architecture, num_heads,
+                             base={"pooling": "token"},
                              notes=["read the original DINOv3 names (storage tokens, masked k bias); "
                                     "its RoPE periods are recomputed in float32, as timm does"])
     return checkpoint

@@ -4,8 +4,9 @@ Positions: RoPE on the patch tokens only (never the class or storage tokens), pa
 coordinates normalised to [-1, 1] per axis and recomputed for every H x W, periods
 ``100 ** (2j / (d/2))``, the rotate-half layout (:mod:`vitdeploy.rope` form ``"dinov3"``); no
 learned table. S, B, L use a GELU MLP, S+ and H+ a SwiGLU; the ``_qkvb`` variants carry q and v
-biases (k has none). Pooling as timm's default: the mean of the patch tokens after the final norm
-(``pooling="token"`` gives the class token, what the original's ``x_norm_clstoken`` is).
+biases (k has none). Pooling follows the source: timm's default is the mean of the patch tokens
+after the final norm (a Hub folder's ``global_pool`` says otherwise); transformers' ``pooler_output``
+and the original's ``x_norm_clstoken`` are the normed class token (``pooling="token"``).
 
 Sources: timm ``vit_*_patch16_dinov3*`` state dicts and Hub folders (its ``Eva`` names,
 :func:`~vitdeploy.families.base.from_timm_eva`), and the original facebookresearch/dinov3 hub
