@@ -186,3 +186,22 @@ def test_transformers_dinov3_file_matches_transformers_at_three_sizes(tmp_path, 
             errors.update({(size, name): rel_err(got[name], expected[name]) for name in got})
     record_property("onnx_worst_rel_err", max(errors.values()))
     assert max(errors.values()) <= TOLERANCE, errors
+
+
+def test_int8_graph_of_a_rope_family_passes_its_gate_with_rope_in_float(exported, tmp_path):
+    """The quantizer on DINOv3's fp32 file (random weights, its built-in calibration photos): the int8
+    graph passes the int8 gate against the fp32 graph, and RoPE's sin/cos are left in float32."""
+    import onnx
+
+    from vitdeploy.exporters.quantize import QuantizeOptions
+    from vitdeploy.exporters.quantize_onnx import quantize_onnx
+
+    result = exported("dinov3")[0]
+    quantized = quantize_onnx(result.path, tmp_path / "dinov3-int8.onnx", QuantizeOptions(), calibration_size=8,
+                              max_batch=1, cpu_variant=False)
+    assert quantized.report is not None and quantized.report.passed
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(quantized.path)))
+    types = {info.name: info.type.tensor_type.elem_type for info in proto.graph.value_info}
+    trig = [node for node in proto.graph.node if node.op_type in ("Sin", "Cos")]
+    assert trig and all(types.get(node.output[0]) == onnx.TensorProto.FLOAT for node in trig)
+    assert any(node.op_type == "QuantizeLinear" for node in proto.graph.node)
