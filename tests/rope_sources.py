@@ -173,3 +173,11 @@ def hf_dinov3_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torc
         result = model(pixel_values=x)
     return {"pooler_output": result.pooler_output, "last_hidden_state": result.last_hidden_state,
             "patch_tokens": result.last_hidden_state[:, 5:]}
+
+
+def siglip2_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Images as transformers' SigLIP 2 takes them: ``[N, rows * cols, patch * patch * C]``, each patch's
+    pixels in (row, column, channel) order, as its image processor writes them."""
+    batch, channels, height, width = x.shape
+    grid = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
+    return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)

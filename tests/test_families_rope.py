@@ -16,6 +16,7 @@ from rope_sources import (
     TOLERANCE,
     original_dinov3_state_dict,
     save_timm_rope,
+    siglip2_patches,
     timm,
     timm_rope_model,
     timm_rope_outputs,
@@ -220,20 +221,15 @@ def test_transformers_dinov3_matches_transformers_at_three_sizes(gated, tmp_path
     assert worst <= TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["siglip2", "aimv2"])
-def test_transformers_folder_of_an_unread_model_type_is_refused_in_one_line(kind, tmp_path):
+def test_transformers_folder_of_an_unread_model_type_is_refused_in_one_line(tmp_path):
     """A transformers folder whose config.json names a model type vitdeploy does not read
-    (Siglip2VisionModel: patch sequences; Aimv2VisionModel) is refused naming it, never read as the
-    closest layout."""
+    (Aimv2VisionModel) is refused naming it, never read as the closest layout."""
     import transformers as T
 
     from vitdeploy.checkpoints import CheckpointError
 
     small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
-    if kind == "siglip2":
-        model = T.Siglip2VisionModel(T.Siglip2VisionConfig(**small, patch_size=16, num_patches=16))
-    else:
-        model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**small, patch_size=14, image_size=56))
+    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**small, patch_size=14, image_size=56))
     model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError) as error:
         load_model(tmp_path)
@@ -265,3 +261,41 @@ def test_timm_siglip2_hub_folder_loads_as_siglip_and_matches_timm(tmp_path):
         with torch.no_grad():
             actual = model.forward_outputs(x, list(expected))
         assert max(rel_err(actual[n], expected[n]) for n in expected) <= TOLERANCE
+
+
+def test_transformers_siglip2_matches_transformers_at_three_sizes(tmp_path):
+    """transformers' Siglip2VisionModel, fed each whole image as one patch sequence (its spatial shape,
+    no padding): read as SigLIP with transformers' antialiased-bilinear table resizing, equal to it at
+    the native size and two others, one not square."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    source = T.Siglip2VisionModel(T.Siglip2VisionConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=16,
+        num_patches=16)).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            scale = 0.4 if any(p in name for p in ("q_proj.weight", "k_proj.weight")) else 0.05
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    source.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.family == "siglip" and model.config.pos_embed_resample == "siglip2"
+    assert model.config.image_size == 64
+    worst = 0.0
+    for height, width in [(64, 64), (80, 80), (48, 96)]:
+        x = _photo(height, width)
+        rows, cols = height // 16, width // 16
+        with torch.no_grad():
+            expected = source(pixel_values=siglip2_patches(x, 16), pixel_attention_mask=torch.ones(2, rows * cols),
+                              spatial_shapes=torch.tensor([[rows, cols]] * 2))
+            actual = model.forward_outputs(x, ["pooler_output", "last_hidden_state"])
+        worst = max(worst, rel_err(actual["pooler_output"], expected.pooler_output),
+                    rel_err(actual["last_hidden_state"], expected.last_hidden_state))
+        if (height, width) != (64, 64):  # timm's antialiased bicubic, the closest other convention, misses
+            other = VisionTransformer(model.config.replace(pos_embed_resample="timm")).eval()
+            other.load_state_dict(model.state_dict())
+            with torch.no_grad():
+                tokens = other.forward_outputs(x, ["last_hidden_state"])["last_hidden_state"]
+            assert rel_err(tokens, expected.last_hidden_state) > 10 * TOLERANCE
+    assert worst <= TOLERANCE

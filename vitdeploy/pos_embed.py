@@ -68,6 +68,13 @@ RESAMPLE_METHODS: dict[str, ResampleMethod] = {
             "interpolate_offset=0.1, interpolate_antialias=False: interpolate(scale_factor=((h + 0.1) / M, "
             "(w + 0.1) / M), mode='bicubic'), with its early return at the stored grid)",
         ),
+        ResampleMethod(
+            "siglip2",
+            "linear with antialias (triangle kernel, widened by the scale factor when downsampling, window "
+            "clipped at the borders and renormalised), half-pixel centres",
+            "Hugging Face transformers' Siglip2VisionEmbeddings.resize_positional_embeddings (transformers "
+            "5.x: the weights of interpolate(mode='bilinear', align_corners=False, antialias=True))",
+        ),
     )
 }
 DEFAULT_RESAMPLE = "timm"
@@ -113,6 +120,19 @@ def _antialiased_bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor
     taps = torch.arange(old, dtype=torch.float32) + 0.5
     stretch = torch.clamp(torch.full((), scale, dtype=torch.float32), min=1.0)
     weights = _cubic((taps[None, :] - centres[:, None]) / stretch, a=-0.5)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def _antialiased_linear(old: int, new: Any, native: Any = None) -> torch.Tensor:
+    # torch's antialiased bilinear (PIL's triangle filter): output i is centred at (i + 0.5) * old/new,
+    # the kernel stretched by old/new when shrinking, the weights inside the grid renormalised.
+    import torch
+
+    scale = old / new
+    centres = (positions(new) + 0.5) * scale - 0.5
+    taps = torch.arange(old, dtype=torch.float32)
+    stretch = torch.clamp(torch.full((), scale, dtype=torch.float32), min=1.0)
+    weights = torch.clamp(1.0 - (taps[None, :] - centres[:, None]).abs() / stretch, min=0.0)
     return weights / weights.sum(dim=1, keepdim=True)
 
 
@@ -171,7 +191,7 @@ def _corner_aligned_linear(old: int, new: Any, native: Any = None) -> torch.Tens
 
 
 _MATRICES = {"timm": _antialiased_bicubic, "huggingface": _bicubic, "jax": _corner_aligned_linear,
-             "dinov2": _offset_bicubic}
+             "dinov2": _offset_bicubic, "siglip2": _antialiased_linear}
 # Conventions whose matrix for one axis depends on whether the whole grid is the stored one.
 _WHOLE_GRID = frozenset({"dinov2"})
 

@@ -293,6 +293,23 @@ def convert_siglip(source: StateDict, data: dict[str, Any], where: str) -> Conve
     return Conversion(out, fields, sorted(unexpected + list(m.rest)), notes)
 
 
+def convert_siglip2(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
+    """``Siglip2VisionModel`` / ``Siglip2Model``'s tower, read for images of any size (fixed aspect, not
+    NaFlex's patch sequences): its linear patch embedding over ``(row, column, channel)``-ordered patch
+    pixels is the equivalent convolution, its position table is resampled as transformers resizes it."""
+    patch, channels = int(data.get("patch_size", 16)), int(data.get("num_channels", 3))
+    source = dict(source)
+    for key in [k for k in source if k.endswith("embeddings.patch_embedding.weight")]:
+        weight = source[key]
+        if weight.ndim == 2:
+            source[key] = weight.reshape(weight.shape[0], patch, patch, channels).permute(0, 3, 1, 2)
+    conversion = convert_siglip(source, data, where)
+    conversion.fields.update(pos_embed_resample="siglip2", name=_name(data, where, "hf_siglip2"))
+    conversion.notes.append("read transformers' SigLIP 2 for whole images (one aspect per batch); "
+                            "NaFlex's padded patch sequences are not an input here")
+    return conversion
+
+
 # --------------------------------------------------------------------------- dispatch
 
 Converter = Callable[[StateDict, dict[str, Any], str], Conversion]
@@ -306,6 +323,8 @@ MODEL_TYPES: dict[str, tuple[Converter, bool]] = {
     "siglip_vision_model": (convert_siglip, False),
     "siglip": (convert_siglip, True),
     "dinov3_vit": (convert_dinov3_transformers, False),
+    "siglip2_vision_model": (convert_siglip2, False),
+    "siglip2": (convert_siglip2, True),
 }
 # transformers architecture names → model_type, for a config.json that lacks model_type.
 ARCHITECTURES: dict[str, str] = {
@@ -315,7 +334,7 @@ ARCHITECTURES: dict[str, str] = {
     "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
     "CLIPVisionModel": "clip_vision_model", "CLIPVisionModelWithProjection": "clip_vision_model",
     "CLIPModel": "clip", "SiglipVisionModel": "siglip_vision_model", "SiglipModel": "siglip",
-    "DINOv3ViTModel": "dinov3_vit",
+    "DINOv3ViTModel": "dinov3_vit", "Siglip2VisionModel": "siglip2_vision_model", "Siglip2Model": "siglip2",
 }
 
 
