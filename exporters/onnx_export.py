@@ -68,7 +68,7 @@ from vitdeploy.parity import ParityReport
 
 from .fp16 import keep_ops_in_fp32
 from .graph import graph_bytes, opset_version, set_metadata
-from .ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant
+from .ort_fusion import CPU_VARIANT_PRECISIONS, cpu_variant, unfused_parts
 
 MIN_OPSET = 17
 # Protobuf cannot serialise messages of 2 GiB or more; keep a margin for the graph itself.
@@ -475,8 +475,10 @@ def strip_exporter_metadata(proto: Any) -> None:
     proto.doc_string = ""
 
 
-def check_graph(proto: Any, outputs: Sequence[str]) -> list[str]:
-    """Structural guarantees of an exported graph with ``outputs``; returns the problems found (empty when fine)."""
+def check_graph(proto: Any, outputs: Sequence[str], layer_norm: bool = True) -> list[str]:
+    """Structural guarantees of an exported graph with ``outputs``; returns the problems found (empty when fine).
+
+    ``layer_norm=False`` for models whose norms are RMSNorms (no ``LayerNormalization`` at opset 18)."""
     import onnx
 
     problems = []
@@ -510,7 +512,7 @@ def check_graph(proto: Any, outputs: Sequence[str]) -> list[str]:
             if attrs.get("antialias", 0):
                 problems.append(f"Resize node {node.name} has antialias=1 (TensorRT rejects it)")
     ops = {node.op_type for node in proto.graph.node}
-    for op in ("LayerNormalization", "Softmax"):
+    for op in ("LayerNormalization", "Softmax") if layer_norm else ("Softmax",):
         if op not in ops:
             problems.append(f"no {op} node in the graph")
     if "Range" not in ops:  # vitdeploy.pos_embed builds its interpolation matrices from arange(new grid size)
@@ -632,8 +634,11 @@ def make_cpu_variant(proto: Any, metadata: ArtifactMetadata, external: bool,
         say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
         return None
     variant = cpu_variant(proto, metadata)
+    left = unfused_parts(proto)
     if variant is None:
-        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse")
+        say("no onnxruntime CPU variant: no attention or GELU pattern to fuse" + "".join(f"; {part}" for part in left))
+    elif left:
+        say(f"onnxruntime CPU variant: {'; '.join(left)}")
     return variant
 
 
@@ -766,7 +771,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
                 proto = simplify_graph(proto)
             proto.producer_name, proto.producer_version = "vitdeploy", metadata.vitdeploy_version
             proto.graph.name = config.name
-            problems = check_graph(proto, metadata.output_names)
+            problems = check_graph(proto, metadata.output_names, layer_norm=config.norm == "layernorm")
             if problems:
                 raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))
             set_metadata(proto, metadata.to_props())

@@ -285,6 +285,21 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
     return counts
 
 
+def unfused_parts(model: Any) -> list[str]:
+    """What of an exported graph the CPU fusion leaves as it is, and why (one phrase each; empty when
+    nothing is known to be left): the attention of RoPE families (the rotation sits between the qkv
+    projection and the scores, where onnxruntime's ``Attention`` takes no 2-D rotary input) and a
+    SwiGLU MLP (no onnxruntime contrib op fuses SiLU gating)."""
+    ops = {node.op_type for node in model.graph.node}
+    parts = []
+    if {"Sin", "Cos"} <= ops:
+        parts.append("attention with 2-D RoPE stays MatMul -> Softmax -> MatMul (onnxruntime's Attention op "
+                     "takes no 2-D rotary input)")
+    if "Sigmoid" in ops:
+        parts.append("the SwiGLU MLP stays as exported (no onnxruntime contrib op fuses SiLU gating)")
+    return parts
+
+
 def cpu_variant(model: Any, metadata: ArtifactMetadata) -> tuple[Any, ArtifactMetadata] | None:
     """A fused copy of the portable graph ``model`` and its metadata, or ``None`` if nothing fuses.
 
@@ -297,7 +312,11 @@ def cpu_variant(model: Any, metadata: ArtifactMetadata) -> tuple[Any, ArtifactMe
         return None
     fused_metadata = copy.deepcopy(metadata)
     fused_metadata.target = CPU_VARIANT
-    fused_metadata.transforms = [*metadata.transforms, {"name": CPU_FUSION, "counts": counts}]
+    entry: dict[str, Any] = {"name": CPU_FUSION, "counts": counts}
+    left = unfused_parts(model)
+    if left:
+        entry["unfused"] = left
+    fused_metadata.transforms = [*metadata.transforms, entry]
     fused_metadata.variants = {}
     fused_metadata.validation = None
     return fused, fused_metadata

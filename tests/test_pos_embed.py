@@ -64,6 +64,8 @@ def reference(method: str, grid: torch.Tensor, new: tuple[int, int]) -> torch.Te
         zoom = (new[0] / grid.shape[0], new[1] / grid.shape[1], 1)
         return torch.from_numpy(scipy.ndimage.zoom(grid.numpy(), zoom, order=1))
     nchw = grid.permute(2, 0, 1)[None]
+    if method == "siglip2":  # transformers' Siglip2 resizes with these weights
+        return F.interpolate(nchw, size=new, mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0)
     out = F.interpolate(nchw, size=new, mode="bicubic", align_corners=False, antialias=method == "timm")
     return out[0].permute(1, 2, 0)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
+from vitdeploy.rope import RopeSpec, check_rope
 
 Pooling = Literal["token", "avg", "map", "token_avg"]
 POOLINGS: tuple[str, ...] = ("token", "avg", "map", "token_avg")
@@ -17,7 +18,11 @@ CLASS_TOKEN_POOLINGS: tuple[str, ...] = ("token", "token_avg")
 # "gelu_tanh" (the tanh approximation, Hugging Face's SigLIP).
 ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
 # Informational family names (inspect, metadata, error messages); the fields decide the architecture.
-FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip")
+FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3", "eva02", "pe", "aimv2",
+                             "pe_spatial")
+# The MLP of each block: "mlp" (Linear -> act -> Linear) or "swiglu" (SiLU-gated, fc1 packed [gate; value]).
+MLP_TYPES: tuple[str, ...] = ("mlp", "swiglu")
+NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
 
 
 def default_size_range(image_size: int, stride: int) -> tuple[int, int]:
@@ -124,10 +129,35 @@ class ViTConfig:
     # How position embeddings are resampled at another grid (vitdeploy.pos_embed.RESAMPLE_METHODS):
     # the checkpoint framework's own convention, so other resolutions give that framework's logits.
     pos_embed_resample: str = DEFAULT_RESAMPLE
+    # Position information: a learned table (pos_embed), 2-D RoPE on the patch tokens
+    # (vitdeploy.rope.ROPE_FORMS, with its temperature, coordinate offset, axis order and reference
+    # grid), both (EVA-02, PE) or neither.
+    abs_pos_embed: bool = True
+    rope: str | None = None
+    rope_temperature: float = 10000.0
+    rope_offset: float = 0.0
+    rope_indexing: str = "ij"
+    rope_ref_grid: tuple[int, int] | None = None
+    # The block's MLP (MLP_TYPES), with a norm over its hidden width before fc2 (EVA-02's scale-norm).
+    mlp_type: str = "mlp"
+    mlp_norm: bool = False
+    norm: str = "layernorm"
+    # EVA's attention bias: q and v biases as their own tensors (attn.q_bias, attn.v_bias), none on k.
+    qv_bias: bool = False
+    # Heads of the attention-pool head (None: num_heads).
+    pool_heads: int | None = None
+    # Biases of the blocks' output projection and MLP linears (timm's proj_bias; AIMv2 has none), and a
+    # norm after the patch embedding (timm's embed_norm_layer, AIMv2).
+    proj_bias: bool = True
+    patch_norm: bool = False
+    # The final norm (``norm``, or ``fc_norm`` after the pooling); PE spatial has neither.
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):
             self.hybrid = HybridConfig(**self.hybrid)
+        if self.rope_ref_grid is not None:
+            self.rope_ref_grid = (int(self.rope_ref_grid[0]), int(self.rope_ref_grid[1]))
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.hidden_size % self.num_heads:
@@ -168,6 +198,19 @@ class ViTConfig:
                 f"image_size {self.image_size} is not a multiple of the total stride {self.stride}"
             )
         check_resample(self.pos_embed_resample)
+        check_rope(self.rope, self.rope_indexing)
+        if self.rope is not None and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got "
+                             f"{self.hidden_size // self.num_heads}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"mlp_type must be one of {', '.join(MLP_TYPES)}, got {self.mlp_type!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.qv_bias and self.qkv_bias:
+            raise ValueError("qv_bias (separate q and v biases) replaces qkv_bias; set qkv_bias=False")
+        if self.pool_heads is not None and (self.pooling != "map" or self.hidden_size % self.pool_heads):
+            raise ValueError(f"pool_heads {self.pool_heads} needs pooling 'map' and to divide hidden_size "
+                             f"{self.hidden_size}")
 
     @property
     def stride(self) -> int:
@@ -180,6 +223,22 @@ class ViTConfig:
         """Patch grid at the native image size."""
         side = self.image_size // self.stride
         return side, side
+
+    @property
+    def rope_spec(self) -> RopeSpec | None:
+        """The RoPE this model applies (None without one)."""
+        if self.rope is None:
+            return None
+        return RopeSpec(self.rope, self.hidden_size // self.num_heads, self.rope_temperature, self.rope_offset,
+                        self.rope_indexing, self.rope_ref_grid)
+
+    @property
+    def position_scheme(self) -> str:
+        """How the model knows where a patch is, in words (inspect, errors)."""
+        parts = [f"learned table ({self.pos_embed_resample} resampling)"] if self.abs_pos_embed else []
+        if self.rope is not None:
+            parts.append(f"2-D RoPE ({self.rope})")
+        return " + ".join(parts) or "none"
 
     @property
     def has_class_token(self) -> bool:
@@ -231,6 +290,8 @@ class ViTConfig:
         data["std"] = list(self.std)
         if self.hybrid is not None:
             data["hybrid"]["layers"] = list(self.hybrid.layers)
+        if self.rope_ref_grid is not None:
+            data["rope_ref_grid"] = list(self.rope_ref_grid)
         return data
 
     def to_json(self) -> str:

@@ -65,15 +65,18 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
     patches = grid_h * grid_w
     dim = config.hidden_size
     macs += patches * channels * config.patch_size**2 * dim
-    macs += resample_macs(config.grid_size, (grid_h, grid_w), dim, config.pos_embed_resample)
+    if config.abs_pos_embed:
+        macs += resample_macs(config.grid_size, (grid_h, grid_w), dim, config.pos_embed_resample)
     tokens = config.num_prefix_tokens + patches
+    # SwiGLU's fc1 is twice as wide (gate and value); RoPE's rotation is elementwise and not counted
+    fc1_width = 2 * config.mlp_size if config.mlp_type == "swiglu" else config.mlp_size
 
     def block(queries: int) -> int:
         return (
             tokens * dim * 2 * dim + queries * dim * dim  # k, v for every token; q for the queries
             + 2 * queries * tokens * dim  # q @ k^T and attn @ v over all heads
             + queries * dim * dim  # output projection
-            + 2 * queries * dim * config.mlp_size  # fc1 + fc2
+            + queries * dim * (fc1_width + config.mlp_size)  # fc1 + fc2
         )
 
     pruned_queries = config.num_pooled_prefix_tokens
@@ -81,8 +84,8 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
         raise ValueError(f"class_token_last_block needs pooling 'token', not {config.pooling!r}")
     pruned = 1 if class_token_last_block else 0
     macs += (config.depth - pruned) * block(tokens) + pruned * block(pruned_queries)
-    if config.pooling == "map":  # one latent query over the patch tokens, then proj and the MLP
-        macs += dim * dim + patches * dim * 2 * dim + 2 * patches * dim + dim * dim + 2 * dim * config.mlp_size
+    if config.pooling == "map":  # one latent query over every token, then proj and the (GELU) MLP
+        macs += dim * dim + tokens * dim * 2 * dim + 2 * tokens * dim + dim * dim + 2 * dim * config.mlp_size
     head_in = config.pooled_size
     if config.representation_size:
         macs += dim * config.representation_size
@@ -119,16 +122,22 @@ def count_params(config: ViTConfig) -> int:
     params += channels * config.patch_size**2 * dim + (dim if config.patch_bias else 0)  # patch projection
     params += config.num_prefix_tokens * dim  # class, distillation and register tokens
     grid_h, grid_w = config.grid_size
-    params += (config.num_pos_prefix_tokens + grid_h * grid_w) * dim  # position embeddings
-    norm = 2 * dim
+    if config.abs_pos_embed:
+        params += (config.num_pos_prefix_tokens + grid_h * grid_w) * dim  # position embeddings
+    norm = 2 * dim if config.norm == "layernorm" else dim  # RMSNorm has no bias
     params += norm if config.pre_norm else 0
-    qkv_bias = 3 * dim if config.qkv_bias else 0
+    params += norm if config.patch_norm else 0
+    qkv_bias = 3 * dim if config.qkv_bias else 2 * dim if config.qv_bias else 0
     mlp = dim * config.mlp_size + config.mlp_size + config.mlp_size * dim + dim  # fc1, fc2
+    fc1_width = 2 * config.mlp_size if config.mlp_type == "swiglu" else config.mlp_size
+    biases = fc1_width + dim if config.proj_bias else 0
+    block_mlp = (dim * fc1_width + config.mlp_size * dim + biases
+                 + (norm // dim * config.mlp_size if config.mlp_norm else 0))  # fc1, fc2, the hidden norm
     block = (norm  # norm1
-             + dim * 3 * dim + qkv_bias + dim * dim + dim  # qkv, proj
-             + norm + mlp  # norm2, MLP
+             + dim * 3 * dim + qkv_bias + dim * dim + (dim if config.proj_bias else 0)  # qkv, proj
+             + norm + block_mlp  # norm2, MLP
              + (2 * dim if config.layer_scale else 0))  # ls1, ls2
-    params += config.depth * block + norm  # blocks, the final norm (or fc_norm)
+    params += config.depth * block + (norm if config.final_norm else 0)  # blocks, the final norm (or fc_norm)
     if config.pooling == "map":  # latent, q, kv, proj, norm, MLP
         params += dim + (dim * dim + dim) + (2 * dim * dim + 2 * dim) + (dim * dim + dim) + norm + mlp
     head_in = config.pooled_size

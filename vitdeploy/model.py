@@ -29,6 +29,7 @@ from vitdeploy.outputs import (
 )
 from vitdeploy.pos_embed import resample_pos_embed
 from vitdeploy.resnetv2 import ResNetV2
+from vitdeploy.rope import RopeSpec, apply_rope, rope_sin_cos
 from vitdeploy.variants import get_config
 
 
@@ -45,9 +46,30 @@ class LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-def make_norm(config: ViTConfig) -> LayerNorm:
-    """The model's LayerNorm over the hidden size (its epsilon from the config)."""
-    return LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (no centring, no bias), computing in a wider dtype
+    than its input when the precision policy asks (as :class:`LayerNorm`)."""
+
+    compute_dtype: torch.dtype | None = None
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        wide = x.to(dtype)
+        out = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dtype)
+        return out.to(x.dtype)
+
+
+def make_norm(config: ViTConfig, dim: int | None = None) -> nn.Module:
+    """The model's norm (``config.norm``) over ``dim`` (default the hidden size), its epsilon from the config."""
+    dim = config.hidden_size if dim is None else dim
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, eps=config.layer_norm_eps)
+    return LayerNorm(dim, eps=config.layer_norm_eps)
 
 
 class PatchEmbed(nn.Module):
@@ -59,13 +81,14 @@ class PatchEmbed(nn.Module):
         in_channels = self.backbone.out_channels if self.backbone else config.in_channels
         self.proj = nn.Conv2d(in_channels, config.hidden_size, config.patch_size, stride=config.patch_size,
                               bias=config.patch_bias)
+        self.norm = make_norm(config) if config.patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.backbone is not None:
             x = self.backbone(x)
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid
+        return self.norm(x.flatten(2).transpose(1, 2)), grid
 
 
 class Attention(nn.Module):
@@ -100,26 +123,57 @@ class Attention(nn.Module):
         return attn @ v
 
 
+# sin and cos of a model's RoPE for the grid at hand, with the number of prefix tokens they skip.
+Rope = tuple[torch.Tensor, torch.Tensor, int]
+
+
 class SelfAttention(Attention):
-    """Multi-head self-attention with a fused qkv projection (timm's ``Attention``)."""
+    """Multi-head self-attention with a fused qkv projection (timm's ``Attention``), with EVA's
+    separate q/v biases (``qv_bias``) and 2-D RoPE on the patch tokens' queries and keys where the
+    config has them (timm's ``EvaAttention``/``AttentionRope``)."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__(config)
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        hidden = config.hidden_size
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=config.qkv_bias)
+        if config.qv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(hidden))
+            self.v_bias = nn.Parameter(torch.zeros(hidden))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(hidden, hidden, bias=config.proj_bias)
         self.proj_drop = nn.Dropout(config.dropout)
+        spec = config.rope_spec
+        self.rope_half = spec.rotate_half if spec is not None else False
 
-    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    def _qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return self.qkv.bias
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def _rotate(self, t: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+        if rope is None:
+            return t
+        sin, cos, start = rope
+        return apply_rope(t, sin, cos, self.rope_half, start)
+
+    def forward(self, x: torch.Tensor, num_queries: int | None = None, rope: Rope | None = None) -> torch.Tensor:
         """Attend from every token, or only from the first ``num_queries`` tokens (keys and values
-        still come from all of them); the output has one row per query."""
+        still come from all of them); the output has one row per query. ``rope`` rotates the
+        queries and keys of the tokens after its prefix count."""
         batch, tokens, channels = x.shape
         if num_queries is None:
             queries = tokens
-            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+            qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
+            q = self._rotate(q, rope)
         else:
             queries = num_queries
             q, k, v = self._project_subset(x, num_queries)
+            if rope is not None and num_queries > rope[2]:
+                raise ValueError(f"{num_queries} queries reach past the {rope[2]} prefix tokens RoPE skips")
+        k = self._rotate(k, rope)
         x = self.attend(q, k, v).transpose(1, 2).reshape(batch, queries, channels)
         return self.proj_drop(self.proj(x))
 
@@ -128,7 +182,7 @@ class SelfAttention(Attention):
         batch, tokens, channels = x.shape
         # Slices, not split(): the exporter folds a Slice of a weight into a constant, not a Split.
         weight_q, weight_kv = self.qkv.weight[:channels], self.qkv.weight[channels:]
-        bias = self.qkv.bias
+        bias = self._qkv_bias()
         bias_q, bias_kv = (bias[:channels], bias[channels:]) if bias is not None else (None, None)
         q = F.linear(x[:, :num_queries], weight_q, bias_q)
         q = q.reshape(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
@@ -156,17 +210,47 @@ def make_activation(name: str) -> nn.Module:
 
 
 class Mlp(nn.Module):
-    """Linear → activation → Linear."""
+    """Linear → activation (``config.act``) → [norm] → Linear."""
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, norm: bool = False, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size, bias=bias)
         self.act = make_activation(config.act)
-        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size)
+        self.norm = make_norm(config, config.mlp_size) if norm else nn.Identity()
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size, bias=bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.norm(self.drop(self.act(self.fc1(x))))))
+
+
+class SwiGLU(nn.Module):
+    """``fc2(norm(silu(gate) * value))`` with ``[gate; value] = fc1(x)`` packed in one Linear (timm's
+    ``SwiGLUPacked``/``GluMlp(gate_last=False)``; split checkpoints are packed by their loaders), the
+    norm over the hidden width optional (EVA-02's scale-norm)."""
+
+    def __init__(self, config: ViTConfig, norm: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, 2 * config.mlp_size, bias=bias)
+        self.act = nn.SiLU()
+        self.norm = make_norm(config, config.mlp_size) if norm else nn.Identity()
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size, bias=bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(x)
+        size = hidden.shape[-1] // 2
+        # Slices, not chunk(): a Split with a computed size is what some parsers mishandle.
+        x = self.act(hidden[..., :size]) * hidden[..., size:]
+        return self.drop(self.fc2(self.norm(self.drop(x))))
+
+
+MLPS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLU}
+
+
+def make_mlp(config: ViTConfig) -> nn.Module:
+    """The block MLP the config chooses (``mlp_type``, with ``mlp_norm``)."""
+    return MLPS[config.mlp_type](config, norm=config.mlp_norm, bias=config.proj_bias)
 
 
 class LayerScale(nn.Module):
@@ -207,16 +291,17 @@ class Block(nn.Module):
         self.ls1 = LayerScale(config.hidden_size, config.layer_scale) if config.layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = make_norm(config)
-        self.mlp = Mlp(config)
+        self.mlp = make_mlp(config)
         self.ls2 = LayerScale(config.hidden_size, config.layer_scale) if config.layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, num_outputs: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_outputs: int | None = None, rope: Rope | None = None) -> torch.Tensor:
         """All tokens out, or only the first ``num_outputs`` (each still attends to every token)."""
         if num_outputs is None:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope)))
         else:
-            x = x[:, :num_outputs] + self.drop_path1(self.ls1(self.attn(self.norm1(x), num_queries=num_outputs)))
+            attended = self.attn(self.norm1(x), num_queries=num_outputs, rope=rope)
+            x = x[:, :num_outputs] + self.drop_path1(self.ls1(attended))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -227,6 +312,10 @@ class AttentionPool(Attention):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__(config)
         hidden = config.hidden_size
+        if config.pool_heads:
+            self.num_heads = config.pool_heads
+            self.head_dim = hidden // config.pool_heads
+            self.scale = self.head_dim**-0.5
         self.latent = nn.Parameter(torch.zeros(1, 1, hidden))
         self.q = nn.Linear(hidden, hidden)
         self.kv = nn.Linear(hidden, 2 * hidden)
@@ -267,6 +356,11 @@ class VisionTransformer(nn.Module):
     (token, avg, SigLIP's attention pool ``map``, DINOv2 classifiers' ``token_avg``), ``fc_norm``,
     ``act``, ``patch_bias`` and ``projection_dim`` (CLIP's visual projection ``proj``). Tokens are
     ordered class, distillation, registers, patches, as in timm, and the parameter names are timm's.
+
+    The parts of the 2025-26 families are config fields too: position information (``abs_pos_embed``,
+    ``rope`` with its parameters: :mod:`vitdeploy.rope`), the MLP (``mlp_type`` GELU-family or SwiGLU,
+    ``mlp_norm``), the norm (``norm``: LayerNorm or RMSNorm; ``patch_norm``, ``final_norm``), EVA's
+    ``qv_bias``, ``proj_bias`` and the attention pool's ``pool_heads`` (:mod:`vitdeploy.families`).
     """
 
     def __init__(self, config: ViTConfig) -> None:
@@ -278,15 +372,16 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, config.num_reg_tokens, hidden)) if config.num_reg_tokens else None
         num_tokens = config.num_pos_prefix_tokens + config.grid_size[0] * config.grid_size[1]
-        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, hidden) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, hidden) * 0.02) if config.abs_pos_embed else None
+        self.rope: RopeSpec | None = config.rope_spec
         self.pos_drop = nn.Dropout(config.dropout)
         self.norm_pre = make_norm(config) if config.pre_norm else nn.Identity()
         # Stochastic depth grows linearly with depth, as in timm.
         rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.Sequential(*[Block(config, rate) for rate in rates])
-        self.norm = nn.Identity() if config.use_fc_norm else make_norm(config)
+        self.norm = nn.Identity() if config.use_fc_norm or not config.final_norm else make_norm(config)
         self.attn_pool = AttentionPool(config) if config.pooling == "map" else None
-        self.fc_norm = make_norm(config) if config.use_fc_norm else nn.Identity()
+        self.fc_norm = make_norm(config) if config.use_fc_norm and config.final_norm else nn.Identity()
         self.pre_logits: PreLogits | None = None
         if config.representation_size:
             self.pre_logits = PreLogits(hidden, config.representation_size)
@@ -329,8 +424,9 @@ class VisionTransformer(nn.Module):
                     f"resize or crop the image to a multiple of {stride}"
                 )
 
-    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with the prefix tokens before them and the position embeddings added."""
+    def _embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        """Patch tokens with the prefix tokens before them and the position embeddings added, and the
+        RoPE sin/cos of this grid (None without RoPE)."""
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
                 raise ValueError(
@@ -339,20 +435,26 @@ class VisionTransformer(nn.Module):
                 )
             self.check_input_size(int(pixel_values.shape[2]), int(pixel_values.shape[3]))
         x, grid = self.patch_embed(pixel_values)
-        if grid == self.grid_size and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        rope = None
+        if self.rope is not None:
+            sin, cos = rope_sin_cos(self.rope, grid)
+            rope = (sin.to(x.device), cos.to(x.device), self.config.num_prefix_tokens)
+        if self.pos_embed is None:
+            pos_embed = None
+        elif grid == self.grid_size and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             pos_embed = self.pos_embed  # resampling is the identity here; traced graphs keep it for every size
         else:
             pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size, self.config.num_pos_prefix_tokens,
                                            method=self.config.pos_embed_resample)
         prefix = [token.expand(x.shape[0], -1, -1) for token in (self.cls_token, self.dist_token, self.reg_token)
                   if token is not None]
-        if self.config.no_embed_class:
+        if self.config.no_embed_class and pos_embed is not None:
             x = x + pos_embed
             x = torch.cat([*prefix, x], dim=1) if prefix else x
         else:
             x = torch.cat([*prefix, x], dim=1) if prefix else x
-            x = x + pos_embed
-        return self.norm_pre(self.pos_drop(x))
+            x = x + pos_embed if pos_embed is not None else x
+        return self.norm_pre(self.pos_drop(x)), rope
 
     def forward_features(self, pixel_values: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
         """Encoder output after the final norm: ``[N, prefix + (H/p)(W/p), hidden]`` (before any
@@ -367,13 +469,10 @@ class VisionTransformer(nn.Module):
         keep = self.config.num_pooled_prefix_tokens
         if class_token_only and not keep:
             raise ValueError(f"class_token_only needs pooling 'token', the model pools by {self.config.pooling!r}")
-        x = self._embed(pixel_values)
-        if class_token_only:
-            for block in self.blocks[:-1]:
-                x = block(x)
-            x = self.blocks[-1](x, num_outputs=keep)
-        else:
-            x = self.blocks(x)
+        x, rope = self._embed(pixel_values)
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x = block(x, num_outputs=keep if class_token_only and index == last else None, rope=rope)
         return self.norm(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
@@ -384,6 +483,7 @@ class VisionTransformer(nn.Module):
         mean), then ``fc_norm`` and the representation layer where the model has them."""
         pooling = self.config.pooling
         patches = features[:, self.config.num_prefix_tokens:]
+        # timm's attention pool reads every token (the class token too, where there is one: PE)
         if pooling == "token":
             x = (features[:, 0] + features[:, 1]) / 2 if self.config.distilled else features[:, 0]
         elif pooling == "avg":
@@ -391,7 +491,7 @@ class VisionTransformer(nn.Module):
         elif pooling == "token_avg":
             x = torch.cat([features[:, 0], patches.mean(dim=1)], dim=1)
         else:
-            x = self.attn_pool(patches)
+            x = self.attn_pool(features)
         x = self.fc_norm(x)
         return self.pre_logits(x) if self.pre_logits is not None else x
 
@@ -473,9 +573,10 @@ class VisionTransformer(nn.Module):
         if image_size % stride or image_size <= 0:
             raise ValueError(f"image_size {image_size} is not a positive multiple of the patch stride {stride}")
         side = image_size // stride
-        resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size,
-                                       self.config.num_pos_prefix_tokens, method=self.config.pos_embed_resample)
-        self.pos_embed = nn.Parameter(resampled)
+        if self.pos_embed is not None:
+            resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size,
+                                           self.config.num_pos_prefix_tokens, method=self.config.pos_embed_resample)
+            self.pos_embed = nn.Parameter(resampled)
         crop_pct = self.config.crop_pct if image_size == self.config.image_size else 1.0
         self.config = self.config.replace(image_size=image_size, crop_pct=crop_pct)
 
@@ -491,7 +592,7 @@ class VisionTransformer(nn.Module):
         norm_dtype = torch.float32 if "LayerNormalization" in fp32_ops else None
         softmax_dtype = torch.float32 if "Softmax" in fp32_ops else None
         for module in self.modules():
-            if isinstance(module, LayerNorm):
+            if isinstance(module, LayerNorm | RMSNorm):
                 module.compute_dtype = norm_dtype
             elif isinstance(module, Attention):
                 module.softmax_dtype = softmax_dtype

@@ -68,6 +68,13 @@ RESAMPLE_METHODS: dict[str, ResampleMethod] = {
             "interpolate_offset=0.1, interpolate_antialias=False: interpolate(scale_factor=((h + 0.1) / M, "
             "(w + 0.1) / M), mode='bicubic'), with its early return at the stored grid)",
         ),
+        ResampleMethod(
+            "siglip2",
+            "linear with antialias (triangle kernel, widened by the scale factor when downsampling, window "
+            "clipped at the borders and renormalised), half-pixel centres",
+            "Hugging Face transformers' Siglip2VisionEmbeddings.resize_positional_embeddings (transformers "
+            "5.x: the weights of interpolate(mode='bilinear', align_corners=False, antialias=True))",
+        ),
     )
 }
 DEFAULT_RESAMPLE = "timm"
@@ -95,7 +102,7 @@ def _cubic(x: torch.Tensor, a: float) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def _positions(new: Any) -> torch.Tensor:
+def positions(new: Any) -> torch.Tensor:
     """``0 .. new - 1`` as float32: an int64 ``Range`` on the (symbolic) size, then a ``Cast``, in a graph."""
     import torch
 
@@ -109,10 +116,23 @@ def _antialiased_bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor
     import torch
 
     scale = old / new
-    centres = (_positions(new) + 0.5) * scale
+    centres = (positions(new) + 0.5) * scale
     taps = torch.arange(old, dtype=torch.float32) + 0.5
     stretch = torch.clamp(torch.full((), scale, dtype=torch.float32), min=1.0)
     weights = _cubic((taps[None, :] - centres[:, None]) / stretch, a=-0.5)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def _antialiased_linear(old: int, new: Any, native: Any = None) -> torch.Tensor:
+    # torch's antialiased bilinear (PIL's triangle filter): output i is centred at (i + 0.5) * old/new,
+    # the kernel stretched by old/new when shrinking, the weights inside the grid renormalised.
+    import torch
+
+    scale = old / new
+    centres = (positions(new) + 0.5) * scale - 0.5
+    taps = torch.arange(old, dtype=torch.float32)
+    stretch = torch.clamp(torch.full((), scale, dtype=torch.float32), min=1.0)
+    weights = torch.clamp(1.0 - (taps[None, :] - centres[:, None]).abs() / stretch, min=0.0)
     return weights / weights.sum(dim=1, keepdim=True)
 
 
@@ -131,10 +151,10 @@ def _bicubic_at(source: torch.Tensor, old: int) -> torch.Tensor:
 
 def _bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor:
     # align_corners=False with an output size: output i samples (i + 0.5) * old/new - 0.5.
-    return _bicubic_at((_positions(new) + 0.5) * (old / new) - 0.5, old)
+    return _bicubic_at((positions(new) + 0.5) * (old / new) - 0.5, old)
 
 
-def _size_value(new: Any) -> torch.Tensor:
+def size_value(new: Any) -> torch.Tensor:
     """``new`` as a float32 scalar tensor (a sum of ones in a graph, where ``new`` is symbolic)."""
     import torch
 
@@ -145,7 +165,7 @@ def _same_size(new: Any, old: int) -> torch.Tensor:
     """1.0 where ``new == old``, else 0.0, as a tensor computed by arithmetic (no data-dependent branch)."""
     import torch
 
-    return torch.clamp(1.0 - (_size_value(new) - float(old)).abs(), min=0.0)
+    return torch.clamp(1.0 - (size_value(new) - float(old)).abs(), min=0.0)
 
 
 def _offset_bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor:
@@ -155,8 +175,8 @@ def _offset_bicubic(old: int, new: Any, native: Any = None) -> torch.Tensor:
     # The scale is 10*old / (10*new + 1): both exact in float32, so one division rounds it as torch
     # does (float32 of the double 1 / scale_factor); float32(new + 0.1) would already be off by an ulp.
     native = _same_size(new, old) if native is None else native
-    scale = (10.0 * old) / (10.0 * _size_value(new) + (1.0 - native))
-    return _bicubic_at((_positions(new) + 0.5) * scale - 0.5, old)
+    scale = (10.0 * old) / (10.0 * size_value(new) + (1.0 - native))
+    return _bicubic_at((positions(new) + 0.5) * scale - 0.5, old)
 
 
 def _corner_aligned_linear(old: int, new: Any, native: Any = None) -> torch.Tensor:
@@ -165,13 +185,13 @@ def _corner_aligned_linear(old: int, new: Any, native: Any = None) -> torch.Tens
     import torch
 
     step = (old - 1) / torch.sym_max(new - 1, 1)
-    source = _positions(new) * step
+    source = positions(new) * step
     columns = torch.arange(old, dtype=torch.float32)
     return torch.clamp(1.0 - (columns[None, :] - source[:, None]).abs(), min=0.0)
 
 
 _MATRICES = {"timm": _antialiased_bicubic, "huggingface": _bicubic, "jax": _corner_aligned_linear,
-             "dinov2": _offset_bicubic}
+             "dinov2": _offset_bicubic, "siglip2": _antialiased_linear}
 # Conventions whose matrix for one axis depends on whether the whole grid is the stored one.
 _WHOLE_GRID = frozenset({"dinov2"})
 

@@ -5,8 +5,7 @@ distillation), DeiT III, DINOv2 (with and without registers), and the image towe
 SigLIP. Each has timm's architecture and preprocessing; a CLIP tower is its embedder (the visual
 projection ``proj``, no classifier), so its parameter count is timm's with ``num_classes`` = the
 projection width less that head's bias (timm stores the projection as a biased ``head``, the bias
-zero). Left out: DINOv2 giant (its MLP is SwiGLU, which this block does not have) and
-``vit_so400m_patch14_siglip_384`` (384 is no multiple of 14; timm's conv drops the last 6 pixels,
+zero). DINOv2 giant has a SwiGLU MLP. Left out: ``vit_so400m_patch14_siglip_384`` (384 is no multiple of 14; timm's conv drops the last 6 pixels,
 ``vit_so400m_patch14_siglip_378`` is the same network at a size that divides).
 """
 
@@ -80,6 +79,10 @@ for _size in ("small", "base", "large"):
                    crop_pct=1.0)
     _add(f"vit_{_size}_patch14_dinov2", _size, 14, 518, **_dinov2)
     _add(f"vit_{_size}_patch14_reg4_dinov2", _size, 14, 518, num_reg_tokens=4, no_embed_class=True, **_dinov2)
+# DINOv2 giant: a SwiGLU MLP (timm's SwiGLUPacked, hidden 4096)
+_add("vit_giant_patch14_dinov2", (1536, 40, 24, 4096), 14, 518, mlp_type="swiglu", **_dinov2)
+_add("vit_giant_patch14_reg4_dinov2", (1536, 40, 24, 4096), 14, 518, mlp_type="swiglu", num_reg_tokens=4,
+     no_embed_class=True, **_dinov2)
 for _size, _patch, _image, _acts in (
     ("base", 32, 224, ("gelu", "quick_gelu")), ("base", 16, 224, ("gelu", "quick_gelu")),
     ("large", 14, 224, ("gelu", "quick_gelu")), ("large", 14, 336, ("gelu", "quick_gelu")),
@@ -140,3 +143,12 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
     if name not in VARIANTS:
         raise ValueError(unknown_variant_message(name))
     return VARIANTS[name].replace(**overrides)
+
+
+def _add_families() -> None:
+    from vitdeploy.families import all_variants
+
+    VARIANTS.update(all_variants())
+
+
+_add_families()

@@ -1,4 +1,4 @@
-"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2 and JAX ViTs.
+"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2/DINOv3 and JAX ViTs.
 
 ``load_model(source)`` detects the format, reads tensors without ever unpickling code
 (safetensors, ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``), converts them
@@ -19,13 +19,18 @@ from typing import Any
 import torch
 
 from vitdeploy.checkpoints.common import (
+    ArchitectureRefused,
     Checkpoint,
     CheckpointError,
     CheckpointWarning,
     file_sha256,
     force_variant,
     instantiate,
+    read_safetensors,
+    read_torch,
     state_dict_sha256,
+    strip_prefixes,
+    unwrap_state_dict,
 )
 from vitdeploy.checkpoints.detect import (
     EXPECTED,
@@ -37,10 +42,12 @@ from vitdeploy.checkpoints.detect import (
     weight_keys,
 )
 from vitdeploy.checkpoints.dinov2 import read_dinov2
+from vitdeploy.checkpoints.families import read_original_dinov3
 from vitdeploy.checkpoints.huggingface import read_huggingface
 from vitdeploy.checkpoints.jax import read_jax
 from vitdeploy.checkpoints.native import read_native, save_model
 from vitdeploy.checkpoints.timm import read_timm
+from vitdeploy.families import family_of
 from vitdeploy.model import VisionTransformer, create_model
 from vitdeploy.variants import VARIANTS, closest_hint, list_variants
 
@@ -70,8 +77,9 @@ def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | N
     ``model`` (a registry variant name) forces that variant's architecture instead of the one
     detected from the file (:func:`~vitdeploy.checkpoints.common.force_variant`).
     """
-    if model is None:
-        return _read(source, format, num_heads)
+    if model is None or family_of(model) is not None:
+        # a family variant's name is the architecture the reader builds exactly (or refuses)
+        return _read(source, format, num_heads, model)
     with warnings.catch_warnings():
         # Detection's guesses at what the weights do not show (activation, heads) are moot once the variant's
         # architecture replaces them; they stay in the notes.
@@ -82,7 +90,7 @@ def read_checkpoint(source: str | Path, format: str = "auto", num_heads: int | N
     return checkpoint
 
 
-def _read(source: str | Path, format: str, num_heads: int | None) -> Checkpoint:
+def _read(source: str | Path, format: str, num_heads: int | None, model: str | None = None) -> Checkpoint:
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
     path = checkpoint_path(source)
@@ -97,13 +105,21 @@ def _read(source: str | Path, format: str, num_heads: int | None) -> Checkpoint:
         return read_native(path)
     if fmt == "dinov2":
         return read_dinov2(path, num_heads=num_heads)
+    if fmt == "dinov3":
+        state_dict, notes = unwrap_state_dict(read_torch(path), path) if path.suffix != ".safetensors" else (
+            read_safetensors(path)[0], [])
+        checkpoint = read_original_dinov3(strip_prefixes(state_dict)[0], str(path), [path], num_heads, model)
+        checkpoint.notes[:0] = notes
+        return checkpoint
+    if model is not None and fmt != "timm":
+        raise CheckpointError(f"model={model!r} names a timm architecture; {path} is a {fmt} checkpoint")
     if fmt == "timm":
         try:
-            return read_timm(path, num_heads=num_heads)
+            return read_timm(path, num_heads=num_heads, model=model)
         except CheckpointError as error:
             # A file unlike every supported layout: say which one it is closest to, on the same line.
             keys = weight_keys(path) if format == "auto" else None
-            if not keys or match_layout(keys).exact:
+            if not keys or match_layout(keys).exact or isinstance(error, ArchitectureRefused):
                 raise
             raise CheckpointError(f"{error}; {closest_layout(keys)}", details=error.details) from None
     if fmt == "huggingface":

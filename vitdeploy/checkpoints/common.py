@@ -44,6 +44,11 @@ class CheckpointError(ValueError):
         self.details = details
 
 
+class ArchitectureRefused(CheckpointError):
+    """A checkpoint refused for what it is (a named architecture vitdeploy does not build, tensors that
+    differ from the architecture the file names, names that fit two architectures): no layout hint."""
+
+
 class CheckpointWarning(UserWarning):
     """Something about a loaded checkpoint the user should know (resampling, guesses, random weights)."""
 
@@ -220,7 +225,8 @@ _STAGE_BLOCK = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)
 # (config fields and properties; the LayerScale init is compared as present or not).
 _ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size", "qkv_bias",
                 "pooling", "hybrid", "has_class_token", "num_reg_tokens", "distilled", "no_embed_class",
-                "pre_norm", "use_fc_norm", "patch_bias", "projection_dim", "representation_size")
+                "pre_norm", "use_fc_norm", "patch_bias", "projection_dim", "representation_size", "abs_pos_embed",
+                "rope", "mlp_type", "mlp_norm", "norm", "qv_bias", "proj_bias", "patch_norm", "final_norm")
 # Fields the weights cannot show, lent by the matching registry variant (or forced by model=).
 _VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act",
                      "layer_scale")
@@ -293,7 +299,7 @@ def _family_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
         if structure in built:  # the names do not depend on the sizes
             continue
         built.add(structure)
-        small = variant.replace(depth=1, hidden_size=variant.num_heads * 4, mlp_size=8,
+        small = variant.replace(depth=1, hidden_size=variant.num_heads * 8 * (variant.pool_heads or 1), mlp_size=8,
                                 image_size=variant.stride, num_classes=min(variant.num_classes, 2))
         with torch.device("meta"):
             model = VisionTransformer(small)
@@ -386,6 +392,9 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     if depth == 0:
         raise CheckpointError(f"{what}: no transformer blocks (blocks.N.*) found")
     mlp = int(_require(state_dict, "blocks.0.mlp.fc1.weight", what).shape[0])
+    fc2 = state_dict.get("blocks.0.mlp.fc2.weight")
+    swiglu = fc2 is not None and fc2.ndim == 2 and mlp == 2 * int(fc2.shape[1])  # fc1 packs gate and value
+    mlp = mlp // 2 if swiglu else mlp
     class_token = "cls_token" in state_dict
     distilled = "dist_token" in state_dict
     reg = state_dict.get("reg_token")
@@ -411,7 +420,7 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     fields: dict[str, Any] = dict(base or {})
     fields.update(
         image_size=grid[0] * stride, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-        mlp_size=mlp, num_classes=int(head.shape[0]) if head is not None else 0,
+        mlp_size=mlp, mlp_type="swiglu" if swiglu else "mlp", num_classes=int(head.shape[0]) if head is not None else 0,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, pooling=pooling,
         representation_size=int(pre_logits.shape[0]) if pre_logits is not None else None, hybrid=hybrid,
         # None where the pooling implies the value (as configs written by hand leave it)

@@ -22,15 +22,16 @@ from vitdeploy.checkpoints.dinov2 import is_dinov2_hub_keys
 from vitdeploy.checkpoints.huggingface import SUPPORTED_MODEL_TYPES, is_hf_config
 from vitdeploy.checkpoints.native import is_native_folder_config, is_native_metadata
 from vitdeploy.checkpoints.timm import is_timm_hub_config
+from vitdeploy.families.dinov3 import is_original_keys
 
-FORMATS = ("native", "timm", "huggingface", "jax", "dinov2")
+FORMATS = ("native", "timm", "huggingface", "jax", "dinov2", "dinov3")
 
 EXPECTED = (
     "expected a vitdeploy folder (config.json with \"format\": \"vitdeploy\") or .safetensors file, "
     "a timm state dict (.safetensors, .pth, .pt, .bin, .ckpt) or timm Hub folder, "
     "a Hugging Face folder (config.json with model_type "
     f"{', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} + model.safetensors or pytorch_model.bin), "
-    "an original DINOv2 state dict (.pth, .safetensors), or an original JAX ViT .npz"
+    "an original DINOv2 or DINOv3 state dict (.pth, .safetensors), or an original JAX ViT .npz"
 )
 
 
@@ -115,6 +116,8 @@ def detect_format(source: str | Path) -> str:
     elif suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"cannot tell the checkpoint format of {path} from its suffix {suffix!r}; {EXPECTED}")
     keys = weight_keys(path)
+    if keys is not None and is_original_keys(keys):
+        return "dinov3"
     return "dinov2" if keys is not None and is_dinov2_hub_keys(keys) else "timm"
 
 

@@ -50,16 +50,14 @@ def convert_dinov2_hub(source: StateDict, where: str, num_heads: int | None = No
     """Rename an original DINOv2 state dict to vitdeploy's names, with its config fields."""
     out: StateDict = {}
     notes: list[str] = []
-    swiglu = sorted(k for k in source if _SWIGLU.match(k))
-    if swiglu:
-        raise CheckpointError(f"{where}: DINOv2 with a SwiGLU feed-forward (ViT-g: {swiglu[0]}, ...) is not "
-                              "supported; expected blocks.N.mlp.fc1/fc2")
+    swiglu = any(_SWIGLU.match(k) for k in source)  # ViT-g: SwiGLUFFNFused w12 (gate; value) and w3
     for key, tensor in source.items():
         if key == "mask_token":
             notes.append("ignored mask_token (masked-image modelling only)")
             continue
         match = _CHUNKED.match(key)
-        out[f"blocks.{match[1]}.{match[2]}" if match else key] = tensor
+        key = f"blocks.{match[1]}.{match[2]}" if match else key
+        out[key.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")] = tensor
     if any(_CHUNKED.match(k) for k in source):
         notes.append("flattened the block_chunks names blocks.C.N.* to blocks.N.*")
     registers = "register_tokens" in out
@@ -88,7 +86,7 @@ def convert_dinov2_hub(source: StateDict, where: str, num_heads: int | None = No
         family="dinov2", name=f"dinov2_vit{size}{patch}{'_reg' if registers else ''}" if size else "dinov2",
         image_size=side * patch, patch_size=patch, in_channels=int(proj.shape[1]), hidden_size=hidden,
         depth=len({int(k.split(".")[1]) for k in out if k.startswith("blocks.")}), num_heads=num_heads,
-        mlp_size=int(fc1.shape[0]), num_classes=int(head.shape[0]) if head is not None else 0,
+        mlp_size=int(fc1.shape[0]) // (2 if swiglu else 1), mlp_type="swiglu" if swiglu else "mlp", num_classes=int(head.shape[0]) if head is not None else 0,
         qkv_bias="blocks.0.attn.qkv.bias" in out, layer_norm_eps=1e-6, act="gelu", class_token=True,
         num_reg_tokens=num_reg, no_embed_class=registers,
         layer_scale=1.0 if "blocks.0.ls1.gamma" in out else None, pooling="token", fc_norm=False,

@@ -33,6 +33,7 @@ import torch
 
 from vitdeploy.checkpoints.common import CheckpointError, StateDict
 from vitdeploy.checkpoints.conversion import Conversion, grid_side
+from vitdeploy.checkpoints.families import convert_dinov3_transformers
 from vitdeploy.checkpoints.hf_common import activation, labels, rename_layers, square, strip_model_prefix
 from vitdeploy.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
@@ -109,6 +110,8 @@ def _shape_fields(out: StateDict, num_prefix_positions: int, data: dict[str, Any
     side = grid_side(out["pos_embed"], num_prefix_positions, where)
     depth = len({int(k.split(".")[1]) for k in out if k.startswith("blocks.")})
     fc1 = out.get("blocks.0.mlp.fc1.weight")
+    fc2 = out.get("blocks.0.mlp.fc2.weight")
+    swiglu = fc1 is not None and fc2 is not None and int(fc1.shape[0]) == 2 * int(fc2.shape[1])  # gate; value
     if depth == 0 or fc1 is None:
         raise CheckpointError(f"{where}: no transformer layers found")
     config_patch = data.get("patch_size")
@@ -116,7 +119,8 @@ def _shape_fields(out: StateDict, num_prefix_positions: int, data: dict[str, Any
         raise CheckpointError(f"{where}: config.json patch_size {config_patch} but the weights have {patch}")
     return dict(
         image_size=side * patch, patch_size=patch, in_channels=int(proj.shape[1]), hidden_size=int(proj.shape[0]),
-        depth=depth, num_heads=int(data["num_attention_heads"]), mlp_size=int(fc1.shape[0]),
+        depth=depth, num_heads=int(data["num_attention_heads"]), mlp_size=int(fc1.shape[0]) // (2 if swiglu else 1),
+        mlp_type="swiglu" if swiglu else "mlp",
         qkv_bias="blocks.0.attn.qkv.bias" in out, layer_norm_eps=float(data["layer_norm_eps"]),
         act=activation(data["hidden_act"], where),
     )
@@ -175,10 +179,10 @@ def convert_deit(source: StateDict, data: dict[str, Any], where: str) -> Convers
 def convert_dinov2(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
     """``Dinov2Model`` / ``Dinov2ForImageClassification`` and their ``Dinov2WithRegisters`` twins."""
     data = {**_DEFAULTS["dinov2"], **data}
-    if data.get("use_swiglu_ffn"):
-        raise CheckpointError(f"{where}: DINOv2 with a SwiGLU feed-forward (ViT-g) is not supported; "
-                              "expected use_swiglu_ffn false")
     source = strip_model_prefix(source, ("dinov2_with_registers.", "dinov2."))
+    if data.get("use_swiglu_ffn"):  # ViT-g: Dinov2SwiGLUFFN weights_in (gate; value) and weights_out
+        source = {k.replace(".mlp.weights_in.", ".mlp.fc1.").replace(".mlp.weights_out.", ".mlp.fc2."): v
+                  for k, v in source.items()}
     out, rest, unexpected = rename_layers(source, LAYER_KEY, DINOV2_LAYER_MODULES, DINOV2_LAYER_PARAMS)
     m = _Mapper(rest, out)
     notes = _ignored_note(m.ignore(("embeddings.mask_token",)),
@@ -287,6 +291,23 @@ def convert_siglip(source: StateDict, data: dict[str, Any], where: str) -> Conve
     return Conversion(out, fields, sorted(unexpected + list(m.rest)), notes)
 
 
+def convert_siglip2(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
+    """``Siglip2VisionModel`` / ``Siglip2Model``'s tower, read for images of any size (fixed aspect, not
+    NaFlex's patch sequences): its linear patch embedding over ``(row, column, channel)``-ordered patch
+    pixels is the equivalent convolution, its position table is resampled as transformers resizes it."""
+    patch, channels = int(data.get("patch_size", 16)), int(data.get("num_channels", 3))
+    source = dict(source)
+    for key in [k for k in source if k.endswith("embeddings.patch_embedding.weight")]:
+        weight = source[key]
+        if weight.ndim == 2:
+            source[key] = weight.reshape(weight.shape[0], patch, patch, channels).permute(0, 3, 1, 2)
+    conversion = convert_siglip(source, data, where)
+    conversion.fields.update(pos_embed_resample="siglip2", name=_name(data, where, "hf_siglip2"))
+    conversion.notes.append("read transformers' SigLIP 2 for whole images (one aspect per batch); "
+                            "NaFlex's padded patch sequences are not an input here")
+    return conversion
+
+
 # --------------------------------------------------------------------------- dispatch
 
 Converter = Callable[[StateDict, dict[str, Any], str], Conversion]
@@ -299,6 +320,9 @@ MODEL_TYPES: dict[str, tuple[Converter, bool]] = {
     "clip": (convert_clip, True),
     "siglip_vision_model": (convert_siglip, False),
     "siglip": (convert_siglip, True),
+    "dinov3_vit": (convert_dinov3_transformers, False),
+    "siglip2_vision_model": (convert_siglip2, False),
+    "siglip2": (convert_siglip2, True),
 }
 # transformers architecture names → model_type, for a config.json that lacks model_type.
 ARCHITECTURES: dict[str, str] = {
@@ -308,6 +332,7 @@ ARCHITECTURES: dict[str, str] = {
     "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
     "CLIPVisionModel": "clip_vision_model", "CLIPVisionModelWithProjection": "clip_vision_model",
     "CLIPModel": "clip", "SiglipVisionModel": "siglip_vision_model", "SiglipModel": "siglip",
+    "DINOv3ViTModel": "dinov3_vit", "Siglip2VisionModel": "siglip2_vision_model", "Siglip2Model": "siglip2",
 }
 
 

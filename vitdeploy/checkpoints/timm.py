@@ -6,7 +6,10 @@ bare or under ``state_dict``/``model``/``state_dict_ema``/``model_ema``, with or
 and ``pretrained_cfg`` beside ``model.safetensors``). The architecture is inferred from the
 tensor names and shapes (:func:`vitdeploy.checkpoints.common.infer_config`), for every family timm
 holds under these names: ViT, DeiT (``dist_token``/``head_dist``), DeiT III, DINOv2 (``reg_token``),
-CLIP towers and SigLIP (``attn_pool``).
+CLIP towers and SigLIP (``attn_pool``). Checkpoints of timm's ``Eva`` and other families
+(:mod:`vitdeploy.families`: DINOv3, EVA-02, Perception Encoder, AIMv2) are read by
+:mod:`vitdeploy.checkpoints.families`: a Hub folder's ``architecture`` (or ``model=``) names the
+family, a bare state dict is read as one only where its tensor names fit it alone.
 
 timm stores a CLIP tower's visual projection as ``head`` (``num_classes`` = the projection width,
 its bias zero, as timm's OpenCLIP conversion writes it); vitdeploy's name for it is ``proj``
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from vitdeploy.checkpoints.common import (
+    ArchitectureRefused,
     Checkpoint,
     CheckpointError,
     StateDict,
@@ -34,9 +38,13 @@ from vitdeploy.checkpoints.common import (
     strip_prefixes,
     unwrap_state_dict,
 )
+from vitdeploy.checkpoints.families import architecture_family, bare_family, read_family
+from vitdeploy.variants import VARIANTS
 
 # Architecture name prefixes of the timm models vitdeploy reads.
 TIMM_PREFIXES = ("vit_", "deit_", "deit3_")
+# Parts of timm names of vit_* models built by other classes than its VisionTransformer.
+_FOREIGN_MARKERS = ("rope", "_pe_", "dinov3", "naflex", "eva", "aimv2")
 HF_MARKERS = ("embeddings.patch_embeddings.projection.weight", "vit.embeddings.patch_embeddings.projection.weight")
 
 
@@ -48,7 +56,7 @@ def _hub_fields(data: dict[str, Any], where: Path) -> tuple[dict[str, Any], int 
     """Config fields (preprocessing, labels), ``model_args.num_heads`` and the architecture name
     from a timm Hub ``config.json``."""
     architecture = data["architecture"].split(".")[0]
-    if not architecture.startswith(TIMM_PREFIXES):
+    if not architecture.startswith(TIMM_PREFIXES) and architecture_family(architecture, str(where)) is None:
         raise CheckpointError(f"{where}: timm architecture {data['architecture']!r} is not a ViT; expected "
                               f"{', '.join(p + '*' for p in TIMM_PREFIXES)}")
     fields: dict[str, Any] = {}
@@ -76,17 +84,23 @@ def clip_head_as_projection(state_dict: StateDict, notes: list[str]) -> StateDic
     return state_dict
 
 
-def read_timm(path: Path, num_heads: int | None = None) -> Checkpoint:
-    """Read a timm state dict file or timm Hub folder; ``num_heads`` overrides the inferred heads."""
+def read_timm(path: Path, num_heads: int | None = None, model: str | None = None) -> Checkpoint:
+    """Read a timm state dict file or timm Hub folder; ``num_heads`` overrides the inferred heads.
+
+    A family variant's architecture (the Hub folder's, or ``model``) is built exactly or refused
+    (:mod:`vitdeploy.checkpoints.families`); so is a bare state dict whose names fit two architectures.
+    """
     notes: list[str] = []
     base: dict[str, Any] = {}
     architecture = None
+    model_args: dict[str, Any] = {}
     if path.is_dir():
         config_path = path / "config.json"
         data = json.loads(config_path.read_text())
         if not is_timm_hub_config(data):
             raise CheckpointError(f"{config_path} has no \"architecture\"; not a timm Hub folder")
         base, hub_heads, architecture = _hub_fields(data, config_path)
+        model_args = dict(data.get("model_args") or {})
         num_heads = num_heads if num_heads is not None else hub_heads
         files = folder_weight_files(path)
         state_dict = read_weight_files(files)
@@ -103,6 +117,21 @@ def read_timm(path: Path, num_heads: int | None = None) -> Checkpoint:
             f"{path} looks like a Hugging Face transformers ViT state dict; pass the model folder "
             "(with its config.json) instead, or format='huggingface'"
         )
+    family = architecture_family(architecture, str(path))
+    if family is None and model is not None:
+        family = architecture_family(model, str(path))
+        architecture = model if family is not None else architecture
+    if family is None and architecture is None:
+        family = bare_family(state_dict, str(path))
+    if family is not None:
+        if architecture is not None and model is not None and architecture.split(".")[0] != model:
+            raise ArchitectureRefused(f"{path} names the architecture {architecture!r}; model={model!r} names another")
+        return read_family(family, "timm", state_dict, str(path), files, architecture, num_heads, base,
+                           model_args, notes)
+    if architecture is not None and architecture not in VARIANTS and any(
+            marker in architecture for marker in _FOREIGN_MARKERS):
+        raise ArchitectureRefused(f"{path}: architecture {architecture!r} is not one vitdeploy builds (its name says "
+                              "it differs from the ViT layouts); refusing to read it as the closest one")
     state_dict = clip_head_as_projection(state_dict, notes)
     labels = base.get("labels")
     head = state_dict.get("head.weight")

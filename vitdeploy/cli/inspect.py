@@ -200,6 +200,11 @@ def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
           f"MLP {cfg['mlp_size']}, patch {cfg['patch_size']}, pooling {cfg['pooling']}")
     if cfg["hybrid"]:
         print(f"  backbone     : ResNet-v2 stages {tuple(cfg['hybrid']['layers'])}")
+    from vitdeploy.config import ViTConfig
+
+    parts = ViTConfig.from_dict(cfg)
+    mlp = "SwiGLU" if parts.mlp_type == "swiglu" else parts.act
+    print(f"  positions    : {parts.position_scheme}; MLP {mlp}, norm {parts.norm}")
     print(f"  parameters   : {report['parameters']:,} ({report['parameters'] / 1e6:.1f}M){paper_text}")
     print(f"  classes      : {cfg['num_classes']}, native size {cfg['image_size']}")
     artifact = report.get("artifact")

@@ -1,0 +1,99 @@
+"""Checkpoints of the families in :mod:`vitdeploy.families`: which family a file is, and reading it.
+
+A file that names its architecture (a timm Hub ``config.json``'s ``architecture``, or ``model=``)
+is read as exactly that family's variant, or refused in one line naming it. A bare state dict is
+read as a family only where its tensor names fit that family alone; names that fit two
+architectures that compute differently (a Perception Encoder state dict has no RoPE tensor, so
+it also fits a ViT without RoPE) are refused with the candidates and ``model=NAME``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
+from vitdeploy.checkpoints.conversion import Conversion
+from vitdeploy.families import FAMILIES, family_of, unsupported_reason
+from vitdeploy.families.base import Family, infer_family_config
+from vitdeploy.families.dinov3 import FAMILY as DINOV3
+from vitdeploy.families.dinov3 import is_original_keys
+
+
+def bare_family(keys: Iterable[str], what: str) -> Family | None:
+    """The family a bare timm state dict's tensor names fit alone (None: none of them, so the ViT
+    readers decide); raises :class:`CheckpointError` when they fit a family and an architecture
+    that computes differently."""
+    names = frozenset(keys)
+    if "patch_embed.proj.weight" not in names:
+        return None
+    fitting = [family for family in FAMILIES if family.fits_bare is not None and family.fits_bare(names)]
+    if len(fitting) == 1 and fitting[0].lookalike is None:
+        return fitting[0]
+    if fitting:
+        candidates = [f"{family.label} ({', '.join(sorted(family.variants)[:2])}, ...)" for family in fitting]
+        candidates += [family.lookalike for family in fitting if family.lookalike]
+        raise ArchitectureRefused(
+            f"{what}: its tensor names fit {' and '.join(candidates)}, which compute differently (RoPE stores no "
+            "tensor); name the architecture with model=NAME (CLI: --model NAME)")
+    return None
+
+
+def architecture_family(architecture: str | None, what: str) -> Family | None:
+    """The family a recorded architecture name belongs to; a name vitdeploy cannot build is refused."""
+    reason = unsupported_reason(architecture)
+    if reason is not None:
+        raise ArchitectureRefused(f"{what}: architecture {architecture!r} is {reason}, which vitdeploy does not build; "
+                              "refusing to read it as another architecture")
+    return family_of(architecture)
+
+
+def read_family(family: Family, source_format: str, state_dict: StateDict, what: str, files: list,
+                architecture: str | None = None, num_heads: int | None = None,
+                base: Mapping[str, Any] | None = None, model_args: Mapping[str, Any] | None = None,
+                notes: list[str] | None = None) -> Checkpoint:
+    """``state_dict`` (in ``source_format``'s names) as a :class:`Checkpoint` of ``family``."""
+    from vitdeploy.checkpoints.timm import clip_head_as_projection
+
+    notes = list(notes or [])
+    key_map = family.key_maps.get(source_format)
+    if key_map is None:
+        raise CheckpointError(f"{what}: vitdeploy reads {family.label} from {', '.join(family.key_maps)} "
+                              f"files, not {source_format}")
+    mapped = clip_head_as_projection(key_map(state_dict), notes)
+    try:
+        config, inferred = infer_family_config(family, mapped, what, architecture, num_heads, base, model_args)
+    except ValueError as error:
+        raise ArchitectureRefused(str(error)) from None
+    return Checkpoint(config, mapped, source_format, files, notes=notes + inferred)
+
+
+def read_original_dinov3(state_dict: StateDict, what: str, files: list, num_heads: int | None = None,
+                         architecture: str | None = None) -> Checkpoint:
+    """An original facebookresearch/dinov3 hub state dict (its names: ``storage_tokens``, masked qkv bias)."""
+    if not is_original_keys(set(state_dict)):
+        raise CheckpointError(f"{what}: no storage_tokens tensor, so this is not an original DINOv3 state dict")
+    # the original's own output is the normed class token (x_norm_clstoken), as transformers' pooler_output
+    checkpoint = read_family(DINOV3, "dinov3", state_dict, what, files, architecture, num_heads,
+                             base={"pooling": "token"},
+                             notes=["read the original DINOv3 names (storage tokens, masked k bias); "
+                                    "its RoPE periods are recomputed in float32, as timm does"])
+    return checkpoint
+
+
+def convert_dinov3_transformers(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
+    """A transformers ``DINOv3ViTModel`` state dict and its ``config.json`` as a :class:`Conversion`."""
+    from vitdeploy.families.dinov3 import from_transformers, transformers_fields
+
+    try:
+        state_dict = from_transformers(source)
+        fields = transformers_fields(data)
+        heads = fields.pop("num_heads")
+        config, notes = infer_family_config(DINOV3, state_dict, where, num_heads=heads, base=fields)
+    except (KeyError, ValueError) as error:
+        raise ArchitectureRefused(f"{where}: not a DINOv3ViTModel state dict ({error})") from None
+    return Conversion(state_dict, config.to_dict(), [], notes)
+
+
+__all__ = ["FAMILIES", "architecture_family", "bare_family", "is_original_keys", "read_family",
+           "read_original_dinov3"]
