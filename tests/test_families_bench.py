@@ -1,4 +1,4 @@
-"""The family benchmark (``python studies/families.py``): its ratios and verdict, and one
+"""The family benchmark (``python studies/families_vs_timm.py``): its ratios and verdict, and one
 real run on a one-block DeiT III (a real timm model, vitdeploy's real exports, one round) for the JSON
 it writes. Timing figures from here mean nothing (tiny, one call); the shape and the logic do."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-import families
+import families_vs_timm as families
 import pytest
-from families import CONTENDERS, EAGER, FP32, INT8, summarize
+from families_vs_timm import CONTENDERS, EAGER, FP32, INT8, summarize
 from timm_without_torchvision import TIMM_MISSING, import_timm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -40,7 +40,7 @@ def test_bad_arguments_are_one_argparse_line(argv, message, capsys):
 def test_an_unknown_model_is_one_line_before_any_work(tmp_path, capsys):
     assert families.main(["--models", "vit_small_patch16_224,vit_nonexistent_patch16_224",
                           "--output", str(tmp_path / "f.json")]) == 2
-    assert capsys.readouterr().err.strip() == ("python studies/families.py: error: --models "
+    assert capsys.readouterr().err.strip() == ("python studies/families_vs_timm.py: error: --models "
                                                "vit_nonexistent_patch16_224: not timm model names (timm.list_models() "
                                                "has them)")
     assert not (tmp_path / "f.json").exists()

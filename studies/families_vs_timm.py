@@ -21,7 +21,7 @@ another, all in one process; each contender's figure is the median over rounds o
 p50, and the ratios are graph / eager timm. The JSON carries the command, the CPU and its flags,
 the versions (timm's too) and the other processes' load while timing.
 
-    python studies/families.py [--models NAME,...] [--rounds 7] [--output PATH]
+    python studies/families_vs_timm.py [--models NAME,...] [--rounds 7] [--output PATH]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ TRAINED_GAMMA = 0.1  # LayerScale: the size of trained gammas (timm inits them a
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python studies/families.py",
+        prog="python studies/families_vs_timm.py",
         description="For each family, time the eager timm model, vitdeploy's fp32 graph and its int8 graph "
         "(onnxruntime) side by side at batch 1 and the native size; report p50s, the ratios to eager timm "
         "and whether the fp32 graph is no slower.",
@@ -190,15 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vitdeploy.timm_import import import_timm
 
     args = parse_args(argv)
-    command = command_line("families", argv)
+    command = command_line("families_vs_timm", argv)
     timm = import_timm()
     if timm is None:
-        print("python studies/families.py: error: timm is not installed (pip install --no-deps timm)",
+        print("python studies/families_vs_timm.py: error: timm is not installed (pip install --no-deps timm)",
               file=sys.stderr)
         return 2
     unknown = [name for name in args.models if not timm.is_model(name)]
     if unknown:
-        print(f"python studies/families.py: error: --models {','.join(unknown)}: not timm model names "
+        print(f"python studies/families_vs_timm.py: error: --models {','.join(unknown)}: not timm model names "
               "(timm.list_models() has them)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 family = prepare_family(timm, name, args, Path(folder), _say)
             except ExportValidationError as error:  # nothing is open yet: the exports come first
-                print(f"python studies/families.py: error: {name}: a graph failed its export gate: "
+                print(f"python studies/families_vs_timm.py: error: {name}: a graph failed its export gate: "
                       f"{'; '.join(error.report.failures[:2])}", file=sys.stderr)
                 return 1
             try:
