@@ -70,7 +70,7 @@ QMAX = {"int8": 127.0, "fp8": 448.0}
 # saturating 16-bit sums (vpmaddubsw); with weights within +-63 two products cannot overflow.
 REDUCED_WEIGHT_QMAX = 63.0
 # SmoothQuant's migration strength per precision. fp8 keeps 0 (off): E4M3's exponent holds outlier
-# channels, and migrating them measured slightly worse (README, "INT8 and FP8").
+# channels, and migrating them measured slightly worse (docs/precision.md, "INT8 and FP8").
 DEFAULT_SMOOTH_ALPHA = {"int8": 0.5, "fp8": 0.0}
 # Ops a smoothed LayerNorm output may pass through on its way to a linear layer: they select
 # tokens or samples and leave the channel (last) axis alone.

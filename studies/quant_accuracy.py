@@ -1,6 +1,6 @@
 """How close each quantizer's graph stays to eager fp32, with and without injected outlier channels.
 
-The evidence behind vitdeploy's quantizer choices (README, "INT8 and FP8"): one fp32 export of
+The evidence behind vitdeploy's quantizer choices (docs/precision.md, "INT8 and FP8"): one fp32 export of
 the model (random weights, seed 0), then, on the same calibration images, vitdeploy's int8
 (SmoothQuant migration off, at a fixed alpha, and the default: alpha searched per LayerNorm and the
 measured float fallback; 7-bit weights), its fp8, and onnxruntime's ``quantize_static``

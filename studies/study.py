@@ -4,7 +4,7 @@ of the side-by-side ones.
 A study is a script run from the repository (``python studies/NAME.py ...``), not part of the
 installed package: it imports ``vitdeploy`` like any user code. Each writes one JSON document
 (:func:`write_results`) that starts with the command that made it and the machine it ran on, by
-default into ``benchmarks/results/`` beside the command outputs the README links. The side-by-side
+default into ``benchmarks/results/`` beside the command outputs the docs link. The side-by-side
 studies (``ort_overheads``, ``pos_embed_cost``, ``cpu_int8``, ``families``) time their contenders with
 :func:`vitdeploy.benchmarks.timing.time_rounds` (interleaved rounds whose order reverses every round)
 and take the same run arguments.

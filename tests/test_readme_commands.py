@@ -90,3 +90,29 @@ def test_the_test_command_installs_every_module_a_test_skips_without() -> None:
     unknown = skipped_on - set(PROVIDERS)
     assert not unknown, f"add the requirement that provides {unknown} to PROVIDERS"
     assert {PROVIDERS[name] for name in skipped_on} <= installed, {PROVIDERS[n] for n in skipped_on} - installed
+
+
+def test_the_tour_commands_parse_as_written(tmp_path, monkeypatch) -> None:
+    """Every `vitdeploy ...` line of the README's tour is a command and options the CLI accepts."""
+    import shlex
+
+    from vitdeploy.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    tour = readme.split("## A tour", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)\n```", tour, re.S)[0]
+    commands = [part.strip() for line in block.splitlines() for part in line.split("#", 1)[0].split("&&")]
+    commands = [command for command in commands if command.startswith("vitdeploy ")]
+    assert len(commands) >= 8
+    monkeypatch.chdir(tmp_path)  # output paths are checked while parsing: give them a writable folder
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])
+        assert args.command == shlex.split(command)[1], command
+
+
+def test_the_readme_is_short_and_its_links_resolve() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 250
+    for target in re.findall(r"\]\(((?!https?:)[^)#]+)(?:#[^)]*)?\)", readme):
+        assert (ROOT / target).exists(), target

@@ -272,10 +272,10 @@ class Tolerance:
 #     (vit_large); cosine >= 0.999998
 #   fp16 graph vs eager fp32: rel-max 8.8e-4, cosine >= 0.999999
 # The fp16 thresholds keep ~10x of margin for deeper models and for GPU kernels (TensorRT).
-#   int8 Q/DQ graph (vitdeploy's quantizer, 64 calibration images) vs eager fp32: see the README's
+#   int8 Q/DQ graph (vitdeploy's quantizer, 64 calibration images) vs eager fp32: see docs/precision.md's
 #     parity table for the worst values measured; cosine >= 0.99 on the bundled photos is the
-#     issue's gate. fp8 (E4M3, onnxruntime's CPU emulation) has 3 mantissa bits: its own, looser gate.
-#   Token outputs are gated per token (worst, 1st percentile, share below a floor): see the README's
+#     int8 gate. fp8 (E4M3, onnxruntime's CPU emulation) has 3 mantissa bits: its own, looser gate.
+#   Token outputs are gated per token (worst, 1st percentile, share below a floor): see docs/precision.md's
 #   "Gates" section for the values measured on trained weights that set them.
 TOLERANCES: dict[str, Tolerance] = {
     # fp32 artifact vs eager fp32: only summation order differs.
