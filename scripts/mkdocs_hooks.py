@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from mkdocs.structure.files import File, Files
 
+from vitdeploy.cli import build_parser
 from vitdeploy.cli.reference import api_page, command_names, command_page, commands_index
 
 
 def on_files(files: Files, config) -> Files:  # noqa: ANN001 (mkdocs' config type)
-    files.append(File.generated(config, "commands/index.md", content=commands_index()))
-    for name in command_names():
-        files.append(File.generated(config, f"commands/{name}.md", content=command_page(name)))
+    parser = build_parser()
+    files.append(File.generated(config, "commands/index.md", content=commands_index(parser)))
+    for name in command_names(parser):
+        files.append(File.generated(config, f"commands/{name}.md", content=command_page(parser, name)))
     files.append(File.generated(config, "api.md", content=api_page()))
     return files

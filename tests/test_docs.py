@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitdeploy.cli import COMMANDS
+from vitdeploy.cli import COMMANDS, build_parser
 from vitdeploy.cli.reference import api_page, command_page, commands_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _command_parsers() -> dict[str, argparse.ArgumentParser]:
-    from vitdeploy.cli import build_parser
-
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
@@ -30,7 +28,7 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("name", COMMANDS)
 def test_command_page_names_every_argument_of_its_parser(name):
     parser = _command_parsers()[name]
-    page = command_page(name)
+    page = command_page(build_parser(), name)
     assert page.startswith(f"# vitdeploy {name}\n")
     for action in parser._actions:
         if action.help is argparse.SUPPRESS:
@@ -46,7 +44,7 @@ def test_command_page_names_every_argument_of_its_parser(name):
 
 def test_command_page_refuses_an_unknown_command():
     with pytest.raises(ValueError, match="unknown command 'depoly'"):
-        command_page("depoly")
+        command_page(build_parser(), "depoly")
 
 
 def test_nav_lists_every_command_page_and_the_index_links_them():
@@ -64,7 +62,7 @@ def test_nav_lists_every_command_page_and_the_index_links_them():
     walk(config["nav"])
     for name in COMMANDS:
         assert f"commands/{name}.md" in pages
-        assert f"]({name}.md)" in commands_index()
+        assert f"]({name}.md)" in commands_index(build_parser())
     assert "api.md" in pages
 
 

@@ -24,30 +24,24 @@ def _columns(width: int) -> Iterator[None]:
             os.environ["COLUMNS"] = previous
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from vitdeploy.cli import build_parser
-
-    parser = build_parser()
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    raise RuntimeError("the vitdeploy parser has no subcommands")
+            return action
+    raise ValueError(f"the parser {parser.prog!r} has no subcommands")
 
 
-def command_names() -> list[str]:
-    """The subcommands in help order."""
-    from vitdeploy.cli import COMMANDS
-
-    return list(COMMANDS)
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return dict(_subcommands(parser).choices)
 
 
-def _summaries() -> dict[str, str]:
-    from vitdeploy.cli import build_parser
+def command_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The subcommands of ``parser`` (``vitdeploy.cli.build_parser()``) in help order."""
+    return list(_subparsers(parser))
 
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return {choice.dest: choice.help or "" for choice in action._choices_actions}
-    return {}
+
+def _summaries(parser: argparse.ArgumentParser) -> dict[str, str]:
+    return {choice.dest: choice.help or "" for choice in _subcommands(parser)._choices_actions}
 
 
 def _cell(text: str) -> str:
@@ -83,15 +77,17 @@ def _help(action: argparse.Action) -> str:
     return _cell(text)
 
 
-def command_page(name: str) -> str:
-    """The Markdown reference page of ``vitdeploy NAME``: usage, description, every argument and the epilog."""
-    parsers = _subparsers()
+def command_page(parser: argparse.ArgumentParser, name: str) -> str:
+    """The Markdown reference page of ``vitdeploy NAME`` from the top-level ``parser``: usage, description,
+    every argument and the epilog."""
+    summary = _summaries(parser).get(name, "")
+    parsers = _subparsers(parser)
     if name not in parsers:
         raise ValueError(f"unknown command {name!r}: expected one of {', '.join(parsers)}")
     parser = parsers[name]
     with _columns(100):  # argparse wraps the usage to the terminal: the page must not depend on it
         usage = re.sub(r"^usage:\s*", "", parser.format_usage().strip())
-    lines = [f"# vitdeploy {name}", "", _summaries().get(name, ""), "", "```text", usage, "```", ""]
+    lines = [f"# vitdeploy {name}", "", summary, "", "```text", usage, "```", ""]
     if parser.description:
         raw = issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter) and "\n" in parser.description
         lines += ["```text", parser.description.strip(), "```", ""] if raw else [parser.description, ""]
@@ -113,12 +109,12 @@ def command_page(name: str) -> str:
     return "\n".join(lines)
 
 
-def commands_index() -> str:
-    """The Markdown index of every command, one line each with its summary."""
-    summaries = _summaries()
+def commands_index(parser: argparse.ArgumentParser) -> str:
+    """The Markdown index of every command of ``parser``, one line each with its summary."""
+    summaries = _summaries(parser)
     lines = ["# Commands", "", "Every command has `--help`; these pages are generated from the same parsers.", "",
              "| command | what it does |", "| --- | --- |"]
-    lines += [f"| [`{name}`]({name}.md) | {_cell(summaries.get(name, ''))} |" for name in command_names()]
+    lines += [f"| [`{name}`]({name}.md) | {_cell(summaries.get(name, ''))} |" for name in command_names(parser)]
     return "\n".join(lines) + "\n"
 
 
