@@ -116,3 +116,13 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
     assert len(readme.splitlines()) <= 250
     for target in re.findall(r"\]\(((?!https?:)[^)#]+)(?:#[^)]*)?\)", readme):
         assert (ROOT / target).exists(), target
+
+
+def test_the_getting_started_page_gives_the_same_two_commands() -> None:
+    def commands(text: str) -> list[str]:
+        section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+        return re.findall(r"```bash\n(.*?)\n```", section, re.S)[:2]
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    page = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    assert commands(page) == commands(readme) and len(commands(readme)) == 2
