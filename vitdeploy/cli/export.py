@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
         fp32_ops=parse_op_list(args.fp32_ops), fp16_io=args.fp16_io, outputs=args.outputs,
-        full_last_block=args.full_last_block,
+        class_token_last_block=not args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256, source_format=resolved.format,
         validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant, **quantization,
