@@ -150,7 +150,7 @@ class ExportOptions:
     of the model). An export of
     per-image vectors only (logits, pooled or projected embedding) of a class-token model computes
     its last block for the class token alone (exact, and about one block's work less);
-    ``full_last_block`` turns that off (see :func:`class_token_last_block`).
+    ``class_token_last_block=False`` turns that off (see :func:`uses_class_token_last_block`).
     ``source_check`` (a :class:`~vitdeploy.exporters.source_check.SourcePlan`) also checks the
     validated graph against the checkpoint's source library (timm, transformers) and refuses it
     when they disagree; the metadata's validation record says what was checked or why not.
@@ -167,7 +167,7 @@ class ExportOptions:
     fp32_ops: tuple[str, ...] = DEFAULT_FP32_OPS
     fp16_io: bool = False
     outputs: tuple[str, ...] | None = None
-    full_last_block: bool = False
+    class_token_last_block: bool = True
     simplify: bool = False
     validate: bool = True
     keep_failed: bool = False
@@ -304,16 +304,16 @@ class _Stages:
 # Tracing
 
 
-def class_token_last_block(config: Any, options: ExportOptions) -> bool:
+def uses_class_token_last_block(config: Any, options: ExportOptions) -> bool:
     """Whether the export computes the last block for the class token only.
 
     It does unless the graph also outputs tokens (``last_hidden_state``, ``patch_tokens``), the
     head reads more than the prefix tokens (mean, attention or ``token_avg`` pooling), or
-    ``options.full_last_block`` asks for the whole block.
+    ``options.class_token_last_block`` is off (the whole block asked for).
     """
     outputs = options.output_names(config)
     return (config.num_pooled_prefix_tokens > 0 and not any(name in TOKEN_OUTPUTS for name in outputs)
-            and not options.full_last_block)
+            and options.class_token_last_block)
 
 
 def _export_module(model: Any, precision: str, fp16_io: bool, outputs: tuple[str, ...],
@@ -361,7 +361,7 @@ def trace_to_onnx(model: Any, options: ExportOptions) -> Any:
         prepared = prepare_model(model, precision, options.fp32_ops, fused_attention=False, device="cpu")
     output_names = list(options.output_names(config))
     module = _export_module(prepared, precision, options.fp16_io, tuple(output_names),
-                            class_token_last_block=class_token_last_block(config, options))
+                            class_token_last_block=uses_class_token_last_block(config, options))
     in_dtype = torch.float16 if options.fp16_io else torch.float32
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size, dtype=in_dtype)
     max_grid = max(1024, 4 * config.image_size // stride)
@@ -551,7 +551,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         precision=options.precision,
         fp32_ops=list(options.fp32_ops) if options.precision == "fp16" else [],
         opset=int(options.opset),
-        optimizations=[CLASS_TOKEN_LAST_BLOCK] if class_token_last_block(config, options) else [],
+        optimizations=[CLASS_TOKEN_LAST_BLOCK] if uses_class_token_last_block(config, options) else [],
         source=options.source,
         source_sha256=options.source_sha256,
         source_format=options.source_format,

@@ -549,8 +549,8 @@ def run_profiles(bench: Any, plan: ProfilePlan, peaks: Any, log: Callable[[str],
     with tempfile.TemporaryDirectory(prefix="vitdeploy-profile.") as folder:
         for precision in plan.precisions:
             path = bench.onnx(precision, sweep, log)
-            pruned = CLASS_TOKEN_LAST_BLOCK in read_onnx_metadata(path).optimizations
-            per_image = count_flops(bench.config, height, width, pruned)
+            class_token_last_block = CLASS_TOKEN_LAST_BLOCK in read_onnx_metadata(path).optimizations
+            per_image = count_flops(bench.config, height, width, class_token_last_block)
             for batch in plan.batches:
                 pixels = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
                 for backend in plan.backends:

@@ -7,7 +7,7 @@ every runtime is then timed in interleaved rounds (the order reverses every roun
 load from other processes hits all of them alike, and each row reports the median of the
 per-round p50 latencies. Two more rows split onnxruntime's gain in two: the same graph with
 its last block computed for every token (``--full-last-block``), and eager PyTorch computing
-the last block for the class token alone (``forward_logits``).
+the last block for the class token alone (``model(x, class_token_last_block=True)``).
 
     python studies/ort_overheads.py [--model vit_small_patch16_224] [--output PATH]
 """
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = {"batch": (args.batch, args.batch), "height": (size, size), "width": (size, size),
                   "validation_max_batch": args.batch, "preflight": False}
         export_onnx(model, path, ExportOptions(**shapes))
-        export_onnx(model, full_path, ExportOptions(full_last_block=True, **shapes))
+        export_onnx(model, full_path, ExportOptions(class_token_last_block=False, **shapes))
         runtime = OrtRuntime(path, intra_op_threads=args.threads, inter_op_threads=1)
         full_runtime = OrtRuntime(full_path, intra_op_threads=args.threads, inter_op_threads=1)
         options = ort.SessionOptions()
@@ -94,14 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def eager_class_token_last_block() -> Any:
         with torch.inference_mode():
-            return model.forward_logits(tensor)
+            return model(tensor, class_token_last_block=True)
 
     # The target row is OrtRuntime vs `model(x)`. The two "last block" rows split the gain into
     # its parts: the exported graph computes the last block for the class token alone (so does
-    # model.forward_logits), and onnxruntime's kernels do the rest.
+    # model(x, class_token_last_block=True)), and onnxruntime's kernels do the rest.
     runners = {
         "torch eager fp32": eager,
-        "torch eager fp32, class-token last block (forward_logits)": eager_class_token_last_block,
+        "torch eager fp32, class-token last block": eager_class_token_last_block,
         "onnxruntime, contrib-fused, full last block (OrtRuntime)": lambda: full_runtime(pixels),
         "onnxruntime, file as exported (InferenceSession.run)": lambda: file_session.run([output_name], feeds),
         "onnxruntime, contrib-fused (bare InferenceSession.run)": lambda: session.run([output_name], feeds),

@@ -94,8 +94,8 @@ def _trace_key(model: VisionTransformer, options) -> tuple:
                    str(getattr(m, "compute_dtype", None))) for m in model.modules())
     traced = "fp16" if options.precision == "fp16" else "fp32"  # int8/fp8 are quantized from the fp32 trace
     fp32_ops = tuple(options.fp32_ops) if traced == "fp16" else ()
-    fields = (traced, fp32_ops, options.fp16_io, options.output_names(model.config), options.full_last_block,
-              int(options.opset))
+    fields = (traced, fp32_ops, options.fp16_io, options.output_names(model.config),
+              options.class_token_last_block, int(options.opset))
     return digest.hexdigest(), str(next(model.parameters()).dtype), hash(state), fields
 
 

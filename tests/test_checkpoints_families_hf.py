@@ -35,8 +35,8 @@ from family_sources import (
 from timm_without_torchvision import TIMM_MISSING
 
 from vitdeploy.checkpoints import CheckpointError, read_checkpoint
+from vitdeploy.checkpoints.conversion import build_config
 from vitdeploy.checkpoints.huggingface import convert_hf_folder
-from vitdeploy.config import ViTConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -212,21 +212,16 @@ def test_unmapped_tensors_are_all_listed(saved, tmp_path) -> None:
 
 
 def test_read_checkpoint_builds_the_config_in_one_place(saved) -> None:
-    """Through ``read_checkpoint``: a Checkpoint once ViTConfig has the family fields, until then one
-    error naming the fields the checkpoint needs."""
+    """Through ``read_checkpoint`` the family fields become the config; a field ViTConfig does not
+    have is one error naming it and its value."""
     _, folder = saved(_case("dinov2_reg"))
-    known = set(ViTConfig.__dataclass_fields__)
-    needed = {"class_token", "num_reg_tokens", "no_embed_class", "layer_scale"}
-    if needed <= known:
-        checkpoint = read_checkpoint(folder)
-        assert checkpoint.format == "huggingface"
-        assert checkpoint.config.num_reg_tokens == 4 and checkpoint.config.no_embed_class is True
-        assert checkpoint.state_dict["reg_token"].shape == (1, 4, HIDDEN)
-    else:
-        with pytest.raises(CheckpointError, match="dinov2 checkpoint needs the ViTConfig fields") as error:
-            read_checkpoint(folder)
-        for name in needed - known:
-            assert name in str(error.value)
+    checkpoint = read_checkpoint(folder)
+    assert checkpoint.format == "huggingface"
+    assert checkpoint.config.num_reg_tokens == 4 and checkpoint.config.no_embed_class is True
+    assert checkpoint.state_dict["reg_token"].shape == (1, 4, HIDDEN)
+    fields = {**checkpoint.config.to_dict(), "family": "dinov2", "register_gate": 0.5}
+    with pytest.raises(CheckpointError, match="dinov2 checkpoint needs the ViTConfig fields register_gate=0.5"):
+        build_config(fields, "model.safetensors")
 
 
 def test_hf_folders_are_detected_by_model_type_or_architecture(saved, tmp_path) -> None:

@@ -111,8 +111,16 @@ def test_export_precision_int8(digits_files):
     (["quantize", "{int8}", "-o", "{root}/x.onnx"], "is an int8 graph; quantize the fp32 export"),
     (["quantize", "{fp32}", "-o", "{root}/x.txt"], "must end in .onnx"),
     (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--calibration", "{root}/missing"], "is not a folder"),
-    (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--keep-float", "Attention"], "not quantizable roles"),
+    (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--keep-float", "Attention"],
+     "argument --keep-float: unknown role(s) Attention; expected some of Conv"),
     (["export", "vit_tiny_patch16_224", "-o", "{root}/x.onnx", "--calibration", "{root}"], "applies to --precision int8"),
+    (["export", "vit_tiny_patch16_224", "-o", "{root}/x.onnx", "--fp32-ops", "Gelu"],
+     "argument --fp32-ops: unknown op(s) Gelu; expected some of LayerNormalization, Softmax"),
+    (["export", "vit_tiny_patch16_224", "-o", "{root}/x.onnx", "--fp16-io"], "--fp16-io applies to --precision fp16"),
+    (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--smooth-alpha", "2"],
+     "argument --smooth-alpha: must be a strength in [0, 1]"),
+    (["quantize", "{fp32}", "-o", "{root}/x.onnx", "--percentile", "40"],
+     "argument --percentile: must be a percentile in (50, 100]"),
     (["verify", "{fp32}", "--reference", "vit_tiny_patch16_224", "--max-accuracy-drop", "1"], "needs --labelled"),
 ])
 def test_one_line_errors(digits_files, capsys, argv, message):

@@ -278,7 +278,8 @@ def _class_token_mlp_outputs(path) -> list[str]:
 def test_logits_only_export_runs_the_last_block_for_the_class_token(model, tmp_path):
     sizes = {"batch": (1, 4), "height": (16, 64), "width": (16, 64), "validation_max_batch": 2}
     pruned = export_onnx(model, tmp_path / "pruned.onnx", ExportOptions(**sizes))
-    full = export_onnx(model, tmp_path / "full.onnx", ExportOptions(**sizes, full_last_block=True, validate=False))
+    full = export_onnx(model, tmp_path / "full.onnx",
+                       ExportOptions(**sizes, class_token_last_block=False, validate=False))
     assert pruned.report.passed
     assert pruned.metadata.optimizations == ["class_token_last_block"] and full.metadata.optimizations == []
     assert len(_class_token_mlp_outputs(pruned.path)) == 1 and _class_token_mlp_outputs(full.path) == []

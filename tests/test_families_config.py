@@ -105,7 +105,7 @@ def test_token_avg_pools_the_class_token_beside_the_mean_patch_token(tmp_path):
     parameter counts, the output shapes and the exporter; a saved state dict is read back as
     ``token_avg`` from its head's width; ``model=`` a DINOv2 variant keeps the classifier's pooling."""
     from vitdeploy.checkpoints.common import force_variant, infer_config
-    from vitdeploy.exporters.onnx_export import ExportOptions, class_token_last_block
+    from vitdeploy.exporters.onnx_export import ExportOptions, uses_class_token_last_block
     from vitdeploy.flops import count_params
     from vitdeploy.outputs import output_shape
 
@@ -122,8 +122,8 @@ def test_token_avg_pools_the_class_token_beside_the_mean_patch_token(tmp_path):
         tokens = out["last_hidden_state"]
         torch.testing.assert_close(out["pooler_output"], torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=1))
         torch.testing.assert_close(out["logits"], model.head(out["pooler_output"]))
-        torch.testing.assert_close(model.forward_logits(x), out["logits"])
-    assert not class_token_last_block(config, ExportOptions(outputs=("logits",)))
+        torch.testing.assert_close(model(x, class_token_last_block=True), out["logits"])
+    assert not uses_class_token_last_block(config, ExportOptions(outputs=("logits",)))
     assert ExportOptions().output_names(config) == ("logits",)
 
     state = dict(model.state_dict())

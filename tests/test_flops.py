@@ -36,7 +36,7 @@ def test_class_token_last_block_count_matches_torch_flop_counter(config, size) -
     model = make_model(config)
     model.set_precision_policy(fused_attention=False)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.forward_logits(torch.randn(1, 3, *size))
+        model(torch.randn(1, 3, *size), class_token_last_block=True)
     pruned = count_flops(config, *size, class_token_last_block=True)
     assert pruned == counter.get_total_flops() and pruned < count_flops(config, *size)
     with pytest.raises(ValueError, match="needs pooling 'token'"):

@@ -187,26 +187,28 @@ def test_attention_from_the_first_queries_equals_the_first_rows(fused: bool, qkv
 @pytest.mark.parametrize(("make_config", "size"), [
     (tiny_config, (32, 32)), (tiny_config, (48, 24)), (tiny_hybrid_config, (64, 96)),
 ])
-def test_forward_logits_equals_forward_with_a_class_token_last_block(make_config, size) -> None:
+def test_forward_with_a_class_token_last_block_equals_forward(make_config, size) -> None:
     model = make_model(make_config())
     x = torch.randn(3, 3, *size)
     with torch.no_grad():
         reference = model(x)
-        features = model.forward_features(x, class_token_only=True)
-        logits = model.forward_logits(x)
+        features = model.forward_features(x, class_token_last_block=True)
+        logits = model(x, class_token_last_block=True)
     assert features.shape == (3, 1, model.config.hidden_size)
     torch.testing.assert_close(features[:, 0], model.forward_features(x)[:, 0], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
 
 
-def test_forward_logits_under_the_fp16_policy_and_with_mean_pooling() -> None:
+def test_class_token_last_block_under_the_fp16_policy_and_with_mean_pooling() -> None:
     model = make_model(tiny_config())
     x = torch.randn(2, 3, 40, 32)
     with torch.no_grad():
         model.half().set_precision_policy({"LayerNormalization", "Softmax"}, fused_attention=False)
-        torch.testing.assert_close(model.forward_logits(x.half()), model(x.half()), rtol=0, atol=2e-3)
+        pruned = model(x.half(), class_token_last_block=True)
+        torch.testing.assert_close(pruned, model(x.half()), rtol=0, atol=2e-3)
     pooled = make_model(tiny_config(pooling="avg"))
     with torch.no_grad():
-        assert torch.equal(pooled.forward_logits(x), pooled(x))  # nothing to prune: every token is pooled
-    with pytest.raises(ValueError, match="class_token_only needs pooling 'token'.*'avg'"):
-        pooled.forward_features(x, class_token_only=True)
+        # nothing to prune: every token is pooled
+        assert torch.equal(pooled(x, class_token_last_block=True), pooled(x))
+    with pytest.raises(ValueError, match="class_token_last_block needs pooling 'token'.*'avg'"):
+        pooled.forward_features(x, class_token_last_block=True)

@@ -45,7 +45,8 @@ def _op_types(model: onnx.ModelProto) -> list[str]:
 
 
 def test_rewrite_fuses_every_block_and_removes_the_explicit_pattern(tmp_path, tiny):
-    result = _export(tiny, tmp_path / "full.onnx", full_last_block=True, validate=False, cpu_variant=False)
+    result = _export(tiny, tmp_path / "full.onnx", class_token_last_block=False, validate=False,
+                     cpu_variant=False)
     model = onnx.load(str(result.path))
     counts = fuse_for_cpu(model)
     depth = tiny.config.depth

@@ -18,7 +18,12 @@ import torch
 from conftest import make_model, tiny_config
 
 from vitdeploy import runtimes
-from vitdeploy.exporters.onnx_export import ExportOptions, build_metadata, class_token_last_block, export_onnx
+from vitdeploy.exporters.onnx_export import (
+    ExportOptions,
+    build_metadata,
+    export_onnx,
+    uses_class_token_last_block,
+)
 from vitdeploy.metadata import CLASS_TOKEN_LAST_BLOCK, ArtifactMetadata, read_onnx_metadata
 from vitdeploy.parity import InputFactory, compare_logits
 
@@ -93,9 +98,10 @@ def test_default_outputs_and_the_vector_only_optimisation(headless):
         ExportOptions(outputs="logits")
     # Vector outputs only: the last block runs for the class token alone, and the values are the same.
     vectors = ExportOptions(outputs=("logits", "pooler_output"))
-    assert class_token_last_block(classifier.config, vectors)
-    assert not class_token_last_block(classifier.config, ExportOptions(outputs=CLASSIFIER_OUTPUTS))
-    assert not class_token_last_block(classifier.config, ExportOptions(outputs=("logits",), full_last_block=True))
+    assert uses_class_token_last_block(classifier.config, vectors)
+    assert not uses_class_token_last_block(classifier.config, ExportOptions(outputs=CLASSIFIER_OUTPUTS))
+    whole_block = ExportOptions(outputs=("logits",), class_token_last_block=False)
+    assert not uses_class_token_last_block(classifier.config, whole_block)
     shape = build_metadata(headless, ExportOptions(), ExportOptions().shape_range(headless.config))
     assert shape.optimizations == [CLASS_TOKEN_LAST_BLOCK] and shape.output_names == ["pooler_output"]
     pixels = torch.randn(2, 3, 32, 24)

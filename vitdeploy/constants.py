@@ -24,8 +24,6 @@ CALIBRATORS: tuple[str, ...] = ("max", "percentile")
 # A LayerNorm's output channels are smoothed (SmoothQuant) only when the largest channel maximum is
 # at least this many times the median channel's.
 DEFAULT_SMOOTH_THRESHOLD = 8.0
-# ONNX element type of the quantized values (onnx.TensorProto enum names), per quantized precision.
-QUANTIZED_ONNX_TYPES: dict[str, str] = {"int8": "INT8", "fp8": "FLOAT8E4M3FN"}
 # Precisions the eager PyTorch model runs in (the reference and the torch runtime).
 TORCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 # Reduced float precisions in which the model follows the fp32-ops precision policy.
@@ -37,8 +35,6 @@ DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "Softmax")
 # Every op the precision policy knows how to keep in fp32.
 POLICY_OPS: frozenset[str] = frozenset(DEFAULT_FP32_OPS)
 
-# precision name -> numpy dtype name of the values it computes in.
-NUMPY_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # precision name -> torch dtype attribute (``getattr(torch, name)``), so this module needs no torch.
 TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # onnxruntime type strings -> numpy dtype names.

@@ -47,7 +47,7 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
     """Multiply-accumulates of one image's forward pass at ``height`` x ``width``.
 
     ``class_token_last_block`` counts the last block as exported token-pooling models compute it
-    (``VisionTransformer.forward_logits``): k and v for every token, the rest for the pooled
+    (``model(x, class_token_last_block=True)``): k and v for every token, the rest for the pooled
     prefix tokens (the class token, and the distillation token of DeiT). Counted: every output
     the model has (both DeiT heads, CLIP's projection, SigLIP's attention pool).
     """
@@ -79,11 +79,11 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
             + queries * dim * (fc1_width + config.mlp_size)  # fc1 + fc2
         )
 
-    pruned_queries = config.num_pooled_prefix_tokens
-    if class_token_last_block and not pruned_queries:
+    num_queries = config.num_pooled_prefix_tokens
+    if class_token_last_block and not num_queries:
         raise ValueError(f"class_token_last_block needs pooling 'token', not {config.pooling!r}")
-    pruned = 1 if class_token_last_block else 0
-    macs += (config.depth - pruned) * block(tokens) + pruned * block(pruned_queries)
+    class_token_blocks = 1 if class_token_last_block else 0
+    macs += (config.depth - class_token_blocks) * block(tokens) + class_token_blocks * block(num_queries)
     if config.pooling == "map":  # one latent query over every token, then proj and the (GELU) MLP
         macs += dim * dim + tokens * dim * 2 * dim + 2 * tokens * dim + dim * dim + 2 * dim * config.mlp_size
     head_in = config.pooled_size

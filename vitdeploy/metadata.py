@@ -82,7 +82,7 @@ class DeployableRange:
 
 
 # ArtifactMetadata.optimizations entry: the last block is computed for the class token only
-# (VisionTransformer.forward_logits).
+# (VisionTransformer.forward_features(x, class_token_last_block=True)).
 CLASS_TOKEN_LAST_BLOCK = "class_token_last_block"
 # ArtifactMetadata.target: a graph any ONNX runtime (TensorRT's parser included) runs, or one
 # rewritten for onnxruntime's CPU provider (contrib ops).

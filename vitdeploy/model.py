@@ -295,13 +295,13 @@ class Block(nn.Module):
         self.ls2 = LayerScale(config.hidden_size, config.layer_scale) if config.layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, num_outputs: int | None = None, rope: Rope | None = None) -> torch.Tensor:
-        """All tokens out, or only the first ``num_outputs`` (each still attends to every token)."""
-        if num_outputs is None:
+    def forward(self, x: torch.Tensor, num_queries: int | None = None, rope: Rope | None = None) -> torch.Tensor:
+        """All tokens out, or only the first ``num_queries`` (each still attends to every token)."""
+        if num_queries is None:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope)))
         else:
-            attended = self.attn(self.norm1(x), num_queries=num_outputs, rope=rope)
-            x = x[:, :num_outputs] + self.drop_path1(self.ls1(attended))
+            attended = self.attn(self.norm1(x), num_queries=num_queries, rope=rope)
+            x = x[:, :num_queries] + self.drop_path1(self.ls1(attended))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -456,23 +456,25 @@ class VisionTransformer(nn.Module):
             x = x + pos_embed if pos_embed is not None else x
         return self.norm_pre(self.pos_drop(x)), rope
 
-    def forward_features(self, pixel_values: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+    def forward_features(self, pixel_values: torch.Tensor,
+                         class_token_last_block: bool = False) -> torch.Tensor:
         """Encoder output after the final norm: ``[N, prefix + (H/p)(W/p), hidden]`` (before any
         ``fc_norm``: with one, the tokens are the last block's output, as in timm).
 
-        ``class_token_only`` (token pooling only) returns only the tokens the head reads, ``[N, 1,
-        hidden]`` (``[N, 2, hidden]`` with the distillation token), and computes the last block for
-        them alone: nothing after the last attention mixes tokens, so the pooled outputs are the
-        same while that block's MLP, projection and query work shrink to those tokens. Exported
-        classifiers and embedders use it (see ``forward_logits``).
+        ``class_token_last_block`` (token pooling only) returns only the tokens the head reads,
+        ``[N, 1, hidden]`` (``[N, 2, hidden]`` with the distillation token), and computes the last
+        block for them alone: nothing after the last attention mixes tokens, so the pooled outputs
+        are the same while that block's MLP, projection and query work shrink to those tokens.
+        Exported classifiers and embedders use it (see :meth:`forward`).
         """
         keep = self.config.num_pooled_prefix_tokens
-        if class_token_only and not keep:
-            raise ValueError(f"class_token_only needs pooling 'token', the model pools by {self.config.pooling!r}")
+        if class_token_last_block and not keep:
+            raise ValueError(f"class_token_last_block needs pooling 'token', the model pools by "
+                             f"{self.config.pooling!r}")
         x, rope = self._embed(pixel_values)
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
-            x = block(x, num_outputs=keep if class_token_only and index == last else None, rope=rope)
+            x = block(x, num_queries=keep if class_token_last_block and index == last else None, rope=rope)
         return self.norm(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
@@ -526,7 +528,7 @@ class VisionTransformer(nn.Module):
         names = check_outputs(names, self.config)
         vectors_only = all(name in VECTOR_OUTPUTS for name in names)
         prune = vectors_only and self.config.num_pooled_prefix_tokens > 0
-        features = self.forward_features(pixel_values, class_token_only=prune)
+        features = self.forward_features(pixel_values, class_token_last_block=prune)
         outputs: dict[str, torch.Tensor] = {}
         if any(name in VECTOR_OUTPUTS for name in names):
             outputs.update(self._vector_outputs(features, names))
@@ -536,18 +538,16 @@ class VisionTransformer(nn.Module):
             outputs[PATCH_TOKENS] = features[:, self.config.num_prefix_tokens:]
         return {name: outputs[name] for name in names}
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, class_token_last_block: bool = False) -> torch.Tensor:
+        """The model's default output (:meth:`forward_head`).
 
-    def forward_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The same output as :meth:`forward`, computing only what it depends on.
-
-        With token pooling the last block runs for the pooled prefix tokens alone (see
-        ``forward_features``); with every other pooling (mean, attention, ``token_avg``) this is
-        :meth:`forward`.
+        ``class_token_last_block`` gives the same output computing only what it depends on: with
+        token pooling the last block runs for the pooled prefix tokens alone (see
+        :meth:`forward_features`); every other pooling (mean, attention, ``token_avg``) reads every
+        token, so there it changes nothing.
         """
-        class_token_only = self.config.num_pooled_prefix_tokens > 0
-        return self.forward_head(self.forward_features(pixel_values, class_token_only=class_token_only))
+        prune = class_token_last_block and self.config.num_pooled_prefix_tokens > 0
+        return self.forward_head(self.forward_features(pixel_values, class_token_last_block=prune))
 
     def reset_head(self, num_classes: int) -> None:
         """Replace the head (both heads of a distilled model) with zero-initialised ones for

@@ -18,16 +18,6 @@ import torch
 from vitdeploy.checkpoints.common import CheckpointError, StateDict
 from vitdeploy.config import ViTConfig
 
-# The value each family field has for a plain ViT (what a config without the field means); a
-# converter's field with exactly this value needs nothing from the model.
-PLAIN_VIT_FIELDS: dict[str, Any] = {
-    "class_token": None, "num_reg_tokens": 0, "distilled": False, "no_embed_class": False,
-    "layer_scale": None, "pre_norm": False, "fc_norm": None, "act": "gelu", "patch_bias": True,
-}
-# Fields that only name things; a ViTConfig without them loses nothing by dropping them.
-INFORMATIONAL_FIELDS = ("family",)
-
-
 
 @dataclass
 class Conversion:
@@ -43,8 +33,7 @@ class Conversion:
 def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
     """``ViTConfig(**fields)``, or a :class:`CheckpointError` naming the bad or unknown fields."""
     known = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(k for k in fields if k not in known and k not in INFORMATIONAL_FIELDS)
-    needed = [k for k in unknown if PLAIN_VIT_FIELDS.get(k, object()) != fields[k]]
+    needed = sorted(k for k in fields if k not in known)
     if needed:
         family = fields.get("family", "this")
         raise CheckpointError(
@@ -52,7 +41,7 @@ def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
             f"{', '.join(f'{k}={fields[k]!r}' for k in needed)}, which this vitdeploy's model does not have"
         )
     try:
-        return ViTConfig(**{k: v for k, v in fields.items() if k in known})
+        return ViTConfig(**fields)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable configuration: {error}") from None
 

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = BuildOptions(
         precision=args.precision,
-        workspace=parse_size(args.workspace) if args.workspace else None,
+        workspace=parse_size(args.workspace, "--workspace") if args.workspace else None,
         optimization_level=args.opt_level,
         timing_cache=args.timing_cache,
         hardware_compatibility=args.hardware_compat,

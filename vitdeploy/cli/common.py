@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,7 +15,7 @@ from vitdeploy.files import atomic_write_json
 __all__ = ["CLIError", "progress", "write_json", "parse_range", "parse_int_list", "parse_sizes", "command_line",
            "ArgumentParser", "CommandParser", "range_arg", "range3_arg", "int_list_arg", "sizes_arg", "positive_float", "positive_int", "output_file", "output_folder", "onnx_output", "cosine", "opset",
            "non_negative_int", "add_pos_embed_resample", "add_model_override", "model_variant",
-           "refuse_model_override", "add_quantize_arguments", "parse_op_list", "quantize_options"]
+           "refuse_model_override", "add_quantize_arguments", "parse_op_list", "op_list", "quantize_options"]
 
 
 class CLIError(Exception):
@@ -313,17 +313,18 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                        help="folder of calibration images (default: the bundled photos plus synthetic crops)")
     group.add_argument("--calibration-size", type=positive_int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
                        help=f"number of calibration images (default {DEFAULT_CALIBRATION_SIZE})")
-    group.add_argument("--keep-float", default=",".join(DEFAULT_KEEP_FLOAT), metavar="OPS",
+    group.add_argument("--keep-float", type=op_list(QUANTIZABLE, "role"),
+                       default=",".join(DEFAULT_KEEP_FLOAT), metavar="OPS",
                        help=f"roles kept in float, comma-separated or 'none', from {', '.join(QUANTIZABLE)} "
                        f"(default {','.join(DEFAULT_KEEP_FLOAT)})")
     group.add_argument("--calibrator", choices=CALIBRATORS, default="max",
                        help="activation range: the largest magnitude seen (max, default) or a percentile of them")
-    group.add_argument("--percentile", type=float, default=99.99, metavar="P",
+    group.add_argument("--percentile", type=percentile, default=99.99, metavar="P",
                        help="percentile for --calibrator percentile (default 99.99)")
-    group.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+    group.add_argument("--smooth-alpha", type=smooth_alpha, default=None, metavar="A",
                        help="SmoothQuant migration strength for LayerNorm-output outlier channels, 0 = off "
                        "(default 0.5 for int8, 0 for fp8)")
-    group.add_argument("--smooth-threshold", type=float, default=DEFAULT_SMOOTH_THRESHOLD, metavar="R",
+    group.add_argument("--smooth-threshold", type=smooth_threshold, default=DEFAULT_SMOOTH_THRESHOLD, metavar="R",
                        help="smooth a LayerNorm only if its largest channel maximum is R times the median channel's "
                        f"(default {DEFAULT_SMOOTH_THRESHOLD:g})")
     group.add_argument("--reduce-range", action="store_true",
@@ -339,10 +340,37 @@ def parse_op_list(text: str) -> tuple[str, ...]:
     return tuple(op.strip() for op in text.split(",") if op.strip())
 
 
+def op_list(allowed: Sequence[str], noun: str) -> Callable[[str], tuple[str, ...]]:
+    """argparse type: :func:`parse_op_list` of names each in ``allowed`` (``noun`` says what one is)."""
+    def parse(text: str) -> tuple[str, ...]:
+        ops = parse_op_list(text)
+        unknown = [op for op in ops if op not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {noun}(s) {', '.join(unknown)}; expected some of "
+                                             f"{', '.join(allowed)}, or 'none'")
+        return ops
+    return parse
+
+
+def percentile(text: str) -> float:
+    """argparse type: a calibration percentile in (50, 100]."""
+    return _number(text, float, "a number", lambda v: 50 < v <= 100, "a percentile in (50, 100]")
+
+
+def smooth_alpha(text: str) -> float:
+    """argparse type: a SmoothQuant strength in [0, 1]."""
+    return _number(text, float, "a number", lambda v: 0 <= v <= 1, "a strength in [0, 1] (0 = off)")
+
+
+def smooth_threshold(text: str) -> float:
+    """argparse type: a ratio of channel maxima, at least 1."""
+    return _number(text, float, "a number", lambda v: v >= 1, "a ratio >= 1")
+
+
 def quantize_options(args: argparse.Namespace, precision: str):  # noqa: ANN201 - QuantizeOptions
     """:class:`~vitdeploy.exporters.quantize.QuantizeOptions` from the parsed arguments."""
     from vitdeploy.exporters.quantize import QuantizeOptions
 
-    return QuantizeOptions(precision=precision, keep_float=parse_op_list(args.keep_float),
+    return QuantizeOptions(precision=precision, keep_float=args.keep_float,
                            calibrator=args.calibrator, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
                            smooth_threshold=args.smooth_threshold, reduce_range=args.reduce_range)

@@ -12,10 +12,10 @@ from vitdeploy.cli.common import (
     add_quantize_arguments,
     add_source_check,
     onnx_output,
+    op_list,
     opset,
     output_file,
     output_names,
-    parse_op_list,
     parse_range,
     positive_int,
     progress,
@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8"], default="fp32",
                         help="graph precision; fp16 graphs are what TensorRT builds strongly typed fp16 engines from, "
                         "int8/fp8 are calibrated Q/DQ graphs (see the quantization options and `vitdeploy quantize`)")
-    parser.add_argument("--fp32-ops", default=",".join(DEFAULT_FP32_OPS), metavar="OPS",
+    parser.add_argument("--fp32-ops", type=op_list(DEFAULT_FP32_OPS, "op"),
+                        default=",".join(DEFAULT_FP32_OPS), metavar="OPS",
                         help=f"ops kept in fp32 in an fp16 graph, comma-separated, or 'none' (default "
                         f"{','.join(DEFAULT_FP32_OPS)})")
     parser.add_argument("--fp16-io", action="store_true", help="fp16 input and outputs (default fp32 IO, cast inside)")
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--calibration applies to --precision int8 or fp8, not {args.precision}")
     if args.calibration is not None and not Path(args.calibration).is_dir():
         raise CLIError(f"--calibration {args.calibration!r} is not a folder")
+    if args.fp16_io and args.precision != "fp16":
+        raise CLIError(f"--fp16-io applies to --precision fp16, not {args.precision}")
     quantization = {"quantize": quantize_options(args, args.precision), "calibration": args.calibration,
                     "calibration_size": args.calibration_size} if quantized else {}
     progress(f"loading {args.source}")
@@ -123,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve_source(args.source, log=progress, model=args.model_variant, **overrides)
     options = ExportOptions(
         batch=batch, height=height, width=width, opset=args.opset, precision=args.precision,
-        fp32_ops=parse_op_list(args.fp32_ops), fp16_io=args.fp16_io, outputs=args.outputs,
-        full_last_block=args.full_last_block,
+        fp32_ops=args.fp32_ops, fp16_io=args.fp16_io, outputs=args.outputs,
+        class_token_last_block=not args.full_last_block,
         simplify=args.simplify, validate=not args.no_validate, keep_failed=args.keep_failed,
         source=str(resolved.source), source_sha256=resolved.sha256, source_format=resolved.format,
         validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant, **quantization,

@@ -55,11 +55,6 @@ def unsupported_reason(architecture: str | None) -> str | None:
     return None
 
 
-def family_named(name: str) -> Family | None:
-    """The family whose config ``family`` value is ``name``."""
-    return next((f for f in FAMILIES if f.name == name), None)
-
-
 def all_variants() -> dict:
     """Every family's variants by name (for :mod:`vitdeploy.variants`)."""
     merged: dict = {}
