@@ -22,6 +22,7 @@ Random weights: no trained checkpoint of these families can be downloaded here. 
 named in the JSON's environment.
 
     python studies/families_precision_2025.py [--families dinov3,eva02,...] [--calibration-size 64]
+    python studies/families_precision_2025.py --merge A.json B.json   # runs of some families each, as one report
 """
 
 from __future__ import annotations
@@ -301,6 +302,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--families", default=",".join(CASES), metavar="ID,...",
                         help=f"which families (default all: {', '.join(CASES)})")
     parser.add_argument("--calibration-size", type=int, default=64, help="int8 calibration images (default 64)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
+                        help="measure nothing: write these reports of this study (runs of some families each, e.g. "
+                        "run side by side) as one report to --output, each run's command and machine kept")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON report (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     args.families = [name.strip() for name in args.families.split(",") if name.strip()]
@@ -326,10 +330,27 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary_rows(results), "families": results}
 
 
+def merge(paths: Sequence[Path]) -> dict[str, Any]:
+    """Reports of this study (each some families) as one report body; each run's command and environment in ``runs``."""
+    documents = [json.loads(Path(path).read_text()) for path in paths]
+    families = {case_id: record for document in documents for case_id, record in document["families"].items()}
+    body = {key: value for key, value in documents[0].items() if key not in ("command", "environment")}
+    body.update(families=families, summary=summary_rows(families), families_requested=list(families),
+                calibration_size=sorted({document["calibration_size"] for document in documents}),
+                runs=[{"families": list(document["families"]), "command": document["command"],
+                       "environment": document["environment"]} for document in documents])
+    return body
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     args = parse_args(argv)
+    if args.merge:
+        body = merge(args.merge)
+        print(format_table(body["summary"]))
+        write_results(args.output, command_line("families_precision_2025", argv), body)
+        return 0
     warnings.filterwarnings("ignore")
     results: dict[str, Any] = {}
     command = command_line("families_precision_2025", argv)

@@ -6,6 +6,7 @@ warning) and 10.14 (none)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import families_precision_2025 as study
@@ -64,3 +65,19 @@ def test_an_unknown_family_is_one_argparse_line(capsys):
     with pytest.raises(SystemExit) as exit:
         study.parse_args(["--families", "dinov3,vit_7b"])
     assert exit.value.code == 2 and "vit_7b" in capsys.readouterr().err
+
+
+def test_reports_of_runs_side_by_side_merge_into_one(record, tmp_path):
+    from study import write_results
+
+    args = study.parse_args(["--families", "dinov3"])
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    write_results(first, "python studies/families_precision_2025.py --families dinov3", study.report(
+        {"dinov3": record}, args))
+    write_results(second, "python studies/families_precision_2025.py --families eva02", study.report(
+        {"eva02": record}, args))
+    assert study.main(["--merge", str(first), str(second), "--output", str(tmp_path / "all.json")]) == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert list(merged["families"]) == ["dinov3", "eva02"] and "--merge" in merged["command"]
+    assert [run["command"].split()[-1] for run in merged["runs"]] == ["dinov3", "eva02"]
+    assert {row["family"] for row in merged["summary"]} == {"dinov3", "eva02"}
