@@ -240,6 +240,11 @@ def measure_family(case: FamilyCase, folder: Path, *, calibration_size: int = 64
             say(f"{case.id}: {graph} graph refused by its gate")
             record["graphs"][graph] = entry
             continue
+        except ValueError as error:  # a failure of the tool itself, not a gate: recorded as such, the run goes on
+            entry.update(refused=True, crashed=True, refusal=f"crashed: {type(error).__name__}: {error}")
+            say(f"{case.id}: {graph} graph crashed: {error}")
+            record["graphs"][graph] = entry
+            continue
         entry["refused"] = False
         entry["validation_passed"] = bool(result.report.passed) if result.report is not None else None
         per_output: dict[str, dict[str, Any]] = {name: {} for name in outputs}
@@ -268,7 +273,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             findings = {v: f"{len(c['errors'])} errors, {len(c['warnings'])} warnings" for v, c in checks.items()}
             if entry["refused"]:
                 rows.append({"family": case_id, "size": "all", "graph": graph, "token": None, "row": None,
-                             "passed": False, "note": "refused by its gate: " + entry["refusal"].splitlines()[0][:160], **findings})
+                             "passed": False, "note": (entry["refusal"] if entry.get("crashed") else "refused by its gate: "
+                                                 + entry["refusal"]).splitlines()[0][:160], **findings})
                 continue
             for size in record["sizes"]:
                 key = "x".join(map(str, size))
