@@ -421,6 +421,7 @@ class TensorStats:
     top: np.ndarray | None = None  # the largest magnitudes seen (percentile calibrator)
     count: int = 0
     samples: list[np.ndarray] = field(default_factory=list)  # per image, some rows [k, channels] (error measures)
+    whole: list[np.ndarray] = field(default_factory=list)  # per image, the whole tensor (graph outputs)
 
     def sample(self, value: np.ndarray, rows: int, rng: np.random.Generator) -> None:
         """Keep up to ``rows`` random rows (tokens) of each image of ``value`` ``[images, ..., channels]`` and
@@ -489,7 +490,8 @@ def collect_stats(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
     ``channels`` also get per-channel (last axis) maxima; with ``percentile`` (and ``samples``, the
     number of calibration images) enough of the largest magnitudes are kept to read it exactly;
     ``rows`` keep ``rows_per_image`` random rows of each image (:meth:`TensorStats.sample`);
-    ``outputs`` also keeps every graph output whole (as samples, one per image).
+    ``outputs`` also keeps every graph output whole (:attr:`TensorStats.whole`, one per image), apart from
+    its sampled rows: an output that also feeds a linear layer (an attention pool's input) is both.
     """
     graph_outputs = [value.name for value in model.graph.output] if outputs else []
     wanted = list(dict.fromkeys([*tensors, *channels, *rows, *graph_outputs]))
@@ -521,7 +523,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
                 if name in sampled:
                     stats[name].sample(values[name], rows_per_image, rng)
                 if name in whole:
-                    stats[name].samples.extend(np.array(v, dtype=np.float32) for v in values[name])
+                    stats[name].whole.extend(np.array(v, dtype=np.float32) for v in values[name])
     return stats
 
 
@@ -1075,11 +1077,11 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     say(f"measuring each linear layer's int8 error on {len(images)} probe images (calibration + synthetic)")
     probe = collect_stats(smoothed, [], _in_batches(images, options.batch_size), rows=linear_inputs, outputs=True,
                           threads=options.threads)
-    reference = {value.name: np.stack(probe[value.name].samples) for value in smoothed.graph.output}
+    reference = {value.name: np.stack(probe[value.name].whole) for value in smoothed.graph.output}
     sets = [(images, reference)]
     for resized in probe_shapes(smoothed):
         outputs = collect_stats(smoothed, [], [resized], outputs=True, threads=options.threads)
-        sets.append((resized, {value.name: np.stack(outputs[value.name].samples) for value in smoothed.graph.output}))
+        sets.append((resized, {value.name: np.stack(outputs[value.name].whole) for value in smoothed.graph.output}))
         del outputs
     ranges: dict[str, dict[str, float]] = {}
     if options.range_grid:
