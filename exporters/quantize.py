@@ -692,14 +692,41 @@ def choose_ranges(model: onnx.ModelProto, plan: Plan, amax: dict[str, float], st
     return chosen, measured
 
 
+def patch_rows(node: onnx.NodeProto, weight: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A patch-embedding Conv (kernel = stride, no padding, dilation or groups) as the MatMul it is: the
+    ``[images, patches, C*k*k]`` rows of ``images`` (NCHW) and its ``[C*k*k, out]`` weight; None for other Convs."""
+    if node.op_type != "Conv" or weight.ndim != 4 or images.ndim != 4 or images.shape[1] != weight.shape[1]:
+        return None
+    kernel = tuple(weight.shape[2:])
+    if tuple(attr(node, "strides", kernel)) != kernel or any(attr(node, "pads", [0] * 4)) \
+            or int(attr(node, "group", 1)) != 1 or any(d != 1 for d in attr(node, "dilations", [1, 1])):
+        return None
+    n, c, h, w = images.shape
+    kh, kw = kernel
+    h, w = h - h % kh, w - w % kw
+    patches = images[:, :, :h, :w].reshape(n, c, h // kh, kh, w // kw, kw).transpose(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, -1, c * kh * kw), weight.reshape(weight.shape[0], -1).T
+
+
 def layer_errors(model: onnx.ModelProto, plan: Plan, amax: dict[str, float], stats: dict[str, TensorStats],
-                 weight_qmax: float, qmax: float = QMAX["int8"]) -> dict[str, float]:
+                 weight_qmax: float, qmax: float = QMAX["int8"], images: np.ndarray | None = None) -> dict[str, float]:
     """Each quantized MatMul/Gemm's own int8 error: the worst image's ``||Q(x) Q(W) - x W||^2 / ||x W||^2``
-    on its sampled fp32 input rows ``x`` (``stats``) with the calibrated activation range ``amax``."""
+    on its sampled fp32 input rows ``x`` (``stats``) with the calibrated activation range ``amax``; with the
+    graph-input ``images``, the patch-embedding Conv's too (:func:`patch_rows`): it quantizes the pixels, and
+    every token carries its error, so the float fallback must be able to choose it."""
     index = GraphIndex(model.graph)
     errors = {}
     for use in plan.weights:
         node = use.node
+        if node.op_type == "Conv" and images is not None and node.input[0] == model.graph.input[0].name:
+            conv = patch_rows(node, index.const(node.input[use.index]), images)
+            if conv is not None:
+                rows, weight = conv
+                weight_quantized = _fake_quant_weight(weight, weight_qmax)
+                errors[node.name] = max(_relative_error(_fake_quant_activation(image, amax.get(node.input[0], 0.0),
+                                                                               qmax), [(image @ weight, weight_quantized)])
+                                        for image in rows)
+            continue
         if node.op_type not in ("MatMul", "Gemm") or node.input[0] not in stats or not stats[node.input[0]].samples:
             continue
         weight = index.const(node.input[use.index])
@@ -1087,7 +1114,7 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
             "x the calibrated maximum (per-token int8 error)")
         amax, ranges = choose_ranges(smoothed, plan, amax, probe, options.range_grid, weight_qmax,
                                      QMAX[options.precision])
-    errors = layer_errors(smoothed, plan, amax, probe, weight_qmax, QMAX[options.precision])
+    errors = layer_errors(smoothed, plan, amax, probe, weight_qmax, QMAX[options.precision], images=images)
     del probe
 
     def build(kept: list[str]) -> onnx.ModelProto:
