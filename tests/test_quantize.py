@@ -327,6 +327,26 @@ def test_patch_embedding_error_is_measured_so_the_fallback_can_keep_it_in_float(
     assert errors[conv] == pytest.approx(measured, rel=1e-3)
 
 
+def test_fallback_tries_the_named_layers_first_and_records_them():
+    """The patch embedding is tried before the layers ranked by their own error (its error is small but every
+    token carries it through every block); the record says which were tried first."""
+    from vitdeploy.exporters.quantize import ProbeResult, fall_back
+
+    gains = {"patch": 0.008, "big": 0.001, "bigger": -0.002}
+
+    def measure(kept: list[str]) -> ProbeResult:
+        margin = -0.01 + sum(gains[name] for name in kept)
+        return ProbeResult(margin, ["below"] if margin < 0 else [], {"logits": {"cosine": 0.99 + margin}})
+
+    kept, record = fall_back(lambda kept: kept, {"bigger": 3e-3, "big": 1e-3, "patch": 1e-5}, measure, 3,
+                             lambda message: None, first=["patch"])
+    assert [trial["node"] for trial in record["tried"]] == ["patch", "bigger", "big"]
+    assert kept == ["patch", "big"] and record["tried_first"] == ["patch"] and record["reached"] is False
+    _, plain = fall_back(lambda kept: kept, {"bigger": 3e-3, "big": 1e-3, "patch": 1e-5}, measure, 3,
+                         lambda message: None)
+    assert [trial["node"] for trial in plain["tried"]] == ["bigger", "big", "patch"] and plain["tried_first"] == []
+
+
 def test_alpha_search_is_invariant_to_the_outliers_it_undoes(exported):
     """Injected outliers are a diagonal rescaling, which SmoothQuant's scale undoes at any alpha > 0: the
     search measures the same errors there and chooses the same strengths with and without them."""
