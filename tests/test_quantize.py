@@ -381,7 +381,9 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
     assert fallback["headroom_reached"] is False and fallback["short_of_headroom"]
     assert fallback["target"]["headroom_row_cosine"] == 0.99999 and fallback["target"]["gate"] == "int8_vs_fp32"
-    errors = [trial["layer_error"] for trial in fallback["tried"]]
+    # The patch embedding first (tried_first), then the linear layers by their measured error.
+    assert [t["node"] for t in fallback["tried"][:len(fallback["tried_first"])]] == fallback["tried_first"]
+    errors = [trial["layer_error"] for trial in fallback["tried"][len(fallback["tried_first"]):]]
     assert errors == sorted(errors, reverse=True)
     kept = fallback["kept_float"]
     assert kept and kept == [t["node"] for t in fallback["tried"] if t["kept_float"]]
@@ -390,7 +392,9 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     for node in quantized.graph.node:
         dequantized = [producers[name].op_type == "DequantizeLinear" for name in node.input if name in producers]
         assert not any(dequantized) if node.name in kept else True
-    assert record.quantized_nodes["MatMul"] + record.quantized_nodes.get("Gemm", 0) == 10 - len(kept)
+    kept_linear = [name for name in kept if name not in fallback["tried_first"]]
+    assert record.quantized_nodes["MatMul"] + record.quantized_nodes.get("Gemm", 0) == 10 - len(kept_linear)
+    assert record.quantized_nodes.get("Conv", 0) == 1 - (len(kept) - len(kept_linear))
     stored = quantization_record(ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props}))
     assert stored["fallback"]["kept_float"] == kept
     # The recorded cosine is what the written graph measures on the probe images (calibration + synthetic at
