@@ -135,6 +135,7 @@ def test_int8_exports_with_outliers_in_the_weight_of_every_layer_norm(tmp_path):
     assert any(c.height != c.width for c in tokens)
     fallback = result.quantization["fallback"]
     assert fallback["reached"] is True
+    assert len(fallback["tried_first"]) == 1  # the patch embedding, measured as the MatMul over patches it is
     # Every choice is recorded: each linear input's range (a fraction of its calibrated maximum, measured per
     # token), the probe's sizes (the gate's validation sizes among them), the layers kept in float.
     from vitdeploy.exporters.quantize import DEFAULT_RANGE_GRID

@@ -20,6 +20,7 @@ from vitdeploy.exporters.quantize import (
     QuantizationTargetError,
     QuantizeOptions,
     collect_stats,
+    insert_qdq,
     layer_errors,
     plan_quantization,
     probe_images,
@@ -297,6 +298,55 @@ def test_layer_error_is_the_error_onnxruntime_measures():
     assert errors[fp32.graph.node[0].name] == pytest.approx(measured, rel=1e-4)
 
 
+def test_patch_embedding_error_is_measured_so_the_fallback_can_keep_it_in_float():
+    """The patch-embedding Conv quantizes the pixels, and every token carries its error (on the outlier ViT of
+    the ``layernorm-weights`` construction, ViT-S/16 seed 0, keeping it alone in float raised the probe cosine
+    from 0.979 to 0.986, more than any other layer): its error is measured like a linear layer's, as the MatMul
+    over patches it is, and equals what the real Q/DQ graph (onnxruntime) does to each image."""
+    rng = np.random.default_rng(2)
+    weight = (rng.standard_normal((8, 3, 4, 4)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["pixel_values", "w"], ["tokens"], kernel_shape=[4, 4], strides=[4, 4])], "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 16, 12])],
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", 8, 4, 3])],
+        [numpy_helper.from_array(weight, "w")])
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    images = rng.standard_normal((3, 3, 16, 12)).astype(np.float32)
+    images[1] *= 3.0  # one image far beyond the calibrated range: the worst one sets the error
+    plan = plan_quantization(fp32)
+    amax = {"pixel_values": float(np.abs(images[0]).max())}
+    errors = layer_errors(fp32, plan, amax, {}, weight_qmax=127.0, images=images)
+    conv = fp32.graph.node[0].name
+    assert list(errors) == [conv] and errors[conv] > 0
+    quantized = onnx.ModelProto()
+    quantized.CopyFrom(fp32)
+    insert_qdq(quantized, plan_quantization(quantized), amax, "int8")
+    exact = _run(fp32, images)
+    measured = max(float(np.square(q - e).sum() / np.square(e).sum())
+                   for q, e in zip(_run(quantized, images), exact, strict=True))
+    assert errors[conv] == pytest.approx(measured, rel=1e-3)
+
+
+def test_fallback_tries_the_named_layers_first_and_records_them():
+    """The patch embedding is tried before the layers ranked by their own error (its error is small but every
+    token carries it through every block); the record says which were tried first."""
+    from vitdeploy.exporters.quantize import ProbeResult, fall_back
+
+    gains = {"patch": 0.008, "big": 0.001, "bigger": -0.002}
+
+    def measure(kept: list[str]) -> ProbeResult:
+        margin = -0.01 + sum(gains[name] for name in kept)
+        return ProbeResult(margin, ["below"] if margin < 0 else [], {"logits": {"cosine": 0.99 + margin}})
+
+    kept, record = fall_back(lambda kept: kept, {"bigger": 3e-3, "big": 1e-3, "patch": 1e-5}, measure, 3,
+                             lambda message: None, first=["patch"])
+    assert [trial["node"] for trial in record["tried"]] == ["patch", "bigger", "big"]
+    assert kept == ["patch", "big"] and record["tried_first"] == ["patch"] and record["reached"] is False
+    _, plain = fall_back(lambda kept: kept, {"bigger": 3e-3, "big": 1e-3, "patch": 1e-5}, measure, 3,
+                         lambda message: None)
+    assert [trial["node"] for trial in plain["tried"]] == ["bigger", "big", "patch"] and plain["tried_first"] == []
+
+
 def test_alpha_search_is_invariant_to_the_outliers_it_undoes(exported):
     """Injected outliers are a diagonal rescaling, which SmoothQuant's scale undoes at any alpha > 0: the
     search measures the same errors there and chooses the same strengths with and without them."""
@@ -331,7 +381,9 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     assert 1 <= len(fallback["tried"]) <= 3 and fallback["initial_cosine"] < 0.99999
     assert fallback["headroom_reached"] is False and fallback["short_of_headroom"]
     assert fallback["target"]["headroom_row_cosine"] == 0.99999 and fallback["target"]["gate"] == "int8_vs_fp32"
-    errors = [trial["layer_error"] for trial in fallback["tried"]]
+    # The patch embedding first (tried_first), then the linear layers by their measured error.
+    assert [t["node"] for t in fallback["tried"][:len(fallback["tried_first"])]] == fallback["tried_first"]
+    errors = [trial["layer_error"] for trial in fallback["tried"][len(fallback["tried_first"]):]]
     assert errors == sorted(errors, reverse=True)
     kept = fallback["kept_float"]
     assert kept and kept == [t["node"] for t in fallback["tried"] if t["kept_float"]]
@@ -340,7 +392,9 @@ def test_fallback_keeps_the_worst_layers_in_float_and_records_it(exported):
     for node in quantized.graph.node:
         dequantized = [producers[name].op_type == "DequantizeLinear" for name in node.input if name in producers]
         assert not any(dequantized) if node.name in kept else True
-    assert record.quantized_nodes["MatMul"] + record.quantized_nodes.get("Gemm", 0) == 10 - len(kept)
+    kept_linear = [name for name in kept if name not in fallback["tried_first"]]
+    assert record.quantized_nodes["MatMul"] + record.quantized_nodes.get("Gemm", 0) == 10 - len(kept_linear)
+    assert record.quantized_nodes.get("Conv", 0) == 1 - (len(kept) - len(kept_linear))
     stored = quantization_record(ArtifactMetadata.from_props({p.key: p.value for p in quantized.metadata_props}))
     assert stored["fallback"]["kept_float"] == kept
     # The recorded cosine is what the written graph measures on the probe images (calibration + synthetic at
