@@ -341,10 +341,15 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     documents = [json.loads(Path(path).read_text()) for path in paths]
     families = {case_id: record for document in documents for case_id, record in document["families"].items()}
     body = {key: value for key, value in documents[0].items() if key not in ("command", "environment")}
+    # A report that is itself a merge brings its own runs and calibration sizes (a later report's families win).
+    runs = [run for document in documents for run in document.get("runs") or [
+        {"families": list(document["families"]), "command": document["command"],
+         "environment": document["environment"]}]]
+    sizes = {size for document in documents for size in (document["calibration_size"]
+                                                          if isinstance(document["calibration_size"], list)
+                                                          else [document["calibration_size"]])}
     body.update(families=families, summary=summary_rows(families), families_requested=list(families),
-                calibration_size=sorted({document["calibration_size"] for document in documents}),
-                runs=[{"families": list(document["families"]), "command": document["command"],
-                       "environment": document["environment"]} for document in documents])
+                calibration_size=sorted(sizes), runs=runs)
     return body
 
 
