@@ -14,7 +14,8 @@ DESCRIPTION = "OpenVINO running NNCF int8 (nncf.quantize, ModelType.TRANSFORMER)
 
 def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: int) -> Callable[[np.ndarray], Any]:
     """OpenVINO running NNCF's int8 quantization of the fp32 graph (transformer preset), OpenVINO's
-    default inference precision for the rest; raises ImportError without nncf."""
+    default inference precision for the rest (a call: the first output; ``run_outputs``: every output);
+    raises ImportError without nncf."""
     import nncf
     import openvino as ov
 
@@ -26,9 +27,22 @@ def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: 
     quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=calibration.count)
     compiled = core.compile_model(quantized, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
-    return lambda pixels: np.array(request.infer({0: pixels})[output], copy=True)
+    return _PeerRun(compiled.create_infer_request(), compiled.outputs)
+
+
+class _PeerRun:
+    """The peer's compiled model: a call returns its first output (what is timed), ``run_outputs`` every
+    output by name (what accuracy is judged on, as for the candidates)."""
+
+    def __init__(self, request: Any, outputs: Any) -> None:
+        self.request, self.outputs = request, list(outputs)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return np.array(self.request.infer({0: pixels})[self.outputs[0]], copy=True)
+
+    def run_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        result = self.request.infer({0: pixels})
+        return {output.get_any_name(): np.array(result[output], copy=True) for output in self.outputs}
 
 
 def timed_peer(fp32: Path, plan: Any, metadata: Any, threads: int, size: int, say: Callable[[str], None]) -> dict[str, Any]:

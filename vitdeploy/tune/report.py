@@ -2,7 +2,9 @@
 
 Every candidate is a row, run or not: timed ones with their p50 latency per batch and its spread
 across the interleaved rounds (p25-p75), images/s, their throughput-mode images/s, their accuracy
-and whether their speed was unstable here; dropped and unavailable ones with the reason.
+and whether their speed was unstable here; dropped and unavailable ones with the reason. An artifact
+with several outputs (or a non-logits one) also gets a table per candidate and output: the figures of the
+output's kind (per token for token outputs), the thresholds and the verdict.
 """
 
 from __future__ import annotations
@@ -13,12 +15,34 @@ from typing import Any
 from vitdeploy.tune_manifest import TuneManifest
 
 
+def output_figures_text(entry: dict[str, Any]) -> str:
+    """One output's figures in a short phrase: per row for logits and vectors, per token for token outputs."""
+    if entry["kind"] == "tokens":
+        return (f"worst token cos {entry['token_cosine_min']:.4f}, p1 {entry['token_cosine_p1']:.4f}, "
+                f"{100 * entry['token_share_below']:.2f} % < {entry['token_floor']:g} ({entry['num_tokens']} tokens)")
+    text = f"worst cos {entry['cosine']:.5f}"
+    return text + (f", top-1 agr {entry['top1_agreement']:.3f}" if entry.get("top1_agreement") is not None else "")
+
+
 def _accuracy_text(accuracy: dict[str, Any] | None) -> str:
+    """The primary output's figure as before, then every other output's (by kind)."""
     if not accuracy:
         return "-"
     if accuracy["kind"] == "labelled":
-        return f"top-1 {100 * accuracy['top1']:.2f}% (drop {accuracy['top1_drop_points']:+.2f} pt)"
-    return f"cos {accuracy['cosine']:.5f}, top-1 agr {accuracy['top1_agreement']:.2f}"
+        text = f"top-1 {100 * accuracy['top1']:.2f}% (drop {accuracy['top1_drop_points']:+.2f} pt)"
+    else:
+        text = f"cos {accuracy['cosine']:.5f}" + (f", top-1 agr {accuracy['top1_agreement']:.2f}"
+                                                 if accuracy.get("top1_agreement") is not None else "")
+    others = {name: entry for name, entry in (accuracy.get("outputs") or {}).items() if name != accuracy.get("primary")}
+    return "; ".join([text, *(f"{name}: {output_figures_text(entry)}" for name, entry in others.items())])
+
+
+def worst_similarity(accuracy: dict[str, Any]) -> float:
+    """The lowest similarity the gate judges: over the outputs, the worst row cosine (logits, vectors)
+    or the worst token's cosine (token outputs); the primary cosine for figures without ``outputs``."""
+    entries = (accuracy.get("outputs") or {}).values()
+    values = [e["token_cosine_min"] if e["kind"] == "tokens" else e["cosine"] for e in entries]
+    return min(values) if values else accuracy["cosine"]
 
 
 def _latency_text(median: float | None, spread: dict[str, float] | None) -> str:
@@ -110,11 +134,33 @@ def section_lines(manifest: TuneManifest) -> list[str]:
     decision = (manifest.stability or {}).get("decision")
     if decision:
         lines += [f"Stability decision: {decision['why']}.", ""]
+    lines += output_lines(manifest)
     left = [c for c in manifest.candidates if c.status != "ok"]
     if left:
         lines += ["Not chosen, and why:", ""]
         lines += [f"- `{c.name}` ({c.status}): {c.reason}" for c in left]
     return lines
+
+
+def output_lines(manifest: TuneManifest) -> list[str]:
+    """Per candidate and output, the figures of the output's kind, the thresholds and the verdict (only for
+    artifacts with more than one output or a primary output other than logits; empty otherwise)."""
+    measured = [(c.name, c.accuracy) for c in manifest.candidates if c.accuracy and c.accuracy.get("outputs")]
+    if manifest.peer is not None and (manifest.peer.get("accuracy") or {}).get("outputs"):
+        measured.append((manifest.peer["name"], manifest.peer["accuracy"]))
+    if not any(len(a["outputs"]) > 1 or a.get("primary") != "logits" for _, a in measured):
+        return []
+    lines = ["Accuracy per output (each judged by its kind: logits by row cosine and top-1 agreement, vectors by "
+             "row cosine, token outputs per token):", "",
+             "| candidate | output | kind | figures | gate | result |", "|---|---|---|---|---|---|"]
+    for name, accuracy in measured:
+        for output, entry in accuracy["outputs"].items():
+            gate = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in (entry.get("gate") or {}).items())
+            result = "; ".join(entry["failures"]) if entry.get("failures") else "pass" if "failures" in entry else "-"
+            lines.append(f"| {name} | {output} | {entry['kind']} | {output_figures_text(entry)} | {gate or '-'} | "
+                         f"{result.replace('|', '/')} |")
+    return [*lines, ""]
 
 
 # 1 - cosine of a candidate that matches eager fp32 to float rounding (fp32 graphs) is 0, or a few 1e-8, which a
@@ -137,10 +183,10 @@ def latency_vs_accuracy(manifest: TuneManifest, path: Path) -> Path | None:
     labelled = timed[0].accuracy["kind"] == "labelled"
 
     def error(accuracy: dict[str, Any]) -> float:
-        return accuracy["top1_drop_points"] if labelled else max(1.0 - accuracy["cosine"], COSINE_FLOOR)
+        return accuracy["top1_drop_points"] if labelled else max(1.0 - worst_similarity(accuracy), COSINE_FLOOR)
 
     for c in timed:
-        floored = not labelled and 1.0 - c.accuracy["cosine"] < COSINE_FLOOR
+        floored = not labelled and 1.0 - worst_similarity(c.accuracy) < COSINE_FLOOR
         label = c.name + (" (dropped)" if c.status != "ok" else "") + (
             f" (1 - cosine < {COSINE_FLOOR:g}: drawn at {COSINE_FLOOR:g})" if floored else "")
         ax.scatter(c.latency_ms[batch], error(c.accuracy), marker="x" if c.status != "ok" else "v" if floored else "o",
@@ -155,7 +201,7 @@ def latency_vs_accuracy(manifest: TuneManifest, path: Path) -> Path | None:
     if not labelled:
         ax.set_yscale("log")
     ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
-    ax.set_ylabel("top-1 drop (points)" if labelled else "1 - worst cosine vs eager fp32")
+    ax.set_ylabel("top-1 drop (points)" if labelled else "1 - worst cosine (rows; tokens: worst token) vs reference")
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=7)
     ax.autoscale_view()

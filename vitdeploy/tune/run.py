@@ -157,11 +157,15 @@ def _open_candidates(plan: TunePlan, setup: _Setup, say: Log) -> tuple[dict[str,
 
 def _accuracy(plan: TunePlan, setup: _Setup, reference_model: Any, records: dict[str, Candidate],
               runtimes: dict[str, Any], say: Log) -> tuple[AccuracyData, AccuracyGate, str, dict[str, Any] | None]:
-    """Each open candidate's (and the peer's) accuracy against one reference; a candidate that fails
-    to run is closed and marked. Returns the data, the gate naming the reference actually used, the
-    reference's description and the peer."""
+    """Each open candidate's (and the peer's) accuracy against one reference, every output of the artifact
+    judged by its kind; a candidate that fails to run is closed and marked. Returns the data, the gate
+    naming the reference actually used, the reference's description and the peer."""
+    from vitdeploy.parity import output_kind
+    from vitdeploy.tune.report import output_figures_text
+
+    names = setup.metadata.output_names
     if reference_model is not None:
-        reference, reference_name, close = eager_reference(reference_model), "eager fp32 (PyTorch)", None
+        reference, reference_name, close = eager_reference(reference_model, names), "eager fp32 (PyTorch)", None
         gate = replace(plan.gate, reference="eager fp32")
     else:
         from vitdeploy.runtimes import OrtRuntime
@@ -169,14 +173,17 @@ def _accuracy(plan: TunePlan, setup: _Setup, reference_model: Any, records: dict
         reference = close = OrtRuntime(setup.artifacts["fp32"], variant="portable", intra_op_threads=setup.threads)
         gate = replace(plan.gate, reference=f"{setup.artifacts['fp32'].name} (fp32 graph on onnxruntime)")
         reference_name = f"{gate.reference}, itself validated against eager fp32 at export"
-    say(f"accuracy reference of every gate: {reference_name}; gate: {gate.describe(plan.labelled is not None)}")
+    precisions = [records[name].precision for name in runtimes] + (["int8"] if plan.peer else [])
+    rule = gate.describe(plan.labelled is not None, [output_kind(name) for name in names], precisions)
+    say(f"accuracy reference of every gate: {reference_name}; gate: {rule}")
     try:
         data = accuracy_data(reference, setup.metadata, setup.metadata.shape_range.batch[1], setup.size,
                              plan.labelled, plan.images)
     finally:
         if close is not None:
             close.close()
-    say(f"measuring accuracy of {len(runtimes)} candidates on {data.source}")
+    say(f"measuring accuracy of {len(runtimes)} candidates on {data.source}"
+        + (f", every output: {', '.join(f'{n} ({k})' for n, k in data.kinds.items())}" if len(data.kinds) > 1 else ""))
     peer = None
     if plan.peer:
         from vitdeploy.tune.peer import timed_peer
@@ -184,16 +191,28 @@ def _accuracy(plan: TunePlan, setup: _Setup, reference_model: Any, records: dict
         peer = timed_peer(setup.artifacts["fp32"], plan, setup.metadata, setup.threads, setup.size, say)
     for name, runtime in list(runtimes.items()):
         try:
-            records[name].accuracy = figures = data.figures(runtime)
+            records[name].accuracy = figures = data.figures(runtime, records[name].precision, gate)
             say(f"  {name}: " + (f"top-1 drop {figures['top1_drop_points']:.2f} points" if "top1_drop_points" in figures
-                                 else f"worst cosine {figures['cosine']:.5f}, top-1 agreement "
-                                      f"{figures['top1_agreement']:.3f}") + f" vs {gate.reference}")
+                                 else f"worst cosine {figures['cosine']:.5f}" + (
+                                     "" if figures["top1_agreement"] is None
+                                     else f", top-1 agreement {figures['top1_agreement']:.3f}"))
+                + f" vs {gate.reference}")
+            if len(figures["outputs"]) > 1 or figures["primary"] != "logits":
+                for output, entry in figures["outputs"].items():
+                    verdict = "; ".join(entry["failures"]) if entry["failures"] else "within the gate"
+                    say(f"    {output} ({entry['kind']}): {output_figures_text(entry)}: {verdict}")
         except Exception as error:  # noqa: BLE001
             records[name].status, records[name].reason = "failed", error_line(error, 300)
             runtimes.pop(name).close()
     if peer is not None and peer.get("run") is not None:
-        peer["accuracy"] = data.figures(peer["run"])
+        peer["accuracy"] = data.figures(peer["run"], "int8", gate)
     return data, gate, reference_name, peer
+
+
+def _rule(plan: TunePlan, gate: AccuracyGate, records: dict[str, Candidate], kinds: dict[str, str]) -> str:
+    """The gate's rule for this run's outputs and the precisions of the candidates it measured."""
+    precisions = [r.precision for r in records.values() if r.accuracy is not None]
+    return gate.describe(plan.labelled is not None, kinds.values(), precisions)
 
 
 def _time(plan: TunePlan, setup: _Setup, records: dict[str, Candidate], runtimes: dict[str, Any],
@@ -214,7 +233,7 @@ def _time(plan: TunePlan, setup: _Setup, records: dict[str, Candidate], runtimes
     return load
 
 
-def _choose(plan: TunePlan, gate: AccuracyGate, records: dict[str, Candidate],
+def _choose(plan: TunePlan, gate: AccuracyGate, records: dict[str, Candidate], kinds: dict[str, str],
             say: Log) -> tuple[Selection, Choice | None]:
     """The selection within ``gate``, the dropped candidates marked, and the choice the runtimes will follow."""
     from vitdeploy.files import sha256_file
@@ -222,7 +241,7 @@ def _choose(plan: TunePlan, gate: AccuracyGate, records: dict[str, Candidate],
     selection = select(list(records.values()), gate, plan.objective, plan.selection_batch, plan.stability)
     for name, reason in selection.dropped.items():
         records[name].status, records[name].reason = "dropped", reason
-    rule = gate.describe(plan.labelled is not None)
+    rule = _rule(plan, gate, records, kinds)
     if selection.chosen is None:
         say(f"no candidate passed the accuracy gate ({rule})")
         return selection, None
@@ -258,9 +277,13 @@ def _manifest(plan: TunePlan, setup: _Setup, records: dict[str, Candidate], sele
         chosen=chosen, candidates=list(records.values()),
         cpu={"model": cpu_model(), "usable_cpus": usable_cpus(), "threads": setup.threads,
              "flags": arithmetic_flags(), "flags_checked": list(ARITHMETIC_FLAGS)},
-        gate={"rule": gate.describe(plan.labelled is not None), "max_drop_points": gate.max_drop_points,
+        gate={"rule": _rule(plan, gate, records, data.kinds), "max_drop_points": gate.max_drop_points,
               "min_cosine": gate.min_cosine, "min_top1_agreement": gate.min_top1_agreement,
-              "accuracy_on": data.source},
+              "accuracy_on": data.source, "outputs": data.kinds, "min_token_cosine": gate.min_token_cosine,
+              "max_token_share": gate.max_token_share,
+              "token_gates": {p: gate.token_gate(p) for p in sorted({r.precision for r in records.values()
+                                                                     if r.accuracy is not None})}
+              if "tokens" in data.kinds.values() else {}},
         objective=f"{plan.objective}: {selection.key}", batches=list(plan.batches), rounds=plan.rounds,
         reference=reference_name, command=plan.command,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -299,6 +322,6 @@ def tune(plan: TunePlan, reference_model: Any = None, log: Log | None = None) ->
     finally:
         for runtime in runtimes.values():
             runtime.close()
-    selection, chosen = _choose(plan, gate, records, say)
+    selection, chosen = _choose(plan, gate, records, data.kinds, say)
     manifest = _manifest(plan, setup, records, selection, chosen, data, gate, reference_name, peer, load)
     return _write(plan.folder, manifest, load, say)
