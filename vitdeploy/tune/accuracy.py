@@ -171,7 +171,7 @@ class AccuracyGate:
             parts.append(f"labelled top-1 drop <= {self.max_drop_points:g} points" if labelled else
                          f"worst cosine >= {self.min_cosine:g} and top-1 agreement >= {self.min_top1_agreement:g}")
         if VECTOR_KIND in kinds:
-            parts.append(f"{'vectors: ' if parts else ''}worst cosine >= {self.min_cosine:g}")
+            parts.append(f"{'vectors: ' if len(kinds) > 1 else ''}worst cosine >= {self.min_cosine:g}")
         if TOKENS_KIND in kinds:
             gates = [(p, self.token_gate(p)) for p in dict.fromkeys(precisions)]
             figures = "; ".join(f"{p} worst >= {g['min_token_cosine']:g}, <= {100 * g['max_share_below']:g} % "

@@ -24,6 +24,14 @@ def output_figures_text(entry: dict[str, Any]) -> str:
     return text + (f", top-1 agr {entry['top1_agreement']:.3f}" if entry.get("top1_agreement") is not None else "")
 
 
+def output_verdict(name: str, entry: dict[str, Any]) -> str:
+    """``pass``, or why output ``name`` is outside the gate (its failures, without repeating the output's name)."""
+    if "failures" not in entry:
+        return "-"
+    label = f"{name} ({entry['kind']}): "
+    return "; ".join(f.removeprefix(label) for f in entry["failures"]) if entry["failures"] else "pass"
+
+
 def _accuracy_text(accuracy: dict[str, Any] | None) -> str:
     """The primary output's figure as before, then every other output's (by kind)."""
     if not accuracy:
@@ -157,7 +165,7 @@ def output_lines(manifest: TuneManifest) -> list[str]:
         for output, entry in accuracy["outputs"].items():
             gate = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in (entry.get("gate") or {}).items())
-            result = "; ".join(entry["failures"]) if entry.get("failures") else "pass" if "failures" in entry else "-"
+            result = output_verdict(output, entry)
             lines.append(f"| {name} | {output} | {entry['kind']} | {output_figures_text(entry)} | {gate or '-'} | "
                          f"{result.replace('|', '/')} |")
     return [*lines, ""]

@@ -161,7 +161,7 @@ def _accuracy(plan: TunePlan, setup: _Setup, reference_model: Any, records: dict
     judged by its kind; a candidate that fails to run is closed and marked. Returns the data, the gate
     naming the reference actually used, the reference's description and the peer."""
     from vitdeploy.parity import output_kind
-    from vitdeploy.tune.report import output_figures_text
+    from vitdeploy.tune.report import output_figures_text, output_verdict
 
     names = setup.metadata.output_names
     if reference_model is not None:
@@ -199,8 +199,9 @@ def _accuracy(plan: TunePlan, setup: _Setup, reference_model: Any, records: dict
                 + f" vs {gate.reference}")
             if len(figures["outputs"]) > 1 or figures["primary"] != "logits":
                 for output, entry in figures["outputs"].items():
-                    verdict = "; ".join(entry["failures"]) if entry["failures"] else "within the gate"
-                    say(f"    {output} ({entry['kind']}): {output_figures_text(entry)}: {verdict}")
+                    verdict = output_verdict(output, entry)
+                    say(f"    {output} ({entry['kind']}): {output_figures_text(entry)}: "
+                        + ("within the gate" if verdict == "pass" else f"OUTSIDE the gate: {verdict}"))
         except Exception as error:  # noqa: BLE001
             records[name].status, records[name].reason = "failed", error_line(error, 300)
             runtimes.pop(name).close()
