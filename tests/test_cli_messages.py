@@ -119,7 +119,7 @@ def test_a_file_of_another_architecture_names_no_closest_family(tmp_path, capsys
     ("cosine=0", "argument --max-accuracy-drop: 'cosine=0': cosine must be in (0, 1], got 0"),
     ("top1=2", "argument --max-accuracy-drop: 'top1=2': top1 must be in [0, 1], got 2"),
     ("points=-1", "argument --max-accuracy-drop: 'points=-1': points must be >= 0, got -1"),
-    ("cos=0.9", "argument --max-accuracy-drop: 'cos=0.9': 'cos' is not one of points, cosine, top1"),
+    ("cos=0.9", "argument --max-accuracy-drop: 'cos=0.9': 'cos' is not one of points, cosine, top1, token, share"),
 ])
 def test_a_bad_accuracy_gate_is_an_argument_error_in_the_names_the_user_typed(gate, expected, tmp_path, capsys):
     assert main(["tune", "vit_tiny_patch16_224", "-o", str(tmp_path / "out"), "--max-accuracy-drop", gate]) == 2

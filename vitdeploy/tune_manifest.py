@@ -22,10 +22,20 @@ the core, beside the engine manifest, because the runtimes read it. This module 
     the rounds and ``iqr_over_median``), ``unstable`` (batch or ``"throughput"`` -> why that speed is
     unstable here: two modes or a wide spread), ``images_per_s`` (batch -> images/s from that latency),
     ``throughput`` (the backend's throughput mode: ``images_per_s``, ``batch``, ``mode``, and its
-    ``spread`` over rounds) and ``accuracy`` (``kind`` ``labelled`` or ``agreement`` and its figures).
+    ``spread`` over rounds) and ``accuracy``: ``kind`` ``labelled`` or ``agreement``, ``images``,
+    ``source``, the ``primary`` output's figures at the top level (``cosine``, ``top1_agreement``,
+    ``top5_agreement``, ``rel_max_error``; labelled: ``top1``, ``top1_drop_points`` ...), the
+    ``precision`` whose parity gate sets the token thresholds, and ``outputs``: per output of the
+    artifact its ``kind`` (``logits``, ``vector``, ``tokens``) and :class:`vitdeploy.parity.ParityMetrics`
+    figures (tokens: ``token_cosine_min``, ``token_cosine_p1``, ``token_share_below`` under
+    ``token_floor``, ``num_tokens``), the ``gate`` thresholds it was held to and its ``failures``.
 ``cpu``
     the CPU's model, usable CPUs, threads used and arithmetic ``flags`` (avx2, avx512_vnni, ...).
-``gate``, ``objective``, ``batches``, ``rounds``, ``reference``, ``command``, ``created``, ``versions``,
+``gate``
+    the ``rule`` in words, ``max_drop_points``, ``min_cosine``, ``min_top1_agreement``, ``accuracy_on``;
+    ``outputs`` (output -> kind), ``min_token_cosine``/``max_token_share`` (``None``: each precision's
+    parity gate) and ``token_gates`` (precision -> the per-token thresholds applied).
+``objective``, ``batches``, ``rounds``, ``reference``, ``command``, ``created``, ``versions``,
 ``peer`` (OpenVINO + NNCF int8 when compared: its figures and the choice's latency ratio to it),
 ``load`` (load averages and other processes' CPUs while timing) and ``stability`` (the rule that
 flags unstable candidates, and ``decision``: when the fastest was unstable, whether a steady one
@@ -33,7 +43,11 @@ within the margin was chosen instead, with both candidates' figures).
 
 The manifest is written atomically (:func:`write_manifest`); :func:`read_manifest` refuses a file of
 another kind or a version it cannot read (it reads version 1, whose spread and stability fields are
-absent, with them empty), and :func:`chosen_artifact` refuses an artifact whose bytes changed since.
+absent, with them empty; and version 2 files written before ``accuracy.outputs`` and the token fields of
+``gate`` existed, whose accuracy is judged by the primary output alone, as it was then), and
+:func:`chosen_artifact` refuses an artifact whose bytes changed since. The per-output fields were added
+inside ``accuracy`` and ``gate`` (free-form mappings), so a reader of version 2 that predates them reads
+the new files too.
 """
 
 from __future__ import annotations

@@ -35,7 +35,10 @@ A candidate that cannot run here is listed with its reason (no bf16 on this CPU,
 backend not installed). Missing int8 forms are quantized from the fp32 file with the same
 calibration images. Accuracy: with --labelled DIR, top-1 on those images against eager fp32;
 otherwise the worst cosine and top-1 agreement against eager fp32 on real photos (--images DIR,
-default the bundled ones). Each figure is reported with its spread across the rounds, and a
+default the bundled ones). Every output of the file is judged by its kind: logits as above, vectors
+(pooler_output, image_embeds) by worst row cosine, token outputs (last_hidden_state, patch_tokens) per
+token: worst token cosine and share of tokens below the floor, from the candidate precision's parity
+gate unless token=T,share=S set them. Each figure is reported with its spread across the rounds, and a
 candidate whose speed is unstable here (two modes, or an IQR above 20 % of its median) is flagged;
 a steady candidate within 10 % of an unstable faster one is preferred to it. The fastest (steady)
 candidate within --max-accuracy-drop is chosen and written to OUT/tune.json with every candidate's
@@ -77,7 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="real photos to measure agreement with eager fp32 on (default: the bundled photos)")
     parser.add_argument("--max-accuracy-drop", default=None, metavar="GATE", type=accuracy_gate,
                         help="how much accuracy a candidate may lose: POINTS of labelled top-1 (default 0.5), or "
-                        "cosine=C,top1=A for agreement without labels (default cosine=0.999,top1=0.99)")
+                        "cosine=C,top1=A for agreement without labels (default cosine=0.999,top1=0.99); token=T,"
+                        "share=S: worst token cosine and share of tokens below the floor for token outputs "
+                        "(default: the candidate precision's parity gate)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="latency",
                         help="latency: lowest p50 at the smallest --batch (default); throughput: most images/s "
                         "in the backend's throughput mode")
@@ -132,7 +137,7 @@ def gate_from(text: str | None, labelled: bool) -> object:
     except ValueError as error:
         raise CLIError(str(error)) from None
     keys = {part.rpartition("=")[0].strip() or "points" for part in text.split(",") if part.strip()}
-    if labelled and keys - {"points"}:
+    if labelled and keys - {"points", "token", "share"}:
         raise CLIError(f"argument --max-accuracy-drop: {text!r}: with --labelled the gate is the top-1 drop in points")
     if not labelled and "points" in keys:
         raise CLIError(f"argument --max-accuracy-drop: {text!r} is a labelled top-1 drop: give --labelled DIR, or "
