@@ -173,7 +173,7 @@ def _accuracy(plan: TunePlan, setup: _Setup, reference_model: Any, records: dict
         reference = close = OrtRuntime(setup.artifacts["fp32"], variant="portable", intra_op_threads=setup.threads)
         gate = replace(plan.gate, reference=f"{setup.artifacts['fp32'].name} (fp32 graph on onnxruntime)")
         reference_name = f"{gate.reference}, itself validated against eager fp32 at export"
-    precisions = [records[name].precision for name in runtimes] + (["int8"] if plan.peer else [])
+    precisions = [records[name].precision for name in runtimes]
     rule = gate.describe(plan.labelled is not None, [output_kind(name) for name in names], precisions)
     say(f"accuracy reference of every gate: {reference_name}; gate: {rule}")
     try:
