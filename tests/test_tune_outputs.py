@@ -172,3 +172,30 @@ def test_gate_parsing_of_the_per_token_criterion():
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             AccuracyGate.parse(bad)
     assert AccuracyGate.parse("0.25") == AccuracyGate(max_drop_points=0.25)  # what it parsed before, unchanged
+
+
+def test_labelled_figures_judge_the_logits_by_top1_drop_and_the_tokens_per_token():
+    """The figures' assembly on plain arrays: labelled logits by the top-1 drop, last_hidden_state per token
+    with the int8 gate (worst token, share below its floor), each failure naming its output."""
+    from vitdeploy.tune.accuracy import AccuracyData
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 5)).astype(np.float32)
+    tokens = rng.standard_normal((6, 10, 8)).astype(np.float32)
+    labels = logits.argmax(1)
+    data = AccuracyData("labelled", [np.zeros((6, 3, 4, 4), np.float32)],
+                        {"logits": logits, "last_hidden_state": tokens}, "logits", labels, "6 labelled images")
+    bad = tokens.copy()
+    bad[2, 4] = -bad[2, 4]  # one token of 60 reversed: cosine -1
+    figures = data.figures(lambda pixels: {"logits": logits, "last_hidden_state": bad}, "int8", AccuracyGate())
+    assert figures["top1_drop_points"] == 0.0 and figures["outputs"]["logits"]["failures"] == []
+    entry = figures["outputs"]["last_hidden_state"]
+    assert entry["token_cosine_min"] == pytest.approx(-1.0) and entry["token_share_below"] == pytest.approx(1 / 60)
+    assert entry["gate"]["tolerance"] == "int8_vs_fp32" and entry["token_floor"] == TOLERANCES["int8_vs_fp32"].token_floor
+    assert AccuracyGate().failures(figures) == [
+        "last_hidden_state (tokens): worst token cosine -1.0000 < 0.97 over 60 tokens vs eager fp32 on 6 labelled "
+        "images (gate int8_vs_fp32)"]  # 1 of 60 below the floor is within the 10 % the int8 gate allows
+    assert AccuracyGate(max_token_share=0.0).failures(figures)[1].startswith(
+        "last_hidden_state (tokens): 1.67 % of tokens have cosine < 0.99, more than the 0 % allowed")
+    with pytest.raises(ValueError, match="no last_hidden_state output"):
+        data.figures(lambda pixels: {"logits": logits}, "int8")
