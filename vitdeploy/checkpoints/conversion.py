@@ -9,7 +9,6 @@ dict. :func:`build_config` turns those fields into a config, naming any field th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +30,8 @@ class Conversion:
 
 
 def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
-    """``ViTConfig(**fields)``, or a :class:`CheckpointError` naming the bad or unknown fields."""
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    """``ViTConfig.from_fields(fields)``, or a :class:`CheckpointError` naming the bad or unknown fields."""
+    known = ViTConfig.field_names()
     needed = sorted(k for k in fields if k not in known)
     if needed:
         family = fields.get("family", "this")
@@ -41,7 +40,7 @@ def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
             f"{', '.join(f'{k}={fields[k]!r}' for k in needed)}, which this vitdeploy's model does not have"
         )
     try:
-        return ViTConfig(**fields)
+        return ViTConfig.from_fields(fields)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable configuration: {error}") from None
 
