@@ -424,6 +424,7 @@ class ViTConfig:
         for part, changes in parts.items():
             if changes:
                 base = architecture.get(part, getattr(self, part))
+                base = _PARTS[part](**base) if isinstance(base, dict) else base
                 architecture[part] = dataclasses.replace(base, **changes)
         return dataclasses.replace(self, **architecture)
 

@@ -9,6 +9,7 @@ dict. :func:`build_config` turns those fields into a config, naming any field th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ class Conversion:
 
 def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
     """``ViTConfig.from_fields(fields)``, or a :class:`CheckpointError` naming the bad or unknown fields."""
-    known = ViTConfig.field_names()
+    known = ViTConfig.field_names() | {f.name for f in dataclasses.fields(ViTConfig)}
     needed = sorted(k for k in fields if k not in known)
     if needed:
         family = fields.get("family", "this")
