@@ -103,6 +103,15 @@ def test_the_constructor_refuses_the_old_flat_keywords_naming_the_part(keyword, 
     assert message.startswith(f"ViTConfig takes no {keyword}=: it lives in ViTConfig.{part} ({cls}({keyword}=...))")
 
 
+def test_reading_a_moved_field_says_where_it_went() -> None:
+    with pytest.raises(AttributeError, match=r"^ViTConfig has no attribute 'crop_pct': it lives in "
+                                             r"ViTConfig.preprocessing \(config.preprocessing.crop_pct\)$"):
+        _ = _today().crop_pct
+    with pytest.raises(AttributeError, match=r"^ViTConfig has no attribute 'family': it lives in ViTConfig.provenance"):
+        _ = _today().family
+    assert _today().provenance.family == "deit" and not hasattr(_today(), "colour")
+
+
 def test_replace_and_from_fields_take_the_parts_fields_by_name() -> None:
     config = _today()
     wider = config.replace(crop_pct=1.0, name="mine", depth=2)

@@ -258,6 +258,13 @@ class ViTConfig:
             raise ValueError(f"pool_heads {self.pool_heads} needs pooling 'map' and to divide hidden_size "
                              f"{self.hidden_size}")
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a read of a field that moved into a part says where it went.
+        if name in _PART_OF:
+            raise AttributeError(f"ViTConfig has no attribute {name!r}: it lives in ViTConfig.{_PART_OF[name]} "
+                                 f"(config.{_PART_OF[name]}.{name})")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def stride(self) -> int:
         """Pixels per token along one side: patch size, times the backbone stride for hybrids."""
