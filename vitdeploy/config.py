@@ -169,6 +169,9 @@ class ViTConfig:
     act: str = "gelu"
     # The patch embedding's bias (CLIP has none).
     patch_bias: bool = True
+    # What the checkpoint expects of its input, and where it comes from: neither changes the computation.
+    preprocessing: InputPreprocessing = field(default_factory=InputPreprocessing)
+    provenance: Provenance = field(default_factory=Provenance)
     # How position embeddings are resampled at another grid (vitdeploy.pos_embed.RESAMPLE_METHODS):
     # the checkpoint framework's own convention, so other resolutions give that framework's logits.
     pos_embed_resample: str = DEFAULT_RESAMPLE
@@ -195,9 +198,6 @@ class ViTConfig:
     patch_norm: bool = False
     # The final norm (``norm``, or ``fc_norm`` after the pooling); PE spatial has neither.
     final_norm: bool = True
-    # What the checkpoint expects of its input, and where it comes from: neither changes the computation.
-    preprocessing: InputPreprocessing = field(default_factory=InputPreprocessing)
-    provenance: Provenance = field(default_factory=Provenance)
 
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):
