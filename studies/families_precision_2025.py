@@ -200,7 +200,7 @@ def measure_family(case: FamilyCase, folder: Path, *, calibration_size: int = 64
     source = perturbed_timm_model(case)
     model = load_model(save_hub_folder(source, case, folder / f"{case.id}_hub"))
     config = model.config
-    loaded_as = getattr(config, "family", None) or "vit"
+    loaded_as = config.provenance.family
     outputs = available_outputs(config)
     heights, widths = zip(*case.sizes, strict=True)
     plan = ArtifactSetPlan(name=case.id, graphs=("fp32", "fp16", "int8"), batch=(1, photos),
