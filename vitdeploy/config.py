@@ -339,8 +339,8 @@ class ViTConfig:
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
-        """Every name :meth:`from_fields` and :meth:`replace` accept: the architecture's fields and
-        those of its preprocessing and provenance."""
+        """The flat names :meth:`from_fields` and :meth:`replace` accept (as :meth:`to_fields` gives them): the
+        architecture's fields and those of its preprocessing and provenance (which both also take whole)."""
         return frozenset(f.name for f in dataclasses.fields(cls) if f.name not in _PARTS) | frozenset(_PART_OF)
 
     @staticmethod
