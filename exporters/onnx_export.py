@@ -52,7 +52,6 @@ from vitdeploy.metadata import (
     CLASS_TOKEN_LAST_BLOCK,
     CPU_VARIANT,
     ArtifactMetadata,
-    Preprocessing,
     ShapeRange,
     TensorInfo,
 )
@@ -543,8 +542,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
     outputs = [TensorInfo(name, io_dtype, output_shape(name, config)) for name in options.output_names(config)]
     return ArtifactMetadata(
         model_config=config.to_dict(),
-        preprocessing=Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
-                                              config.interpolation),
+        preprocessing=config.preprocessing.at(config.image_size),
         inputs=[TensorInfo(INPUT_NAME, io_dtype, ["batch", config.in_channels, "height", "width"])],
         outputs=outputs,
         shape_range=shape_range,
@@ -556,7 +554,7 @@ def build_metadata(model: Any, options: ExportOptions, shape_range: ShapeRange) 
         source_sha256=options.source_sha256,
         source_format=options.source_format,
         vitdeploy_version=__version__,
-        labels=list(config.labels) if config.labels else None,
+        labels=list(config.provenance.labels) if config.provenance.labels else None,
     )
 
 
@@ -770,7 +768,7 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
             if options.simplify:
                 proto = simplify_graph(proto)
             proto.producer_name, proto.producer_version = "vitdeploy", metadata.vitdeploy_version
-            proto.graph.name = config.name
+            proto.graph.name = config.provenance.name
             problems = check_graph(proto, metadata.output_names, layer_norm=config.norm == "layernorm")
             if problems:
                 raise ExportError("the exported graph breaks the artifact's guarantees: " + "; ".join(problems))

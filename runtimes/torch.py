@@ -24,7 +24,7 @@ from vitdeploy.constants import (
     LOW_FLOAT_PRECISIONS,
     TORCH_PRECISIONS,
 )
-from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.metadata import ArtifactMetadata, ShapeRange, TensorInfo
 from vitdeploy.parity import Reference, Tolerance, tolerance_for
 
 from .base import InputSpec, Runtime, validate_input
@@ -110,7 +110,7 @@ class TorchRuntime(Runtime):
             raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
 
         model = _load_source(source)
-        self.source = source if not hasattr(source, "config") else f"<model {model.config.name}>"
+        self.source = source if not hasattr(source, "config") else f"<model {model.config.provenance.name}>"
         fp32_ops = sorted(set(fp32_ops)) if precision != "fp32" else []
         model = prepare_model(model, precision, fp32_ops, fused_attention=fused_attention, device=device)
 
@@ -129,9 +129,7 @@ class TorchRuntime(Runtime):
         outputs = [TensorInfo(name, "float32", output_shape(name, config)) for name in self.output_names]
         self.metadata = ArtifactMetadata(
             model_config=config.to_dict(),
-            preprocessing=Preprocessing.for_model(
-                config.image_size, config.crop_pct, config.mean, config.std, config.interpolation
-            ),
+            preprocessing=config.preprocessing.at(config.image_size),
             inputs=[TensorInfo(INPUT_NAME, "float32", ["batch", config.in_channels, "height", "width"])],
             outputs=outputs,
             shape_range=shape_range,
@@ -139,7 +137,7 @@ class TorchRuntime(Runtime):
             fp32_ops=list(fp32_ops),
             source=str(self.source),
             vitdeploy_version=_version(),
-            labels=list(config.labels) if config.labels else None,
+            labels=list(config.provenance.labels) if config.provenance.labels else None,
         )
         self.input_spec = InputSpec.from_metadata(self.metadata)
         self._forward = torch.compile(model, dynamic=True) if compile else model

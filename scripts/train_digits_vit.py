@@ -29,11 +29,10 @@ import digits  # noqa: E402  (tests/digits.py: the data set and the model config
 def pixels(indices: np.ndarray, images: np.ndarray) -> np.ndarray:
     """Preprocessed ``[N, 3, 32, 32]`` float32 inputs, through the same path the artifact's users take."""
     from vitdeploy.config import ViTConfig
-    from vitdeploy.metadata import Preprocessing
     from vitdeploy.preprocessing import preprocess
 
-    config = ViTConfig(**digits.MODEL_CONFIG)
-    pre = Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std, config.interpolation)
+    config = ViTConfig.from_fields(digits.MODEL_CONFIG)
+    pre = config.preprocessing.at(config.image_size)
     return np.stack([preprocess(digits.to_picture(images[i]), pre) for i in indices])
 
 
@@ -56,7 +55,7 @@ def main() -> int:
     train, test = digits.split(len(images))
     x_train, y_train = torch.from_numpy(pixels(train, images)), torch.from_numpy(labels[train])
     x_test, y_test = torch.from_numpy(pixels(test, images)), torch.from_numpy(labels[test])
-    model = VisionTransformer(ViTConfig(**digits.MODEL_CONFIG))
+    model = VisionTransformer(ViTConfig.from_fields(digits.MODEL_CONFIG))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = args.epochs * ((len(train) + 63) // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)

@@ -193,7 +193,6 @@ def measure_family(case: FamilyCase, folder: Path, *, calibration_size: int = 64
     from vitdeploy.exporters.onnx_export import ExportValidationError
     from vitdeploy.exporters.quantize import QuantizationTargetError
     from vitdeploy.exporters.source_check import timm_outputs
-    from vitdeploy.metadata import Preprocessing
     from vitdeploy.outputs import available_outputs
     from vitdeploy.parity import InputFactory
 
@@ -201,14 +200,14 @@ def measure_family(case: FamilyCase, folder: Path, *, calibration_size: int = 64
     source = perturbed_timm_model(case)
     model = load_model(save_hub_folder(source, case, folder / f"{case.id}_hub"))
     config = model.config
-    loaded_as = getattr(config, "family", None) or "vit"
+    loaded_as = config.provenance.family
     outputs = available_outputs(config)
     heights, widths = zip(*case.sizes, strict=True)
     plan = ArtifactSetPlan(name=case.id, graphs=("fp32", "fp16", "int8"), batch=(1, photos),
                            height=(min(heights), max(heights)), width=(min(widths), max(widths)),
                            validation_max_batch=1, quantize_from_fp32=True, calibration_size=calibration_size,
                            outputs=outputs, source=case.timm_name)
-    pre = Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std, config.interpolation)
+    pre = config.preprocessing.at(config.image_size)
     inputs = InputFactory(pre, synthetic=False)
     batches = {size: inputs.batch(photos, *size)[0] for size in case.sizes}
     with torch.no_grad():

@@ -43,7 +43,7 @@ def tiny_config(**overrides) -> ViTConfig:
         mlp_size=128, num_classes=10, crop_pct=1.0,
     )
     base.update(overrides)
-    return ViTConfig(**base)
+    return ViTConfig.from_fields(base)
 
 
 def tiny_hybrid_config(**overrides) -> ViTConfig:
@@ -53,7 +53,7 @@ def tiny_hybrid_config(**overrides) -> ViTConfig:
         mlp_size=128, num_classes=10, hybrid=HybridConfig(layers=(1, 1, 1)), crop_pct=1.0,
     )
     base.update(overrides)
-    return ViTConfig(**base)
+    return ViTConfig.from_fields(base)
 
 
 def make_model(config: ViTConfig, seed: int = 0) -> VisionTransformer:

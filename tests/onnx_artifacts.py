@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from vitdeploy.config import ViTConfig
-from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.metadata import ArtifactMetadata, ShapeRange, TensorInfo
 from vitdeploy.model import VisionTransformer
 
 
@@ -25,9 +25,7 @@ def make_metadata(config: ViTConfig, shape_range: ShapeRange | None = None, inpu
     """Metadata for ``config`` as the exporter would write it."""
     return ArtifactMetadata(
         model_config=config.to_dict(),
-        preprocessing=Preprocessing.for_model(
-            config.image_size, config.crop_pct, config.mean, config.std, config.interpolation
-        ),
+        preprocessing=config.preprocessing.at(config.image_size),
         inputs=[TensorInfo("pixel_values", input_dtype, ["batch", config.in_channels, "height", "width"])],
         outputs=[TensorInfo("logits", output_dtype, ["batch", config.num_classes])],
         shape_range=shape_range or ShapeRange(batch=(1, 8), height=(16, 64), width=(16, 64)),

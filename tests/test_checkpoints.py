@@ -184,9 +184,9 @@ def test_timm_hub_folder(tmp_path, tiny_model):
     assert detect_format(folder) == "timm"
     loaded = load_model(folder)
     config = loaded.config
-    assert (config.num_heads, config.mean, config.crop_pct, config.interpolation) == (
+    assert (config.num_heads, config.preprocessing.mean, config.preprocessing.crop_pct, config.preprocessing.interpolation) == (
         4, (0.4, 0.5, 0.6), 0.95, "bilinear")
-    assert config.labels == labels
+    assert config.provenance.labels == labels
     assert_same_logits(tiny_model, loaded, scales=(1,))
     assert file_sha256(folder) == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
@@ -199,7 +199,7 @@ def test_real_size_state_dict_names_the_variant(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointWarning)  # heads come from the registry: no guess
         loaded = load_model(path)
-    assert loaded.config.name == "vit_tiny_patch16_224"
+    assert loaded.config.provenance.name == "vit_tiny_patch16_224"
     assert loaded.config.num_heads == 3
     assert loaded.config == model.config
     assert_same_logits(model, loaded, scales=(1,))
@@ -289,8 +289,8 @@ def test_other_overrides_edit_the_config(tmp_path, tiny_model):
     save_model(tiny_model, tmp_path / "c.safetensors")
     labels = [f"class {i}" for i in range(10)]
     loaded = load_model(tmp_path / "c.safetensors", mean=(0.1, 0.2, 0.3), labels=labels)
-    assert loaded.config.mean == (0.1, 0.2, 0.3)
-    assert loaded.config.labels == labels
+    assert loaded.config.preprocessing.mean == (0.1, 0.2, 0.3)
+    assert loaded.config.provenance.labels == labels
     with pytest.raises(ValueError, match="unknown model overrides"):
         load_model(tmp_path / "c.safetensors", colour="red")
 

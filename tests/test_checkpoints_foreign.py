@@ -171,9 +171,9 @@ def test_hf_folder_matches_transformers_forward(tmp_path):
     assert (config.hidden_size, config.depth, config.num_heads, config.mlp_size, config.num_classes) == (
         64, 2, 4, 128, 5)
     assert config.layer_norm_eps == 1e-12
-    assert config.labels == ["cat", "dog", "fox", "owl", "elk"]
-    assert config.mean == (0.485, 0.456, 0.406) and config.std == (0.229, 0.224, 0.225)
-    assert config.interpolation == "bicubic"
+    assert config.provenance.labels == ["cat", "dog", "fox", "owl", "elk"]
+    assert config.preprocessing.mean == (0.485, 0.456, 0.406) and config.preprocessing.std == (0.229, 0.224, 0.225)
+    assert config.preprocessing.interpolation == "bicubic"
     with torch.no_grad():
         x = _images(32)
         torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, rtol=0, atol=1e-5)

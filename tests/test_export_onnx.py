@@ -131,7 +131,7 @@ def test_metadata_round_trips_through_metadata_props(exported, model):
     metadata = ArtifactMetadata.from_props(props)
     assert metadata.to_props() == result.metadata.to_props()
     assert ViTConfig.from_dict(metadata.model_config) == model.config
-    assert metadata.preprocessing.crop_size == CFG.image_size and tuple(metadata.preprocessing.mean) == CFG.mean
+    assert metadata.preprocessing.crop_size == CFG.image_size and tuple(metadata.preprocessing.mean) == CFG.preprocessing.mean
     assert [t.name for t in metadata.inputs] == ["pixel_values"] and metadata.inputs[0].dtype == "float32"
     assert [t.name for t in metadata.outputs] == ["logits", "last_hidden_state"]
     assert metadata.shape_range.batch == (1, 16) and metadata.shape_range.height == (16, 64)

@@ -45,6 +45,7 @@ def test_round_trip_keeps_every_field(key):
 def test_old_saved_configs_keep_their_meaning():
     """Written before the family fields: mean pooling then meant the final norm on the tokens."""
     old = tiny_config(pooling="avg").to_dict()
+    old.update(old.pop("preprocessing") | old.pop("provenance"))  # and before the config was split
     for name in ("class_token", "num_reg_tokens", "distilled", "no_embed_class", "layer_scale", "pre_norm",
                  "fc_norm", "act", "patch_bias", "family"):
         del old[name]
@@ -205,7 +206,7 @@ def test_registry_leaves_out_what_it_cannot_build():
     assert VARIANTS["vit_giant_patch14_dinov2"].mlp_type == "swiglu"  # built since the MLP is a part
     assert "vit_so400m_patch14_siglip_384" not in VARIANTS  # 384 is no multiple of 14
     # every family name has variants (the registered families included)
-    assert {c.family for c in VARIANTS.values()} == set(FAMILY_NAMES)
+    assert {c.provenance.family for c in VARIANTS.values()} == set(FAMILY_NAMES)
     assert {"vit", "deit", "deit3", "dinov2", "clip", "siglip"} < set(FAMILY_NAMES)
 
 
@@ -217,9 +218,9 @@ def test_model_override_forces_a_registry_architecture(tmp_path):
     source = VisionTransformer(get_config("vit_tiny_patch16_224", depth=12)).eval()
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    assert load_model(path).config.name == "vit_tiny_patch16_224"  # plain ViT first: DeiT has the same shapes
+    assert load_model(path).config.provenance.name == "vit_tiny_patch16_224"  # plain ViT first: DeiT has the same shapes
     deit = load_model(path, model="deit_tiny_patch16_224")
-    assert (deit.config.name, deit.config.family, deit.config.mean) == ("deit_tiny_patch16_224", "deit",
+    assert (deit.config.provenance.name, deit.config.provenance.family, deit.config.preprocessing.mean) == ("deit_tiny_patch16_224", "deit",
                                                                         (0.485, 0.456, 0.406))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -228,7 +229,7 @@ def test_model_override_forces_a_registry_architecture(tmp_path):
                        match=r"missing 3: dist_token, head_dist\.weight, head_dist\.bias; wrong shape 1: pos_embed"):
         load_model(path, model="deit_tiny_distilled_patch16_224")
     resolved = resolve_source(str(path), model="deit_tiny_patch16_224")
-    assert resolved.model.config.name == "deit_tiny_patch16_224"
+    assert resolved.model.config.provenance.name == "deit_tiny_patch16_224"
     assert any("forced to deit_tiny_patch16_224" in n for n in resolved.notes)
     with pytest.raises(ValueError, match="unknown model variant 'deit_huge' for model="):
         load_model(path, model="deit_huge")
@@ -260,7 +261,7 @@ def test_a_clip_tower_fine_tuned_as_a_classifier_keeps_its_head(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "ft.safetensors"))
     with pytest.warns(Warning, match="QuickGELU"):
         loaded = load_model(tmp_path / "ft.safetensors", num_heads=4)
-    assert (loaded.config.num_classes, loaded.config.projection_dim, loaded.config.family) == (10, None, "clip")
+    assert (loaded.config.num_classes, loaded.config.projection_dim, loaded.config.provenance.family) == (10, None, "clip")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=1e-5)

@@ -99,7 +99,7 @@ def test_the_model_option_gives_a_clip_state_dict_its_quickgelu(tmp_path) -> Non
     tensors = {k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}
     with pytest.warns(Warning, match="QuickGELU"):
         detected, _ = infer_config(tensors, "test")
-    assert (detected.name, detected.act) == ("vit_base_patch16_clip_224", "gelu")
+    assert (detected.provenance.name, detected.act) == ("vit_base_patch16_clip_224", "gelu")
     source = tmp_path / "openai_clip_b16.safetensors"
     save_file(tensors, str(source))
     report = tmp_path / "inspect.json"
@@ -108,7 +108,7 @@ def test_the_model_option_gives_a_clip_state_dict_its_quickgelu(tmp_path) -> Non
         assert main(["inspect", str(source), "--model", "vit_base_patch16_clip_quickgelu_224", "--json",
                      str(report)]) == 0
     config = json.loads(report.read_text())["config"]
-    assert (config["name"], config["act"], config["projection_dim"]) == ("vit_base_patch16_clip_quickgelu_224",
+    assert (config["provenance"]["name"], config["act"], config["projection_dim"]) == ("vit_base_patch16_clip_quickgelu_224",
                                                                          "quick_gelu", 512)
 
 
@@ -126,8 +126,8 @@ def test_convert_and_predict_load_a_checkpoint_with_the_forced_architecture(tmp_
         out = tmp_path / f"native-{family}.safetensors"
         assert main(["convert", str(source), "-o", str(out), *argv]) == 0
         config = json.loads(safetensors_metadata(out)[META_CONFIG])
-        assert config["family"] == family
-    assert (config["name"], config["mean"]) == ("deit_tiny_patch16_224", [0.485, 0.456, 0.406])
+        assert config["provenance"]["family"] == family
+    assert (config["provenance"]["name"], config["preprocessing"]["mean"]) == ("deit_tiny_patch16_224", [0.485, 0.456, 0.406])
     predictions = tmp_path / "predictions.json"
     image = str(bundled_images()[0])
     assert main(["predict", str(source), image, "--model", "deit_tiny_patch16_224", "--json", str(predictions)]) == 0

@@ -95,8 +95,7 @@ HF = {"deit": "deit_teacher", "dinov2": "dinov2_classifier", "clip": "clip_visio
       "siglip": "siglip_vision"}
 # Config fields that do not shape the graph (they name things, or are an init value), and the two whose
 # None means "as the pooling implies" (compared by what they come to).
-NOT_IN_THE_GRAPH = ("name", "family", "labels", "mean", "std", "crop_pct", "interpolation", "layer_scale",
-                    "class_token", "fc_norm")
+NOT_IN_THE_GRAPH = ("preprocessing", "provenance", "layer_scale", "class_token", "fc_norm")
 
 
 def graph_fields(config: Any) -> dict[str, Any]:

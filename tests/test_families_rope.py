@@ -61,8 +61,8 @@ def test_hub_folder_matches_timm_at_three_sizes(case_id, tmp_path):
     case = CASES[case_id]
     source = timm_rope_model(case)
     model = load_model(save_timm_rope(source, case, tmp_path, hub=True))
-    assert model.config.family == case.family
-    assert model.config.name == case.timm_name
+    assert model.config.provenance.family == case.family
+    assert model.config.provenance.name == case.timm_name
     assert model.config.rope is not None
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
     # without its RoPE the same weights miss timm by far: the parity above depends on the rotation
@@ -76,7 +76,7 @@ def test_aimv2_hub_folder_matches_timm_at_three_sizes(tmp_path):
     case = CASES["aimv2"]
     source = timm_rope_model(case)
     model = load_model(save_timm_rope(source, case, tmp_path, hub=True))
-    assert (model.config.family, model.config.norm, model.config.mlp_type) == ("aimv2", "rmsnorm", "swiglu")
+    assert (model.config.provenance.family, model.config.norm, model.config.mlp_type) == ("aimv2", "rmsnorm", "swiglu")
     assert not model.config.proj_bias and model.config.patch_norm
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
@@ -88,7 +88,7 @@ def test_bare_state_dict_loads_as_its_family(case_id, tmp_path):
     case = CASES[case_id]
     source = timm_rope_model(case)
     model = load_model(save_timm_rope(source, case, tmp_path, hub=False), num_heads=4)
-    assert model.config.family == case.family
+    assert model.config.provenance.family == case.family
     if case.family == "dinov3":
         model.config = model.config.replace(image_size=case.image)
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
@@ -109,7 +109,7 @@ def test_bare_pe_state_dict_is_refused_then_loads_with_model(case_id, tmp_path):
     assert "\n" not in message and "Perception Encoder" in message and "model=NAME" in message
     assert case.timm_name.rsplit("_", 3)[0] in message
     model = load_model(path, model=case.timm_name, num_heads=4)
-    assert model.config.family == case.family and model.config.rope == "eva"
+    assert model.config.provenance.family == case.family and model.config.rope == "eva"
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
 
@@ -120,7 +120,7 @@ def test_original_dinov3_state_dict_matches_timm(tmp_path):
     path = tmp_path / "dinov3_vits16plus.pth"
     torch.save(original_dinov3_state_dict(source), path)
     model = load_model(path, num_heads=4)
-    assert model.config.family == "dinov3" and model.config.mlp_type == "swiglu" and model.config.qv_bias
+    assert model.config.provenance.family == "dinov3" and model.config.mlp_type == "swiglu" and model.config.qv_bias
     assert model.config.pooling == "token"  # the original's x_norm_clstoken
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
@@ -178,7 +178,7 @@ def test_variants_build_with_timm_parameter_counts():
             ours = create_model(name)
             theirs = timm.create_model(name, pretrained=False)
         expected = sum(p.numel() for p in theirs.parameters())
-        if ours.config.family == "pe":
+        if ours.config.provenance.family == "pe":
             expected -= theirs.head.bias.numel()
         assert ours.num_parameters() == expected, name
 
@@ -206,7 +206,7 @@ def test_transformers_dinov3_matches_transformers_at_three_sizes(gated, tmp_path
 
     source = hf_dinov3(gated, tmp_path)
     model = load_model(tmp_path)
-    assert model.config.family == "dinov3" and model.config.pooling == "token"
+    assert model.config.provenance.family == "dinov3" and model.config.pooling == "token"
     assert model.config.mlp_type == ("swiglu" if gated else "mlp") and model.config.qv_bias
     worst = 0.0
     for height, width in [(64, 64), (80, 80), (48, 96)]:
@@ -254,7 +254,7 @@ def test_timm_siglip2_hub_folder_loads_as_siglip_and_matches_timm(tmp_path):
         "architecture": "vit_base_patch16_siglip_224.v2_webli", "model_args": {**SMALL, **family.kwargs},
         "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bicubic"}}))
     model = load_model(folder)
-    assert model.config.family == "siglip" and model.config.pooling == "map"
+    assert model.config.provenance.family == "siglip" and model.config.pooling == "map"
     for height, width in [(64, 64), (80, 80), (48, 96)]:
         x = _photo(height, width)
         expected = timm_outputs(source, x, family.outputs)
@@ -280,7 +280,7 @@ def test_transformers_siglip2_matches_transformers_at_three_sizes(tmp_path):
             param.add_(scale * torch.randn(param.shape, generator=generator))
     source.save_pretrained(tmp_path)
     model = load_model(tmp_path)
-    assert model.config.family == "siglip" and model.config.pos_embed_resample == "siglip2"
+    assert model.config.provenance.family == "siglip" and model.config.pos_embed_resample == "siglip2"
     assert model.config.image_size == 64
     worst = 0.0
     for height, width in [(64, 64), (80, 80), (48, 96)]:

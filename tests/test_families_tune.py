@@ -43,7 +43,7 @@ def test_tune_runs_on_a_rope_family_and_load_follows_its_manifest(case_id, tmp_p
     assert records["ort-fp32"].latency_ms["1"] > 0 and records["ort-fp32"].accuracy["cosine"] > 0.9999
     assert manifest.chosen.name in ("ort-fp32", "ort-int8") and records[manifest.chosen.name].status == "ok"
     metadata = read_onnx_metadata(out / records["ort-fp32"].artifact)
-    assert metadata.model_config["family"] == case.family
+    assert metadata.model_provenance["family"] == case.family
 
     photos = InputFactory(metadata.preprocessing, synthetic=False)
     with runtimes.load(out) as runtime:

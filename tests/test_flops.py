@@ -61,7 +61,7 @@ def test_bad_size_is_rejected() -> None:
     tiny_config(representation_size=32, pooling="avg", qkv_bias=False),
     tiny_config(num_classes=0),
     tiny_hybrid_config(),
-], ids=lambda c: c.name)
+], ids=lambda c: c.provenance.name)
 def test_parameter_count_without_torch_equals_the_model(config) -> None:
     """``inspect`` counts parameters from the config alone (no torch in the runtime install)."""
     from vitdeploy.model import VisionTransformer

@@ -14,7 +14,7 @@ from vitdeploy.exporters.fp16 import convert_to_fp16, keep_ops_in_fp32, remove_r
 from vitdeploy.exporters.graph import tensor_types
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.validation import ort_cpu_fp32_fallbacks
-from vitdeploy.metadata import ArtifactMetadata, Preprocessing
+from vitdeploy.metadata import ArtifactMetadata
 from vitdeploy.model import Attention, LayerNorm, prepare_model
 from vitdeploy.parity import TOLERANCES, InputFactory, compare_logits
 
@@ -37,7 +37,7 @@ def run_eager(model, pixels: np.ndarray) -> np.ndarray:
 
 def photos(batch: int, height: int, width: int) -> np.ndarray:
     """Real photographs (the bundled ones) at the given size, normalised as the model expects."""
-    pre = Preprocessing.for_model(CFG.image_size, CFG.crop_pct, CFG.mean, CFG.std, CFG.interpolation)
+    pre = CFG.preprocessing.at(CFG.image_size)
     return InputFactory(pre, synthetic=False).batch(batch, height, width)[0]
 
 

@@ -63,11 +63,8 @@ def exported(tmp_path_factory):
 
 
 def _photos(model, batch: int = 4):
-    from vitdeploy.metadata import Preprocessing
-
     config = model.config
-    inputs = InputFactory(Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
-                                                  config.interpolation), synthetic=False)
+    inputs = InputFactory(config.preprocessing.at(config.image_size), synthetic=False)
     pixels, _ = inputs.batch(batch, config.image_size, config.image_size)
     with torch.no_grad():
         reference = model(torch.from_numpy(pixels)).numpy()

@@ -21,7 +21,7 @@ from timm_without_torchvision import TIMM_MISSING, import_timm
 from vitdeploy import runtimes
 from vitdeploy.checkpoints import load_model
 from vitdeploy.cli import main
-from vitdeploy.metadata import Preprocessing, read_onnx_metadata
+from vitdeploy.metadata import read_onnx_metadata
 from vitdeploy.parity import InputFactory, compare_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -47,8 +47,7 @@ def realistic_pos_embed(num_prefix: int, grid: int, dim: int) -> torch.Tensor:
 def photo_batches(model) -> dict[tuple[int, int], np.ndarray]:
     """A photograph and a synthetic image at every size, preprocessed as the model expects."""
     config = model.config
-    inputs = InputFactory(Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
-                                                  config.interpolation))
+    inputs = InputFactory(config.preprocessing.at(config.image_size))
     return {size: inputs.batch(2, *size)[0] for size in SIZES}
 
 

@@ -55,7 +55,7 @@ def test_rebuild_reproduces_the_packaged_graph_and_transformers(full_folder):
     from vitdeploy.checkpoints import load_model
 
     model = load_model(str(full_folder))
-    assert model.config.family == "dinov2" and model.config.depth == 12
+    assert model.config.provenance.family == "dinov2" and model.config.depth == 12
     pixels = _photos(224, 224)
     with torch.no_grad():
         ours = model.forward_outputs(torch.from_numpy(pixels), ("last_hidden_state",))["last_hidden_state"].numpy()

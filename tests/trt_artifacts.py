@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
+from vitdeploy.metadata import ArtifactMetadata, ShapeRange, TensorInfo
 
 SHAPE_RANGE = ShapeRange(batch=(1, 8), height=(16, 64), width=(16, 64))
 
@@ -24,8 +24,7 @@ def tiny_metadata(config, precision: str = "fp32") -> ArtifactMetadata:
     """Metadata as ``vitdeploy export`` writes it, for the tiny test config (stride 8)."""
     return ArtifactMetadata(
         model_config=config.to_dict(),
-        preprocessing=Preprocessing.for_model(config.image_size, config.crop_pct, config.mean, config.std,
-                                              config.interpolation),
+        preprocessing=config.preprocessing.at(config.image_size),
         inputs=[TensorInfo("pixel_values", "float32", ["batch", config.in_channels, "height", "width"])],
         outputs=[TensorInfo("logits", "float32", ["batch", config.num_classes])],
         shape_range=SHAPE_RANGE,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vitdeploy.metadata import Preprocessing
 from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
 from vitdeploy.rope import RopeSpec, check_rope
 
@@ -74,8 +76,57 @@ class HybridConfig:
 
 
 @dataclass
+class InputPreprocessing:
+    """The eval transform a checkpoint was trained with, at any size: normalisation, the share of the
+    resized image the centre crop keeps (timm's ``crop_pct``) and the resize filter.
+
+    :meth:`at` resolves it for one input size into the runtime's
+    :class:`~vitdeploy.metadata.Preprocessing` (resize and crop sizes), which artifacts carry.
+    """
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        self.crop_pct = float(self.crop_pct)
+
+    def at(self, image_size: int) -> Preprocessing:
+        """The resize/crop/normalise steps for ``image_size`` inputs (timm's eval transform)."""
+        return Preprocessing.for_model(image_size, self.crop_pct, self.mean, self.std, self.interpolation)
+
+
+@dataclass
+class Provenance:
+    """Where a model comes from and what its outputs mean: its family (:data:`FAMILIES`), its
+    variant name and its class names. Informational (inspect, metadata, messages, serving)."""
+
+    family: str = "vit"
+    name: str = "vit"
+    labels: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+
+
+# The parts of a ViTConfig besides the architecture, and the flat field names each holds.
+_PARTS: dict[str, type] = {"preprocessing": InputPreprocessing, "provenance": Provenance}
+_PART_OF: dict[str, str] = {f.name: part for part, cls in _PARTS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass
 class ViTConfig:
-    """Everything that defines a Vision Transformer's architecture and its default input."""
+    """A Vision Transformer: its architecture (the fields that decide the computation), the input
+    preprocessing its checkpoint was trained with (:class:`InputPreprocessing`) and where it comes
+    from (:class:`Provenance`).
+
+    The fields of the three parts have distinct names: :meth:`to_fields`, :meth:`from_fields` and
+    :meth:`replace` address them all by name, side by side, as the checkpoint loaders collect them.
+    """
 
     image_size: int = 224
     patch_size: int = 16
@@ -118,14 +169,9 @@ class ViTConfig:
     act: str = "gelu"
     # The patch embedding's bias (CLIP has none).
     patch_bias: bool = True
-    family: str = "vit"
-    name: str = "vit"
-    # Preprocessing the checkpoint was trained with; runtimes read it from artifact metadata.
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    crop_pct: float = 0.9
-    interpolation: str = "bicubic"
-    labels: list[str] | None = field(default=None, repr=False)
+    # What the checkpoint expects of its input, and where it comes from: neither changes the computation.
+    preprocessing: InputPreprocessing = field(default_factory=InputPreprocessing)
+    provenance: Provenance = field(default_factory=Provenance)
     # How position embeddings are resampled at another grid (vitdeploy.pos_embed.RESAMPLE_METHODS):
     # the checkpoint framework's own convention, so other resolutions give that framework's logits.
     pos_embed_resample: str = DEFAULT_RESAMPLE
@@ -156,10 +202,12 @@ class ViTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):
             self.hybrid = HybridConfig(**self.hybrid)
+        if isinstance(self.preprocessing, dict):
+            self.preprocessing = InputPreprocessing(**self.preprocessing)
+        if isinstance(self.provenance, dict):
+            self.provenance = Provenance(**self.provenance)
         if self.rope_ref_grid is not None:
             self.rope_ref_grid = (int(self.rope_ref_grid[0]), int(self.rope_ref_grid[1]))
-        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -185,8 +233,6 @@ class ViTConfig:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.layer_scale is not None and not self.layer_scale > 0:
             raise ValueError(f"layer_scale is the LayerScale init and must be > 0 (or None), got {self.layer_scale}")
         if self.projection_dim is not None and self.projection_dim <= 0:
@@ -211,6 +257,13 @@ class ViTConfig:
         if self.pool_heads is not None and (self.pooling != "map" or self.hidden_size % self.pool_heads):
             raise ValueError(f"pool_heads {self.pool_heads} needs pooling 'map' and to divide hidden_size "
                              f"{self.hidden_size}")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a read of a field that moved into a part says where it went.
+        if name in _PART_OF:
+            raise AttributeError(f"ViTConfig has no attribute {name!r}: it lives in ViTConfig.{_PART_OF[name]} "
+                                 f"(config.{_PART_OF[name]}.{name})")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def stride(self) -> int:
@@ -284,10 +337,44 @@ class ViTConfig:
         width = height if width is None else width
         return self.num_prefix_tokens + (height // self.stride) * (width // self.stride)
 
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The flat names :meth:`from_fields` and :meth:`replace` accept (as :meth:`to_fields` gives them): the
+        architecture's fields and those of its preprocessing and provenance (which both also take whole)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.name not in _PARTS) | frozenset(_PART_OF)
+
+    @staticmethod
+    def _split(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """``fields`` (flat names) as the architecture's and each part's, by name."""
+        parts: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
+        architecture: dict[str, Any] = {}
+        for key, value in fields.items():
+            if key in _PART_OF:
+                parts[_PART_OF[key]][key] = value
+            else:
+                architecture[key] = value
+        return architecture, parts
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> ViTConfig:
+        """A config from flat field names (``mean=``, ``family=`` beside ``depth=``; see :meth:`field_names`),
+        the others at their defaults."""
+        return cls().replace(**fields)
+
+    def to_fields(self) -> dict[str, Any]:
+        """Every field by its flat name (:meth:`field_names`), values as held (not copied)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _PARTS}
+        for part in _PARTS:
+            nested = getattr(self, part)
+            data.update({f.name: getattr(nested, f.name) for f in dataclasses.fields(nested)})
+        return data
+
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data: the architecture's fields, with ``preprocessing`` and
+        ``provenance`` nested."""
         data = dataclasses.asdict(self)
-        data["mean"] = list(self.mean)
-        data["std"] = list(self.std)
+        data["preprocessing"]["mean"] = list(self.preprocessing.mean)
+        data["preprocessing"]["std"] = list(self.preprocessing.std)
         if self.hybrid is not None:
             data["hybrid"]["layers"] = list(self.hybrid.layers)
         if self.rope_ref_grid is not None:
@@ -302,24 +389,67 @@ class ViTConfig:
         """A config from :meth:`to_dict`'s output. Older files keep their meaning: one saved before
         ``pos_embed_resample`` existed keeps the resampling it was made with
         (:data:`vitdeploy.pos_embed.LEGACY_RESAMPLE`), one saved before ``fc_norm`` existed applied the
-        final norm to the tokens (``fc_norm=False``)."""
+        final norm to the tokens (``fc_norm=False``), and one saved before the split (``mean``,
+        ``family``, ... beside the architecture's fields) has them read into ``preprocessing`` and
+        ``provenance``."""
+        architecture, flat_parts = cls._split(dict(data))
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(architecture) - known)
         if unknown:
-            raise ValueError(f"unknown ViTConfig fields {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(f"unknown ViTConfig fields {unknown}; expected a subset of {sorted(cls.field_names())}")
+        for part, flat in flat_parts.items():
+            if not flat:
+                continue
+            if part in architecture:
+                raise ValueError(f"ViTConfig fields {sorted(flat)} given both flat and inside {part!r}; "
+                                 "expected one or the other")
+            architecture[part] = flat
+        for part, part_cls in _PARTS.items():
+            nested = architecture.get(part)
+            if isinstance(nested, dict):
+                names = {f.name for f in dataclasses.fields(part_cls)}
+                if set(nested) - names:
+                    raise ValueError(f"unknown {part} fields {sorted(set(nested) - names)}; expected a subset of "
+                                     f"{sorted(names)}")
         legacy: dict[str, Any] = {"pos_embed_resample": LEGACY_RESAMPLE}
         if "fc_norm" not in data:
             legacy["fc_norm"] = False
-        return cls(**{**legacy, **data})
+        return cls(**{**legacy, **architecture})
 
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **overrides: Any) -> ViTConfig:
-        """A copy with ``overrides`` applied (and validated)."""
-        known = {f.name for f in dataclasses.fields(self)}
+        """A copy with ``overrides`` applied (and validated): any of :meth:`field_names` (``crop_pct=``
+        edits ``preprocessing``, ``labels=`` ``provenance``), or a whole ``preprocessing=``/``provenance=``."""
+        known = self.field_names() | set(_PARTS)
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown model overrides {unknown}; expected some of {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
+            raise ValueError(f"unknown model overrides {unknown}; expected some of {sorted(self.field_names())}")
+        architecture, parts = self._split(overrides)
+        for part, changes in parts.items():
+            if changes:
+                base = architecture.get(part, getattr(self, part))
+                base = _PARTS[part](**base) if isinstance(base, dict) else base
+                architecture[part] = dataclasses.replace(base, **changes)
+        return dataclasses.replace(self, **architecture)
+
+
+def _refuse_flat_keywords(init: Any) -> Any:
+    """``ViTConfig.__init__`` refusing the fields that moved into its parts, in one line naming the part."""
+
+    @functools.wraps(init)
+    def checked(self: ViTConfig, *args: Any, **kwargs: Any) -> None:
+        moved = [key for key in kwargs if key in _PART_OF]
+        if moved:
+            key = moved[0]
+            part = _PART_OF[key]
+            raise TypeError(f"ViTConfig takes no {key}=: it lives in ViTConfig.{part} "
+                            f"({_PARTS[part].__name__}({key}=...)); ViTConfig.from_fields and .replace take it flat")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+ViTConfig.__init__ = _refuse_flat_keywords(ViTConfig.__init__)  # type: ignore[method-assign]

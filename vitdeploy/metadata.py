@@ -94,6 +94,14 @@ CPU_FUSION = "ort_cpu_fusion"
 QUANTIZE_TRANSFORM = "quantize"
 
 
+def model_provenance(model_config: dict[str, Any]) -> dict[str, Any]:
+    """``family``, ``name`` and ``labels`` of a serialised :class:`~vitdeploy.config.ViTConfig` (None where
+    absent), nested under ``provenance`` or, in files written before the config was split, flat."""
+    nested = model_config.get("provenance")
+    source = nested if isinstance(nested, dict) else model_config
+    return {key: source.get(key) for key in ("family", "name", "labels")}
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -139,6 +147,17 @@ class ArtifactMetadata:
     @property
     def num_classes(self) -> int:
         return int(self.model_config["num_classes"])
+
+    @property
+    def model_provenance(self) -> dict[str, Any]:
+        """``family``, ``name`` and ``labels`` from :attr:`model_config` (None where absent): nested under
+        ``provenance``, or flat beside the architecture in files written before that split."""
+        return model_provenance(self.model_config)
+
+    @property
+    def class_labels(self) -> list[str] | None:
+        """The class names: :attr:`labels`, else the model config's, else None."""
+        return self.labels or self.model_provenance["labels"]
 
     @property
     def output_names(self) -> list[str]:

@@ -577,7 +577,7 @@ class VisionTransformer(nn.Module):
             resampled = resample_pos_embed(self.pos_embed, (side, side), self.grid_size,
                                            self.config.num_pos_prefix_tokens, method=self.config.pos_embed_resample)
             self.pos_embed = nn.Parameter(resampled)
-        crop_pct = self.config.crop_pct if image_size == self.config.image_size else 1.0
+        crop_pct = self.config.preprocessing.crop_pct if image_size == self.config.image_size else 1.0
         self.config = self.config.replace(image_size=image_size, crop_pct=crop_pct)
 
     def set_precision_policy(self, fp32_ops: set[str] | None = None, fused_attention: bool | None = None) -> None:

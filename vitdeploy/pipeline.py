@@ -199,7 +199,7 @@ class Pipeline:
                 image_size=self.resolved.model.config.image_size, enabled=self.options.source_check)
             self.name = slug(str(self.options.source))
             config = self.resolved.model.config
-            stage.detail = (f"{config.name}: {self.resolved.format}"
+            stage.detail = (f"{config.provenance.name}: {self.resolved.format}"
                             + (", random weights" if self.resolved.random_weights else ""))
 
     def artifact_plan(self) -> Any:
@@ -488,7 +488,7 @@ class Pipeline:
             "version": 1,
             "command": self.command,
             "source": {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,
-                       "random_weights": bool(resolved.random_weights), "model": resolved.model.config.name},
+                       "random_weights": bool(resolved.random_weights), "model": resolved.model.config.provenance.name},
             "seconds": round(self.seconds, 1),
             "stages": [s.to_dict() for s in self.stages],
             "artifacts": [a.to_dict(self.out) for a in self.artifacts],

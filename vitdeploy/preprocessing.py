@@ -147,7 +147,7 @@ def bundled_images() -> list[Path]:
 
 def load_labels(metadata: ArtifactMetadata) -> list[str]:
     """Class names from the artifact's metadata, or the class indices as strings when it has none."""
-    labels = metadata.labels or metadata.model_config.get("labels")
+    labels = metadata.class_labels
     count = metadata.num_classes
     if not labels:
         return [str(index) for index in range(count)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitdeploy.config import HybridConfig, ViTConfig
+from vitdeploy.config import HybridConfig, InputPreprocessing, Provenance, ViTConfig
 from vitdeploy.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # Paper Table 1: (hidden, depth, heads, mlp, rounded parameter count in millions).
@@ -45,25 +45,27 @@ for _size, _patch, _image in _PLAIN:
     _hidden, _depth, _heads, _mlp, _ = _SIZES[_size]
     _name = f"vit_{_size}_patch{_patch}_{_image}"
     VARIANTS[_name] = ViTConfig(
-        name=_name, image_size=_image, patch_size=_patch, hidden_size=_hidden, depth=_depth,
-        num_heads=_heads, mlp_size=_mlp, crop_pct=0.9 if _image == 224 else 1.0,
+        image_size=_image, patch_size=_patch, hidden_size=_hidden, depth=_depth, num_heads=_heads, mlp_size=_mlp,
+        preprocessing=InputPreprocessing(crop_pct=0.9 if _image == 224 else 1.0), provenance=Provenance(name=_name),
     )
 
 for _image in (224, 384):
     _name = f"vit_base_r50_s16_{_image}"
     VARIANTS[_name] = ViTConfig(
-        name=_name, image_size=_image, patch_size=1, hidden_size=768, depth=12, num_heads=12,
-        mlp_size=3072, hybrid=HybridConfig(layers=(3, 4, 9)), crop_pct=0.9 if _image == 224 else 1.0,
+        image_size=_image, patch_size=1, hidden_size=768, depth=12, num_heads=12, mlp_size=3072,
+        hybrid=HybridConfig(layers=(3, 4, 9)), preprocessing=InputPreprocessing(crop_pct=0.9 if _image == 224 else 1.0),
+        provenance=Provenance(name=_name),
     )
 
 
 
 
 def _add(name: str, size: str | tuple[int, int, int, int], patch: int, image: int, **fields: Any) -> None:
+    """Registers ``name``; ``fields`` by flat name (:meth:`ViTConfig.from_fields`): family, mean, ... too."""
     hidden, depth, heads, mlp = _SIZES[size][:4] if isinstance(size, str) else size
     fields.setdefault("crop_pct", 0.9 if image == 224 else 1.0)
-    VARIANTS[name] = ViTConfig(name=name, image_size=image, patch_size=patch, hidden_size=hidden, depth=depth,
-                               num_heads=heads, mlp_size=mlp, **fields)
+    VARIANTS[name] = ViTConfig.from_fields(dict(name=name, image_size=image, patch_size=patch, hidden_size=hidden,
+                                                depth=depth, num_heads=heads, mlp_size=mlp, **fields))
 
 
 _DEIT = dict(family="deit", mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -107,7 +109,7 @@ def paper_size(name_or_config: str | ViTConfig) -> tuple[str, int] | None:
     for size, (hidden, depth, heads, mlp, millions) in _SIZES.items():
         shape_matches = (config.hidden_size, config.depth, config.num_heads, config.mlp_size) == (
             hidden, depth, heads, mlp)
-        if millions is not None and shape_matches and config.hybrid is None and config.family == "vit":
+        if millions is not None and shape_matches and config.hybrid is None and config.provenance.family == "vit":
             return f"ViT-{size[0].upper()}", millions
     return None
 

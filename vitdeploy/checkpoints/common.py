@@ -7,7 +7,6 @@ and loads that state dict strictly, so each format only has to rename and reshap
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -230,14 +229,13 @@ _ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth
 # Fields the weights cannot show, lent by the matching registry variant (or forced by model=).
 _VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act",
                      "layer_scale")
-_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ViTConfig))
+_CONFIG_FIELDS = ViTConfig.field_names()
 # Fields no tensor shows (left out of the probe config that is matched against the registry).
 _NOT_IN_SHAPES = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act", "labels",
                   "pos_embed_resample")
-_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation")
-# Fields a checkpoint keeps when model= forces another variant's architecture on it.
-_CHECKPOINT_FIELDS = ("num_classes", "image_size", "labels", "mean", "std", "crop_pct", "interpolation",
-                      "pos_embed_resample")
+# Fields a checkpoint keeps when model= forces another variant's architecture on it (with its preprocessing,
+# unless that was only a default).
+_CHECKPOINT_FIELDS = ("num_classes", "image_size", "labels", "pos_embed_resample")
 
 
 # The leading _ARCH_FIELDS that are sizes (the rest are structure).
@@ -267,7 +265,7 @@ def match_variant(config: ViTConfig, prefer: str | None = None) -> str | None:
     wanted = _architecture(config)
     if prefer in VARIANTS and _architecture(VARIANTS[prefer]) == wanted:
         return prefer
-    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].family != "vit", n)):
+    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].provenance.family != "vit", n)):
         if _architecture(VARIANTS[name]) == wanted:
             return name
     return None
@@ -292,7 +290,7 @@ def _family_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
     """The key patterns of every registry variant's structure (built on the meta device, one block deep)."""
     seen: dict[frozenset[str], str] = {}
     built: set[str] = set()
-    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].family != "vit", n)):
+    for name in sorted(VARIANTS, key=lambda n: (VARIANTS[n].provenance.family != "vit", n)):
         variant = VARIANTS[name]
         structure = repr(tuple(bool(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
                                for v in _architecture(variant)[len(_SIZE_FIELDS):]))
@@ -322,7 +320,7 @@ def closest_family(state_dict: Mapping[str, Any], limit: int = 6) -> str:
     lacks, extra = patterns - have, have - patterns
     parts = [f"lacks {listed(lacks)}" if lacks else "", f"has {listed(extra)} besides" if extra else ""]
     detail = "; ".join(p for p in parts if p) or "has the same tensor names"
-    return f"closest supported family: {VARIANTS[name].family} (like {name}): it {detail}"
+    return f"closest supported family: {VARIANTS[name].provenance.family} (like {name}): it {detail}"
 
 
 def _guess_family(fields: Mapping[str, Any]) -> str:
@@ -440,21 +438,22 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
 
     shapes_only = {k: v for k, v in fields.items() if k in _CONFIG_FIELDS and k not in _NOT_IN_SHAPES}
     try:
-        probe = ViTConfig(**shapes_only)
+        probe = ViTConfig.from_fields(shapes_only)
     except ValueError as error:
         raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
     name = match_variant(probe, prefer)
     if name is not None:
         variant = VARIANTS[name]
-        fields = {**{k: getattr(variant, k) for k in _VARIANT_DEFAULTS}, **fields}
+        lent = variant.to_fields()
+        fields = {**{k: lent[k] for k in _VARIANT_DEFAULTS}, **fields}
         # the same architecture, spelled as the registry spells it
         fields.update({k: getattr(variant, k) for k in ("layer_scale", "class_token", "fc_norm")})
         notes.append(f"inferred variant {name} from the tensor shapes")
     else:
         if prefer in VARIANTS:  # a named architecture built with other sizes (timm's model_args)
-            named = VARIANTS[prefer]
-            fields = {**{k: getattr(named, k) for k in ("family", "act", "layer_norm_eps", "mean", "std",
-                                                        "interpolation")}, **fields}
+            named = VARIANTS[prefer].to_fields()
+            fields = {**{k: named[k] for k in ("family", "act", "layer_norm_eps", "mean", "std", "interpolation")},
+                      **fields}
             notes.append(f"took the activation, norm epsilon and family of {prefer} (the file's architecture, "
                          "here with other sizes)")
         kind = "hybrid " if hybrid else ""
@@ -476,7 +475,7 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         note(notes, f"{what}: the number of attention heads is not stored in the weights; guessed "
              f"{num_heads} (hidden_size // 64). Pass num_heads= (CLI: --num-heads) if that is wrong", warn=True)
     try:
-        return ViTConfig(**fields), notes
+        return ViTConfig.from_fields(fields), notes
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
 
@@ -493,11 +492,12 @@ def force_variant(config: ViTConfig, name: str, what: str, notes: list[str]) -> 
     if name not in VARIANTS:
         raise ValueError(unknown_variant_message(name, " for model="))
     variant = VARIANTS[name]
-    kept = {k: getattr(config, k) for k in _CHECKPOINT_FIELDS}
+    kept = {k: v for k, v in config.to_fields().items() if k in _CHECKPOINT_FIELDS}
     # Preprocessing that was only a default (the detected variant's, or ViTConfig's) is the forced variant's.
-    defaults = [ViTConfig()] + ([VARIANTS[config.name]] if config.name in VARIANTS else [])
-    if any(all(getattr(config, k) == getattr(d, k) for k in _PREPROCESSING) for d in defaults):
-        kept.update({k: getattr(variant, k) for k in _PREPROCESSING})
+    detected = config.provenance.name
+    defaults = [ViTConfig()] + ([VARIANTS[detected]] if detected in VARIANTS else [])
+    only_default = any(config.preprocessing == d.preprocessing for d in defaults)
+    kept["preprocessing"] = variant.preprocessing if only_default else config.preprocessing
     if variant.projection_dim and config.projection_dim:
         kept["projection_dim"] = config.projection_dim
     if config.pooling == "token_avg" and variant.pooling == "token" and config.num_classes:
@@ -583,7 +583,7 @@ def _misfit_error(config: ViTConfig, state_dict: StateDict, what: str, missing: 
         return "; ".join(listed(kind, names, None if limit is None else limit * times)
                          for kind, names, times in lists if names)
 
-    head = f"{what} does not fit the {config.name} model ({config.hidden_size} wide, {config.depth} blocks): "
+    head = f"{what} does not fit the {config.provenance.name} model ({config.hidden_size} wide, {config.depth} blocks): "
     closest = closest_family(state_dict) if missing or unexpected else ""
     tail = f". {closest}" if closest else ""
     short = parts(shown)
@@ -591,7 +591,8 @@ def _misfit_error(config: ViTConfig, state_dict: StateDict, what: str, missing: 
     depth = len({match.group(1) for key in state_dict if (match := _BLOCK.match(key))})
     if wrong and not (missing or unexpected) and width and (width, depth) != (config.hidden_size, config.depth):
         # The same layout at another size: say which variants it does fit.
-        fits = [name for name, v in sorted(VARIANTS.items(), key=lambda item: (item[1].family != config.family,
+        family = config.provenance.family
+        fits = [name for name, v in sorted(VARIANTS.items(), key=lambda item: (item[1].provenance.family != family,
                                                                                item[0]))
                 if v.hidden_size == width and v.depth == depth and v.patch_size == config.patch_size][:2]
         short = (f"{len(wrong)} tensor shapes differ; the weights are {width} wide, {depth} blocks"

@@ -31,8 +31,8 @@ class Conversion:
 
 
 def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
-    """``ViTConfig(**fields)``, or a :class:`CheckpointError` naming the bad or unknown fields."""
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    """``ViTConfig.from_fields(fields)``, or a :class:`CheckpointError` naming the bad or unknown fields."""
+    known = ViTConfig.field_names() | {f.name for f in dataclasses.fields(ViTConfig)}
     needed = sorted(k for k in fields if k not in known)
     if needed:
         family = fields.get("family", "this")
@@ -41,7 +41,7 @@ def build_config(fields: dict[str, Any], where: str) -> ViTConfig:
             f"{', '.join(f'{k}={fields[k]!r}' for k in needed)}, which this vitdeploy's model does not have"
         )
     try:
-        return ViTConfig(**fields)
+        return ViTConfig.from_fields(fields)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable configuration: {error}") from None
 

@@ -26,7 +26,7 @@ from vitdeploy.checkpoints.common import (
 from vitdeploy.checkpoints.conversion import Conversion, build_config
 from vitdeploy.checkpoints.hf_common import labels, preprocessing, rename_layers, square, strip_model_prefix
 from vitdeploy.checkpoints.hf_families import MODEL_TYPES, convert_hf_family, family_model_type
-from vitdeploy.config import ViTConfig
+from vitdeploy.config import InputPreprocessing, Provenance, ViTConfig
 
 # transformers' ViTConfig defaults, for keys an older config.json may omit.
 _HF_DEFAULTS: dict[str, Any] = dict(
@@ -85,8 +85,8 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             f"{where}: hidden_act {values['hidden_act']!r} is not supported; expected 'gelu' (exact, erf-based)"
         )
     try:
+        name = str(data.get("_name_or_path") or where.parent.name).rstrip("/").split("/")[-1] or "hf_vit"
         return ViTConfig(
-            name=str(data.get("_name_or_path") or where.parent.name).rstrip("/").split("/")[-1] or "hf_vit",
             image_size=square(values["image_size"], "image_size", where),
             patch_size=square(values["patch_size"], "patch_size", where),
             in_channels=int(values["num_channels"]), hidden_size=int(values["hidden_size"]),
@@ -95,8 +95,9 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             layer_norm_eps=float(values["layer_norm_eps"]), pooling="token",
             dropout=float(values["hidden_dropout_prob"]),
             attention_dropout=float(values["attention_probs_dropout_prob"]),
-            crop_pct=1.0, interpolation="bilinear", labels=labels(data, num_classes),
             pos_embed_resample="huggingface",
+            preprocessing=InputPreprocessing(crop_pct=1.0, interpolation="bilinear"),
+            provenance=Provenance(name=name, labels=labels(data, num_classes)),
         )
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable ViT config: {error}") from None

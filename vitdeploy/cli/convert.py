@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     model = resolved.model
     config = model.config
     kind = "hybrid ViT" if config.hybrid else "ViT"
-    print(f"loaded {resolved.format} checkpoint {resolved.source}: {config.name} ({kind}, "
+    print(f"loaded {resolved.format} checkpoint {resolved.source}: {config.provenance.name} ({kind}, "
           f"{model.num_parameters() / 1e6:.2f}M parameters, {config.image_size}px, patch {config.patch_size}, "
           f"{config.num_classes} classes, {config.pos_embed_resample} position-embedding resampling)")
     written = save_model(model, output)

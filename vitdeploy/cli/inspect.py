@@ -96,10 +96,10 @@ def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
     return {
         "source": source,
         "origin": origin,
-        "name": config.name,
+        "name": config.provenance.name,
         "parameters": params,
         "paper": {"model": paper[0], "parameters_millions": paper[1]} if paper else None,
-        "config": config.to_dict() | {"labels": None},
+        "config": config.replace(labels=None).to_dict(),
         "sizes": sizes,
         "artifact": artifact,
     }

@@ -123,9 +123,9 @@ def check_same_model(reference: str, config: Any, metadata: Any) -> None:
     if lacking:
         differences.append(f"no {', '.join(lacking)} output{'s' if len(lacking) > 1 else ''}")
     if differences:
-        theirs = f"{exported.get('family', '?')} {exported.get('name', '?')}"
+        theirs = f"{metadata.model_provenance['family'] or '?'} {metadata.model_provenance['name'] or '?'}"
         raise CLIError(f"--reference {reference} is a different model from the artifact: {'; '.join(differences)} "
-                       f"(reference: {config.family} {config.name}, artifact: {theirs}); "
+                       f"(reference: {config.provenance.family} {config.provenance.name}, artifact: {theirs}); "
                        "pass the checkpoint the artifact was exported from")
 
 

@@ -49,9 +49,10 @@ def has_part(names: frozenset[str], part: str) -> bool:
 
 def variant(name: str, image: int, patch: int, hidden: int, depth: int, heads: int, mlp: int,
             **fields: Any) -> ViTConfig:
-    """A registry entry: ``name`` at ``image`` pixels with the given sizes and family fields."""
-    return ViTConfig(name=name, image_size=image, patch_size=patch, hidden_size=hidden, depth=depth,
-                     num_heads=heads, mlp_size=mlp, **fields)
+    """A registry entry: ``name`` at ``image`` pixels with the given sizes and family fields (flat names,
+    :meth:`ViTConfig.from_fields`)."""
+    return ViTConfig.from_fields(dict(name=name, image_size=image, patch_size=patch, hidden_size=hidden, depth=depth,
+                                      num_heads=heads, mlp_size=mlp, **fields))
 
 
 def _concat(tensors: list[Any]) -> Any:
@@ -168,7 +169,7 @@ def infer_family_config(family: Family, state_dict: StateDict, what: str, archit
                      shapes["mlp_type"], shapes["qv_bias"])]
         name = sized[0] if sized else None
     reference = family.variants[name] if name else None
-    lent = {k: getattr(reference, k) for k in LENT} if reference else dict(family.defaults)
+    lent = {k: v for k, v in reference.to_fields().items() if k in LENT} if reference else dict(family.defaults)
     if reference is None:
         lent.setdefault("name", f"{family.name}_d{shapes['hidden_size']}_l{shapes['depth']}_p{shapes['patch_size']}")
     fields = {**lent, **{k: v for k, v in shapes.items() if k != "image_size" or shapes["abs_pos_embed"]}}
@@ -191,7 +192,7 @@ def infer_family_config(family: Family, state_dict: StateDict, what: str, archit
         notes.append(f"{what}: guessed {fields['num_heads']} attention heads (hidden_size // 64); "
                      "RoPE depends on the head size: pass num_heads= if that is wrong")
     try:
-        config = ViTConfig(**fields)
+        config = ViTConfig.from_fields(fields)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{what}: inferred an invalid {family.label} configuration: {error}") from None
     if architecture and reference is not None:
@@ -200,5 +201,5 @@ def infer_family_config(family: Family, state_dict: StateDict, what: str, archit
         if differs:
             raise ValueError(f"{what}: the file names {architecture!r} but its tensors differ from that "
                              f"architecture in {', '.join(differs)}; refusing to build something else")
-    notes.append(f"read as {family.label} ({config.name}; positions: {config.position_scheme})")
+    notes.append(f"read as {family.label} ({config.provenance.name}; positions: {config.position_scheme})")
     return config, notes

@@ -202,11 +202,11 @@ def client_parameters(metadata: ArtifactMetadata | None, artifact: _Artifact) ->
             "stride": str(metadata.stride),
             "num_classes": str(metadata.num_classes),
             "precision": metadata.precision,
-            "model": str(metadata.model_config.get("name", "")),
+            "model": str(metadata.model_provenance["name"] or ""),
             "source_sha256": metadata.source_sha256,
             "outputs": json.dumps(metadata.output_names),
         })
-        labels = metadata.labels or metadata.model_config.get("labels")
+        labels = metadata.class_labels
         if labels:
             params["labels"] = json.dumps([str(label) for label in labels])
     return {PARAMETER_PREFIX + key: value for key, value in params.items()}
@@ -257,7 +257,7 @@ def _max_batch(artifact: _Artifact, options: RepositoryOptions) -> int:
 def model_config(artifact: _Artifact, kind: str, name: str, files: list[str], options: RepositoryOptions,
                  metadata: ArtifactMetadata | None) -> dict[str, Any]:
     """The ``ModelConfig`` of one model as nested dicts (see :func:`vitdeploy.serving.pbtxt.to_text`)."""
-    labels = bool(metadata and (metadata.labels or metadata.model_config.get("labels")))
+    labels = bool(metadata and metadata.class_labels)
     config: dict[str, Any] = {"name": name}
     if kind == ONNXRUNTIME:
         config["platform"] = "onnxruntime_onnx"
@@ -400,7 +400,7 @@ def _stage_model(staging: Path, artifact: _Artifact, kind: str, name: str, optio
         if kind == PYTHON:
             shutil.copy2(PYTHON_MODEL_SOURCE, version_dir / "model.py")
             files.append("model.py")
-    labels = (metadata.labels or metadata.model_config.get("labels")) if metadata else None
+    labels = metadata.class_labels if metadata else None
     if labels:
         (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     config = model_config(artifact, kind, name, files, options, metadata)
