@@ -200,6 +200,15 @@ def build_transformers(folder: Path, architecture: str) -> SourceModel:
     return SourceModel("transformers", transformers.__version__, cls.__name__, module.float().eval(), hf_outputs)
 
 
+def native_size_only(model: SourceModel) -> str | None:
+    """Why the source model runs at its native size only (None: it takes other sizes): transformers'
+    AIMv2 with ``is_native`` false adds its learned table as it is, without resizing it."""
+    config = getattr(model.module, "config", None)
+    if getattr(config, "model_type", None) == "aimv2_vision_model" and not getattr(config, "is_native", True):
+        return f"{model.architecture} (is_native false) runs at its native size only"
+    return None
+
+
 # --------------------------------------------------------------------------- what to check against
 
 
@@ -479,6 +488,9 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
         return SourceCheckResult(plan, error=f"{error} (--no-source-check skips this check)")
     native = int(metadata.model_config["image_size"])
     sizes = check_sizes(native, tuple(height), tuple(width), metadata.stride)
+    fixed = native_size_only(plan.model())
+    if fixed:
+        sizes = sizes[:1]
     tolerance = tolerance_for(metadata.precision, against_fp32=True)
     inputs = InputFactory(metadata.preprocessing, images=images, synthetic=False)
     reference = Reference(plan.model().name, _SourceRun(plan), tolerance)
@@ -490,6 +502,8 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     if not report.cases:
         return not_checked(f"{plan.model().name} gives none of the artifact's outputs "
                        f"({', '.join(metadata.output_names)})", plan)
-    if len(sizes) < 2:
+    if fixed:
+        report.notes.append(f"{fixed}; checked at the native size only")
+    elif len(sizes) < 2:
         report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
     return result

@@ -56,6 +56,10 @@ CASES = {
         RopeCase("eva02", "eva02_tiny_patch14_224", 56, 14, "eva02", ("pooler_output", "last_hidden_state")),
         RopeCase("eva02_base", "eva02_base_patch14_448", 56, 14, "eva02",
                  ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=7)),
+        RopeCase("eva02_clip", "eva02_base_patch16_clip_224", 64, 16, "eva02",
+                 ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
+        RopeCase("eva02_clip_large", "eva02_large_patch14_clip_224", 56, 14, "eva02",
+                 ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
         RopeCase("pe", "vit_pe_core_tiny_patch16_384", 64, 16, "pe",
                  ("image_embeds", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
         RopeCase("pe_spatial", "vit_pe_spatial_tiny_patch16_512", 64, 16, "pe_spatial",
@@ -181,3 +185,36 @@ def siglip2_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     batch, channels, height, width = x.shape
     grid = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
     return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)
+
+
+def hf_aimv2(native: bool, folder: Path, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """transformers' ``Aimv2VisionModel`` at a tiny size (patch 14, 56 px, its attention-pool head unless
+    ``use_head=False``), perturbed like the timm models (large q/k projections), written with
+    ``save_pretrained`` to ``folder``; ``native`` is its ``is_native`` (sin-cos positions at every size)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=14,
+        image_size=56, is_native=native, **config)).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("q_proj.weight", "k_proj.weight", "cls_token")):
+                param.copy_(0.4 * torch.randn(param.shape, generator=generator))
+            elif name == "embeddings.position_embedding.weight":
+                param.copy_(realistic_pos_embed(0, 4, param.shape[-1])[0])
+            else:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_aimv2_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' own outputs (its final RMSNorm applied to every token; the head's, where it has one)."""
+    with torch.no_grad():
+        result = model(pixel_values=x)
+    outputs = {"last_hidden_state": result.last_hidden_state}
+    if result.pooler_output is not None:
+        outputs["pooler_output"] = result.pooler_output
+    return outputs

@@ -223,13 +223,13 @@ def test_transformers_dinov3_matches_transformers_at_three_sizes(gated, tmp_path
 
 def test_transformers_folder_of_an_unread_model_type_is_refused_in_one_line(tmp_path):
     """A transformers folder whose config.json names a model type vitdeploy does not read
-    (Aimv2VisionModel) is refused naming it, never read as the closest layout."""
+    (BeitModel) is refused naming it, never read as the closest layout."""
     import transformers as T
 
     from vitdeploy.checkpoints import CheckpointError
 
     small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
-    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**small, patch_size=14, image_size=56))
+    model = T.BeitModel(T.BeitConfig(**small, patch_size=14, image_size=56))
     model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError) as error:
         load_model(tmp_path)

@@ -143,4 +143,4 @@ def fits_bare(names: frozenset[str]) -> bool:
 FAMILY = Family("dinov3", "DINOv3", VARIANTS,
                 key_maps={"timm": from_timm_eva, "dinov3": from_original, "huggingface": from_transformers},
                 defaults={k: v for k, v in _COMMON.items() if k not in ("num_classes", "qkv_bias")},
-                fits_bare=fits_bare)
+                fits_bare=fits_bare, transformers_fields=transformers_fields)
