@@ -52,5 +52,7 @@ def fits_bare(names: frozenset[str]) -> bool:
     return "pos_embed" in names and (has_part(names, ".attn.q_bias") or has_part(names, ".attn.q_proj."))
 
 
-FAMILY = Family("eva02", "EVA-02", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON),
-                fits_bare=fits_bare)
+# A bare file of no registered size: an fc_norm tensor says mean pooling (the ImageNet models); without
+# one the final norm is on the tokens and the pool is the class token (the CLIP towers).
+FAMILY = Family("eva02", "EVA-02", VARIANTS, key_maps={"timm": from_timm_eva},
+                defaults={**_COMMON, "pooling": "token"}, fits_bare=fits_bare)
