@@ -17,7 +17,8 @@ from family_sources import rel_err
 from rope_sources import TOLERANCE, hf_aimv2, hf_aimv2_outputs, timm
 from test_families_rope import _photo
 
-from vitdeploy.checkpoints import load_model
+from vitdeploy.checkpoints import CheckpointError, load_model
+from vitdeploy.flops import count_params
 from vitdeploy.model import VisionTransformer
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
@@ -47,6 +48,7 @@ def test_native_aimv2_matches_transformers_at_three_sizes(bias, tmp_path):
         "aimv2", "rmsnorm", "swiglu", "map", "aimv2")
     assert config.sincos_pos_embed and not config.abs_pos_embed and not config.has_class_token
     assert config.qkv_bias == bias and config.proj_bias == bias and config.patch_norm and config.patch_bias
+    assert count_params(config) == model.num_parameters()
     assert _worst(model, source, SIZES) <= TOLERANCE
     # the same weights with the learned-table position scheme's absence (no positions) miss by far
     blind = VisionTransformer(config.replace(sincos_pos_embed=False)).eval()
@@ -65,6 +67,15 @@ def test_native_aimv2_without_head_pools_like_timm(tmp_path):
     with torch.no_grad():
         outputs = model.forward_outputs(x, ["pooler_output", "last_hidden_state"])
     torch.testing.assert_close(outputs["pooler_output"], outputs["last_hidden_state"].mean(dim=1))
+
+
+def test_aimv2_with_another_activation_is_refused_in_one_line(tmp_path):
+    """vitdeploy's SwiGLU gates with SiLU: a folder whose hidden_act is another is refused, naming it."""
+    hf_aimv2(True, tmp_path, hidden_act="gelu")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    message = str(error.value)
+    assert "hidden_act 'gelu'" in message and "AIMv2" in message and "\n" not in message
 
 
 def _timm_aimv2_with(model: VisionTransformer) -> torch.nn.Module:
@@ -115,16 +126,21 @@ def exported_native(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aimv2_hf")
     source = hf_aimv2(True, folder / "hf")
     options = ExportOptions(outputs=("pooler_output", "last_hidden_state"), batch=(1, 2), height=(42, 70),
-                            width=(42, 84), validation_max_batch=1, cpu_variant=False, preflight=False,
+                            width=(42, 84), validation_max_batch=1, preflight=False,
                             source_check=plan_source_check(folder / "hf", "huggingface"))
-    return source, export_onnx(load_model(folder / "hf"), folder / "aimv2.onnx", options)
+    lines: list[str] = []
+    result = export_onnx(load_model(folder / "hf"), folder / "aimv2.onnx", options, progress=lines.append)
+    return source, result, lines
 
 
 def test_native_aimv2_one_onnx_file_matches_transformers_at_three_sizes(exported_native, record_property):
     from vitdeploy import runtimes
 
-    source, result = exported_native
+    source, result, lines = exported_native
     assert result.report.passed and result.source_check.passed
+    # the sin-cos table's Sin/Cos are no RoPE: the CPU-variant line does not say there is one
+    said = [line for line in lines if "onnxruntime CPU variant" in line]
+    assert said and not any("RoPE" in line for line in said)
     assert len(result.source_check.sizes) == 2  # the native size and a changed, non-square one
     errors = {}
     with runtimes.load(result.path) as runtime:
