@@ -403,6 +403,7 @@ class SourceCheckResult:
     not_compared: list[str] = field(default_factory=list)
     reason: str | None = None  # why the check did not run
     error: str | None = None  # the source model could not be built or loaded as named
+    size_note: str = ""  # why fewer sizes were checked than the range allows (a source that runs at one size)
 
     @property
     def checked(self) -> bool:
@@ -440,7 +441,8 @@ class SourceCheckResult:
         if self.error is not None:
             return f"source check: FAILED: {self.error}"
         sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
-        where = f"checked against {self.reference} at {sizes} on real photos"
+        limited = f" ({self.size_note})" if self.size_note else ""
+        where = f"checked against {self.reference} at {sizes}{limited} on real photos"
         if self.passed:
             return f"source check: {where}: passed ({', '.join(self.report.outputs)}; tolerance {self.tolerance})"
         return f"source check: {where}: FAILED: " + " | ".join(self.failure_lines())
@@ -453,7 +455,7 @@ class SourceCheckResult:
             "architecture": self.plan.architecture, "architecture_from": self.plan.architecture_from,
             "sizes": [list(size) for size in self.sizes], "images": f"{PHOTOS_PER_SIZE} photos per size",
             "tolerance": self.tolerance, "not_compared": list(self.not_compared), "failures": self.failure_lines(),
-            "notes": list(self.plan.notes),
+            "notes": list(self.plan.notes) + ([self.size_note] if self.size_note else []),
         }
         if self.report is not None:
             data["outputs"] = self.report.summary()["outputs"]
@@ -503,7 +505,7 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
         return not_checked(f"{plan.model().name} gives none of the artifact's outputs "
                        f"({', '.join(metadata.output_names)})", plan)
     if fixed:
-        report.notes.append(f"{fixed}; checked at the native size only")
+        result.size_note = fixed
     elif len(sizes) < 2:
         report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
     return result

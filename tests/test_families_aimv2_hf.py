@@ -196,4 +196,5 @@ def test_learned_table_aimv2_source_check_runs_transformers_at_the_native_size_o
     check = run_source_check(candidate, plan_source_check(tmp_path / "hf", "huggingface"), metadata,
                              height=(42, 70), width=(42, 84))
     assert check.passed and check.sizes == [(56, 56)]
-    assert any("is_native false" in note and "native size only" in note for note in check.report.notes)
+    assert "at 56x56 (Aimv2VisionModel (is_native false) runs at its native size only)" in check.summary_line()
+    assert check.size_note in check.to_dict()["notes"]
