@@ -157,17 +157,27 @@ def hf_dinov3(gated: bool, folder: Path, seed: int = 0) -> torch.nn.Module:
     config = T.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                num_register_tokens=4, image_size=64, patch_size=16, use_gated_mlp=gated,
                                hidden_act="silu" if gated else "gelu", layerscale_value=0.5)
-    model = T.DINOv3ViTModel(config).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
+    model = perturb_peaked(T.DINOv3ViTModel(config).eval(), seed + 1, ("cls_token", "register_tokens"))
+    model.save_pretrained(folder)
+    return model
+
+
+def perturb_peaked(model: torch.nn.Module, seed: int, tokens: tuple[str, ...], table: str | None = None,
+                   grid: int = 0) -> torch.nn.Module:
+    """A transformers model's weights moved far from their init: q/k projections large (peaked attention),
+    the parameters named ending in ``tokens`` unit-scale, the position ``table`` (a parameter's name)
+    a smooth ``grid`` x ``grid`` sin-cos grid, every other parameter moved by 5 %."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if any(part in name for part in ("q_proj.weight", "k_proj.weight")):
                 param.copy_(0.4 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(("cls_token", "register_tokens")):
+            elif name.endswith(tokens):
                 param.copy_(torch.randn(param.shape, generator=generator))
+            elif name == table:
+                param.copy_(realistic_pos_embed(0, grid, param.shape[-1])[0])
             else:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(folder)
     return model
 
 
@@ -194,18 +204,10 @@ def hf_aimv2(native: bool, folder: Path, seed: int = 0, **config: Any) -> torch.
     import transformers as T
 
     torch.manual_seed(seed)
-    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=14,
-        image_size=56, is_native=native, **config)).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if any(part in name for part in ("q_proj.weight", "k_proj.weight", "cls_token")):
-                param.copy_(0.4 * torch.randn(param.shape, generator=generator))
-            elif name == "embeddings.position_embedding.weight":
-                param.copy_(realistic_pos_embed(0, 4, param.shape[-1])[0])
-            else:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**{
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+        "patch_size": 14, "image_size": 56, "is_native": native, **config})).eval()
+    perturb_peaked(model, seed + 1, ("cls_token",), "embeddings.position_embedding.weight", grid=4)
     model.save_pretrained(folder)
     return model
 

@@ -21,7 +21,15 @@ import re
 from typing import Any
 
 from vitdeploy.constants import CLIP_MEAN, CLIP_STD
-from vitdeploy.families.base import Family, StateDict, from_timm_eva, has_part, variant
+from vitdeploy.families.base import (
+    Family,
+    StateDict,
+    from_timm_eva,
+    has_part,
+    move_block_tensors,
+    pop_qkv,
+    variant,
+)
 
 _COMMON = dict(family="aimv2", num_classes=0, class_token=False, pooling="avg", fc_norm=False, qkv_bias=False,
                proj_bias=False, mlp_type="swiglu", norm="rmsnorm", patch_norm=True, layer_norm_eps=1e-5,
@@ -81,13 +89,9 @@ def from_transformers(state_dict: StateDict) -> StateDict:
     biased = any(name.endswith(("out_proj.bias", "down_proj.bias")) for names in blocks.values() for name in names)
     for index, names in sorted(blocks.items()):
         prefix = f"blocks.{index}"
-        for name in list(names):
-            module, _, kind = name.rpartition(".")
-            if module in _HF_LAYER:
-                out[f"{prefix}.{_HF_LAYER[module]}.{kind}"] = names.pop(name)
-        weights = [names.pop(f"attention.{p}_proj.weight") for p in "qkv"]
+        move_block_tensors(names, _HF_LAYER, prefix, out)
+        weights, biases = pop_qkv(names, "attention")
         out[f"{prefix}.attn.qkv.weight"] = torch.cat(weights)
-        biases = [names.pop(f"attention.{p}_proj.bias", None) for p in "qkv"]
         if any(b is not None for b in biases):
             out[f"{prefix}.attn.qkv.bias"] = torch.cat([b if b is not None else _zeros_like_rows(w)
                                                         for b, w in zip(biases, weights, strict=True)])

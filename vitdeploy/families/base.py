@@ -89,6 +89,24 @@ def from_timm_eva(state_dict: StateDict) -> StateDict:
     return out
 
 
+def move_block_tensors(names: dict[str, Any], table: Mapping[str, str], prefix: str, out: StateDict) -> None:
+    """Move a block's tensors that ``table`` renames (a whole name, or a module's weight and bias) from
+    ``names`` (the block's tensors by their source names) to ``out`` under ``prefix``."""
+    for name in list(names):
+        module, _, kind = name.rpartition(".")
+        if name in table:
+            out[f"{prefix}.{table[name]}"] = names.pop(name)
+        elif module in table:
+            out[f"{prefix}.{table[module]}.{kind}"] = names.pop(name)
+
+
+def pop_qkv(names: dict[str, Any], module: str) -> tuple[list[Any], list[Any]]:
+    """The weights and biases (None where there is none) of the separate ``{module}.{q,k,v}_proj``
+    projections, taken out of ``names``."""
+    weights = [names.pop(f"{module}.{p}_proj.weight") for p in "qkv"]
+    return weights, [names.pop(f"{module}.{p}_proj.bias", None) for p in "qkv"]
+
+
 def _shape(state_dict: StateDict, key: str) -> tuple[int, ...] | None:
     tensor = state_dict.get(key)
     return tuple(int(n) for n in tensor.shape) if tensor is not None else None
