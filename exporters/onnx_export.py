@@ -632,7 +632,7 @@ def make_cpu_variant(proto: Any, metadata: ArtifactMetadata, external: bool,
         say("no onnxruntime CPU variant: the weights are over 2 GB and live in an external file")
         return None
     variant = cpu_variant(proto, metadata)
-    left = unfused_parts(proto)
+    left = unfused_parts(proto, metadata.model_config.get("rope") is not None)
     if variant is None:
         say("no onnxruntime CPU variant: no attention or GELU pattern to fuse" + "".join(f"; {part}" for part in left))
     elif left:

@@ -285,14 +285,15 @@ def fuse_for_cpu(model: Any) -> dict[str, int]:
     return counts
 
 
-def unfused_parts(model: Any) -> list[str]:
+def unfused_parts(model: Any, rope: bool | None = None) -> list[str]:
     """What of an exported graph the CPU fusion leaves as it is, and why (one phrase each; empty when
     nothing is known to be left): the attention of RoPE families (the rotation sits between the qkv
     projection and the scores, where onnxruntime's ``Attention`` takes no 2-D rotary input) and a
-    SwiGLU MLP (no onnxruntime contrib op fuses SiLU gating)."""
+    SwiGLU MLP (no onnxruntime contrib op fuses SiLU gating). ``rope``: whether the model has RoPE (its
+    config's); None guesses from Sin/Cos nodes (which a sin-cos position table has too)."""
     ops = {node.op_type for node in model.graph.node}
     parts = []
-    if {"Sin", "Cos"} <= ops:
+    if rope if rope is not None else {"Sin", "Cos"} <= ops:
         parts.append("attention with 2-D RoPE stays MatMul -> Softmax -> MatMul (onnxruntime's Attention op "
                      "takes no 2-D rotary input)")
     if "Sigmoid" in ops:
@@ -313,7 +314,7 @@ def cpu_variant(model: Any, metadata: ArtifactMetadata) -> tuple[Any, ArtifactMe
     fused_metadata = copy.deepcopy(metadata)
     fused_metadata.target = CPU_VARIANT
     entry: dict[str, Any] = {"name": CPU_FUSION, "counts": counts}
-    left = unfused_parts(model)
+    left = unfused_parts(model, metadata.model_config.get("rope") is not None)
     if left:
         entry["unfused"] = left
     fused_metadata.transforms = [*metadata.transforms, entry]

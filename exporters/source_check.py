@@ -200,6 +200,15 @@ def build_transformers(folder: Path, architecture: str) -> SourceModel:
     return SourceModel("transformers", transformers.__version__, cls.__name__, module.float().eval(), hf_outputs)
 
 
+def native_size_only(model: SourceModel) -> str | None:
+    """Why the source model runs at its native size only (None: it takes other sizes): transformers'
+    AIMv2 with ``is_native`` false adds its learned table as it is, without resizing it."""
+    config = getattr(model.module, "config", None)
+    if getattr(config, "model_type", None) == "aimv2_vision_model" and not getattr(config, "is_native", True):
+        return f"{model.architecture} (is_native false) runs at its native size only"
+    return None
+
+
 # --------------------------------------------------------------------------- what to check against
 
 
@@ -394,6 +403,7 @@ class SourceCheckResult:
     not_compared: list[str] = field(default_factory=list)
     reason: str | None = None  # why the check did not run
     error: str | None = None  # the source model could not be built or loaded as named
+    size_note: str = ""  # why fewer sizes were checked than the range allows (a source that runs at one size)
 
     @property
     def checked(self) -> bool:
@@ -431,7 +441,8 @@ class SourceCheckResult:
         if self.error is not None:
             return f"source check: FAILED: {self.error}"
         sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
-        where = f"checked against {self.reference} at {sizes} on real photos"
+        limited = f" ({self.size_note})" if self.size_note else ""
+        where = f"checked against {self.reference} at {sizes}{limited} on real photos"
         if self.passed:
             return f"source check: {where}: passed ({', '.join(self.report.outputs)}; tolerance {self.tolerance})"
         return f"source check: {where}: FAILED: " + " | ".join(self.failure_lines())
@@ -444,7 +455,7 @@ class SourceCheckResult:
             "architecture": self.plan.architecture, "architecture_from": self.plan.architecture_from,
             "sizes": [list(size) for size in self.sizes], "images": f"{PHOTOS_PER_SIZE} photos per size",
             "tolerance": self.tolerance, "not_compared": list(self.not_compared), "failures": self.failure_lines(),
-            "notes": list(self.plan.notes),
+            "notes": list(self.plan.notes) + ([self.size_note] if self.size_note else []),
         }
         if self.report is not None:
             data["outputs"] = self.report.summary()["outputs"]
@@ -479,6 +490,9 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
         return SourceCheckResult(plan, error=f"{error} (--no-source-check skips this check)")
     native = int(metadata.model_config["image_size"])
     sizes = check_sizes(native, tuple(height), tuple(width), metadata.stride)
+    fixed = native_size_only(plan.model())
+    if fixed:
+        sizes = sizes[:1]
     tolerance = tolerance_for(metadata.precision, against_fp32=True)
     inputs = InputFactory(metadata.preprocessing, images=images, synthetic=False)
     reference = Reference(plan.model().name, _SourceRun(plan), tolerance)
@@ -490,6 +504,8 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     if not report.cases:
         return not_checked(f"{plan.model().name} gives none of the artifact's outputs "
                        f"({', '.join(metadata.output_names)})", plan)
-    if len(sizes) < 2:
+    if fixed:
+        result.size_note = fixed
+    elif len(sizes) < 2:
         report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
     return result

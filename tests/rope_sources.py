@@ -56,6 +56,10 @@ CASES = {
         RopeCase("eva02", "eva02_tiny_patch14_224", 56, 14, "eva02", ("pooler_output", "last_hidden_state")),
         RopeCase("eva02_base", "eva02_base_patch14_448", 56, 14, "eva02",
                  ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=7)),
+        RopeCase("eva02_clip", "eva02_base_patch16_clip_224", 64, 16, "eva02",
+                 ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
+        RopeCase("eva02_clip_large", "eva02_large_patch14_clip_224", 56, 14, "eva02",
+                 ("logits", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
         RopeCase("pe", "vit_pe_core_tiny_patch16_384", 64, 16, "pe",
                  ("image_embeds", "pooler_output", "last_hidden_state"), dict(num_classes=32)),
         RopeCase("pe_spatial", "vit_pe_spatial_tiny_patch16_512", 64, 16, "pe_spatial",
@@ -153,17 +157,27 @@ def hf_dinov3(gated: bool, folder: Path, seed: int = 0) -> torch.nn.Module:
     config = T.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                num_register_tokens=4, image_size=64, patch_size=16, use_gated_mlp=gated,
                                hidden_act="silu" if gated else "gelu", layerscale_value=0.5)
-    model = T.DINOv3ViTModel(config).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
+    model = perturb_peaked(T.DINOv3ViTModel(config).eval(), seed + 1, ("cls_token", "register_tokens"))
+    model.save_pretrained(folder)
+    return model
+
+
+def perturb_peaked(model: torch.nn.Module, seed: int, tokens: tuple[str, ...], table: str | None = None,
+                   grid: int = 0) -> torch.nn.Module:
+    """A transformers model's weights moved far from their init: q/k projections large (peaked attention),
+    the parameters named ending in ``tokens`` unit-scale, the position ``table`` (a parameter's name)
+    a smooth ``grid`` x ``grid`` sin-cos grid, every other parameter moved by 5 %."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if any(part in name for part in ("q_proj.weight", "k_proj.weight")):
                 param.copy_(0.4 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(("cls_token", "register_tokens")):
+            elif name.endswith(tokens):
                 param.copy_(torch.randn(param.shape, generator=generator))
+            elif name == table:
+                param.copy_(realistic_pos_embed(0, grid, param.shape[-1])[0])
             else:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(folder)
     return model
 
 
@@ -181,3 +195,28 @@ def siglip2_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     batch, channels, height, width = x.shape
     grid = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
     return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)
+
+
+def hf_aimv2(native: bool, folder: Path, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """transformers' ``Aimv2VisionModel`` at a tiny size (patch 14, 56 px, its attention-pool head unless
+    ``use_head=False``), perturbed like the timm models (large q/k projections), written with
+    ``save_pretrained`` to ``folder``; ``native`` is its ``is_native`` (sin-cos positions at every size)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**{
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+        "patch_size": 14, "image_size": 56, "is_native": native, **config})).eval()
+    perturb_peaked(model, seed + 1, ("cls_token",), "embeddings.position_embedding.weight", grid=4)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_aimv2_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' own outputs (its final RMSNorm applied to every token; the head's, where it has one)."""
+    with torch.no_grad():
+        result = model(pixel_values=x)
+    outputs = {"last_hidden_state": result.last_hidden_state}
+    if result.pooler_output is not None:
+        outputs["pooler_output"] = result.pooler_output
+    return outputs

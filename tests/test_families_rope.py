@@ -81,10 +81,10 @@ def test_aimv2_hub_folder_matches_timm_at_three_sizes(tmp_path):
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
 
-@pytest.mark.parametrize("case_id", ["dinov3", "eva02", "aimv2"])
+@pytest.mark.parametrize("case_id", ["dinov3", "eva02", "eva02_clip", "aimv2"])
 def test_bare_state_dict_loads_as_its_family(case_id, tmp_path):
-    """A bare DINOv3, EVA-02 or AIMv2 state dict fits its family alone: read as it (heads given, as the
-    weights do not store them), and equal to timm."""
+    """A bare DINOv3, EVA-02 (ImageNet or CLIP tower) or AIMv2 state dict fits its family alone: read as it
+    (heads given, as the weights do not store them), and equal to timm."""
     case = CASES[case_id]
     source = timm_rope_model(case)
     model = load_model(save_timm_rope(source, case, tmp_path, hub=False), num_heads=4)
@@ -127,7 +127,7 @@ def test_original_dinov3_state_dict_matches_timm(tmp_path):
 
 @pytest.mark.parametrize("architecture, what", [
     ("vit_pe_lang_large_patch14_448", "Perception Encoder language"),
-    ("eva02_base_patch16_clip_224", "EVA-02 CLIP tower"),
+    ("eva02_enormous_patch14_clip_224", "EVA-02 enormous"),
     ("vit_medium_patch16_rope_reg1_gap_256", "RoPE ViT"),
 ])
 def test_hub_folder_naming_an_unbuilt_architecture_is_refused(architecture, what, tmp_path):
@@ -145,6 +145,23 @@ def test_hub_folder_naming_an_unbuilt_architecture_is_refused(architecture, what
     with pytest.raises(CheckpointError) as error:
         load_model(folder)
     assert architecture in str(error.value) and what in str(error.value) and "\n" not in str(error.value)
+
+
+def test_hub_folder_naming_an_eva02_clip_tower_with_imagenet_weights_is_refused(tmp_path):
+    """EVA-02 CLIP towers differ from the ImageNet models in the attention's norm and the pooling: a Hub
+    folder naming the tower whose tensors are an ImageNet EVA-02's is refused, naming what differs."""
+    import json
+
+    from vitdeploy.checkpoints import CheckpointError
+
+    case = CASES["eva02_base"]
+    folder = save_timm_rope(timm_rope_model(case), case, tmp_path, hub=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architecture": "eva02_base_patch16_clip_224"}))
+    with pytest.raises(CheckpointError) as error:
+        load_model(folder)
+    message = str(error.value)
+    assert "eva02_base_patch16_clip_224" in message and "attn_norm" in message and "\n" not in message
 
 
 def test_hub_folder_naming_pe_never_loads_as_siglip(tmp_path):
@@ -170,10 +187,12 @@ def test_hub_folder_naming_pe_never_loads_as_siglip(tmp_path):
 def test_variants_build_with_timm_parameter_counts():
     """Every registered size has timm's parameter count (timm's rope buffers and EVA's k-bias buffer are
     not parameters; timm's CLIP-style PE head is a biased Linear, vitdeploy's projection has no bias)."""
+    from vitdeploy.flops import count_params
     from vitdeploy.model import create_model
 
     for name in ("vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3_qkvb", "eva02_tiny_patch14_224",
-                 "eva02_base_patch14_448", "vit_pe_core_tiny_patch16_384", "aimv2_large_patch14_224"):
+                 "eva02_base_patch14_448", "eva02_base_patch16_clip_224", "eva02_large_patch14_clip_336",
+                 "vit_pe_core_tiny_patch16_384", "aimv2_large_patch14_224"):
         with torch.device("meta"):
             ours = create_model(name)
             theirs = timm.create_model(name, pretrained=False)
@@ -181,6 +200,7 @@ def test_variants_build_with_timm_parameter_counts():
         if ours.config.provenance.family == "pe":
             expected -= theirs.head.bias.numel()
         assert ours.num_parameters() == expected, name
+        assert count_params(ours.config) == expected, name
 
 
 def test_save_file_roundtrip_keeps_the_family(tmp_path):
@@ -223,13 +243,13 @@ def test_transformers_dinov3_matches_transformers_at_three_sizes(gated, tmp_path
 
 def test_transformers_folder_of_an_unread_model_type_is_refused_in_one_line(tmp_path):
     """A transformers folder whose config.json names a model type vitdeploy does not read
-    (Aimv2VisionModel) is refused naming it, never read as the closest layout."""
+    (BeitModel) is refused naming it, never read as the closest layout."""
     import transformers as T
 
     from vitdeploy.checkpoints import CheckpointError
 
     small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
-    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**small, patch_size=14, image_size=56))
+    model = T.BeitModel(T.BeitConfig(**small, patch_size=14, image_size=56))
     model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError) as error:
         load_model(tmp_path)

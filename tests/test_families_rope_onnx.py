@@ -1,7 +1,8 @@
 """One ONNX file per RoPE family serves every resolution, and matches timm's own model.
 
 DINOv3 (RoPE only), EVA-02 B (table + RoPE, split SwiGLU with its norm, split q/k/v) and the
-Perception Encoder (table + RoPE, attention pool) are loaded from timm Hub folders and exported
+Perception Encoder (table + RoPE, attention pool; and PE spatial: no pool, no final norm) are loaded
+from timm Hub folders and exported
 by the real exporter (dynamic batch x height x width, validated against eager as every export
 is). The file, run by onnxruntime at the native size, a larger square and a non-square size,
 matches timm (``dynamic_img_size=True``) within 1e-4 relative; the graph has no ``If`` node and
@@ -78,7 +79,7 @@ def _ancestors(graph: Any, name: str) -> set[str]:
     return ops
 
 
-@pytest.mark.parametrize("case_id", [*GRAPHS, "aimv2"])
+@pytest.mark.parametrize("case_id", [*GRAPHS, "aimv2", "pe_spatial"])
 def test_one_file_matches_timm_at_three_sizes(case_id, exported, record_property):
     from vitdeploy import runtimes
 

@@ -25,6 +25,10 @@ FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip",
 # The MLP of each block: "mlp" (Linear -> act -> Linear) or "swiglu" (SiLU-gated, fc1 packed [gate; value]).
 MLP_TYPES: tuple[str, ...] = ("mlp", "swiglu")
 NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
+# The attention-pool head: "latent" (timm's AttentionPoolLatent: a projected latent query, then a residual
+# norm -> MLP) or "aimv2" (transformers' Aimv2AttentionPoolingHead: the latent itself is the query, the
+# output projection is the last step).
+POOL_FORMS: tuple[str, ...] = ("latent", "aimv2")
 
 
 def default_size_range(image_size: int, stride: int) -> tuple[int, int]:
@@ -198,6 +202,13 @@ class ViTConfig:
     patch_norm: bool = False
     # The final norm (``norm``, or ``fc_norm`` after the pooling); PE spatial has neither.
     final_norm: bool = True
+    # A norm over the attention output before its projection (timm's scale_attn_inner: EVA-02 CLIP towers).
+    attn_norm: bool = False
+    # The attention pool's form (POOL_FORMS).
+    pool_form: str = "latent"
+    # A fixed 2-D sin-cos position table computed for every grid and added to the patch tokens instead of a
+    # learned one (transformers' AIMv2 ``is_native``: [sin_w | cos_w | sin_h | cos_h], temperature 10000).
+    sincos_pos_embed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.hybrid, dict):
@@ -254,6 +265,13 @@ class ViTConfig:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.qv_bias and self.qkv_bias:
             raise ValueError("qv_bias (separate q and v biases) replaces qkv_bias; set qkv_bias=False")
+        if self.pool_form not in POOL_FORMS or (self.pool_form != "latent" and self.pooling != "map"):
+            raise ValueError(f"pool_form must be one of {', '.join(POOL_FORMS)} (a form other than 'latent' needs "
+                             f"pooling 'map'), got {self.pool_form!r} with pooling {self.pooling!r}")
+        if self.sincos_pos_embed and (self.abs_pos_embed or self.hidden_size % 4):
+            raise ValueError("sincos_pos_embed replaces the learned table (abs_pos_embed=False) and needs a "
+                             f"hidden size divisible by 4, got abs_pos_embed={self.abs_pos_embed}, "
+                             f"hidden_size={self.hidden_size}")
         if self.pool_heads is not None and (self.pooling != "map" or self.hidden_size % self.pool_heads):
             raise ValueError(f"pool_heads {self.pool_heads} needs pooling 'map' and to divide hidden_size "
                              f"{self.hidden_size}")
@@ -289,6 +307,8 @@ class ViTConfig:
     def position_scheme(self) -> str:
         """How the model knows where a patch is, in words (inspect, errors)."""
         parts = [f"learned table ({self.pos_embed_resample} resampling)"] if self.abs_pos_embed else []
+        if self.sincos_pos_embed:
+            parts.append("2-D sin-cos table (computed per grid)")
         if self.rope is not None:
             parts.append(f"2-D RoPE ({self.rope})")
         return " + ".join(parts) or "none"

@@ -85,7 +85,9 @@ def count_macs(config: ViTConfig, height: int | None = None, width: int | None =
     class_token_blocks = 1 if class_token_last_block else 0
     macs += (config.depth - class_token_blocks) * block(tokens) + class_token_blocks * block(num_queries)
     if config.pooling == "map":  # one latent query over every token, then proj and the (GELU) MLP
-        macs += dim * dim + tokens * dim * 2 * dim + 2 * tokens * dim + dim * dim + 2 * dim * config.mlp_size
+        macs += tokens * dim * 2 * dim + 2 * tokens * dim + dim * dim
+        if config.pool_form == "latent":  # the query projection and the MLP (AIMv2's head has neither)
+            macs += dim * dim + 2 * dim * config.mlp_size
     head_in = config.pooled_size
     if config.representation_size:
         macs += dim * config.representation_size
@@ -135,11 +137,13 @@ def count_params(config: ViTConfig) -> int:
                  + (norm // dim * config.mlp_size if config.mlp_norm else 0))  # fc1, fc2, the hidden norm
     block = (norm  # norm1
              + dim * 3 * dim + qkv_bias + dim * dim + (dim if config.proj_bias else 0)  # qkv, proj
+             + (norm if config.attn_norm else 0)  # the norm before proj (EVA-02 CLIP)
              + norm + block_mlp  # norm2, MLP
              + (2 * dim if config.layer_scale else 0))  # ls1, ls2
     params += config.depth * block + (norm if config.final_norm else 0)  # blocks, the final norm (or fc_norm)
-    if config.pooling == "map":  # latent, q, kv, proj, norm, MLP
-        params += dim + (dim * dim + dim) + (2 * dim * dim + 2 * dim) + (dim * dim + dim) + norm + mlp
+    if config.pooling == "map":  # latent, q, kv, proj, norm, MLP (AIMv2's head: latent, kv, proj)
+        params += dim + (2 * dim * dim + 2 * dim) + (dim * dim + dim)
+        params += (dim * dim + dim) + norm + mlp if config.pool_form == "latent" else 0
     head_in = config.pooled_size
     if config.representation_size:
         params += dim * config.representation_size + config.representation_size

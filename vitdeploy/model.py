@@ -27,7 +27,7 @@ from vitdeploy.outputs import (
     check_outputs,
     default_outputs,
 )
-from vitdeploy.pos_embed import resample_pos_embed
+from vitdeploy.pos_embed import resample_pos_embed, sincos_pos_embed
 from vitdeploy.resnetv2 import ResNetV2
 from vitdeploy.rope import RopeSpec, apply_rope, rope_sin_cos
 from vitdeploy.variants import get_config
@@ -129,7 +129,7 @@ Rope = tuple[torch.Tensor, torch.Tensor, int]
 
 class SelfAttention(Attention):
     """Multi-head self-attention with a fused qkv projection (timm's ``Attention``), with EVA's
-    separate q/v biases (``qv_bias``) and 2-D RoPE on the patch tokens' queries and keys where the
+    separate q/v biases (``qv_bias``), EVA-CLIP's norm before the output projection (``attn_norm``) and 2-D RoPE on the patch tokens' queries and keys where the
     config has them (timm's ``EvaAttention``/``AttentionRope``)."""
 
     def __init__(self, config: ViTConfig) -> None:
@@ -141,6 +141,7 @@ class SelfAttention(Attention):
             self.v_bias = nn.Parameter(torch.zeros(hidden))
         else:
             self.q_bias = self.v_bias = None
+        self.norm = make_norm(config) if config.attn_norm else nn.Identity()
         self.proj = nn.Linear(hidden, hidden, bias=config.proj_bias)
         self.proj_drop = nn.Dropout(config.dropout)
         spec = config.rope_spec
@@ -175,7 +176,7 @@ class SelfAttention(Attention):
                 raise ValueError(f"{num_queries} queries reach past the {rope[2]} prefix tokens RoPE skips")
         k = self._rotate(k, rope)
         x = self.attend(q, k, v).transpose(1, 2).reshape(batch, queries, channels)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(self.norm(x)))
 
     def _project_subset(self, x: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, ...]:
         """q for the first ``num_queries`` tokens, k and v for all: the qkv projection split in two."""
@@ -317,21 +318,24 @@ class AttentionPool(Attention):
             self.head_dim = hidden // config.pool_heads
             self.scale = self.head_dim**-0.5
         self.latent = nn.Parameter(torch.zeros(1, 1, hidden))
-        self.q = nn.Linear(hidden, hidden)
+        latent = config.pool_form == "latent"  # "aimv2": no query projection, no residual norm -> MLP
+        self.q = nn.Linear(hidden, hidden) if latent else None
         self.kv = nn.Linear(hidden, 2 * hidden)
         self.proj = nn.Linear(hidden, hidden)
-        self.norm = make_norm(config)
-        self.mlp = Mlp(config)
+        self.norm = make_norm(config) if latent else None
+        self.mlp = Mlp(config) if latent else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, tokens, D]`` → ``[N, D]``."""
         batch, tokens, channels = x.shape
         # the latent's query is the same for every image: project it once, then broadcast it
-        q = self.q(self.latent).reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        query = self.q(self.latent) if self.q is not None else self.latent
+        q = query.reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
         kv = self.kv(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         x = self.proj(self.attend(q, k, v).transpose(1, 2).reshape(batch, 1, channels))
-        x = x + self.mlp(self.norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm(x))
         return x[:, 0]
 
 
@@ -439,7 +443,9 @@ class VisionTransformer(nn.Module):
         if self.rope is not None:
             sin, cos = rope_sin_cos(self.rope, grid)
             rope = (sin.to(x.device), cos.to(x.device), self.config.num_prefix_tokens)
-        if self.pos_embed is None:
+        if self.config.sincos_pos_embed:
+            pos_embed = sincos_pos_embed(grid, self.config.hidden_size).to(device=x.device, dtype=x.dtype)
+        elif self.pos_embed is None:
             pos_embed = None
         elif grid == self.grid_size and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             pos_embed = self.pos_embed  # resampling is the identity here; traced graphs keep it for every size
@@ -448,7 +454,7 @@ class VisionTransformer(nn.Module):
                                            method=self.config.pos_embed_resample)
         prefix = [token.expand(x.shape[0], -1, -1) for token in (self.cls_token, self.dist_token, self.reg_token)
                   if token is not None]
-        if self.config.no_embed_class and pos_embed is not None:
+        if (self.config.no_embed_class or self.config.sincos_pos_embed) and pos_embed is not None:
             x = x + pos_embed
             x = torch.cat([*prefix, x], dim=1) if prefix else x
         else:

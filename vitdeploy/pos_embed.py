@@ -268,3 +268,20 @@ def infer_grid(num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
             f"{num_tokens} position embeddings are not {num_prefix_tokens} prefix token(s) plus a square grid"
         )
     return side, side
+
+
+def sincos_pos_embed(grid: tuple[Any, Any], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """A fixed 2-D sin-cos table ``[1, rows * cols, dim]`` (row-major) for the patch grid ``grid``, laid
+    out ``[sin_w | cos_w | sin_h | cos_h]`` with bands ``1 / temperature ** (j / (dim / 4))``: transformers'
+    AIMv2 ``is_native`` embedding (``build_2d_sinusoidal_position_embedding`` with its halves swapped).
+    Float32; ``grid`` may hold symbolic sizes while tracing, so a graph computes it for every input size."""
+    import torch
+
+    quarter = dim // 4
+    bands = torch.tensor([1.0 / temperature ** (j / quarter) for j in range(quarter)], dtype=torch.float32)
+    rows, cols = grid
+    mesh_rows, mesh_cols = torch.meshgrid(positions(rows), positions(cols), indexing="ij")
+    along_rows = mesh_rows.reshape(-1, 1) * bands  # [rows * cols, dim / 4]
+    along_cols = mesh_cols.reshape(-1, 1) * bands
+    table = torch.cat([along_cols.sin(), along_cols.cos(), along_rows.sin(), along_rows.cos()], dim=1)
+    return table[None]

@@ -15,6 +15,7 @@ from typing import Any
 from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
 from vitdeploy.checkpoints.conversion import Conversion
 from vitdeploy.families import FAMILIES, family_of, unsupported_reason
+from vitdeploy.families.aimv2 import FAMILY as AIMV2
 from vitdeploy.families.base import Family, infer_family_config
 from vitdeploy.families.dinov3 import FAMILY as DINOV3
 from vitdeploy.families.dinov3 import is_original_keys
@@ -81,18 +82,33 @@ def read_original_dinov3(state_dict: StateDict, what: str, files: list, num_head
     return checkpoint
 
 
+def convert_family_transformers(family: Family, source: StateDict, data: dict[str, Any], where: str) -> Conversion:
+    """A transformers state dict of ``family`` (its ``key_maps["huggingface"]``) and its ``config.json``
+    (its ``transformers_fields``) as a :class:`Conversion`."""
+    try:
+        state_dict = family.key_maps["huggingface"](source)
+        assert family.transformers_fields is not None
+        fields = family.transformers_fields(data)
+        heads = fields.pop("num_heads")
+        config, notes = infer_family_config(family, state_dict, where, num_heads=heads, base=fields)
+    except (KeyError, ValueError) as error:
+        raise ArchitectureRefused(f"{where}: not a {family.label} transformers state dict ({error})") from None
+    return Conversion(state_dict, config.to_dict(), [], notes)
+
+
 def convert_dinov3_transformers(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
     """A transformers ``DINOv3ViTModel`` state dict and its ``config.json`` as a :class:`Conversion`."""
-    from vitdeploy.families.dinov3 import from_transformers, transformers_fields
+    return convert_family_transformers(DINOV3, source, data, where)
 
-    try:
-        state_dict = from_transformers(source)
-        fields = transformers_fields(data)
-        heads = fields.pop("num_heads")
-        config, notes = infer_family_config(DINOV3, state_dict, where, num_heads=heads, base=fields)
-    except (KeyError, ValueError) as error:
-        raise ArchitectureRefused(f"{where}: not a DINOv3ViTModel state dict ({error})") from None
-    return Conversion(state_dict, config.to_dict(), [], notes)
+
+def convert_aimv2_transformers(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
+    """A transformers ``Aimv2VisionModel`` state dict and its ``config.json`` as a :class:`Conversion`."""
+    conversion = convert_family_transformers(AIMV2, source, data, where)
+    if not conversion.fields["sincos_pos_embed"]:
+        conversion.notes.append(
+            "transformers runs this AIMv2 (is_native false) at its native size only; at other sizes its table "
+            "is resampled as timm resamples the same AIMv2 weights")
+    return conversion
 
 
 __all__ = ["FAMILIES", "architecture_family", "bare_family", "is_original_keys", "read_family",

@@ -33,7 +33,7 @@ import torch
 
 from vitdeploy.checkpoints.common import CheckpointError, StateDict
 from vitdeploy.checkpoints.conversion import Conversion, grid_side
-from vitdeploy.checkpoints.families import convert_dinov3_transformers
+from vitdeploy.checkpoints.families import convert_aimv2_transformers, convert_dinov3_transformers
 from vitdeploy.checkpoints.hf_common import activation, labels, rename_layers, square, strip_model_prefix
 from vitdeploy.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
@@ -323,6 +323,7 @@ MODEL_TYPES: dict[str, tuple[Converter, bool]] = {
     "dinov3_vit": (convert_dinov3_transformers, False),
     "siglip2_vision_model": (convert_siglip2, False),
     "siglip2": (convert_siglip2, True),
+    "aimv2_vision_model": (convert_aimv2_transformers, False),
 }
 # transformers architecture names → model_type, for a config.json that lacks model_type.
 ARCHITECTURES: dict[str, str] = {
@@ -333,6 +334,7 @@ ARCHITECTURES: dict[str, str] = {
     "CLIPVisionModel": "clip_vision_model", "CLIPVisionModelWithProjection": "clip_vision_model",
     "CLIPModel": "clip", "SiglipVisionModel": "siglip_vision_model", "SiglipModel": "siglip",
     "DINOv3ViTModel": "dinov3_vit", "Siglip2VisionModel": "siglip2_vision_model", "Siglip2Model": "siglip2",
+    "Aimv2VisionModel": "aimv2_vision_model",
 }
 
 

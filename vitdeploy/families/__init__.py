@@ -22,7 +22,6 @@ FAMILIES: tuple[Family, ...] = (dinov3.FAMILY, eva02.FAMILY, pe.FAMILY, pe.SPATI
 UNSUPPORTED_NAMES: tuple[tuple[str, str], ...] = (
     ("vit_pe_lang_", "Perception Encoder language tower"),
     ("eva02_enormous", "EVA-02 enormous (post-norm blocks)"),
-    ("_clip_", "an EVA-02 CLIP tower"),  # only reached for eva names (see unsupported_reason)
     ("_rope_", "timm's RoPE ViT (index-grid RoPE)"),
     ("naflexvit", "NaFlex ViT (any aspect ratio, patch sequences)"),
     ("_dinov3", "DINOv3 of a size vitdeploy does not register"),
@@ -48,8 +47,6 @@ def unsupported_reason(architecture: str | None) -> str | None:
         return None
     name = architecture.split(".")[0]
     for part, what in UNSUPPORTED_NAMES:
-        if part == "_clip_" and not name.startswith("eva"):
-            continue
         if part in name or name.startswith(part):
             return what
     return None

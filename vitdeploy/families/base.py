@@ -40,6 +40,9 @@ class Family:
     # else they fit that computes differently) such a file is refused rather than read as the family
     fits_bare: Callable[[frozenset[str]], bool] | None = None
     lookalike: str | None = None
+    # a transformers config.json's fields that no tensor shows (num_heads among them), where the family
+    # reads transformers folders (key_maps["huggingface"])
+    transformers_fields: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def has_part(names: frozenset[str], part: str) -> bool:
@@ -87,6 +90,24 @@ def from_timm_eva(state_dict: StateDict) -> StateDict:
     return out
 
 
+def move_block_tensors(names: dict[str, Any], table: Mapping[str, str], prefix: str, out: StateDict) -> None:
+    """Move a block's tensors that ``table`` renames (a whole name, or a module's weight and bias) from
+    ``names`` (the block's tensors by their source names) to ``out`` under ``prefix``."""
+    for name in list(names):
+        module, _, kind = name.rpartition(".")
+        if name in table:
+            out[f"{prefix}.{table[name]}"] = names.pop(name)
+        elif module in table:
+            out[f"{prefix}.{table[module]}.{kind}"] = names.pop(name)
+
+
+def pop_qkv(names: dict[str, Any], module: str) -> tuple[list[Any], list[Any]]:
+    """The weights and biases (None where there is none) of the separate ``{module}.{q,k,v}_proj``
+    projections, taken out of ``names``."""
+    weights = [names.pop(f"{module}.{p}_proj.weight") for p in "qkv"]
+    return weights, [names.pop(f"{module}.{p}_proj.bias", None) for p in "qkv"]
+
+
 def _shape(state_dict: StateDict, key: str) -> tuple[int, ...] | None:
     tensor = state_dict.get(key)
     return tuple(int(n) for n in tensor.shape) if tensor is not None else None
@@ -106,6 +127,7 @@ def shape_fields(state_dict: StateDict, what: str) -> dict[str, Any]:
     fields: dict[str, Any] = dict(
         patch_size=patch, in_channels=proj[1], hidden_size=hidden, depth=depth, mlp_size=fc2[1],
         mlp_type="swiglu" if fc1[0] == 2 * fc2[1] else "mlp", mlp_norm="blocks.0.mlp.norm.weight" in state_dict,
+        attn_norm="blocks.0.attn.norm.weight" in state_dict,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, qv_bias="blocks.0.attn.q_bias" in state_dict,
         class_token="cls_token" in state_dict, num_reg_tokens=reg[1] if reg else 0,
         layer_scale=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,
@@ -139,9 +161,9 @@ def shape_fields(state_dict: StateDict, what: str) -> dict[str, Any]:
 # Fields a variant lends an inferred config (what no tensor shows).
 LENT = ("name", "family", "num_heads", "layer_norm_eps", "act", "rope", "rope_temperature", "rope_offset",
         "rope_indexing", "rope_ref_grid", "pool_heads", "mean", "std", "crop_pct", "interpolation",
-        "pos_embed_resample", "pooling", "fc_norm", "image_size", "class_token")
+        "pos_embed_resample", "pooling", "fc_norm", "image_size", "class_token", "pool_form", "sincos_pos_embed")
 # Fields the tensors show that must equal a named variant's (the rest are sizes).
-STRUCTURE = ("mlp_type", "mlp_norm", "qkv_bias", "qv_bias", "has_class_token", "num_reg_tokens", "pre_norm",
+STRUCTURE = ("mlp_type", "mlp_norm", "attn_norm", "qkv_bias", "qv_bias", "has_class_token", "num_reg_tokens", "pre_norm",
              "patch_bias", "abs_pos_embed", "norm", "pooling", "use_fc_norm", "proj_bias", "patch_norm", "final_norm")
 
 
@@ -164,9 +186,9 @@ def infer_family_config(family: Family, state_dict: StateDict, what: str, archit
                          f"(expected one of {', '.join(sorted(family.variants))})")
     if name is None:
         sized = [n for n, v in sorted(family.variants.items())
-                 if (v.hidden_size, v.depth, v.patch_size, v.mlp_size, v.mlp_type, v.qv_bias) == (
+                 if (v.hidden_size, v.depth, v.patch_size, v.mlp_size, v.mlp_type, v.qv_bias, v.attn_norm) == (
                      shapes["hidden_size"], shapes["depth"], shapes["patch_size"], shapes["mlp_size"],
-                     shapes["mlp_type"], shapes["qv_bias"])]
+                     shapes["mlp_type"], shapes["qv_bias"], shapes["attn_norm"])]
         name = sized[0] if sized else None
     reference = family.variants[name] if name else None
     lent = {k: v for k, v in reference.to_fields().items() if k in LENT} if reference else dict(family.defaults)

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vitdeploy.constants import IMAGENET_MEAN, IMAGENET_STD
-from vitdeploy.families.base import Family, StateDict, from_timm_eva, variant
+from vitdeploy.families.base import Family, StateDict, from_timm_eva, move_block_tensors, pop_qkv, variant
 
 _COMMON = dict(family="dinov3", num_classes=0, qkv_bias=False, layer_scale=1e-5, rope="dinov3",
                rope_temperature=100.0, abs_pos_embed=False, num_reg_tokens=4, class_token=True, pooling="avg",
@@ -99,15 +99,9 @@ def from_transformers(state_dict: StateDict) -> StateDict:
             out[key] = value  # left for strict loading to report
     for index, names in sorted(blocks.items()):
         prefix = f"blocks.{index}"
-        for name in list(names):
-            module, _, kind = name.rpartition(".")
-            if name in _HF_LAYER:
-                out[f"{prefix}.{_HF_LAYER[name]}"] = names.pop(name)
-            elif module in _HF_LAYER:
-                out[f"{prefix}.{_HF_LAYER[module]}.{kind}"] = names.pop(name)
-        weights = [names.pop(f"attention.{p}_proj.weight") for p in "qkv"]
+        move_block_tensors(names, _HF_LAYER, prefix, out)
+        weights, biases = pop_qkv(names, "attention")
         out[f"{prefix}.attn.qkv.weight"] = torch.cat(weights)
-        biases = [names.pop(f"attention.{p}_proj.bias", None) for p in "qkv"]
         if biases[1] is None and biases[0] is not None and biases[2] is not None:
             out[f"{prefix}.attn.q_bias"], out[f"{prefix}.attn.v_bias"] = biases[0], biases[2]
         elif any(b is not None for b in biases):
@@ -143,4 +137,4 @@ def fits_bare(names: frozenset[str]) -> bool:
 FAMILY = Family("dinov3", "DINOv3", VARIANTS,
                 key_maps={"timm": from_timm_eva, "dinov3": from_original, "huggingface": from_transformers},
                 defaults={k: v for k, v in _COMMON.items() if k not in ("num_classes", "qkv_bias")},
-                fits_bare=fits_bare)
+                fits_bare=fits_bare, transformers_fields=transformers_fields)

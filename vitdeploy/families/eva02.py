@@ -8,8 +8,15 @@ L split it (``fc1_g``/``fc1_x``) and add a norm over its hidden width (the scale
 split q/k/v (packed by :func:`~vitdeploy.families.base.from_timm_eva`). Pooling: the mean patch
 token through ``fc_norm``.
 
-Sources: timm ``eva02_{tiny,small,base,large}_patch14_{224,336,448}`` state dicts and Hub folders.
-The CLIP towers (``eva02_*_clip_*``) are not registered.
+The CLIP towers (``eva02_base_patch16_clip_224``, ``eva02_large_patch14_clip_{224,336}``) are the B and L
+blocks plus a norm over the attention output before its projection (timm's ``scale_attn_inner``,
+``attn_norm``), pool by the class token through the final norm, and end in timm's biased ``head`` into
+the joint space (read as ``head``: its output is what timm's forward returns, named ``logits``). The
+base tower's patch is 16 while its RoPE keeps the 16 x 16 reference grid (a 14 x 14 grid at 224 px
+is rescaled to it, as timm does).
+
+Sources: timm ``eva02_{tiny,small,base,large}_patch14_{224,336,448}`` and the CLIP towers above, state
+dicts and Hub folders. ``eva02_enormous_patch14_clip_224`` (post-norm blocks) is refused.
 """
 
 from __future__ import annotations
@@ -30,10 +37,22 @@ for _size, _hidden, _depth, _heads, _mlp, _norm, _tuned in _SIZES:
         VARIANTS[_name] = variant(_name, _image, 14, _hidden, _depth, _heads, _mlp, mlp_norm=_norm,
                                   num_classes=_classes, crop_pct=0.9 if _image == 224 else 1.0, **_COMMON)
 
+# The CLIP towers: (name, image, patch, hidden, depth, heads, mlp, projection width).
+_CLIP = (("eva02_base_patch16_clip_224", 224, 16, 768, 12, 12, 2048, 512),
+         ("eva02_large_patch14_clip_224", 224, 14, 1024, 24, 16, 2730, 768),
+         ("eva02_large_patch14_clip_336", 336, 14, 1024, 24, 16, 2730, 768))
+for _name, _image, _patch, _hidden, _depth, _heads, _mlp, _width in _CLIP:
+    VARIANTS[_name] = variant(_name, _image, _patch, _hidden, _depth, _heads, _mlp, mlp_norm=True, attn_norm=True,
+                              num_classes=_width, crop_pct=0.9 if _image == 224 else 1.0,
+                              **{**_COMMON, "pooling": "token"})
+
+
 def fits_bare(names: frozenset[str]) -> bool:
     """A position table with EVA's q/v biases (fused or split q/k/v) and a SwiGLU or GELU MLP."""
     return "pos_embed" in names and (has_part(names, ".attn.q_bias") or has_part(names, ".attn.q_proj."))
 
 
-FAMILY = Family("eva02", "EVA-02", VARIANTS, key_maps={"timm": from_timm_eva}, defaults=dict(_COMMON),
-                fits_bare=fits_bare)
+# A bare file of no registered size: an fc_norm tensor says mean pooling (the ImageNet models); without
+# one the final norm is on the tokens and the pool is the class token (the CLIP towers).
+FAMILY = Family("eva02", "EVA-02", VARIANTS, key_maps={"timm": from_timm_eva},
+                defaults={**_COMMON, "pooling": "token"}, fits_bare=fits_bare)
