@@ -44,7 +44,7 @@ def test_native_aimv2_matches_transformers_at_three_sizes(bias, tmp_path):
     source = hf_aimv2(True, tmp_path, qkv_bias=bias)
     model = load_model(tmp_path)
     config = model.config
-    assert (config.family, config.norm, config.mlp_type, config.pooling, config.pool_form) == (
+    assert (config.provenance.family, config.norm, config.mlp_type, config.pooling, config.pool_form) == (
         "aimv2", "rmsnorm", "swiglu", "map", "aimv2")
     assert config.sincos_pos_embed and not config.abs_pos_embed and not config.has_class_token
     assert config.qkv_bias == bias and config.proj_bias == bias and config.patch_norm and config.patch_bias
@@ -179,7 +179,6 @@ def test_learned_table_aimv2_source_check_runs_transformers_at_the_native_size_o
     from types import SimpleNamespace
 
     from exporters.source_check import plan_source_check, run_source_check
-    from vitdeploy.metadata import Preprocessing
 
     hf_aimv2(False, tmp_path / "hf")
     model = load_model(tmp_path / "hf")
@@ -191,8 +190,7 @@ def test_learned_table_aimv2_source_check_runs_transformers_at_the_native_size_o
             return {k: v.numpy() for k, v in model.forward_outputs(torch.from_numpy(pixels), names).items()}
 
     metadata = SimpleNamespace(model_config=config.to_dict(), stride=config.stride, precision="fp32",
-                               output_names=names, preprocessing=Preprocessing.for_model(
-                                   config.image_size, config.crop_pct, config.mean, config.std, config.interpolation))
+                               output_names=names, preprocessing=config.preprocessing.at(config.image_size))
     check = run_source_check(candidate, plan_source_check(tmp_path / "hf", "huggingface"), metadata,
                              height=(42, 70), width=(42, 84))
     assert check.passed and check.sizes == [(56, 56)]
