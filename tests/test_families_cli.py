@@ -30,7 +30,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_sources import hf_outputs, perturb, timm_outputs
+from family_sources import hf_outputs, perturb, timm_dinov2_giant, timm_outputs
+from rope_sources import (
+    CASES,
+    hf_dinov3,
+    hf_dinov3_outputs,
+    hf_siglip2,
+    original_dinov3_state_dict,
+    save_timm_rope,
+    timm_rope_model,
+)
 from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy.cli import main
@@ -116,18 +125,18 @@ class Checkpoint:
     reference: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _small_timm(name: str, img_size: int, num_classes: int = 0) -> torch.nn.Module:
-    torch.manual_seed(0)
+def _small_timm(name: str, img_size: int, num_classes: int = 0, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     # hidden 64 with one head: a bare state dict does not record heads, and the loader takes hidden // 64
     return perturb(timm.create_model(name, pretrained=False, embed_dim=HIDDEN, depth=1, num_heads=1, mlp_ratio=2,
-                                     img_size=img_size, num_classes=num_classes))
+                                     img_size=img_size, num_classes=num_classes), seed)
 
 
-def _timm_file(name: str, img_size: int, path: Path, num_classes: int = 0) -> Checkpoint:
+def _timm_file(name: str, img_size: int, path: Path, num_classes: int = 0, seed: int = 0) -> Checkpoint:
     """timm's ``name``, tiny, saved as timm saves weights; its reference is timm's own outputs."""
     from safetensors.torch import save_file
 
-    model = _small_timm(name, img_size, num_classes)
+    model = _small_timm(name, img_size, num_classes, seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return Checkpoint(img_size, lambda pixels: timm_outputs(model, pixels, OUTPUT_NAMES))
 
@@ -196,6 +205,71 @@ def hf_clip(path: Path) -> Checkpoint:
     return _hf_folder(model, 64, path)
 
 
+# -- the 2025-26 families: RoPE, SwiGLU, RMSNorm, storage tokens (tests/rope_sources.py's builders) --
+
+ONE_BLOCK = dict(embed_dim=HIDDEN, depth=1, num_heads=1)
+UNSTORED = 224  # the native size vitdeploy gives DINOv3 weights, which store no position table
+
+
+def _timm_rope(case_id: str, path: Path, hub: bool = False, native: int | None = None) -> Checkpoint:
+    """``tests/rope_sources.py``'s timm model of ``case_id`` with one block, as a bare state dict or a Hub folder."""
+    case = CASES[case_id]
+    model = timm_rope_model(case, size=ONE_BLOCK)
+    save_timm_rope(model, case, path.parent, hub=hub, size=ONE_BLOCK, name=path.name)
+    return Checkpoint(native or case.image, lambda pixels: timm_outputs(model, pixels, case.outputs))
+
+
+def timm_dinov3(path: Path) -> Checkpoint:
+    return _timm_rope("dinov3", path, native=UNSTORED)
+
+
+def original_dinov3(path: Path) -> Checkpoint:
+    """DINOv3 S+ (SwiGLU, q/v biases) under facebookresearch/dinov3's names; timm's model is its reference."""
+    case = CASES["dinov3_plus_qkvb"]
+    model = timm_rope_model(case, size=ONE_BLOCK)
+    torch.save(original_dinov3_state_dict(model), path)
+    return Checkpoint(UNSTORED, lambda pixels: timm_outputs(model, pixels, case.outputs))
+
+
+def hf_dinov3_folder(path: Path) -> Checkpoint:
+    model = hf_dinov3(True, path, layers=1)
+    return Checkpoint(64, lambda pixels: hf_dinov3_outputs(model, pixels))
+
+
+def timm_eva02(path: Path) -> Checkpoint:
+    return _timm_rope("eva02", path)
+
+
+def timm_pe_core(path: Path) -> Checkpoint:
+    return _timm_rope("pe", path, hub=True)
+
+
+def timm_pe_spatial(path: Path) -> Checkpoint:
+    return _timm_rope("pe_spatial", path, hub=True)
+
+
+def timm_aimv2(path: Path) -> Checkpoint:
+    return _timm_rope("aimv2", path)
+
+
+def hf_siglip2_folder(path: Path) -> Checkpoint:
+    model = hf_siglip2(path, layers=1)
+    return Checkpoint(64, lambda pixels: hf_outputs(model, pixels))
+
+
+def timm_siglip2(path: Path) -> Checkpoint:
+    """timm's SigLIP 2 weights (``.v2_webli``) are SigLIP's architecture: the SigLIP builder, other weights."""
+    return _timm_file("vit_base_patch16_siglip_224", 64, path, seed=4)
+
+
+def timm_dinov2_giant_file(path: Path) -> Checkpoint:
+    from safetensors.torch import save_file
+
+    model = timm_dinov2_giant(False, size=ONE_BLOCK)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Checkpoint(56, lambda pixels: timm_outputs(model, pixels, OUTPUT_NAMES))
+
+
 CHECKPOINTS: dict[str, Callable[[Path], Checkpoint]] = {
     "vit_small_patch14_reg4_dinov2.safetensors": timm_dinov2,
     HF_DINOV2: hf_dinov2,
@@ -205,6 +279,16 @@ CHECKPOINTS: dict[str, Callable[[Path], Checkpoint]] = {
     "deit_small_distilled_patch16_224.safetensors": timm_deit,
     "deit3_small_patch16_224.safetensors": timm_deit3,
     "clip-vit-base-patch16": hf_clip,
+    "vit_small_patch16_dinov3.safetensors": timm_dinov3,
+    "dinov3-vits16plus-pretrain-lvd1689m": hf_dinov3_folder,
+    "dinov3_vits16plus_pretrain_lvd1689m.pth": original_dinov3,
+    "eva02_tiny_patch14_224.safetensors": timm_eva02,
+    "vit_pe_core_tiny_patch16_384": timm_pe_core,
+    "vit_pe_spatial_tiny_patch16_512": timm_pe_spatial,
+    "aimv2_large_patch14_224.safetensors": timm_aimv2,
+    "siglip2-base-patch16-naflex": hf_siglip2_folder,
+    "vit_base_patch16_siglip_224.v2_webli.safetensors": timm_siglip2,
+    "vit_giant_patch14_dinov2.safetensors": timm_dinov2_giant_file,
 }
 
 

@@ -210,21 +210,14 @@ def test_int8_graph_of_a_rope_family_passes_its_gate_with_rope_in_float(exported
 def test_transformers_siglip2_file_matches_transformers_at_three_sizes(tmp_path, record_property):
     """A transformers Siglip2VisionModel folder exported once (its table resized in the graph as
     transformers resizes it) against transformers at three sizes, whole images as patch sequences."""
-    import transformers as T
-    from rope_sources import siglip2_patches
+    from family_sources import hf_outputs
+    from rope_sources import hf_siglip2
 
     from vitdeploy import runtimes
     from vitdeploy.checkpoints import load_model
     from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 
-    torch.manual_seed(0)
-    source = T.Siglip2VisionModel(T.Siglip2VisionConfig(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, patch_size=16,
-        num_patches=16)).eval()
-    with torch.no_grad():
-        for param in source.parameters():
-            param.add_(0.1 * torch.randn(param.shape))
-    source.save_pretrained(tmp_path / "hf")
+    source = hf_siglip2(tmp_path / "hf", layers=1)
     options = ExportOptions(outputs=["pooler_output", "last_hidden_state"], batch=(1, 2), height=(48, 80),
                             width=(64, 96), validation_max_batch=1, cpu_variant=False, preflight=False)
     result = export_onnx(load_model(tmp_path / "hf"), tmp_path / "siglip2.onnx", options)
@@ -232,13 +225,8 @@ def test_transformers_siglip2_file_matches_transformers_at_three_sizes(tmp_path,
     with runtimes.load(result.path) as runtime:
         for index, (height, width) in enumerate([(64, 64), (80, 80), (48, 96)]):
             pixels = _pixels((height, width), 40 + index)
-            rows, cols = height // 16, width // 16
-            with torch.no_grad():
-                expected = source(pixel_values=siglip2_patches(pixels, 16), pixel_attention_mask=torch.ones(2, rows * cols),
-                                  spatial_shapes=torch.tensor([[rows, cols]] * 2))
+            expected = hf_outputs(source, pixels)
             got = runtime.run_outputs(pixels.numpy())
-            errors[(height, width, "pooler_output")] = rel_err(got["pooler_output"], expected.pooler_output)
-            errors[(height, width, "last_hidden_state")] = rel_err(got["last_hidden_state"],
-                                                                   expected.last_hidden_state)
+            errors.update({(height, width, name): rel_err(got[name], expected[name]) for name in got})
     record_property("onnx_worst_rel_err", max(errors.values()))
     assert max(errors.values()) <= TOLERANCE, errors
