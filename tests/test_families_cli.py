@@ -129,7 +129,7 @@ def _small_timm(name: str, img_size: int, num_classes: int = 0, seed: int = 0) -
     torch.manual_seed(seed)
     # hidden 64 with one head: a bare state dict does not record heads, and the loader takes hidden // 64
     return perturb(timm.create_model(name, pretrained=False, embed_dim=HIDDEN, depth=1, num_heads=1, mlp_ratio=2,
-                                     img_size=img_size, num_classes=num_classes), seed)
+                                     img_size=img_size, num_classes=num_classes, dynamic_img_size=True), seed)
 
 
 def _timm_file(name: str, img_size: int, path: Path, num_classes: int = 0, seed: int = 0) -> Checkpoint:
