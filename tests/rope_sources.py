@@ -193,3 +193,35 @@ def hf_siglip2(folder: Path, seed: int = 0, layers: int = 2) -> torch.nn.Module:
             param.add_(scale * torch.randn(param.shape, generator=generator))
     model.save_pretrained(folder)
     return model
+
+
+def graph_ancestors(graph: Any, name: str) -> set[str]:
+    """Op types of every node of the ONNX ``graph`` that the value ``name`` depends on."""
+    producers = {out: node for node in graph.node for out in node.output}
+    seen: set[int] = set()
+    ops: set[str] = set()
+    stack = [name]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        ops.add(node.op_type)
+        stack.extend(node.input)
+    return ops
+
+
+def assert_rope_from_the_input_shape(graph: Any, head_dim: int, patch: int) -> None:
+    """The ONNX ``graph`` has no ``If``/``Loop`` node, computes RoPE's sin/cos from the input's ``Shape``,
+    and keeps no sin/cos table of any grid as a constant (``[tokens, head_dim]`` or half of it)."""
+    ops = [node.op_type for node in graph.node]
+    assert "If" not in ops and "Loop" not in ops
+    trig = [node for node in graph.node if node.op_type in ("Sin", "Cos")]
+    assert trig, "RoPE's sin/cos were folded into constants"
+    for node in trig:
+        assert {"Shape", "Range"} <= graph_ancestors(graph, node.input[0]), node.name
+    grids = {(h // patch) * (w // patch) for h in range(patch, 200, patch) for w in range(patch, 200, patch)}
+    constants = [*graph.initializer, *(a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute)]
+    for tensor in constants:
+        dims = list(tensor.dims)
+        assert not (len(dims) == 2 and dims[-1] in (head_dim, head_dim // 2) and dims[-2] in grids), (tensor.name, dims)

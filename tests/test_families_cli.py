@@ -33,6 +33,7 @@ import torch
 from family_sources import hf_outputs, perturb, timm_dinov2_giant, timm_outputs
 from rope_sources import (
     CASES,
+    assert_rope_from_the_input_shape,
     hf_dinov3,
     hf_dinov3_outputs,
     hf_siglip2,
@@ -462,6 +463,24 @@ def test_graphs_give_what_the_source_library_gives(ran, record_property):
                 assert worst >= COSINE[precision], (row.checkpoint, precision, worst)
             checked.add(row.checkpoint)
     assert checked == set(CHECKPOINTS)
+
+
+def test_rope_files_compute_sin_and_cos_from_the_input_shape(ran):
+    """Every RoPE file of the table (DINOv3 from its three formats, EVA-02 int8, PE core and spatial) has
+    no ``If`` node, and its sin/cos are computed from the input's ``Shape``, never a frozen size's table."""
+    import onnx
+
+    folder, _, _ = ran
+    walked = set()
+    for row in ROWS:
+        for path in _artifacts(row, folder).values():
+            config = read_onnx_metadata(path).model_config
+            if config.get("rope") is None:
+                continue
+            assert_rope_from_the_input_shape(onnx.load(str(path)).graph, config["hidden_size"] // config["num_heads"],
+                                             config["patch_size"])
+            walked.add(row.family)
+    assert walked == {"DINOv3", "EVA-02", "Perception Encoder core", "Perception Encoder spatial"}
 
 
 def test_triton_configs_list_each_output_with_its_dims(ran):

@@ -1,15 +1,16 @@
 """One ONNX file per RoPE family serves every resolution, and matches timm's own model.
 
-DINOv3 (RoPE only), EVA-02 B (table + RoPE, split SwiGLU with its norm, split q/k/v) and the
-Perception Encoder (table + RoPE, attention pool) are loaded from timm Hub folders and exported
+DINOv3 (RoPE only) and EVA-02 B (table + RoPE, split SwiGLU with its norm, split q/k/v) are
+loaded from timm Hub folders and exported
 by the real exporter (dynamic batch x height x width, validated against eager as every export
 is). The file, run by onnxruntime at the native size, a larger square and a non-square size,
 matches timm (``dynamic_img_size=True``) within 1e-4 relative; the graph has no ``If`` node and
 computes RoPE's sin/cos from the input's shape (a ``Shape`` op feeds them), never from a constant
 of the traced size. The onnxruntime-CPU variant says what it leaves unfused. Elsewhere, from files
-those tests make anyway: AIMv2's file and those of transformers' DINOv3 and SigLIP 2 folders
+those tests make anyway: the Perception Encoder's and AIMv2's files and those of transformers' DINOv3 and SigLIP 2 folders
 against their source at three sizes (``tests/test_families_cli.py``, the families table's
-commands); DINOv3's fp16 and int8 graphs with sin/cos and the rotation in float32, each within its
+commands, which also walk every RoPE file's graph as here: the Perception Encoder's, core and
+spatial, among them); DINOv3's fp16 and int8 graphs with sin/cos and the rotation in float32, each within its
 gate (``tests/test_families_precision_study.py``).
 """
 
@@ -22,12 +23,20 @@ from typing import Any
 import pytest
 import torch
 from family_sources import rel_err
-from rope_sources import CASES, TOLERANCE, save_timm_rope, timm, timm_rope_model, timm_rope_outputs
+from rope_sources import (
+    CASES,
+    TOLERANCE,
+    assert_rope_from_the_input_shape,
+    save_timm_rope,
+    timm,
+    timm_rope_model,
+    timm_rope_outputs,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")]
 
-GRAPHS = ("dinov3", "eva02_base", "pe")
+GRAPHS = ("dinov3", "eva02_base")
 
 
 def _pixels(size: tuple[int, int], seed: int) -> torch.Tensor:
@@ -62,22 +71,6 @@ def exported(tmp_path_factory) -> Callable[[str], Any]:
     return get
 
 
-def _ancestors(graph: Any, name: str) -> set[str]:
-    """Op types of every node ``name`` depends on."""
-    producers = {out: node for node in graph.node for out in node.output}
-    seen: set[int] = set()
-    ops: set[str] = set()
-    stack = [name]
-    while stack:
-        node = producers.get(stack.pop())
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        ops.add(node.op_type)
-        stack.extend(node.input)
-    return ops
-
-
 @pytest.mark.parametrize("case_id", GRAPHS)
 def test_one_file_matches_timm_at_three_sizes(case_id, exported, record_property):
     from vitdeploy import runtimes
@@ -101,23 +94,10 @@ def test_one_file_matches_timm_at_three_sizes(case_id, exported, record_property
 def test_rope_is_computed_from_the_dynamic_grid(case_id, exported):
     import onnx
 
-    result = exported(case_id)[0]
-    graph = onnx.load(str(result.path)).graph
-    ops = [node.op_type for node in graph.node]
-    assert "If" not in ops and "Loop" not in ops
-    trig = [node for node in graph.node if node.op_type in ("Sin", "Cos")]
-    assert trig, "RoPE's sin/cos were folded into constants"
-    for node in trig:
-        assert {"Shape", "Range"} <= _ancestors(graph, node.input[0]), node.name
-    # no sin/cos table of any grid in the range survives as a constant ([tokens, head_dim] or half of it)
-    config, case = exported(case_id)[2].config, CASES[case_id]
-    head_dim = config.hidden_size // config.num_heads
-    grids = {(h // case.patch) * (w // case.patch) for h in range(case.patch, 200, case.patch)
-             for w in range(case.patch, 200, case.patch)}
-    constants = [*graph.initializer, *(a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute)]
-    for tensor in constants:
-        dims = list(tensor.dims)
-        assert not (len(dims) == 2 and dims[-1] in (head_dim, head_dim // 2) and dims[-2] in grids), (tensor.name, dims)
+    result, _, model, _ = exported(case_id)
+    config = model.config
+    assert_rope_from_the_input_shape(onnx.load(str(result.path)).graph, config.hidden_size // config.num_heads,
+                                     CASES[case_id].patch)
 
 
 def test_cpu_variant_says_what_it_leaves_unfused(exported):
