@@ -211,9 +211,11 @@ def graph_ancestors(graph: Any, name: str) -> set[str]:
     return ops
 
 
-def assert_rope_from_the_input_shape(graph: Any, head_dim: int, patch: int) -> None:
+def assert_rope_from_the_input_shape(graph: Any, hidden: int, heads: int, patch: int) -> None:
     """The ONNX ``graph`` has no ``If``/``Loop`` node, computes RoPE's sin/cos from the input's ``Shape``,
-    and keeps no sin/cos table of any grid as a constant (``[tokens, head_dim]`` or half of it)."""
+    and keeps no sin/cos table of any grid as a constant (``[tokens, head_dim]`` or half of it; with one
+    head a ``[tokens, hidden]`` table has a weight's shape, so only the half-width one is looked for)."""
+    head_dim = hidden // heads
     ops = [node.op_type for node in graph.node]
     assert "If" not in ops and "Loop" not in ops
     trig = [node for node in graph.node if node.op_type in ("Sin", "Cos")]
@@ -224,4 +226,5 @@ def assert_rope_from_the_input_shape(graph: Any, head_dim: int, patch: int) -> N
     constants = [*graph.initializer, *(a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute)]
     for tensor in constants:
         dims = list(tensor.dims)
-        assert not (len(dims) == 2 and dims[-1] in (head_dim, head_dim // 2) and dims[-2] in grids), (tensor.name, dims)
+        table = len(dims) == 2 and dims[-1] in {head_dim, head_dim // 2} - {hidden} and dims[-2] in grids
+        assert not table, (tensor.name, dims)

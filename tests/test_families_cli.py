@@ -394,6 +394,10 @@ def test_each_command_writes_the_precisions_and_outputs_the_table_says(ran, row)
         assert metadata.precision == precision
         assert tuple(metadata.output_names) == row.outputs
         assert metadata.validation["passed"] is True
+    if row.command == "export" and "folder" in row.source:  # its config.json names what to check it against
+        library = "timm" if "timm" in row.source else "transformers"
+        said = [line for line in runs[row.argv].out.splitlines() if line.startswith("source check:")]
+        assert said and f"checked against {library}" in said[0] and "passed" in said[0], runs[row.argv].out
 
 
 @pytest.mark.parametrize("row", [row for row in ROWS if row.command == "deploy"], ids=lambda row: row.checkpoint)
@@ -477,7 +481,7 @@ def test_rope_files_compute_sin_and_cos_from_the_input_shape(ran):
             config = read_onnx_metadata(path).model_config
             if config.get("rope") is None:
                 continue
-            assert_rope_from_the_input_shape(onnx.load(str(path)).graph, config["hidden_size"] // config["num_heads"],
+            assert_rope_from_the_input_shape(onnx.load(str(path)).graph, config["hidden_size"], config["num_heads"],
                                              config["patch_size"])
             walked.add(row.family)
     assert walked == {"DINOv3", "EVA-02", "Perception Encoder core", "Perception Encoder spatial"}

@@ -96,7 +96,7 @@ def test_rope_is_computed_from_the_dynamic_grid(case_id, exported):
 
     result, _, model, _ = exported(case_id)
     config = model.config
-    assert_rope_from_the_input_shape(onnx.load(str(result.path)).graph, config.hidden_size // config.num_heads,
+    assert_rope_from_the_input_shape(onnx.load(str(result.path)).graph, config.hidden_size, config.num_heads,
                                      CASES[case_id].patch)
 
 
