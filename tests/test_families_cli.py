@@ -3,16 +3,20 @@ the serving block below it, on tiny real checkpoints of each family in each form
 
 The commands are read from docs/families.md, so the table cannot promise what no test ran. They run in one
 folder where each file or folder name of the table is a tiny checkpoint of that family in that
-format (one block, width 64): a real timm model's state dict (``vit_small_patch14_reg4_dinov2``,
-``vit_base_patch16_siglip_224`` built small with timm's kwargs), a ``save_pretrained`` folder of
-transformers' ``Dinov2WithRegistersModel`` / ``SiglipVisionModel``, and that DINOv2 folder's weights
-under facebookresearch/dinov2's names (the same network in a third format: its graph must give
-transformers' outputs too, and the session traces it once). Small shape ranges (and, for
-``deploy``, no benchmark and one tune round) are added to each command. What a user would check is checked: exit 0, each file's
-precision and outputs, the deploy report's outputs, stages and tune, the fp32 graphs against the
-source library's own model, the Triton configs' outputs and dims, and ``predict``'s embedding line.
-Every command runs once for the module; one deploy runs tune (one round), the other is told
-``--no-tune`` and must say it skipped it.
+format (one block, width 64, weights perturbed): a real timm model's state dict or Hub folder
+(``vit_small_patch14_reg4_dinov2``, ``vit_base_patch16_siglip_224``, DINOv3, EVA-02, PE, AIMv2, DINOv2
+giant, built small with timm's kwargs by the builders of ``tests/family_sources.py`` and
+``tests/rope_sources.py``), a ``save_pretrained`` folder of transformers' ``Dinov2WithRegistersModel`` /
+``SiglipVisionModel`` / ``DINOv3ViTModel`` / ``Siglip2VisionModel``, that DINOv2 folder's weights under
+facebookresearch/dinov2's names and a timm DINOv3 S+ under facebookresearch/dinov3's (the original
+formats: their graphs must give what the same network gives in its library). Small shape ranges (and,
+for ``deploy``, no benchmark and one tune round) are added to each command. What a user would check is
+checked: exit 0, each file's precision and outputs, the check against the source library that
+``export`` itself runs for a Hub or HF folder, every graph against the source library's own model on
+real photos at three sizes (one not square), RoPE computed from the input's shape in every RoPE file,
+the deploy report's outputs, stages and tune, the Triton configs' outputs and dims, ``predict``'s
+embedding line and ``inspect``'s position scheme. Every command runs once for the module; one deploy
+runs tune (one round), the other is told ``--no-tune`` and must say it skipped it.
 """
 
 from __future__ import annotations
