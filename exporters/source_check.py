@@ -82,6 +82,14 @@ def _patch_size(model: Any) -> int:
     return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
 
+def siglip2_patches(pixels: Any, patch: int) -> Any:
+    """``[N, C, H, W]`` images as transformers' SigLIP 2 takes them: ``[N, rows * cols, patch * patch * C]``,
+    each patch's pixels in (row, column, channel) order, as its image processor writes them."""
+    batch, channels, height, width = pixels.shape
+    grid = pixels.reshape(batch, channels, height // patch, patch, width // patch, patch)
+    return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)
+
+
 def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
     """transformers' own outputs of ``model`` under vitdeploy's output names (``interpolate_pos_encoding``
     on where taken), each from the model that gives it: a classifier's ``logits`` from its forward, the
@@ -104,10 +112,18 @@ def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
 
     clip = classes("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
     siglip = classes("SiglipModel", "SiglipVisionModel")
+    siglip2 = classes("Siglip2Model", "Siglip2VisionModel")
     dinov2_classifiers = classes("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
     grid = (pixels.shape[-2] // _patch_size(model)) * (pixels.shape[-1] // _patch_size(model))
     with torch.no_grad():
-        if isinstance(model, clip + siglip):  # image towers, alone or in their full models
+        if isinstance(model, siglip2):  # NaFlex towers take patch sequences: each whole image as one, unpadded
+            batch, patch = pixels.shape[0], _patch_size(model)
+            rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+            tower = getattr(model, "vision_model", model)(
+                pixel_values=siglip2_patches(pixels, patch), pixel_attention_mask=torch.ones(batch, rows * cols),
+                spatial_shapes=torch.tensor([[rows, cols]] * batch))
+            outputs = {"pooler_output": tower.pooler_output, "last_hidden_state": tower.last_hidden_state}
+        elif isinstance(model, clip + siglip):  # image towers, alone or in their full models
             vision = getattr(model, "vision_model", model)  # transformers 5's CLIPVisionModel is the tower itself
             tower = vision(pixel_values=pixels, interpolate_pos_encoding=True)
             outputs = {"pooler_output": tower.pooler_output, "last_hidden_state": tower.last_hidden_state}
@@ -121,6 +137,8 @@ def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
         else:  # a backbone, or a classifier over one
             result = model(pixel_values=pixels, **_takes_interpolation(model))
             backbone = model.base_model
+            if "pixel_values" not in inspect.signature(backbone.forward).parameters:
+                backbone = model  # DINOv3ViTModel's base_model is its encoder, which takes tokens
             tokens = (result if backbone is model else
                       backbone(pixel_values=pixels, **_takes_interpolation(backbone))).last_hidden_state
             outputs = {"last_hidden_state": tokens}
@@ -171,20 +189,30 @@ def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> 
     if "num_classes" not in kwargs:
         head = state.get("head.weight")
         kwargs = {**kwargs, "num_classes": int(head.shape[0]) if head is not None else 0}
-    try:
-        module = timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
-    except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
-        raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that do not fit: the first line says which
-        raise SourceModelError(f"timm's {architecture} does not take these weights: "
-                               f"{' '.join(str(error).split())[:300]}") from None
-    if missing or unexpected:
-        raise SourceModelError(
-            f"timm's {architecture} does not take these weights: missing {sorted(missing)[:4]}"
-            f"{'...' if len(missing) > 4 else ''}, unexpected {sorted(unexpected)[:4]}"
-            f"{'...' if len(unexpected) > 4 else ''}")
+    import torch
+
+    def create() -> Any:
+        try:
+            return timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
+        except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
+            raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
+
+    def load(module: Any, meta: bool = False) -> Any:
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False, assign=meta)
+        except RuntimeError as error:  # shapes that do not fit: the first line says which
+            raise SourceModelError(f"timm's {architecture} does not take these weights: "
+                                   f"{' '.join(str(error).split())[:300]}") from None
+        if missing or unexpected:
+            raise SourceModelError(
+                f"timm's {architecture} does not take these weights: missing {sorted(missing)[:4]}"
+                f"{'...' if len(missing) > 4 else ''}, unexpected {sorted(unexpected)[:4]}"
+                f"{'...' if len(unexpected) > 4 else ''}")
+        return module
+
+    with torch.device("meta"):  # the names and shapes first: weights that do not fit cost no full-size init
+        load(create(), meta=True)
+    module = load(create())
     return SourceModel("timm", timm.__version__, architecture, module.float().eval(), timm_outputs)
 
 

@@ -155,6 +155,21 @@ def timm_model(name: str, width: int, depth: int, heads: int, img_size: int | tu
                              img_size=img_size, **kwargs).eval()
 
 
+def timm_dinov2_giant(registers: bool, img_size: int | tuple[int, int] = 56,
+                      size: dict[str, int] | None = None) -> torch.nn.Module:
+    """timm's DINOv2 giant (SwiGLU, ``mlp_ratio`` 4 so the packed hidden width is even) at ``size``
+    (default width 64, depth 2, 4 heads), every weight moved away from its init."""
+    name = "vit_giant_patch14_reg4_dinov2" if registers else "vit_giant_patch14_dinov2"
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **(size or dict(embed_dim=64, depth=2, num_heads=4)),
+                              mlp_ratio=4, img_size=img_size, dynamic_img_size=True, num_classes=0).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
 # --------------------------------------------------------------------------- transformers
 
 

@@ -69,11 +69,11 @@ CASES = {
 }
 
 
-def timm_rope_model(case: RopeCase, seed: int = 0) -> torch.nn.Module:
-    """timm's ``case`` model, tiny, with every weight moved far from its init."""
+def timm_rope_model(case: RopeCase, seed: int = 0, size: dict[str, int] = TINY) -> torch.nn.Module:
+    """timm's ``case`` model at ``size`` (tiny), with every weight moved far from its init."""
     torch.manual_seed(seed)
     model = timm.create_model(case.timm_name, pretrained=False, dynamic_img_size=True, img_size=case.image,
-                              **TINY, **case.kwargs).eval()
+                              **size, **case.kwargs).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -93,18 +93,20 @@ def timm_rope_model(case: RopeCase, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save_timm_rope(model: torch.nn.Module, case: RopeCase, folder: Path, hub: bool) -> Path:
-    """The weights as timm saves them: a timm Hub folder naming the architecture, or a bare file."""
+def save_timm_rope(model: torch.nn.Module, case: RopeCase, folder: Path, hub: bool, size: dict[str, int] = TINY,
+                   name: str | None = None) -> Path:
+    """The weights as timm saves them: a timm Hub folder naming the architecture (its ``model_args``
+    ``size``), or a bare file; named ``name`` in ``folder``, else after the case."""
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     if not hub:
-        path = folder / f"{case.id}.safetensors"
+        path = folder / (name or f"{case.id}.safetensors")
         save_file(tensors, str(path))
         return path
-    path = folder / f"{case.id}_hub"
+    path = folder / (name or f"{case.id}_hub")
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"))
     cfg = model.pretrained_cfg
-    config = {"architecture": case.timm_name, "model_args": {**TINY, "img_size": case.image, **case.kwargs},
+    config = {"architecture": case.timm_name, "model_args": {**size, "img_size": case.image, **case.kwargs},
               "pretrained_cfg": {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_pct": 1.0,
                                  "interpolation": "bicubic"}}
     (path / "config.json").write_text(json.dumps(config))
@@ -148,13 +150,13 @@ def timm_rope_outputs(model: torch.nn.Module, case: RopeCase, x: torch.Tensor) -
     return timm_outputs(model, x, case.outputs)
 
 
-def hf_dinov3(gated: bool, folder: Path, seed: int = 0) -> torch.nn.Module:
+def hf_dinov3(gated: bool, folder: Path, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """transformers' ``DINOv3ViTModel`` at a tiny size (4 registers), perturbed like the timm models
     (large q/k projections), written with ``save_pretrained`` to ``folder``."""
     import transformers as T
 
     torch.manual_seed(seed)
-    config = T.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    config = T.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
                                num_register_tokens=4, image_size=64, patch_size=16, use_gated_mlp=gated,
                                hidden_act="silu" if gated else "gelu", layerscale_value=0.5)
     model = perturb_peaked(T.DINOv3ViTModel(config).eval(), seed + 1, ("cls_token", "register_tokens"))
@@ -189,12 +191,22 @@ def hf_dinov3_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torc
             "patch_tokens": result.last_hidden_state[:, 5:]}
 
 
-def siglip2_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """Images as transformers' SigLIP 2 takes them: ``[N, rows * cols, patch * patch * C]``, each patch's
-    pixels in (row, column, channel) order, as its image processor writes them."""
-    batch, channels, height, width = x.shape
-    grid = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
-    return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)
+def hf_siglip2(folder: Path, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """transformers' ``Siglip2VisionModel`` at a tiny size (16 patches of 16 pixels: native 64 x 64),
+    perturbed like the timm models (large q/k projections), written with ``save_pretrained`` to ``folder``."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.Siglip2VisionModel(T.Siglip2VisionConfig(
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128, patch_size=16,
+        num_patches=16)).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.4 if any(p in name for p in ("q_proj.weight", "k_proj.weight")) else 0.05
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    return model
 
 
 def hf_aimv2(native: bool, folder: Path, seed: int = 0, **config: Any) -> torch.nn.Module:
@@ -220,3 +232,38 @@ def hf_aimv2_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch
     if result.pooler_output is not None:
         outputs["pooler_output"] = result.pooler_output
     return outputs
+
+
+def graph_ancestors(graph: Any, name: str) -> set[str]:
+    """Op types of every node of the ONNX ``graph`` that the value ``name`` depends on."""
+    producers = {out: node for node in graph.node for out in node.output}
+    seen: set[int] = set()
+    ops: set[str] = set()
+    stack = [name]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        ops.add(node.op_type)
+        stack.extend(node.input)
+    return ops
+
+
+def assert_rope_from_the_input_shape(graph: Any, hidden: int, heads: int, patch: int) -> None:
+    """The ONNX ``graph`` has no ``If``/``Loop`` node, computes RoPE's sin/cos from the input's ``Shape``,
+    and keeps no sin/cos table of any grid as a constant (``[tokens, head_dim]`` or half of it; with one
+    head a ``[tokens, hidden]`` table has a weight's shape, so only the half-width one is looked for)."""
+    head_dim = hidden // heads
+    ops = [node.op_type for node in graph.node]
+    assert "If" not in ops and "Loop" not in ops
+    trig = [node for node in graph.node if node.op_type in ("Sin", "Cos")]
+    assert trig, "RoPE's sin/cos were folded into constants"
+    for node in trig:
+        assert {"Shape", "Range"} <= graph_ancestors(graph, node.input[0]), node.name
+    grids = {(h // patch) * (w // patch) for h in range(patch, 200, patch) for w in range(patch, 200, patch)}
+    constants = [*graph.initializer, *(a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute)]
+    for tensor in constants:
+        dims = list(tensor.dims)
+        table = len(dims) == 2 and dims[-1] in {head_dim, head_dim // 2} - {hidden} and dims[-2] in grids
+        assert not table, (tensor.name, dims)

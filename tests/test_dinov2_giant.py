@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_sources import TOLERANCE, hf_outputs, hub_state_dict, original_dinov2_outputs, rel_err, timm
+from family_sources import (
+    TOLERANCE,
+    hf_outputs,
+    hub_state_dict,
+    original_dinov2_outputs,
+    rel_err,
+    timm,
+    timm_dinov2_giant,
+)
 from safetensors.torch import save_file
 
 from vitdeploy.checkpoints import load_model
@@ -15,21 +23,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 SIZES = [(56, 56), (70, 70), (42, 84)]
 
 
-def _giant(registers: bool, img_size: int | tuple[int, int] = 56) -> torch.nn.Module:
-    name = "vit_giant_patch14_reg4_dinov2" if registers else "vit_giant_patch14_dinov2"
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4,
-                              img_size=img_size, dynamic_img_size=True, num_classes=0).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
-
-
 @pytest.mark.parametrize("registers", [False, True], ids=["giant", "giant_reg4"])
 def test_timm_and_original_giant_match_their_source(registers, tmp_path):
-    source = _giant(registers)
+    source = timm_dinov2_giant(registers)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "timm.safetensors"))
     hub = hub_state_dict(source)
     hub = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in hub.items()}
@@ -39,8 +35,7 @@ def test_timm_and_original_giant_match_their_source(registers, tmp_path):
     assert from_timm.config.mlp_type == original.config.mlp_type == "swiglu"
 
     def build(**kw):
-        model = _giant(registers, **kw)
-        return model
+        return timm_dinov2_giant(registers, **kw)
 
     renamed = {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v for k, v in hub.items()}
     for height, width in SIZES:

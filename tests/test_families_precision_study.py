@@ -1,5 +1,5 @@
 """The precision study of the 2025-26 families (``python studies/families_precision_2025.py``) on a tiny
-DINOv3 (width 64, 2 blocks, 64x64): the timm model is loaded back as exactly DINOv3, its fp32 graph matches
+DINOv3 (width 64, 1 block, 64x64): the timm model is loaded back as exactly DINOv3, its fp32 graph matches
 timm per token at the three sizes, fp16 is measured per token and per row, int8 is either measured or
 refused with the numbers that refused it, and every graph made is checked for TensorRT 10.3 (the RoPE
 warning) and 10.14 (none)."""
@@ -16,13 +16,17 @@ from timm_without_torchvision import TIMM_MISSING, import_timm
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.skipif(import_timm() is None, reason=TIMM_MISSING)]
 
-TINY = replace(study.CASES["dinov3"], image=64, model_args=dict(embed_dim=64, depth=2, num_heads=4))
+TINY = replace(study.CASES["dinov3"], image=64, model_args=dict(embed_dim=64, depth=1, num_heads=4))
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    return study.measure_family(TINY, tmp_path_factory.mktemp("study"), calibration_size=8, photos=2,
-                                progress=lambda line: None)
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("study")
+
+
+@pytest.fixture(scope="module")
+def record(folder):
+    return study.measure_family(TINY, folder, calibration_size=8, photos=2, progress=lambda line: None)
 
 
 def test_the_study_measures_each_graph_per_output_kind_at_three_sizes(record):
@@ -40,6 +44,28 @@ def test_the_study_measures_each_graph_per_output_kind_at_three_sizes(record):
         assert "cosine" in int8["refusal"]  # the numbers that refused it
     else:
         assert "int8_vs_fp32" in int8["outputs"]["last_hidden_state"]["64x64"]["gate"]
+
+
+def test_rope_stays_float32_in_the_fp16_and_int8_graphs_which_pass_their_gates(record, folder, record_property):
+    """At this size both reduced graphs are made and pass their gates against timm per token at the three
+    sizes (fp16: worst token cosine >= 0.999), with RoPE's sin/cos computed in float32 in both; the fp16
+    graph's matrix products are fp16 and the int8 graph has Q/DQ pairs."""
+    import onnx
+
+    for graph in ("fp16", "int8"):
+        entry = record["graphs"][graph]
+        assert not entry["refused"] and entry["passed"], (graph, entry.get("refusal"))
+        record_property(f"{graph}_worst_cosine", min(entry["worst_cosine"].values()))
+        proto = onnx.shape_inference.infer_shapes(onnx.load(str(folder / "graphs" / f"{TINY.id}-{graph}.onnx")))
+        types = {info.name: info.type.tensor_type.elem_type for info in proto.graph.value_info}
+        trig = [node for node in proto.graph.node if node.op_type in ("Sin", "Cos")]
+        assert trig and all(types.get(node.output[0]) == onnx.TensorProto.FLOAT for node in trig), graph
+        if graph == "fp16":
+            assert min(entry["worst_cosine"].values()) >= 0.999
+            assert any(node.op_type == "MatMul" and types.get(node.output[0]) == onnx.TensorProto.FLOAT16
+                       for node in proto.graph.node), "not an fp16 graph"
+        else:
+            assert any(node.op_type == "QuantizeLinear" for node in proto.graph.node)
 
 
 def test_every_graph_made_is_checked_for_tensorrt_10_3_and_10_14(record):

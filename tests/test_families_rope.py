@@ -16,7 +16,6 @@ from rope_sources import (
     TOLERANCE,
     original_dinov3_state_dict,
     save_timm_rope,
-    siglip2_patches,
     timm,
     timm_rope_model,
     timm_rope_outputs,
@@ -287,35 +286,24 @@ def test_transformers_siglip2_matches_transformers_at_three_sizes(tmp_path):
     """transformers' Siglip2VisionModel, fed each whole image as one patch sequence (its spatial shape,
     no padding): read as SigLIP with transformers' antialiased-bilinear table resizing, equal to it at
     the native size and two others, one not square."""
-    import transformers as T
+    from family_sources import hf_outputs
+    from rope_sources import hf_siglip2
 
-    torch.manual_seed(0)
-    source = T.Siglip2VisionModel(T.Siglip2VisionConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=16,
-        num_patches=16)).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in source.named_parameters():
-            scale = 0.4 if any(p in name for p in ("q_proj.weight", "k_proj.weight")) else 0.05
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    source.save_pretrained(tmp_path)
+    source = hf_siglip2(tmp_path)
     model = load_model(tmp_path)
     assert model.config.provenance.family == "siglip" and model.config.pos_embed_resample == "siglip2"
     assert model.config.image_size == 64
     worst = 0.0
     for height, width in [(64, 64), (80, 80), (48, 96)]:
         x = _photo(height, width)
-        rows, cols = height // 16, width // 16
+        expected = hf_outputs(source, x)
         with torch.no_grad():
-            expected = source(pixel_values=siglip2_patches(x, 16), pixel_attention_mask=torch.ones(2, rows * cols),
-                              spatial_shapes=torch.tensor([[rows, cols]] * 2))
             actual = model.forward_outputs(x, ["pooler_output", "last_hidden_state"])
-        worst = max(worst, rel_err(actual["pooler_output"], expected.pooler_output),
-                    rel_err(actual["last_hidden_state"], expected.last_hidden_state))
+        worst = max(worst, *(rel_err(actual[name], expected[name]) for name in actual))
         if (height, width) != (64, 64):  # timm's antialiased bicubic, the closest other convention, misses
             other = VisionTransformer(model.config.replace(pos_embed_resample="timm")).eval()
             other.load_state_dict(model.state_dict())
             with torch.no_grad():
                 tokens = other.forward_outputs(x, ["last_hidden_state"])["last_hidden_state"]
-            assert rel_err(tokens, expected.last_hidden_state) > 10 * TOLERANCE
+            assert rel_err(tokens, expected["last_hidden_state"]) > 10 * TOLERANCE
     assert worst <= TOLERANCE

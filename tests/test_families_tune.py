@@ -1,5 +1,5 @@
 """`vitdeploy tune` on the RoPE families, end to end from a checkpoint: a tiny DINOv3 and a tiny EVA-02
-(timm Hub folders, weights perturbed as the parity tests perturb them) are exported, quantized, timed
+(one block; timm Hub folders, weights perturbed as the parity tests perturb them) are exported, quantized, timed
 (one round, onnxruntime fp32 and int8) and the manifest written; ``runtimes.load`` of the folder runs the
 chosen candidate, which agrees with timm's own model on the bundled photos at the native size and at a
 non-square one."""
@@ -13,6 +13,9 @@ from rope_sources import CASES, save_timm_rope, timm, timm_rope_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.skipif(timm is None, reason="timm is not installed (CI: pip install --no-deps timm)")]
+
+
+ONE_BLOCK = dict(embed_dim=64, depth=1, num_heads=4)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -30,8 +33,8 @@ def test_tune_runs_on_a_rope_family_and_load_follows_its_manifest(case_id, tmp_p
     from vitdeploy.tune_manifest import read_manifest
 
     case = CASES[case_id]
-    source = timm_rope_model(case)
-    hub = save_timm_rope(source, case, tmp_path, hub=True)
+    source = timm_rope_model(case, size=ONE_BLOCK)
+    hub = save_timm_rope(source, case, tmp_path, hub=True, size=ONE_BLOCK)
     out = tmp_path / "tuned"
     status = cli.main(["tune", str(hub), "-o", str(out), "--batch", "1", "--rounds", "1", "--iterations", "1",
                        "--warmup", "0", "--threads", "1", "--calibration-size", "8", "--no-throughput",

@@ -15,11 +15,12 @@ def test_the_fallback_search_runs_on_an_attention_pool_model(tmp_path):
     config = tiny_config(family="siglip", pooling="map", class_token=False, num_classes=0,
                          pos_embed_resample="huggingface")
     source = tmp_path / "map.onnx"
-    export_onnx(make_model(config), source, ExportOptions(batch=(1, 2), validate=False,
-                                                          outputs=("pooler_output", "last_hidden_state")))
+    export_onnx(make_model(config), source, ExportOptions(batch=(1, 2), validate=False, cpu_variant=False,
+                                                          preflight=False, outputs=("pooler_output", "last_hidden_state")))
     # a headroom no int8 graph reaches: the search measures every probe set and tries layers
     options = QuantizeOptions(fallback_cosine=0.999999, fallback_trials=2, gate_trials=2)
-    result = quantize_onnx(source, tmp_path / "map-int8.onnx", options=options, validate=False)
+    result = quantize_onnx(source, tmp_path / "map-int8.onnx", options=options, validate=False, calibration_size=16,
+                           cpu_variant=False)
     record = quantization_record(read_onnx_metadata(result.path))
     fallback = record["fallback"]
     assert fallback["tried"], fallback

@@ -109,9 +109,10 @@ def timm_references(model, batches) -> dict[tuple[int, int], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def timm_vit_small(tmp_path_factory):
-    """ViT-S/16 at 224 (one block, to keep the export fast) as timm builds it, loaded into vitdeploy."""
+    """ViT-S/16's patch grid at 224 as timm builds it (one block of width 64, to keep the export and the
+    runs at 384 fast: the resampling does not depend on the width), loaded into vitdeploy."""
     folder = tmp_path_factory.mktemp("timm")
-    reference, path = timm_checkpoint(folder, "vit_small_patch16_224", depth=1)
+    reference, path = timm_checkpoint(folder, "vit_small_patch16_224", depth=1, embed_dim=64, num_heads=1)
     ours = load_model(path)
     batches = photo_batches(ours)
     return reference, ours, path, batches, timm_references(reference, batches), folder
@@ -159,14 +160,15 @@ def test_timm_checkpoint_gives_timms_logits_in_onnx(timm_vit_small):
 
 @pytest.fixture(scope="module")
 def hf_vit(tmp_path_factory):
-    """A transformers ViTForImageClassification (ViT-S/16 shape, one layer) saved with save_pretrained."""
+    """A transformers ViTForImageClassification (ViT-S/16's patch grid, one layer of width 64) saved with
+    save_pretrained."""
     torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
-                                    intermediate_size=1536, image_size=224, patch_size=16, num_labels=10)
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                                    intermediate_size=256, image_size=224, patch_size=16, num_labels=10)
     model = transformers.ViTForImageClassification(config).eval()
     with torch.no_grad():
         embeddings = model.vit.embeddings
-        embeddings.position_embeddings.copy_(realistic_pos_embed(1, 14, 384))
+        embeddings.position_embeddings.copy_(realistic_pos_embed(1, 14, 64))
         for param in model.parameters():  # HF initialises LayerNorms to 1/0 and biases to 0
             param.add_(torch.randn_like(param) * 0.02)
     folder = tmp_path_factory.mktemp("hf")
