@@ -103,6 +103,19 @@ def test_a_wrong_convention_is_refused_with_the_numbers(timm_hub, tmp_path, caps
     assert worst["rel_max_error"] > 1e-4  # the worst case, at the non-square size, is off by more than fp32 allows
 
 
+def test_a_source_model_that_fails_to_run_refuses_in_one_line(timm_hub, tmp_path, capsys, monkeypatch) -> None:
+    def fails(self, pixels):
+        raise RuntimeError("shape mismatch in block 0\nsecond line of the library's message")
+
+    monkeypatch.setattr(source_check.SourcePlan, "outputs", fails)
+    target = tmp_path / "model.onnx"
+    code, out = run(capsys, "export", str(timm_hub), "-o", str(target), *TIMM_RANGE)
+    assert code == 1 and not target.exists()
+    failed = [line for line in out.splitlines() if "failed on a" in line]
+    assert len(failed) == 1 and "RuntimeError: shape mismatch in block 0" in failed[0], out
+    assert "second line" not in out and "Traceback" not in out and "--no-source-check" in out
+
+
 @pytest.fixture(scope="module")
 def hf_export(hf_dinov2, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("hf-export")

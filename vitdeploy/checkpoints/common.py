@@ -473,7 +473,7 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
              "variant if that is what this is", warn=True)
     if heads_from == "guess":
         note(notes, f"{what}: the number of attention heads is not stored in the weights; guessed "
-             f"{num_heads} (hidden_size // 64). Pass num_heads= (CLI: --num-heads) if that is wrong", warn=True)
+             f"{num_heads} (hidden_size // 64). Pass num_heads= (CLI: `vitdeploy convert --num-heads N`, or --model NAME) if that is wrong", warn=True)
     try:
         return ViTConfig.from_fields(fields), notes
     except (TypeError, ValueError) as error:

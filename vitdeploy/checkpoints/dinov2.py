@@ -78,7 +78,7 @@ def convert_dinov2_hub(source: StateDict, where: str, num_heads: int | None = No
     if num_heads is None:
         num_heads = max(hidden // HEAD_WIDTH, 1)
         notes.append(f"{num_heads} attention heads ({HEAD_WIDTH}-wide, as in every DINOv2): the weights do not "
-                     "store the head count; pass num_heads= (CLI: --num-heads) if this model differs")
+                     "store the head count; pass num_heads= (CLI: `vitdeploy convert --num-heads N`, or --model NAME) if this model differs")
     side = grid_side(out["pos_embed"], 0 if registers else 1, where)
     head = out.get("head.weight")
     size = _SIZES.get(hidden)
