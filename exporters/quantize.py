@@ -98,6 +98,9 @@ PROBE_SYNTHETIC = 8
 PROBE_CALIBRATION = 16
 # Images (photos and synthetic ones, half each) of each probe set at a validation size (probe_shapes).
 PROBE_PER_SHAPE = 4
+# Probe images (spread over calibration and synthetic ones) each layer's effect on the outputs is measured on
+# (layer_sensitivity: one run per layer, so a few).
+SENSITIVITY_IMAGES = 8
 
 
 @dataclass
@@ -136,6 +139,9 @@ class QuantizeOptions:
     # Fractions of each linear layer's calibrated input maximum tried as its range (choose_ranges; int8 with
     # the fallback loop on); () keeps the calibrator's range everywhere.
     range_grid: tuple[float, ...] = DEFAULT_RANGE_GRID
+    # When every layer quantized misses the gate itself, rank the layers the fallback tries by their measured
+    # effect on the outputs (layer_sensitivity: one probe run per layer) rather than by their own error.
+    sensitivity_ranking: bool = True
 
     def __post_init__(self) -> None:
         check_precision(self.precision, QUANTIZED_PRECISIONS)
@@ -854,35 +860,87 @@ def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np
     return ProbeResult(margin, failures, figures, short, shortfall)
 
 
+def output_tail_error(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], tail: float = RANGE_TAIL) -> float:
+    """How far ``got`` is from ``reference``, row by row (a token of a token output, a row of a vector or
+    logits): the largest over the outputs of the mean ``1 - cosine`` of its worst ``tail`` share of rows."""
+    worst = 0.0
+    for name, exact in reference.items():
+        a = exact.reshape(-1, exact.shape[-1]).astype(np.float64)
+        b = np.asarray(got[name]).reshape(a.shape).astype(np.float64)
+        cosine = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+        worst = max(worst, tail_error(1.0 - cosine, tail))
+    return worst
+
+
+def layer_sensitivity(build: Callable[[list[str]], onnx.ModelProto], layers: list[str], images: np.ndarray,
+                      reference: dict[str, np.ndarray], batch_size: int, threads: int | None,
+                      say: Callable[[str], None]) -> dict[str, float]:
+    """Each layer's effect on the outputs: :func:`output_tail_error` of the graph with only that layer quantized
+    (``build(kept)`` with every other layer of ``layers`` kept in float) on ``images`` against their fp32
+    ``reference``. A layer's own int8 error does not say how much the layers after it amplify it: in a ViT whose
+    attention is sharp, the first blocks' q/k projections move the attention of every later block (perturbed
+    DINOv3-S, uniform-noise images: the first qkv alone cost 8.7e-3 mean token 1 - cosine at the output, an fc2
+    with a larger own error 4e-4)."""
+    input_name = None
+    scores: dict[str, float] = {}
+    say(f"  measuring each of {len(layers)} layers' effect on the outputs (that layer alone quantized, "
+        f"{len(images)} probe images)")
+    for count, name in enumerate(layers, 1):
+        candidate = build([other for other in layers if other != name])
+        input_name = input_name or candidate.graph.input[0].name
+        with tempfile.TemporaryDirectory(prefix="vitdeploy-sensitivity-") as folder:
+            session = _session(candidate, Path(folder), threads)
+            names = list(reference)
+            runs = [session.run(names, {input_name: images[start:start + batch_size]})
+                    for start in range(0, len(images), batch_size)]
+        got = {output: np.concatenate([run[i] for run in runs]) for i, output in enumerate(names)}
+        scores[name] = output_tail_error(reference, got)
+        if count % 10 == 0 or count == len(layers):
+            say(f"    {count}/{len(layers)} layers measured")
+    return scores
+
+
 def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float],
               measure: Callable[[onnx.ModelProto], ProbeResult], trials: int, say: Callable[[str], None],
-              gate_trials: int = 0, first: Iterable[str] = ()) -> tuple[list[str], dict[str, Any]]:
+              gate_trials: int = 0, first: Iterable[str] = (),
+              sensitivity: Callable[[], dict[str, float]] | None = None) -> tuple[list[str], dict[str, Any]]:
     """Keep layers in float, largest measured error first, while the probe misses its target.
 
     ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` judges it
     (:func:`probe_gate`); a layer stays in float only if it brought the probe closer to its aim
     (:meth:`ProbeResult.better_than`), and at most ``trials`` layers are tried for the headroom, up to
     ``gate_trials`` while the gate itself is still missed (the file is refused otherwise); the layers named in
-    ``first`` (of ``errors``) are tried before the ranking. Returns the kept
+    ``first`` (of ``errors``) are tried before the ranking. When every layer quantized misses the gate itself
+    and ``sensitivity`` is given, the layers are ranked by what it measures instead (:func:`layer_sensitivity`:
+    each layer's effect on the outputs, which a layer's own error does not tell). Returns the kept
     layers and the record of what was tried, with
     ``reached`` (whether the target was met) and the probe's figures before and after.
     """
     kept: list[str] = []
     result = measure(build(kept))
+    scores = sensitivity() if sensitivity is not None and not result.passed else None
+    ranking = "sensitivity" if scores is not None else "layer error"
     say(f"  every layer quantized: worst probe cosine {result.worst_cosine:.5f}, margin {result.margin:+.5f}"
-        + ("" if result.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(errors))} layers "
-           "go back to float, largest error first)"))
+        + ("" if result.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(scores or errors))} "
+           f"layers go back to float, largest {'effect on the outputs' if scores else 'error'} first)"))
     record: dict[str, Any] = {"initial_cosine": round(result.worst_cosine, 6), "initial_margin": round(result.margin, 6),
-                              "initial_shortfall": round(result.shortfall, 6),
-                              "initial": result.figures, "tried": [], "tried_first": [n for n in first if n in errors]}
-    ranked = sorted(errors, key=lambda name: (name not in set(first), -errors[name]))
+                              "initial_shortfall": round(result.shortfall, 6), "initial": result.figures,
+                              "ranking": ranking, "tried": [],
+                              "tried_first": [] if scores else [n for n in first if n in errors]}
+    if scores is not None:
+        record["sensitivity"] = {name: float(f"{value:.4g}") for name, value in scores.items()}
+        ranked = sorted(scores, key=lambda name: -scores[name])
+    else:
+        ranked = sorted(errors, key=lambda name: (name not in set(first), -errors[name]))
     for tried, name in enumerate(ranked[:max(trials, gate_trials)]):
         if result.satisfied or (tried >= trials and result.passed):
             break
         trial = measure(build([*kept, name]))
         better = trial.better_than(result)
-        record["tried"].append({"node": name, "layer_error": float(f"{errors[name]:.4g}"),
-                                "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
+        entry = {"node": name, "layer_error": float(f"{errors[name]:.4g}") if name in errors else None}
+        if scores is not None:
+            entry["sensitivity"] = record["sensitivity"][name]
+        record["tried"].append({**entry, "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
                                 "kept_float": better})
         say(f"  {name} in float: worst probe cosine {trial.worst_cosine:.5f}, margin {trial.margin:+.5f} "
             f"({'kept' if better else 'undone'})")
@@ -1139,7 +1197,14 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     # (measured on the layernorm-weights outlier ViT-S/16, seed 0: it alone moved the probe from 0.979 to 0.986,
     # more than any other layer, while ranking by its own error put it last).
     patch = [use.node.name for use in plan.weights if use.node.name in errors and use.node.op_type == "Conv"]
-    kept, record = fall_back(build, errors, measure, options.fallback_trials, say, options.gate_trials, first=patch)
+    layers = list(dict.fromkeys(use.node.name for use in plan.weights))
+    spread = np.unique(np.linspace(0, len(images) - 1, min(SENSITIVITY_IMAGES, len(images))).round().astype(int))
+    sensitivity = (lambda: layer_sensitivity(build, layers, images[spread],
+                                             {name: value[spread] for name, value in reference.items()},
+                                             options.batch_size, options.threads, say)
+                   ) if options.sensitivity_ranking else None
+    kept, record = fall_back(build, errors, measure, options.fallback_trials, say, options.gate_trials, first=patch,
+                             sensitivity=sensitivity)
     if ranges:
         record["ranges"] = {name: values["chosen"] for name, values in ranges.items()}
         record["range_errors"] = ranges
