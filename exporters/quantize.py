@@ -863,13 +863,9 @@ def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np
 def output_tail_error(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], tail: float = RANGE_TAIL) -> float:
     """How far ``got`` is from ``reference``, row by row (a token of a token output, a row of a vector or
     logits): the largest over the outputs of the mean ``1 - cosine`` of its worst ``tail`` share of rows."""
-    worst = 0.0
-    for name, exact in reference.items():
-        a = exact.reshape(-1, exact.shape[-1]).astype(np.float64)
-        b = np.asarray(got[name]).reshape(a.shape).astype(np.float64)
-        cosine = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-        worst = max(worst, tail_error(1.0 - cosine, tail))
-    return worst
+    from vitdeploy.parity import token_cosines
+
+    return max(tail_error(1.0 - token_cosines(exact, got[name]), tail) for name, exact in reference.items())
 
 
 def layer_sensitivity(build: Callable[[list[str]], onnx.ModelProto], layers: list[str], images: np.ndarray,
