@@ -122,3 +122,4 @@ def test_output_tail_error_is_the_mean_of_the_worst_rows():
     assert output_tail_error(reference, got, tail=0.01) == pytest.approx(0.5)
     assert output_tail_error(reference, got, tail=0.02) == pytest.approx(0.25)
     assert output_tail_error(reference, reference) == pytest.approx(0.0, abs=1e-12)
+
