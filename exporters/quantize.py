@@ -907,47 +907,72 @@ def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, f
     (:meth:`ProbeResult.better_than`), and at most ``trials`` layers are tried for the headroom, up to
     ``gate_trials`` while the gate itself is still missed (the file is refused otherwise); the layers named in
     ``first`` (of ``errors``) are tried before the ranking. When every layer quantized misses the gate itself
-    and ``sensitivity`` is given, the layers are ranked by what it measures instead (:func:`layer_sensitivity`:
-    each layer's effect on the outputs, which a layer's own error does not tell). Returns the kept
-    layers and the record of what was tried, with
-    ``reached`` (whether the target was met) and the probe's figures before and after.
+    and ``sensitivity`` is given, the layers are ranked by what it measures first (:func:`layer_sensitivity`:
+    each layer's effect on the outputs, which a layer's own error does not tell); should that search still miss
+    the gate, the own-error search runs from the start too and the closer of the two is kept (errors that
+    compound across layers can make the one-layer effects mislead). Returns the kept layers and the record of
+    what was tried, with ``reached`` (whether the target was met) and the probe's figures before and after.
     """
-    kept: list[str] = []
-    result = measure(build(kept))
-    scores = sensitivity() if sensitivity is not None and not result.passed else None
-    ranking = "sensitivity" if scores is not None else "layer error"
-    say(f"  every layer quantized: worst probe cosine {result.worst_cosine:.5f}, margin {result.margin:+.5f}"
-        + ("" if result.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(scores or errors))} "
+    start = measure(build([]))
+    scores = sensitivity() if sensitivity is not None and not start.passed else None
+    say(f"  every layer quantized: worst probe cosine {start.worst_cosine:.5f}, margin {start.margin:+.5f}"
+        + ("" if start.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(scores or errors))} "
            f"layers go back to float, largest {'effect on the outputs' if scores else 'error'} first)"))
-    record: dict[str, Any] = {"initial_cosine": round(result.worst_cosine, 6), "initial_margin": round(result.margin, 6),
-                              "initial_shortfall": round(result.shortfall, 6), "initial": result.figures,
-                              "ranking": ranking, "tried": [],
-                              "tried_first": [] if scores else [n for n in first if n in errors]}
+    record: dict[str, Any] = {"initial_cosine": round(start.worst_cosine, 6), "initial_margin": round(start.margin, 6),
+                              "initial_shortfall": round(start.shortfall, 6), "initial": start.figures}
+    searches = [("layer error", sorted(errors, key=lambda name: (name not in set(first), -errors[name])))]
     if scores is not None:
         record["sensitivity"] = {name: float(f"{value:.4g}") for name, value in scores.items()}
-        ranked = sorted(scores, key=lambda name: -scores[name])
-    else:
-        ranked = sorted(errors, key=lambda name: (name not in set(first), -errors[name]))
-    for tried, name in enumerate(ranked[:max(trials, gate_trials)]):
-        if result.satisfied or (tried >= trials and result.passed):
-            break
-        trial = measure(build([*kept, name]))
-        better = trial.better_than(result)
-        entry = {"node": name, "layer_error": float(f"{errors[name]:.4g}") if name in errors else None}
-        if scores is not None:
-            entry["sensitivity"] = record["sensitivity"][name]
-        record["tried"].append({**entry, "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
-                                "kept_float": better})
-        say(f"  {name} in float: worst probe cosine {trial.worst_cosine:.5f}, margin {trial.margin:+.5f} "
-            f"({'kept' if better else 'undone'})")
-        if better:
-            kept.append(name)
-            result = trial
+        searches.insert(0, ("sensitivity", sorted(scores, key=lambda name: -scores[name])))
+    best: tuple[list[str], ProbeResult, list[dict[str, Any]], str] | None = None
+    summaries = []
+    for ranking, ranked in searches:
+        if best is not None:
+            if best[1].passed:
+                break
+            say(f"  the {best[3]} search missed the gate: the {ranking} search from the start")
+        kept, result, tried = _greedy(build, measure, start, ranked, trials, gate_trials, say, errors,
+                                      record.get("sensitivity"))
+        summaries.append({"ranking": ranking, "tries": len(tried), "kept_float": len(kept),
+                          "final_cosine": round(result.worst_cosine, 6), "reached": result.passed})
+        if best is None or result.better_than(best[1]):
+            best = (kept, result, tried, ranking)
+    kept, result, tried, ranking = best
+    record.update(ranking=ranking, tried=tried,
+                  tried_first=[n for n in first if n in errors] if ranking == "layer error" else [])
+    if len(summaries) > 1:
+        record["searches"] = summaries
     record.update(kept_float=kept, final_cosine=round(result.worst_cosine, 6), final_margin=round(result.margin, 6),
                   final_shortfall=round(result.shortfall, 6),
                   final=result.figures, reached=result.passed, failures=result.failures,
                   headroom_reached=result.satisfied, short_of_headroom=result.short_of_headroom)
     return kept, record
+
+
+def _greedy(build: Callable[[list[str]], onnx.ModelProto], measure: Callable[[onnx.ModelProto], ProbeResult],
+            result: ProbeResult, ranked: list[str], trials: int, gate_trials: int, say: Callable[[str], None],
+            errors: dict[str, float], sensitivity: dict[str, float] | None
+            ) -> tuple[list[str], ProbeResult, list[dict[str, Any]]]:
+    """:func:`fall_back`'s one pass over ``ranked`` from ``result`` (every layer quantized): the kept layers,
+    the probe's result with them in float, and one entry per layer tried."""
+    kept: list[str] = []
+    tried: list[dict[str, Any]] = []
+    for count, name in enumerate(ranked[:max(trials, gate_trials)]):
+        if result.satisfied or (count >= trials and result.passed):
+            break
+        trial = measure(build([*kept, name]))
+        better = trial.better_than(result)
+        entry = {"node": name, "layer_error": float(f"{errors[name]:.4g}") if name in errors else None}
+        if sensitivity is not None and name in sensitivity:
+            entry["sensitivity"] = sensitivity[name]
+        tried.append({**entry, "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
+                      "kept_float": better})
+        say(f"  {name} in float: worst probe cosine {trial.worst_cosine:.5f}, margin {trial.margin:+.5f} "
+            f"({'kept' if better else 'undone'})")
+        if better:
+            kept.append(name)
+            result = trial
+    return kept, result, tried
 
 
 def _quantize_array(array: np.ndarray, scale: np.ndarray, precision: str) -> np.ndarray:

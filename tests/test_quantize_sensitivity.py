@@ -123,3 +123,28 @@ def test_output_tail_error_is_the_mean_of_the_worst_rows():
     assert output_tail_error(reference, got, tail=0.02) == pytest.approx(0.25)
     assert output_tail_error(reference, reference) == pytest.approx(0.0, abs=1e-12)
 
+
+
+def test_a_sensitivity_search_that_misses_the_gate_is_followed_by_the_own_error_search():
+    """Errors that compound across layers can make one-layer effects mislead: when the search by effect misses
+    the gate, the search by own error runs from the start as well, and the closer of the two is kept (both in the
+    record)."""
+    from vitdeploy.exporters.quantize import ProbeResult, fall_back
+
+    gains = {"a": 0.006, "b": 0.005, "c": 0.001}
+
+    def measure(kept: list[str]) -> ProbeResult:
+        margin = -0.01 + sum(gains[name] for name in kept)
+        return ProbeResult(margin, ["below"] if margin < 0 else [], {"logits": {"cosine": 0.99 + margin}})
+
+    errors = {"a": 3e-3, "b": 2e-3, "c": 1e-3}
+    kept, record = fall_back(lambda kept: kept, errors, measure, 2, lambda message: None, gate_trials=2,
+                             sensitivity=lambda: {"c": 5e-2, "a": 1e-2, "b": 1e-3})
+    assert kept == ["a", "b"] and record["reached"] is True and record["ranking"] == "layer error"
+    assert [search["ranking"] for search in record["searches"]] == ["sensitivity", "layer error"]
+    assert record["searches"][0]["reached"] is False and record["searches"][1]["reached"] is True
+    assert [trial["node"] for trial in record["tried"]] == ["a", "b"] and record["sensitivity"]["c"] == 5e-2
+    # A search by effect that reaches the gate is the only one run.
+    kept, record = fall_back(lambda kept: kept, errors, measure, 2, lambda message: None, gate_trials=2,
+                             sensitivity=lambda: {"a": 5e-2, "b": 1e-2, "c": 1e-3})
+    assert kept == ["a", "b"] and record["ranking"] == "sensitivity" and "searches" not in record
