@@ -98,6 +98,9 @@ PROBE_SYNTHETIC = 8
 PROBE_CALIBRATION = 16
 # Images (photos and synthetic ones, half each) of each probe set at a validation size (probe_shapes).
 PROBE_PER_SHAPE = 4
+# Probe images (spread over calibration and synthetic ones) each layer's effect on the outputs is measured on
+# (layer_sensitivity: one run per layer, so a few).
+SENSITIVITY_IMAGES = 8
 
 
 @dataclass
@@ -136,6 +139,9 @@ class QuantizeOptions:
     # Fractions of each linear layer's calibrated input maximum tried as its range (choose_ranges; int8 with
     # the fallback loop on); () keeps the calibrator's range everywhere.
     range_grid: tuple[float, ...] = DEFAULT_RANGE_GRID
+    # When every layer quantized misses the gate itself, rank the layers the fallback tries by their measured
+    # effect on the outputs (layer_sensitivity: one probe run per layer) rather than by their own error.
+    sensitivity_ranking: bool = True
 
     def __post_init__(self) -> None:
         check_precision(self.precision, QUANTIZED_PRECISIONS)
@@ -854,46 +860,119 @@ def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np
     return ProbeResult(margin, failures, figures, short, shortfall)
 
 
+def output_tail_error(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], tail: float = RANGE_TAIL) -> float:
+    """How far ``got`` is from ``reference``, row by row (a token of a token output, a row of a vector or
+    logits): the largest over the outputs of the mean ``1 - cosine`` of its worst ``tail`` share of rows."""
+    from vitdeploy.parity import token_cosines
+
+    return max(tail_error(1.0 - token_cosines(exact, got[name]), tail) for name, exact in reference.items())
+
+
+def layer_sensitivity(build: Callable[[list[str]], onnx.ModelProto], layers: list[str], images: np.ndarray,
+                      reference: dict[str, np.ndarray], batch_size: int, threads: int | None,
+                      say: Callable[[str], None]) -> dict[str, float]:
+    """Each layer's effect on the outputs: :func:`output_tail_error` of the graph with only that layer quantized
+    (``build(kept)`` with every other layer of ``layers`` kept in float) on ``images`` against their fp32
+    ``reference``. A layer's own int8 error does not say how much the layers after it amplify it: in a ViT whose
+    attention is sharp, the first blocks' q/k projections move the attention of every later block (perturbed
+    DINOv3-S, uniform-noise images: the first qkv alone cost 8.7e-3 mean token 1 - cosine at the output, an fc2
+    with a larger own error 4e-4)."""
+    input_name = None
+    scores: dict[str, float] = {}
+    say(f"  measuring each of {len(layers)} layers' effect on the outputs (that layer alone quantized, "
+        f"{len(images)} probe images)")
+    for count, name in enumerate(layers, 1):
+        candidate = build([other for other in layers if other != name])
+        input_name = input_name or candidate.graph.input[0].name
+        with tempfile.TemporaryDirectory(prefix="vitdeploy-sensitivity-") as folder:
+            session = _session(candidate, Path(folder), threads)
+            names = list(reference)
+            runs = [session.run(names, {input_name: images[start:start + batch_size]})
+                    for start in range(0, len(images), batch_size)]
+        got = {output: np.concatenate([run[i] for run in runs]) for i, output in enumerate(names)}
+        scores[name] = output_tail_error(reference, got)
+        if count % 10 == 0 or count == len(layers):
+            say(f"    {count}/{len(layers)} layers measured")
+    return scores
+
+
 def fall_back(build: Callable[[list[str]], onnx.ModelProto], errors: dict[str, float],
               measure: Callable[[onnx.ModelProto], ProbeResult], trials: int, say: Callable[[str], None],
-              gate_trials: int = 0, first: Iterable[str] = ()) -> tuple[list[str], dict[str, Any]]:
+              gate_trials: int = 0, first: Iterable[str] = (),
+              sensitivity: Callable[[], dict[str, float]] | None = None) -> tuple[list[str], dict[str, Any]]:
     """Keep layers in float, largest measured error first, while the probe misses its target.
 
     ``build(kept)`` makes the quantized graph with the named layers in float, ``measure`` judges it
     (:func:`probe_gate`); a layer stays in float only if it brought the probe closer to its aim
     (:meth:`ProbeResult.better_than`), and at most ``trials`` layers are tried for the headroom, up to
     ``gate_trials`` while the gate itself is still missed (the file is refused otherwise); the layers named in
-    ``first`` (of ``errors``) are tried before the ranking. Returns the kept
-    layers and the record of what was tried, with
-    ``reached`` (whether the target was met) and the probe's figures before and after.
+    ``first`` (of ``errors``) are tried before the ranking. When every layer quantized misses the gate itself
+    and ``sensitivity`` is given, the layers are ranked by what it measures first (:func:`layer_sensitivity`:
+    each layer's effect on the outputs, which a layer's own error does not tell); should that search still miss
+    the gate, the own-error search runs from the start too and the closer of the two is kept (errors that
+    compound across layers can make the one-layer effects mislead). Returns the kept layers and the record of
+    what was tried, with ``reached`` (whether the target was met) and the probe's figures before and after.
     """
-    kept: list[str] = []
-    result = measure(build(kept))
-    say(f"  every layer quantized: worst probe cosine {result.worst_cosine:.5f}, margin {result.margin:+.5f}"
-        + ("" if result.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(errors))} layers "
-           "go back to float, largest error first)"))
-    record: dict[str, Any] = {"initial_cosine": round(result.worst_cosine, 6), "initial_margin": round(result.margin, 6),
-                              "initial_shortfall": round(result.shortfall, 6),
-                              "initial": result.figures, "tried": [], "tried_first": [n for n in first if n in errors]}
-    ranked = sorted(errors, key=lambda name: (name not in set(first), -errors[name]))
-    for tried, name in enumerate(ranked[:max(trials, gate_trials)]):
-        if result.satisfied or (tried >= trials and result.passed):
-            break
-        trial = measure(build([*kept, name]))
-        better = trial.better_than(result)
-        record["tried"].append({"node": name, "layer_error": float(f"{errors[name]:.4g}"),
-                                "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
-                                "kept_float": better})
-        say(f"  {name} in float: worst probe cosine {trial.worst_cosine:.5f}, margin {trial.margin:+.5f} "
-            f"({'kept' if better else 'undone'})")
-        if better:
-            kept.append(name)
-            result = trial
+    start = measure(build([]))
+    scores = sensitivity() if sensitivity is not None and not start.passed else None
+    say(f"  every layer quantized: worst probe cosine {start.worst_cosine:.5f}, margin {start.margin:+.5f}"
+        + ("" if start.satisfied else f" (below its aim: up to {min(max(trials, gate_trials), len(scores or errors))} "
+           f"layers go back to float, largest {'effect on the outputs' if scores else 'error'} first)"))
+    record: dict[str, Any] = {"initial_cosine": round(start.worst_cosine, 6), "initial_margin": round(start.margin, 6),
+                              "initial_shortfall": round(start.shortfall, 6), "initial": start.figures}
+    searches = [("layer error", sorted(errors, key=lambda name: (name not in set(first), -errors[name])))]
+    if scores is not None:
+        record["sensitivity"] = {name: float(f"{value:.4g}") for name, value in scores.items()}
+        searches.insert(0, ("sensitivity", sorted(scores, key=lambda name: -scores[name])))
+    best: tuple[list[str], ProbeResult, list[dict[str, Any]], str] | None = None
+    summaries = []
+    for ranking, ranked in searches:
+        if best is not None:
+            if best[1].passed:
+                break
+            say(f"  the {best[3]} search missed the gate: the {ranking} search from the start")
+        kept, result, tried = _greedy(build, measure, start, ranked, trials, gate_trials, say, errors,
+                                      record.get("sensitivity"))
+        summaries.append({"ranking": ranking, "tries": len(tried), "kept_float": len(kept),
+                          "final_cosine": round(result.worst_cosine, 6), "reached": result.passed})
+        if best is None or result.better_than(best[1]):
+            best = (kept, result, tried, ranking)
+    kept, result, tried, ranking = best
+    record.update(ranking=ranking, tried=tried,
+                  tried_first=[n for n in first if n in errors] if ranking == "layer error" else [])
+    if len(summaries) > 1:
+        record["searches"] = summaries
     record.update(kept_float=kept, final_cosine=round(result.worst_cosine, 6), final_margin=round(result.margin, 6),
                   final_shortfall=round(result.shortfall, 6),
                   final=result.figures, reached=result.passed, failures=result.failures,
                   headroom_reached=result.satisfied, short_of_headroom=result.short_of_headroom)
     return kept, record
+
+
+def _greedy(build: Callable[[list[str]], onnx.ModelProto], measure: Callable[[onnx.ModelProto], ProbeResult],
+            result: ProbeResult, ranked: list[str], trials: int, gate_trials: int, say: Callable[[str], None],
+            errors: dict[str, float], sensitivity: dict[str, float] | None
+            ) -> tuple[list[str], ProbeResult, list[dict[str, Any]]]:
+    """:func:`fall_back`'s one pass over ``ranked`` from ``result`` (every layer quantized): the kept layers,
+    the probe's result with them in float, and one entry per layer tried."""
+    kept: list[str] = []
+    tried: list[dict[str, Any]] = []
+    for count, name in enumerate(ranked[:max(trials, gate_trials)]):
+        if result.satisfied or (count >= trials and result.passed):
+            break
+        trial = measure(build([*kept, name]))
+        better = trial.better_than(result)
+        entry = {"node": name, "layer_error": float(f"{errors[name]:.4g}") if name in errors else None}
+        if sensitivity is not None and name in sensitivity:
+            entry["sensitivity"] = sensitivity[name]
+        tried.append({**entry, "cosine": round(trial.worst_cosine, 6), "margin": round(trial.margin, 6),
+                      "kept_float": better})
+        say(f"  {name} in float: worst probe cosine {trial.worst_cosine:.5f}, margin {trial.margin:+.5f} "
+            f"({'kept' if better else 'undone'})")
+        if better:
+            kept.append(name)
+            result = trial
+    return kept, result, tried
 
 
 def _quantize_array(array: np.ndarray, scale: np.ndarray, precision: str) -> np.ndarray:
@@ -1139,7 +1218,14 @@ def _measured_fallback(smoothed: onnx.ModelProto, plan: Plan, amax: dict[str, fl
     # (measured on the layernorm-weights outlier ViT-S/16, seed 0: it alone moved the probe from 0.979 to 0.986,
     # more than any other layer, while ranking by its own error put it last).
     patch = [use.node.name for use in plan.weights if use.node.name in errors and use.node.op_type == "Conv"]
-    kept, record = fall_back(build, errors, measure, options.fallback_trials, say, options.gate_trials, first=patch)
+    layers = list(dict.fromkeys(use.node.name for use in plan.weights))
+    spread = np.unique(np.linspace(0, len(images) - 1, min(SENSITIVITY_IMAGES, len(images))).round().astype(int))
+    sensitivity = (lambda: layer_sensitivity(build, layers, images[spread],
+                                             {name: value[spread] for name, value in reference.items()},
+                                             options.batch_size, options.threads, say)
+                   ) if options.sensitivity_ranking else None
+    kept, record = fall_back(build, errors, measure, options.fallback_trials, say, options.gate_trials, first=patch,
+                             sensitivity=sensitivity)
     if ranges:
         record["ranges"] = {name: values["chosen"] for name, values in ranges.items()}
         record["range_errors"] = ranges
