@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,23 @@ def trace_once_per_model():
     patch.setattr(onnx_export, "trace_to_onnx", cached)
     yield cache
     patch.undo()
+
+
+_NO_TORCH = """
+import importlib.abc, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def run_without_torch(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter in which importing torch raises (what an application that
+    embeds the runtimes without torch sees); returns the finished process."""
+    return subprocess.run([sys.executable, "-c", _NO_TORCH + textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=timeout)

@@ -8,15 +8,12 @@ included) must read them as before.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, run_without_torch
 from onnx_artifacts import export_onnx, make_metadata
 from safetensors.torch import save_file
 
@@ -184,16 +181,7 @@ def test_the_torch_free_runtime_reads_a_flat_model_config(flat_artifact, tmp_pat
     with torch.no_grad():
         expected = model(torch.from_numpy(pixels)).numpy()
     np.save(tmp_path / "pixels.npy", pixels)
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
+    script = f"""
         import numpy as np
         import vitdeploy.runtimes
         from vitdeploy.preprocessing import load_labels
@@ -201,7 +189,7 @@ def test_the_torch_free_runtime_reads_a_flat_model_config(flat_artifact, tmp_pat
         assert load_labels(runtime.metadata) == {LABELS!r}
         np.save({str(tmp_path / "logits.npy")!r}, runtime(np.load({str(tmp_path / "pixels.npy")!r})))
         assert "torch" not in sys.modules
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    """
+    done = run_without_torch(script)
     assert done.returncode == 0, done.stderr
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-4, rtol=1e-4)

@@ -12,7 +12,7 @@ from conftest import make_model, tiny_config
 from onnx import TensorProto, helper, numpy_helper
 from outliers import inject_outlier_channels, outlier_channels
 
-from vitdeploy.calibration import BUNDLED, load_calibration
+from vitdeploy.calibration import BUNDLED, CalibrationSet, load_calibration
 from vitdeploy.cpu_features import int8_dot_flags
 from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
 from vitdeploy.exporters.quantize import (
@@ -31,24 +31,6 @@ from vitdeploy.exporters.quantize import (
 from vitdeploy.exporters.trt_support import check_onnx
 from vitdeploy.metadata import ArtifactMetadata, quantization_record, read_onnx_metadata
 from vitdeploy.parity import InputFactory, compare_logits
-
-
-class _Calibration:
-    """A calibration set of given arrays (the CalibrationSet interface quantize_model needs)."""
-
-    def __init__(self, pixels: np.ndarray) -> None:
-        self.pixels = pixels
-
-    @property
-    def count(self) -> int:
-        return len(self.pixels)
-
-    def batches(self, size: int):
-        for start in range(0, len(self.pixels), size):
-            yield self.pixels[start:start + size]
-
-    def describe(self) -> dict:
-        return {"source": "test", "count": self.count}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +104,7 @@ def test_qdq_numerics_are_exactly_symmetric_per_channel_and_per_tensor(precision
     weight = (rng.standard_normal((16, 6)) * np.array([0.1, 1, 3, 0.01, 10, 0.5])).astype(np.float32)
     calibration = rng.standard_normal((32, 16)).astype(np.float32) * 2
     reduce_range = precision == "int8" and not int8_dot_flags()
-    quantized, record = quantize_model(_matmul_model(weight), _Calibration(calibration),
+    quantized, record = quantize_model(_matmul_model(weight), CalibrationSet(calibration, "test", 0),
                                        QuantizeOptions(precision=precision, smooth_alpha=0, reduce_range=reduce_range,
                                                        range_grid=()))
     qmax = 127.0 if precision == "int8" else 448.0
@@ -282,7 +264,7 @@ def test_layer_error_is_the_error_onnxruntime_measures():
     fp32 = _matmul_model(weight)
     reduce_range = not int8_dot_flags()
     options = QuantizeOptions(smooth_alpha=0, fallback_cosine=None, reduce_range=reduce_range)
-    quantized, _ = quantize_model(fp32, _Calibration(calibration), options)
+    quantized, _ = quantize_model(fp32, CalibrationSet(calibration, "test", 0), options)
     probe = (rng.standard_normal((4, 16)) * 1.5).astype(np.float32)  # partly beyond the calibrated range
     plan = plan_quantization(fp32)
     amax = {"pixel_values": float(np.abs(calibration).max())}

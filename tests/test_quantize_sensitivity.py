@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vitdeploy.calibration import CalibrationSet
 from vitdeploy.exporters.quantize import (
     QuantizationTargetError,
     QuantizeOptions,
@@ -22,25 +23,9 @@ from vitdeploy.exporters.quantize import (
 CHANNELS = 16
 
 
-class _Calibration:
-    """A calibration set of given arrays (the CalibrationSet interface quantize_model needs)."""
-
-    def __init__(self, pixels: np.ndarray) -> None:
-        self.pixels = pixels
-
-    @property
-    def count(self) -> int:
-        return len(self.pixels)
-
-    def batches(self, size: int):
-        for start in range(0, len(self.pixels), size):
-            yield self.pixels[start:start + size]
-
-    def describe(self) -> dict:
-        return {"source": "test", "count": self.count}
 
 
-def _sharp_and_damped() -> tuple[onnx.ModelProto, _Calibration]:
+def _sharp_and_damped() -> tuple[onnx.ModelProto, CalibrationSet]:
     """``softmax(40 * x @ Wa) + 0.01 * ((x * boost) @ Wb)``: ``sharp`` (Wa) has a tiny own error but feeds a sharp
     softmax; ``damped`` (Wb) has a large own error (one input channel x30 stretches its per-tensor range) but its
     output is scaled down before it reaches the graph output. With 32 calibration rows of N(0, 1)."""
@@ -63,7 +48,7 @@ def _sharp_and_damped() -> tuple[onnx.ModelProto, _Calibration]:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", CHANNELS])],
                               [helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch", CHANNELS])],
                               initializers)
-    calibration = _Calibration(rng.standard_normal((32, CHANNELS)).astype(np.float32))
+    calibration = CalibrationSet(rng.standard_normal((32, CHANNELS)).astype(np.float32), "test", 0)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), calibration
 
 

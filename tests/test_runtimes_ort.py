@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_model, tiny_config
+from conftest import make_model, run_without_torch, tiny_config
 from onnx_artifacts import attach_metadata, export_onnx, fp16_io_graph, make_metadata
 
 import vitdeploy.runtimes as runtimes
@@ -216,16 +213,7 @@ def test_runtimes_work_without_torch(onnx_path, tiny, tmp_path):
     metadata = make_metadata(config)
     image = bundled_images()[0]
     expected = eager(model, preprocess(image, metadata.preprocessing)[None])
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
+    script = f"""
         import numpy as np
         import vitdeploy.runtimes
         assert "onnxruntime" not in sys.modules, "vitdeploy.runtimes imported onnxruntime eagerly"
@@ -234,7 +222,7 @@ def test_runtimes_work_without_torch(onnx_path, tiny, tmp_path):
         pixels = preprocess({str(image)!r}, runtime.metadata.preprocessing)[None]
         np.save({str(tmp_path / "logits.npy")!r}, runtime(pixels))
         assert "torch" not in sys.modules
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    """
+    done = run_without_torch(script)
     assert done.returncode == 0, done.stderr
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-4, rtol=1e-4)
