@@ -190,6 +190,15 @@ def _outputs(run: RunFn, pixels: np.ndarray, primary: str) -> dict[str, np.ndarr
     return {primary: np.asarray(out, dtype=np.float32)}
 
 
+def _run_chunks(run: RunFn, chunks: Iterable[np.ndarray], primary: str) -> dict[str, np.ndarray]:
+    """Every output ``run`` gives (:func:`_outputs`) for each of ``chunks``, concatenated over them by name."""
+    got: dict[str, list[np.ndarray]] = {}
+    for pixels in chunks:
+        for name, value in _outputs(run, pixels, primary).items():
+            got.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in got.items()}
+
+
 def _entry(metrics: Any) -> dict[str, Any]:
     """One output's figures for the manifest: its kind and the :class:`~vitdeploy.parity.ParityMetrics` that apply."""
     return {key: value for key, value in metrics.to_dict().items() if value is not None}
@@ -221,15 +230,12 @@ class AccuracyData:
         from vitdeploy.parity import accuracy, compare_outputs, output_kind
 
         floor = precision_gate(precision).token_floor
-        got: dict[str, list[np.ndarray]] = {}
-        for chunk in self.chunks:
-            for name, value in _outputs(run, chunk, self.primary).items():
-                got.setdefault(name, []).append(value)
+        got = _run_chunks(run, self.chunks, self.primary)
         missing = [name for name in self.reference_outputs if name not in got]
         if missing:
             raise ValueError(f"the candidate has no {', '.join(missing)} output; the reference has "
                              f"{', '.join(self.reference_outputs)}")
-        outputs = {name: _entry(compare_outputs(reference, np.concatenate(got[name]), output_kind(name), floor))
+        outputs = {name: _entry(compare_outputs(reference, got[name], output_kind(name), floor))
                    for name, reference in self.reference_outputs.items()}
         primary = outputs[self.primary]
         figures: dict[str, Any] = {"kind": self.kind, "images": int(primary["num_samples"]), "source": self.source,
@@ -240,7 +246,7 @@ class AccuracyData:
         if self.labels is not None:
             if "logits" not in got:
                 raise ValueError(f"labelled accuracy needs a logits output; the artifact has {', '.join(got)}")
-            logits = np.concatenate(got["logits"])
+            logits = got["logits"]
             mine, ref = accuracy(logits, self.labels), accuracy(self.reference_outputs["logits"], self.labels)
             figures.update(top1=mine.top1, top5=mine.top5, reference_top1=ref.top1,
                            top1_drop_points=100.0 * (ref.top1 - mine.top1))
@@ -282,14 +288,10 @@ def accuracy_data(reference: RunFn, metadata: Any, max_batch: int, size: int, la
         labels, kind = None, "agreement"
         source = f"{count} real photos at {size}x{size} ({images or 'bundled'})"
     names, primary = metadata.output_names, metadata.primary_output
-    got: dict[str, list[np.ndarray]] = {}
-    for pixels in chunks:
-        for name, value in _outputs(reference, pixels, primary).items():
-            if name in names:
-                got.setdefault(name, []).append(value)
+    got = {name: value for name, value in _run_chunks(reference, chunks, primary).items() if name in names}
     if primary not in got:
         raise ValueError(f"the accuracy reference gives no {primary} output (it gives {', '.join(got) or 'none'})")
-    reference_outputs = {name: np.concatenate(got[name]) for name in names if name in got}
+    reference_outputs = {name: got[name] for name in names if name in got}
     return AccuracyData(kind, chunks, reference_outputs, primary, labels, source)
 
 
