@@ -788,6 +788,13 @@ def _in_batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
     return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
 
 
+def _run_in_batches(session: Any, names: list[str], images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """The outputs ``names`` of ``session`` for ``images`` run ``batch_size`` at a time, concatenated by name."""
+    input_name = session.get_inputs()[0].name
+    runs = [session.run(names, {input_name: batch}) for batch in _in_batches(images, batch_size)]
+    return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
+
+
 @dataclass
 class ProbeResult:
     """A quantized graph on the probe images, judged by the precision's gate (one metric set with the export's)."""
@@ -828,20 +835,17 @@ def probe_gate(model: onnx.ModelProto, sets: list[tuple[np.ndarray, dict[str, np
 
     from vitdeploy.parity import compare_outputs, output_kind, tolerance_for_output
 
-    input_name = model.graph.input[0].name
     margin, failures, short, figures, shortfall = math.inf, [], [], {}, 0.0
     with tempfile.TemporaryDirectory(prefix="vitdeploy-probe-") as folder:
         session = _session(model, Path(folder), threads)
         for images, reference in sets:
             names = list(reference)
-            runs = [session.run(names, {input_name: images[start:start + batch_size]})
-                    for start in range(0, len(images), batch_size)]
+            got = _run_in_batches(session, names, images, batch_size)
             where = f"{images.shape[2]}x{images.shape[3]}" if images.ndim == 4 else f"{len(images)} probe inputs"
-            for i, name in enumerate(names):
+            for name in names:
                 gate = tolerance_for_output(tolerance, name)
                 aim = replace_fields(gate, min_cosine=max(gate.min_cosine, row_target)) if row_target else gate
-                metrics = compare_outputs(reference[name], np.concatenate([run[i] for run in runs]),
-                                          output_kind(name), gate.token_floor)
+                metrics = compare_outputs(reference[name], got[name], output_kind(name), gate.token_floor)
                 gap = aim.margin(metrics)
                 margin = min(margin, gap)
                 shortfall += min(0.0, gap) if math.isfinite(gap) else -1.0
@@ -877,19 +881,13 @@ def layer_sensitivity(build: Callable[[list[str]], onnx.ModelProto], layers: lis
     attention is sharp, the first blocks' q/k projections move the attention of every later block (perturbed
     DINOv3-S, uniform-noise images: the first qkv alone cost 8.7e-3 mean token 1 - cosine at the output, an fc2
     with a larger own error 4e-4)."""
-    input_name = None
     scores: dict[str, float] = {}
     say(f"  measuring each of {len(layers)} layers' effect on the outputs (that layer alone quantized, "
         f"{len(images)} probe images)")
     for count, name in enumerate(layers, 1):
         candidate = build([other for other in layers if other != name])
-        input_name = input_name or candidate.graph.input[0].name
         with tempfile.TemporaryDirectory(prefix="vitdeploy-sensitivity-") as folder:
-            session = _session(candidate, Path(folder), threads)
-            names = list(reference)
-            runs = [session.run(names, {input_name: images[start:start + batch_size]})
-                    for start in range(0, len(images), batch_size)]
-        got = {output: np.concatenate([run[i] for run in runs]) for i, output in enumerate(names)}
+            got = _run_in_batches(_session(candidate, Path(folder), threads), list(reference), images, batch_size)
         scores[name] = output_tail_error(reference, got)
         if count % 10 == 0 or count == len(layers):
             say(f"    {count}/{len(layers)} layers measured")
