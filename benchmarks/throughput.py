@@ -72,14 +72,17 @@ def onnxruntime_parallel(path: str | os.PathLike[str], pixels: np.ndarray, threa
 
 
 def openvino_throughput(path: str | os.PathLike[str], pixels: np.ndarray, threads: int, calls: int = 2,
-                        inference_precision: str = "f32") -> ThroughputRunner:
-    """OpenVINO's THROUGHPUT hint: its streams, an async queue of its optimal number of requests."""
+                        inference_precision: str = "f32", compile_per_shape: bool = False) -> ThroughputRunner:
+    """OpenVINO's THROUGHPUT hint: its streams, an async queue of its optimal number of requests
+    (``compile_per_shape``: the model compiled for ``pixels``' shape alone)."""
     import openvino as ov
 
     from vitdeploy.runtimes.openvino import OpenVINORuntime
 
     runtime = OpenVINORuntime(path, threads=threads, performance_hint="THROUGHPUT",
-                              inference_precision=inference_precision)
+                              inference_precision=inference_precision, compile_per_shape=compile_per_shape)
+    if compile_per_shape:
+        runtime.run_outputs(pixels)  # compiles the model for this shape
     compiled = runtime.compiled
     requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
     streams = compiled.get_property("NUM_STREAMS")

@@ -109,3 +109,27 @@ def test_one_runtime_serves_many_threads(tiny_onnx):
     assert not errors
     for index, value in enumerate(expected):
         np.testing.assert_array_equal(results[index], value)
+
+
+def test_compile_per_shape_compiles_each_shape_once_and_gives_the_same_outputs(tiny_onnx):
+    """A static-shape model per input shape on first use: each is static, a shape seen again reuses its
+    model, the outputs equal the whole-range model's, and a shape outside the range is still refused."""
+    import openvino as ov
+
+    with runtimes.load(tiny_onnx, backend="openvino") as whole, \
+            runtimes.load(tiny_onnx, backend="openvino", compile_per_shape=True) as per_shape:
+        assert per_shape.compiled is None and "compile_per_shape=True" in repr(per_shape)
+        seen = {}
+        for batch, height, width in ((1, 32, 32), (3, 48, 24), (1, 32, 32)):
+            pixels = np.random.default_rng(height).standard_normal((batch, 3, height, width)).astype(np.float32)
+            metrics = compare_logits(whole(pixels), per_shape(pixels))
+            assert metrics.rel_max_error <= 1e-5, (batch, height, width, metrics)
+            shape = per_shape.compiled.inputs[0].get_partial_shape()
+            assert shape.is_static and shape == ov.PartialShape([batch, 3, height, width])
+            seen.setdefault((batch, height, width), per_shape.compiled)
+            assert per_shape.compiled is seen[(batch, height, width)]  # compiled once, reused
+        assert whole.compiled.inputs[0].get_partial_shape().is_dynamic
+        with pytest.raises(ValueError, match="multiple of the patch stride 8"):
+            per_shape(np.zeros((1, 3, 36, 32), np.float32))
+    with pytest.raises(RuntimeError, match="closed"):
+        per_shape(_pixels())

@@ -59,6 +59,12 @@ def candidate_list(flags: frozenset[str], onnxruntime: bool = True, openvino: bo
                   "elsewhere", {"inference_precision": "bf16"}, no_ov or no_bf16),
         _candidate("openvino-int8-7bit", "openvino", "int8-7bit", "int8", "OpenVINO, int8 Q/DQ, 7-bit weights, f32 "
                   "elsewhere", f32, no_ov),
+        # The same int8 file compiled for each input shape on first use (a server of one batch and size).
+        _candidate("openvino-int8-per-shape", "openvino", "int8", "int8", "OpenVINO, int8 Q/DQ, full-range weights, "
+                  "f32 elsewhere, compiled per input shape", {**f32, "compile_per_shape": True}, no_ov),
+        _candidate("openvino-int8-bf16-per-shape", "openvino", "int8", "int8", "OpenVINO, int8 Q/DQ, full-range "
+                  "weights, bf16 elsewhere, compiled per input shape",
+                  {"inference_precision": "bf16", "compile_per_shape": True}, no_ov or no_bf16),
     ]
 
 
@@ -162,4 +168,5 @@ def throughput_runner(candidate: Candidate, path: Path, pixels: np.ndarray, thre
         if candidate.backend == "onnxruntime":
             return onnxruntime_parallel(path, pixels, threads, calls)
         return openvino_throughput(path, pixels, threads, calls,
-                                   inference_precision=candidate.options.get("inference_precision", "f32"))
+                                   inference_precision=candidate.options.get("inference_precision", "f32"),
+                                   compile_per_shape=candidate.options.get("compile_per_shape", False))
