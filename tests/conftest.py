@@ -9,11 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-# Several workers share the cores: torch's OpenMP pool in each would take every core and spin-wait on
-# the ones the other workers are using (measured on 2 cores, 2 workers: the suite's CPU time fell by a
-# fifth with one thread each). Set before torch is imported, so its pool and subprocesses see it.
+# Several workers share the cores: torch's OpenMP pool and numpy's OpenBLAS pool in each would take every
+# core and spin-wait on the ones the other workers are using (measured on 2 cores, 2 workers: the suite's
+# CPU time fell by a fifth with one OpenMP thread each, and by another minute, back to back, with one
+# OpenBLAS thread). Set before torch and numpy are imported, so their pools and subprocesses see them.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(pool, "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
