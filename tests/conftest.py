@@ -94,9 +94,8 @@ def _trace_key(model: VisionTransformer, options) -> str:
     """What a trace depends on, as a digest: the weights, the config, the precision state, the trace options."""
     import hashlib
 
-    # What the graph does not depend on (names, labels, preprocessing) stays out of the key.
-    described = {k: v for k, v in model.config.to_dict().items()
-                 if k not in ("name", "labels", "mean", "std", "crop_pct", "interpolation")}
+    # What the graph does not depend on (name, family, labels, preprocessing) stays out of the key.
+    described = {k: v for k, v in model.config.to_dict().items() if k not in ("provenance", "preprocessing")}
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -174,3 +173,19 @@ def run_without_torch(script: str, timeout: float = 120) -> subprocess.Completed
     embeds the runtimes without torch sees); returns the finished process."""
     return subprocess.run([sys.executable, "-c", _NO_TORCH + textwrap.dedent(script)], capture_output=True,
                           text=True, timeout=timeout)
+
+
+# Workers take whole modules (--dist loadfile) in collection order (--no-loadscope-reorder), so the modules
+# that take longest go first and the many short ones fill the end: started last, one of these would
+# leave the other worker idle for its length. Measured on 2 cores, longest first; the rest keep their order.
+LONGEST_FIRST = (
+    "test_families_cli.py", "test_export_onnx.py", "test_deploy.py", "test_trained_weights.py",
+    "test_families_onnx_parity.py", "test_bench.py", "test_source_check.py", "test_tune.py",
+    "test_families_tune.py", "test_families_rope_onnx.py", "test_ort_overheads.py", "test_cli_quantize.py",
+    "test_serve.py", "test_families_precision_study.py", "test_outputs_export.py", "test_gpu_check.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))

@@ -42,7 +42,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     out = tmp_path / "out"
     status = main(["deploy", str(path), "-o", str(out), "--batch", "1:4", "--resolution", "32:48",
                    "--bench-batch", "1,2", "--time-budget", "0.2", "--validation-max-batch", "2", "--threads", "1",
-                 "--tune-rounds", "1"])
+                 "--tune-rounds", "1", "--peak-gflops", "fp32=150,int8=600,bf16=300"])
     captured = capsys.readouterr()
     assert status == 0, captured.err[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -88,6 +88,9 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
 
     validate(results)
     assert results["command"] == report["command"] and "--bench-batch 1,2" in report["command"]
+    # The peaks given are the ones compared with: none is measured.
+    assert {p["source"] for p in results["peaks"]} == {"given"}
+    assert {(p["precision"], p["gflops"]) for p in results["peaks"]} <= {("fp32", 150), ("int8", 600), ("bf16", 300)}
     assert (out / "bench" / "latency_vs_batch.png").is_file()
 
     markdown = (out / "report.md").read_text()
@@ -132,6 +135,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     (["--time-budget", "0"], "--time-budget"),
     (["--batch", "8:1"], "--batch"),
     (["--outputs", "image_embeds"], "this model has no image_embeds output; it has logits, pooler_output"),
+    (["--peak-gflops", "fp32=fast"], "'fast' is not a number of GFLOP/s"),
 ])
 def test_deploy_bad_arguments_give_one_line_errors(main, capsys, checkpoint, tmp_path, argv, message):
     path, _ = checkpoint

@@ -27,7 +27,8 @@ PLAN = dict(batches=(1,), rounds=1, iterations=1, warmup=0, threads=1, throughpu
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model(tiny_config(num_classes=0))
+    # tests/test_outputs_export.py's headless backbone, exported with the same outputs: one trace serves both
+    return make_model(tiny_config(num_classes=0, hidden_size=32, depth=1, num_heads=2, mlp_size=64), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ class DeployOptions:
     model's default (half to twice native).
 
     Timing: ``point_budget_s`` seconds per benchmark point, or ``bench_budget_s`` for the whole
-    benchmark (split evenly over its points); ``bench=False`` skips it.
+    benchmark (split evenly over its points); ``bench=False`` skips it. ``peaks`` (GFLOP/s by
+    precision, ``"*"`` for all) replaces the matmul peaks the benchmark would otherwise measure.
     """
 
     source: str = DEFAULT_SOURCE
@@ -50,6 +51,7 @@ class DeployOptions:
     point_budget_s: float | None = None
     bench_budget_s: float | None = None
     threads: int | None = None
+    peaks: dict[str, float] | None = None
     validation_max_batch: int = 8
     int8: bool = True  # also export the calibrated int8 Q/DQ graph
     calibration: str | None = None  # calibration images for int8 (None: bundled photos + synthetic crops)
@@ -373,7 +375,7 @@ class Pipeline:
             plan = BenchPlan(
                 models=[source], runtimes=parse_runtimes(labels, device), batches=list(self.options.bench_batches),
                 timing=TimingConfig(warmup=2 if device == "cpu" else 10, time_budget_s=budget, min_iterations=3),
-                cache_dir=self.out / "bench" / "artifacts", threads=self.options.threads,
+                cache_dir=self.out / "bench" / "artifacts", threads=self.options.threads, peaks=self.options.peaks,
                 command=self.command, suite="deploy",
             )
             document = Harness(plan, Display(), prepared={source: model}).run()

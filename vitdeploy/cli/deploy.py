@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--bench-budget", type=positive_float, default=None, metavar="SECONDS",
                         help="timing budget for the whole benchmark, split evenly over its points")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the benchmark (default: usable CPUs)")
+    parser.add_argument("--peak-gflops", metavar="PEAK",
+                        help="matmul peak the benchmark compares with, as in `vitdeploy bench`: N (all precisions) or "
+                             "fp32=N,int8=M (default: measure it, about a second per library and precision)")
     parser.add_argument("--validation-max-batch", type=positive_int, default=8, metavar="N",
                         help="largest batch in the export parity checks (default 8: the whole default range)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
@@ -128,11 +131,19 @@ def run(args: argparse.Namespace) -> int:
     bench_batches = parse_int_list(args.bench_batch, "bench-batch")
     if any(not batch[0] <= b <= batch[1] for b in bench_batches):
         raise CLIError(f"--bench-batch {args.bench_batch!r} must lie inside --batch {args.batch}")
+    peaks = None
+    if args.peak_gflops:
+        from vitdeploy.benchmarks.peaks import parse_peaks
+
+        try:
+            peaks = parse_peaks(args.peak_gflops)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
     options = DeployOptions(
         source=args.source, model=args.model_variant, output=args.output, batch=batch,
         resolution=parse_range(args.resolution, "resolution") if args.resolution else None,
         bench=not args.no_bench, bench_batches=tuple(bench_batches),
-        point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads,
+        point_budget_s=args.time_budget, bench_budget_s=args.bench_budget, threads=args.threads, peaks=peaks,
         validation_max_batch=args.validation_max_batch, int8=not args.no_int8, calibration=args.calibration,
         outputs=args.outputs, tune=not args.no_tune, tune_rounds=args.tune_rounds,
         source_check=not args.no_source_check,
