@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 # Several workers share the cores: torch's OpenMP pool and numpy's OpenBLAS pool in each would take every
@@ -111,6 +112,17 @@ def _trace_key(model: VisionTransformer, options) -> str:
     return digest.hexdigest()
 
 
+TRACE_LOG = os.environ.get("VITDEPLOY_TRACE_LOG")  # a file: one line per real trace (seconds, test, key, model)
+
+
+def _log_trace(seconds: float, key: str, model: VisionTransformer, options) -> None:
+    if TRACE_LOG:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(TRACE_LOG, "a") as log:
+            log.write(f"{seconds:.2f}\t{test}\t{key[:12]}\t{model.config.provenance.name}\t{options.precision}\t"
+                      f"{','.join(options.output_names(model.config))}\n")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def trace_once_per_model(tmp_path_factory):
     """Trace each (model, options) once per test session: ``torch.onnx.export`` costs seconds of fixed
@@ -143,7 +155,9 @@ def trace_once_per_model(tmp_path_factory):
                 if path.is_file():
                     cache[key] = onnx.load_from_string(path.read_bytes())
                 else:
+                    start = time.perf_counter()
                     cache[key] = real(model, options)
+                    _log_trace(time.perf_counter() - start, key, model, options)
                     partial = path.with_suffix(".partial")
                     partial.write_bytes(cache[key].SerializeToString())
                     partial.replace(path)
