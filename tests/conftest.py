@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -156,7 +157,13 @@ def trace_once_per_model(tmp_path_factory):
                     cache[key] = onnx.load_from_string(path.read_bytes())
                 else:
                     start = time.perf_counter()
-                    cache[key] = real(model, options)
+                    # torch.export makes a few hundred thousand short-lived objects: collecting while it runs
+                    # traverses the worker's whole heap of modules and models again and again.
+                    gc.disable()
+                    try:
+                        cache[key] = real(model, options)
+                    finally:
+                        gc.enable()
                     _log_trace(time.perf_counter() - start, key, model, options)
                     partial = path.with_suffix(".partial")
                     partial.write_bytes(cache[key].SerializeToString())
@@ -165,8 +172,36 @@ def trace_once_per_model(tmp_path_factory):
 
     patch = pytest.MonkeyPatch()
     patch.setattr(onnx_export, "trace_to_onnx", cached)
+    _build_exporter_registry_once(patch)
     yield cache
     patch.undo()
+
+
+def _build_exporter_registry_once(patch: pytest.MonkeyPatch) -> None:
+    """``torch.onnx.export`` rebuilds its table of ONNX functions from torchlib on every call (about half a
+    second of each tiny trace here); build it once per opset and hand each export its own copy. The graphs
+    are byte-for-byte the same. Private API: where this torch has none, every export builds its own."""
+    import copy
+    import functools
+
+    try:
+        from torch.onnx._internal.exporter import _constants, _registration
+
+        build = _registration.ONNXRegistry.from_torchlib
+        default_opset = _constants.TORCHLIB_OPSET
+    except (ImportError, AttributeError):
+        return
+
+    @functools.cache
+    def built(opset_version: int):
+        return build(opset_version)
+
+    def from_torchlib(opset_version: int = default_opset):
+        registry = copy.copy(built(opset_version))
+        registry.functions = {target: list(functions) for target, functions in registry.functions.items()}
+        return registry
+
+    patch.setattr(_registration.ONNXRegistry, "from_torchlib", staticmethod(from_torchlib))
 
 
 _NO_TORCH = """
@@ -191,12 +226,13 @@ def run_without_torch(script: str, timeout: float = 120) -> subprocess.Completed
 
 # Workers take whole modules (--dist loadfile) in collection order (--no-loadscope-reorder), so the modules
 # that take longest go first and the many short ones fill the end: started last, one of these would
-# leave the other worker idle for its length. Measured on 2 cores, longest first; the rest keep their order.
+# leave the other worker idle for its length. Measured on 2 cores in a clean clone (where test_serve builds
+# the serve venv), longest first; the rest keep their order.
 LONGEST_FIRST = (
-    "test_families_cli.py", "test_export_onnx.py", "test_deploy.py", "test_trained_weights.py",
-    "test_families_onnx_parity.py", "test_bench.py", "test_source_check.py", "test_tune.py",
-    "test_families_tune.py", "test_families_rope_onnx.py", "test_ort_overheads.py", "test_cli_quantize.py",
-    "test_serve.py", "test_families_precision_study.py", "test_outputs_export.py", "test_gpu_check.py",
+    "test_families_cli.py", "test_export_onnx.py", "test_serve.py", "test_trained_weights.py", "test_deploy.py",
+    "test_families_onnx_parity.py", "test_source_check.py", "test_bench.py", "test_families_rope_onnx.py",
+    "test_ort_overheads.py", "test_gpu_check.py", "test_families_precision_study.py", "test_tune.py",
+    "test_families_tune.py", "test_outputs_export.py", "test_cli_quantize.py",
 )
 
 
