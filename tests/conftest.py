@@ -157,13 +157,15 @@ def trace_once_per_model(tmp_path_factory):
                     cache[key] = onnx.load_from_string(path.read_bytes())
                 else:
                     start = time.perf_counter()
-                    # torch.export makes a few hundred thousand short-lived objects: collecting while it runs
-                    # traverses the worker's whole heap of modules and models again and again.
+                    # torch.export makes a few hundred thousand short-lived objects; the collections they
+                    # trigger while it runs (each full one walks the worker's whole heap) wait until it ends.
+                    collecting = gc.isenabled()
                     gc.disable()
                     try:
                         cache[key] = real(model, options)
                     finally:
-                        gc.enable()
+                        if collecting:
+                            gc.enable()
                     _log_trace(time.perf_counter() - start, key, model, options)
                     partial = path.with_suffix(".partial")
                     partial.write_bytes(cache[key].SerializeToString())
