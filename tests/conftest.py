@@ -15,7 +15,8 @@ from pathlib import Path
 # core and spin-wait on the ones the other workers are using (measured on 2 cores, 2 workers: the suite's
 # CPU time fell by a fifth with one OpenMP thread each, and by another minute, back to back, with one
 # OpenBLAS thread). Set before torch and numpy are imported, so their pools and subprocesses see them.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+SHARED_CORES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+if SHARED_CORES:
     for pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(pool, "1")
 
@@ -122,6 +123,30 @@ def _log_trace(seconds: float, key: str, model: VisionTransformer, options) -> N
         with open(TRACE_LOG, "a") as log:
             log.write(f"{seconds:.2f}\t{test}\t{key[:12]}\t{model.config.provenance.name}\t{options.precision}\t"
                       f"{','.join(options.output_names(model.config))}\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_onnxruntime_thread_per_worker():
+    """Under several workers, an onnxruntime session given no intra-op thread count gets one, as torch and
+    OpenBLAS do above: onnxruntime reads no such variable, and its default pool takes every core and
+    spin-waits on the one the other worker uses. A count the caller sets is kept."""
+    if not SHARED_CORES:
+        yield
+        return
+    import onnxruntime as ort
+
+    create = ort.InferenceSession.__init__
+
+    def one_thread(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        sess_options = sess_options if sess_options is not None else ort.SessionOptions()
+        if sess_options.intra_op_num_threads == 0:
+            sess_options.intra_op_num_threads = 1
+        create(self, path_or_bytes, sess_options, *args, **kwargs)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ort.InferenceSession, "__init__", one_thread)
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -62,6 +64,18 @@ SERVE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") /
 PACKAGE_FOLDERS = ("vitdeploy", "runtimes", "exporters", "benchmarks")  # pyproject's package-dir
 
 
+def _our_pip() -> list[str] | None:
+    """This interpreter's pip, when it can install into another Python (pip >= 22.3's ``--python``)."""
+    try:
+        major, minor = (int(part) for part in importlib.metadata.version("pip").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    return [sys.executable, "-m", "pip"] if (major, minor) >= (22, 3) else None
+
+
+OUR_PIP = _our_pip()
+
+
 def serve_venv_missing() -> str | None:
     """Why this machine cannot have the serve venv, as a hint that works; ``None`` when it can."""
     configured = os.environ.get(SERVE_PYTHON_ENV)
@@ -104,9 +118,10 @@ def _pip(venv: Path, *args: str) -> None:
 
 def _run_pip(venv: Path, *args: str) -> None:
     # --no-compile: Python compiles what the tests import when they import it, not all 450 MB (pip takes a quarter less)
-    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
-                           "--disable-pip-version-check", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=900, check=False)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip"] if (venv / "bin" / "pip").exists() else [*OUR_PIP, "--python", str(python)]
+    done = subprocess.run([*pip, "install", "-q", "--no-compile", "--disable-pip-version-check", *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode:
         raise RuntimeError(f"building the serve venv {venv} failed: pip install {' '.join(args)}:\n"
                            f"{done.stdout[-2000:]}{done.stderr[-4000:]}")
@@ -148,7 +163,10 @@ def serve_python() -> Path:
         sources = _digest(_package_files())
         if not complete.is_file():
             shutil.rmtree(venv, ignore_errors=True)
-            subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+            # Without a pip of its own when the suite's pip can install into it (ensurepip takes about 4 s).
+            without_pip = ["--without-pip"] if OUR_PIP else []
+            subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", *without_pip, str(venv)], check=True,
+                           capture_output=True, timeout=300)
             _pip(venv, ".[cpu,serve]")
             (venv / ".vitdeploy-checkout").write_text(str(REPO_ROOT))
             complete.write_text("built from pyproject.toml by tests/serving_artifacts.py\n")
