@@ -41,7 +41,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
     path, model = checkpoint
     out = tmp_path / "out"
     status = main(["deploy", str(path), "-o", str(out), "--batch", "1:4", "--resolution", "32:48",
-                   "--bench-batch", "1,2", "--time-budget", "0.2", "--validation-max-batch", "2", "--threads", "1",
+                   "--bench-batch", "1,2", "--time-budget", "0.02", "--validation-max-batch", "2", "--threads", "1",
                  "--tune-rounds", "1", "--peak-gflops", "fp32=150,int8=600,bf16=300"])
     captured = capsys.readouterr()
     assert status == 0, captured.err[-3000:]
