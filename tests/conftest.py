@@ -130,8 +130,8 @@ def _log_trace(seconds: float, key: str, model: VisionTransformer, options) -> N
 def one_runtime_thread_per_worker():
     """Under several workers, an onnxruntime session or OpenVINO compiled model given no thread count gets
     one, as torch and OpenBLAS do above: neither reads such a variable, and each default pool takes every
-    core and spin-waits on the one the other worker uses (the suite's CPU time fell by 3-5 % with each,
-    measured back to back). A count the caller sets is kept."""
+    core and spin-waits on the one the other worker uses (the suite's CPU fell by a few per cent with each,
+    back to back: docs/testing.md). A count the caller sets is kept."""
     if not SHARED_CORES:
         yield
         return

@@ -119,7 +119,8 @@ def _pip(venv: Path, *args: str) -> None:
 def _run_pip(venv: Path, *args: str) -> None:
     # --no-compile: Python compiles what the tests import when they import it, not all 450 MB (pip takes a quarter less)
     python = venv / "bin" / "python"
-    pip = [str(python), "-m", "pip"] if (venv / "bin" / "pip").exists() else [*OUR_PIP, "--python", str(python)]
+    own = (venv / "bin" / "pip").exists() or OUR_PIP is None
+    pip = [str(python), "-m", "pip"] if own else [*OUR_PIP, "--python", str(python)]
     done = subprocess.run([*pip, "install", "-q", "--no-compile", "--disable-pip-version-check", *args],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode:
