@@ -88,6 +88,7 @@ def test_deploy_pipeline_without_tensorrt(main, capsys, recwarn, checkpoint, tmp
 
     validate(results)
     assert results["command"] == report["command"] and "--bench-batch 1,2" in report["command"]
+    assert "--peak-gflops fp32=150,int8=600,bf16=300" in report["command"]
     # The peaks given are the ones compared with: none is measured.
     assert {p["source"] for p in results["peaks"]} == {"given"}
     assert {(p["precision"], p["gflops"]) for p in results["peaks"]} <= {("fp32", 150), ("int8", 600), ("bf16", 300)}

@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _reconstructed(args: argparse.Namespace) -> str:
     """The command line equivalent to ``args`` (when not run from the console script)."""
     parts = ["vitdeploy", "deploy", str(args.source), "-o", str(args.output)]
-    for flag in ("batch", "resolution", "bench_batch", "time_budget", "bench_budget", "threads",
+    for flag in ("batch", "resolution", "bench_batch", "time_budget", "bench_budget", "threads", "peak_gflops",
                  "validation_max_batch", "calibration"):
         value = getattr(args, flag, None)
         if value is not None:
