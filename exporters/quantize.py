@@ -58,7 +58,9 @@ from vitdeploy.metadata import QUANTIZE_TRANSFORM
 from .graph import GraphIndex, Names, attr, graph_bytes, opset_version, set_metadata, topological
 
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # roles with a constant weight
-ATTENTION_MATMUL = "AttentionMatMul"
+ATTENTION_MATMUL = "AttentionMatMul"  # both of the attention's MatMuls of two activations:
+ATTENTION_SCORES = "AttentionScores"  # Q·Kᵀ, whose output reaches a Softmax
+ATTENTION_VALUES = "AttentionValues"  # P·V, whose first input is a Softmax's output
 GELU = "Gelu"  # exact GELU, as one op or the exporter's x·0.5·(1 + erf(x/√2))
 QUANTIZABLE = QUANTIZABLE_ROLES
 QUANTIZER = "vitdeploy"
@@ -286,13 +288,34 @@ def image_dependent(graph: onnx.GraphProto) -> set[str]:
     return dependent
 
 
+def attention_role(index: GraphIndex, matmul: onnx.NodeProto) -> str:
+    """Which of the attention's MatMuls of two activations ``matmul`` is: ``AttentionValues`` (P·V) when its
+    first input is a Softmax's output (through casts), else ``AttentionScores`` (Q·Kᵀ)."""
+    producer = index.producers.get(matmul.input[0])
+    while producer is not None and producer.op_type in ("Cast", "Identity", "Dropout"):
+        producer = index.producers.get(producer.input[0])
+    return ATTENTION_VALUES if producer is not None and producer.op_type == "Softmax" else ATTENTION_SCORES
+
+
+def _before_transpose(index: GraphIndex, node: onnx.NodeProto, slot: int) -> tuple[str, onnx.NodeProto, int]:
+    """Where the Q/DQ of ``node``'s input ``slot`` goes: in front of the Transpose producing it when that
+    Transpose feeds only ``node`` (a per-tensor scale commutes with it), so that runtimes can still fold
+    the transpose into the MatMul (Kᵀ: OpenVINO's int8 attention kernel reads K as it is stored)."""
+    name = node.input[slot]
+    transpose = index.produced_by(name, "Transpose")
+    if transpose is not None and index.only_consumer(name) is node:
+        return transpose.input[0], transpose, 0
+    return name, node, slot
+
+
 def plan_quantization(model: onnx.ModelProto, keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT,
                       keep_nodes: Iterable[str] = ()) -> Plan:
     """Which tensors of ``model`` get Q/DQ: the float inputs of every node whose role is not in ``keep_float``
     and whose name is not in ``keep_nodes`` (single layers kept in float, see :func:`fall_back`).
 
     Roles: ``Conv``/``MatMul``/``Gemm`` with a constant weight (activation input per tensor,
-    weight per output channel), ``AttentionMatMul`` (both inputs), ``LayerNormalization`` and
+    weight per output channel), ``AttentionScores`` and ``AttentionValues`` (both inputs;
+    ``AttentionMatMul`` in ``keep_float`` keeps both), ``LayerNormalization`` and
     ``Softmax`` (their data input) and ``Gelu`` (its input). Only nodes whose data input depends
     on the image's values count (:func:`image_dependent`): the position-embedding resampling
     stays float.
@@ -312,10 +335,12 @@ def plan_quantization(model: onnx.ModelProto, keep_float: Iterable[str] = DEFAUL
             weight_slot = 1
             weight = index.const(node.input[weight_slot]) if len(node.input) > weight_slot else None
             if weight is None:
-                if op == "MatMul" and ATTENTION_MATMUL not in keep and node.input[1] in dependent:
-                    plan.add_activation(node.input[0], node, 0)
-                    plan.add_activation(node.input[1], node, 1)
-                    plan.roles[ATTENTION_MATMUL] = plan.roles.get(ATTENTION_MATMUL, 0) + 1
+                if op == "MatMul" and node.input[1] in dependent:
+                    role = attention_role(index, node)
+                    if role not in keep and ATTENTION_MATMUL not in keep:
+                        for slot in (0, 1):
+                            plan.add_activation(*_before_transpose(index, node, slot))
+                        plan.roles[role] = plan.roles.get(role, 0) + 1
                 continue
             if op in keep or weight.dtype != np.float32 or index.const(node.input[0]) is not None:
                 continue

@@ -70,8 +70,25 @@ def test_plan_quantizes_weighted_ops_and_keeps_the_float_roles(exported):
     assert "LayerNormalization" in producers and "Softmax" not in {n.op_type for uses in plan.activations.values()
                                                                    for n, _ in uses}
     everything = plan_quantization(proto, keep_float=())
-    assert everything.roles["AttentionMatMul"] == 4 and everything.roles["LayerNormalization"] == 5
+    assert everything.roles["AttentionScores"] == 2 and everything.roles["AttentionValues"] == 2
+    assert everything.roles["LayerNormalization"] == 5
     assert everything.roles["Softmax"] == 2 and everything.roles["Gelu"] == 2
+
+
+def test_the_attention_scores_are_quantized_alone_with_k_transposed_after_its_qdq(exported):
+    """Q·Kᵀ without P·V: both inputs of each scores MatMul get Q/DQ, Kᵀ's in front of its Transpose (so
+    OpenVINO can fold the transpose into its int8 attention kernel); AttentionMatMul keeps both in float."""
+    _, _, proto, _ = exported
+    scores = plan_quantization(proto, keep_float=("LayerNormalization", "Softmax", "Gelu", "AttentionValues"))
+    assert scores.roles.get("AttentionScores") == 2 and "AttentionValues" not in scores.roles
+    quantized = {(node.op_type, slot) for uses in scores.activations.values() for node, slot in uses}
+    softmax_inputs = {node.input[0] for node in proto.graph.node if node.op_type == "Softmax"}
+    assert ("Transpose", 0) in quantized and not softmax_inputs & set(scores.activations)
+    producers = {name: node for node in proto.graph.node for name in node.output}
+    values = [node for node in proto.graph.node if node.op_type == "MatMul" and node.input[0] in producers
+              and producers[node.input[0]].op_type == "Softmax"]
+    assert len(values) == 2 and not any(node is values[0] for uses in scores.activations.values() for node, _ in uses)
+    assert "AttentionScores" not in plan_quantization(proto, keep_float=("AttentionMatMul",)).roles
 
 
 def test_keep_float_rejects_unknown_roles():

@@ -13,10 +13,11 @@ GRAPH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "fp8")
 # Quantized graph precisions: calibrated QuantizeLinear/DequantizeLinear graphs (int8, fp8 = E4M3).
 QUANTIZED_PRECISIONS: tuple[str, ...] = ("int8", "fp8")
 # Roles a node can have in a quantized graph, each of which can be kept in float by name: Conv,
-# MatMul and Gemm with a constant weight; AttentionMatMul, a MatMul of two activations (Q·Kᵀ, P·V);
-# LayerNormalization, Softmax and Gelu (their inputs). exporters/quantize.py documents the scheme.
-QUANTIZABLE_ROLES: tuple[str, ...] = ("Conv", "MatMul", "Gemm", "AttentionMatMul", "LayerNormalization", "Softmax",
-                                      "Gelu")
+# MatMul and Gemm with a constant weight; the MatMuls of two activations: AttentionScores (Q·Kᵀ),
+# AttentionValues (P·V) and AttentionMatMul (both); LayerNormalization, Softmax and Gelu (their
+# inputs). exporters/quantize.py documents the scheme.
+QUANTIZABLE_ROLES: tuple[str, ...] = ("Conv", "MatMul", "Gemm", "AttentionMatMul", "AttentionScores", "AttentionValues",
+                                      "LayerNormalization", "Softmax", "Gelu")
 # Kept in float by default, as NVIDIA's ModelOpt ViT recipe and the ViT quantization literature do.
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("LayerNormalization", "Softmax", "Gelu", "AttentionMatMul")
 # How activation ranges are read from calibration: the largest magnitude, or a percentile of them.

@@ -316,7 +316,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-float", type=op_list(QUANTIZABLE, "role"),
                        default=",".join(DEFAULT_KEEP_FLOAT), metavar="OPS",
                        help=f"roles kept in float, comma-separated or 'none', from {', '.join(QUANTIZABLE)} "
-                       f"(default {','.join(DEFAULT_KEEP_FLOAT)})")
+                       f"(AttentionMatMul: both AttentionScores, Q·Kᵀ, and AttentionValues, P·V; "
+                       f"default {','.join(DEFAULT_KEEP_FLOAT)})")
     group.add_argument("--calibrator", choices=CALIBRATORS, default="max",
                        help="activation range: the largest magnitude seen (max, default) or a percentile of them")
     group.add_argument("--percentile", type=percentile, default=99.99, metavar="P",
