@@ -6,7 +6,9 @@
 Each (backend, precision, batch) runs the graph a user of that backend runs (exported once into
 the cache folder and reused, as ``vitdeploy bench`` does): onnxruntime the validated CPU variant
 of the fp32 or int8 file (contrib-op attention and GELU), OpenVINO the portable fp32 or int8 file
-at f32 inference precision. Each is run under its backend's own profiler for
+at ``--openvino-precision`` (f32 by default; ``--per-shape`` compiles it for the input shape), and
+``openvino-nncf`` the peer ``tune --compare-nncf`` times: NNCF int8 of the fp32 file, compiled for the
+shape at OpenVINO's default precision. Each is run under its backend's own profiler for
 several warm calls: onnxruntime's ``SessionOptions.enable_profiling`` (the JSON trace's per-node
 kernel times, named as in the optimized graph it saves) and OpenVINO's ``PERF_COUNT``
 (``InferRequest.profiling_info``: per executed node its type, kernel and time, tied to the ONNX
@@ -40,7 +42,8 @@ import numpy as np
 from study import RESULTS, command_line, write_results
 
 DEFAULT_OUTPUT = RESULTS / "profile.json"
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("onnxruntime", "openvino", "openvino-nncf")
+OPENVINO_PRECISIONS = ("f32", "bf16")
 PRECISIONS = ("fp32", "int8")
 
 # Categories in priority order: a fused node counts as the first category among its parts.
@@ -399,8 +402,12 @@ class ProfilePlan:
     threads: int = 2
     calls: int = 10
     warmup: int = 3
+    openvino_precision: str = "f32"  # OpenVINO's inference precision for what the graph leaves in float
+    per_shape: bool = False  # OpenVINO: compile vitdeploy's files for the input shape (as the peer always is)
 
     def __post_init__(self) -> None:
+        if self.openvino_precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"openvino precision {self.openvino_precision!r} is not one of {list(OPENVINO_PRECISIONS)}")
         for name, values, allowed in (("backend", self.backends, BACKENDS), ("precision", self.precisions, PRECISIONS)):
             unknown = [v for v in values if v not in allowed]
             if unknown or not values:
@@ -469,54 +476,96 @@ def onnx_node_flops(path: Path, model: Any, pixels: np.ndarray) -> dict[str, int
     return {node.name: node.flops for node in trace_nodes(events, model, 1)}
 
 
-def profile_openvino(path: Path, pixels: np.ndarray, plan: ProfilePlan) -> tuple[list[NodeTime], dict[str, Any]]:
-    """The node times of ``OpenVINORuntime(path)`` (f32 inference precision) with ``PERF_COUNT`` on, and
-    the wall time with it off."""
+def _openvino_node_times(compiled: Any, pixels: np.ndarray, plan: ProfilePlan
+                         ) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
+    """Per executed node of ``compiled`` (compiled with ``PERF_COUNT``): [type, exec type, ms summed over the
+    profiled calls], and the ONNX layers each runtime node fused (``originalLayersNames``)."""
+    request = compiled.create_infer_request()
+    for _ in range(plan.warmup):
+        request.infer({0: pixels})
+    totals: dict[str, list[Any]] = {}
+    for _ in range(plan.calls):
+        request.infer({0: pixels})
+        for info in request.profiling_info:
+            if info.status.name != "EXECUTED":
+                continue
+            entry = totals.setdefault(info.node_name, [info.node_type, info.exec_type, 0.0])
+            entry[2] += info.real_time.total_seconds() * 1e3
+    originals = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        originals[op.get_friendly_name()] = [n for n in names.split(",") if n]
+    return totals, originals
+
+
+def _openvino_nodes(graph_path: Path, totals: dict[str, list[Any]], originals: dict[str, list[str]],
+                    pixels: np.ndarray) -> list[NodeTime]:
     import onnx
 
+    graph = onnx.load(str(graph_path))
+    rows = [(name, node_type, exec_type, ms) for name, (node_type, exec_type, ms) in totals.items()]
+    return openvino_nodes(rows, originals, layer_names(graph), categorise_graph(graph),
+                          onnx_node_flops(graph_path, graph, pixels))
+
+
+def _openvino_setting(plan: ProfilePlan, static: bool) -> str:
+    return (f"inference precision {plan.openvino_precision}, "
+            + ("compiled for this shape" if static else "compiled for the file's whole range"))
+
+
+def profile_openvino(path: Path, pixels: np.ndarray, plan: ProfilePlan) -> tuple[list[NodeTime], dict[str, Any]]:
+    """The node times of ``OpenVINORuntime(path)`` (the plan's inference precision, per shape or not) with
+    ``PERF_COUNT`` on, and the wall time with it off."""
     from vitdeploy.runtimes.openvino import OpenVINORuntime
 
-    with OpenVINORuntime(path, threads=plan.threads) as runtime:
+    options = {"threads": plan.threads, "inference_precision": plan.openvino_precision,
+               "compile_per_shape": plan.per_shape}
+    with OpenVINORuntime(path, **options) as runtime:
         wall = _wall_ms(lambda: runtime(pixels), plan.calls, plan.warmup)
-    with OpenVINORuntime(path, threads=plan.threads, config={"PERF_COUNT": True}) as runtime:
-        compiled = runtime.compiled
-        request = compiled.create_infer_request()
-        for _ in range(plan.warmup):
-            request.infer({0: pixels})
-        totals: dict[str, list[Any]] = {}
-        for _ in range(plan.calls):
-            request.infer({0: pixels})
-            for info in request.profiling_info:
-                if info.status.name != "EXECUTED":
-                    continue
-                entry = totals.setdefault(info.node_name, [info.node_type, info.exec_type, 0.0])
-                entry[2] += info.real_time.total_seconds() * 1e3
-        originals = {}
-        for op in compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
-            originals[op.get_friendly_name()] = [n for n in names.split(",") if n]
-    graph = onnx.load(str(path))
-    rows = [(name, node_type, exec_type, ms) for name, (node_type, exec_type, ms) in totals.items()]
-    nodes = openvino_nodes(rows, originals, layer_names(graph), categorise_graph(graph),
-                           onnx_node_flops(path, graph, pixels))
-    return nodes, {"graph": path.name, "wall_ms": wall, "profiled_run_ms": None, "outside_nodes_ms": None}
+    with OpenVINORuntime(path, config={"PERF_COUNT": True}, **options) as runtime:
+        runtime(pixels)  # compiles the shape's model when per shape
+        totals, originals = _openvino_node_times(runtime.compiled, pixels, plan)
+    return _openvino_nodes(path, totals, originals, pixels), {
+        "graph": f"{path.name}, {_openvino_setting(plan, plan.per_shape)}", "wall_ms": wall,
+        "profiled_run_ms": None, "outside_nodes_ms": None}
+
+
+def profile_nncf(fp32: Path, quantized: Any, pixels: np.ndarray, plan: ProfilePlan) -> tuple[list[NodeTime], dict[str, Any]]:
+    """The same for the peer: OpenVINO + NNCF int8 of the fp32 file (``quantized``), compiled for this
+    shape at OpenVINO's default inference precision, as ``tune --compare-nncf`` runs it; its nodes are
+    named after the fp32 graph's."""
+    import openvino as ov
+
+    from vitdeploy.tune.peer import compile_static
+
+    core, config = ov.Core(), {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": plan.threads}
+    request = compile_static(core, quantized, pixels.shape, config).create_infer_request()
+    wall = _wall_ms(lambda: request.infer({0: pixels}), plan.calls, plan.warmup)
+    compiled = compile_static(core, quantized, pixels.shape, {**config, "PERF_COUNT": True})
+    totals, originals = _openvino_node_times(compiled, pixels, plan)
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    return _openvino_nodes(fp32, totals, originals, pixels), {
+        "graph": f"NNCF int8 of {fp32.name}, inference precision {precision} (OpenVINO's default), compiled for "
+                 "this shape", "wall_ms": wall, "profiled_run_ms": None, "outside_nodes_ms": None}
 
 
 def profile_point(backend: str, path: Path, precision: str, pixels: np.ndarray, plan: ProfilePlan, folder: Path,
-                  model_flops: int, peaks: Any) -> dict[str, Any]:
+                  model_flops: int, peaks: Any, peer: Any = None) -> dict[str, Any]:
     """One profile: the backend's node times by category, and the whole model against the peak."""
     from vitdeploy.benchmarks.peaks import compute_precision
     from vitdeploy.cpu_features import cpu_flags
 
     if backend == "onnxruntime":
         nodes, facts = profile_onnxruntime(path, pixels, plan, folder)
+    elif backend == "openvino-nncf":
+        nodes, facts = profile_nncf(path, peer, pixels, plan)
     else:
         nodes, facts = profile_openvino(path, pixels, plan)
     used = sorted({node.precision for node in nodes if node.category in ARITHMETIC})
     peak_by_precision = {p: (peak.gflops if (peak := peaks.get("cpu", p)) else None) for p in used}
     rows = aggregate(nodes, plan.calls, peak_by_precision)
-    whole = compute_precision(backend, "cpu", precision, cpu_flags())
+    whole = compute_precision(backend.removesuffix("-nncf"), "cpu", precision, cpu_flags())
     whole_peak = peaks.get("cpu", whole)
     gops = model_flops / (facts["wall_ms"] * 1e-3) / 1e9
     fraction, note = fraction_of_peak(gops, whole_peak.gflops if whole_peak else None, "the whole model")
@@ -546,6 +595,7 @@ def run_profiles(bench: Any, plan: ProfilePlan, peaks: Any, log: Callable[[str],
     sweep = Sweep(batches=tuple(sorted(set(plan.batches))), sizes=((height, width),))
     profiles = []
     rng = np.random.default_rng(0)
+    peer = None
     with tempfile.TemporaryDirectory(prefix="vitdeploy-profile.") as folder:
         for precision in plan.precisions:
             path = bench.onnx(precision, sweep, log)
@@ -554,11 +604,29 @@ def run_profiles(bench: Any, plan: ProfilePlan, peaks: Any, log: Callable[[str],
             for batch in plan.batches:
                 pixels = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
                 for backend in plan.backends:
+                    if backend == "openvino-nncf" and precision != "int8":
+                        continue  # the peer is int8 only
+                    source = path
+                    if backend == "openvino-nncf":
+                        source = bench.onnx("fp32", sweep, log)
+                        if peer is None:
+                            peer = _nncf_model(source, max(plan.batches), height, log)
                     log(f"profiling {backend} {precision} batch {batch} at {height}x{width} "
                         f"({plan.warmup} warm-up + {plan.calls} calls)")
-                    profiles.append(profile_point(backend, path, precision, pixels, plan, Path(folder),
-                                                  per_image * batch, peaks))
+                    profiles.append(profile_point(backend, source, precision, pixels, plan, Path(folder),
+                                                  per_image * batch, peaks, peer))
     return profiles
+
+
+def _nncf_model(fp32: Path, max_batch: int, size: int, log: Callable[[str], None]) -> Any:
+    """The peer's model: NNCF int8 of ``fp32`` on the calibration images tune uses by default."""
+    from vitdeploy.calibration import load_calibration
+    from vitdeploy.metadata import read_onnx_metadata
+    from vitdeploy.tune.peer import nncf_quantized
+
+    calibration = load_calibration(None, 64, read_onnx_metadata(fp32).preprocessing, log=None)
+    log(f"quantizing {fp32.name} with NNCF (the peer; {calibration.count} calibration images)")
+    return nncf_quantized(fp32, calibration, max_batch, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +690,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="keep only the first N blocks (a quick check of this script; not for measurements)")
     parser.add_argument("--precision", default="fp32,int8", help="fp32 and/or int8 (default fp32,int8)")
     parser.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
-    parser.add_argument("--backend", default="onnxruntime,openvino", help="onnxruntime and/or openvino")
+    parser.add_argument("--backend", default="onnxruntime,openvino",
+                        help="onnxruntime, openvino and/or openvino-nncf (the peer: NNCF int8 of the fp32 file, "
+                        "int8 only; default onnxruntime,openvino)")
+    parser.add_argument("--openvino-precision", choices=OPENVINO_PRECISIONS, default="f32",
+                        help="OpenVINO's inference precision for what vitdeploy's graph leaves in float (default f32)")
+    parser.add_argument("--per-shape", action="store_true",
+                        help="compile vitdeploy's files for each input shape on OpenVINO (the peer always is)")
     parser.add_argument("--size", type=int, default=None, help="input height = width (default: native)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--calls", type=int, default=10, help="profiled calls per point, after the warm-up (default 10)")
@@ -639,7 +713,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         args.plan = ProfilePlan(backends=_csv(args.backend), precisions=_csv(args.precision),
                                 batches=_csv(args.batch, int), size=(args.size, args.size) if args.size else None,
-                                threads=args.threads, calls=args.calls, warmup=args.warmup)
+                                threads=args.threads, calls=args.calls, warmup=args.warmup,
+                                openvino_precision=args.openvino_precision, per_shape=args.per_shape)
         if args.depth is not None and args.depth < 1:
             raise ValueError(f"--depth must be >= 1, got {args.depth}")
         if not args.peak_seconds > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from cpu_profile import (
     aggregate,
     categorise_graph,
     main,
+    profile_nncf,
     profile_onnxruntime,
     profile_openvino,
 )
@@ -28,6 +30,7 @@ from vitdeploy.flops import count_flops
 BATCH = 2
 PLAN = ProfilePlan(batches=(BATCH,), threads=1, calls=2, warmup=1)
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+HAS_NNCF = HAS_OPENVINO and importlib.util.find_spec("nncf") is not None
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,26 @@ def test_openvino_profiling_info_totals_categories_and_flops(files, pixels):
     rows = aggregate(nodes, PLAN.calls, {"fp32": 1e6, "int8": 1e6})
     assert all(0 < row.peak_fraction <= 1 for row in rows if row.category == "gemm")
     assert all(row.precision is None for row in rows if row.category not in ARITHMETIC)
+
+
+@pytest.mark.skipif(not HAS_NNCF, reason="openvino and nncf are not installed")
+def test_the_nncf_peer_and_a_per_shape_compile_are_profiled_by_the_onnx_graphs_names(files, pixels):
+    """The peer (NNCF int8 of the fp32 file, compiled for the shape) is profiled against the fp32 graph's nodes,
+    with the same FLOPs as vitdeploy's int8 file; vitdeploy's file compiled per shape says so."""
+    from vitdeploy.calibration import load_calibration
+    from vitdeploy.metadata import read_onnx_metadata
+    from vitdeploy.tune.peer import nncf_quantized
+
+    fp32 = files[1]["fp32"]
+    calibration = load_calibration(None, 4, read_onnx_metadata(fp32).preprocessing, log=None)
+    nodes, facts = profile_nncf(fp32, nncf_quantized(fp32, calibration, BATCH, 32), pixels, PLAN)
+    _check_totals(nodes)
+    assert facts["graph"].startswith(f"NNCF int8 of {fp32.name}") and facts["wall_ms"] > 0
+    assert any(node.precision == "int8" for node in nodes if node.category == "gemm")
+    assert sum(node.flops for node in nodes if node.category != "pos_embed") == _model_flops(files[0])
+    nodes, facts = profile_openvino(files[1]["int8"], pixels, replace(PLAN, per_shape=True))
+    _check_totals(nodes)
+    assert facts["graph"].endswith("inference precision f32, compiled for this shape")
 
 
 def test_command_writes_json_and_markdown(tmp_path, capsys):
