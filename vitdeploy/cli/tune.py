@@ -95,8 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--calibration-size", type=positive_int, default=64, metavar="N",
                         help="calibration images (default 64)")
     parser.add_argument("--compare-nncf", action="store_true",
-                        help="also time OpenVINO + NNCF int8 of the same fp32 file and calibration images (the "
-                        "peer; needs nncf: pip install 'vitdeploy[bench]')")
+                        help="also time OpenVINO + NNCF int8 of the same fp32 file and calibration images, "
+                        "compiled for each input shape (the peer, at its fastest; needs nncf: pip install "
+                        "'vitdeploy[bench]')")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the manifest as JSON to PATH")
     add_model_override(parser, "SOURCE_OR_FOLDER (not an export folder)")
     parser.set_defaults(func=run)
