@@ -509,11 +509,6 @@ def _openvino_nodes(graph_path: Path, totals: dict[str, list[Any]], originals: d
                           onnx_node_flops(graph_path, graph, pixels))
 
 
-def _openvino_setting(plan: ProfilePlan, static: bool) -> str:
-    return (f"inference precision {plan.openvino_precision}, "
-            + ("compiled for this shape" if static else "compiled for the file's whole range"))
-
-
 def profile_openvino(path: Path, pixels: np.ndarray, plan: ProfilePlan) -> tuple[list[NodeTime], dict[str, Any]]:
     """The node times of ``OpenVINORuntime(path)`` (the plan's inference precision, per shape or not) with
     ``PERF_COUNT`` on, and the wall time with it off."""
@@ -526,8 +521,9 @@ def profile_openvino(path: Path, pixels: np.ndarray, plan: ProfilePlan) -> tuple
     with OpenVINORuntime(path, config={"PERF_COUNT": True}, **options) as runtime:
         runtime(pixels)  # compiles the shape's model when per shape
         totals, originals = _openvino_node_times(runtime.compiled, pixels, plan)
+    compiled = "compiled for this shape" if plan.per_shape else "compiled for the file's whole range"
     return _openvino_nodes(path, totals, originals, pixels), {
-        "graph": f"{path.name}, {_openvino_setting(plan, plan.per_shape)}", "wall_ms": wall,
+        "graph": f"{path.name}, inference precision {plan.openvino_precision}, {compiled}", "wall_ms": wall,
         "profiled_run_ms": None, "outside_nodes_ms": None}
 
 
@@ -595,7 +591,7 @@ def run_profiles(bench: Any, plan: ProfilePlan, peaks: Any, log: Callable[[str],
     sweep = Sweep(batches=tuple(sorted(set(plan.batches))), sizes=((height, width),))
     profiles = []
     rng = np.random.default_rng(0)
-    peer = None
+    peer: tuple[Path, Any] | None = None  # the peer's fp32 file and its NNCF model, made on first use
     with tempfile.TemporaryDirectory(prefix="vitdeploy-profile.") as folder:
         for precision in plan.precisions:
             path = bench.onnx(precision, sweep, log)
@@ -606,15 +602,16 @@ def run_profiles(bench: Any, plan: ProfilePlan, peaks: Any, log: Callable[[str],
                 for backend in plan.backends:
                     if backend == "openvino-nncf" and precision != "int8":
                         continue  # the peer is int8 only
-                    source = path
+                    source, peer_model = path, None
                     if backend == "openvino-nncf":
-                        source = bench.onnx("fp32", sweep, log)
                         if peer is None:
-                            peer = _nncf_model(source, max(plan.batches), height, log)
+                            fp32 = bench.onnx("fp32", sweep, log)
+                            peer = fp32, _nncf_model(fp32, max(plan.batches), height, log)
+                        source, peer_model = peer
                     log(f"profiling {backend} {precision} batch {batch} at {height}x{width} "
                         f"({plan.warmup} warm-up + {plan.calls} calls)")
                     profiles.append(profile_point(backend, source, precision, pixels, plan, Path(folder),
-                                                  per_image * batch, peaks, peer))
+                                                  per_image * batch, peaks, peer_model))
     return profiles
 
 
@@ -646,7 +643,8 @@ def profile_markdown(document: dict[str, Any]) -> str:
     lines = [f"# Where the time goes: {document['setup']['model']}", "", "Command:", "", "```", document["command"],
              "```", "", f"CPU: {env['cpu']['model']} ({env['cpu']['usable_cpus']} usable CPUs, "
              f"{document['setup']['threads']} threads); flags: {', '.join(document['cpu']['arithmetic_flags']) or '-'}; "
-             f"versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}.", ""]
+             f"versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}.",
+             f"Weights: {'random' if document['setup']['random_weights'] else 'trained'}.", ""]
     for peak in document["peaks"]:
         lines.append(f"- {peak['precision']} peak: {peak['gflops']:.1f} G{'OP' if peak['precision'] == 'int8' else 'FLOP'}/s "
                      f"({peak['source']}: {peak['method']})")
