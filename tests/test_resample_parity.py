@@ -113,7 +113,7 @@ def timm_vit_small(tmp_path_factory):
     runs at 384 fast: the resampling does not depend on the width), loaded into vitdeploy."""
     folder = tmp_path_factory.mktemp("timm")
     reference, path = timm_checkpoint(folder, "vit_small_patch16_224", depth=1, embed_dim=64, num_heads=1)
-    ours = load_model(path)
+    ours = load_model(path, num_heads=1)  # timm files do not store the head count
     batches = photo_batches(ours)
     return reference, ours, path, batches, timm_references(reference, batches), folder
 
