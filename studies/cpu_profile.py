@@ -533,9 +533,9 @@ def profile_nncf(fp32: Path, quantized: Any, pixels: np.ndarray, plan: ProfilePl
     named after the fp32 graph's."""
     import openvino as ov
 
-    from vitdeploy.tune.peer import compile_static
+    from vitdeploy.tune.peer import compile_static, peer_config
 
-    core, config = ov.Core(), {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": plan.threads}
+    core, config = ov.Core(), peer_config(plan.threads)
     request = compile_static(core, quantized, pixels.shape, config).create_infer_request()
     wall = _wall_ms(lambda: request.infer({0: pixels}), plan.calls, plan.warmup)
     compiled = compile_static(core, quantized, pixels.shape, {**config, "PERF_COUNT": True})

@@ -34,6 +34,11 @@ def compile_static(core: Any, model: Any, shape: tuple[int, ...], config: dict[s
     return core.compile_model(model, "CPU", config)
 
 
+def peer_config(threads: int) -> dict[str, Any]:
+    """The OpenVINO compile properties the peer runs with (latency hint; its default inference precision)."""
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+
+
 def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: int) -> Callable[[np.ndarray], Any]:
     """OpenVINO running NNCF's int8 quantization of the fp32 graph (:func:`nncf_quantized`), OpenVINO's
     default inference precision for the rest, compiled for each input shape on first use: a model compiled
@@ -44,7 +49,7 @@ def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: 
 
     core = ov.Core()
     quantized = nncf_quantized(fp32, calibration, max_batch, size)
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    config = peer_config(threads)
     return _PeerRun(lambda shape: compile_static(core, quantized, shape, config))
 
 
