@@ -617,11 +617,11 @@ def run_profiles(bench: Any, plan: ProfilePlan, peaks: Any, log: Callable[[str],
 
 def _nncf_model(fp32: Path, max_batch: int, size: int, log: Callable[[str], None]) -> Any:
     """The peer's model: NNCF int8 of ``fp32`` on the calibration images tune uses by default."""
-    from vitdeploy.calibration import load_calibration
+    from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE, load_calibration
     from vitdeploy.metadata import read_onnx_metadata
     from vitdeploy.tune.peer import nncf_quantized
 
-    calibration = load_calibration(None, 64, read_onnx_metadata(fp32).preprocessing, log=None)
+    calibration = load_calibration(None, DEFAULT_CALIBRATION_SIZE, read_onnx_metadata(fp32).preprocessing, log=None)
     log(f"quantizing {fp32.name} with NNCF (the peer; {calibration.count} calibration images)")
     return nncf_quantized(fp32, calibration, max_batch, size)
 

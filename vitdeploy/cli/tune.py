@@ -55,6 +55,7 @@ Exit status: 0 a candidate was chosen; 1 none passed the accuracy gate; 2 bad in
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE
     from vitdeploy.tune.candidates import candidate_list
     from vitdeploy.tune.selection import OBJECTIVES
 
@@ -92,8 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--candidates", metavar="NAMES", help=f"consider only these, comma-separated: {names}")
     parser.add_argument("--calibration", metavar="DIR",
                         help="calibration images for int8 files tune makes (default: bundled photos + crops)")
-    parser.add_argument("--calibration-size", type=positive_int, default=64, metavar="N",
-                        help="calibration images (default 64)")
+    parser.add_argument("--calibration-size", type=positive_int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
+                        help=f"calibration images (default {DEFAULT_CALIBRATION_SIZE})")
     parser.add_argument("--compare-nncf", action="store_true",
                         help="also time OpenVINO + NNCF int8 of the same fp32 file and calibration images, "
                         "compiled for each input shape (the peer, at its fastest; needs nncf: pip install "

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE
 from vitdeploy.tune_manifest import Candidate
 
 Log = Callable[[str], None]
@@ -121,7 +122,7 @@ def ensure_int8_forms(folder: Path, artifacts: dict[str, Path], wanted: set[str]
 
 
 def export_for_tune(model: Any, folder: Path, name: str, batch: tuple[int, int], source: str = "",
-                    source_sha256: str = "", calibration: str | None = None, calibration_size: int = 64,
+                    source_sha256: str = "", calibration: str | None = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
                     log: Log | None = None) -> dict[str, Path]:
     """Export ``model`` into ``folder`` as deploy does: fp32 with its onnxruntime-CPU variant, and the
     int8 file quantized from it (one trace), each validated against the eager model; files

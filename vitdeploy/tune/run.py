@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vitdeploy.calibration import DEFAULT_CALIBRATION_SIZE
 from vitdeploy.console import error_line
 from vitdeploy.tune.accuracy import AccuracyData, AccuracyGate, accuracy_data, eager_reference
 from vitdeploy.tune.candidates import (
@@ -43,7 +44,7 @@ class TunePlan:
     throughput_rounds: int | None = None  # default: ``rounds``
     throughput_calls: int = 2  # requests per worker per burst
     calibration: str | None = None
-    calibration_size: int = 64
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE
     peer: bool = False  # also time OpenVINO + NNCF int8 (not selectable)
     only: tuple[str, ...] | None = None  # candidate names to consider (the rest are listed as not asked for)
     command: str = ""
