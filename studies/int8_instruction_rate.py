@@ -62,9 +62,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def c_compiler() -> str:
+    """The C compiler the study builds with: ``$CC``, else ``gcc``."""
+    return os.environ.get("CC", "gcc")
+
+
 def compile_rate_program(folder: Path) -> Path:
     """``int8_instruction_rate.c`` built in ``folder``; :class:`StudyError` without a compiler or where it fails."""
-    compiler = os.environ.get("CC", "gcc")
+    compiler = c_compiler()
     if shutil.which(compiler) is None:
         raise StudyError(f"no C compiler {compiler!r} on PATH (set CC to one); the instruction rate needs one")
     program = folder / "int8_instruction_rate"

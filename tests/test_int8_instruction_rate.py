@@ -11,7 +11,7 @@ import pytest
 
 from vitdeploy.cpu_features import cpu_flags
 
-CAN_RUN = "avx512_vnni" in cpu_flags() and shutil.which("gcc") is not None
+CAN_RUN = "avx512_vnni" in cpu_flags() and shutil.which(study.c_compiler()) is not None
 
 
 def test_the_rates_are_read_for_the_threads_asked_and_nothing_else_passes():
