@@ -218,17 +218,46 @@ def test_sigterm_during_export_leaves_nothing_behind(world, tmp_path):
         [sys.executable, "-m", "vitdeploy", "export", str(world["checkpoint"]), "-o", str(target), "--batch", "1:2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+    def export_temporaries() -> list[Path]:  # not the output path's write probe, made while parsing
+        return [path for path in leftovers(tmp_path) if path.name.startswith(f".{target.name}.")]
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not leftovers(tmp_path) and process.poll() is None:
+    while time.monotonic() < deadline and not export_temporaries() and process.poll() is None:
         time.sleep(0.05)  # wait until the export writes its temporaries (after tracing)
     assert process.poll() is None, process.communicate()
-    assert leftovers(tmp_path), "the export never started writing"
+    assert export_temporaries(), "the export never started writing"
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "vitdeploy export: terminated"
     assert "Traceback" not in err
     assert not target.exists() and not leftovers(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# Sends SIGTERM to itself right after the output path's write probe is written, while arguments are parsed.
+TERMINATED_AFTER_THE_WRITE_PROBE = """
+import os, pathlib, signal, sys
+from vitdeploy.cli import main
+write_bytes = pathlib.Path.write_bytes
+def write_then_sigterm(path, data):
+    written = write_bytes(path, data)
+    if "write-probe" in path.name:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return written
+pathlib.Path.write_bytes = write_then_sigterm
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_arguments_are_parsed_exits_143_and_removes_the_write_probe(world, tmp_path):
+    """Parsing already writes (a probe that the output folder takes files): SIGTERM there unwinds too."""
+    target = tmp_path / "never.onnx"
+    done = subprocess.run([sys.executable, "-c", TERMINATED_AFTER_THE_WRITE_PROBE, "export", str(world["checkpoint"]),
+                           "-o", str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["vitdeploy export: terminated"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -168,8 +168,10 @@ def _probe_writable(folder: Path, what: str, path: Path) -> None:
     """Create and remove a file in ``folder``: the one reliable test that writing there works."""
     probe = folder / f".vitdeploy-write-probe.{os.getpid()}{TMP_MARK}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"")
+        finally:  # also when Ctrl-C or SIGTERM lands between the write and the removal
+            probe.unlink(missing_ok=True)
     except OSError as error:
         raise ValueError(f"{what} {path}: cannot write in {folder} ({error.strerror or error})") from None
 

@@ -151,19 +151,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    name = next((f"vitdeploy {word}" for word in given if word in COMMANDS), "vitdeploy")
+    args = None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit:  # --help, --version, or a one-line argument error (status 2)
-        return int(exit.code or 0)
-    try:
-        with _sigterm_unwinds(), _one_line_warnings(args.command), console.session(quiet=getattr(args, "quiet", False)):
-            return int(args.func(args) or 0)
+        # Parsing already writes (the output paths' write probes), so it is covered too.
+        with _sigterm_unwinds():
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit as exit:  # --help, --version, or a one-line argument error (status 2)
+                return int(exit.code or 0)
+            name = f"vitdeploy {args.command}"
+            with _one_line_warnings(args.command), console.session(quiet=getattr(args, "quiet", False)):
+                return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"vitdeploy {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"vitdeploy {args.command}: terminated", file=sys.stderr)
+        print(f"{name}: terminated", file=sys.stderr)
         return 143
     except Exception as error:
         if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
@@ -172,12 +177,12 @@ def _main(argv: list[str] | None) -> int:
         details = getattr(error, "details", None)  # the full listing behind a short line
         if line is None or os.environ.get("VITDEPLOY_DEBUG"):  # a bug, or asked for the traceback
             if details:
-                print(f"vitdeploy {args.command}: details: {details}", file=sys.stderr)
+                print(f"{name}: details: {details}", file=sys.stderr)
             raise
         if details and getattr(args, "json", None):
             with contextlib.suppress(OSError):
                 write_json(args.json, {"passed": False, "error": line, "details": details})
-        print(f"vitdeploy {args.command}: error: {line}", file=sys.stderr)
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
 
 
