@@ -122,11 +122,7 @@ class OpenVINORuntime(GraphRuntime):
         properties.update(config or {})
         self._warn_int8_saturation(device)
         self.compile_per_shape = bool(compile_per_shape)
-        self._core, self._model, self._device, self._properties = core, model, device, properties
-        # Compiled models and their request pools, by input shape (compile_per_shape) or under None (whole range).
-        self._compiled_by_shape: dict[tuple[int, ...] | None, tuple[Any, queue.SimpleQueue[Any]]] = {}
-        self._compile_lock = threading.Lock()
-        self._compiled = None if self.compile_per_shape else self._compiled_for(None)[0]
+        self._models = CompiledShapes(core, model, device, properties, per_shape=self.compile_per_shape)
         self._set_outputs([output.get_any_name() for output in model.outputs])
         self._closed = False
 
@@ -143,58 +139,85 @@ class OpenVINORuntime(GraphRuntime):
     @property
     def compiled(self) -> Any:
         """The ``openvino.CompiledModel`` (``None`` after :meth:`close`)."""
-        return self._compiled
+        return None if self._closed else self._models.last
 
     def property(self, name: str) -> Any:
         """A property of the compiled model, e.g. ``"INFERENCE_PRECISION_HINT"`` or ``"EXECUTION_DEVICES"``."""
         if self._closed:
             raise RuntimeError(f"OpenVINORuntime for {self.path} is closed")
-        if self._compiled is None:
+        if self._models.last is None:
             raise RuntimeError(f"OpenVINORuntime for {self.path} compiles per shape and has run no input yet")
-        return self._compiled.get_property(name)
-
-    def _compiled_for(self, shape: tuple[int, ...] | None) -> tuple[Any, queue.SimpleQueue[Any]]:
-        """The compiled model and request pool for input ``shape`` (compiled on first use; one whole-range
-        model under ``None`` unless ``compile_per_shape``)."""
-        key = shape if self.compile_per_shape else None
-        with self._compile_lock:
-            entry = self._compiled_by_shape.get(key)
-            if entry is None:
-                model = self._model
-                if key is not None:
-                    import openvino as ov
-
-                    model = model.clone()
-                    model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(key))})
-                entry = (self._core.compile_model(model, self._device, self._properties), queue.SimpleQueue())
-                if len(self._compiled_by_shape) >= MAX_COMPILED_SHAPES:
-                    self._compiled_by_shape.pop(next(iter(self._compiled_by_shape)))
-                self._compiled_by_shape[key] = entry
-            self._compiled = entry[0]
-            return entry
+        return self._models.last.get_property(name)
 
     def _outputs(self, pixel_values: np.ndarray, names: list[str]) -> list[np.ndarray]:
         if self._closed:
             raise RuntimeError(f"OpenVINORuntime for {self.path} is closed; create a new runtime to run it again")
-        compiled, requests = self._compiled_for(tuple(pixel_values.shape))
+        return self._models.infer(pixel_values, names)
+
+    def close(self) -> None:
+        """Release the compiled model(s) and their requests; later calls raise ``RuntimeError``."""
+        self._closed = True
+        self._models.clear()
+
+    def __repr__(self) -> str:
+        per_shape = ", compile_per_shape=True" if self.compile_per_shape else ""
+        return f"OpenVINORuntime({str(self.path)!r}, inference_precision={self.inference_precision!r}{per_shape})"
+
+
+def compile_static(core: Any, model: Any, shape: tuple[int, ...], device: str, properties: Mapping[str, Any]) -> Any:
+    """A copy of ``model`` with its one input fixed to ``shape``, compiled for ``device``."""
+    import openvino as ov
+
+    model = model.clone()
+    model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
+    return core.compile_model(model, device, dict(properties))
+
+
+class CompiledShapes:
+    """An ``openvino.Model`` compiled for ``device``: once for its whole range, or with ``per_shape`` a
+    static-shape copy per input shape on first use (at most ``MAX_COMPILED_SHAPES`` kept, the oldest
+    dropped), each with a pool of infer requests, so many threads may call :meth:`infer` at once."""
+
+    def __init__(self, core: Any, model: Any, device: str, properties: Mapping[str, Any], per_shape: bool = False) -> None:
+        self.core, self.model, self.device, self.properties = core, model, device, dict(properties)
+        self.per_shape = per_shape
+        self.last: Any = None  # the compiled model of the last shape asked for
+        self._by_shape: dict[tuple[int, ...] | None, tuple[Any, queue.SimpleQueue[Any]]] = {}
+        self._lock = threading.Lock()
+        if not per_shape:
+            self.compiled_for(None)
+
+    def compiled_for(self, shape: tuple[int, ...] | None) -> tuple[Any, queue.SimpleQueue[Any]]:
+        """The compiled model and request pool for input ``shape`` (compiled on first use)."""
+        key = shape if self.per_shape else None
+        with self._lock:
+            entry = self._by_shape.get(key)
+            if entry is None:
+                compiled = (self.core.compile_model(self.model, self.device, self.properties) if key is None
+                            else compile_static(self.core, self.model, key, self.device, self.properties))
+                if len(self._by_shape) >= MAX_COMPILED_SHAPES:
+                    self._by_shape.pop(next(iter(self._by_shape)))
+                entry = self._by_shape[key] = (compiled, queue.SimpleQueue())
+            self.last = entry[0]
+            return entry
+
+    def infer(self, pixels: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+        """The outputs ``names`` (default: all, in the model's order) for ``pixels``, as float32 copies."""
+        compiled, requests = self.compiled_for(tuple(pixels.shape))
         try:
             request = requests.get_nowait()
         except queue.Empty:
             request = compiled.create_infer_request()
         try:
-            results = request.infer({0: np.ascontiguousarray(pixel_values)})
+            results = request.infer({0: np.ascontiguousarray(pixels)})
+            outputs = list(compiled.outputs) if names is None else [compiled.output(name) for name in names]
             # The request reuses its output buffers: copy before handing it back to the pool.
-            values = [np.array(results[compiled.output(name)], dtype=np.float32, copy=True) for name in names]
+            return [np.array(results[output], dtype=np.float32, copy=True) for output in outputs]
         finally:
             requests.put(request)
-        return values
 
-    def close(self) -> None:
-        """Release the compiled model(s) and their requests; later calls raise ``RuntimeError``."""
-        self._closed = True
-        self._compiled = None
-        self._compiled_by_shape = {}
-
-    def __repr__(self) -> str:
-        per_shape = ", compile_per_shape=True" if self.compile_per_shape else ""
-        return f"OpenVINORuntime({str(self.path)!r}, inference_precision={self.inference_precision!r}{per_shape})"
+    def clear(self) -> None:
+        """Drop every compiled model and request."""
+        with self._lock:
+            self._by_shape = {}
+            self.last = None

@@ -533,12 +533,13 @@ def profile_nncf(fp32: Path, quantized: Any, pixels: np.ndarray, plan: ProfilePl
     named after the fp32 graph's."""
     import openvino as ov
 
-    from vitdeploy.tune.peer import compile_static, peer_config
+    from vitdeploy.runtimes.openvino import compile_static
+    from vitdeploy.tune.peer import peer_config
 
     core, config = ov.Core(), peer_config(plan.threads)
-    request = compile_static(core, quantized, pixels.shape, config).create_infer_request()
+    request = compile_static(core, quantized, pixels.shape, "CPU", config).create_infer_request()
     wall = _wall_ms(lambda: request.infer({0: pixels}), plan.calls, plan.warmup)
-    compiled = compile_static(core, quantized, pixels.shape, {**config, "PERF_COUNT": True})
+    compiled = compile_static(core, quantized, pixels.shape, "CPU", {**config, "PERF_COUNT": True})
     totals, originals = _openvino_node_times(compiled, pixels, plan)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     return _openvino_nodes(fp32, totals, originals, pixels), {

@@ -87,6 +87,30 @@ def test_rejects_bad_options_and_files(tiny_onnx, tmp_path):
         assert runtime(_pixels()).shape == (2, 10)
 
 
+def test_compiled_shapes_keeps_the_newest_shapes_and_runs_a_model_without_metadata(tiny_onnx):
+    """The per-shape compile cache the runtime and tune's NNCF peer share: an in-memory model, all outputs
+    by default, at most MAX_COMPILED_SHAPES static models (the oldest dropped and compiled again when asked)."""
+    import openvino as ov
+
+    from vitdeploy.runtimes.openvino import MAX_COMPILED_SHAPES, CompiledShapes
+
+    core = ov.Core()
+    model = core.read_model(str(tiny_onnx))
+    models = CompiledShapes(core, model, "CPU", {"INFERENCE_NUM_THREADS": 1}, per_shape=True)
+    assert models.last is None
+    shapes = [(batch, 3, 32, 32) for batch in range(1, MAX_COMPILED_SHAPES + 2)]
+    first = models.compiled_for(shapes[0])[0]
+    outputs = models.infer(np.zeros(shapes[0], np.float32))
+    assert [o.shape[0] for o in outputs] == [1] * len(model.outputs) and models.last is first
+    for shape in shapes[1:]:
+        models.compiled_for(shape)
+    assert models.compiled_for(shapes[-1])[0] is models.last  # kept
+    assert models.compiled_for(shapes[0])[0] is not first  # dropped as the oldest, compiled again
+    logits = models.infer(np.zeros(shapes[1], np.float32), [model.outputs[0].get_any_name()])
+    assert len(logits) == 1 and logits[0].dtype == np.float32 and logits[0].shape[0] == 2
+    assert models.last.inputs[0].get_partial_shape() == ov.PartialShape(list(shapes[1]))
+
+
 def test_one_runtime_serves_many_threads(tiny_onnx):
     inputs = [_pixels(batch=1 + i % 3, seed=i) for i in range(12)]
     with runtimes.load(tiny_onnx, backend="openvino", threads=1) as runtime:

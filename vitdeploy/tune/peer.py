@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vitdeploy.runtimes.openvino import CompiledShapes
 
 PEER = "openvino-nncf-int8 (peer)"
 DESCRIPTION = ("OpenVINO running NNCF int8 (nncf.quantize, ModelType.TRANSFORMER) of the same fp32 file, compiled "
@@ -26,14 +29,6 @@ def nncf_quantized(fp32: Path, calibration: Any, max_batch: int, size: int) -> A
     return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=calibration.count)
 
 
-def compile_static(core: Any, model: Any, shape: tuple[int, ...], config: dict[str, Any]) -> Any:
-    """``model`` compiled for the CPU at one input ``shape``."""
-    import openvino as ov
-
-    model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
-    return core.compile_model(model, "CPU", config)
-
-
 def peer_config(threads: int) -> dict[str, Any]:
     """The OpenVINO compile properties the peer runs with (latency hint; its default inference precision)."""
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
@@ -47,34 +42,25 @@ def nncf_peer(fp32: Path, calibration: Any, threads: int, max_batch: int, size: 
     without nncf."""
     import openvino as ov
 
-    core = ov.Core()
+    from vitdeploy.runtimes.openvino import CompiledShapes
+
     quantized = nncf_quantized(fp32, calibration, max_batch, size)
-    config = peer_config(threads)
-    return _PeerRun(lambda shape: compile_static(core, quantized, shape, config))
+    return _PeerRun(CompiledShapes(ov.Core(), quantized, "CPU", peer_config(threads), per_shape=True))
 
 
 class _PeerRun:
-    """The peer's models, compiled per input shape: a call returns the first output (what is timed),
-    ``run_outputs`` every output by name (what accuracy is judged on, as for the candidates)."""
+    """The peer's compiled models: a call returns the first output (what is timed), ``run_outputs``
+    every output by name (what accuracy is judged on, as for the candidates)."""
 
-    def __init__(self, compile_for: Callable[[tuple[int, ...]], Any]) -> None:
-        self.compile_for = compile_for
-        self.compiled: dict[tuple[int, ...], tuple[Any, list[Any]]] = {}
-
-    def _request(self, shape: tuple[int, ...]) -> tuple[Any, list[Any]]:
-        if shape not in self.compiled:
-            compiled = self.compile_for(shape)
-            self.compiled[shape] = (compiled.create_infer_request(), list(compiled.outputs))
-        return self.compiled[shape]
+    def __init__(self, models: CompiledShapes) -> None:
+        self.models = models
+        self.names = [output.get_any_name() for output in models.model.outputs]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        request, outputs = self._request(pixels.shape)
-        return np.array(request.infer({0: pixels})[outputs[0]], copy=True)
+        return self.models.infer(pixels, self.names[:1])[0]
 
     def run_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        request, outputs = self._request(pixels.shape)
-        result = request.infer({0: pixels})
-        return {output.get_any_name(): np.array(result[output], copy=True) for output in outputs}
+        return dict(zip(self.names, self.models.infer(pixels, self.names), strict=True))
 
 
 def timed_peer(fp32: Path, plan: Any, metadata: Any, threads: int, size: int, say: Callable[[str], None]) -> dict[str, Any]:
