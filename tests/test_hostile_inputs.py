@@ -236,28 +236,30 @@ def test_sigterm_during_export_leaves_nothing_behind(world, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# Sends SIGTERM to itself right after the output path's write probe is written, while arguments are parsed.
-TERMINATED_AFTER_THE_WRITE_PROBE = """
+# Sends a signal (argv[1]) to itself right after the output path's write probe is written, while arguments are parsed.
+SIGNALLED_AFTER_THE_WRITE_PROBE = """
 import os, pathlib, signal, sys
 from vitdeploy.cli import main
 write_bytes = pathlib.Path.write_bytes
-def write_then_sigterm(path, data):
+def write_then_signal(path, data):
     written = write_bytes(path, data)
     if "write-probe" in path.name:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     return written
-pathlib.Path.write_bytes = write_then_sigterm
-sys.exit(main(sys.argv[1:]))
+pathlib.Path.write_bytes = write_then_signal
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_sigterm_while_arguments_are_parsed_exits_143_and_removes_the_write_probe(world, tmp_path):
-    """Parsing already writes (a probe that the output folder takes files): SIGTERM there unwinds too."""
+@pytest.mark.parametrize(("signal_name", "status", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_arguments_are_parsed_unwinds_and_removes_the_write_probe(world, tmp_path, signal_name, status,
+                                                                                 word):
+    """Parsing already writes (a probe that the output folder takes files): SIGTERM or Ctrl-C there unwinds too."""
     target = tmp_path / "never.onnx"
-    done = subprocess.run([sys.executable, "-c", TERMINATED_AFTER_THE_WRITE_PROBE, "export", str(world["checkpoint"]),
-                           "-o", str(target)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 143, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == ["vitdeploy export: terminated"]
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_AFTER_THE_WRITE_PROBE, signal_name, "export",
+                           str(world["checkpoint"]), "-o", str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [f"vitdeploy export: {word}"]
     assert list(tmp_path.iterdir()) == []
 
 
