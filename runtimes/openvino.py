@@ -139,7 +139,7 @@ class OpenVINORuntime(GraphRuntime):
     @property
     def compiled(self) -> Any:
         """The ``openvino.CompiledModel`` (``None`` after :meth:`close`)."""
-        return None if self._closed else self._models.last
+        return self._models.last  # None once closed: close() clears it
 
     def property(self, name: str) -> Any:
         """A property of the compiled model, e.g. ``"INFERENCE_PRECISION_HINT"`` or ``"EXECUTION_DEVICES"``."""
