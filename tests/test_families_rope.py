@@ -112,6 +112,25 @@ def test_bare_pe_state_dict_is_refused_then_loads_with_model(case_id, tmp_path):
     assert _worst(model, source, case, case.sizes) <= TOLERANCE
 
 
+@pytest.mark.parametrize("case_id", ["pe", "pe_spatial"])
+def test_bare_pe_state_dict_named_as_timm_names_its_weights_loads_as_pe(case_id, tmp_path):
+    """The same ambiguous PE tensors in a file named as timm names its weights (NAME.tag.safetensors):
+    the name picks the variant (as the export's source check takes timm's model of that name), and
+    the model is equal to timm; a file name that names another family's variant changes nothing."""
+    case = CASES[case_id]
+    source = timm_rope_model(case)
+    path = save_timm_rope(source, case, tmp_path, hub=False, name=f"{case.timm_name}.fb.safetensors")
+    model = load_model(path, num_heads=4)
+    assert (model.config.provenance.family, model.config.provenance.name) == (case.family, case.timm_name)
+    assert model.config.rope == "eva"
+    assert _worst(model, source, case, case.sizes) <= TOLERANCE
+    from vitdeploy.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="model=NAME"):
+        load_model(save_timm_rope(source, case, tmp_path, hub=False, name="eva02_tiny_patch14_224.safetensors"),
+                   num_heads=4)
+
+
 def test_original_dinov3_state_dict_matches_timm(tmp_path):
     """facebookresearch/dinov3's own names (storage tokens, masked qkv bias, w1/w2/w3, bf16 periods)."""
     case = CASES["dinov3_plus_qkvb"]

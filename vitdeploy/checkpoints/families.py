@@ -4,12 +4,14 @@ A file that names its architecture (a timm Hub ``config.json``'s ``architecture`
 is read as exactly that family's variant, or refused in one line naming it. A bare state dict is
 read as a family only where its tensor names fit that family alone; names that fit two
 architectures that compute differently (a Perception Encoder state dict has no RoPE tensor, so
-it also fits a ViT without RoPE) are refused with the candidates and ``model=NAME``.
+it also fits a ViT without RoPE) are refused with the candidates and ``model=NAME``, unless the
+file's name is one of the family's variants (timm's ``NAME[.tag].safetensors``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
@@ -38,6 +40,18 @@ def bare_family(keys: Iterable[str], what: str) -> Family | None:
             f"{what}: its tensor names fit {' and '.join(candidates)}, which compute differently (RoPE stores no "
             "tensor); name the architecture with model=NAME (CLI: --model NAME)")
     return None
+
+
+def family_named_by_file(path: Path, state_dict: StateDict, notes: list[str]) -> tuple[Family | None, str | None]:
+    """The family variant a bare state dict's file name names (``NAME[.tag].safetensors``, as timm
+    names its weights), where its tensor names fit that family; else ``(None, None)``. The export's
+    source check takes timm's model of the same name, so both read the file as the same architecture."""
+    name = path.name.split(".")[0]
+    family = family_of(name)
+    if family is None or family.fits_bare is None or not family.fits_bare(frozenset(state_dict)):
+        return None, None
+    notes.append(f"architecture {name} from the file name")
+    return family, name
 
 
 def architecture_family(architecture: str | None, what: str) -> Family | None:
@@ -111,5 +125,5 @@ def convert_aimv2_transformers(source: StateDict, data: dict[str, Any], where: s
     return conversion
 
 
-__all__ = ["FAMILIES", "architecture_family", "bare_family", "is_original_keys", "read_family",
+__all__ = ["FAMILIES", "architecture_family", "bare_family", "family_named_by_file", "is_original_keys", "read_family",
            "read_original_dinov3"]

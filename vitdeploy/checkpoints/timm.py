@@ -38,7 +38,7 @@ from vitdeploy.checkpoints.common import (
     strip_prefixes,
     unwrap_state_dict,
 )
-from vitdeploy.checkpoints.families import architecture_family, bare_family, read_family
+from vitdeploy.checkpoints.families import architecture_family, bare_family, family_named_by_file, read_family
 from vitdeploy.variants import VARIANTS
 
 # Architecture name prefixes of the timm models vitdeploy reads.
@@ -121,6 +121,8 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
     if family is None and model is not None:
         family = architecture_family(model, str(path))
         architecture = model if family is not None else architecture
+    if family is None and architecture is None and path.is_file():
+        family, architecture = family_named_by_file(path, state_dict, notes)
     if family is None and architecture is None:
         family = bare_family(state_dict, str(path))
     if family is not None:
