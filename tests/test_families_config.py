@@ -176,11 +176,12 @@ def test_fp16_policy_reaches_the_attention_pool_and_every_norm(key):
 
 # --------------------------------------------------------------------------- the registry against timm
 
-# A few of each family: vitdeploy's count equals timm's own model of the same name.
+# A few of each family, and every CLIP and SigLIP tower (whose activation the weights cannot show):
+# vitdeploy's count equals timm's own model of the same name.
 TIMM_NAMES = ["deit_small_patch16_224", "deit_base_distilled_patch16_384", "deit3_large_patch16_384",
-              "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2", "vit_base_patch32_clip_224",
-              "vit_large_patch14_clip_quickgelu_336", "vit_base_patch16_siglip_256",
-              "vit_so400m_patch14_siglip_378", "vit_base_patch16_siglip_gap_224"]
+              "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2",
+              *sorted(name for name, config in VARIANTS.items() if config.provenance.family in ("clip", "siglip"))]
+TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
 
 
 @needs_timm
@@ -198,13 +199,22 @@ def test_parameter_counts_and_shapes_equal_timm(name):
             config.projection_dim,)
     assert mine == theirs
     assert reference.patch_embed.img_size[0] == config.image_size
-    assert (reference.blocks[0].mlp.act.__class__.__name__ == "QuickGELU") == (config.act == "quick_gelu")
+    act = reference.blocks[0].mlp.act
+    assert TIMM_ACTIVATIONS[type(act).__name__] + ("_tanh" if getattr(act, "approximate", "none") == "tanh" else "") \
+        == config.act
+    assert reference.blocks[0].norm1.eps == config.layer_norm_eps
+    assert reference.blocks[0].attn.num_heads == config.num_heads
+    assert reference.global_pool == config.pooling
     assert reference.norm_pre.__class__.__name__ == ("LayerNorm" if config.pre_norm else "Identity")
 
 
 def test_registry_leaves_out_what_it_cannot_build():
     assert VARIANTS["vit_giant_patch14_dinov2"].mlp_type == "swiglu"  # built since the MLP is a part
     assert "vit_so400m_patch14_siglip_384" not in VARIANTS  # 384 is no multiple of 14
+    assert "vit_so400m_patch14_siglip_gap_384" not in VARIANTS
+    if timm is not None:  # every other SigLIP tower timm defines is registered (NaFlex is another input form)
+        assert {n for n in timm.list_models("*siglip*") if not n.startswith("naflex")
+                and ("patch14_siglip" not in n or n.endswith(("_224", "_378", "_448", "_896")))} <= set(VARIANTS)
     # every family name has variants (the registered families included)
     assert {c.provenance.family for c in VARIANTS.values()} == set(FAMILY_NAMES)
     assert {"vit", "deit", "deit3", "dinov2", "clip", "siglip"} < set(FAMILY_NAMES)

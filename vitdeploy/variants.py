@@ -5,8 +5,10 @@ distillation), DeiT III, DINOv2 (with and without registers), and the image towe
 SigLIP. Each has timm's architecture and preprocessing; a CLIP tower is its embedder (the visual
 projection ``proj``, no classifier), so its parameter count is timm's with ``num_classes`` = the
 projection width less that head's bias (timm stores the projection as a biased ``head``, the bias
-zero). DINOv2 giant has a SwiGLU MLP. Left out: ``vit_so400m_patch14_siglip_384`` (384 is no multiple of 14; timm's conv drops the last 6 pixels,
-``vit_so400m_patch14_siglip_378`` is the same network at a size that divides).
+zero). DINOv2 giant has a SwiGLU MLP. Every SigLIP and SigLIP 2 tower timm defines is here, with timm's
+activation (which no tensor shows). Left out: ``vit_so400m_patch14_siglip_384`` and its ``_gap_``
+twin (384 is no multiple of 14; timm's conv drops the last 6 pixels, the ``_378`` variants are the
+same networks at a size that divides).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _SIZES: dict[str, tuple[int, int, int, int, int | None]] = {
 }
 # Families' other sizes: (hidden, depth, heads, mlp).
 _SO400M = (1152, 27, 16, 4304)
+_SIGLIP_SIZES = {"so400m": _SO400M, "giantopt": (1536, 40, 16, 6144)}
 
 # CLIP's joint-space width by tower size.
 _CLIP_PROJECTION = {"base": 512, "large": 768, "huge": 1024}
@@ -96,11 +99,24 @@ for _size, _patch, _image, _acts in (
              projection_dim=_CLIP_PROJECTION[_size], pre_norm=True, patch_bias=False, layer_norm_eps=1e-5,
              act=_act, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)
 _SIGLIP = dict(family="siglip", num_classes=0, class_token=False, crop_pct=0.9)
-for _image in (224, 256, 384, 512):
-    _add(f"vit_base_patch16_siglip_{_image}", "base", 16, _image, pooling="map", **_SIGLIP)
-    _add(f"vit_base_patch16_siglip_gap_{_image}", "base", 16, _image, pooling="avg", fc_norm=False, **_SIGLIP)
-for _patch, _image in ((14, 224), (14, 378), (16, 256), (16, 384), (16, 512)):
-    _add(f"vit_so400m_patch{_patch}_siglip_{_image}", _SO400M, _patch, _image, pooling="map", **_SIGLIP)
+# (size, patch, image, activation) of SigLIP's towers in timm; the SigLIP 2 towers new with it (B/32,
+# L/16 at 512, So400m/16, g-opt/16) use GELU's tanh approximation, the others the exact GELU.
+for _size, _patch, _image, _act in (
+    *(("base", 16, _image, "gelu") for _image in (224, 256, 384, 512)),
+    ("base", 32, 256, "gelu_tanh"),
+    ("large", 16, 256, "gelu"), ("large", 16, 384, "gelu"), ("large", 16, 512, "gelu_tanh"),
+    ("so400m", 14, 224, "gelu"), ("so400m", 14, 378, "gelu"),
+    *(("so400m", 16, _image, "gelu_tanh") for _image in (256, 384, 512)),
+    *(("giantopt", 16, _image, "gelu_tanh") for _image in (256, 384)),
+):
+    _shape = _SIGLIP_SIZES.get(_size, _size)
+    _add(f"vit_{_size}_patch{_patch}_siglip_{_image}", _shape, _patch, _image, pooling="map", act=_act, **_SIGLIP)
+    _add(f"vit_{_size}_patch{_patch}_siglip_gap_{_image}", _shape, _patch, _image, pooling="avg", fc_norm=False,
+         act=_act, **_SIGLIP)
+# timm's gap towers of So400m/14 at the sizes of its fine-tuned weights (crop 1.0 from 384 up)
+for _image in (448, 896):
+    _add(f"vit_so400m_patch14_siglip_gap_{_image}", _SO400M, 14, _image, pooling="avg", fc_norm=False,
+         **{**_SIGLIP, "crop_pct": 1.0})
 
 
 def paper_size(name_or_config: str | ViTConfig) -> tuple[str, int] | None:
