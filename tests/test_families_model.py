@@ -24,12 +24,14 @@ from family_sources import (
     TOLERANCE,
     Family,
     parity_sizes,
+    perturb,
     perturbed_timm_model,
     save_timm,
     timm,
     timm_outputs,
 )
 from family_sources import rel_err as rel_error
+from safetensors.torch import save_file
 from timm_without_torchvision import TIMM_MISSING
 
 from vitdeploy.checkpoints import CheckpointWarning, load_model
@@ -37,6 +39,7 @@ from vitdeploy.checkpoints.common import infer_config
 from vitdeploy.checkpoints.timm import clip_head_as_projection
 from vitdeploy.model import VisionTransformer
 from vitdeploy.outputs import available_outputs
+from vitdeploy.variants import VARIANTS
 
 pytestmark = pytest.mark.skipif(timm is None, reason=TIMM_MISSING)
 
@@ -146,3 +149,44 @@ def test_loading_at_another_image_size_resamples_like_timm(loaded_family, tmp_pa
         got = resized.forward_outputs(x, family.outputs)
     errors = {name: rel_error(got[name], expected[name]) for name in family.outputs}
     assert max(errors.values()) <= TOLERANCE, (key, errors)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_clip_quickgelu_224", "vit_base_patch32_siglip_gap_256"])
+def test_a_bare_file_named_as_timm_names_its_weights_gets_the_activation_it_cannot_show(name, tmp_path):
+    """OpenAI's CLIP (QuickGELU) and SigLIP 2's B/32 (tanh GELU): no tensor shows the activation. A bare
+    file named as timm names it (NAME.tag.safetensors) is read as that variant and equals timm at the
+    native and a non-square size, where the same weights with exact GELU miss. Under another name the
+    CLIP file is read as its GELU twin (with a warning); the B/32's shapes are that variant's alone."""
+    from vitdeploy.outputs import default_outputs
+
+    reference = perturb(timm.create_model(name, pretrained=False, dynamic_img_size=True), seed=3)
+    if "clip" in name:
+        reference.head.bias.data.zero_()  # timm stores CLIP's projection as a head with a zero bias
+    tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    named, other = tmp_path / f"{name}.tag.safetensors", tmp_path / "weights.safetensors"
+    save_file(tensors, str(named))
+    save_file(tensors, str(other))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)  # nothing guessed
+        ours = load_model(named)
+    assert (ours.config.provenance.name, ours.config.act) == (name, VARIANTS[name].act) and ours.config.act != "gelu"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointWarning)
+        unnamed = load_model(other).config
+    if "clip" in name:
+        assert unnamed.act == "gelu" and any("QuickGELU" in str(w.message) for w in caught)
+    else:
+        assert (unnamed.provenance.name, unnamed.act) == (name, ours.config.act)
+    gelu = VisionTransformer(ours.config.replace(act="gelu")).eval()
+    gelu.load_state_dict(ours.state_dict())
+    output = default_outputs(ours.config)[0]
+    native, patch = ours.config.image_size, ours.config.patch_size
+    errors, gelu_errors = [], []
+    for size in ((native, native), (native + 2 * patch, native - patch)):
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            expected = reference.forward_head(reference.forward_features(x), pre_logits=output != "image_embeds")
+            errors.append(rel_error(ours.forward_outputs(x, [output])[output], expected))
+            gelu_errors.append(rel_error(gelu.forward_outputs(x, [output])[output], expected))
+    # tanh's GELU is within 2e-4 of the exact one here: the right activation is 100x closer than that
+    assert max(errors) <= TOLERANCE / 10 and min(gelu_errors) > TOLERANCE, (errors, gelu_errors)

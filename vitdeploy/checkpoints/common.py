@@ -351,7 +351,8 @@ def _position_layout(tokens: int, prefix: int, reg_tokens: int, what: str) -> tu
 
 
 def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
-                 base: Mapping[str, Any] | None = None, prefer: str | None = None) -> tuple[ViTConfig, list[str]]:
+                 base: Mapping[str, Any] | None = None, prefer: str | None = None,
+                 file_name: str | None = None) -> tuple[ViTConfig, list[str]]:
     """Derive the :class:`ViTConfig` of a timm-named state dict from its tensor names and shapes.
 
     Read from the tensors: the class (``cls_token``), distillation (``dist_token``) and register
@@ -360,8 +361,9 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     ``attn_pool``, the heads and CLIP's ``proj``. Heads leave no trace in the shapes of a fused
     qkv: ``num_heads`` if given, else the registry variant with the same width, else
     ``hidden_size // 64``. ``base`` supplies fields the shapes cannot (preprocessing, labels,
-    layer-norm eps). A matching registry variant (``prefer`` first) lends its name, activation,
-    norm epsilon and preprocessing defaults.
+    layer-norm eps). A matching registry variant (``prefer`` first, then ``file_name``: the variant
+    a bare file's name names, as timm names its weights) lends its name, activation, norm epsilon and
+    preprocessing defaults.
     """
     notes: list[str] = []
     proj = _require(state_dict, "patch_embed.proj.weight", what)
@@ -441,14 +443,15 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         probe = ViTConfig.from_fields(shapes_only)
     except ValueError as error:
         raise CheckpointError(f"{what}: inferred an invalid configuration: {error}") from None
-    name = match_variant(probe, prefer)
+    name = match_variant(probe, prefer or file_name)
+    named_by_file = name is not None and name == file_name and not prefer
     if name is not None:
         variant = VARIANTS[name]
         lent = variant.to_fields()
         fields = {**{k: lent[k] for k in _VARIANT_DEFAULTS}, **fields}
         # the same architecture, spelled as the registry spells it
         fields.update({k: getattr(variant, k) for k in ("layer_scale", "class_token", "fc_norm")})
-        notes.append(f"inferred variant {name} from the tensor shapes")
+        notes.append(f"inferred variant {name} from the tensor shapes{' and the file name' if named_by_file else ''}")
     else:
         if prefer in VARIANTS:  # a named architecture built with other sizes (timm's model_args)
             named = VARIANTS[prefer].to_fields()
@@ -467,7 +470,7 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
             f"inferred a {kind}ViT from the tensor shapes: hidden {hidden}, depth {depth}, patch {patch}, "
             f"mlp {mlp}, image {fields['image_size']} (no registry variant matches)"
         )
-    if fields.get("family") == "clip" and prefer not in VARIANTS and "act" not in (base or {}):
+    if fields.get("family") == "clip" and prefer not in VARIANTS and "act" not in (base or {}) and not named_by_file:
         note(notes, f"{what}: a CLIP tower's activation is not stored in the weights; using {fields.get('act', 'gelu')}"
              " (OpenCLIP's LAION towers). OpenAI's CLIP uses QuickGELU: pass model= a *_clip_quickgelu_* "
              "variant if that is what this is", warn=True)

@@ -141,5 +141,7 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
         notes.append(f"ignored {len(labels)} label_names that do not match the head")
         base.pop("labels")
     base["pos_embed_resample"] = "timm"
-    config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture)
+    file_name = path.name.split(".")[0] if path.is_file() else None
+    config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture,
+                                    file_name=file_name)
     return Checkpoint(config, state_dict, "timm", files, notes=notes + inferred)
