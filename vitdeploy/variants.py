@@ -30,8 +30,10 @@ _SIZES: dict[str, tuple[int, int, int, int, int | None]] = {
 _SO400M = (1152, 27, 16, 4304)
 _SIGLIP_SIZES = {"so400m": _SO400M, "giantopt": (1536, 40, 16, 6144)}
 
-# CLIP's joint-space width by tower size.
-_CLIP_PROJECTION = {"base": 512, "large": 768, "huge": 1024}
+# CLIP's joint-space width by tower size; OpenCLIP's g/14 and bigG/14 towers (16 heads each, which their
+# widths do not suggest).
+_CLIP_PROJECTION = {"base": 512, "large": 768, "huge": 1024, "giant": 1024, "gigantic": 1280}
+_CLIP_SIZES = {"giant": (1408, 40, 16, 6144), "gigantic": (1664, 48, 16, 8192)}
 
 # (size, patch, image) for every plain variant that timm defines.
 _PLAIN = [
@@ -89,13 +91,15 @@ _add("vit_giant_patch14_dinov2", (1536, 40, 24, 4096), 14, 518, mlp_type="swiglu
 _add("vit_giant_patch14_reg4_dinov2", (1536, 40, 24, 4096), 14, 518, mlp_type="swiglu", num_reg_tokens=4,
      no_embed_class=True, **_dinov2)
 for _size, _patch, _image, _acts in (
-    ("base", 32, 224, ("gelu", "quick_gelu")), ("base", 16, 224, ("gelu", "quick_gelu")),
+    ("base", 32, 224, ("gelu", "quick_gelu")), ("base", 32, 256, ("gelu",)), ("base", 16, 224, ("gelu", "quick_gelu")),
     ("large", 14, 224, ("gelu", "quick_gelu")), ("large", 14, 336, ("gelu", "quick_gelu")),
-    ("huge", 14, 224, ("gelu", "quick_gelu")), ("huge", 14, 378, ("quick_gelu",)),
+    ("huge", 14, 224, ("gelu", "quick_gelu")), ("huge", 14, 378, ("gelu", "quick_gelu")),
+    ("giant", 14, 224, ("gelu",)), ("gigantic", 14, 224, ("gelu", "quick_gelu")), ("gigantic", 14, 378, ("gelu",)),
 ):
     for _act in _acts:
         _tag = "_quickgelu" if _act == "quick_gelu" else ""
-        _add(f"vit_{_size}_patch{_patch}_clip{_tag}_{_image}", _size, _patch, _image, family="clip", num_classes=0,
+        _add(f"vit_{_size}_patch{_patch}_clip{_tag}_{_image}", _CLIP_SIZES.get(_size, _size), _patch, _image,
+             family="clip", num_classes=0,
              projection_dim=_CLIP_PROJECTION[_size], pre_norm=True, patch_bias=False, layer_norm_eps=1e-5,
              act=_act, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)
 _SIGLIP = dict(family="siglip", num_classes=0, class_token=False, crop_pct=0.9)
