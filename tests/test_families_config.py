@@ -179,6 +179,7 @@ def test_fp16_policy_reaches_the_attention_pool_and_every_norm(key):
 # A few of each family, and every CLIP and SigLIP tower (whose activation the weights cannot show):
 # vitdeploy's count equals timm's own model of the same name.
 TIMM_NAMES = ["deit_small_patch16_224", "deit_base_distilled_patch16_384", "deit3_large_patch16_384",
+              "deit3_medium_patch16_224", "deit3_huge_patch14_224",
               "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2",
               *sorted(name for name, config in VARIANTS.items() if config.provenance.family in ("clip", "siglip"))]
 TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
@@ -206,6 +207,28 @@ def test_parameter_counts_and_shapes_equal_timm(name):
     assert reference.blocks[0].attn.num_heads == config.num_heads
     assert reference.global_pool == config.pooling
     assert reference.norm_pre.__class__.__name__ == ("LayerNorm" if config.pre_norm else "Identity")
+
+
+@needs_timm
+@pytest.mark.parametrize("name", ["deit3_huge_patch14_224", "vit_gigantic_patch14_clip_224"])
+def test_a_bare_state_dict_takes_the_heads_of_the_variant_its_shapes_match(name):
+    """Heads leave no trace in the tensors and these widths suggest 20 and 26 (timm: 16): the variant
+    the shapes match lends its heads, which are not said to be guessed."""
+    import warnings
+
+    from vitdeploy.checkpoints.common import CheckpointWarning, infer_config
+
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False)
+    state = dict(reference.state_dict())
+    if "clip" in name:  # timm's CLIP projection is a head with a zero bias (no values on the meta device)
+        state["proj.weight"] = state.pop("head.weight")
+        del state["head.bias"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointWarning)
+        config, _ = infer_config(state, name)
+    assert (config.provenance.name, config.num_heads) == (name, reference.blocks[0].attn.num_heads) == (name, 16)
+    assert not [w for w in caught if "heads" in str(w.message)]  # (a CLIP tower's activation is still said)
 
 
 def test_registry_leaves_out_what_it_cannot_build():

@@ -77,10 +77,12 @@ _DEIT = dict(family="deit", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 for _size, _image in (("tiny", 224), ("small", 224), ("base", 224), ("base", 384)):
     _add(f"deit_{_size}_patch16_{_image}", _size, 16, _image, **_DEIT)
     _add(f"deit_{_size}_distilled_patch16_{_image}", _size, 16, _image, distilled=True, **_DEIT)
+_DEIT3 = dict(family="deit3", mean=IMAGENET_MEAN, std=IMAGENET_STD, no_embed_class=True, layer_scale=1e-6)
 for _size in ("small", "base", "large"):
     for _image in (224, 384):
-        _add(f"deit3_{_size}_patch16_{_image}", _size, 16, _image, family="deit3", mean=IMAGENET_MEAN,
-             std=IMAGENET_STD, no_embed_class=True, layer_scale=1e-6)
+        _add(f"deit3_{_size}_patch16_{_image}", _size, 16, _image, **_DEIT3)
+_add("deit3_medium_patch16_224", (512, 12, 8, 2048), 16, 224, **_DEIT3)
+_add("deit3_huge_patch14_224", "huge", 14, 224, **_DEIT3)  # 16 heads, as the paper's ViT-H
 for _size in ("small", "base", "large"):
     _dinov2 = dict(family="dinov2", num_classes=0, layer_scale=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    crop_pct=1.0)

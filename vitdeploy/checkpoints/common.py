@@ -451,6 +451,8 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         fields = {**{k: lent[k] for k in _VARIANT_DEFAULTS}, **fields}
         # the same architecture, spelled as the registry spells it
         fields.update({k: getattr(variant, k) for k in ("layer_scale", "class_token", "fc_norm")})
+        if heads_from != "given":  # the matched variant knows its heads better than its width does
+            fields["num_heads"], heads_from = variant.num_heads, "variant"
         notes.append(f"inferred variant {name} from the tensor shapes{' and the file name' if named_by_file else ''}")
     else:
         if prefer in VARIANTS:  # a named architecture built with other sizes (timm's model_args)
