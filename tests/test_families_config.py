@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from timm_without_torchvision import TIMM_MISSING, import_timm
 
 from vitdeploy.checkpoints import CheckpointError, load_model, resolve_source
+from vitdeploy.checkpoints.timm import stem_only_backbone_as_stem
 from vitdeploy.config import FAMILIES as FAMILY_NAMES
 from vitdeploy.config import ViTConfig
 from vitdeploy.model import Attention, AttentionPool, LayerNorm, VisionTransformer, prepare_model
@@ -179,7 +180,8 @@ def test_fp16_policy_reaches_the_attention_pool_and_every_norm(key):
 # A few of each family, and every CLIP and SigLIP tower (whose activation the weights cannot show):
 # vitdeploy's count equals timm's own model of the same name.
 TIMM_NAMES = ["deit_small_patch16_224", "deit_base_distilled_patch16_384", "deit3_large_patch16_384",
-              "deit3_medium_patch16_224", "deit3_huge_patch14_224",
+              "deit3_medium_patch16_224", "deit3_huge_patch14_224", "vit_base_r50_s16_384", "vit_tiny_r_s16_p8_224",
+              "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_large_r50_s32_224",
               "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2",
               *sorted(name for name, config in VARIANTS.items() if config.provenance.family in ("clip", "siglip"))]
 TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
@@ -193,7 +195,7 @@ def test_parameter_counts_and_shapes_equal_timm(name):
     with torch.device("meta"):
         reference = timm.create_model(name, pretrained=False, **kwargs)
         ours = VisionTransformer(config)
-    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in stem_only_backbone_as_stem(reference.state_dict()).items()}
     mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     if config.projection_dim:  # timm's CLIP projection is a head with a (zero) bias; ours is proj, bias-free
         assert theirs.pop("head.weight") == mine.pop("proj.weight") and theirs.pop("head.bias") == (

@@ -190,3 +190,26 @@ def test_a_bare_file_named_as_timm_names_its_weights_gets_the_activation_it_cann
             gelu_errors.append(rel_error(gelu.forward_outputs(x, [output])[output], expected))
     # tanh's GELU is within 2e-4 of the exact one here: the right activation is 100x closer than that
     assert max(errors) <= TOLERANCE / 10 and min(gelu_errors) > TOLERANCE, (errors, gelu_errors)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_r_s16_p8_224", "vit_small_r26_s32_224"])
+def test_a_timm_hybrid_matches_timm_at_native_and_non_square_sizes(name, tmp_path):
+    """AugReg's hybrids: R+Ti (the ResNet stem alone, 8x8 patches on its map) and R26+S (four stages),
+    both stride 32, read from timm's bare files and equal to timm's own model (two blocks, perturbed)."""
+    from vitdeploy.metadata import ArtifactMetadata
+
+    reference = perturb(timm.create_model(name, pretrained=False, depth=2, dynamic_img_size=True), seed=5)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    ours = load_model(path)
+    assert ours.config.hybrid.layers == VARIANTS[name].hybrid.layers and ours.config.stride == 32
+    metadata = ArtifactMetadata(model_config=ours.config.to_dict(), preprocessing=None, inputs=[], outputs=[],
+                                shape_range=None)
+    stride = metadata.stride  # what an export's validation and runtimes take the sizes by
+    assert stride == 32 and isinstance(stride, int)
+    errors = []
+    for size in ((224, 224), (256, 192)):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            errors.append(rel_error(ours(x), reference(x)))
+    assert max(errors) <= TOLERANCE, errors

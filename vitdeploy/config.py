@@ -57,7 +57,8 @@ class HybridConfig:
 
     ``layers`` gives the number of bottleneck blocks per stage; the first stage has stride 1
     and every later one stride 2, after a stride-4 stem. The patch embedding then uses 1x1
-    patches on the resulting feature map.
+    patches on the resulting feature map; with no stages (the stem alone, timm's R+Ti) it uses
+    larger ones.
     """
 
     layers: tuple[int, ...] = (3, 4, 9)
@@ -76,6 +77,8 @@ class HybridConfig:
 
     @property
     def out_channels(self) -> int:
+        if not self.layers:
+            return self.stem_width * self.width_factor
         return 256 * self.width_factor * 2 ** (len(self.layers) - 1)
 
 

@@ -140,8 +140,10 @@ class ArtifactMetadata:
     @property
     def stride(self) -> int:
         """Input sizes must be multiples of this (patch size x backbone stride)."""
+        from vitdeploy.config import HybridConfig
+
         hybrid = self.model_config.get("hybrid")
-        backbone = 4 * 2 ** (len(hybrid["layers"]) - 1) if hybrid else 1
+        backbone = HybridConfig(**hybrid).stride if hybrid else 1
         return int(self.model_config["patch_size"]) * backbone
 
     @property

@@ -54,13 +54,21 @@ for _size, _patch, _image in _PLAIN:
         preprocessing=InputPreprocessing(crop_pct=0.9 if _image == 224 else 1.0), provenance=Provenance(name=_name),
     )
 
-for _image in (224, 384):
-    _name = f"vit_base_r50_s16_{_image}"
-    VARIANTS[_name] = ViTConfig(
-        image_size=_image, patch_size=1, hidden_size=768, depth=12, num_heads=12, mlp_size=3072,
-        hybrid=HybridConfig(layers=(3, 4, 9)), preprocessing=InputPreprocessing(crop_pct=0.9 if _image == 224 else 1.0),
-        provenance=Provenance(name=_name),
-    )
+# The hybrids of the paper (R50+ViT-B/16) and of "How to train your ViT" (AugReg): ResNet-v2 stages
+# (none: the stem alone, with 8x8 patches on its stride-4 map) under a ViT.
+for _name, _size, _patch, _layers in (
+    ("vit_base_r50_s16", "base", 1, (3, 4, 9)), ("vit_tiny_r_s16_p8", "tiny", 8, ()),
+    ("vit_small_r26_s32", "small", 1, (2, 2, 2, 2)), ("vit_large_r50_s32", "large", 1, (3, 4, 6, 3)),
+):
+    for _image in (224, 384):
+        _hidden, _depth, _heads, _mlp, _ = _SIZES[_size]
+        VARIANTS[f"{_name}_{_image}"] = ViTConfig(
+            image_size=_image, patch_size=_patch, hidden_size=_hidden, depth=_depth, num_heads=_heads, mlp_size=_mlp,
+            hybrid=HybridConfig(layers=_layers), preprocessing=InputPreprocessing(crop_pct=0.9 if _image == 224 else 1.0),
+            provenance=Provenance(name=f"{_name}_{_image}"),
+        )
+VARIANTS["vit_base_r26_s32_224"] = VARIANTS["vit_small_r26_s32_224"].replace(
+    hidden_size=768, num_heads=12, mlp_size=3072, provenance=Provenance(name="vit_base_r26_s32_224"))
 
 
 

@@ -381,10 +381,12 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
                 stage, block = int(match[1]), int(match[2])
                 stage_blocks[stage] = max(stage_blocks.get(stage, 0), block + 1)
         layers = tuple(stage_blocks.get(i, 0) for i in range(len(stage_blocks)))
-        if not layers or 0 in layers:
+        if 0 in layers or (not layers and any(k.startswith("patch_embed.backbone.stages.") for k in state_dict)):
             raise CheckpointError(f"{what}: could not count the ResNet stages/blocks of the hybrid backbone")
-        conv3 = _require(state_dict, "patch_embed.backbone.stages.0.blocks.0.conv3.weight", what)
-        width_factor = max(int(conv3.shape[0]) // 256, 1)
+        width_factor = 1  # a stem-only backbone (timm's R+Ti) has no stage to show one
+        if layers:
+            conv3 = _require(state_dict, "patch_embed.backbone.stages.0.blocks.0.conv3.weight", what)
+            width_factor = max(int(conv3.shape[0]) // 256, 1)
         hybrid = HybridConfig(layers=layers, stem_width=int(stem.shape[0]) // width_factor, width_factor=width_factor)
         in_channels = int(stem.shape[1])
 

@@ -18,7 +18,7 @@ from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, Checkp
 from vitdeploy.checkpoints.conversion import Conversion
 from vitdeploy.families import FAMILIES, family_of, unsupported_reason
 from vitdeploy.families.aimv2 import FAMILY as AIMV2
-from vitdeploy.families.base import Family, infer_family_config
+from vitdeploy.families.base import Family, infer_family_config, shape_fields, sized_like
 from vitdeploy.families.dinov3 import FAMILY as DINOV3
 from vitdeploy.families.dinov3 import is_original_keys
 
@@ -43,13 +43,21 @@ def bare_family(keys: Iterable[str], what: str) -> Family | None:
 
 
 def family_named_by_file(path: Path, state_dict: StateDict, notes: list[str]) -> tuple[Family | None, str | None]:
-    """The family variant a bare state dict's file name names (``NAME[.tag].safetensors``, as timm
-    names its weights), where its tensor names fit that family; else ``(None, None)``. The export's
-    source check takes timm's model of the same name, so both read the file as the same architecture."""
+    """The family variant a bare timm state dict's file name names (``NAME[.tag].safetensors``, as timm
+    names its weights), where its tensors fit that variant (the family's names, the variant's sizes);
+    else ``(None, None)``. The export's source check takes timm's model of the same name."""
     name = path.name.split(".")[0]
     family = family_of(name)
-    if family is None or family.fits_bare is None or not family.fits_bare(frozenset(state_dict)):
+    key_map = family.key_maps.get("timm") if family is not None else None
+    if key_map is None or family.fits_bare is None or not family.fits_bare(frozenset(state_dict)):
         return None, None
+    try:
+        shapes = shape_fields(key_map(state_dict), str(path))
+    except ValueError:
+        return None, None
+    variant = family.variants[name]
+    if not sized_like(variant, shapes) or shapes.get("image_size", variant.image_size) != variant.image_size:
+        return None, None  # (the variant's RoPE grid is its image size's)
     notes.append(f"architecture {name} from the file name")
     return family, name
 

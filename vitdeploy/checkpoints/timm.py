@@ -84,6 +84,15 @@ def clip_head_as_projection(state_dict: StateDict, notes: list[str]) -> StateDic
     return state_dict
 
 
+def stem_only_backbone_as_stem(state_dict: StateDict) -> StateDict:
+    """A hybrid whose ResNet is its stem alone (timm's ``vit_tiny_r_s16_p8_*``: ``patch_embed.backbone``
+    is the stem itself) under vitdeploy's names, ``patch_embed.backbone.stem.*``."""
+    if "patch_embed.backbone.conv.weight" not in state_dict:
+        return state_dict
+    prefix = "patch_embed.backbone."
+    return {prefix + "stem." + k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
 def read_timm(path: Path, num_heads: int | None = None, model: str | None = None) -> Checkpoint:
     """Read a timm state dict file or timm Hub folder; ``num_heads`` overrides the inferred heads.
 
@@ -112,6 +121,7 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
             state_dict, notes = unwrap_state_dict(read_torch(path), path)
     state_dict, stripped = strip_prefixes(state_dict)
     notes += stripped
+    state_dict = stem_only_backbone_as_stem(state_dict)
     if any(key in state_dict for key in HF_MARKERS):
         raise CheckpointError(
             f"{path} looks like a Hugging Face transformers ViT state dict; pass the model folder "

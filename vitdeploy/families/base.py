@@ -167,6 +167,12 @@ STRUCTURE = ("mlp_type", "mlp_norm", "attn_norm", "qkv_bias", "qv_bias", "has_cl
              "patch_bias", "abs_pos_embed", "norm", "pooling", "use_fc_norm", "proj_bias", "patch_norm", "final_norm")
 
 
+def sized_like(variant: ViTConfig, shapes: Mapping[str, Any]) -> bool:
+    """Whether ``variant`` has the sizes and block form that ``shapes`` (:func:`shape_fields`) show."""
+    keys = ("hidden_size", "depth", "patch_size", "mlp_size", "mlp_type", "qv_bias", "attn_norm")
+    return all(getattr(variant, key) == shapes[key] for key in keys)
+
+
 def infer_family_config(family: Family, state_dict: StateDict, what: str, architecture: str | None = None,
                         num_heads: int | None = None, base: Mapping[str, Any] | None = None,
                         model_args: Mapping[str, Any] | None = None) -> tuple[ViTConfig, list[str]]:
@@ -185,10 +191,7 @@ def infer_family_config(family: Family, state_dict: StateDict, what: str, archit
         raise ValueError(f"{what}: {family.label} architecture {architecture!r} is not one vitdeploy registers "
                          f"(expected one of {', '.join(sorted(family.variants))})")
     if name is None:
-        sized = [n for n, v in sorted(family.variants.items())
-                 if (v.hidden_size, v.depth, v.patch_size, v.mlp_size, v.mlp_type, v.qv_bias, v.attn_norm) == (
-                     shapes["hidden_size"], shapes["depth"], shapes["patch_size"], shapes["mlp_size"],
-                     shapes["mlp_type"], shapes["qv_bias"], shapes["attn_norm"])]
+        sized = [n for n, v in sorted(family.variants.items()) if sized_like(v, shapes)]
         name = sized[0] if sized else None
     reference = family.variants[name] if name else None
     lent = {k: v for k, v in reference.to_fields().items() if k in LENT} if reference else dict(family.defaults)
