@@ -25,6 +25,7 @@ from vitdeploy.checkpoints import (
     load_model,
     resolve_source,
 )
+from vitdeploy.config import HybridConfig
 from vitdeploy.model import VisionTransformer
 
 
@@ -282,9 +283,14 @@ def test_hf_errors(tmp_path, tiny_model):
 # --------------------------------------------------------------------------- JAX
 
 
-@pytest.mark.parametrize("kind", ["plain", "hybrid"])
+JAX_CONFIGS = {"plain": tiny_config, "hybrid": tiny_hybrid_config,
+               # AugReg's R+Ti/16: the ResNet stem alone, 4x4 patches on its stride-4 map here
+               "stem-only hybrid": lambda: tiny_hybrid_config(hybrid=HybridConfig(layers=()), patch_size=4)}
+
+
+@pytest.mark.parametrize("kind", sorted(JAX_CONFIGS))
 def test_jax_npz_loads_exactly(tmp_path, kind):
-    source = make_model(tiny_config() if kind == "plain" else tiny_hybrid_config(), seed=4)
+    source = make_model(JAX_CONFIGS[kind](), seed=4)
     path = tmp_path / "vit.npz"
     np.savez(path, **jax_arrays(source))
     assert detect_format(path) == "jax"
