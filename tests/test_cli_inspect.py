@@ -70,3 +70,12 @@ def test_inspect_tells_the_validated_range_from_the_declared_one(tmp_path, capsy
     attach_metadata(unchecked, metadata)
     assert main(["inspect", str(unchecked)]) == 0
     assert "validated    : not checked\n" in capsys.readouterr().out
+
+
+def test_inspect_names_the_backbone_of_each_hybrid(capsys) -> None:
+    """R50+B/16 shows its three stages; AugReg's R+Ti/16 its stem alone, under a 7x7 grid at 224 (stride 32)."""
+    assert main(["inspect", "vit_base_r50_s16_224", "--resolution", "224"]) == 0
+    assert "backbone     : ResNet-v2 stages (3, 4, 9)" in capsys.readouterr().out
+    assert main(["inspect", "vit_tiny_r_s16_p8_224", "--resolution", "224"]) == 0
+    text = capsys.readouterr().out
+    assert "backbone     : ResNet-v2 stem only (no stage)" in text and "7x7" in text

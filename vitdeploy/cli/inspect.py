@@ -199,7 +199,8 @@ def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
     print(f"  architecture : {kind}, hidden {cfg['hidden_size']}, depth {cfg['depth']}, heads {cfg['num_heads']}, "
           f"MLP {cfg['mlp_size']}, patch {cfg['patch_size']}, pooling {cfg['pooling']}")
     if cfg["hybrid"]:
-        print(f"  backbone     : ResNet-v2 stages {tuple(cfg['hybrid']['layers'])}")
+        layers = tuple(cfg["hybrid"]["layers"])
+        print(f"  backbone     : ResNet-v2 {f'stages {layers}' if layers else 'stem only (no stage)'}")
     from vitdeploy.config import ViTConfig
 
     parts = ViTConfig.from_dict(cfg)
