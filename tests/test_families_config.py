@@ -181,7 +181,8 @@ def test_fp16_policy_reaches_the_attention_pool_and_every_norm(key):
 # vitdeploy's count equals timm's own model of the same name.
 TIMM_NAMES = ["deit_small_patch16_224", "deit_base_distilled_patch16_384", "deit3_large_patch16_384",
               "deit3_medium_patch16_224", "deit3_huge_patch14_224", "vit_base_r50_s16_384", "vit_tiny_r_s16_p8_224",
-              "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_large_r50_s32_224",
+              "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_large_r50_s32_224", "vit_huge_patch14_gap_224",
+              "vit_huge_patch16_gap_448", "vit_giant_patch16_gap_224",
               "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2",
               *sorted(name for name, config in VARIANTS.items() if config.provenance.family in ("clip", "siglip"))]
 TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
@@ -212,9 +213,9 @@ def test_parameter_counts_and_shapes_equal_timm(name):
 
 
 @needs_timm
-@pytest.mark.parametrize("name", ["deit3_huge_patch14_224", "vit_gigantic_patch14_clip_224"])
+@pytest.mark.parametrize("name", ["deit3_huge_patch14_224", "vit_gigantic_patch14_clip_224", "vit_huge_patch14_gap_224"])
 def test_a_bare_state_dict_takes_the_heads_of_the_variant_its_shapes_match(name):
-    """Heads leave no trace in the tensors and these widths suggest 20 and 26 (timm: 16): the variant
+    """Heads leave no trace in the tensors and these widths suggest 20 or 26 (timm: 16): the variant
     the shapes match lends its heads, which are not said to be guessed."""
     import warnings
 

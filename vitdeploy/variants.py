@@ -1,8 +1,8 @@
 """Registry of named ViT variants, with timm's names and default configurations.
 
 The plain ViTs of the paper and the families built from the same block: DeiT (with and without
-distillation), DeiT III, DINOv2 (with and without registers), and the image towers of CLIP and
-SigLIP. Each has timm's architecture and preprocessing; a CLIP tower is its embedder (the visual
+distillation), DeiT III, DINOv2 (with and without registers), I-JEPA's encoders, and the image
+towers of CLIP and SigLIP. Each has timm's architecture and preprocessing; a CLIP tower is its embedder (the visual
 projection ``proj``, no classifier), so its parameter count is timm's with ``num_classes`` = the
 projection width less that head's bias (timm stores the projection as a biased ``head``, the bias
 zero). DINOv2 giant has a SwiGLU MLP. Every SigLIP and SigLIP 2 tower timm defines is here, with timm's
@@ -91,6 +91,11 @@ for _size in ("small", "base", "large"):
         _add(f"deit3_{_size}_patch16_{_image}", _size, 16, _image, **_DEIT3)
 _add("deit3_medium_patch16_224", (512, 12, 8, 2048), 16, 224, **_DEIT3)
 _add("deit3_huge_patch14_224", "huge", 14, 224, **_DEIT3)  # 16 heads, as the paper's ViT-H
+# I-JEPA's encoders (timm's *_gap_* names): no class token, the mean patch token, no fc_norm
+_IJEPA = dict(num_classes=0, class_token=False, pooling="avg", fc_norm=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_add("vit_huge_patch14_gap_224", "huge", 14, 224, **_IJEPA)
+_add("vit_huge_patch16_gap_448", "huge", 16, 448, **_IJEPA)
+_add("vit_giant_patch16_gap_224", (1408, 40, 16, 6144), 16, 224, **_IJEPA)
 for _size in ("small", "base", "large"):
     _dinov2 = dict(family="dinov2", num_classes=0, layer_scale=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    crop_pct=1.0)
