@@ -21,7 +21,7 @@ CLASS_TOKEN_POOLINGS: tuple[str, ...] = ("token", "token_avg")
 ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
 # Informational family names (inspect, metadata, error messages); the fields decide the architecture.
 FAMILIES: tuple[str, ...] = ("vit", "deit", "deit3", "dinov2", "clip", "siglip", "dinov3", "eva02", "pe", "aimv2",
-                             "pe_spatial")
+                             "pe_spatial", "ijepa")
 # The MLP of each block: "mlp" (Linear -> act -> Linear) or "swiglu" (SiLU-gated, fc1 packed [gate; value]).
 MLP_TYPES: tuple[str, ...] = ("mlp", "swiglu")
 NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")

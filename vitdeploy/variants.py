@@ -92,7 +92,8 @@ for _size in ("small", "base", "large"):
 _add("deit3_medium_patch16_224", (512, 12, 8, 2048), 16, 224, **_DEIT3)
 _add("deit3_huge_patch14_224", "huge", 14, 224, **_DEIT3)  # 16 heads, as the paper's ViT-H
 # I-JEPA's encoders (timm's *_gap_* names): no class token, the mean patch token, no fc_norm
-_IJEPA = dict(num_classes=0, class_token=False, pooling="avg", fc_norm=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_IJEPA = dict(family="ijepa", num_classes=0, class_token=False, pooling="avg", fc_norm=False, mean=IMAGENET_MEAN,
+              std=IMAGENET_STD)
 _add("vit_huge_patch14_gap_224", "huge", 14, 224, **_IJEPA)
 _add("vit_huge_patch16_gap_448", "huge", 16, 448, **_IJEPA)
 _add("vit_giant_patch16_gap_224", (1408, 40, 16, 6144), 16, 224, **_IJEPA)
