@@ -152,7 +152,8 @@ def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
                 outputs["pooler_output"] = result.pooler_output
     tokens = outputs["last_hidden_state"]
     outputs["patch_tokens"] = tokens[:, tokens.shape[1] - grid:]
-    return outputs
+    # a tower without its pooling head (SigLIP's vision_use_head false) returns pooler_output None: not compared
+    return {name: value for name, value in outputs.items() if value is not None}
 
 
 # --------------------------------------------------------------------------- the source model
@@ -477,7 +478,10 @@ class SourceCheckResult:
         limited = f" ({self.size_note})" if self.size_note else ""
         where = f"checked against {self.reference} at {sizes}{limited} on real photos"
         if self.passed:
-            return f"source check: {where}: passed ({', '.join(self.report.outputs)}; tolerance {self.tolerance})"
+            unchecked = f"; not compared: {', '.join(self.not_compared)}, which the source does not give" if (
+                self.not_compared) else ""
+            return (f"source check: {where}: passed ({', '.join(self.report.outputs)}; tolerance {self.tolerance})"
+                    f"{unchecked}")
         return f"source check: {where}: FAILED: " + " | ".join(self.failure_lines())
 
     def to_dict(self) -> dict[str, Any]:
@@ -538,8 +542,10 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     result = SourceCheckResult(plan, report=report, sizes=sizes, tolerance=tolerance.name,
                                not_compared=[n for n in metadata.output_names if n not in compared])
     if not report.cases:
+        given = sorted(next(iter(plan._memo.values()), {}))
+        hint = f"; it gives {', '.join(given)} (export those with --outputs to check them)" if given else ""
         return not_checked(f"{plan.model().name} gives none of the artifact's outputs "
-                       f"({', '.join(metadata.output_names)})", plan)
+                           f"({', '.join(metadata.output_names)}){hint}", plan)
     if fixed:
         result.size_note = fixed
     elif len(sizes) < 2:

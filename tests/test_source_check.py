@@ -224,3 +224,22 @@ def test_check_sizes_are_the_native_and_a_changed_non_square_one(native, height,
                for h, w in sizes)
     if height[1] > native > height[0] and width[1] > native > width[0]:
         assert (h1 > native) != (w1 > native)  # one side up-, the other downsampled
+
+
+def test_a_tower_without_its_pooling_head_is_checked_on_the_outputs_its_library_gives(tmp_path, capsys) -> None:
+    """SigLIP with vision_use_head false (a VLM's image tower): transformers gives no pooler_output, so it is
+    not compared (never reported as a disagreement); alone it skips the check, naming what can be checked."""
+    torch.manual_seed(0)
+    config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, image_size=56, patch_size=14, vision_use_head=False)
+    folder = tmp_path / "siglip"
+    perturb(transformers.SiglipVisionModel(config)).save_pretrained(folder)
+    code, out = run(capsys, "export", str(folder), "-o", str(tmp_path / "pooled.onnx"), *HF_RANGE)
+    assert code == 0 and "source check skipped: " in out
+    assert "gives none of the artifact's outputs (pooler_output); it gives last_hidden_state, patch_tokens" in out
+    code, out = run(capsys, "export", str(folder), "-o", str(tmp_path / "both.onnx"), "--outputs",
+                    "pooler_output,last_hidden_state", "--json", str(tmp_path / "both.json"), *HF_RANGE)
+    assert code == 0
+    assert "passed (last_hidden_state; tolerance fp32); not compared: pooler_output, which the source does not" in out
+    record = json.loads((tmp_path / "both.json").read_text())["source_check"]
+    assert record["passed"] is True and record["not_compared"] == ["pooler_output"]
