@@ -242,6 +242,20 @@ def test_hf_legacy_keys_load_exactly(tmp_path, tiny_model, weights):
 
 
 @needs_transformers
+def test_hf_folder_with_tanh_gelu_matches_transformers(tmp_path):
+    """hidden_act gelu_new (GELU's tanh approximation) is read as such, not refused nor taken as exact GELU."""
+    hf, folder = _hf_model(tmp_path, hidden_act="gelu_new")
+    ours = load_model(folder)
+    assert ours.config.act == "gelu_tanh"
+    x = _images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, rtol=0, atol=1e-5)
+        exact = VisionTransformer(ours.config.replace(act="gelu")).eval()
+        exact.load_state_dict(ours.state_dict())
+        assert (exact(x) - hf(pixel_values=x).logits).abs().max() > 1e-4  # the approximation matters here
+
+
+@needs_transformers
 def test_hf_transformers5_in_memory_names(tmp_path):
     """transformers >= 5 names (layers.N.attention.q_proj, mlp.fc1) load like the on-disk ones."""
     hf, folder = _hf_model(tmp_path)
@@ -260,9 +274,9 @@ def test_hf_transformers5_in_memory_names(tmp_path):
 def test_hf_errors(tmp_path, tiny_model):
     folder = tmp_path / "bad"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(_hf_config_json(tiny_model, hidden_act="gelu_new")))
+    (folder / "config.json").write_text(json.dumps(_hf_config_json(tiny_model, hidden_act="relu")))
     save_file(hf_state_dict(tiny_model), str(folder / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="hidden_act 'gelu_new'.*expected 'gelu'"):
+    with pytest.raises(CheckpointError, match="hidden_act 'relu' is not supported; expected one of gelu, "):
         load_model(folder)
     (folder / "config.json").write_text(json.dumps(_hf_config_json(tiny_model)))
     tensors = hf_state_dict(tiny_model)

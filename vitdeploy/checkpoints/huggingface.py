@@ -24,7 +24,14 @@ from vitdeploy.checkpoints.common import (
     strip_prefixes,
 )
 from vitdeploy.checkpoints.conversion import Conversion, build_config
-from vitdeploy.checkpoints.hf_common import labels, preprocessing, rename_layers, square, strip_model_prefix
+from vitdeploy.checkpoints.hf_common import (
+    activation,
+    labels,
+    preprocessing,
+    rename_layers,
+    square,
+    strip_model_prefix,
+)
 from vitdeploy.checkpoints.hf_families import MODEL_TYPES, convert_hf_family, family_model_type
 from vitdeploy.config import InputPreprocessing, Provenance, ViTConfig
 
@@ -80,10 +87,7 @@ def is_hf_config(data: object) -> bool:
 def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
     """Our :class:`ViTConfig` for a transformers ViT ``config.json`` (``num_classes`` from the weights)."""
     values = {**_HF_DEFAULTS, **data}
-    if values["hidden_act"] != "gelu":
-        raise CheckpointError(
-            f"{where}: hidden_act {values['hidden_act']!r} is not supported; expected 'gelu' (exact, erf-based)"
-        )
+    act = activation(values["hidden_act"], where)
     try:
         name = str(data.get("_name_or_path") or where.parent.name).rstrip("/").split("/")[-1] or "hf_vit"
         return ViTConfig(
@@ -92,7 +96,7 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             in_channels=int(values["num_channels"]), hidden_size=int(values["hidden_size"]),
             depth=int(values["num_hidden_layers"]), num_heads=int(values["num_attention_heads"]),
             mlp_size=int(values["intermediate_size"]), num_classes=num_classes, qkv_bias=bool(values["qkv_bias"]),
-            layer_norm_eps=float(values["layer_norm_eps"]), pooling="token",
+            layer_norm_eps=float(values["layer_norm_eps"]), act=act, pooling="token",
             dropout=float(values["hidden_dropout_prob"]),
             attention_dropout=float(values["attention_probs_dropout_prob"]),
             pos_embed_resample="huggingface",
