@@ -256,6 +256,35 @@ def test_hf_folder_with_tanh_gelu_matches_transformers(tmp_path):
 
 
 @needs_transformers
+@pytest.mark.parametrize("head", [False, True])
+def test_hf_ijepa_folder_matches_transformers_at_native_and_non_square_sizes(tmp_path, head):
+    """I-JEPA's encoder: ViT layers, no class token, a position table without prefix rows; its classifier
+    reads the mean of the normed tokens. Equal to transformers per token, and by logits, at 32x32 and 48x16."""
+    torch.manual_seed(0)
+    config = transformers.IJepaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, image_size=32, patch_size=8, num_labels=5)
+    hf = (transformers.IJepaForImageClassification if head else transformers.IJepaModel)(config).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    hf.save_pretrained(tmp_path / "ijepa")
+    ours = load_model(tmp_path / "ijepa")
+    assert (ours.config.provenance.family, ours.config.has_class_token, ours.config.pooling) == ("ijepa", False, "avg")
+    assert ours.config.num_classes == (5 if head else 0)
+    backbone = hf.ijepa if head else hf
+    for size in ((32, 32), (48, 16)):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            got = ours.forward_outputs(x, ["last_hidden_state", *(["logits"] if head else [])])
+            tokens = backbone(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+            per_token = torch.nn.functional.cosine_similarity(got["last_hidden_state"], tokens, dim=-1)
+            assert float(per_token.min()) > 1 - 1e-6 and torch.allclose(got["last_hidden_state"], tokens, atol=1e-5)
+            if head:
+                torch.testing.assert_close(got["logits"], hf(pixel_values=x, interpolate_pos_encoding=True).logits,
+                                           rtol=0, atol=1e-5)
+
+
+@needs_transformers
 def test_hf_transformers5_in_memory_names(tmp_path):
     """transformers >= 5 names (layers.N.attention.q_proj, mlp.fc1) load like the on-disk ones."""
     hf, folder = _hf_model(tmp_path)

@@ -1,6 +1,7 @@
 """Hugging Face transformers folders: ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``.
 
-The plain ViT (``model_type: "vit"``) is converted here; DeiT, DINOv2 (with registers), CLIP and
+The plain ViT (``model_type: "vit"``) and I-JEPA's encoder (``"ijepa"``: the same layers without a
+class token, read by the mean token) are converted here; DeiT, DINOv2 (with registers), CLIP and
 SigLIP by :mod:`vitdeploy.checkpoints.hf_families`. Weights are renamed to ours and the separate
 query/key/value projections are concatenated into the fused ``qkv``. For the ViT, both the on-disk
 names (``encoder.layer.N.attention.attention.query``, which every transformers version writes) and
@@ -72,11 +73,13 @@ _LAYER = {
 }
 _LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 _IGNORED = ("pooler.", "embeddings.mask_token")
-SUPPORTED_MODEL_TYPES = ("vit", *MODEL_TYPES)
+# model_type → the prefix of its backbone's tensors in a classifier's state dict
+VIT_MODEL_TYPES = {"vit": "vit.", "ijepa": "ijepa."}
+SUPPORTED_MODEL_TYPES = (*VIT_MODEL_TYPES, *MODEL_TYPES)
 
 
 def is_hf_vit_config(data: object) -> bool:
-    return isinstance(data, dict) and data.get("model_type") == "vit"
+    return isinstance(data, dict) and data.get("model_type") in VIT_MODEL_TYPES
 
 
 def is_hf_config(data: object) -> bool:
@@ -88,6 +91,9 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
     """Our :class:`ViTConfig` for a transformers ViT ``config.json`` (``num_classes`` from the weights)."""
     values = {**_HF_DEFAULTS, **data}
     act = activation(values["hidden_act"], where)
+    # I-JEPA's encoder: no class token; its classifier reads the mean of the normed tokens
+    tokens = dict(class_token=False, pooling="avg", fc_norm=False) if data.get("model_type") == "ijepa" else dict(
+        pooling="token")
     try:
         name = str(data.get("_name_or_path") or where.parent.name).rstrip("/").split("/")[-1] or "hf_vit"
         return ViTConfig(
@@ -96,12 +102,13 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             in_channels=int(values["num_channels"]), hidden_size=int(values["hidden_size"]),
             depth=int(values["num_hidden_layers"]), num_heads=int(values["num_attention_heads"]),
             mlp_size=int(values["intermediate_size"]), num_classes=num_classes, qkv_bias=bool(values["qkv_bias"]),
-            layer_norm_eps=float(values["layer_norm_eps"]), act=act, pooling="token",
+            layer_norm_eps=float(values["layer_norm_eps"]), act=act, **tokens,
             dropout=float(values["hidden_dropout_prob"]),
             attention_dropout=float(values["attention_probs_dropout_prob"]),
             pos_embed_resample="huggingface",
             preprocessing=InputPreprocessing(crop_pct=1.0, interpolation="bilinear"),
-            provenance=Provenance(name=name, labels=labels(data, num_classes)),
+            provenance=Provenance(family="ijepa" if data.get("model_type") == "ijepa" else "vit", name=name,
+                                  labels=labels(data, num_classes)),
         )
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable ViT config: {error}") from None
@@ -110,7 +117,7 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
 def convert_hf_state_dict(source: StateDict) -> tuple[StateDict, list[str], list[str]]:
     """Rename a transformers ViT state dict to ours; returns (state dict, unmapped keys, notes)."""
     notes: list[str] = []
-    source = strip_model_prefix(source, ("vit.",))
+    source = strip_model_prefix(source, tuple(VIT_MODEL_TYPES.values()))
     ignored = sorted(k for k in source if k.startswith(_IGNORED))
     if ignored:
         notes.append(f"ignored {', '.join(ignored)} (not part of the classifier's forward pass)")
