@@ -135,6 +135,28 @@ def test_timm_pickle_wrappers_and_module_prefix(tmp_path, wrapper):
     assert_same_logits(model, loaded)
 
 
+def test_an_ijepa_training_checkpoint_is_read_by_its_encoder(tmp_path):
+    """I-JEPA's .pth.tar: the image encoder (no class token, mean pooled) under "encoder" with DataParallel's
+    prefix, beside the predictor, the EMA target encoder and the optimizer; read as timm reads it."""
+    from vitdeploy.checkpoints import resolve_source
+
+    config = tiny_config(class_token=False, pooling="avg", fc_norm=False, num_classes=0)
+    encoder, target = make_model(config, seed=8), make_model(config, seed=9)
+    path = tmp_path / "IN1K-vit.t.16-300e.pth.tar"
+    torch.save({"encoder": {f"module.{k}": v for k, v in state_dict_of(encoder).items()},
+                "predictor": {"module.predictor_embed.weight": torch.zeros(2, 2)},
+                "target_encoder": {f"module.{k}": v for k, v in state_dict_of(target).items()},
+                "opt": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 300, "loss": 0.5}, path)
+    assert detect_format(path) == "timm"
+    resolved = resolve_source(str(path), num_heads=4)
+    assert any("under the 'encoder' key (not opt, predictor, target_encoder)" in note for note in resolved.notes)
+    loaded = resolved.model
+    assert (loaded.config.has_class_token, loaded.config.pooling) == (False, "avg")
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x), rtol=0, atol=0)
+
+
 def test_timm_prefers_ema_weights(tmp_path, tiny_model):
     other = make_model(tiny_config(), seed=99)
     torch.save({"state_dict": state_dict_of(other), "state_dict_ema": state_dict_of(tiny_model)}, tmp_path / "c.pt")

@@ -34,6 +34,11 @@ FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
+def is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is named as a ``torch.save`` file is (``.pth.tar`` too: I-JEPA's, older training scripts')."""
+    return path.suffix.lower() in TORCH_SUFFIXES or path.name.lower().endswith(".pth.tar")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why in one short line,
     ``details`` (optional) holds the full listing (the CLI shows it with VITDEPLOY_DEBUG=1 or in --json)."""
@@ -92,7 +97,7 @@ def folder_weight_files(folder: Path) -> list[Path]:
         if (folder / name).is_file():
             return [folder / name]
     candidates = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".npz", *TORCH_SUFFIXES)
+        p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".npz") or is_torch_file(p))
     )
     if len(candidates) == 1:
         return candidates
@@ -174,7 +179,8 @@ def read_weight_files(files: list[Path]) -> StateDict:
     return merged
 
 
-WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# (I-JEPA's training checkpoints hold the image encoder under "encoder", as timm reads them)
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "encoder")
 
 
 def unwrap_state_dict(obj: Any, path: Path) -> tuple[StateDict, list[str]]:
@@ -187,7 +193,8 @@ def unwrap_state_dict(obj: Any, path: Path) -> tuple[StateDict, list[str]]:
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
             break
-        notes.append(f"using the tensors under the {key!r} key")
+        besides = sorted(str(k) for k, v in obj.items() if k != key and isinstance(v, Mapping))
+        notes.append(f"using the tensors under the {key!r} key" + (f" (not {', '.join(besides)})" if besides else ""))
         obj = obj[key]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from vitdeploy.checkpoints.common import (
-    TORCH_SUFFIXES,
     CheckpointError,
     folder_weight_files,
+    is_torch_file,
     safetensors_metadata,
     unwrap_state_dict,
 )
@@ -28,7 +28,7 @@ FORMATS = ("native", "timm", "huggingface", "jax", "dinov2", "dinov3")
 
 EXPECTED = (
     "expected a vitdeploy folder (config.json with \"format\": \"vitdeploy\") or .safetensors file, "
-    "a timm state dict (.safetensors, .pth, .pt, .bin, .ckpt) or timm Hub folder, "
+    "a timm state dict (.safetensors, .pth, .pth.tar, .pt, .bin, .ckpt) or timm Hub folder, "
     "a Hugging Face folder (config.json with model_type "
     f"{', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} + model.safetensors or pytorch_model.bin), "
     "an original DINOv2 or DINOv3 state dict (.pth, .safetensors), or an original JAX ViT .npz"
@@ -69,7 +69,7 @@ def weight_keys(path: Path) -> list[str] | None:
                     keys += list(handle.keys())
             except (SafetensorError, OSError):
                 return None
-        elif file.suffix in TORCH_SUFFIXES:
+        elif is_torch_file(file):
             try:
                 try:
                     loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -113,7 +113,7 @@ def detect_format(source: str | Path) -> str:
     if suffix == ".safetensors":
         if is_native_metadata(safetensors_metadata(path)):
             return "native"
-    elif suffix not in TORCH_SUFFIXES:
+    elif not is_torch_file(path):
         raise CheckpointError(f"cannot tell the checkpoint format of {path} from its suffix {suffix!r}; {EXPECTED}")
     keys = weight_keys(path)
     if keys is not None and is_original_keys(keys):
