@@ -438,6 +438,7 @@ class SourceCheckResult:
     reason: str | None = None  # why the check did not run
     error: str | None = None  # the source model could not be built or loaded as named
     size_note: str = ""  # why fewer sizes were checked than the range allows (a source that runs at one size)
+    photos: int = PHOTOS_PER_SIZE  # per size: fewer where the artifact's batch range ends below it
 
     @property
     def checked(self) -> bool:
@@ -490,7 +491,7 @@ class SourceCheckResult:
         data: dict[str, Any] = {
             "checked": True, "passed": self.passed, "library": self.plan.library, "version": self.plan.version(),
             "architecture": self.plan.architecture, "architecture_from": self.plan.architecture_from,
-            "sizes": [list(size) for size in self.sizes], "images": f"{PHOTOS_PER_SIZE} photos per size",
+            "sizes": [list(size) for size in self.sizes], "images": f"{self.photos} photo{'s' if self.photos != 1 else ''} per size",
             "tolerance": self.tolerance, "not_compared": list(self.not_compared), "failures": self.failure_lines(),
             "notes": list(self.plan.notes) + ([self.size_note] if self.size_note else []),
         }
@@ -513,9 +514,9 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
                      width: tuple[int, int], images: Sequence[Any] | None = None,
                      on_case: Callable[[CaseResult], None] | None = None) -> SourceCheckResult:
     """Run ``candidate`` (a runtime or callable, see :func:`vitdeploy.parity.verify`) and ``plan``'s source
-    model on :data:`PHOTOS_PER_SIZE` real photos at the native and a changed, non-square size within
-    ``height``/``width``; judge every output both give with the tolerance of ``metadata.precision``
-    against fp32. An architecture the checkpoint's own config names that its library cannot build or
+    model on :data:`PHOTOS_PER_SIZE` real photos (fewer or more where the artifact's batch range says so)
+    at the native and a changed, non-square size within ``height``/``width``; judge every output both
+    give with the tolerance of ``metadata.precision`` against fp32. An architecture the checkpoint's own config names that its library cannot build or
     load fails the check; a name from ``--model`` or the file name skips it, saying why."""
     if not plan.runs:
         return not_checked(plan.skipped or "no source model", plan)
@@ -533,14 +534,16 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
     tolerance = tolerance_for(metadata.precision, against_fp32=True)
     inputs = InputFactory(metadata.preprocessing, images=images, synthetic=False)
     reference = Reference(plan.model().name, _SourceRun(plan), tolerance)
+    low, high = metadata.shape_range.batch  # a batch the artifact takes (an engine of batch 1 takes one photo)
+    photos = min(max(PHOTOS_PER_SIZE, low), high)
     try:
-        report = verify(candidate, [reference], [(PHOTOS_PER_SIZE, h, w) for h, w in sizes], inputs,
+        report = verify(candidate, [reference], [(photos, h, w) for h, w in sizes], inputs,
                         candidate_name="artifact vs source", on_case=on_case)
     except SourceModelError as error:
         return SourceCheckResult(plan, sizes=sizes, error=f"{error} (--no-source-check skips this check)")
     compared = set(report.outputs)
     result = SourceCheckResult(plan, report=report, sizes=sizes, tolerance=tolerance.name,
-                               not_compared=[n for n in metadata.output_names if n not in compared])
+                               not_compared=[n for n in metadata.output_names if n not in compared], photos=photos)
     if not report.cases:
         given = sorted(next(iter(plan._memo.values()), {}))
         hint = f"; it gives {', '.join(given)} (export those with --outputs to check them)" if given else ""
