@@ -246,9 +246,13 @@ def test_a_tower_without_its_pooling_head_is_checked_on_the_outputs_its_library_
 
 
 def test_an_artifact_of_batch_one_is_checked_one_photo_per_size(timm_hub, tmp_path, capsys) -> None:
-    """--batch 1:1 (an edge deployment): the check feeds the batch the artifact takes, not two photos at once."""
+    """--batch 1:1 (an edge deployment): the check feeds the batch the artifact takes, not two photos at once,
+    and verify's default batches do the same."""
     code, out = run(capsys, "export", str(timm_hub), "-o", str(tmp_path / "one.onnx"), "--json", str(tmp_path / "one.json"),
                     "--resolution", "32:96", "--batch", "1:1", "--no-cpu-variant")
     assert code == 0 and "source check: checked against timm" in out and ": passed (logits" in out
     record = json.loads((tmp_path / "one.json").read_text())["source_check"]
     assert record["passed"] is True and record["images"] == "1 photo per size"
+    # verify's default batches (1 and 4) stay inside the artifact's range too
+    code, out = run(capsys, "verify", str(tmp_path / "one.onnx"), "--reference", str(timm_hub))
+    assert code == 0 and "4x3x" not in out and "1x3x" in out and ": passed (logits" in out

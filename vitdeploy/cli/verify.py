@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", required=True, metavar="SOURCE",
                         help="checkpoint (or variant name) of the eager reference model")
     parser.add_argument("--images", metavar="DIR", help="folder of images to use (default: the bundled photographs)")
-    parser.add_argument("--batch", default="1,4", type=int_list_arg, metavar="N,N", help="batch sizes (default 1,4)")
+    parser.add_argument("--batch", type=int_list_arg, metavar="N,N",
+                        help="batch sizes (default 1,4, each kept inside the artifact's batch range)")
     parser.add_argument("--resolution", type=sizes_arg, metavar="R,R",
                         help="resolutions: 224 for square or 224x320 for height x width, comma-separated "
                         "(default: native, smallest and a non-square size within the artifact's range)")
@@ -73,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_override(parser, "of --reference")
     add_source_check(parser)
     parser.set_defaults(func=run)
+
+
+DEFAULT_BATCHES = (1, 4)
 
 
 def default_resolutions(spec: Any, native: int) -> list[tuple[int, int]]:
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     kind = runtime_kind(args.artifact)
     if kind != "torch" and not Path(args.artifact).is_file():
         raise CLIError(f"artifact {args.artifact!r} does not exist")
-    batches = parse_int_list(args.batch, "batch")
+    batches = parse_int_list(args.batch, "batch") if args.batch else None
     images = image_files(args.images) if args.images else None
     backend = args.backend or kind
     options: dict[str, Any] = {}
@@ -181,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         spec = runtime.input_spec
         sizes = parse_sizes(args.resolution) if args.resolution else default_resolutions(
             spec, int(metadata.model_config["image_size"]))
+        if batches is None:  # the defaults, inside the range the artifact takes (an engine of batch 1)
+            batches = sorted({min(max(b, spec.batch[0]), spec.batch[1]) for b in DEFAULT_BATCHES})
         shapes = [(b, h, w) for b in batches for h, w in sizes]
         check_shapes(shapes, spec)
         precision = args.precision or metadata.precision
