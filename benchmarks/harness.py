@@ -52,6 +52,8 @@ class BenchPlan:
     suite: str | None = None
     compile_mode: str | None = None
     model_override: str | None = None  # a registry variant whose architecture every checkpoint is loaded with
+    # batches nobody chose (bench's defaults): one an artifact does not take is skipped, not failed
+    default_batches: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -271,6 +273,13 @@ class Harness:
         record.update(threads=session.threads, timer=session.timer.name, warmup=self.plan.timing.warmup,
                       artifact=session.artifact)
         self.display.point_start(f"{model.name} {spec.label} b{batch} {height}x{width}")
+        takes = getattr(getattr(getattr(session, "runtime", None), "input_spec", None), "batch", None)
+        if self.plan.default_batches and takes and not takes[0] <= batch <= takes[1]:
+            record.update(status="skipped", reason=f"batch {batch} is outside the artifact's batch range "
+                                                   f"{takes[0]}..{takes[1]} (a default batch; --batch chooses)")
+            self.display.point_end(record)
+            self.records.append(record)
+            return
         try:
             fn = session.bind(batch, height, width)
             reset_peak_rss()

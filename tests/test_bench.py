@@ -330,6 +330,20 @@ def test_point_outside_an_artifacts_range_fails_alone(bench_run, tmp_path):
     assert status[("ort-cpu-fp32", 1)]["speedup_vs_baseline"] > 0
 
 
+def test_a_default_batch_outside_an_artifacts_range_is_skipped_not_failed(bench_run, tmp_path):
+    """bench's default batches (1, 8) on a file validated to batch 2: batch 8 is no failure of the runtime, and
+    says which flag chooses batches; the same batch asked for with --batch still fails (test above)."""
+    document, _, _, out = bench_run
+    onnx_path = next((out / "artifacts").glob("*-fp32.onnx"))
+    plan = BenchPlan(models=[str(onnx_path)], runtimes=parse_runtimes("ort-cpu-fp32"), batches=[1, 8], sizes=[(32, 32)],
+                     timing=TimingConfig(warmup=0, iterations=2, time_budget_s=None, min_iterations=1),
+                     cache_dir=tmp_path, threads=1, measure_peaks=False, default_batches=True)
+    status = {r["batch"]: r for r in Harness(plan, Display(quiet=True)).run()["records"]}
+    assert status[1]["status"] == "ok"
+    assert status[8]["status"] == "skipped" and "outside the artifact's batch range 1..2" in status[8]["reason"]
+    assert "--batch chooses" in status[8]["reason"]
+
+
 def test_terminal_table_shows_speedups_and_skips(bench_run):
     document, _, _, _ = bench_run
     table = terminal_table(document)

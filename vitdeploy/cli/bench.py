@@ -180,6 +180,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Any, Path, bool]:
         measure_peaks=not args.no_peak, **overhead,
         command=command, suite=suite.name if suite else None,
         compile_mode=pick(args.compile_mode, "compile_mode", None), model_override=args.model_variant,
+        default_batches=not args.batch and not suite,
     )
     return plan, output, not args.no_plots
 
