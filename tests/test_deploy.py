@@ -147,6 +147,21 @@ def test_deploy_bad_arguments_give_one_line_errors(main, capsys, checkpoint, tmp
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("batch, expected", [("1:1", (1,)), ("2:4", (2, 4)), ("1:8", (1, 8))])
+def test_deploy_default_bench_batches_stay_inside_its_batch_range(main, checkpoint, tmp_path, monkeypatch, batch,
+                                                                   expected):
+    """--batch 1:1 alone is no error about a --bench-batch nobody gave: the defaults (1, 8) are kept inside it."""
+    import types
+
+    import vitdeploy.pipeline as pipeline
+
+    taken = []
+    monkeypatch.setattr(pipeline, "deploy", lambda options: taken.append(options) or types.SimpleNamespace(status=0))
+    path, _ = checkpoint
+    assert main(["deploy", str(path), "-o", str(tmp_path / "out"), "--batch", batch]) == 0
+    assert taken[0].bench_batches == expected and taken[0].batch == tuple(int(b) for b in batch.split(":"))
+
+
 def test_deploy_unknown_source(main, capsys, tmp_path):
     status = main(["deploy", "vit_unknown_patch16_224", "-o", str(tmp_path / "out")])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]

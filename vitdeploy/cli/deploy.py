@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "validated part, up to --validation-max-batch)")
     parser.add_argument("--resolution", type=range_arg, metavar="MIN:MAX",
                         help="resolution range of the artifacts (default: half to twice the native size)")
-    parser.add_argument("--bench-batch", default="1,8", type=int_list_arg, metavar="N,N", help="batch sizes to benchmark (default 1,8)")
+    parser.add_argument("--bench-batch", type=int_list_arg, metavar="N,N",
+                        help="batch sizes to benchmark (default 1,8, each kept inside --batch)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                         help="timing budget per benchmark point (default 3 on CPU, 1 on GPU)")
@@ -128,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration is not None and (args.no_int8 or not os.path.isdir(args.calibration)):
         raise CLIError(f"--calibration {args.calibration!r} must be a folder (and needs the int8 export)")
     batch = parse_range(args.batch, "batch")
-    bench_batches = parse_int_list(args.bench_batch, "bench-batch")
+    if args.bench_batch is None:  # the defaults, inside the artifacts' batch range
+        bench_batches = sorted({min(max(b, batch[0]), batch[1]) for b in (1, 8)})
+    else:
+        bench_batches = parse_int_list(args.bench_batch, "bench-batch")
     if any(not batch[0] <= b <= batch[1] for b in bench_batches):
         raise CLIError(f"--bench-batch {args.bench_batch!r} must lie inside --batch {args.batch}")
     from vitdeploy.benchmarks.peaks import parse_peaks
