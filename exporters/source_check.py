@@ -360,8 +360,8 @@ def _timm_plan(source: str, model: str | None, image_size: int | None) -> Source
         files = [path]
         if model:
             plan.architecture, plan.architecture_from, plan.lenient = model, "--model", True
-        elif timm.is_model(path.stem):
-            plan.architecture, plan.architecture_from, plan.lenient = path.stem, "the file name", True
+        elif timm.is_model(path.name.split(".")[0]):  # NAME[.tag].safetensors, as the loader reads the name
+            plan.architecture, plan.architecture_from, plan.lenient = path.name.split(".")[0], "the file name", True
         else:
             plan.skipped = ("a bare timm state dict names no architecture: pass --model NAME (a timm model name) "
                             "to check it against timm's own model")

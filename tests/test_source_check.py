@@ -188,6 +188,8 @@ def test_a_bare_timm_state_dict_is_checked_under_the_name_it_is_given(tmp_path) 
     assert named.runs and (named.architecture, named.architecture_from) == ("vit_small_patch14_dinov2", "--model")
     by_file = plan_source_check(tmp_path / "deit_tiny_patch16_224.safetensors", "timm")
     assert by_file.runs and by_file.architecture_from == "the file name" and by_file.lenient
+    tagged = plan_source_check(tmp_path / "deit_tiny_patch16_224.my_finetune.safetensors", "timm")
+    assert tagged.runs and tagged.architecture == "deit_tiny_patch16_224"  # a tag timm does not know is no obstacle
     unknown = plan_source_check(weights, "timm", model="vit_no_such_model")
     assert not unknown.runs and "has no model named 'vit_no_such_model'" in unknown.skipped
 
