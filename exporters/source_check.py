@@ -327,7 +327,7 @@ def plan_source_check(source: str | Path, format: str, *, model: str | None = No
 
 
 def _timm_plan(source: str, model: str | None, image_size: int | None) -> SourcePlan:
-    from vitdeploy.checkpoints.common import CheckpointError, folder_weight_files
+    from vitdeploy.checkpoints.common import CheckpointError, folder_weight_files, name_in_file_name
 
     plan = SourcePlan(source, "timm", library="timm")
     if not _importable("timm"):
@@ -360,8 +360,8 @@ def _timm_plan(source: str, model: str | None, image_size: int | None) -> Source
         files = [path]
         if model:
             plan.architecture, plan.architecture_from, plan.lenient = model, "--model", True
-        elif timm.is_model(path.name.split(".")[0]):  # NAME[.tag].safetensors, as the loader reads the name
-            plan.architecture, plan.architecture_from, plan.lenient = path.name.split(".")[0], "the file name", True
+        elif timm.is_model(name_in_file_name(path)):  # NAME[.tag].safetensors, as the loader reads it
+            plan.architecture, plan.architecture_from, plan.lenient = name_in_file_name(path), "the file name", True
         else:
             plan.skipped = ("a bare timm state dict names no architecture: pass --model NAME (a timm model name) "
                             "to check it against timm's own model")

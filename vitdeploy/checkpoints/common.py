@@ -35,8 +35,13 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def is_torch_file(path: Path) -> bool:
-    """Whether ``path`` is named as a ``torch.save`` file is (``.pth.tar`` too: I-JEPA's, older training scripts')."""
+    """Whether ``path`` has a ``torch.save`` file's name (``.pth.tar`` too: I-JEPA's, older training scripts')."""
     return path.suffix.lower() in TORCH_SUFFIXES or path.name.lower().endswith(".pth.tar")
+
+
+def name_in_file_name(path: Path) -> str:
+    """The model name a weight file's name gives, as timm names its weights: ``NAME[.tag].safetensors`` → NAME."""
+    return path.name.split(".")[0]
 
 
 class CheckpointError(ValueError):

@@ -14,7 +14,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.checkpoints.common import ArchitectureRefused, Checkpoint, CheckpointError, StateDict
+from vitdeploy.checkpoints.common import (
+    ArchitectureRefused,
+    Checkpoint,
+    CheckpointError,
+    StateDict,
+    name_in_file_name,
+)
 from vitdeploy.checkpoints.conversion import Conversion
 from vitdeploy.families import FAMILIES, family_of, unsupported_reason
 from vitdeploy.families.aimv2 import FAMILY as AIMV2
@@ -46,7 +52,7 @@ def family_named_by_file(path: Path, state_dict: StateDict, notes: list[str]) ->
     """The family variant a bare timm state dict's file name names (``NAME[.tag].safetensors``, as timm
     names its weights), where its tensors fit that variant (the family's names, the variant's sizes);
     else ``(None, None)``. The export's source check takes timm's model of the same name."""
-    name = path.name.split(".")[0]
+    name = name_in_file_name(path)
     family = family_of(name)
     key_map = family.key_maps.get("timm") if family is not None else None
     if key_map is None or family.fits_bare is None or not family.fits_bare(frozenset(state_dict)):

@@ -32,6 +32,7 @@ from vitdeploy.checkpoints.common import (
     StateDict,
     folder_weight_files,
     infer_config,
+    name_in_file_name,
     read_safetensors,
     read_torch,
     read_weight_files,
@@ -151,7 +152,7 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
         notes.append(f"ignored {len(labels)} label_names that do not match the head")
         base.pop("labels")
     base["pos_embed_resample"] = "timm"
-    file_name = path.name.split(".")[0] if path.is_file() else None
+    file_name = name_in_file_name(path) if path.is_file() else None
     config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture,
                                     file_name=file_name)
     return Checkpoint(config, state_dict, "timm", files, notes=notes + inferred)
