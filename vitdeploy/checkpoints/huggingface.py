@@ -91,9 +91,9 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
     """Our :class:`ViTConfig` for a transformers ViT ``config.json`` (``num_classes`` from the weights)."""
     values = {**_HF_DEFAULTS, **data}
     act = activation(values["hidden_act"], where)
+    ijepa = data.get("model_type") == "ijepa"
     # I-JEPA's encoder: no class token; its classifier reads the mean of the normed tokens
-    tokens = dict(class_token=False, pooling="avg", fc_norm=False) if data.get("model_type") == "ijepa" else dict(
-        pooling="token")
+    tokens = dict(class_token=False, pooling="avg", fc_norm=False) if ijepa else dict(pooling="token")
     try:
         name = str(data.get("_name_or_path") or where.parent.name).rstrip("/").split("/")[-1] or "hf_vit"
         return ViTConfig(
@@ -107,8 +107,7 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             attention_dropout=float(values["attention_probs_dropout_prob"]),
             pos_embed_resample="huggingface",
             preprocessing=InputPreprocessing(crop_pct=1.0, interpolation="bilinear"),
-            provenance=Provenance(family="ijepa" if data.get("model_type") == "ijepa" else "vit", name=name,
-                                  labels=labels(data, num_classes)),
+            provenance=Provenance(family="ijepa" if ijepa else "vit", name=name, labels=labels(data, num_classes)),
         )
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where}: unusable ViT config: {error}") from None
