@@ -354,3 +354,28 @@ def test_the_stability_rule_on_plain_figures():
     assert rule.judge([20.5, 41.9, 20.4, 42.0, 20.6]).startswith("two modes: 3 of 5 rounds at ~20.5 ms, 2 at ~41.95")
     with pytest.raises(ValueError):
         StabilityRule(mode_ratio=1.0)
+
+
+@pytest.mark.parametrize("argv, expected", [([], (1,)), (["--batch", "1"], (1,))])
+def test_the_default_batches_stay_inside_a_batch_one_folder(monkeypatch, tmp_path, argv, expected):
+    """An export folder validated at batch 1 only: tune's default batches (1, 8) become (1), not an error
+    about batch 8 that nobody asked for; --batch 1,8 given is still refused, naming the range."""
+    import types
+
+    from onnx_artifacts import validated_tiny_export
+
+    import vitdeploy.cli as cli
+    import vitdeploy.tune as tune_package
+    import vitdeploy.tune.report as tune_report
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    validated_tiny_export(folder, batch=(1, 1), validation_max_batch=1)
+    plans = []
+    monkeypatch.setattr(tune_package, "tune", lambda plan, **_: plans.append(plan) or types.SimpleNamespace(
+        manifest=types.SimpleNamespace(chosen="measured elsewhere")))
+    monkeypatch.setattr(tune_report, "terminal_table", lambda manifest: "")
+    assert cli.main(["tune", str(folder), *argv]) == 0
+    assert plans[0].batches == expected
+    monkeypatch.undo()
+    assert cli.main(["tune", str(folder), "--batch", "1,8"]) == 2

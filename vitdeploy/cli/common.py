@@ -206,6 +206,12 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise CLIError(f"--{what} {error}") from None
 
 
+def batches_within(defaults: tuple[int, ...], low: int, high: int) -> list[int]:
+    """A command's default batch sizes, each moved inside ``low..high`` (an artifact's batch range): defaults
+    nobody chose never make a batch-1 artifact an error."""
+    return sorted({min(max(batch, low), high) for batch in defaults})
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """``224,384`` or ``224x320`` → ``[(224, 224), (384, 384)]`` / ``[(224, 320)]``."""
     try:

@@ -10,6 +10,7 @@ from vitdeploy.cli.common import (
     CLIError,
     add_model_override,
     add_source_check,
+    batches_within,
     command_line,
     int_list_arg,
     output_folder,
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--calibration {args.calibration!r} must be a folder (and needs the int8 export)")
     batch = parse_range(args.batch, "batch")
     if args.bench_batch is None:  # the defaults, inside the artifacts' batch range
-        bench_batches = sorted({min(max(b, batch[0]), batch[1]) for b in (1, 8)})
+        bench_batches = batches_within((1, 8), *batch)
     else:
         bench_batches = parse_int_list(args.bench_batch, "bench-batch")
     if any(not batch[0] <= b <= batch[1] for b in bench_batches):

@@ -10,6 +10,7 @@ from pathlib import Path
 from vitdeploy.cli.common import (
     CLIError,
     add_model_override,
+    batches_within,
     command_line,
     output_file,
     parse_int_list,
@@ -69,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", metavar="OUT",
                         help="where the artifacts and tune.json go (default: the export folder itself; required "
                         "for a checkpoint)")
-    parser.add_argument("--batch", default="1,8", metavar="N,N", help="batch sizes to time (default 1,8)")
+    parser.add_argument("--batch", metavar="N,N",
+                        help="batch sizes to time (default 1,8, each kept inside an export folder's batch range)")
     parser.add_argument("--rounds", type=positive_int, default=5, metavar="N", help="interleaved rounds (default 5)")
     parser.add_argument("--iterations", type=positive_int, default=10, metavar="N",
                         help="calls per candidate per round at batch 1, divided by the batch size (default 10)")
@@ -147,16 +149,24 @@ def gate_from(text: str | None, labelled: bool) -> object:
     return gate
 
 
+DEFAULT_BATCHES = (1, 8)
+
+
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.tune import TunePlan, tune
     from vitdeploy.tune.candidates import export_for_tune, find_artifacts
     from vitdeploy.tune.report import terminal_table
 
-    batches = tuple(parse_int_list(args.batch, "batch"))
+    batches = tuple(parse_int_list(args.batch, "batch")) if args.batch else DEFAULT_BATCHES
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     source = Path(args.source)
-    needs_export = not (source.is_dir() and "fp32" in find_artifacts(source))
+    artifacts = find_artifacts(source) if source.is_dir() else {}
+    needs_export = "fp32" not in artifacts
+    if not args.batch and not needs_export:  # the defaults, inside the range the folder's files take
+        from vitdeploy.metadata import read_onnx_metadata
+
+        batches = tuple(batches_within(DEFAULT_BATCHES, *read_onnx_metadata(artifacts["fp32"]).shape_range.batch))
     if not needs_export:
         refuse_model_override(args.model_variant, args.source, "an export folder, whose files record the architecture")
         if args.output is not None and Path(args.output).resolve() != source.resolve():

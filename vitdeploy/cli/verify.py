@@ -10,6 +10,7 @@ from vitdeploy.cli.common import (
     CLIError,
     add_model_override,
     add_source_check,
+    batches_within,
     cosine,
     int_list_arg,
     output_file,
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         sizes = parse_sizes(args.resolution) if args.resolution else default_resolutions(
             spec, int(metadata.model_config["image_size"]))
         if batches is None:  # the defaults, inside the range the artifact takes (an engine of batch 1)
-            batches = sorted({min(max(b, spec.batch[0]), spec.batch[1]) for b in DEFAULT_BATCHES})
+            batches = batches_within(DEFAULT_BATCHES, *spec.batch)
         shapes = [(b, h, w) for b in batches for h, w in sizes]
         check_shapes(shapes, spec)
         precision = args.precision or metadata.precision
