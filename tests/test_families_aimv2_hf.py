@@ -179,6 +179,7 @@ def test_learned_table_aimv2_source_check_runs_transformers_at_the_native_size_o
     from types import SimpleNamespace
 
     from exporters.source_check import plan_source_check, run_source_check
+    from vitdeploy.metadata import ShapeRange
 
     hf_aimv2(False, tmp_path / "hf")
     model = load_model(tmp_path / "hf")
@@ -190,7 +191,8 @@ def test_learned_table_aimv2_source_check_runs_transformers_at_the_native_size_o
             return {k: v.numpy() for k, v in model.forward_outputs(torch.from_numpy(pixels), names).items()}
 
     metadata = SimpleNamespace(model_config=config.to_dict(), stride=config.stride, precision="fp32",
-                               output_names=names, preprocessing=config.preprocessing.at(config.image_size))
+                               output_names=names, preprocessing=config.preprocessing.at(config.image_size),
+                               shape_range=ShapeRange(batch=(1, 8), height=(42, 70), width=(42, 84)))
     check = run_source_check(candidate, plan_source_check(tmp_path / "hf", "huggingface"), metadata,
                              height=(42, 70), width=(42, 84))
     assert check.passed and check.sizes == [(56, 56)]
