@@ -1,14 +1,14 @@
 """Registry of named ViT variants, with timm's names and default configurations.
 
-The plain ViTs of the paper and the families built from the same block: DeiT (with and without
-distillation), DeiT III, DINOv2 (with and without registers), I-JEPA's encoders, and the image
-towers of CLIP and SigLIP. Each has timm's architecture and preprocessing; a CLIP tower is its embedder (the visual
-projection ``proj``, no classifier), so its parameter count is timm's with ``num_classes`` = the
-projection width less that head's bias (timm stores the projection as a biased ``head``, the bias
-zero). DINOv2 giant has a SwiGLU MLP. Every SigLIP and SigLIP 2 tower timm defines is here, with timm's
-activation (which no tensor shows). Left out: ``vit_so400m_patch14_siglip_384`` and its ``_gap_``
-twin (384 is no multiple of 14; timm's conv drops the last 6 pixels, the ``_378`` variants are the
-same networks at a size that divides).
+The plain ViTs of the paper and its hybrids, and the families built from the same block: DeiT
+(with and without distillation), DeiT III, DINOv2 (with and without registers), I-JEPA's encoders,
+and the image towers of CLIP and SigLIP. Each has timm's architecture and preprocessing; a CLIP
+tower is its embedder (the visual projection ``proj``, no classifier), so its parameter count is
+timm's with ``num_classes`` = the projection width less that head's bias (timm stores the
+projection as a biased ``head``, the bias zero). DINOv2 giant has a SwiGLU MLP. Every SigLIP and
+SigLIP 2 tower timm defines is here, with timm's activation (which no tensor shows). Left out:
+``vit_so400m_patch14_siglip_384`` and its ``_gap_`` twin (384 is no multiple of 14; timm's conv
+drops the last 6 pixels, the ``_378`` variants are the same networks at a size that divides).
 """
 
 from __future__ import annotations
