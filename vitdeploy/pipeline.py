@@ -32,6 +32,9 @@ BENCH_TO_TUNE = {"ort-cpu-fp32": "ort-fp32", "ort-cpu-int8": "ort-int8", "openvi
                  "openvino-cpu-bf16": "openvino-bf16", "openvino-cpu-int8": "openvino-int8"}
 
 
+DEFAULT_BENCH_BATCHES = (1, 8)  # benchmarked (and tuned) unless told
+
+
 @dataclass
 class DeployOptions:
     """What ``deploy`` does. Ranges are inclusive ``(min, max)``; ``resolution`` ``None`` means the
@@ -47,7 +50,7 @@ class DeployOptions:
     batch: tuple[int, int] = (1, 8)  # all of it validated (validation_max_batch): what the engine may be built for
     resolution: tuple[int, int] | None = None
     bench: bool = True
-    bench_batches: tuple[int, ...] = (1, 8)
+    bench_batches: tuple[int, ...] = DEFAULT_BENCH_BATCHES
     point_budget_s: float | None = None
     bench_budget_s: float | None = None
     threads: int | None = None

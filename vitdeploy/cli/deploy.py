@@ -125,13 +125,13 @@ def _reconstructed(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitdeploy.pipeline import DeployOptions, deploy
+    from vitdeploy.pipeline import DEFAULT_BENCH_BATCHES, DeployOptions, deploy
 
     if args.calibration is not None and (args.no_int8 or not os.path.isdir(args.calibration)):
         raise CLIError(f"--calibration {args.calibration!r} must be a folder (and needs the int8 export)")
     batch = parse_range(args.batch, "batch")
     if args.bench_batch is None:  # the defaults, inside the artifacts' batch range
-        bench_batches = batches_within((1, 8), *batch)
+        bench_batches = batches_within(DEFAULT_BENCH_BATCHES, *batch)
     else:
         bench_batches = parse_int_list(args.bench_batch, "bench-batch")
     if any(not batch[0] <= b <= batch[1] for b in bench_batches):

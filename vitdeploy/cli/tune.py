@@ -149,13 +149,11 @@ def gate_from(text: str | None, labelled: bool) -> object:
     return gate
 
 
-DEFAULT_BATCHES = (1, 8)
-
-
 def run(args: argparse.Namespace) -> int:
     from vitdeploy.tune import TunePlan, tune
     from vitdeploy.tune.candidates import export_for_tune, find_artifacts
     from vitdeploy.tune.report import terminal_table
+    from vitdeploy.tune.run import DEFAULT_BATCHES
 
     batches = tuple(parse_int_list(args.batch, "batch")) if args.batch else DEFAULT_BATCHES
     if args.warmup < 0:

@@ -24,12 +24,15 @@ from vitdeploy.tune_manifest import Candidate, Choice, TuneManifest, write_manif
 Log = Callable[[str], None]
 
 
+DEFAULT_BATCHES = (1, 8)  # the batch sizes tune times unless told
+
+
 @dataclass
 class TunePlan:
     """What one ``vitdeploy tune`` run does (see the module docstring)."""
 
     folder: Path
-    batches: tuple[int, ...] = (1, 8)
+    batches: tuple[int, ...] = DEFAULT_BATCHES
     rounds: int = 5
     iterations: int = 10  # calls per candidate per round at batch 1 (scaled down for larger batches)
     warmup: int = 2
