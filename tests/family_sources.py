@@ -103,6 +103,13 @@ FAMILIES = {
     "siglip": Family("vit_base_patch16_siglip_224", dict(img_size=64),
                      dict(pooling="map", has_class_token=False, num_prefix_tokens=0, family="siglip"),
                      ("pooler_output", "last_hidden_state", "patch_tokens")),
+    # an attention pool after prefix tokens: timm's VisionTransformer pools the patch tokens alone
+    "map_registers": Family("vit_so150m_patch16_reg4_map_256", dict(img_size=64, num_classes=10),
+                            dict(pooling="map", num_reg_tokens=4, pool_include_prefix=False),
+                            ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),
+    "map_class_token": Family("vit_base_patch16_224", dict(img_size=64, num_classes=10, global_pool="map"),
+                              dict(pooling="map", has_class_token=True, pool_include_prefix=False),
+                              ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),
     "siglip_gap": Family("vit_base_patch16_siglip_gap_224", dict(img_size=64, num_classes=10),
                          dict(pooling="avg", use_fc_norm=False, has_class_token=False),
                          ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),

@@ -209,6 +209,9 @@ class ViTConfig:
     attn_norm: bool = False
     # The attention pool's form (POOL_FORMS).
     pool_form: str = "latent"
+    # Whether the attention pool reads the prefix tokens (class, registers) too, as timm's Eva (PE) does;
+    # timm's VisionTransformer pools the patch tokens alone (vit_so150m_patch16_reg4_map_256).
+    pool_include_prefix: bool = True
     # A fixed 2-D sin-cos position table computed for every grid and added to the patch tokens instead of a
     # learned one (transformers' AIMv2 ``is_native``: [sin_w | cos_w | sin_h | cos_h], temperature 10000).
     sincos_pos_embed: bool = False

@@ -491,7 +491,6 @@ class VisionTransformer(nn.Module):
         mean), then ``fc_norm`` and the representation layer where the model has them."""
         pooling = self.config.pooling
         patches = features[:, self.config.num_prefix_tokens:]
-        # timm's attention pool reads every token (the class token too, where there is one: PE)
         if pooling == "token":
             x = (features[:, 0] + features[:, 1]) / 2 if self.config.distilled else features[:, 0]
         elif pooling == "avg":
@@ -499,7 +498,7 @@ class VisionTransformer(nn.Module):
         elif pooling == "token_avg":
             x = torch.cat([features[:, 0], patches.mean(dim=1)], dim=1)
         else:
-            x = self.attn_pool(features)
+            x = self.attn_pool(features if self.config.pool_include_prefix else patches)
         x = self.fc_norm(x)
         return self.pre_logits(x) if self.pre_logits is not None else x
 

@@ -237,7 +237,8 @@ _STAGE_BLOCK = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)
 _ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "mlp_size", "qkv_bias",
                 "pooling", "hybrid", "has_class_token", "num_reg_tokens", "distilled", "no_embed_class",
                 "pre_norm", "use_fc_norm", "patch_bias", "projection_dim", "representation_size", "abs_pos_embed",
-                "rope", "mlp_type", "mlp_norm", "norm", "qv_bias", "proj_bias", "patch_norm", "final_norm")
+                "rope", "mlp_type", "mlp_norm", "norm", "qv_bias", "proj_bias", "patch_norm", "final_norm",
+                "pool_include_prefix")
 # Fields the weights cannot show, lent by the matching registry variant (or forced by model=).
 _VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act",
                      "layer_scale")
@@ -442,6 +443,8 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         layer_scale=1e-5 if "blocks.0.ls1.gamma" in state_dict else None, pre_norm="norm_pre.weight" in state_dict,
         fc_norm=None if fc_norm == (pooling == "avg") else fc_norm, patch_bias="patch_embed.proj.bias" in state_dict,
         projection_dim=int(projection.shape[0]) if projection is not None else None,
+        # timm's VisionTransformer pools the patch tokens alone (its Eva, read by the families, pools them all)
+        pool_include_prefix=not (pooling == "map" and prefix > 0),
     )
     heads_from = "given"
     if num_heads is None:
