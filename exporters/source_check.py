@@ -10,15 +10,17 @@ the library's own forward pass of the same weights:
   architecture ``--model NAME`` (or else the file name) gives, built with ``timm.create_model(NAME,
   dynamic_img_size=True)`` and loaded strictly;
 - transformers: a ``save_pretrained`` folder, built with the class its ``config.json`` names
-  (``architectures``) and run with ``interpolate_pos_encoding=True`` where the model takes it.
+  (``architectures``) and run with ``interpolate_pos_encoding=True`` where the model takes it;
+- open_clip: an OpenCLIP folder, built from its ``open_clip_config.json`` (``local-dir:``), one
+  model per size (:class:`OpenClipTowers`); a tower around a timm trunk at its native size only.
 
-Both run on real photographs at the native size and at a changed, non-square size (one side larger,
+All run on real photographs at the native size and at a changed, non-square size (one side larger,
 one smaller: both up- and downsampling of a position grid), with the tolerance of the artifact's
 precision against fp32; every output the source gives is judged (tokens per token through
 :func:`vitdeploy.parity.verify`). Formats with no source library here (JAX ``.npz``, the original
 DINOv2 weights, vitdeploy's own safetensors, a variant name's random weights) are skipped, and the
-record says why. :func:`timm_outputs` and :func:`hf_outputs` are each library's own view of every
-output under vitdeploy's names; the parity tests use them too.
+record says why. :func:`timm_outputs`, :func:`hf_outputs` and :func:`openclip_outputs` are each
+library's own view of every output under vitdeploy's names; the parity tests use them too.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class SourceModel:
     architecture: str  # timm model name or transformers class name
     module: Any
     view: Callable[[Any, Any], dict[str, Any]]
+    native_only: str | None = None  # why it runs at its native size only (None: at every size)
 
     @property
     def name(self) -> str:
@@ -229,9 +232,86 @@ def build_transformers(folder: Path, architecture: str) -> SourceModel:
     return SourceModel("transformers", transformers.__version__, cls.__name__, module.float().eval(), hf_outputs)
 
 
+class OpenClipTowers:
+    """open_clip's image tower of an OpenCLIP folder at each input size, each built as open_clip builds a
+    model for that size (``create_model("local-dir:...", force_image_size=...)``: its position table
+    resampled when the weights are loaded, open_clip's only way to run at another size)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        tower = self._build(None)
+        trunk = getattr(tower, "trunk", None)  # a timm model keeps its own size, whatever the config says
+        size = trunk.patch_embed.img_size if trunk is not None else tower.image_size
+        self.native: tuple[int, int] = (int(size[0]), int(size[1]))
+        self._towers: dict[tuple[int, int], Any] = {self.native: tower}
+
+    def _build(self, size: tuple[int, int] | None) -> Any:
+        from vitdeploy.timm_import import import_open_clip
+
+        try:
+            model = import_open_clip().create_model(f"local-dir:{self.folder}", force_image_size=size)
+        except Exception as error:  # noqa: BLE001 - any failure of open_clip's loader is a one-line reason
+            where = f" at {size[0]}x{size[1]}" if size else ""
+            raise SourceModelError(f"open_clip cannot load {self.folder}{where}: "
+                                   f"{' '.join(str(error).split())[:300]}") from None
+        return model.visual.float().eval()
+
+    def at(self, size: tuple[int, int]) -> Any:
+        if size not in self._towers:
+            self._towers[size] = self._build(size)
+        return self._towers[size]
+
+
+def openclip_outputs(towers: OpenClipTowers, pixels: Any) -> dict[str, Any]:
+    """open_clip's own view of each output: a timm trunk's outputs as timm gives them (:func:`timm_outputs`),
+    with its tower's projection as ``image_embeds``; open_clip's VisionTransformer's projected embedding
+    (``image_embeds``), the pooled vector its forward gives without the projection (``pooler_output``)
+    and the patch tokens it returns with ``output_tokens``."""
+    import torch
+
+    tower = towers.at((int(pixels.shape[-2]), int(pixels.shape[-1])))
+    with torch.no_grad():
+        trunk = getattr(tower, "trunk", None)
+        if trunk is not None:
+            outputs = timm_outputs(trunk, pixels)
+            del outputs["image_embeds"]
+            logits = outputs.pop("logits")
+            if len(tower.head):
+                outputs["image_embeds"] = tower(pixels)
+            elif trunk.num_classes:  # the trunk's head is the tower's projection (with a bias): its logits
+                outputs["logits"] = logits
+            return outputs
+        tower.output_tokens = True
+        projection = tower.proj
+        try:
+            embeds, tokens = tower(pixels)
+            tower.proj = None
+            pooled, _ = tower(pixels)
+        finally:
+            tower.proj = projection
+            tower.output_tokens = False
+    return {"image_embeds": embeds, "pooler_output": pooled, "patch_tokens": tokens}
+
+
+def build_openclip(folder: Path) -> SourceModel:
+    """open_clip's model of the OpenCLIP ``folder`` (its config and weights, loaded strictly), image tower only."""
+    from vitdeploy.timm_import import import_open_clip
+
+    towers = OpenClipTowers(folder)
+    tower = towers.at(towers.native)
+    trunk = getattr(tower, "trunk", None)
+    native_only = None if trunk is None else (
+        f"open_clip's tower around timm's {type(trunk).__name__} runs at its native size only (open_clip resamples "
+        "the position table of its own VisionTransformer alone)")
+    return SourceModel("open_clip", import_open_clip().__version__, f"{type(tower).__name__} of local-dir:{folder}",
+                       towers, openclip_outputs, native_only)
+
+
 def native_size_only(model: SourceModel) -> str | None:
     """Why the source model runs at its native size only (None: it takes other sizes): transformers'
     AIMv2 with ``is_native`` false adds its learned table as it is, without resizing it."""
+    if model.native_only:
+        return model.native_only
     config = getattr(model.module, "config", None)
     if getattr(config, "model_type", None) == "aimv2_vision_model" and not getattr(config, "is_native", True):
         return f"{model.architecture} (is_native false) runs at its native size only"
@@ -322,6 +402,8 @@ def plan_source_check(source: str | Path, format: str, *, model: str | None = No
         return _timm_plan(source, model, image_size)
     if format == "huggingface":
         return _transformers_plan(source)
+    if format == "openclip":
+        return _openclip_plan(source)
     return SourcePlan(source, format, skipped=NO_SOURCE_LIBRARY.get(
         format, f"the {format} format has no source library vitdeploy can run"))
 
@@ -388,6 +470,29 @@ def _transformers_plan(source: str) -> SourcePlan:
     plan.architecture = str(names[0]) if names else "AutoModel"
     plan.architecture_from = "config.json" if names else "config.json's model_type (AutoModel)"
     plan.build = lambda: build_transformers(folder, str(plan.architecture))
+    return plan
+
+
+def _openclip_plan(source: str) -> SourcePlan:
+    from vitdeploy.checkpoints.openclip import CONFIG_FILE
+
+    plan = SourcePlan(source, "openclip", library="open_clip_torch")
+    try:
+        from vitdeploy.timm_import import import_open_clip
+
+        importable = import_open_clip() is not None
+    except Exception:  # noqa: BLE001 - a broken install (a missing dependency) is "not importable"
+        importable = False
+    if not importable:
+        plan.skipped = "open_clip is not importable here (pip install open_clip_torch)"
+        return plan
+    folder = Path(source).expanduser()
+    if not (folder.is_dir() and (folder / CONFIG_FILE).is_file()):
+        plan.skipped = (f"a bare OpenCLIP weight file: open_clip builds its model from {CONFIG_FILE}; pass the "
+                        "folder that holds both to check it against open_clip")
+        return plan
+    plan.architecture, plan.architecture_from = f"local-dir:{folder}", CONFIG_FILE
+    plan.build = lambda: build_openclip(folder)
     return plan
 
 

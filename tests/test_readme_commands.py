@@ -61,6 +61,18 @@ def test_the_test_command_installs_the_timm_the_tests_import() -> None:
     assert timm is not None and timm.__version__ == TIMM_VERSION  # this venv follows the README too
 
 
+def test_the_test_command_installs_the_open_clip_the_tests_import() -> None:
+    """open_clip (the OpenCLIP source check's library) without torchvision, at the version the skip hint names."""
+    from timm_without_torchvision import OPEN_CLIP_MISSING, OPEN_CLIP_VERSION, import_open_clip
+
+    _, second = _commands()
+    install = f"open_clip_torch=={OPEN_CLIP_VERSION}"
+    assert re.search(rf"pip install --no-deps [^&]*{re.escape(install)}", second) and install in OPEN_CLIP_MISSING
+    assert second.index(install) < second.index("python -m pytest")
+    open_clip = import_open_clip()
+    assert open_clip is not None and open_clip.__version__ == OPEN_CLIP_VERSION
+
+
 def test_the_first_command_brings_openvino_for_tune() -> None:
     """tune's OpenVINO candidates need openvino: the first command's extras must install it."""
     first, _ = _commands()

@@ -1,15 +1,17 @@
-"""Import the real timm on a machine where torchvision cannot be imported (an import stand-in for
-torchvision, nothing more), for the tests and the benchmarks that compare with timm's own models.
+"""Import the real timm (and open_clip) on a machine where torchvision cannot be imported (an import
+stand-in for torchvision, nothing more), for the source check, the tests and the benchmarks that
+compare with those libraries' own models.
 
 timm (1.0.x) imports torchvision when it is imported (``timm/layers/create_norm.py``:
 ``from torchvision.ops.misc import FrozenBatchNorm2d``; ``timm.data`` imports
-``torchvision.transforms``), although its ViT never calls torchvision. Beside the CPU build of
+``torchvision.transforms``), although its ViT never calls torchvision; so does open_clip (its image
+transforms), whose models never call it either. Beside the CPU build of
 torch, torchvision cannot exist here: PyPI's only Linux wheels are CUDA builds whose ``_C.so``
 needs ``libtorch_cuda.so``, and ``import torchvision`` fails with ``RuntimeError: operator
-torchvision::nms does not exist``; CI installs timm ``--no-deps``. So while timm is being imported,
-and only then, :func:`import_timm` answers ``import torchvision...`` with empty stand-in modules
+torchvision::nms does not exist``; CI installs timm and open_clip_torch ``--no-deps``. So while one of
+them is being imported, and only then, :func:`import_with_torchvision_stand_in` answers ``import torchvision...`` with empty stand-in modules
 whose every attribute is a class that raises as soon as it is instantiated or called: nothing of
-timm that runs can depend on it without failing loudly. Afterwards the stand-in is removed from
+the library that runs can depend on it without failing loudly. Afterwards the stand-in is removed from
 ``sys.modules`` and ``sys.meta_path``, so ``importlib.util.find_spec("torchvision")`` (which
 torch.onnx asks) is ``None`` again. Where a working torchvision is installed it is used as is.
 """
@@ -77,19 +79,32 @@ def _torchvision_imports() -> bool:
     return True
 
 
-def import_timm() -> types.ModuleType | None:
-    """The real ``timm`` package, or None when it is not installed."""
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    if importlib.util.find_spec("timm") is None:
+def import_with_torchvision_stand_in(package: str) -> types.ModuleType | None:
+    """The real ``package`` (a library that imports torchvision without running it: timm, open_clip), or
+    None when it is not installed."""
+    if package in sys.modules:
+        return sys.modules[package]
+    if importlib.util.find_spec(package) is None:
         return None
     if _torchvision_imports():
-        return importlib.import_module("timm")
+        return importlib.import_module(package)
     finder = _AbsentFinder()
     sys.meta_path.insert(0, finder)
     try:
-        return importlib.import_module("timm")
+        return importlib.import_module(package)
     finally:
         sys.meta_path.remove(finder)
         for name in [n for n in sys.modules if n == _ROOT or n.startswith(_ROOT + ".")]:
             del sys.modules[name]
+
+
+def import_timm() -> types.ModuleType | None:
+    """The real ``timm`` package, or None when it is not installed."""
+    return import_with_torchvision_stand_in("timm")
+
+
+def import_open_clip() -> types.ModuleType | None:
+    """The real ``open_clip`` package (open_clip_torch; its models, not its torchvision transforms), or None
+    when it is not installed."""
+    import_timm()  # open_clip's timm towers import timm if it can: the same timm as everywhere else
+    return import_with_torchvision_stand_in("open_clip")

@@ -1,4 +1,4 @@
-"""Checkpoint import and export: native, timm, Hugging Face transformers, original DINOv2/DINOv3 and JAX ViTs.
+"""Checkpoint import and export: native, timm, Hugging Face transformers, OpenCLIP, original DINOv2/DINOv3 and JAX ViTs.
 
 ``load_model(source)`` detects the format, reads tensors without ever unpickling code
 (safetensors, ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``), converts them
@@ -46,6 +46,7 @@ from vitdeploy.checkpoints.families import read_original_dinov3
 from vitdeploy.checkpoints.huggingface import read_huggingface
 from vitdeploy.checkpoints.jax import read_jax
 from vitdeploy.checkpoints.native import read_native, save_model
+from vitdeploy.checkpoints.openclip import read_openclip
 from vitdeploy.checkpoints.timm import read_timm
 from vitdeploy.families import family_of
 from vitdeploy.model import VisionTransformer, create_model
@@ -111,6 +112,8 @@ def _read(source: str | Path, format: str, num_heads: int | None, model: str | N
         checkpoint = read_original_dinov3(strip_prefixes(state_dict)[0], str(path), [path], num_heads, model)
         checkpoint.notes[:0] = notes
         return checkpoint
+    if fmt == "openclip":
+        return read_openclip(path, num_heads=num_heads, model=model)
     if model is not None and fmt != "timm":
         raise CheckpointError(f"model={model!r} names a timm architecture; {path} is a {fmt} checkpoint")
     if fmt == "timm":

@@ -21,17 +21,20 @@ from vitdeploy.checkpoints.common import (
 from vitdeploy.checkpoints.dinov2 import is_dinov2_hub_keys
 from vitdeploy.checkpoints.huggingface import SUPPORTED_MODEL_TYPES, is_hf_config
 from vitdeploy.checkpoints.native import is_native_folder_config, is_native_metadata
+from vitdeploy.checkpoints.openclip import CONFIG_FILE as OPENCLIP_CONFIG
+from vitdeploy.checkpoints.openclip import is_openclip_folder, is_openclip_keys
 from vitdeploy.checkpoints.timm import is_timm_hub_config
 from vitdeploy.families.dinov3 import is_original_keys
 
-FORMATS = ("native", "timm", "huggingface", "jax", "dinov2", "dinov3")
+FORMATS = ("native", "timm", "huggingface", "jax", "dinov2", "dinov3", "openclip")
 
 EXPECTED = (
     "expected a vitdeploy folder (config.json with \"format\": \"vitdeploy\") or .safetensors file, "
     "a timm state dict (.safetensors, .pth, .pth.tar, .pt, .bin, .ckpt) or timm Hub folder, "
     "a Hugging Face folder (config.json with model_type "
     f"{', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} + model.safetensors or pytorch_model.bin), "
-    "an original DINOv2 or DINOv3 state dict (.pth, .safetensors), or an original JAX ViT .npz"
+    "an original DINOv2 or DINOv3 state dict (.pth, .safetensors), an OpenCLIP folder (open_clip_config.json + "
+    "open_clip_model.safetensors or open_clip_pytorch_model.bin) or weight file, or an original JAX ViT .npz"
 )
 
 
@@ -93,7 +96,9 @@ def detect_format(source: str | Path) -> str:
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
-            raise CheckpointError(f"folder {path} has no config.json; {EXPECTED}")
+            if is_openclip_folder(path):
+                return "openclip"
+            raise CheckpointError(f"folder {path} has no config.json or {OPENCLIP_CONFIG}; {EXPECTED}")
         data = _read_json(config_path)
         if is_native_folder_config(data):
             return "native"
@@ -101,6 +106,8 @@ def detect_format(source: str | Path) -> str:
             return "huggingface"
         if is_timm_hub_config(data):
             return "timm"
+        if is_openclip_folder(path):  # its config.json is another library's, which vitdeploy does not read
+            return "openclip"
         model_type = data.get("model_type") if isinstance(data, dict) else None
         kind = f"model_type {model_type!r}" if model_type else "no recognised format marker"
         keys = weight_keys(path)
@@ -118,6 +125,8 @@ def detect_format(source: str | Path) -> str:
     keys = weight_keys(path)
     if keys is not None and is_original_keys(keys):
         return "dinov3"
+    if keys is not None and is_openclip_keys(keys):
+        return "openclip"
     return "dinov2" if keys is not None and is_dinov2_hub_keys(keys) else "timm"
 
 

@@ -121,7 +121,18 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
         else:
             state_dict, notes = unwrap_state_dict(read_torch(path), path)
     state_dict, stripped = strip_prefixes(state_dict)
-    notes += stripped
+    return timm_checkpoint(state_dict, path, files, architecture=architecture, model=model, num_heads=num_heads,
+                           base=base, model_args=model_args, notes=notes + stripped)
+
+
+def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, architecture: str | None = None,
+                    model: str | None = None, num_heads: int | None = None, base: dict[str, Any] | None = None,
+                    model_args: dict[str, Any] | None = None, notes: list[str] | None = None,
+                    source_format: str = "timm") -> Checkpoint:
+    """A state dict in timm's names (read from ``path``) as a :class:`Checkpoint`: a family variant where
+    ``architecture``, ``model``, the file name or the tensor names say so (:func:`read_timm`), else a ViT."""
+    notes = list(notes or [])
+    base = dict(base or {})
     state_dict = stem_only_backbone_as_stem(state_dict)
     if any(key in state_dict for key in HF_MARKERS):
         raise CheckpointError(
@@ -139,8 +150,10 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
     if family is not None:
         if architecture is not None and model is not None and architecture.split(".")[0] != model:
             raise ArchitectureRefused(f"{path} names the architecture {architecture!r}; model={model!r} names another")
-        return read_family(family, "timm", state_dict, str(path), files, architecture, num_heads, base,
-                           model_args, notes)
+        checkpoint = read_family(family, "timm", state_dict, str(path), files, architecture, num_heads, base,
+                                 model_args or {}, notes)
+        checkpoint.format = source_format
+        return checkpoint
     if architecture is not None and architecture not in VARIANTS and any(
             marker in architecture for marker in _FOREIGN_MARKERS):
         raise ArchitectureRefused(f"{path}: architecture {architecture!r} is not one vitdeploy builds (its name says "
@@ -155,4 +168,4 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
     file_name = name_in_file_name(path) if path.is_file() else None
     config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture,
                                     file_name=file_name)
-    return Checkpoint(config, state_dict, "timm", files, notes=notes + inferred)
+    return Checkpoint(config, state_dict, source_format, files, notes=notes + inferred)

@@ -14,7 +14,7 @@ from vitdeploy.cli.common import (
     progress,
 )
 
-FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax", "dinov2", "dinov3")  # = vitdeploy.checkpoints.FORMATS
+FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax", "dinov2", "dinov3", "openclip")  # = vitdeploy.checkpoints.FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
