@@ -85,6 +85,14 @@ def compare_with_open_clip(folder: Path, sizes=(NATIVE, CHANGED)) -> list[str]:
     return compared
 
 
+def test_a_resize_mode_vitdeploy_does_not_reproduce_is_said(tmp_path) -> None:
+    folder = write_folder(tmp_path / "squash", VISION, preprocess={"mean": [0.5] * 3, "std": [0.5] * 3,
+                                                                   "resize_mode": "squash"})
+    checkpoint = read_checkpoint(folder)
+    assert checkpoint.config.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert any("resize_mode 'squash'" in note for note in checkpoint.notes)
+
+
 @pytest.mark.parametrize("case", ["gelu", "quick_gelu", "layer_scale", "clipa", "tanh_eps_heads"])
 def test_open_clip_vision_transformer_folders_match_open_clip(tmp_path, case) -> None:
     vision, quick_gelu = dict(VISION), False
@@ -150,6 +158,16 @@ def test_a_bare_weight_file_reads_with_a_warning_for_what_only_the_config_shows(
     messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
     assert sum("QuickGELU" in message for message in messages) == 1, messages  # said once, by the reader
     assert read.config.act == "gelu" and any("text tower" in note for note in read.notes)
+    tower = tmp_path / "visual.safetensors"  # the tower's own state dict, without visual.
+    from safetensors.torch import save_file
+
+    save_file({k[len("visual."):]: v.contiguous() for k, v in checkpoint.items() if k.startswith("visual.")}, tower)
+    assert detect_format(tower) == "openclip"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alone = read_checkpoint(tower)
+    assert sum("QuickGELU" in str(w.message) for w in caught) == 1
+    assert alone.config == read.config and not any("text tower" in note for note in alone.notes)
     plan = plan_source_check(training, "openclip")
     assert not plan.runs and "open_clip_config.json" in plan.skipped
 

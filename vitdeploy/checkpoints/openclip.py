@@ -2,8 +2,9 @@
 
 Accepted: a Hugging Face Hub folder as OpenCLIP publishes one (``open_clip_config.json`` beside
 ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``), or the weight file alone
-(also a training checkpoint, its tensors under ``state_dict``, and OpenAI's CLIP weights re-saved as
-a state dict). Only the ``visual.*`` tensors are read; the text tower is left aside.
+(also a training checkpoint, its tensors under ``state_dict``, OpenAI's CLIP weights re-saved as a
+state dict, and the tower's own ``model.visual.state_dict()``). Only the ``visual.*`` tensors are
+read; the text tower is left aside.
 
 Two kinds of image tower:
 
@@ -68,10 +69,14 @@ _BUILT_AS = {"attentional_pool": False, "pos_embed_type": "learnable", "qk_norm"
              "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False}
 
 
+# The names of open_clip's VisionTransformer alone (``model.visual.state_dict()``), without ``visual.``.
+_TOWER_ALONE = frozenset({"class_embedding", "conv1.weight", "transformer.resblocks.0.attn.in_proj_weight"})
+
+
 def is_openclip_keys(keys: Iterable[str]) -> bool:
-    """Whether tensor names are an OpenCLIP model's: a ViT image tower under ``visual.``."""
+    """Whether tensor names are an OpenCLIP model's: a ViT image tower under ``visual.``, or that tower alone."""
     names = set(keys)
-    return "visual.class_embedding" in names or any(k.startswith(TRUNK) for k in names)
+    return "visual.class_embedding" in names or any(k.startswith(TRUNK) for k in names) or names >= _TOWER_ALONE
 
 
 def is_openclip_folder(folder: Path) -> bool:
@@ -98,16 +103,22 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _preprocessing(preprocess_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _preprocessing(preprocess_cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     fields: dict[str, Any] = {"mean": OPENAI_MEAN, "std": OPENAI_STD, "crop_pct": 1.0, "interpolation": "bicubic"}
     for key in ("mean", "std", "interpolation"):
         if preprocess_cfg.get(key) is not None:
             fields[key] = preprocess_cfg[key]
+    resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+    if resize_mode != "shortest":
+        notes.append(f"preprocess_cfg resize_mode {resize_mode!r} is not reproduced: vitdeploy's preprocessing "
+                     "resizes the short side and centre-crops (the same image where the photo is square)")
     return fields
 
 
 def _tower_state(state_dict: StateDict, what: str, notes: list[str]) -> StateDict:
     """The ``visual.`` tensors without their prefix (the text tower's left aside, and said so)."""
+    if set(state_dict) >= _TOWER_ALONE:
+        return state_dict
     tower = {k[len(TOWER):]: v for k, v in state_dict.items() if k.startswith(TOWER)}
     if not tower:
         raise CheckpointError(f"{what}: no visual.* tensors, so this is not an OpenCLIP image tower")
@@ -203,7 +214,7 @@ def read_openclip(path: Path, num_heads: int | None = None, model: str | None = 
     state_dict, stripped = strip_prefixes(state_dict)
     notes += stripped
     model_cfg = dict(data.get("model_cfg") or {})
-    base = _preprocessing(data.get("preprocess_cfg") or {})
+    base = _preprocessing(data.get("preprocess_cfg") or {}, notes)
     if not data:
         notes.append(f"no {CONFIG_FILE}: open_clip's default preprocessing (OpenAI's mean and std, bicubic "
                      "resize of the short side, centre crop)")
