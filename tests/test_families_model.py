@@ -14,6 +14,7 @@ case also shows that the wrong resampling convention (and, for CLIP, the wrong a
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -213,3 +214,23 @@ def test_a_timm_hybrid_matches_timm_at_native_and_non_square_sizes(name, tmp_pat
         with torch.no_grad():
             errors.append(rel_error(ours(x), reference(x)))
     assert max(errors) <= TOLERANCE, errors
+
+
+def test_a_residual_post_norm_vit_is_refused_by_its_name(tmp_path):
+    """timm's vit_base_patch16_rpn_224 has a pre-norm ViT's tensor names; read as one, its outputs are wrong."""
+    from vitdeploy.checkpoints import CheckpointError
+
+    model = timm.create_model("vit_base_patch16_rpn_224", pretrained=False, depth=1, embed_dim=64, num_heads=2,
+                              img_size=32)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    named = tmp_path / "vit_base_patch16_rpn_224.sw_in1k.safetensors"
+    save_file(tensors, str(named))
+    with pytest.raises(CheckpointError, match="post-norm") as refused:
+        load_model(named, num_heads=2)
+    assert "\n" not in str(refused.value)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(tensors, str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_rpn_224"}))
+    with pytest.raises(CheckpointError, match="post-norm"):
+        load_model(hub)

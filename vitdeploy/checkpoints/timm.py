@@ -46,6 +46,9 @@ from vitdeploy.variants import VARIANTS
 TIMM_PREFIXES = ("vit_", "deit_", "deit3_")
 # Parts of timm names of vit_* models built by other classes than its VisionTransformer.
 _FOREIGN_MARKERS = ("rope", "_pe_", "dinov3", "naflex", "eva", "aimv2")
+# Parts of timm names of VisionTransformers whose blocks compute differently under the same tensor names
+# (ResPostBlock: the norms after attention and MLP), refused even where only a file's name says so.
+_SAME_NAMES_OTHER_BLOCKS = {"_rpn_": "timm's residual post-norm ViT (ResPostBlock: each norm after its branch)"}
 HF_MARKERS = ("embeddings.patch_embeddings.projection.weight", "vit.embeddings.patch_embeddings.projection.weight")
 
 
@@ -145,6 +148,11 @@ def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, arc
         architecture = model if family is not None else architecture
     if family is None and architecture is None and path.is_file():
         family, architecture = family_named_by_file(path, state_dict, notes)
+    named = architecture or model or (name_in_file_name(path) if path.is_file() else "")
+    for marker, what in _SAME_NAMES_OTHER_BLOCKS.items():
+        if marker in named and named not in VARIANTS:
+            raise ArchitectureRefused(f"{path}: {named!r} names {what}, which vitdeploy does not build; its tensor "
+                                      "names are a pre-norm ViT's, so it is refused rather than read as one")
     if family is None and architecture is None:
         family = bare_family(state_dict, str(path))
     if family is not None:
