@@ -241,3 +241,28 @@ def test_an_export_is_checked_against_open_clip_and_a_wrong_one_refused(tmp_path
     assert code == 1 and not wrong.exists()
     assert any(line.strip().startswith("image_embeds differs from open_clip_torch") for line in out.splitlines()), out
     assert "was not written" in out and "Traceback" not in out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::vitdeploy.checkpoints.CheckpointWarning")
+def test_a_torchscript_archive_is_refused_with_how_to_resave_it(tmp_path) -> None:
+    """OpenAI's original CLIP .pt files are TorchScript archives: refused in one line naming the re-save, whose
+    result then reads (the tower's own state dict) and equals open_clip's tower."""
+    folder = write_folder(tmp_path / "quick", VISION, quick_gelu=True)
+    tower = open_clip.create_model(f"local-dir:{folder}").visual.eval()
+    archive = tmp_path / "ViT-tiny.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about open_clip's Python control flow
+        traced = torch.jit.trace(tower, torch.zeros(1, 3, *NATIVE), check_trace=False)
+    torch.jit.save(traced, str(archive))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own warnings about TorchScript archives are not repeated at users
+        with pytest.raises(CheckpointError, match="TorchScript archive") as refused:
+            read_checkpoint(archive)
+    message = str(refused.value)
+    assert "\n" not in message and "vitdeploy does not run" in message and ".state_dict()" in message, message
+    resaved = tmp_path / "state_dict.pt"
+    torch.save(torch.jit.load(str(archive), map_location="cpu").state_dict(), resaved)
+    model = load_model(resaved, act="quick_gelu").eval()
+    pixels = torch.from_numpy(InputFactory(model.config.preprocessing.at(64), synthetic=False).batch(2, 64, 64)[0])
+    with torch.no_grad():
+        assert_agrees(model.forward_outputs(pixels, ["image_embeds"])["image_embeds"], tower(pixels), "image_embeds")

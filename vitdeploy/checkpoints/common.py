@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,23 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
 
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.jit.save`` archive (code and constants beside the tensors), told from
+    its zip listing without loading it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def read_torch(path: Path) -> Any:
     """A PyTorch pickle loaded with ``weights_only=True``: tensors and plain containers, never code."""
+    if is_torchscript_archive(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (as OpenAI's original CLIP .pt files are), which vitdeploy does not "
+            "run: re-save its tensors where you trust the file, e.g. python -c \"import torch; torch.save(torch.jit"
+            f".load('{path}', map_location='cpu').state_dict(), 'state_dict.pt')\", and read that")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError ...

@@ -15,6 +15,7 @@ from vitdeploy.checkpoints.common import (
     CheckpointError,
     folder_weight_files,
     is_torch_file,
+    is_torchscript_archive,
     safetensors_metadata,
     unwrap_state_dict,
 )
@@ -72,7 +73,7 @@ def weight_keys(path: Path) -> list[str] | None:
                     keys += list(handle.keys())
             except (SafetensorError, OSError):
                 return None
-        elif is_torch_file(file):
+        elif is_torch_file(file) and not is_torchscript_archive(file):
             try:
                 try:
                     loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
