@@ -116,6 +116,7 @@ def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
     siglip = classes("SiglipModel", "SiglipVisionModel")
     siglip2 = classes("Siglip2Model", "Siglip2VisionModel")
     dinov2_classifiers = classes("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
+    mae = classes("ViTMAEModel", "ViTMAEForPreTraining")
     grid = (pixels.shape[-2] // _patch_size(model)) * (pixels.shape[-1] // _patch_size(model))
     with torch.no_grad():
         if isinstance(model, siglip2):  # NaFlex towers take patch sequences: each whole image as one, unpadded
@@ -125,6 +126,15 @@ def hf_outputs(model: Any, pixels: Any) -> dict[str, Any]:
                 pixel_values=siglip2_patches(pixels, patch), pixel_attention_mask=torch.ones(batch, rows * cols),
                 spatial_shapes=torch.tensor([[rows, cols]] * batch))
             outputs = {"pooler_output": tower.pooler_output, "last_hidden_state": tower.last_hidden_state}
+        elif isinstance(model, mae):  # the encoder alone, every patch kept, in order (MAE masks config.mask_ratio
+            encoder = getattr(model, "vit", model)  # of them and shuffles the rest by random noise)
+            ratio, encoder.config.mask_ratio = encoder.config.mask_ratio, 0.0
+            try:
+                in_order = torch.arange(grid, dtype=torch.float32).expand(pixels.shape[0], grid)
+                tokens = encoder(pixel_values=pixels, noise=in_order, interpolate_pos_encoding=True).last_hidden_state
+            finally:
+                encoder.config.mask_ratio = ratio
+            outputs = {"last_hidden_state": tokens}
         elif isinstance(model, clip + siglip):  # image towers, alone or in their full models
             vision = getattr(model, "vision_model", model)  # transformers 5's CLIPVisionModel is the tower itself
             tower = vision(pixel_values=pixels, interpolate_pos_encoding=True)

@@ -23,6 +23,7 @@ from vitdeploy.checkpoints import (
     CheckpointWarning,
     detect_format,
     load_model,
+    read_checkpoint,
     resolve_source,
 )
 from vitdeploy.config import HybridConfig
@@ -282,6 +283,45 @@ def test_hf_ijepa_folder_matches_transformers_at_native_and_non_square_sizes(tmp
             if head:
                 torch.testing.assert_close(got["logits"], hf(pixel_values=x, interpolate_pos_encoding=True).logits,
                                            rtol=0, atol=1e-5)
+
+
+@needs_transformers
+@pytest.mark.parametrize("cls", ["ViTMSNModel", "ViTMSNForImageClassification", "ViTMAEModel", "ViTMAEForPreTraining"])
+def test_hf_msn_and_mae_folders_match_transformers_per_token(tmp_path, cls):
+    """ViT-MSN and ViT-MAE are the plain ViT encoder under their own model_type (MAE: a stored sin-cos table,
+    masking and a decoder for pre-training only). Equal to transformers' own view (the source check's: MAE's
+    encoder with every patch kept, in order) per token on real photos at 32x32 and 48x16."""
+    from vitdeploy.exporters.source_check import hf_outputs
+    from vitdeploy.parity import InputFactory
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                 patch_size=8, num_labels=5)
+    mae = cls.startswith("ViTMAE")
+    config = (transformers.ViTMAEConfig(**small, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                        decoder_num_attention_heads=2, decoder_intermediate_size=64)
+              if mae else transformers.ViTMSNConfig(**small))
+    hf = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    hf.save_pretrained(tmp_path / cls)
+    ours = load_model(tmp_path / cls)
+    assert ours.config.pooling == "token" and ours.config.pos_embed_resample == "huggingface"
+    assert ours.config.num_classes == (5 if cls.endswith("Classification") else 0)
+    if cls == "ViTMAEForPreTraining":
+        checkpoint = read_checkpoint(tmp_path / cls)
+        assert any("decoder" in note for note in checkpoint.notes) and not checkpoint.unexpected
+    for height, width in ((32, 32), (48, 16)):
+        x = torch.from_numpy(InputFactory(ours.config.preprocessing.at(32), synthetic=False).batch(2, height, width)[0])
+        theirs = hf_outputs(hf, x)
+        assert "last_hidden_state" in theirs and ("logits" in theirs) == cls.endswith("Classification")
+        with torch.no_grad():
+            got = ours.forward_outputs(x, list(theirs))
+        for name, value in theirs.items():
+            error = float((got[name] - value).abs().max() / value.abs().max())
+            cosine = float(torch.nn.functional.cosine_similarity(got[name], value, dim=-1).min())
+            assert error < 1e-5 and cosine > 1 - 1e-6, (cls, name, height, width, error, cosine)
 
 
 @needs_transformers

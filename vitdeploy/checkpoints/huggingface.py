@@ -1,6 +1,8 @@
 """Hugging Face transformers folders: ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``.
 
-The plain ViT (``model_type: "vit"``) and I-JEPA's encoder (``"ijepa"``: the same layers without a
+The plain ViT (``model_type: "vit"``; ViT-MSN's ``"vit_msn"`` and ViT-MAE's ``"vit_mae"`` are the same
+encoder: MAE's fixed sin-cos table is stored as its position embeddings, its masking is for pre-training
+only and its decoder is left aside) and I-JEPA's encoder (``"ijepa"``: the same layers without a
 class token, read by the mean token) are converted here; DeiT, DINOv2 (with registers), CLIP and
 SigLIP by :mod:`vitdeploy.checkpoints.hf_families`. Weights are renamed to ours and the separate
 query/key/value projections are concatenated into the fused ``qkv``. For the ViT, both the on-disk
@@ -73,8 +75,11 @@ _LAYER = {
 }
 _LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 _IGNORED = ("pooler.", "embeddings.mask_token")
-# model_type → the prefix of its backbone's tensors in a classifier's state dict
-VIT_MODEL_TYPES = {"vit": "vit.", "ijepa": "ijepa."}
+# model_type → the prefix of its backbone's tensors in a classifier's (or MAE's pre-training) state dict:
+# the plain ViT's layers, also under ViT-MSN's and ViT-MAE's model_type
+VIT_MODEL_TYPES = {"vit": "vit.", "ijepa": "ijepa.", "vit_msn": "vit.", "vit_mae": "vit."}
+# ViT-MAE's pre-training decoder (ViTMAEForPreTraining): reconstructs masked patches, not part of the encoder
+_MAE_DECODER = "decoder."
 SUPPORTED_MODEL_TYPES = (*VIT_MODEL_TYPES, *MODEL_TYPES)
 
 
@@ -116,7 +121,11 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
 def convert_hf_state_dict(source: StateDict) -> tuple[StateDict, list[str], list[str]]:
     """Rename a transformers ViT state dict to ours; returns (state dict, unmapped keys, notes)."""
     notes: list[str] = []
-    source = strip_model_prefix(source, tuple(VIT_MODEL_TYPES.values()))
+    source = strip_model_prefix(source, tuple(dict.fromkeys(VIT_MODEL_TYPES.values())))
+    decoder = [k for k in source if k.startswith(_MAE_DECODER)]
+    if decoder:
+        notes.append(f"left aside MAE's pre-training decoder ({len(decoder)} tensors): the encoder is the model")
+        source = {k: v for k, v in source.items() if not k.startswith(_MAE_DECODER)}
     ignored = sorted(k for k in source if k.startswith(_IGNORED))
     if ignored:
         notes.append(f"ignored {', '.join(ignored)} (not part of the classifier's forward pass)")
