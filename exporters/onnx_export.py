@@ -752,6 +752,9 @@ def export_onnx(model: Any, output_path: str | os.PathLike[str], options: Export
     if target.is_dir():
         raise IsADirectoryError(f"output path {str(target)!r} is a folder; expected a file name such as model.onnx")
     config = model.config
+    if config.in_channels != 3:  # checked first: validation would fail only after the trace
+        raise ValueError(f"the model takes {config.in_channels}-channel images; vitdeploy's preprocessing, "
+                         "validation photos and runtimes are RGB, so it exports 3-channel models only")
     shape_range = options.shape_range(config)
     metadata = build_metadata(model, options, shape_range)
 

@@ -298,3 +298,12 @@ def test_mean_pooled_models_export_the_whole_last_block(tmp_path):
                          ExportOptions(batch=(1, 2), height=(16, 32), width=(16, 32), validation_max_batch=2))
     assert result.report.passed and result.metadata.optimizations == []
     assert _class_token_mlp_outputs(result.path) == []
+
+
+def test_a_model_of_other_than_three_channels_is_refused_before_tracing(tmp_path) -> None:
+    """A grayscale ViT loads (inspect, convert) but its export stops in one line, before any work, nothing written."""
+    model = make_model(tiny_config(in_channels=1))
+    target = tmp_path / "gray.onnx"
+    with pytest.raises(ValueError, match="1-channel images.*3-channel models only"):
+        export_onnx(model, target, ExportOptions(batch=(1, 2), height=(16, 48), width=(16, 48)))
+    assert list(tmp_path.iterdir()) == []
