@@ -110,6 +110,11 @@ FAMILIES = {
     "map_class_token": Family("vit_base_patch16_224", dict(img_size=64, num_classes=10, global_pool="map"),
                               dict(pooling="map", has_class_token=True, pool_include_prefix=False),
                               ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),
+    # no final norm (timm's final_norm=False): C-RADIO (7 registers, patch-only table), InternViT-300M
+    "radio": Family("vit_base_patch16_radio_v3", dict(img_size=64), dict(final_norm=False, num_reg_tokens=7),
+                    ("pooler_output", "last_hidden_state", "patch_tokens")),
+    "intern300m": Family("vit_intern300m_patch14_448", dict(img_size=56), dict(final_norm=False, has_class_token=True),
+                         ("pooler_output", "last_hidden_state", "patch_tokens")),
     "siglip_gap": Family("vit_base_patch16_siglip_gap_224", dict(img_size=64, num_classes=10),
                          dict(pooling="avg", use_fc_norm=False, has_class_token=False),
                          ("logits", "pooler_output", "last_hidden_state", "patch_tokens")),

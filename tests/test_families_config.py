@@ -183,7 +183,8 @@ TIMM_NAMES = ["deit_small_patch16_224", "deit_base_distilled_patch16_384", "deit
               "deit3_medium_patch16_224", "deit3_huge_patch14_224", "vit_base_r50_s16_384", "vit_tiny_r_s16_p8_224",
               "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_large_r50_s32_224", "vit_huge_patch14_gap_224",
               "vit_huge_patch16_gap_448", "vit_giant_patch16_gap_224",
-              "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2",
+              "vit_small_patch14_dinov2", "vit_large_patch14_reg4_dinov2", "vit_intern300m_patch14_448",
+              *sorted(name for name in VARIANTS if "_radio_" in name),
               *sorted(name for name, config in VARIANTS.items() if config.provenance.family in ("clip", "siglip"))]
 TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
 

@@ -133,6 +133,20 @@ for _size, _patch, _image, _act in (
     _add(f"vit_{_size}_patch{_patch}_siglip_{_image}", _shape, _patch, _image, pooling="map", act=_act, **_SIGLIP)
     _add(f"vit_{_size}_patch{_patch}_siglip_gap_{_image}", _shape, _patch, _image, pooling="avg", fc_norm=False,
          act=_act, **_SIGLIP)
+# Backbones without a final norm (timm's final_norm=False): NVIDIA's C-RADIO (registers after the class
+# token, a position table for the patches alone; timm resamples it as for any ViT) and InternVL's InternViT-300M.
+_RADIO = dict(num_classes=0, no_embed_class=True, final_norm=False, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)
+for _name, _shape, _fields in (
+    ("vit_base_patch16_radio_v3", "base", dict(num_reg_tokens=7, layer_scale=1e-5)),
+    ("vit_large_patch16_radio_v3", "large", dict(num_reg_tokens=7, layer_scale=1e-5)),
+    ("vit_huge_patch16_radio_v3", "huge", dict(num_reg_tokens=7)),
+    ("vit_giant_patch16_radio_v3", (1536, 40, 24, 6144), dict(num_reg_tokens=7)),
+    ("vit_so400m_patch16_radio_v4", _SO400M, dict(num_reg_tokens=9)),
+    ("vit_huge_patch16_radio_v4", "huge", dict(num_reg_tokens=9)),
+):
+    _add(_name, _shape, 16, 512, **_RADIO, **_fields)
+_add("vit_intern300m_patch14_448", "large", 14, 448, num_classes=0, layer_scale=0.1, final_norm=False,
+     mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
 # timm's gap towers of So400m/14 at the sizes of its fine-tuned weights (crop 1.0 from 384 up)
 for _image in (448, 896):
     _add(f"vit_so400m_patch14_siglip_gap_{_image}", _SO400M, 14, _image, pooling="avg", fc_norm=False,

@@ -461,6 +461,7 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
         projection_dim=int(projection.shape[0]) if projection is not None else None,
         # timm's VisionTransformer pools the patch tokens alone (its Eva, read by the families, pools them all)
         pool_include_prefix=not (pooling == "map" and prefix > 0),
+        final_norm="norm.weight" in state_dict or fc_norm,  # timm's final_norm=False: C-RADIO, InternViT
     )
     heads_from = "given"
     if num_heads is None:
