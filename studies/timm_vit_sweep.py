@@ -1,9 +1,13 @@
-"""Every timm ``VisionTransformer`` (``vit_*``, ``deit*``) read by vitdeploy's loader and run against timm.
+"""Every timm ``VisionTransformer`` (``vit_*``, ``deit*``) and every model of the families vitdeploy reads from
+timm's other classes (``eva*``, ``vit_pe_*``, ``*dinov3*``, ``aimv2*``, ``vit_*rope*``), read by vitdeploy's
+loader and run against timm.
 
-The question: does a bare timm file of each architecture timm's ``VisionTransformer`` class builds
-load first try and compute what timm computes, at the native size and at a changed, non-square
-one (timm's ``dynamic_img_size``)? What only a name or config can say (heads, activation) is given,
-as a Hub folder's config would, so that what is compared is the computation the tensor names imply.
+The question: does a timm file of each architecture load first try and compute what timm computes,
+at the native size and at a changed, non-square one (timm's ``dynamic_img_size``)? A
+``VisionTransformer`` is saved as a bare file, with what only a name or config can say (heads,
+activation) given, so that what is compared is the computation the tensor names imply; a family
+model is saved as a timm Hub folder (``config.json`` naming the architecture, ``model_args`` one
+block), since a family's architecture is read from its name.
 Architectures with the same block, sizes, tokens and pooling are run once (the first name stands
 for the rest). Each model: one block, its own init moved away (weights + 0.05 · N(0, 1), LayerScale
 gammas in [0.5, 1], the position table × 30 so attention depends on position), saved as
@@ -43,6 +47,13 @@ def architecture_key(model: Any) -> str:
     return repr(parts)
 
 
+def family_key(model: Any) -> str:
+    """What makes two of timm's ``Eva`` models compute alike."""
+    return repr((repr(model.blocks[0]), model.num_prefix_tokens, model.global_pool, repr(getattr(model, "rope", None)),
+                 repr(getattr(model, "attn_pool", None)), repr(model.patch_embed), type(model.norm).__name__,
+                 type(model.fc_norm).__name__))
+
+
 def perturbed(timm: Any, name: str) -> Any:
     import torch
 
@@ -51,7 +62,7 @@ def perturbed(timm: Any, name: str) -> Any:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
-            if parameter_name.endswith("gamma"):
+            if parameter_name.endswith(("gamma", "gamma_1", "gamma_2")):
                 parameter.copy_(0.5 + 0.5 * torch.rand(parameter.shape, generator=generator))
             else:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
@@ -74,7 +85,9 @@ def given_fields(model: Any) -> dict[str, Any]:
     return fields
 
 
-def compare(timm: Any, name: str, folder: Path) -> dict[str, Any]:
+def compare(timm: Any, name: str, folder: Path, hub: bool = False) -> dict[str, Any]:
+    import json
+
     import torch
     from safetensors.torch import save_file
 
@@ -82,11 +95,22 @@ def compare(timm: Any, name: str, folder: Path) -> dict[str, Any]:
     from vitdeploy.exporters.source_check import timm_outputs
     from vitdeploy.outputs import available_outputs
 
-    reference = perturbed(timm, name)
-    path = folder / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     try:
-        ours = load_model(path, **given_fields(reference)).eval()
+        reference = perturbed(timm, name)
+    except Exception as error:  # noqa: BLE001 - an architecture timm cannot build at one block is not compared
+        return {"status": "not built", "reason": f"timm cannot build it with one block: {str(error)[:200]}"}
+    tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    if hub:
+        path = folder / name
+        path.mkdir()
+        save_file(tensors, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps({"architecture": name, "model_args": {"depth": 1},
+                                                      "num_classes": reference.num_classes}))
+    else:
+        path = folder / f"{name}.safetensors"
+        save_file(tensors, str(path))
+    try:
+        ours = load_model(path, **({} if hub else given_fields(reference))).eval()
     except Exception as error:  # noqa: BLE001 - a refusal is a result: its one line is recorded
         return {"status": "refused", "reason": str(error).splitlines()[0][:300]}
     native, stride = ours.config.image_size, ours.config.stride
@@ -124,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     stands_for: dict[str, str] = {}
     first_of: dict[str, str] = {}
-    names = sorted(set(timm.list_models("vit_*") + timm.list_models("deit*")))
+    names = sorted(set(timm.list_models("vit_*") + timm.list_models("deit*") + timm.list_models("eva*")
+                       + timm.list_models("aimv2*") + timm.list_models("*dinov3*")))
     with tempfile.TemporaryDirectory() as scratch:
         for index, name in enumerate(names, 1):
             try:
@@ -132,21 +157,23 @@ def main(argv: list[str] | None = None) -> int:
                     meta = timm.create_model(name, pretrained=False)
             except Exception:  # noqa: BLE001 - a name timm cannot build on the meta device is not a candidate
                 continue
-            if type(meta).__name__ != "VisionTransformer":
+            hub = type(meta).__name__ == "Eva"  # timm's class of EVA-02, PE, DINOv3, AIMv2 and its RoPE ViTs
+            if type(meta).__name__ != "VisionTransformer" and not hub:
                 continue
-            key = architecture_key(meta)
+            key = family_key(meta) if hub else architecture_key(meta)
             if key in first_of:
                 stands_for[name] = first_of[key]
                 continue
             first_of[key] = name
-            results[name] = compare(timm, name, Path(scratch))
+            results[name] = compare(timm, name, Path(scratch), hub=hub)
             print(f"[{index}/{len(names)}] {name}: {results[name]['status']}", file=sys.stderr, flush=True)
-    counts = {status: sum(r["status"] == status for r in results.values()) for status in ("equal", "differs", "refused")}
+    counts = {status: sum(r["status"] == status for r in results.values())
+              for status in ("equal", "differs", "refused", "not built")}
     print(f"{len(results)} architectures ({len(stands_for)} more names alike): " +
           ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
     write_results(args.output, command, {
-        "question": "does every timm VisionTransformer load first try and equal timm at the native and a "
-                    "non-square size?", "timm_version": timm.__version__, "tolerance": TOLERANCE,
+        "question": "does every timm VisionTransformer, and every model of timm's Eva class, load first try and "
+                    "equal timm at the native and a non-square size?", "timm_version": timm.__version__, "tolerance": TOLERANCE,
         "counts": counts, "results": results, "stands_for": stands_for})
     return 0
 

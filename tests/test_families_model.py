@@ -234,3 +234,21 @@ def test_a_residual_post_norm_vit_is_refused_by_its_name(tmp_path):
     (hub / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_rpn_224"}))
     with pytest.raises(CheckpointError, match="post-norm"):
         load_model(hub)
+
+
+@pytest.mark.parametrize("architecture", ["vit_base_patch16_lingbot", "vit_large_patch16_sapiens2",
+                                          "vit_base_patch16_rope_224"])
+def test_a_hub_folder_naming_an_architecture_vitdeploy_does_not_build_is_refused_by_name(architecture, tmp_path):
+    """timm's Eva-class models vitdeploy has no family for (LingBot-Vision, Sapiens2, RoPE ViTs): refused by the
+    name the folder records, not read as the closest ViT whatever its tensors."""
+    from vitdeploy.checkpoints import CheckpointError
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, depth=1, embed_dim=64, num_heads=2,
+                              img_size=32)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({"architecture": architecture}))
+    with pytest.raises(CheckpointError, match=architecture) as refused:
+        load_model(hub)
+    assert "\n" not in str(refused.value) and "build" in str(refused.value)

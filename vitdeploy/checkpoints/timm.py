@@ -45,7 +45,7 @@ from vitdeploy.variants import VARIANTS
 # Architecture name prefixes of the timm models vitdeploy reads.
 TIMM_PREFIXES = ("vit_", "deit_", "deit3_")
 # Parts of timm names of vit_* models built by other classes than its VisionTransformer.
-_FOREIGN_MARKERS = ("rope", "_pe_", "dinov3", "naflex", "eva", "aimv2")
+_FOREIGN_MARKERS = ("rope", "_pe_", "dinov3", "naflex", "eva", "aimv2", "lingbot", "sapiens")
 # Parts of timm names of VisionTransformers whose blocks compute differently under the same tensor names
 # (ResPostBlock: the norms after attention and MLP), refused even where only a file's name says so.
 _SAME_NAMES_OTHER_BLOCKS = {"_rpn_": "timm's residual post-norm ViT (ResPostBlock: each norm after its branch)"}
