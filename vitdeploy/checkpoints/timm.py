@@ -151,8 +151,9 @@ def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, arc
     named = architecture or model or (name_in_file_name(path) if path.is_file() else "")
     for marker, what in _SAME_NAMES_OTHER_BLOCKS.items():
         if marker in named and named not in VARIANTS:
+            hint = "" if architecture or model else " (the file's name says so: rename the file if it is not)"
             raise ArchitectureRefused(f"{path}: {named!r} names {what}, which vitdeploy does not build; its tensor "
-                                      "names are a pre-norm ViT's, so it is refused rather than read as one")
+                                      f"names are a pre-norm ViT's, so it is refused rather than read as one{hint}")
     if family is None and architecture is None:
         family = bare_family(state_dict, str(path))
     if family is not None:
