@@ -484,7 +484,8 @@ def _transformers_plan(source: str) -> SourcePlan:
 
 
 def _openclip_plan(source: str) -> SourcePlan:
-    from vitdeploy.checkpoints.openclip import CONFIG_FILE
+    from vitdeploy.checkpoints.common import CheckpointError
+    from vitdeploy.checkpoints.openclip import CONFIG_FILE, folder_files
 
     plan = SourcePlan(source, "openclip", library="open_clip_torch")
     try:
@@ -497,6 +498,14 @@ def _openclip_plan(source: str) -> SourcePlan:
         plan.skipped = "open_clip is not importable here (pip install open_clip_torch)"
         return plan
     folder = Path(source).expanduser()
+    if folder.name == CONFIG_FILE:
+        folder = folder.parent
+    if folder.is_file() and (folder.parent / CONFIG_FILE).is_file():
+        try:  # the file open_clip itself loads from its folder (another file there is not what it would check)
+            if folder_files(folder.parent) == [folder]:
+                folder = folder.parent
+        except CheckpointError:
+            pass
     if not (folder.is_dir() and (folder / CONFIG_FILE).is_file()):
         plan.skipped = (f"a bare OpenCLIP weight file: open_clip builds its model from {CONFIG_FILE}; pass the "
                         "folder that holds both to check it against open_clip")

@@ -189,6 +189,25 @@ def test_what_vitdeploy_does_not_build_is_refused_in_one_line(tmp_path, change, 
     assert "\n" not in str(raised.value)
 
 
+def test_a_weight_file_in_its_folder_takes_the_config_beside_it(tmp_path) -> None:
+    """The file a user downloaded from an OpenCLIP Hub repo, passed alone: read with the folder's config (QuickGELU,
+    not guessed), checked against open_clip where it is the file open_clip loads; another file there is read
+    with the config too but not checked (open_clip would load the other one)."""
+    folder = write_folder(tmp_path / "quick", VISION, quick_gelu=True)
+    weights = folder / "open_clip_pytorch_model.bin"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        checkpoint = read_checkpoint(weights)
+    assert checkpoint.config.act == "quick_gelu" and any("beside the file" in note for note in checkpoint.notes)
+    assert plan_source_check(weights, "openclip").runs
+    assert plan_source_check(folder / "open_clip_config.json", "openclip").runs
+    assert read_checkpoint(folder / "open_clip_config.json").config == checkpoint.config
+    other = folder / "epoch_1.pt"
+    other.write_bytes(weights.read_bytes())
+    assert read_checkpoint(other).config.act == "quick_gelu"
+    assert not plan_source_check(other, "openclip").runs
+
+
 def test_a_bare_file_without_ln_pre_is_refused_rather_than_pooled_by_a_guess(tmp_path) -> None:
     folder = write_folder(tmp_path / "clipa", {**VISION, "no_ln_pre": True, "pool_type": "avg",
                                                 "final_ln_after_pool": True})

@@ -47,11 +47,11 @@ def _read_json(path: Path) -> object:
 
 
 def checkpoint_path(source: str | Path) -> Path:
-    """``source`` as a path that exists; a ``config.json`` stands for its folder."""
+    """``source`` as a path that exists; a ``config.json`` (or ``open_clip_config.json``) stands for its folder."""
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {source} does not exist; {EXPECTED}")
-    if path.is_file() and path.name == "config.json":
+    if path.is_file() and path.name in ("config.json", OPENCLIP_CONFIG):
         path = path.parent
     return path
 

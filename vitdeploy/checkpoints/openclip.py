@@ -16,7 +16,7 @@ Two kinds of image tower:
 
 The config gives what the weights cannot show: QuickGELU (``quick_gelu``, OpenAI's weights), the
 heads (``width // head_width``), the pooling (``pool_type``, ``final_ln_after_pool``) and the
-preprocessing. A bare file has no config: GELU, 64-wide heads (or the registry's), class-token
+preprocessing; a weight file read on its own takes the config beside it. A bare file has no config: GELU, 64-wide heads (or the registry's), class-token
 pooling, OpenAI's normalisation, each said in the notes.
 """
 
@@ -211,6 +211,9 @@ def read_openclip(path: Path, num_heads: int | None = None, model: str | None = 
             state_dict, notes = read_safetensors(path)[0], []
         else:
             state_dict, notes = unwrap_state_dict(read_torch(path), path)
+        if is_openclip_folder(path.parent):  # a weight file in its Hub folder: the config beside it holds
+            data = read_model_config(path.parent)
+            notes.append(f"took the architecture from the {CONFIG_FILE} beside the file")
     state_dict, stripped = strip_prefixes(state_dict)
     notes += stripped
     model_cfg = dict(data.get("model_cfg") or {})
