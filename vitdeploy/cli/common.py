@@ -258,8 +258,8 @@ def add_pos_embed_resample(parser: argparse.ArgumentParser) -> None:
         "--pos-embed-resample", choices=list(RESAMPLE_METHODS),
         help="how position embeddings are resampled at other resolutions, so that they give the logits of the "
         "framework named: " + "; ".join(f"{m.name}: {m.summary}" for m in RESAMPLE_METHODS.values())
-        + ". Default: the checkpoint's own (timm files and JAX .npz → timm, Hugging Face folders → huggingface, "
-        "native files → what they were saved with)",
+        + ". Default: the checkpoint's own (timm files, OpenCLIP and JAX .npz → timm, Hugging Face folders → "
+        "huggingface, native files → what they were saved with)",
     )
 
 
@@ -292,7 +292,7 @@ def add_source_check(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-source-check", action="store_true",
         help="do not also run the checkpoint's own library (timm for timm state dicts and Hub folders, "
-        "transformers for Hugging Face folders) on real photos at the native and a non-square size and compare; "
+        "transformers for Hugging Face folders, open_clip for OpenCLIP folders) on real photos at the native and a non-square size and compare; "
         "by default an artifact that disagrees with it beyond its precision's tolerance is refused. The report "
         "says whether it was checked, against which library and version, or why not",
     )

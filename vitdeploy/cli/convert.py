@@ -20,11 +20,12 @@ FORMAT_CHOICES = ("auto", "native", "timm", "huggingface", "jax", "dinov2", "din
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a timm / Hugging Face / JAX checkpoint to vitdeploy's native format",
+        help="convert a timm / Hugging Face / OpenCLIP / JAX checkpoint to vitdeploy's native format",
         description=(
             "Load a checkpoint in any supported format (detected automatically: a timm state dict "
             ".pth/.pt/.bin/.safetensors or timm Hub folder, a Hugging Face transformers folder (ViT, DeiT, "
-            "DINOv2, CLIP or SigLIP image tower), an original DINOv2 .pth, an original JAX .npz, or a native "
+            "DINOv2, CLIP or SigLIP image tower, ViT-MSN, ViT-MAE, I-JEPA, DINOv3, SigLIP 2, AIMv2), an OpenCLIP "
+            "folder or weight file, an original DINOv2 or DINOv3 .pth, an original JAX .npz, or a native "
             "vitdeploy checkpoint) and write it in vitdeploy's native format: "
             "a folder with model.safetensors + config.json, or one .safetensors file when OUT ends in "
             ".safetensors. A registry variant name gives random weights (for pipeline tests)."
