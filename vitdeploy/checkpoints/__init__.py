@@ -26,11 +26,9 @@ from vitdeploy.checkpoints.common import (
     file_sha256,
     force_variant,
     instantiate,
-    read_safetensors,
-    read_torch,
+    read_weight_file,
     state_dict_sha256,
     strip_prefixes,
-    unwrap_state_dict,
 )
 from vitdeploy.checkpoints.detect import (
     EXPECTED,
@@ -107,8 +105,7 @@ def _read(source: str | Path, format: str, num_heads: int | None, model: str | N
     if fmt == "dinov2":
         return read_dinov2(path, num_heads=num_heads)
     if fmt == "dinov3":
-        state_dict, notes = unwrap_state_dict(read_torch(path), path) if path.suffix != ".safetensors" else (
-            read_safetensors(path)[0], [])
+        state_dict, notes = read_weight_file(path)
         checkpoint = read_original_dinov3(strip_prefixes(state_dict)[0], str(path), [path], num_heads, model)
         checkpoint.notes[:0] = notes
         return checkpoint

@@ -188,15 +188,19 @@ def read_torch(path: Path) -> Any:
         ) from None
 
 
+def read_weight_file(path: Path) -> tuple[StateDict, list[str]]:
+    """The tensors of one weight file (.safetensors, or a weights-only torch pickle unwrapped by
+    :func:`unwrap_state_dict`) and notes on where in the file they were found."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0], []
+    return unwrap_state_dict(read_torch(path), path)
+
+
 def read_weight_files(files: list[Path]) -> StateDict:
     """Tensors of one or more weight files (.safetensors or weights-only torch pickles), merged."""
     merged: StateDict = {}
     for path in files:
-        if path.suffix == ".safetensors":
-            tensors, _ = read_safetensors(path)
-        else:
-            tensors, _ = unwrap_state_dict(read_torch(path), path)
-        merged.update(tensors)
+        merged.update(read_weight_file(path)[0])
     return merged
 
 

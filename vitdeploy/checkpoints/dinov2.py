@@ -23,10 +23,8 @@ from vitdeploy.checkpoints.common import (
     Checkpoint,
     CheckpointError,
     StateDict,
-    read_safetensors,
-    read_torch,
+    read_weight_file,
     strip_prefixes,
-    unwrap_state_dict,
 )
 from vitdeploy.checkpoints.conversion import Conversion, build_config, grid_side
 from vitdeploy.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -98,10 +96,7 @@ def convert_dinov2_hub(source: StateDict, where: str, num_heads: int | None = No
 
 def read_dinov2_tensors(path: Path) -> tuple[StateDict, list[str]]:
     """The tensors of an original DINOv2 file (``.safetensors`` or a weights-only torch pickle)."""
-    if path.suffix == ".safetensors":
-        tensors, notes = read_safetensors(path)[0], []
-    else:
-        tensors, notes = unwrap_state_dict(read_torch(path), path)
+    tensors, notes = read_weight_file(path)
     tensors, stripped = strip_prefixes(tensors)
     return tensors, notes + stripped
 

@@ -34,11 +34,9 @@ from vitdeploy.checkpoints.common import (
     StateDict,
     infer_config,
     note,
-    read_safetensors,
-    read_torch,
+    read_weight_file,
     read_weight_files,
     strip_prefixes,
-    unwrap_state_dict,
 )
 from vitdeploy.variants import VARIANTS
 
@@ -207,10 +205,7 @@ def read_openclip(path: Path, num_heads: int | None = None, model: str | None = 
         state_dict, notes = read_weight_files(files), []
     else:
         files = [path]
-        if path.suffix == ".safetensors":
-            state_dict, notes = read_safetensors(path)[0], []
-        else:
-            state_dict, notes = unwrap_state_dict(read_torch(path), path)
+        state_dict, notes = read_weight_file(path)
         if is_openclip_folder(path.parent):  # a weight file in its Hub folder: the config beside it holds
             data = read_model_config(path.parent)
             notes.append(f"took the architecture from the {CONFIG_FILE} beside the file")

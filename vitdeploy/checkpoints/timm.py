@@ -33,11 +33,9 @@ from vitdeploy.checkpoints.common import (
     folder_weight_files,
     infer_config,
     name_in_file_name,
-    read_safetensors,
-    read_torch,
+    read_weight_file,
     read_weight_files,
     strip_prefixes,
-    unwrap_state_dict,
 )
 from vitdeploy.checkpoints.families import architecture_family, bare_family, family_named_by_file, read_family
 from vitdeploy.variants import VARIANTS
@@ -119,10 +117,7 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
         state_dict = read_weight_files(files)
     else:
         files = [path]
-        if path.suffix == ".safetensors":
-            state_dict, _ = read_safetensors(path)
-        else:
-            state_dict, notes = unwrap_state_dict(read_torch(path), path)
+        state_dict, notes = read_weight_file(path)
     state_dict, stripped = strip_prefixes(state_dict)
     return timm_checkpoint(state_dict, path, files, architecture=architecture, model=model, num_heads=num_heads,
                            base=base, model_args=model_args, notes=notes + stripped)
