@@ -389,12 +389,12 @@ class SourcePlan:
 def _importable(name: str) -> bool:
     import importlib.util
 
-    if name == "timm":
-        from vitdeploy.timm_import import import_timm
+    if name in ("timm", "open_clip"):  # imported beside the torchvision stand-in
+        from vitdeploy.timm_import import import_open_clip, import_timm
 
         try:
-            return import_timm() is not None
-        except Exception:  # noqa: BLE001 - a broken install is "not importable"
+            return (import_timm if name == "timm" else import_open_clip)() is not None
+        except Exception:  # noqa: BLE001 - a broken install (a missing dependency) is "not importable"
             return False
     return importlib.util.find_spec(name) is not None
 
@@ -488,13 +488,7 @@ def _openclip_plan(source: str) -> SourcePlan:
     from vitdeploy.checkpoints.openclip import CONFIG_FILE, folder_files
 
     plan = SourcePlan(source, "openclip", library="open_clip_torch")
-    try:
-        from vitdeploy.timm_import import import_open_clip
-
-        importable = import_open_clip() is not None
-    except Exception:  # noqa: BLE001 - a broken install (a missing dependency) is "not importable"
-        importable = False
-    if not importable:
+    if not _importable("open_clip"):
         plan.skipped = "open_clip is not importable here (pip install open_clip_torch)"
         return plan
     folder = Path(source).expanduser()
