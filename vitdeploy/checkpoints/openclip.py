@@ -16,8 +16,9 @@ Two kinds of image tower:
 
 The config gives what the weights cannot show: QuickGELU (``quick_gelu``, OpenAI's weights), the
 heads (``width // head_width``), the pooling (``pool_type``, ``final_ln_after_pool``) and the
-preprocessing; a weight file read on its own takes the config beside it. A bare file has no config: GELU, 64-wide heads (or the registry's), class-token
-pooling, OpenAI's normalisation, each said in the notes.
+preprocessing; a weight file read on its own takes the config beside it. A bare file has no config:
+GELU, 64-wide heads (or the registry's), class-token pooling, OpenAI's normalisation, each said in
+the notes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vitdeploy.checkpoints.common import (
     read_weight_files,
     strip_prefixes,
 )
+from vitdeploy.constants import CLIP_MEAN, CLIP_STD
 from vitdeploy.variants import VARIANTS
 
 CONFIG_FILE = "open_clip_config.json"
@@ -46,10 +48,6 @@ WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetens
                 "open_clip_pytorch_model.pth")
 TOWER = "visual."
 TRUNK = "visual.trunk."
-# open_clip's default normalisation (OPENAI_DATASET_MEAN / _STD) and eval transform (resize the short side,
-# centre crop the whole of it, bicubic).
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Block tensors: open_clip's ResidualAttentionBlock name -> timm's Block name.
 _BLOCK_NAMES = {
@@ -102,7 +100,9 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 
 
 def _preprocessing(preprocess_cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"mean": OPENAI_MEAN, "std": OPENAI_STD, "crop_pct": 1.0, "interpolation": "bicubic"}
+    # open_clip's defaults: OpenAI's normalisation (its OPENAI_DATASET_MEAN / _STD), the short side resized
+    # (bicubic) and the whole of it centre-cropped
+    fields: dict[str, Any] = {"mean": CLIP_MEAN, "std": CLIP_STD, "crop_pct": 1.0, "interpolation": "bicubic"}
     for key in ("mean", "std", "interpolation"):
         if preprocess_cfg.get(key) is not None:
             fields[key] = preprocess_cfg[key]
@@ -114,7 +114,8 @@ def _preprocessing(preprocess_cfg: Mapping[str, Any], notes: list[str]) -> dict[
 
 
 def _tower_state(state_dict: StateDict, what: str, notes: list[str]) -> StateDict:
-    """The ``visual.`` tensors without their prefix (the text tower's left aside, and said so)."""
+    """The image tower's tensors without ``visual.`` (the text tower's left aside, and said so), or the
+    state dict as it is where it is the tower alone."""
     if set(state_dict) >= _TOWER_ALONE:
         return state_dict
     tower = {k[len(TOWER):]: v for k, v in state_dict.items() if k.startswith(TOWER)}

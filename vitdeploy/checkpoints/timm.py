@@ -131,6 +131,7 @@ def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, arc
     ``architecture``, ``model``, the file name or the tensor names say so (:func:`read_timm`), else a ViT."""
     notes = list(notes or [])
     base = dict(base or {})
+    file_name = name_in_file_name(path) if path.is_file() else None
     state_dict = stem_only_backbone_as_stem(state_dict)
     if any(key in state_dict for key in HF_MARKERS):
         raise CheckpointError(
@@ -143,7 +144,7 @@ def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, arc
         architecture = model if family is not None else architecture
     if family is None and architecture is None and path.is_file():
         family, architecture = family_named_by_file(path, state_dict, notes)
-    named = architecture or model or (name_in_file_name(path) if path.is_file() else "")
+    named = architecture or model or file_name or ""
     for marker, what in _SAME_NAMES_OTHER_BLOCKS.items():
         if marker in named and named not in VARIANTS:
             hint = "" if architecture or model else " (the file's name says so: rename the file if it is not)"
@@ -169,7 +170,6 @@ def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, arc
         notes.append(f"ignored {len(labels)} label_names that do not match the head")
         base.pop("labels")
     base["pos_embed_resample"] = "timm"
-    file_name = name_in_file_name(path) if path.is_file() else None
     config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture,
                                     file_name=file_name)
     return Checkpoint(config, state_dict, source_format, files, notes=notes + inferred)

@@ -292,8 +292,8 @@ def add_source_check(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-source-check", action="store_true",
         help="do not also run the checkpoint's own library (timm for timm state dicts and Hub folders, "
-        "transformers for Hugging Face folders, open_clip for OpenCLIP folders) on real photos at the native and a non-square size and compare; "
-        "by default an artifact that disagrees with it beyond its precision's tolerance is refused. The report "
+        "transformers for Hugging Face folders, open_clip for OpenCLIP folders) on real photos at the native "
+        "and a non-square size and compare; by default an artifact that disagrees with it beyond its precision's tolerance is refused. The report "
         "says whether it was checked, against which library and version, or why not",
     )
 
