@@ -26,14 +26,14 @@ _SIZES: dict[str, tuple[int, int, int, int, int | None]] = {
     "large": (1024, 24, 16, 4096, 307),
     "huge": (1280, 32, 16, 5120, 632),
 }
-# Families' other sizes: (hidden, depth, heads, mlp).
-_SO400M = (1152, 27, 16, 4304)
-_SIGLIP_SIZES = {"so400m": _SO400M, "giantopt": (1536, 40, 16, 6144)}
+# Families' other sizes by name: (hidden, depth, heads, mlp). OpenCLIP's g/14 and bigG/14 and SigLIP 2's
+# g-opt have 16 heads, which their widths do not suggest.
+_FAMILY_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "so400m": (1152, 27, 16, 4304), "giantopt": (1536, 40, 16, 6144), "giant": (1408, 40, 16, 6144),
+    "gigantic": (1664, 48, 16, 8192)}
 
-# CLIP's joint-space width by tower size; OpenCLIP's g/14 and bigG/14 towers (16 heads each, which their
-# widths do not suggest).
+# CLIP's joint-space width by tower size.
 _CLIP_PROJECTION = {"base": 512, "large": 768, "huge": 1024, "giant": 1024, "gigantic": 1280}
-_CLIP_SIZES = {"giant": (1408, 40, 16, 6144), "gigantic": (1664, 48, 16, 8192)}
 
 # (size, patch, image) for every plain variant that timm defines.
 _PLAIN = [
@@ -74,8 +74,11 @@ VARIANTS["vit_base_r26_s32_224"] = VARIANTS["vit_small_r26_s32_224"].replace(
 
 
 def _add(name: str, size: str | tuple[int, int, int, int], patch: int, image: int, **fields: Any) -> None:
-    """Registers ``name``; ``fields`` by flat name (:meth:`ViTConfig.from_fields`): family, mean, ... too."""
-    hidden, depth, heads, mlp = _SIZES[size][:4] if isinstance(size, str) else size
+    """Registers ``name`` (``size``: a name in ``_SIZES`` or ``_FAMILY_SIZES``, or (hidden, depth, heads, mlp));
+    ``fields`` by flat name (:meth:`ViTConfig.from_fields`): family, mean, ... too."""
+    if isinstance(size, str):
+        size = _SIZES[size][:4] if size in _SIZES else _FAMILY_SIZES[size]
+    hidden, depth, heads, mlp = size
     fields.setdefault("crop_pct", 0.9 if image == 224 else 1.0)
     VARIANTS[name] = ViTConfig.from_fields(dict(name=name, image_size=image, patch_size=patch, hidden_size=hidden,
                                                 depth=depth, num_heads=heads, mlp_size=mlp, **fields))
@@ -96,7 +99,7 @@ _IJEPA = dict(family="ijepa", num_classes=0, class_token=False, pooling="avg", f
               std=IMAGENET_STD)
 _add("vit_huge_patch14_gap_224", "huge", 14, 224, **_IJEPA)
 _add("vit_huge_patch16_gap_448", "huge", 16, 448, **_IJEPA)
-_add("vit_giant_patch16_gap_224", (1408, 40, 16, 6144), 16, 224, **_IJEPA)
+_add("vit_giant_patch16_gap_224", "giant", 16, 224, **_IJEPA)
 for _size in ("small", "base", "large"):
     _dinov2 = dict(family="dinov2", num_classes=0, layer_scale=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    crop_pct=1.0)
@@ -114,7 +117,7 @@ for _size, _patch, _image, _acts in (
 ):
     for _act in _acts:
         _tag = "_quickgelu" if _act == "quick_gelu" else ""
-        _add(f"vit_{_size}_patch{_patch}_clip{_tag}_{_image}", _CLIP_SIZES.get(_size, _size), _patch, _image,
+        _add(f"vit_{_size}_patch{_patch}_clip{_tag}_{_image}", _size, _patch, _image,
              family="clip", num_classes=0,
              projection_dim=_CLIP_PROJECTION[_size], pre_norm=True, patch_bias=False, layer_norm_eps=1e-5,
              act=_act, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)
@@ -129,9 +132,8 @@ for _size, _patch, _image, _act in (
     *(("so400m", 16, _image, "gelu_tanh") for _image in (256, 384, 512)),
     *(("giantopt", 16, _image, "gelu_tanh") for _image in (256, 384)),
 ):
-    _shape = _SIGLIP_SIZES.get(_size, _size)
-    _add(f"vit_{_size}_patch{_patch}_siglip_{_image}", _shape, _patch, _image, pooling="map", act=_act, **_SIGLIP)
-    _add(f"vit_{_size}_patch{_patch}_siglip_gap_{_image}", _shape, _patch, _image, pooling="avg", fc_norm=False,
+    _add(f"vit_{_size}_patch{_patch}_siglip_{_image}", _size, _patch, _image, pooling="map", act=_act, **_SIGLIP)
+    _add(f"vit_{_size}_patch{_patch}_siglip_gap_{_image}", _size, _patch, _image, pooling="avg", fc_norm=False,
          act=_act, **_SIGLIP)
 # Backbones without a final norm (timm's final_norm=False): NVIDIA's C-RADIO (registers after the class
 # token, a position table for the patches alone; timm resamples it as for any ViT) and InternVL's InternViT-300M.
@@ -141,7 +143,7 @@ for _name, _shape, _fields in (
     ("vit_large_patch16_radio_v3", "large", dict(num_reg_tokens=7, layer_scale=1e-5)),
     ("vit_huge_patch16_radio_v3", "huge", dict(num_reg_tokens=7)),
     ("vit_giant_patch16_radio_v3", (1536, 40, 24, 6144), dict(num_reg_tokens=7)),
-    ("vit_so400m_patch16_radio_v4", _SO400M, dict(num_reg_tokens=9)),
+    ("vit_so400m_patch16_radio_v4", "so400m", dict(num_reg_tokens=9)),
     ("vit_huge_patch16_radio_v4", "huge", dict(num_reg_tokens=9)),
 ):
     _add(_name, _shape, 16, 512, **_RADIO, **_fields)
@@ -149,7 +151,7 @@ _add("vit_intern300m_patch14_448", "large", 14, 448, num_classes=0, layer_scale=
      mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
 # timm's gap towers of So400m/14 at the sizes of its fine-tuned weights (crop 1.0 from 384 up)
 for _image in (448, 896):
-    _add(f"vit_so400m_patch14_siglip_gap_{_image}", _SO400M, 14, _image, pooling="avg", fc_norm=False,
+    _add(f"vit_so400m_patch14_siglip_gap_{_image}", "so400m", 14, _image, pooling="avg", fc_norm=False,
          **{**_SIGLIP, "crop_pct": 1.0})
 
 
