@@ -399,6 +399,15 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _library_plan(source: str, format: str, library: str, module: str) -> SourcePlan:
+    """A plan against ``library`` (the package; ``module`` its import name), skipped, saying so, where it
+    cannot be imported here."""
+    plan = SourcePlan(source, format, library=library)
+    if not _importable(module):
+        plan.skipped = f"{module} is not importable here (pip install {library})"
+    return plan
+
+
 def plan_source_check(source: str | Path, format: str, *, model: str | None = None, image_size: int | None = None,
                       enabled: bool = True) -> SourcePlan:
     """What the checkpoint ``source`` (read as ``format``, :class:`~vitdeploy.checkpoints.ResolvedModel`'s)
@@ -421,9 +430,8 @@ def plan_source_check(source: str | Path, format: str, *, model: str | None = No
 def _timm_plan(source: str, model: str | None, image_size: int | None) -> SourcePlan:
     from vitdeploy.checkpoints.common import CheckpointError, folder_weight_files, name_in_file_name
 
-    plan = SourcePlan(source, "timm", library="timm")
-    if not _importable("timm"):
-        plan.skipped = "timm is not importable here (pip install timm)"
+    plan = _library_plan(source, "timm", "timm", "timm")
+    if plan.skipped:
         return plan
     from vitdeploy.timm_import import import_timm
 
@@ -468,9 +476,8 @@ def _timm_plan(source: str, model: str | None, image_size: int | None) -> Source
 
 
 def _transformers_plan(source: str) -> SourcePlan:
-    plan = SourcePlan(source, "huggingface", library="transformers")
-    if not _importable("transformers"):
-        plan.skipped = "transformers is not importable here (pip install transformers)"
+    plan = _library_plan(source, "huggingface", "transformers", "transformers")
+    if plan.skipped:
         return plan
     folder = Path(source).expanduser()
     if folder.is_file():
@@ -487,9 +494,8 @@ def _openclip_plan(source: str) -> SourcePlan:
     from vitdeploy.checkpoints.common import CheckpointError
     from vitdeploy.checkpoints.openclip import CONFIG_FILE, folder_files
 
-    plan = SourcePlan(source, "openclip", library="open_clip_torch")
-    if not _importable("open_clip"):
-        plan.skipped = "open_clip is not importable here (pip install open_clip_torch)"
+    plan = _library_plan(source, "openclip", "open_clip_torch", "open_clip")
+    if plan.skipped:
         return plan
     folder = Path(source).expanduser()
     if folder.name == CONFIG_FILE:
