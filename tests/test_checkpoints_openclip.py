@@ -85,12 +85,17 @@ def compare_with_open_clip(folder: Path, sizes=(NATIVE, CHANGED)) -> list[str]:
     return compared
 
 
-def test_a_resize_mode_vitdeploy_does_not_reproduce_is_said(tmp_path) -> None:
-    folder = write_folder(tmp_path / "squash", VISION, preprocess={"mean": [0.5] * 3, "std": [0.5] * 3,
-                                                                   "resize_mode": "squash"})
-    checkpoint = read_checkpoint(folder)
-    assert checkpoint.config.preprocessing.mean == (0.5, 0.5, 0.5)
-    assert any("resize_mode 'squash'" in note for note in checkpoint.notes)
+def test_preprocess_cfg_resize_mode_is_read_and_one_not_reproduced_is_said(tmp_path) -> None:
+    """open_clip's inference transform: "shortest" resizes the short side and crops, "squash" resizes both
+    sides to the size (SigLIP's towers), "longest" letterboxes, which vitdeploy does not."""
+    for mode, expected in (("squash", "squash"), ("shortest", "shortest"), (None, "shortest"),
+                           ("longest", "shortest")):
+        settings = {"mean": [0.5] * 3, "std": [0.5] * 3, **({"resize_mode": mode} if mode else {})}
+        checkpoint = read_checkpoint(write_folder(tmp_path / str(mode), VISION, preprocess=settings))
+        pre = checkpoint.config.preprocessing
+        assert (pre.mean, pre.resize_mode, pre.crop_pct) == ((0.5, 0.5, 0.5), expected, 1.0), mode
+        noted = [note for note in checkpoint.notes if "resize_mode" in note]
+        assert len(noted) == (mode == "longest"), (mode, noted)
 
 
 @pytest.mark.parametrize("case", ["gelu", "quick_gelu", "layer_scale", "clipa", "tanh_eps_heads"])

@@ -72,6 +72,31 @@ def test_inspect_tells_the_validated_range_from_the_declared_one(tmp_path, capsy
     assert "validated    : not checked\n" in capsys.readouterr().out
 
 
+def test_inspect_shows_the_preprocessing_runtimes_apply(tmp_path, capsys) -> None:
+    """A variant's at its native size; an artifact's as its metadata records it (what predict, the runtimes
+    and Triton's clients apply), whatever its config would give."""
+    import dataclasses
+    import shutil
+
+    from onnx_artifacts import attach_metadata
+    from trt_artifacts import tiny_onnx
+
+    from vitdeploy.metadata import read_onnx_metadata
+
+    assert main(["inspect", "eva02_base_patch14_448"]) == 0
+    assert ("  preprocess   : resize both sides to 448 (bicubic), centre-crop 448, mean 0.481455/0.457827/0.408211, "
+            "std 0.26863/0.261303/0.275777\n") in capsys.readouterr().out
+    path = Path(shutil.copy(tiny_onnx(), tmp_path / "tiny.onnx"))
+    metadata = read_onnx_metadata(path)
+    metadata.preprocessing = dataclasses.replace(metadata.preprocessing, resize_size=40, resize_mode="squash",
+                                                 interpolation="bilinear")
+    attach_metadata(path, metadata)
+    out = tmp_path / "inspect.json"
+    assert main(["inspect", str(path), "--json", str(out)]) == 0
+    assert "preprocess   : resize both sides to 40 (bilinear), centre-crop 32" in capsys.readouterr().out
+    assert json.loads(out.read_text())["preprocessing"]["resize_mode"] == "squash"
+
+
 def test_inspect_names_the_backbone_of_each_hybrid(capsys) -> None:
     """R50+B/16 shows its three stages; AugReg's R+Ti/16 its stem alone, under a 7x7 grid at 224 (stride 32)."""
     assert main(["inspect", "vit_base_r50_s16_224", "--resolution", "224"]) == 0

@@ -62,7 +62,7 @@ def test_a_flat_config_written_before_the_split_loads_to_the_same_config() -> No
     # written back in the nested form, which reads back the same
     data = config.to_dict()
     assert data["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.9,
-                                     "interpolation": "bicubic"}
+                                     "interpolation": "bicubic", "resize_mode": "shortest"}
     assert data["provenance"] == {"family": "deit", "name": "deit_tiny_patch16_224", "labels": LABELS}
     assert not {"mean", "std", "crop_pct", "interpolation", "family", "name", "labels"} & set(data)
     assert ViTConfig.from_json(config.to_json()) == config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vitdeploy.metadata import Preprocessing, ShapeRange
 from vitdeploy.parity import (
@@ -21,6 +23,7 @@ from vitdeploy.parity import (
     validation_shapes,
     verify,
 )
+from vitdeploy.preprocessing import bundled_images, preprocess
 
 
 def logits(rows: int = 4, classes: int = 10, seed: int = 0) -> np.ndarray:
@@ -153,6 +156,18 @@ def test_input_factory_mixes_photos_and_synthetic_deterministically():
     photo_step = np.abs(np.diff(batch[0], axis=-1)).mean()
     noise_step = np.abs(np.diff(batch[2], axis=-1)).mean()
     assert photo_step < 0.5 * noise_step
+
+
+def test_input_factory_squashes_photos_for_a_squashing_model():
+    """A model evaluated on squashed photos is verified on squashed photos: the whole photo at each shape,
+    as ``preprocess`` gives it at the native one."""
+    squash = dataclasses.replace(PRE, resize_size=32, resize_mode="squash")
+    photo = bundled_images()[1]
+    assert Image.open(photo).width != Image.open(photo).height
+    batch, _ = InputFactory(squash, images=[photo], synthetic=False).batch(1, 32, 32)
+    np.testing.assert_allclose(batch[0], preprocess(photo, squash), rtol=0, atol=1e-6)
+    cropped, _ = InputFactory(PRE, images=[photo], synthetic=False).batch(1, 32, 32)
+    assert np.abs(cropped - batch).mean() > 0.1
 
 
 def test_input_factory_real_only_and_without_images():

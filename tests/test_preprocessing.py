@@ -35,12 +35,15 @@ MAX_ABS_BOUND = 0.25
 
 
 def torch_reference(image: Image.Image, pre: Preprocessing, shift: int = 0) -> np.ndarray:
-    """timm's eval transform rebuilt on torch ops: antialiased bicubic resize, centre crop, normalise."""
+    """timm's eval transform rebuilt on torch ops: antialiased bicubic resize (the short side, or both with
+    ``"squash"``), centre crop, normalise."""
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
     width, height = image.size
     short = min(width, height)
     new_h = pre.resize_size if height == short else int(pre.resize_size * height / short)
     new_w = pre.resize_size if width == short else int(pre.resize_size * width / short)
+    if pre.resize_mode == "squash":
+        new_h = new_w = pre.resize_size
     resized = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     resized = resized.clamp(0, 255).round()[0]
     top = int(round((new_h - pre.crop_size) / 2)) + shift
@@ -65,6 +68,20 @@ def test_matches_an_independent_torch_reference(photos, size, crop_pct):
         diff = np.abs(ours - torch_reference(photo, pre))
         assert diff.mean() < MEAN_ABS_BOUND, (size, photo.size, float(diff.mean()))
         assert diff.max() < MAX_ABS_BOUND, (size, photo.size, float(diff.max()))
+
+
+@pytest.mark.parametrize("size, crop_pct", [(224, 1.0), (224, 0.875), (48, 1.0)])
+def test_squash_matches_an_independent_torch_reference(photos, size, crop_pct):
+    pre = Preprocessing.for_model(size, crop_pct, interpolation="bicubic", resize_mode="squash", **IMAGENET)
+    for photo in photos:
+        ours = preprocess(photo, pre)
+        assert ours.shape == (3, size, size)
+        diff = np.abs(ours - torch_reference(photo, pre))
+        assert diff.mean() < MEAN_ABS_BOUND, (size, photo.size, float(diff.mean()))
+        assert diff.max() < MAX_ABS_BOUND, (size, photo.size, float(diff.max()))
+        if photo.width != photo.height:  # the aspect-keeping resize is far from it
+            kept = preprocess(photo, dataclasses.replace(pre, resize_mode="shortest"))
+            assert np.abs(kept - torch_reference(photo, pre)).mean() > 10 * MEAN_ABS_BOUND
 
 
 def test_the_reference_comparison_detects_a_one_pixel_crop_shift(photos):

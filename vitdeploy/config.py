@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vitdeploy.metadata import Preprocessing
+from vitdeploy.metadata import RESIZE_MODES, Preprocessing
 from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
 from vitdeploy.rope import RopeSpec, check_rope
 
@@ -85,7 +85,9 @@ class HybridConfig:
 @dataclass
 class InputPreprocessing:
     """The eval transform a checkpoint was trained with, at any size: normalisation, the share of the
-    resized image the centre crop keeps (timm's ``crop_pct``) and the resize filter.
+    resized image the centre crop keeps (timm's ``crop_pct``), the resize filter and whether the resize
+    keeps the aspect (``resize_mode``: ``"shortest"`` side, or ``"squash"`` both sides; see
+    :data:`~vitdeploy.metadata.RESIZE_MODES`).
 
     :meth:`at` resolves it for one input size into the runtime's
     :class:`~vitdeploy.metadata.Preprocessing` (resize and crop sizes), which artifacts carry.
@@ -95,15 +97,19 @@ class InputPreprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         self.crop_pct = float(self.crop_pct)
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
 
     def at(self, image_size: int) -> Preprocessing:
         """The resize/crop/normalise steps for ``image_size`` inputs (timm's eval transform)."""
-        return Preprocessing.for_model(image_size, self.crop_pct, self.mean, self.std, self.interpolation)
+        return Preprocessing.for_model(image_size, self.crop_pct, self.mean, self.std, self.interpolation,
+                                       self.resize_mode)
 
 
 @dataclass

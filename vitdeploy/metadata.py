@@ -14,27 +14,48 @@ from typing import Any, BinaryIO
 
 PREFIX = "vitdeploy."
 
+# How an image is resized before its centre crop: the short side to ``resize_size`` (aspect kept; timm's
+# "center", open_clip's "shortest", transformers' ``shortest_edge``), or both sides to it (aspect lost;
+# timm's and open_clip's "squash", transformers' ``{"height", "width"}`` sizes).
+RESIZE_MODES = ("shortest", "squash")
+
 
 @dataclass
 class Preprocessing:
-    """How an image becomes ``pixel_values``: resize the short side, centre-crop, normalise."""
+    """How an image becomes ``pixel_values``: resize (the short side, or both sides with ``resize_mode``
+    ``"squash"``) to ``resize_size``, centre-crop ``crop_size``, normalise."""
 
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize_size: int = 248
     crop_size: int = 224
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+
+    def describe(self) -> str:
+        """``resize the short side to 248 (bicubic), centre-crop 224, mean 0.485/0.456/0.406, std ...``."""
+        sides = "both sides" if self.resize_mode == "squash" else "the short side"
+
+        def values(numbers: tuple[float, ...]) -> str:
+            return "/".join(f"{v:g}" for v in numbers)
+
+        return (f"resize {sides} to {self.resize_size} ({self.interpolation}), centre-crop {self.crop_size}, "
+                f"mean {values(self.mean)}, std {values(self.std)}")
 
     @classmethod
-    def for_model(cls, image_size: int, crop_pct: float, mean, std, interpolation: str) -> Preprocessing:
-        """timm's eval transform: resize the short side to ``floor(size / crop_pct)``, then crop."""
+    def for_model(cls, image_size: int, crop_pct: float, mean, std, interpolation: str,
+                  resize_mode: str = "shortest") -> Preprocessing:
+        """timm's eval transform: resize to ``floor(size / crop_pct)`` (the short side, or both with
+        ``"squash"``), then crop."""
         return cls(
             mean=tuple(mean), std=tuple(std), resize_size=int(image_size / crop_pct),
-            crop_size=image_size, interpolation=interpolation,
+            crop_size=image_size, interpolation=interpolation, resize_mode=resize_mode,
         )
 
 

@@ -523,7 +523,8 @@ class InputFactory:
     """Deterministic test batches: real photographs resized to each shape, and synthetic images.
 
     Real images are fitted to ``height x width`` the way the eval transform does it (resize so
-    the image covers the target, centre-crop) with the artifact's interpolation, then scaled to
+    the image covers the target, centre-crop; or, for ``resize_mode`` ``"squash"``, resize to the
+    target) with the artifact's interpolation, then scaled to
     [0, 1] and normalised with its mean/std. Synthetic images are uniform random pixels with the
     same normalisation. In a batch, the first half (rounded up) are photographs.
     """
@@ -548,6 +549,8 @@ class InputFactory:
         image = self.images[index % len(self.images)]
         scale = max(height / image.height, width / image.width)
         size = (max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale)))
+        if self.preprocessing.resize_mode == "squash":
+            size = (width, height)
         resample = INTERPOLATIONS.get(self.preprocessing.interpolation, Image.Resampling.BICUBIC)
         resized = np.asarray(image.resize(size, resample), dtype=np.float32)
         top, left = (size[1] - height) // 2, (size[0] - width) // 2

@@ -2,8 +2,10 @@
 
 timm evaluates with ``Resize(int(size / crop_pct))`` (short side, PIL interpolation) →
 ``CenterCrop(size)`` → ``ToTensor`` → ``Normalize(mean, std)``; torchvision's PIL path calls
-``PIL.Image.resize``, so this module reproduces it without torch. The parameters come from an
-artifact's :class:`~vitdeploy.metadata.Preprocessing`.
+``PIL.Image.resize``, so this module reproduces it without torch. With ``resize_mode`` ``"squash"``
+both sides are resized to ``int(size / crop_pct)`` instead (timm's ``crop_mode='squash'``, open_clip's
+``resize_mode='squash'``, transformers' processors with a ``{"height", "width"}`` size). The parameters
+come from an artifact's :class:`~vitdeploy.metadata.Preprocessing`.
 """
 
 from __future__ import annotations
@@ -121,11 +123,14 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess(image: ImageLike, pre: Preprocessing) -> np.ndarray:
-    """One image → float32 ``[3, crop, crop]``: resize short side, centre-crop, scale to [0, 1], normalise."""
+    """One image → float32 ``[3, crop, crop]``: resize (short side, or both sides for ``"squash"``),
+    centre-crop, scale to [0, 1], normalise."""
     if pre.interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {pre.interpolation!r} is not one of {list(INTERPOLATIONS)}")
     picture = load_image(image)
-    resized = picture.resize(resized_size(*picture.size, int(pre.resize_size)), INTERPOLATIONS[pre.interpolation])
+    side = int(pre.resize_size)
+    size = (side, side) if pre.resize_mode == "squash" else resized_size(*picture.size, side)
+    resized = picture.resize(size, INTERPOLATIONS[pre.interpolation])
     pixels = center_crop(np.asarray(resized, dtype=np.uint8), int(pre.crop_size))
     scaled = pixels.astype(np.float32) / np.float32(255.0)
     mean = np.asarray(pre.mean, dtype=np.float32)

@@ -117,10 +117,12 @@ for _size, _patch, _image, _acts in (
 ):
     for _act in _acts:
         _tag = "_quickgelu" if _act == "quick_gelu" else ""
+        # timm's (only) weights of the gigantic tower at 378, MetaCLIP 2's, are evaluated squashed
         _add(f"vit_{_size}_patch{_patch}_clip{_tag}_{_image}", _size, _patch, _image,
              family="clip", num_classes=0,
              projection_dim=_CLIP_PROJECTION[_size], pre_norm=True, patch_bias=False, layer_norm_eps=1e-5,
-             act=_act, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0)
+             act=_act, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0,
+             resize_mode="squash" if (_size, _image) == ("gigantic", 378) else "shortest")
 _SIGLIP = dict(family="siglip", num_classes=0, class_token=False, crop_pct=0.9)
 # (size, patch, image, activation) of SigLIP's towers in timm; the SigLIP 2 towers new with it (B/32,
 # L/16 at 512, So400m/16, g-opt/16) use GELU's tanh approximation, the others the exact GELU.

@@ -260,12 +260,12 @@ _ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "hidden_size", "depth
                 "rope", "mlp_type", "mlp_norm", "norm", "qv_bias", "proj_bias", "patch_norm", "final_norm",
                 "pool_include_prefix")
 # Fields the weights cannot show, lent by the matching registry variant (or forced by model=).
-_VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act",
-                     "layer_scale")
+_VARIANT_DEFAULTS = ("name", "family", "mean", "std", "crop_pct", "interpolation", "resize_mode", "layer_norm_eps",
+                     "act", "layer_scale")
 _CONFIG_FIELDS = ViTConfig.field_names()
 # Fields no tensor shows (left out of the probe config that is matched against the registry).
-_NOT_IN_SHAPES = ("name", "family", "mean", "std", "crop_pct", "interpolation", "layer_norm_eps", "act", "labels",
-                  "pos_embed_resample")
+_NOT_IN_SHAPES = ("name", "family", "mean", "std", "crop_pct", "interpolation", "resize_mode", "layer_norm_eps", "act",
+                  "labels", "pos_embed_resample")
 # Fields a checkpoint keeps when model= forces another variant's architecture on it (with its preprocessing,
 # unless that was only a default).
 _CHECKPOINT_FIELDS = ("num_classes", "image_size", "labels", "pos_embed_resample")
@@ -495,7 +495,8 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     else:
         if prefer in VARIANTS:  # a named architecture built with other sizes (timm's model_args)
             named = VARIANTS[prefer].to_fields()
-            fields = {**{k: named[k] for k in ("family", "act", "layer_norm_eps", "mean", "std", "interpolation")},
+            fields = {**{k: named[k] for k in ("family", "act", "layer_norm_eps", "mean", "std", "interpolation",
+                                                 "resize_mode")},
                       **fields}
             notes.append(f"took the activation, norm epsilon and family of {prefer} (the file's architecture, "
                          "here with other sizes)")

@@ -126,7 +126,10 @@ def convert_family_transformers(family: Family, source: StateDict, data: dict[st
 
 def convert_dinov3_transformers(source: StateDict, data: dict[str, Any], where: str) -> Conversion:
     """A transformers ``DINOv3ViTModel`` state dict and its ``config.json`` as a :class:`Conversion`."""
-    return convert_family_transformers(DINOV3, source, data, where)
+    conversion = convert_family_transformers(DINOV3, source, data, where)
+    # DINOv3ViTImageProcessor's defaults: both sides resized (bilinear) to the model's size, no crop
+    conversion.fields.update(resize_mode="squash", interpolation="bilinear", crop_pct=1.0)
+    return conversion
 
 
 def convert_aimv2_transformers(source: StateDict, data: dict[str, Any], where: str) -> Conversion:

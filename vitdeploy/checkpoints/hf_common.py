@@ -59,8 +59,9 @@ def labels(data: dict[str, Any], num_classes: int | None = None) -> list[str] | 
     return names
 
 
-def preprocessing(folder: Path) -> dict[str, Any]:
-    """mean/std/interpolation/crop_pct from ``preprocessor_config.json``, when there is one."""
+def preprocessing(folder: Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """mean/std/interpolation and the resize (``crop_pct``, ``resize_mode``) from ``preprocessor_config.json``,
+    when there is one; what vitdeploy cannot reproduce is said in ``notes``."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return {}
@@ -68,6 +69,8 @@ def preprocessing(folder: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}; expected an image processor's settings")
     fields: dict[str, Any] = {}
     if data.get("image_mean") is not None:
         fields["mean"] = tuple(data["image_mean"])
@@ -75,12 +78,44 @@ def preprocessing(folder: Path) -> dict[str, Any]:
         fields["std"] = tuple(data["image_std"])
     if data.get("resample") in RESAMPLE_CODES:
         fields["interpolation"] = RESAMPLE_CODES[data["resample"]]
-    size, crop = data.get("size"), data.get("crop_size")
-    if data.get("do_center_crop") and isinstance(size, dict) and isinstance(crop, dict):
-        edge = size.get("shortest_edge") or size.get("height")
-        if edge and crop.get("height"):
-            fields["crop_pct"] = min(float(crop["height"]) / float(edge), 1.0)
-    return fields
+    return {**fields, **_resize(data, path, notes if notes is not None else [])}
+
+
+# transformers image processors that read a plain-number ``size`` as the short side (the rest as a square).
+_SHORT_SIDE_PROCESSORS = ("CLIPImageProcessor", "CLIPFeatureExtractor", "BitImageProcessor", "SiglipImageProcessor")
+
+
+def _size_dict(value: Any, short_side: bool) -> dict[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"shortest_edge": value} if short_side else {"height": value, "width": value}
+    return None
+
+
+def _resize(data: dict[str, Any], path: Path, notes: list[str]) -> dict[str, Any]:
+    """``crop_pct`` and ``resize_mode`` of a transformers image processor's resize and centre crop."""
+    kind = str(data.get("image_processor_type") or data.get("feature_extractor_type") or "")
+    short_side = kind.removesuffix("Fast").removesuffix("Pil") in _SHORT_SIDE_PROCESSORS
+    size = _size_dict(data.get("size"), short_side)
+    crop = _size_dict(data.get("crop_size"), False)
+    if data.get("do_resize") is False or size is None:
+        return {}
+    cropped = bool(data.get("do_center_crop", crop is not None)) and crop is not None and crop.get("height")
+    if size.get("shortest_edge"):
+        edge, mode = size["shortest_edge"], "shortest"
+        if not cropped:
+            notes.append(f"{path.name}: the processor keeps the whole resized image (short side "
+                         f"{edge}, no crop); vitdeploy centre-crops it square")
+    elif size.get("height") and size.get("width"):
+        edge, mode = size["height"], "squash"
+        if size["height"] != size["width"]:
+            notes.append(f"{path.name}: the processor resizes to {size['height']}x{size['width']}, which vitdeploy "
+                         "does not reproduce (it resizes to a square)")
+            return {}
+    else:
+        return {}
+    return {"resize_mode": mode, "crop_pct": min(float(crop["height"]) / float(edge), 1.0) if cropped else 1.0}
 
 
 def strip_model_prefix(source: StateDict, prefixes: tuple[str, ...]) -> StateDict:

@@ -167,7 +167,8 @@ def convert_deit(source: StateDict, data: dict[str, Any], where: str) -> Convers
     fields = dict(
         family="deit", name=_name(data, where, "hf_deit"), class_token=True, distilled=distilled,
         pooling="token", fc_norm=False, pos_embed_resample="huggingface",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic",
+        # DeiTImageProcessor's defaults: both sides resized to 256, the centre 224 cropped
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic", resize_mode="squash",
         **_shape_fields(out, 2 if distilled else 1, data, where), **_head_fields(out, data),
     )
     return Conversion(out, fields, sorted(unexpected + list(m.rest)), notes)
@@ -285,7 +286,8 @@ def convert_siglip(source: StateDict, data: dict[str, Any], where: str) -> Conve
     fields = dict(
         family="siglip", name=_name(data, where, "hf_siglip"), class_token=False,
         pooling="map" if head else "avg", fc_norm=False, num_classes=0, pos_embed_resample="huggingface",
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic",
+        # SiglipImageProcessor's defaults: both sides resized to the model's size, no crop
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic", resize_mode="squash",
         **_shape_fields(out, 0, data, where),
     )
     return Conversion(out, fields, sorted(unexpected + list(m.rest)), notes)

@@ -111,7 +111,8 @@ def hf_config(data: dict[str, Any], where: Path, num_classes: int) -> ViTConfig:
             dropout=float(values["hidden_dropout_prob"]),
             attention_dropout=float(values["attention_probs_dropout_prob"]),
             pos_embed_resample="huggingface",
-            preprocessing=InputPreprocessing(crop_pct=1.0, interpolation="bilinear"),
+            # ViTImageProcessor's defaults: both sides resized to the model's size, no crop
+            preprocessing=InputPreprocessing(crop_pct=1.0, interpolation="bilinear", resize_mode="squash"),
             provenance=Provenance(family="ijepa" if ijepa else "vit", name=name, labels=labels(data, num_classes)),
         )
     except (TypeError, ValueError) as error:
@@ -160,7 +161,7 @@ def convert_hf_folder(folder: Path) -> tuple[Conversion, list[Path]]:
     files = folder_weight_files(folder)
     raw, stripped = strip_prefixes(read_weight_files(files))
     conversion = convert_hf_family(raw, data, str(folder / "config.json"))
-    conversion.fields.update(preprocessing(folder))
+    conversion.fields.update(preprocessing(folder, conversion.notes))
     conversion.notes[:0] = stripped
     return conversion, files
 
@@ -179,7 +180,7 @@ def read_huggingface(folder: Path) -> Checkpoint:
     state_dict, unexpected, notes = convert_hf_state_dict(raw)
     head = state_dict.get("head.weight")
     config = hf_config(data, config_path, int(head.shape[0]) if head is not None else 0)
-    fields = preprocessing(folder)
+    fields = preprocessing(folder, notes)
     if fields:
         config = config.replace(**fields)
     return Checkpoint(config, state_dict, "huggingface", files, unexpected, stripped + notes)

@@ -106,8 +106,10 @@ def _preprocessing(preprocess_cfg: Mapping[str, Any], notes: list[str]) -> dict[
     for key in ("mean", "std", "interpolation"):
         if preprocess_cfg.get(key) is not None:
             fields[key] = preprocess_cfg[key]
-    resize_mode = preprocess_cfg.get("resize_mode", "shortest")
-    if resize_mode != "shortest":
+    resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
+    if resize_mode in ("shortest", "squash"):
+        fields["resize_mode"] = resize_mode
+    else:
         notes.append(f"preprocess_cfg resize_mode {resize_mode!r} is not reproduced: vitdeploy's preprocessing "
                      "resizes the short side and centre-crops (the same image where the photo is square)")
     return fields

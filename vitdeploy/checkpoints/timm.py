@@ -47,6 +47,8 @@ _FOREIGN_MARKERS = ("rope", "_pe_", "dinov3", "naflex", "eva", "aimv2", "lingbot
 # Parts of timm names of VisionTransformers whose blocks compute differently under the same tensor names
 # (ResPostBlock: the norms after attention and MLP), refused even where only a file's name says so.
 _SAME_NAMES_OTHER_BLOCKS = {"_rpn_": "timm's residual post-norm ViT (ResPostBlock: each norm after its branch)"}
+# timm's pretrained_cfg crop_mode → vitdeploy's resize_mode ("border", letterboxing, is not reproduced).
+_CROP_MODES = {"center": "shortest", "squash": "squash"}
 HF_MARKERS = ("embeddings.patch_embeddings.projection.weight", "vit.embeddings.patch_embeddings.projection.weight")
 
 
@@ -54,9 +56,9 @@ def is_timm_hub_config(data: object) -> bool:
     return isinstance(data, dict) and isinstance(data.get("architecture"), str)
 
 
-def _hub_fields(data: dict[str, Any], where: Path) -> tuple[dict[str, Any], int | None, str]:
+def _hub_fields(data: dict[str, Any], where: Path, notes: list[str]) -> tuple[dict[str, Any], int | None, str]:
     """Config fields (preprocessing, labels), ``model_args.num_heads`` and the architecture name
-    from a timm Hub ``config.json``."""
+    from a timm Hub ``config.json`` (what is not reproduced is said in ``notes``)."""
     architecture = data["architecture"].split(".")[0]
     if not architecture.startswith(TIMM_PREFIXES) and architecture_family(architecture, str(where)) is None:
         raise CheckpointError(f"{where}: timm architecture {data['architecture']!r} is not a ViT; expected "
@@ -66,6 +68,12 @@ def _hub_fields(data: dict[str, Any], where: Path) -> tuple[dict[str, Any], int 
     for key in ("mean", "std", "crop_pct", "interpolation"):
         if pretrained.get(key) is not None:
             fields[key] = pretrained[key]
+    crop_mode = pretrained.get("crop_mode") or "center"
+    if pretrained and crop_mode in _CROP_MODES:
+        fields["resize_mode"] = _CROP_MODES[crop_mode]
+    elif pretrained:
+        notes.append(f"{where.name}: pretrained_cfg crop_mode {crop_mode!r} is not reproduced; vitdeploy resizes "
+                     "the short side and centre-crops")
     labels = data.get("label_names")
     if isinstance(labels, list) and labels:
         fields["labels"] = [str(label) for label in labels]
@@ -110,7 +118,7 @@ def read_timm(path: Path, num_heads: int | None = None, model: str | None = None
         data = json.loads(config_path.read_text())
         if not is_timm_hub_config(data):
             raise CheckpointError(f"{config_path} has no \"architecture\"; not a timm Hub folder")
-        base, hub_heads, architecture = _hub_fields(data, config_path)
+        base, hub_heads, architecture = _hub_fields(data, config_path, notes)
         model_args = dict(data.get("model_args") or {})
         num_heads = num_heads if num_heads is not None else hub_heads
         files = folder_weight_files(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
     from vitdeploy.variants import VARIANTS, paper_size
 
     artifact: dict[str, Any] | None = None
+    preprocessing = None  # an artifact's own (what runtimes apply), else the config's at its native size
     path = Path(source)
     if source in VARIANTS and not path.exists():
         refuse_model_override(model, source, "a variant name already")
@@ -62,7 +64,7 @@ def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
         origin = "variant (no weights)"
     elif path.is_file() and path.suffix.lower() in (".onnx", *ENGINE_SUFFIXES):
         refuse_model_override(model, source, "an artifact, whose metadata records its architecture")
-        config, origin, artifact = _artifact(path)
+        config, origin, artifact, preprocessing = _artifact(path)
     elif path.exists():
         from vitdeploy.checkpoints import resolve_source
 
@@ -93,6 +95,8 @@ def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
             "gflops": count_flops(config, height, width) / 1e9,
         })
     paper = paper_size(config)
+    if preprocessing is None:
+        preprocessing = config.preprocessing.at(native)
     return {
         "source": source,
         "origin": origin,
@@ -100,13 +104,15 @@ def describe(source: str, resolutions: list[tuple[int, int]] | None = None,
         "parameters": params,
         "paper": {"model": paper[0], "parameters_millions": paper[1]} if paper else None,
         "config": config.replace(labels=None).to_dict(),
+        "preprocessing": asdict(preprocessing),
         "sizes": sizes,
         "artifact": artifact,
     }
 
 
-def _artifact(path: Path) -> tuple[Any, str, dict[str, Any]]:
-    """Config, origin and the artifact section of the report for an ONNX file or an engine."""
+def _artifact(path: Path) -> tuple[Any, str, dict[str, Any], Any]:
+    """Config, origin, the artifact section of the report and the preprocessing recorded, for an ONNX
+    file or an engine."""
     from vitdeploy.config import ViTConfig
 
     if path.suffix.lower() == ".onnx":
@@ -145,7 +151,7 @@ def _artifact(path: Path) -> tuple[Any, str, dict[str, Any]]:
         "validation": (metadata.validation or {}).get("passed"),
         **extra,
     }
-    return ViTConfig.from_dict(metadata.model_config), origin, section
+    return ViTConfig.from_dict(metadata.model_config), origin, section, metadata.preprocessing
 
 
 def _engine_layers(path: Path, manifest: Any) -> dict[str, Any]:
@@ -189,7 +195,7 @@ def _print_layers(artifact: dict[str, Any], every_layer: bool) -> None:
 
 
 def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
-    from vitdeploy.metadata import ShapeRange
+    from vitdeploy.metadata import Preprocessing, ShapeRange
 
     cfg = report["config"]
     paper = report["paper"]
@@ -208,6 +214,7 @@ def _print_report(report: dict[str, Any], every_layer: bool = False) -> None:
     print(f"  positions    : {parts.position_scheme}; MLP {mlp}, norm {parts.norm}")
     print(f"  parameters   : {report['parameters']:,} ({report['parameters'] / 1e6:.1f}M){paper_text}")
     print(f"  classes      : {cfg['num_classes']}, native size {cfg['image_size']}")
+    print(f"  preprocess   : {Preprocessing(**report['preprocessing']).describe()}")
     artifact = report.get("artifact")
     if artifact:
         declared = ShapeRange(**artifact["shape_range"])

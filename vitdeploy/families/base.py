@@ -160,7 +160,7 @@ def shape_fields(state_dict: StateDict, what: str) -> dict[str, Any]:
 
 # Fields a variant lends an inferred config (what no tensor shows).
 LENT = ("name", "family", "num_heads", "layer_norm_eps", "act", "rope", "rope_temperature", "rope_offset",
-        "rope_indexing", "rope_ref_grid", "pool_heads", "mean", "std", "crop_pct", "interpolation",
+        "rope_indexing", "rope_ref_grid", "pool_heads", "mean", "std", "crop_pct", "interpolation", "resize_mode",
         "pos_embed_resample", "pooling", "fc_norm", "image_size", "class_token", "pool_form", "sincos_pos_embed")
 # Fields the tensors show that must equal a named variant's (the rest are sizes).
 STRUCTURE = ("mlp_type", "mlp_norm", "attn_norm", "qkv_bias", "qv_bias", "has_class_token", "num_reg_tokens", "pre_norm",

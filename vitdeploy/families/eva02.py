@@ -34,8 +34,10 @@ VARIANTS = {}
 for _size, _hidden, _depth, _heads, _mlp, _norm, _tuned in _SIZES:
     for _image, _classes in ((224, 0), (_tuned, 1000)):
         _name = f"eva02_{_size}_patch14_{_image}"
+        # timm's default weights at 448 were evaluated squashed (crop_mode='squash'), those at 336 centre-cropped
         VARIANTS[_name] = variant(_name, _image, 14, _hidden, _depth, _heads, _mlp, mlp_norm=_norm,
-                                  num_classes=_classes, crop_pct=0.9 if _image == 224 else 1.0, **_COMMON)
+                                  num_classes=_classes, crop_pct=0.9 if _image == 224 else 1.0,
+                                  resize_mode="squash" if _image == 448 else "shortest", **_COMMON)
 
 # The CLIP towers: (name, image, patch, hidden, depth, heads, mlp, projection width).
 _CLIP = (("eva02_base_patch16_clip_224", 224, 16, 768, 12, 12, 2048, 512),

@@ -1,0 +1,182 @@
+"""The preprocessing a checkpoint's own library describes, read by vitdeploy and run on real photos, against
+that library's own transform (transformers' image processors) or its own settings (timm's pretrained_cfg,
+open_clip's preprocess_cfg). The bundled photos are 3:2 and square, so a resize that keeps the aspect and
+one that squashes it give different pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vitdeploy.checkpoints import load_model, read_checkpoint
+from vitdeploy.checkpoints.hf_common import preprocessing
+from vitdeploy.config import InputPreprocessing
+from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange
+from vitdeploy.preprocessing import bundled_images, load_image, preprocess
+
+try:
+    import transformers
+except ImportError:  # pragma: no cover - transformers is in the dev extra
+    transformers = None
+
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    pictures = [load_image(path) for path in bundled_images()]
+    assert any(p.width != p.height for p in pictures), "the comparison needs a photo that is not square"
+    return pictures
+
+
+def _processor_folder(folder: Path, kind: str, edits: dict) -> Path:
+    """``kind``'s default settings saved as transformers saves them, with ``edits`` (older hubs' plain
+    numbers, other sizes) written over them."""
+    base = kind.replace("FeatureExtractor", "ImageProcessor")
+    getattr(transformers, base + "Pil")().save_pretrained(folder)
+    path = folder / "preprocessor_config.json"
+    settings = {**json.loads(path.read_text()), **edits, "image_processor_type": kind}
+    path.write_text(json.dumps(settings))
+    return folder
+
+
+def _ours(photos, fields: dict, size: int) -> np.ndarray:
+    return np.stack([preprocess(photo, InputPreprocessing(**fields).at(size)) for photo in photos])
+
+
+def _theirs(photos, folder: Path, kind: str) -> np.ndarray:
+    base = kind.replace("FeatureExtractor", "ImageProcessor")
+    processor = getattr(transformers, base + "Pil").from_pretrained(folder)
+    return processor(images=photos, return_tensors="np")["pixel_values"]
+
+
+# (processor, settings over its defaults, the resize vitdeploy must read from them)
+PROCESSORS = [
+    ("ViTImageProcessor", {}, "squash"),
+    ("ViTImageProcessor", {"size": 224}, "squash"),  # older hubs: a plain number is the square's side
+    ("ViTFeatureExtractor", {"size": 224}, "squash"),
+    ("DeiTImageProcessor", {}, "squash"),  # 256x256, then the centre 224
+    ("SiglipImageProcessor", {}, "squash"),
+    ("CLIPImageProcessor", {}, "shortest"),
+    ("CLIPFeatureExtractor", {"size": 224, "crop_size": 224}, "shortest"),  # a plain number is the short side
+    ("BitImageProcessor", {}, "shortest"),
+    ("BitImageProcessor", {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}, "shortest"),
+]
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind, edits, mode", PROCESSORS, ids=lambda v: v if isinstance(v, str) else None)
+def test_preprocessing_equals_the_transformers_processor(tmp_path, photos, kind, edits, mode):
+    folder = _processor_folder(tmp_path, kind, edits)
+    notes: list[str] = []
+    fields = preprocessing(folder, notes)
+    assert fields["resize_mode"] == mode and not notes
+    theirs = _theirs(photos, folder, kind)
+    ours = _ours(photos, fields, theirs.shape[-1])
+    # both resize with Pillow on 8-bit pixels, then scale and normalise in float32
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+@needs_transformers
+def test_a_processor_that_does_not_crop_is_noted(tmp_path):
+    folder = _processor_folder(tmp_path, "BitImageProcessor", {"do_center_crop": False})
+    notes: list[str] = []
+    assert preprocessing(folder, notes)["resize_mode"] == "shortest"
+    assert len(notes) == 1 and "no crop" in notes[0]
+    folder = _processor_folder(tmp_path, "ViTImageProcessor", {"size": {"height": 224, "width": 320}})
+    notes = []
+    assert "resize_mode" not in preprocessing(folder, notes)
+    assert len(notes) == 1 and "224x320" in notes[0]
+
+
+def _hf_vit_folder(tmp_path: Path, processor: str | None) -> Path:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, image_size=224, patch_size=32)
+    folder = tmp_path / "hf"
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    if processor is not None:
+        getattr(transformers, processor + "Pil")().save_pretrained(folder)
+    return folder
+
+
+@needs_transformers
+@pytest.mark.parametrize("processor", ["ViTImageProcessor", None])
+def test_a_transformers_vit_folder_is_preprocessed_as_transformers_does(tmp_path, photos, processor):
+    """A ViT folder, with its processor's settings or (without them) ViTImageProcessor's defaults: the
+    artifact's preprocessing gives the pixels transformers' processor gives, squashed, not cropped."""
+    folder = _hf_vit_folder(tmp_path, processor)
+    config = load_model(folder).config
+    pre = config.preprocessing.at(config.image_size)
+    assert pre.resize_mode == "squash"
+    reference = transformers.ViTImageProcessorPil()(images=photos, return_tensors="np")["pixel_values"]
+    ours = np.stack([preprocess(photo, pre) for photo in photos])
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-6)
+    # what keeping the aspect would have given: far off on the 3:2 photos
+    cropped = np.stack([preprocess(photo, Preprocessing(**{**pre.__dict__, "resize_mode": "shortest"}))
+                        for photo in photos])
+    assert np.abs(cropped - reference).max() > 0.5
+
+
+def test_timm_pretrained_cfg_crop_mode(tmp_path, tiny_model):
+    weights = {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+    for crop_mode, expected, noted in (("squash", "squash", False), ("center", "shortest", False),
+                                       (None, "shortest", False), ("border", "shortest", True)):
+        folder = tmp_path / f"hub_{crop_mode}"
+        folder.mkdir()
+        save_file(weights, str(folder / "model.safetensors"))
+        pretrained = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bicubic"}
+        if crop_mode is not None:
+            pretrained["crop_mode"] = crop_mode
+        (folder / "config.json").write_text(json.dumps({
+            "architecture": "vit_test_patch8_32", "num_classes": 10, "model_args": {"num_heads": 4},
+            "pretrained_cfg": pretrained}))
+        checkpoint = read_checkpoint(folder)
+        assert checkpoint.config.preprocessing.resize_mode == expected, crop_mode
+        assert any("crop_mode 'border'" in note for note in checkpoint.notes) == noted
+
+
+def test_registry_resizes_as_timm_evaluates_its_default_weights():
+    """Each registered name whose normalisation is that of timm's default weights for it resizes as timm's
+    pretrained_cfg says (``crop_mode``). Where the normalisation differs, the name stands for other weights
+    (the CLIP image towers before fine-tuning) and is left out."""
+    from vitdeploy.timm_import import import_timm
+    from vitdeploy.variants import VARIANTS
+
+    timm = import_timm()
+    if timm is None:  # pragma: no cover - CI installs timm
+        pytest.skip("timm is not installed")
+    from timm.models import get_pretrained_cfg
+
+    compared, wrong = 0, []
+    for name, config in VARIANTS.items():
+        pretrained = get_pretrained_cfg(name) if timm.is_model(name) else None
+        if pretrained is None or tuple(pretrained.mean) != config.preprocessing.mean:
+            continue
+        compared += 1
+        expected = {"squash": "squash"}.get(pretrained.crop_mode or "center", "shortest")
+        if config.preprocessing.resize_mode != expected:
+            wrong.append(f"{name}: {config.preprocessing.resize_mode} where timm's {pretrained.tag} has "
+                         f"crop_mode {pretrained.crop_mode!r}")
+    assert compared > 100
+    assert not wrong, wrong
+
+
+def test_resize_mode_is_checked_and_older_metadata_resizes_the_short_side():
+    with pytest.raises(ValueError, match="resize_mode 'letterbox' is not one of shortest, squash"):
+        Preprocessing(resize_mode="letterbox")
+    with pytest.raises(ValueError, match="resize_mode 'border'"):
+        InputPreprocessing(resize_mode="border")
+    written = ArtifactMetadata(model_config={"patch_size": 16}, preprocessing=Preprocessing(resize_mode="squash"),
+                               inputs=[], outputs=[], shape_range=ShapeRange())
+    props = written.to_props()
+    assert ArtifactMetadata.from_props(props).preprocessing.resize_mode == "squash"
+    older = json.loads(props["vitdeploy.preprocessing"])
+    del older["resize_mode"]
+    props["vitdeploy.preprocessing"] = json.dumps(older)
+    assert ArtifactMetadata.from_props(props).preprocessing.resize_mode == "shortest"
