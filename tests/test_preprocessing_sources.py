@@ -66,6 +66,9 @@ PROCESSORS = [
     ("CLIPFeatureExtractor", {"size": 224, "crop_size": 224}, "shortest"),  # a plain number is the short side
     ("BitImageProcessor", {}, "shortest"),
     ("BitImageProcessor", {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}, "shortest"),
+    ("ViTImageProcessor", {"do_normalize": False}, "squash"),  # the [0, 1] pixels as they are
+    ("ViTImageProcessor", {"do_rescale": False}, "squash"),  # 0..255, normalised
+    ("ViTImageProcessor", {"rescale_factor": 1 / 127.5, "do_normalize": False}, "squash"),  # 0..2
 ]
 
 
@@ -79,11 +82,11 @@ def test_preprocessing_equals_the_transformers_processor(tmp_path, photos, kind,
     theirs = _theirs(photos, folder, kind)
     ours = _ours(photos, fields, theirs.shape[-1])
     # both resize with Pillow on 8-bit pixels, then scale and normalise in float32
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 @needs_transformers
-def test_a_processor_that_does_not_crop_is_noted(tmp_path):
+def test_what_vitdeploy_does_not_reproduce_is_noted(tmp_path):
     folder = _processor_folder(tmp_path, "BitImageProcessor", {"do_center_crop": False})
     notes: list[str] = []
     assert preprocessing(folder, notes)["resize_mode"] == "shortest"
@@ -92,6 +95,13 @@ def test_a_processor_that_does_not_crop_is_noted(tmp_path):
     notes = []
     assert "resize_mode" not in preprocessing(folder, notes)
     assert len(notes) == 1 and "224x320" in notes[0]
+    folder = _processor_folder(tmp_path, "ViTImageProcessor", {"do_rescale": False})
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    del settings["image_mean"]
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    notes = []
+    preprocessing(folder, notes)
+    assert len(notes) == 1 and "scales pixels by 1 but names no mean and std" in notes[0]
 
 
 def _hf_vit_folder(tmp_path: Path, processor: str | None) -> Path:

@@ -71,14 +71,27 @@ def preprocessing(folder: Path, notes: list[str] | None = None) -> dict[str, Any
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}; expected an image processor's settings")
+    notes = notes if notes is not None else []
     fields: dict[str, Any] = {}
     if data.get("image_mean") is not None:
         fields["mean"] = tuple(data["image_mean"])
     if data.get("image_std") is not None:
         fields["std"] = tuple(data["image_std"])
+    if data.get("do_normalize") is False:  # the rescaled pixels as they are
+        fields.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    # vitdeploy computes (pixel / 255 - mean) / std; a processor's (pixel * factor - mean) / std is the
+    # same with mean and std divided by 255 * factor
+    factor = 1.0 if data.get("do_rescale") is False else float(data.get("rescale_factor") or 1 / 255)
+    if abs(factor * 255 - 1) > 1e-9:
+        if "mean" not in fields or "std" not in fields:
+            notes.append(f"{path.name}: the processor scales pixels by {factor:g} but names no mean and std; "
+                         "vitdeploy scales them to 0..1")
+        else:
+            fields.update(mean=tuple(v / (factor * 255) for v in fields["mean"]),
+                          std=tuple(v / (factor * 255) for v in fields["std"]))
     if data.get("resample") in RESAMPLE_CODES:
         fields["interpolation"] = RESAMPLE_CODES[data["resample"]]
-    return {**fields, **_resize(data, path, notes if notes is not None else [])}
+    return {**fields, **_resize(data, path, notes)}
 
 
 # transformers image processors that read a plain-number ``size`` as the short side (the rest as a square).
