@@ -177,6 +177,40 @@ def test_registry_resizes_as_timm_evaluates_its_default_weights():
     assert not wrong, wrong
 
 
+def test_registry_preprocessing_is_that_of_some_weights_timm_has():
+    """Every registered name timm has weights for normalises, crops and resizes as one of those weights'
+    pretrained_cfg says (a bare file named by timm's convention takes the registry's preprocessing)."""
+    from vitdeploy.timm_import import import_timm
+    from vitdeploy.variants import VARIANTS
+
+    timm = import_timm()
+    if timm is None:  # pragma: no cover - CI installs timm
+        pytest.skip("timm is not installed")
+    from timm.models import get_pretrained_cfg
+
+    def recipe(mean, std, crop_pct, interpolation, resize_mode) -> tuple:
+        return (tuple(round(v, 6) for v in mean), tuple(round(v, 6) for v in std), float(crop_pct), interpolation,
+                resize_mode)
+
+    compared, unmatched = 0, []
+    for name, config in VARIANTS.items():
+        tags = timm.list_pretrained(f"{name}.*") if timm.is_model(name) else []
+        if not tags:
+            continue
+        compared += 1
+        theirs = {}
+        for tag in tags:
+            cfg = get_pretrained_cfg(tag)
+            theirs[tag] = recipe(cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation,
+                                 "squash" if cfg.crop_mode == "squash" else "shortest")
+        pre = config.preprocessing
+        ours = recipe(pre.mean, pre.std, pre.crop_pct, pre.interpolation, pre.resize_mode)
+        if ours not in theirs.values():
+            unmatched.append(f"{name}: {ours} is none of {theirs}")
+    assert compared > 100
+    assert not unmatched, unmatched
+
+
 def test_resize_mode_is_checked_and_older_metadata_resizes_the_short_side():
     with pytest.raises(ValueError, match="resize_mode 'letterbox' is not one of shortest, squash"):
         Preprocessing(resize_mode="letterbox")

@@ -53,6 +53,8 @@ for _size, _patch, _image in _PLAIN:
         image_size=_image, patch_size=_patch, hidden_size=_hidden, depth=_depth, num_heads=_heads, mlp_size=_mlp,
         preprocessing=InputPreprocessing(crop_pct=0.9 if _image == 224 else 1.0), provenance=Provenance(name=_name),
     )
+# timm's only weights of ViT-S/8 are DINO's, normalised as ImageNet
+VARIANTS["vit_small_patch8_224"] = VARIANTS["vit_small_patch8_224"].replace(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 # The hybrids of the paper (R50+ViT-B/16) and of "How to train your ViT" (AugReg): ResNet-v2 stages
 # (none: the stem alone, with 8x8 patches on its stride-4 map) under a ViT.
