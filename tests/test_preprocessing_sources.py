@@ -224,3 +224,39 @@ def test_resize_mode_is_checked_and_older_metadata_resizes_the_short_side():
     del older["resize_mode"]
     props["vitdeploy.preprocessing"] = json.dumps(older)
     assert ArtifactMetadata.from_props(props).preprocessing.resize_mode == "shortest"
+
+
+@needs_transformers
+def test_predict_on_an_exported_transformers_folder_gives_transformers_own_probabilities(tmp_path, photos):
+    """The whole chain a user runs: a transformers classifier folder exported, then ``predict`` on the 3:2
+    photos (preprocessing from the artifact's metadata, onnxruntime), against transformers' processor and
+    model on the same files."""
+    from vitdeploy.cli import main
+
+    torch.manual_seed(0)
+    labels = {str(i): name for i, name in enumerate(["cat", "dog", "fox", "owl", "elk"])}
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=224, patch_size=32, id2label=labels,
+                                    label2id={v: int(k) for k, v in labels.items()})
+    model = transformers.ViTForImageClassification(config).eval()
+    with torch.no_grad():  # transformers' init leaves the logits near zero: make every tensor matter
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    processor = transformers.ViTImageProcessorPil(resample=3)
+    processor.save_pretrained(folder)
+    onnx = tmp_path / "vit.onnx"
+    assert main(["export", str(folder), "-o", str(onnx), "--resolution", "224", "--batch", "1:4",
+                 "--no-cpu-variant", "--validation-max-batch", "4"]) == 0
+    report = tmp_path / "predict.json"
+    images = [str(path) for path in bundled_images()]
+    assert main(["predict", str(onnx), *images, "--top-k", "5", "--json", str(report)]) == 0
+    with torch.no_grad():
+        logits = model(**processor(images=photos, return_tensors="pt")).logits.double()
+    expected = torch.softmax(logits, dim=1).numpy()
+    for row, prediction in enumerate(json.loads(report.read_text())["predictions"]):
+        order = [entry["index"] for entry in prediction["top_k"]]
+        assert [entry["label"] for entry in prediction["top_k"]] == [labels[str(i)] for i in order]
+        np.testing.assert_allclose([entry["probability"] for entry in prediction["top_k"]], expected[row, order],
+                                   rtol=0, atol=1e-5, err_msg=images[row])
