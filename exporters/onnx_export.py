@@ -126,12 +126,13 @@ class ExportValidationError(ExportError):
 
 
 class SourceCheckError(ExportValidationError):
-    """The exported graph disagrees with the source library's own model of the checkpoint; carries the
+    """The exported artifact disagrees with the source library's own model of the checkpoint (its graph, or
+    the preprocessing it records against the library's own); carries the
     :class:`~vitdeploy.exporters.source_check.SourceCheckResult` (its ``failure_lines`` say by how much)."""
 
     def __init__(self, result: Any, kept: Path | None = None) -> None:
         self.result = result
-        ExportError.__init__(self, f"exported graph disagrees with {result.reference}: "
+        ExportError.__init__(self, f"exported artifact disagrees with {result.reference}: "
                              + "; ".join(result.failure_lines()))
         self.report = result.report or ParityReport(candidate="artifact vs source")
         self.kept = kept

@@ -242,6 +242,102 @@ def build_transformers(folder: Path, architecture: str) -> SourceModel:
     return SourceModel("transformers", transformers.__version__, cls.__name__, module.float().eval(), hf_outputs)
 
 
+@dataclass
+class SourceProcessor:
+    """A library's own preprocessing: ``run(images)`` gives its ``pixel_values`` for RGB PIL images."""
+
+    name: str
+    run: Callable[[list[Any]], np.ndarray]
+
+
+def transformers_processor(folder: Path) -> SourceProcessor:
+    """The image processor ``preprocessor_config.json`` names, with Pillow where transformers has it (as
+    vitdeploy's preprocessing resizes), else the one transformers picks."""
+    from transformers import AutoImageProcessor
+
+    try:
+        try:
+            processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, backend="pil")
+        except (TypeError, ValueError):  # no Pillow variant of this processor, or a transformers without backends
+            processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - a one-line reason
+        raise SourceModelError(f"transformers cannot load the image processor of {folder}: "
+                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+    def run(images: list[Any]) -> np.ndarray:
+        return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+    return SourceProcessor(type(processor).__name__, run)
+
+
+@dataclass
+class PreprocessingCheck:
+    """The artifact's preprocessing against the source library's own on the same photos: passed, failed
+    (by how much, or with the shapes that differ) or not compared (``reason``)."""
+
+    processor: str
+    photos: int = 0
+    mean_abs: float | None = None
+    max_abs: float | None = None
+    failure: str | None = None
+    reason: str | None = None  # why it was not compared
+
+    @property
+    def passed(self) -> bool | None:
+        if self.reason is not None:
+            return None
+        return self.failure is None
+
+    def line(self) -> str:
+        if self.reason is not None:
+            return f"preprocessing not compared with {self.processor}: {self.reason}"
+        if self.failure is not None:
+            return f"preprocessing differs from {self.processor}'s on {self.photos} real photos: {self.failure}"
+        return (f"preprocessing equals {self.processor}'s on {self.photos} real photos (mean |diff| "
+                f"{self.mean_abs:.2g}, max {self.max_abs:.2g})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"processor": self.processor, "passed": self.passed, "photos": self.photos, "mean_abs": self.mean_abs,
+                "max_abs": self.max_abs, "failure": self.failure, "reason": self.reason}
+
+
+def check_preprocessing(processor: SourceProcessor, preprocessing: Any, images: Sequence[Any] | None = None
+                        ) -> PreprocessingCheck:
+    """``preprocessing`` (an artifact's :class:`~vitdeploy.metadata.Preprocessing`) against ``processor`` on
+    ``images`` (the bundled photos by default), in normalised units: within
+    :data:`~vitdeploy.preprocessing.RESIZE_MEAN_ABS_BOUND` on average and
+    :data:`~vitdeploy.preprocessing.RESIZE_MAX_ABS_BOUND` anywhere (Pillow against torch's antialiased
+    resize); a crop where the source squashes is far outside both."""
+    from vitdeploy.preprocessing import (
+        RESIZE_MAX_ABS_BOUND,
+        RESIZE_MEAN_ABS_BOUND,
+        bundled_images,
+        load_image,
+        preprocess,
+    )
+
+    photos = [load_image(image) for image in (images if images is not None else bundled_images())]
+    try:
+        theirs = processor.run(photos)
+    except Exception as error:  # noqa: BLE001 - the library's own failure, in one line
+        return PreprocessingCheck(processor.name, reason=f"it failed: {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}")
+    if theirs.ndim != 4:
+        return PreprocessingCheck(processor.name, reason=f"it gives {theirs.ndim}-D pixel_values "
+                                  f"{list(theirs.shape)} (patch sequences, not whole images)")
+    ours = np.stack([preprocess(photo, preprocessing) for photo in photos])
+    if ours.shape != theirs.shape:
+        return PreprocessingCheck(processor.name, len(photos), failure=f"it gives {list(theirs.shape)} pixel_values, "
+                                  f"vitdeploy {list(ours.shape)}")
+    diff = np.abs(ours.astype(np.float64) - theirs)
+    check = PreprocessingCheck(processor.name, len(photos), float(diff.mean()), float(diff.max()))
+    if check.mean_abs > RESIZE_MEAN_ABS_BOUND or check.max_abs > RESIZE_MAX_ABS_BOUND:
+        check.failure = (f"mean |diff| {check.mean_abs:.3g} (bound {RESIZE_MEAN_ABS_BOUND}), max {check.max_abs:.3g} "
+                         f"(bound {RESIZE_MAX_ABS_BOUND}) in normalised units; vitdeploy "
+                         f"{preprocessing.describe()}")
+    return check
+
+
 class OpenClipTowers:
     """open_clip's image tower of an OpenCLIP folder at each input size, each built as open_clip builds a
     model for that size (``create_model("local-dir:...", force_image_size=...)``: its position table
@@ -344,6 +440,8 @@ class SourcePlan:
     notes: list[str] = field(default_factory=list)
     build: Callable[[], SourceModel] | None = None
     lenient: bool = False  # a name not from the checkpoint's own config: a load failure skips the check
+    # the library's own image → pixel_values for the checkpoint (transformers' image processor), if it has one
+    processor: Callable[[], SourceProcessor] | None = None
     _model: SourceModel | None = field(default=None, repr=False)
     _memo: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -487,6 +585,8 @@ def _transformers_plan(source: str) -> SourcePlan:
     plan.architecture = str(names[0]) if names else "AutoModel"
     plan.architecture_from = "config.json" if names else "config.json's model_type (AutoModel)"
     plan.build = lambda: build_transformers(folder, str(plan.architecture))
+    if (folder / "preprocessor_config.json").is_file():
+        plan.processor = lambda: transformers_processor(folder)
     return plan
 
 
@@ -563,6 +663,7 @@ class SourceCheckResult:
     error: str | None = None  # the source model could not be built or loaded as named
     size_note: str = ""  # why fewer sizes were checked than the range allows (a source that runs at one size)
     photos: int = PHOTOS_PER_SIZE  # per size: fewer where the artifact's batch range ends below it
+    preprocessing: PreprocessingCheck | None = None  # against the library's own processor, where it has one
 
     @property
     def checked(self) -> bool:
@@ -573,7 +674,9 @@ class SourceCheckResult:
         """True or False when it ran, None when it was skipped."""
         if self.error is not None:
             return False
-        return None if self.report is None else self.report.passed
+        if self.report is None:
+            return None
+        return self.report.passed and (self.preprocessing is None or self.preprocessing.passed is not False)
 
     @property
     def reference(self) -> str:
@@ -592,6 +695,8 @@ class SourceCheckResult:
                 worst = max(failing, key=_badness)
                 lines.append(f"{output} differs from {self.reference} at {worst.height}x{worst.width} "
                              f"({worst.inputs}): {'; '.join(worst.failures)}")
+        if self.preprocessing is not None and self.preprocessing.passed is False:
+            lines.append(self.preprocessing.line())
         return lines
 
     def summary_line(self) -> str:
@@ -605,8 +710,9 @@ class SourceCheckResult:
         if self.passed:
             unchecked = f"; not compared: {', '.join(self.not_compared)}, which the source does not give" if (
                 self.not_compared) else ""
+            pixels = f"; {self.preprocessing.line()}" if self.preprocessing is not None else ""
             return (f"source check: {where}: passed ({', '.join(self.report.outputs)}; tolerance {self.tolerance})"
-                    f"{unchecked}")
+                    f"{unchecked}{pixels}")
         return f"source check: {where}: FAILED: " + " | ".join(self.failure_lines())
 
     def to_dict(self) -> dict[str, Any]:
@@ -621,6 +727,8 @@ class SourceCheckResult:
         }
         if self.report is not None:
             data["outputs"] = self.report.summary()["outputs"]
+        if self.preprocessing is not None:
+            data["preprocessing"] = self.preprocessing.to_dict()
         return data
 
 
@@ -677,4 +785,11 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
         result.size_note = fixed
     elif len(sizes) < 2:
         report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
+    if plan.processor is not None:
+        try:
+            processor = plan.processor()
+        except SourceModelError as error:
+            result.preprocessing = PreprocessingCheck("the source's image processor", reason=str(error))
+        else:
+            result.preprocessing = check_preprocessing(processor, metadata.preprocessing, images)
     return result

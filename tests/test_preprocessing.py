@@ -16,6 +16,8 @@ from PIL import Image
 from vitdeploy.metadata import ArtifactMetadata, Preprocessing, ShapeRange, TensorInfo
 from vitdeploy.preprocessing import (
     DATA_DIR,
+    RESIZE_MAX_ABS_BOUND,
+    RESIZE_MEAN_ABS_BOUND,
     bundled_images,
     center_crop,
     load_image,
@@ -26,12 +28,11 @@ from vitdeploy.preprocessing import (
 )
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-# Mean |difference| in normalised units between PIL's bicubic (a = -0.5, uint8 output) and
-# torch's antialiased bicubic (a = -0.75, rounded here): measured 0.0012..0.0035 (max-abs
-# 0.018..0.154) on the bundled photos at 32..384 px, about 0.2 of a grey level. A 1 px crop
-# shift gives 0.067..0.234 and bilinear instead of bicubic about 0.018, so the bound catches both.
-MEAN_ABS_BOUND = 0.008
-MAX_ABS_BOUND = 0.25
+# Pillow's resize against torch's antialiased one (rounded here), in normalised units: about 0.2 of a grey
+# level on average. A 1 px crop shift gives 0.067..0.234 and bilinear instead of bicubic about 0.018, so
+# the bound catches both.
+MEAN_ABS_BOUND = RESIZE_MEAN_ABS_BOUND
+MAX_ABS_BOUND = RESIZE_MAX_ABS_BOUND
 
 
 def torch_reference(image: Image.Image, pre: Preprocessing, shift: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -226,29 +227,40 @@ def test_resize_mode_is_checked_and_older_metadata_resizes_the_short_side():
     assert ArtifactMetadata.from_props(props).preprocessing.resize_mode == "shortest"
 
 
-@needs_transformers
-def test_predict_on_an_exported_transformers_folder_gives_transformers_own_probabilities(tmp_path, photos):
-    """The whole chain a user runs: a transformers classifier folder exported, then ``predict`` on the 3:2
-    photos (preprocessing from the artifact's metadata, onnxruntime), against transformers' processor and
-    model on the same files."""
-    from vitdeploy.cli import main
+LABELS = {str(i): name for i, name in enumerate(["cat", "dog", "fox", "owl", "elk"])}
+EXPORT_FAST = ["--resolution", "224", "--batch", "1:4", "--no-cpu-variant", "--validation-max-batch", "4"]
 
+
+def _hf_classifier(folder: Path, processor: Any) -> Any:
+    """A small transformers ViT classifier at 224 (patch 32), weights perturbed so the logits spread, saved
+    with ``processor``'s settings."""
     torch.manual_seed(0)
-    labels = {str(i): name for i, name in enumerate(["cat", "dog", "fox", "owl", "elk"])}
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                    image_size=224, patch_size=32, id2label=labels,
-                                    label2id={v: int(k) for k, v in labels.items()})
+                                    image_size=224, patch_size=32, id2label=LABELS,
+                                    label2id={v: int(k) for k, v in LABELS.items()})
     model = transformers.ViTForImageClassification(config).eval()
     with torch.no_grad():  # transformers' init leaves the logits near zero: make every tensor matter
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.2)
-    folder = tmp_path / "hf"
     model.save_pretrained(folder)
-    processor = transformers.ViTImageProcessorPil(resample=3)
     processor.save_pretrained(folder)
-    onnx = tmp_path / "vit.onnx"
-    assert main(["export", str(folder), "-o", str(onnx), "--resolution", "224", "--batch", "1:4",
-                 "--no-cpu-variant", "--validation-max-batch", "4"]) == 0
+    return model
+
+
+@needs_transformers
+def test_predict_on_an_exported_transformers_folder_gives_transformers_own_probabilities(tmp_path, photos):
+    """The whole chain a user runs: a transformers classifier folder exported (its preprocessing checked
+    against the folder's own processor), then ``predict`` on the 3:2 photos (preprocessing from the
+    artifact's metadata, onnxruntime), against transformers' processor and model on the same files."""
+    from vitdeploy.cli import main
+
+    processor = transformers.ViTImageProcessorPil(resample=3)
+    model = _hf_classifier(tmp_path / "hf", processor)
+    onnx, record = tmp_path / "vit.onnx", tmp_path / "export.json"
+    assert main(["export", str(tmp_path / "hf"), "-o", str(onnx), "--json", str(record), *EXPORT_FAST]) == 0
+    checked = json.loads(record.read_text())["source_check"]["preprocessing"]
+    assert checked["passed"] is True and checked["processor"] == "ViTImageProcessorPil"
+    assert checked["photos"] == len(bundled_images()) and checked["max_abs"] < 1e-6
     report = tmp_path / "predict.json"
     images = [str(path) for path in bundled_images()]
     assert main(["predict", str(onnx), *images, "--top-k", "5", "--json", str(report)]) == 0
@@ -257,6 +269,39 @@ def test_predict_on_an_exported_transformers_folder_gives_transformers_own_proba
     expected = torch.softmax(logits, dim=1).numpy()
     for row, prediction in enumerate(json.loads(report.read_text())["predictions"]):
         order = [entry["index"] for entry in prediction["top_k"]]
-        assert [entry["label"] for entry in prediction["top_k"]] == [labels[str(i)] for i in order]
+        assert [entry["label"] for entry in prediction["top_k"]] == [LABELS[str(i)] for i in order]
         np.testing.assert_allclose([entry["probability"] for entry in prediction["top_k"]], expected[row, order],
                                    rtol=0, atol=1e-5, err_msg=images[row])
+
+
+@needs_transformers
+def test_an_export_whose_preprocessing_the_source_processor_contradicts_is_refused(tmp_path, capsys):
+    """A processor that resizes to 224x320 (which vitdeploy does not reproduce): the graph agrees with
+    transformers, the pixels it would be given do not, so the artifact is not handed over."""
+    from vitdeploy.cli import main
+
+    _hf_classifier(tmp_path / "hf", transformers.ViTImageProcessorPil(size={"height": 224, "width": 320}))
+    onnx = tmp_path / "vit.onnx"
+    assert main(["export", str(tmp_path / "hf"), "-o", str(onnx), *EXPORT_FAST]) == 1
+    out = capsys.readouterr().out
+    assert not onnx.exists()
+    assert ("preprocessing differs from ViTImageProcessorPil's on 4 real photos: it gives [4, 3, 224, 320] "
+            "pixel_values, vitdeploy [4, 3, 224, 224]") in out
+    assert "the artifact disagrees with transformers" in out and "--no-source-check" in out
+
+
+@needs_transformers
+def test_the_preprocessing_check_measures_a_crop_where_the_source_squashes(tmp_path):
+    from exporters.source_check import SourceProcessor, check_preprocessing, transformers_processor
+
+    transformers.ViTImageProcessorPil().save_pretrained(tmp_path)
+    processor = transformers_processor(tmp_path)
+    assert processor.name == "ViTImageProcessorPil"
+    squash = InputPreprocessing(**preprocessing(tmp_path)).at(224)
+    assert check_preprocessing(processor, squash).passed is True
+    cropped = check_preprocessing(processor, Preprocessing(**{**squash.__dict__, "resize_mode": "shortest"}))
+    assert cropped.passed is False and cropped.mean_abs > 0.1
+    assert "resize the short side to 224 (bilinear), centre-crop 224" in cropped.failure
+    patches = SourceProcessor("NaFlex", lambda images: np.zeros((len(images), 256, 768), np.float32))
+    assert check_preprocessing(patches, squash).passed is None
+    assert "3-D pixel_values" in check_preprocessing(patches, squash).line()

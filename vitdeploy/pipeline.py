@@ -230,7 +230,7 @@ class Pipeline:
             try:
                 result = build_artifact(self.resolved.model, self.plan, precision, self.out, progress=progress)
             except ExportValidationError as error:
-                check = getattr(error, "result", None)  # a SourceCheckError: the graph disagrees with the source
+                check = getattr(error, "result", None)  # a SourceCheckError: the artifact disagrees with the source
                 what = f"disagrees with {check.reference}" if check is not None else "parity check failed"
                 stage.status, stage.detail = "failed", f"{what}; {path.name} was not written"
                 print(error.report.format_table())

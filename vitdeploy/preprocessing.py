@@ -32,6 +32,13 @@ INTERPOLATIONS = {
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
+# How far two implementations of the same resize may differ, in normalised units: Pillow's bicubic
+# (a = -0.5, 8-bit output) against torch's antialiased bicubic (a = -0.75) measured 0.0012..0.0035 on
+# average (0.018..0.154 at most) on the bundled photos at 32..384 px. A one-pixel crop shift gives
+# 0.067..0.234 on average, a crop where the source squashes far more.
+RESIZE_MEAN_ABS_BOUND = 0.008
+RESIZE_MAX_ABS_BOUND = 0.25
+
 
 # Pillow modes that hold more than 8 bits per sample, and how they become 8-bit (see to_rgb).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                                    **source_info, "source_check": error.result.to_dict()})
         for line in error.result.failure_lines():
             print(f"  {line}")
-        print(f"vitdeploy export: the graph disagrees with {error.result.reference}; {output} was not written"
+        print(f"vitdeploy export: the artifact disagrees with {error.result.reference}; {output} was not written"
               + (f" (kept as {error.kept})" if error.kept else "") + " (--no-source-check skips this check)")
         return 1
     except ExportValidationError as error:
