@@ -12,7 +12,7 @@ the library's own forward pass of the same weights:
 - transformers: a ``save_pretrained`` folder, built with the class its ``config.json`` names
   (``architectures``) and run with ``interpolate_pos_encoding=True`` where the model takes it;
 - open_clip: an OpenCLIP folder, built from its ``open_clip_config.json`` (``local-dir:``), one
-  model per size (:class:`OpenClipTowers`); a tower around a timm trunk at its native size only.
+  model per size (:class:`OpenClipTowers`).
 
 All run on real photographs at the native size and at a changed, non-square size (one side larger,
 one smaller: both up- and downsampling of a position grid), with the tolerance of the artifact's
@@ -180,7 +180,6 @@ class SourceModel:
     architecture: str  # timm model name or transformers class name
     module: Any
     view: Callable[[Any, Any], dict[str, Any]]
-    native_only: str | None = None  # why it runs at its native size only (None: at every size)
 
     @property
     def name(self) -> str:
@@ -341,7 +340,9 @@ def check_preprocessing(processor: SourceProcessor, preprocessing: Any, images: 
 class OpenClipTowers:
     """open_clip's image tower of an OpenCLIP folder at each input size, each built as open_clip builds a
     model for that size (``create_model("local-dir:...", force_image_size=...)``: its position table
-    resampled when the weights are loaded, open_clip's only way to run at another size)."""
+    resampled when the weights are loaded, open_clip's only way to run at another size; a tower around a
+    timm trunk is resized by timm after loading, ``set_input_size``: its table resampled, a RoPE grid
+    changed)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -405,19 +406,13 @@ def build_openclip(folder: Path) -> SourceModel:
 
     towers = OpenClipTowers(folder)
     tower = towers.at(towers.native)
-    trunk = getattr(tower, "trunk", None)
-    native_only = None if trunk is None else (
-        f"open_clip's tower around timm's {type(trunk).__name__} runs at its native size only (open_clip resamples "
-        "the position table of its own VisionTransformer alone)")
     return SourceModel("open_clip", import_open_clip().__version__, f"{type(tower).__name__} of local-dir:{folder}",
-                       towers, openclip_outputs, native_only)
+                       towers, openclip_outputs)
 
 
 def native_size_only(model: SourceModel) -> str | None:
     """Why the source model runs at its native size only (None: it takes other sizes): transformers'
     AIMv2 with ``is_native`` false adds its learned table as it is, without resizing it."""
-    if model.native_only:
-        return model.native_only
     config = getattr(model.module, "config", None)
     if getattr(config, "model_type", None) == "aimv2_vision_model" and not getattr(config, "is_native", True):
         return f"{model.architecture} (is_native false) runs at its native size only"

@@ -135,20 +135,26 @@ def test_a_quickgelu_folder_is_named_as_the_registry_names_openai_towers(tmp_pat
     assert config.projection_dim == 512 and config.preprocessing.crop_pct == 1.0
 
 
-@pytest.mark.parametrize("head", ["map", "linear"])
+@pytest.mark.parametrize("head", ["map", "linear", "mean", "rope"])
 def test_towers_around_a_timm_trunk_match_open_clip(tmp_path, head) -> None:
-    """SigLIP's kind (timm's attention-pool head, no projection) and a linear projection after timm's pooling."""
-    vision = {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
-              "timm_pool": "map" if head == "map" else "token", "timm_proj": "none" if head == "map" else "linear"}
+    """SigLIP's kind (timm's attention-pool head, no projection), a linear projection after timm's pooling, the
+    mean token of a class-token ViT (open_clip's timm_pool "avg": timm's pooling changed after it was built,
+    no fc_norm), and a RoPE trunk (timm's Eva, as EVA-02 and PE are; timm_pool "token" over a model built with
+    fc_norm), at the native size and a non-square one (the trunk resized by timm, as open_clip leaves it)."""
+    trunk = "eva02_tiny_patch14_224" if head == "rope" else "vit_tiny_patch16_224"
+    pool = {"map": "map", "mean": "avg"}.get(head, "token")
+    vision = {"image_size": 224, "timm_model_name": trunk, "timm_model_pretrained": False,
+              "timm_pool": pool, "timm_proj": "none" if head == "map" else "linear"}
     folder = write_folder(tmp_path / head, vision, embed_dim=192 if head == "map" else 40, safetensors=True)
     assert detect_format(folder) == "openclip"
     checkpoint = read_checkpoint(folder)
     assert checkpoint.format == "openclip"
-    assert checkpoint.config.pooling == ("map" if head == "map" else "token")
+    assert checkpoint.config.pooling == pool
     assert (checkpoint.config.projection_dim is None) == (head == "map")
-    compared = compare_with_open_clip(folder, sizes=((224, 224),))
+    patch = checkpoint.config.patch_size
+    compared = compare_with_open_clip(folder, sizes=((224, 224), (224 + 2 * patch, 224 - 2 * patch)))
     assert "pooler_output" in compared and "patch_tokens" in compared
-    assert ("image_embeds" in compared) == (head == "linear")
+    assert ("image_embeds" in compared) == (head != "map")
 
 
 def test_a_bare_weight_file_reads_with_a_warning_for_what_only_the_config_shows(tmp_path) -> None:
@@ -290,3 +296,19 @@ def test_a_torchscript_archive_is_refused_with_how_to_resave_it(tmp_path) -> Non
     pixels = torch.from_numpy(InputFactory(model.config.preprocessing.at(64), synthetic=False).batch(2, 64, 64)[0])
     with torch.no_grad():
         assert_agrees(model.forward_outputs(pixels, ["image_embeds"])["image_embeds"], tower(pixels), "image_embeds")
+
+
+def test_importing_open_clip_first_leaves_transformers_vision_models_importable() -> None:
+    """open_clip imports transformers while torchvision's stand-in exists; transformers must still know that
+    torchvision is absent afterwards (it asks once), or none of its vision models import in that process."""
+    import subprocess
+    import sys
+
+    script = ("from vitdeploy.timm_import import import_open_clip\n"
+              "import_open_clip()\n"
+              "import transformers\n"
+              "from transformers.utils import is_torchvision_available\n"
+              "print(is_torchvision_available(), transformers.Dinov2Model.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "Dinov2Model"]

@@ -13,7 +13,10 @@ them is being imported, and only then, :func:`import_with_torchvision_stand_in` 
 whose every attribute is a class that raises as soon as it is instantiated or called: nothing of
 the library that runs can depend on it without failing loudly. Afterwards the stand-in is removed from
 ``sys.modules`` and ``sys.meta_path``, so ``importlib.util.find_spec("torchvision")`` (which
-torch.onnx asks) is ``None`` again. Where a working torchvision is installed it is used as is.
+torch.onnx asks) is ``None`` again. transformers asks that once and keeps the answer (open_clip imports
+it), so it is asked before the stand-in exists: otherwise transformers would take torchvision for
+installed for the rest of the process and fail to import its vision models. Where a working torchvision
+is installed it is used as is.
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ def _torchvision_imports() -> bool:
     return True
 
 
+def _settle_transformers() -> None:
+    """Have transformers (where installed) decide now, without the stand-in, that torchvision is absent."""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    try:
+        from transformers.utils import import_utils
+    except Exception:  # noqa: BLE001 - a broken transformers is not this module's to report
+        return
+    for name in ("is_torchvision_available", "is_torchvision_v2_available"):
+        check = getattr(import_utils, name, None)
+        if callable(check):
+            check()
+
+
 def import_with_torchvision_stand_in(package: str) -> types.ModuleType | None:
     """The real ``package`` (a library that imports torchvision without running it: timm, open_clip), or
     None when it is not installed."""
@@ -88,6 +105,7 @@ def import_with_torchvision_stand_in(package: str) -> types.ModuleType | None:
         return None
     if _torchvision_imports():
         return importlib.import_module(package)
+    _settle_transformers()
     finder = _AbsentFinder()
     sys.meta_path.insert(0, finder)
     try:

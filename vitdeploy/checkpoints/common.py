@@ -385,7 +385,7 @@ def _position_layout(tokens: int, prefix: int, reg_tokens: int, what: str) -> tu
 
 def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
                  base: Mapping[str, Any] | None = None, prefer: str | None = None,
-                 file_name: str | None = None) -> tuple[ViTConfig, list[str]]:
+                 file_name: str | None = None, pooling: str | None = None) -> tuple[ViTConfig, list[str]]:
     """Derive the :class:`ViTConfig` of a timm-named state dict from its tensor names and shapes.
 
     Read from the tensors: the class (``cls_token``), distillation (``dist_token``) and register
@@ -396,7 +396,8 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     ``hidden_size // 64``. ``base`` supplies fields the shapes cannot (preprocessing, labels,
     layer-norm eps). A matching registry variant (``prefer`` first, then ``file_name``: the variant
     a bare file's name names, as timm names its weights) lends its name, activation, norm epsilon and
-    preprocessing defaults.
+    preprocessing defaults. ``pooling`` is the pooling the source's own config names (timm's
+    ``global_pool``), which the tensors cannot always show: a class-token model pooled by the mean.
     """
     notes: list[str] = []
     proj = _require(state_dict, "patch_embed.proj.weight", what)
@@ -438,15 +439,24 @@ def infer_config(state_dict: StateDict, what: str, num_heads: int | None = None,
     head = state_dict.get("head.weight")
     pre_logits = state_dict.get("pre_logits.fc.weight")
     projection = state_dict.get("proj.weight")
+    named_pooling = pooling
     if "attn_pool.latent" in state_dict:
-        pooling = "map"
+        inferred_pooling = "map"
     elif class_token and not fc_norm:
         # A head twice as wide as the tokens reads the class token and the mean patch token side by side.
         concatenated = (head is not None and head.ndim == 2 and int(head.shape[1]) == 2 * hidden
                         and pre_logits is None and not distilled)
-        pooling = "token_avg" if concatenated else "token"
+        inferred_pooling = "token_avg" if concatenated else "token"
     else:
-        pooling = "avg"
+        inferred_pooling = "avg"
+    if named_pooling is not None and named_pooling != inferred_pooling and inferred_pooling != "token_avg":
+        if named_pooling not in ("token", "avg") or (named_pooling == "token" and not class_token):
+            raise ArchitectureRefused(f"{what}: its config pools by {named_pooling!r}, which these tensors cannot "
+                                      "do in a model vitdeploy builds (it builds 'token' with a class token, 'avg', "
+                                      "and 'map' with an attn_pool head)")
+        if inferred_pooling == "map":
+            raise ArchitectureRefused(f"{what}: its config pools by {named_pooling!r} but it has an attn_pool head")
+    pooling = inferred_pooling if named_pooling is None or inferred_pooling == "token_avg" else named_pooling
     prefix = int(class_token) + int(distilled) + reg_tokens
     pos = _require(state_dict, "pos_embed", what)
     grid, no_embed_class = _position_layout(int(pos.shape[1]), prefix, reg_tokens, what)

@@ -231,8 +231,11 @@ def read_openclip(path: Path, num_heads: int | None = None, model: str | None = 
             trunk["proj.weight"] = head["head.proj.weight"]
             notes.append("read the tower's linear projection (visual.head.proj) as its visual projection proj")
         architecture = vision.get("timm_model_name")
+        # open_clip builds the trunk with timm's global_pool=timm_pool (its default "avg"; "" keeps timm's)
+        pool = vision.get("timm_pool", "avg") if model_cfg else None
         checkpoint = timm_checkpoint(trunk, path, files, architecture=architecture, model=model,
-                                     num_heads=num_heads, base=base, notes=notes, source_format="openclip")
+                                     num_heads=num_heads, base=base, notes=notes, source_format="openclip",
+                                     model_args={"global_pool": pool} if pool else None)
         checkpoint.notes.insert(0, f"an OpenCLIP tower around timm's {architecture or 'ViT'} (visual.trunk)")
         return checkpoint
     if model is not None:

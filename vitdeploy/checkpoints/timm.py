@@ -179,5 +179,5 @@ def timm_checkpoint(state_dict: StateDict, path: Path, files: list[Path], *, arc
         base.pop("labels")
     base["pos_embed_resample"] = "timm"
     config, inferred = infer_config(state_dict, str(path), num_heads=num_heads, base=base, prefer=architecture,
-                                    file_name=file_name)
+                                    file_name=file_name, pooling=(model_args or {}).get("global_pool"))
     return Checkpoint(config, state_dict, source_format, files, notes=notes + inferred)

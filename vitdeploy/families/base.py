@@ -206,6 +206,10 @@ def infer_family_config(family: Family, state_dict: StateDict, what: str, archit
         fields["num_heads"] = int(args["num_heads"])
     if args.get("global_pool") in ("token", "avg", "map") and "pooling" not in shapes:
         fields["pooling"] = args["global_pool"]
+    elif args.get("global_pool") in ("token", "avg") and shapes.get("pooling") == "avg":
+        # fc_norm shows where timm normalises the pooled vector, not how it pools: timm's reset_classifier
+        # (how open_clip sets a trunk's timm_pool) changes the pooling and keeps the norm
+        fields["pooling"] = args["global_pool"]
     if "img_size" in args and not shapes["abs_pos_embed"]:
         size = args["img_size"]
         fields["image_size"] = int(size if isinstance(size, int) else size[0])
