@@ -12,13 +12,16 @@ the library's own forward pass of the same weights:
 - transformers: a ``save_pretrained`` folder, built with the class its ``config.json`` names
   (``architectures``) and run with ``interpolate_pos_encoding=True`` where the model takes it;
 - open_clip: an OpenCLIP folder, built from its ``open_clip_config.json`` (``local-dir:``), one
-  model per size (:class:`OpenClipTowers`).
+  model per size (:class:`OpenClipTowers`);
+- JAX: an original google-research/vision_transformer ``.npz``, loaded into timm's model of the
+  architecture ``--model`` (or else the registry variant its shapes match) names by timm's own npz loader
+  (``load_pretrained``: how PyTorch users load these files; the JAX code itself is not a library here),
+  with the depth, classes and size the archive shows.
 
 All run on real photographs at the native size and at a changed, non-square size (one side larger,
 one smaller: both up- and downsampling of a position grid), with the tolerance of the artifact's
 precision against fp32; every output the source gives is judged (tokens per token through
-:func:`vitdeploy.parity.verify`). Formats with no source library here (JAX ``.npz``, the original
-DINOv2 weights, vitdeploy's own safetensors, a variant name's random weights) are skipped, and the
+:func:`vitdeploy.parity.verify`). Formats with no source library here (the original DINOv2 weights, vitdeploy's own safetensors, a variant name's random weights) are skipped, and the
 record says why. :func:`timm_outputs`, :func:`hf_outputs` and :func:`openclip_outputs` are each
 library's own view of every output under vitdeploy's names; the parity tests use them too.
 """
@@ -42,7 +45,6 @@ PHOTOS_PER_SIZE = 2
 
 # Why a format is not checked against a source library.
 NO_SOURCE_LIBRARY = {
-    "jax": "a JAX .npz checkpoint: its source (big_vision / the JAX ViT code) is not a library vitdeploy runs",
     "dinov2": "the original DINOv2 format: facebookresearch/dinov2 is torch.hub code, not an installed library",
     "native": "vitdeploy's own safetensors format: there is no other library's model to check against",
     "variant": "a variant name: random weights vitdeploy made itself, so there is no source checkpoint",
@@ -226,6 +228,24 @@ def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> 
     with torch.device("meta"):  # the names and shapes first: weights that do not fit cost no full-size init
         load(create(), meta=True)
     module = load(create())
+    return SourceModel("timm", timm.__version__, architecture, module.float().eval(), timm_outputs)
+
+
+def build_timm_npz(path: Path, architecture: str, kwargs: dict[str, Any]) -> SourceModel:
+    """timm's ``architecture`` (``dynamic_img_size=True``, ``kwargs``) with the JAX ``.npz`` at ``path``
+    loaded by timm's own loader (``load_pretrained``), which copies each array it knows into place."""
+    from vitdeploy.timm_import import import_timm
+
+    timm = import_timm()
+    try:
+        module = timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
+    except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
+        raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
+    try:
+        module.load_pretrained(str(path))
+    except Exception as error:  # noqa: BLE001 - an array timm's loader looks for and does not find, or a shape
+        raise SourceModelError(f"timm's npz loader cannot load {path.name} into {architecture}: "
+                               f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
     return SourceModel("timm", timm.__version__, architecture, module.float().eval(), timm_outputs)
 
 
@@ -502,16 +522,19 @@ def _library_plan(source: str, format: str, library: str, module: str) -> Source
 
 
 def plan_source_check(source: str | Path, format: str, *, model: str | None = None, image_size: int | None = None,
-                      enabled: bool = True) -> SourcePlan:
+                      variant: str | None = None, enabled: bool = True) -> SourcePlan:
     """What the checkpoint ``source`` (read as ``format``, :class:`~vitdeploy.checkpoints.ResolvedModel`'s)
     is checked against. ``model`` is the architecture ``--model`` forced (used as the timm name of a
-    bare state dict), ``image_size`` the native size the weights were read at; ``enabled=False``
+    bare state dict), ``image_size`` the native size the weights were read at, ``variant`` the registry
+    name the loader read them as (a JAX archive's timm name when ``model`` gives none); ``enabled=False``
     records that ``--no-source-check`` skipped it."""
     source = str(source)
     if not enabled:
         return SourcePlan(source, format, skipped="--no-source-check")
     if format == "timm":
         return _timm_plan(source, model, image_size)
+    if format == "jax":
+        return _jax_plan(source, model, variant, image_size)
     if format == "huggingface":
         return _transformers_plan(source)
     if format == "openclip":
@@ -565,6 +588,46 @@ def _timm_plan(source: str, model: str | None, image_size: int | None) -> Source
     if "img_size" not in kwargs and image_size:
         kwargs["img_size"] = int(image_size)
     plan.build = lambda: build_timm(files, str(plan.architecture), dict(kwargs))
+    return plan
+
+
+def _jax_plan(source: str, model: str | None, variant: str | None, image_size: int | None) -> SourcePlan:
+    import re
+
+    from vitdeploy.checkpoints.jax import read_npz
+
+    plan = _library_plan(source, "jax", "timm", "timm")
+    if plan.skipped:
+        return plan
+    from vitdeploy.timm_import import import_timm
+
+    timm = import_timm()
+    path = Path(source).expanduser()
+    if model:
+        plan.architecture, plan.architecture_from = model, "--model"
+    elif variant and timm.is_model(variant):
+        plan.architecture, plan.architecture_from = variant, "the registry variant its shapes match"
+    else:
+        plan.skipped = (f"no timm model is named for this JAX archive (read as {variant!r}): pass --model NAME, a "
+                        "timm model of its architecture, to check it against timm's own npz loader")
+        return plan
+    plan.lenient = True  # the archive names no architecture: a name its arrays do not fit skips the check
+    if not timm.is_model(plan.architecture):
+        plan.skipped = f"timm {timm.__version__} has no model named {plan.architecture!r}"
+        return plan
+    arrays = read_npz(path)
+    if any(name.startswith("pre_logits/") for name in arrays):
+        plan.skipped = ("timm's npz loader leaves out the representation layer (pre_logits) this archive has, so "
+                        "timm's model is not this checkpoint")
+        return plan
+    blocks = {int(m[1]) for name in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", name))}
+    head = arrays.get("head/kernel")
+    kwargs: dict[str, Any] = {"depth": len(blocks), "num_classes": int(head.shape[-1]) if head is not None else 0}
+    if image_size:
+        kwargs["img_size"] = int(image_size)
+    plan.notes.append("loaded by timm's own npz loader (load_pretrained), with the depth and classes the archive "
+                      "shows")
+    plan.build = lambda: build_timm_npz(path, str(plan.architecture), kwargs)
     return plan
 
 

@@ -120,8 +120,8 @@ def test_learned_table_aimv2_native_size_only_in_transformers(tmp_path):
 @pytest.fixture(scope="module")
 def exported_native(tmp_path_factory):
     """The is_native model exported once (fp32, 42..70 x 42..84), checked against transformers by the export."""
-    from exporters.onnx_export import ExportOptions, export_onnx
-    from exporters.source_check import plan_source_check
+    from vitdeploy.exporters.onnx_export import ExportOptions, export_onnx
+    from vitdeploy.exporters.source_check import plan_source_check
 
     folder = tmp_path_factory.mktemp("aimv2_hf")
     source = hf_aimv2(True, folder / "hf")
@@ -178,7 +178,7 @@ def test_learned_table_aimv2_source_check_runs_transformers_at_the_native_size_o
     its native one, and says why it stops there, rather than failing on transformers' own refusal."""
     from types import SimpleNamespace
 
-    from exporters.source_check import plan_source_check, run_source_check
+    from vitdeploy.exporters.source_check import plan_source_check, run_source_check
     from vitdeploy.metadata import ShapeRange
 
     hf_aimv2(False, tmp_path / "hf")

@@ -292,7 +292,7 @@ def test_an_export_whose_preprocessing_the_source_processor_contradicts_is_refus
 
 @needs_transformers
 def test_the_preprocessing_check_measures_a_crop_where_the_source_squashes(tmp_path):
-    from exporters.source_check import SourceProcessor, check_preprocessing, transformers_processor
+    from vitdeploy.exporters.source_check import SourceProcessor, check_preprocessing, transformers_processor
 
     transformers.ViTImageProcessorPil().save_pretrained(tmp_path)
     processor = transformers_processor(tmp_path)

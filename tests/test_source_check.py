@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from family_sources import Family, perturb, perturbed_timm_model, save_timm, timm
@@ -167,16 +168,82 @@ def test_verify_runs_the_check_and_passes_a_right_artifact(timm_export, timm_hub
     assert code == 0 and "source check skipped: --no-source-check" in out
 
 
+@pytest.fixture(scope="module")
+def jax_archive(tmp_path_factory) -> Path:
+    """An original-layout ``.npz`` of ViT-Ti/16 at 224 (vitdeploy's model with every weight perturbed, written
+    in Flax's layout by ``jax_archives``): its shapes are the registry's vit_tiny_patch16_224, a timm name."""
+    from conftest import make_model
+    from jax_archives import jax_arrays
+
+    from vitdeploy.variants import get_config
+
+    model = perturb(make_model(get_config("vit_tiny_patch16_224", num_classes=10)), seed=3)
+    path = tmp_path_factory.mktemp("jax") / "ViT-Ti_16.npz"
+    np.savez(path, **jax_arrays(model))
+    return path
+
+
+JAX_RANGE = ["--resolution", "192:256", "--batch", "1:2", "--no-cpu-variant", "--validation-max-batch", "2"]
+
+
+def test_a_jax_archive_is_checked_against_timms_own_npz_loader(jax_archive, tmp_path, capsys) -> None:
+    """The paper's own format: timm's model loaded by timm's npz loader, at the native and a non-square size;
+    the position table resampled as the JAX code's scipy zoom (vitdeploy's eager model built that way, as
+    an export with --pos-embed-resample jax would be: no second trace of 12 blocks) is refused by how much."""
+    from onnx_artifacts import make_metadata
+
+    from vitdeploy.checkpoints import resolve_source
+    from vitdeploy.metadata import ShapeRange
+
+    record = tmp_path / "vit.json"
+    code, out = run(capsys, "export", str(jax_archive), "-o", str(tmp_path / "vit.onnx"), "--json", str(record),
+                    *JAX_RANGE)
+    assert code == 0, out
+    check = json.loads(record.read_text())["source_check"]
+    assert check["passed"] is True and check["library"] == "timm" and check["architecture"] == "vit_tiny_patch16_224"
+    assert check["architecture_from"] == "the registry variant its shapes match"
+    assert sorted(check["outputs"]) == ["logits"] and any(h != w for h, w in check["sizes"])
+
+    zoom = resolve_source(str(jax_archive), pos_embed_resample="jax").model.eval()
+
+    def run_zoom(pixels):
+        with torch.no_grad():
+            return {"logits": zoom(torch.from_numpy(pixels)).numpy()}
+
+    plan = plan_source_check(jax_archive, "jax", image_size=224, variant=zoom.config.provenance.name)
+    metadata = make_metadata(zoom.config, ShapeRange(batch=(1, 2), height=(192, 256), width=(192, 256)))
+    result = run_source_check(run_zoom, plan, metadata, height=(192, 256), width=(192, 256))
+    assert result.passed is False
+    assert result.failure_lines()[0].startswith("logits differs from timm"), result.failure_lines()
+
+
 # -- what is checked against what, without running anything ----------------------------------------
 
 
-@pytest.mark.parametrize("format, words", [("jax", "JAX"), ("dinov2", "original DINOv2"), ("native", "own"),
+@pytest.mark.parametrize("format, words", [("dinov2", "original DINOv2"), ("native", "own"),
                                             ("variant", "random weights")])
 def test_formats_without_a_source_library_are_skipped_with_the_reason(format, words) -> None:
     plan = plan_source_check("anything", format)
     assert not plan.runs and words in plan.skipped
     result = run_source_check(None, plan, None, height=(1, 2), width=(1, 2))
     assert result.passed is None and result.to_dict() == {"checked": False, "reason": plan.skipped, "format": format}
+
+
+def test_a_jax_archive_timm_cannot_stand_for_is_skipped_with_the_reason(tmp_path) -> None:
+    from conftest import make_model, tiny_config
+    from jax_archives import jax_arrays
+
+    from vitdeploy.checkpoints import load_model
+
+    plain = tmp_path / "tiny.npz"
+    np.savez(plain, **jax_arrays(make_model(tiny_config())))
+    name = load_model(plain).config.provenance.name  # no registry variant has these sizes
+    plan = plan_source_check(plain, "jax", image_size=32, variant=name)
+    assert not plan.runs and "pass --model NAME" in plan.skipped and repr(name) in plan.skipped
+    representation = tmp_path / "pre_logits.npz"
+    np.savez(representation, **jax_arrays(make_model(tiny_config(representation_size=48))))
+    plan = plan_source_check(representation, "jax", model="vit_tiny_patch16_224", image_size=32)
+    assert not plan.runs and "representation layer (pre_logits)" in plan.skipped
 
 
 def test_a_bare_timm_state_dict_is_checked_under_the_name_it_is_given(tmp_path) -> None:

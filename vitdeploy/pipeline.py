@@ -201,7 +201,8 @@ class Pipeline:
 
             self.source_plan = plan_source_check(
                 self.resolved.source, self.resolved.format, model=self.options.model,
-                image_size=self.resolved.model.config.image_size, enabled=self.options.source_check)
+                image_size=self.resolved.model.config.image_size,
+                variant=self.resolved.model.config.provenance.name, enabled=self.options.source_check)
             self.name = slug(str(self.options.source))
             config = self.resolved.model.config
             stage.detail = (f"{config.provenance.name}: {self.resolved.format}"

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         validation_max_batch=args.validation_max_batch, cpu_variant=not args.no_cpu_variant, **quantization,
         source_check=plan_source_check(resolved.source, resolved.format, model=args.model_variant,
                                        image_size=resolved.model.config.image_size,
+                                       variant=resolved.model.config.provenance.name,
                                        enabled=not args.no_source_check),
     )
     source_info = {"source": str(resolved.source), "format": resolved.format, "sha256": resolved.sha256,

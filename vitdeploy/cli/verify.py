@@ -235,7 +235,8 @@ def _source_check(args: argparse.Namespace, resolved: Any, runtime: Any, metadat
     from vitdeploy.exporters.source_check import plan_source_check, run_source_check
 
     plan = plan_source_check(resolved.source, resolved.format, model=args.model_variant,
-                             image_size=resolved.model.config.image_size, enabled=not args.no_source_check)
+                             image_size=resolved.model.config.image_size,
+                             variant=resolved.model.config.provenance.name, enabled=not args.no_source_check)
     if plan.runs:
         progress(f"checking against {plan.library}'s own {plan.architecture}")
     return run_source_check(runtime, plan, metadata, height=spec.height, width=spec.width, images=images,
