@@ -21,9 +21,11 @@ the library's own forward pass of the same weights:
 All run on real photographs at the native size and at a changed, non-square size (one side larger,
 one smaller: both up- and downsampling of a position grid), with the tolerance of the artifact's
 precision against fp32; every output the source gives is judged (tokens per token through
-:func:`vitdeploy.parity.verify`). Formats with no source library here (the original DINOv2 weights, vitdeploy's own safetensors, a variant name's random weights) are skipped, and the
-record says why. :func:`timm_outputs`, :func:`hf_outputs` and :func:`openclip_outputs` are each
-library's own view of every output under vitdeploy's names; the parity tests use them too.
+:func:`vitdeploy.parity.verify`). Formats with no source library here (the original DINOv2 weights,
+vitdeploy's own safetensors, a variant name's random weights) are skipped, and the record says why.
+:func:`timm_outputs`, :func:`hf_outputs` and :func:`openclip_outputs` are each library's own view of
+every output under vitdeploy's names; the parity tests use them too. A transformers folder's
+preprocessing is also compared with its own image processor (:func:`check_preprocessing`).
 """
 
 from __future__ import annotations
