@@ -57,6 +57,12 @@ class SourceModelError(RuntimeError):
     """The source library cannot build or load the checkpoint as the architecture it names."""
 
 
+def _error_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone where the message is empty)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 # --------------------------------------------------------------------------- each library's outputs
 
 
@@ -247,7 +253,7 @@ def build_timm_npz(path: Path, architecture: str, kwargs: dict[str, Any]) -> Sou
         module.load_pretrained(str(path))
     except Exception as error:  # noqa: BLE001 - an array timm's loader looks for and does not find, or a shape
         raise SourceModelError(f"timm's npz loader cannot load {path.name} into {architecture}: "
-                               f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+                               f"{_error_line(error)[:300]}") from None
     return SourceModel("timm", timm.__version__, architecture, module.float().eval(), timm_outputs)
 
 
@@ -283,7 +289,7 @@ def transformers_processor(folder: Path) -> SourceProcessor:
             processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # noqa: BLE001 - a one-line reason
         raise SourceModelError(f"transformers cannot load the image processor of {folder}: "
-                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+                               f"{_error_line(error)}") from None
 
     def run(images: list[Any]) -> np.ndarray:
         return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
@@ -341,8 +347,7 @@ def check_preprocessing(processor: SourceProcessor, preprocessing: Any, images: 
     try:
         theirs = processor.run(photos)
     except Exception as error:  # noqa: BLE001 - the library's own failure, in one line
-        return PreprocessingCheck(processor.name, reason=f"it failed: {type(error).__name__}: "
-                                  f"{str(error).splitlines()[0] if str(error) else ''}")
+        return PreprocessingCheck(processor.name, reason=f"it failed: {_error_line(error)}")
     if theirs.ndim != 4:
         return PreprocessingCheck(processor.name, reason=f"it gives {theirs.ndim}-D pixel_values "
                                   f"{list(theirs.shape)} (patch sequences, not whole images)")
@@ -596,8 +601,6 @@ def _timm_plan(source: str, model: str | None, image_size: int | None) -> Source
 def _jax_plan(source: str, model: str | None, variant: str | None, image_size: int | None) -> SourcePlan:
     import re
 
-    from vitdeploy.checkpoints.jax import read_npz
-
     plan = _library_plan(source, "jax", "timm", "timm")
     if plan.skipped:
         return plan
@@ -617,14 +620,15 @@ def _jax_plan(source: str, model: str | None, variant: str | None, image_size: i
     if not timm.is_model(plan.architecture):
         plan.skipped = f"timm {timm.__version__} has no model named {plan.architecture!r}"
         return plan
-    arrays = read_npz(path)
-    if any(name.startswith("pre_logits/") for name in arrays):
+    with np.load(path, allow_pickle=False) as archive:  # the names, and the head's shape: no other array read
+        names = {re.sub(r"^(opt/target/|params/)", "", name): name for name in archive.files}
+        head = archive[names["head/kernel"]].shape if "head/kernel" in names else None
+    if any(name.startswith("pre_logits/") for name in names):
         plan.skipped = ("timm's npz loader leaves out the representation layer (pre_logits) this archive has, so "
                         "timm's model is not this checkpoint")
         return plan
-    blocks = {int(m[1]) for name in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", name))}
-    head = arrays.get("head/kernel")
-    kwargs: dict[str, Any] = {"depth": len(blocks), "num_classes": int(head.shape[-1]) if head is not None else 0}
+    blocks = {int(m[1]) for name in names if (m := re.match(r"Transformer/encoderblock_(\d+)/", name))}
+    kwargs: dict[str, Any] = {"depth": len(blocks), "num_classes": int(head[-1]) if head else 0}
     if image_size:
         kwargs["img_size"] = int(image_size)
     plan.notes.append("loaded by timm's own npz loader (load_pretrained), with the depth and classes the archive "
@@ -707,7 +711,7 @@ class _SourceRun:
         except Exception as error:  # noqa: BLE001 - the source library's own failure, reported in one line
             shape = "x".join(str(d) for d in pixel_values.shape)
             raise SourceModelError(f"{self.plan.model().name} failed on a {shape} input: "
-                                   f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+                                   f"{_error_line(error)}") from error
 
 
 @dataclass
