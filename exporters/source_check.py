@@ -308,6 +308,7 @@ class PreprocessingCheck:
     max_abs: float | None = None
     failure: str | None = None
     reason: str | None = None  # why it was not compared
+    size_note: str = ""  # the processor's size, where it is not the artifact's (the method compared at it)
 
     @property
     def passed(self) -> bool | None:
@@ -321,11 +322,11 @@ class PreprocessingCheck:
         if self.failure is not None:
             return f"preprocessing differs from {self.processor}'s on {self.photos} real photos: {self.failure}"
         return (f"preprocessing equals {self.processor}'s on {self.photos} real photos (mean |diff| "
-                f"{self.mean_abs:.2g}, max {self.max_abs:.2g})")
+                f"{self.mean_abs:.2g}, max {self.max_abs:.2g}){'; ' + self.size_note if self.size_note else ''}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"processor": self.processor, "passed": self.passed, "photos": self.photos, "mean_abs": self.mean_abs,
-                "max_abs": self.max_abs, "failure": self.failure, "reason": self.reason}
+                "max_abs": self.max_abs, "failure": self.failure, "reason": self.reason, "size_note": self.size_note}
 
 
 def check_preprocessing(processor: SourceProcessor, preprocessing: Any, images: Sequence[Any] | None = None
@@ -335,6 +336,7 @@ def check_preprocessing(processor: SourceProcessor, preprocessing: Any, images: 
     :data:`~vitdeploy.preprocessing.RESIZE_MEAN_ABS_BOUND` on average and
     :data:`~vitdeploy.preprocessing.RESIZE_MAX_ABS_BOUND` anywhere (Pillow against torch's antialiased
     resize); a crop where the source squashes is far outside both."""
+    from vitdeploy.metadata import Preprocessing
     from vitdeploy.preprocessing import (
         RESIZE_MAX_ABS_BOUND,
         RESIZE_MEAN_ABS_BOUND,
@@ -351,12 +353,22 @@ def check_preprocessing(processor: SourceProcessor, preprocessing: Any, images: 
     if theirs.ndim != 4:
         return PreprocessingCheck(processor.name, reason=f"it gives {theirs.ndim}-D pixel_values "
                                   f"{list(theirs.shape)} (patch sequences, not whole images)")
+    size_note = ""
+    side, crop = theirs.shape[-1], int(preprocessing.crop_size)
+    if theirs.shape[-2] == side != crop:
+        # a processor that feeds another square size than the model's native one (transformers' DINOv2: 224
+        # crops into a model whose table is 518's): the same resize and crop, compared at the processor's size
+        size_note = (f"compared at the processor's {side}x{side}; the artifact's preprocessing gives {crop}x{crop}, "
+                     "its native size")
+        preprocessing = Preprocessing.for_model(side, crop / preprocessing.resize_size, preprocessing.mean,
+                                                preprocessing.std, preprocessing.interpolation,
+                                                preprocessing.resize_mode)
     ours = np.stack([preprocess(photo, preprocessing) for photo in photos])
     if ours.shape != theirs.shape:
         return PreprocessingCheck(processor.name, len(photos), failure=f"it gives {list(theirs.shape)} pixel_values, "
                                   f"vitdeploy {list(ours.shape)}")
     diff = np.abs(ours.astype(np.float64) - theirs)
-    check = PreprocessingCheck(processor.name, len(photos), float(diff.mean()), float(diff.max()))
+    check = PreprocessingCheck(processor.name, len(photos), float(diff.mean()), float(diff.max()), size_note=size_note)
     if check.mean_abs > RESIZE_MEAN_ABS_BOUND or check.max_abs > RESIZE_MAX_ABS_BOUND:
         check.failure = (f"mean |diff| {check.mean_abs:.3g} (bound {RESIZE_MEAN_ABS_BOUND}), max {check.max_abs:.3g} "
                          f"(bound {RESIZE_MAX_ABS_BOUND}) in normalised units; vitdeploy "

@@ -305,3 +305,27 @@ def test_the_preprocessing_check_measures_a_crop_where_the_source_squashes(tmp_p
     patches = SourceProcessor("NaFlex", lambda images: np.zeros((len(images), 256, 768), np.float32))
     assert check_preprocessing(patches, squash).passed is None
     assert "3-D pixel_values" in check_preprocessing(patches, squash).line()
+
+
+@needs_transformers
+def test_a_processor_that_feeds_another_size_than_the_native_one_is_compared_at_its_own(tmp_path):
+    """transformers' DINOv2 folders: a 518-px position table, a processor that crops 224 from 256. The artifact
+    keeps its native size; its resize and crop are compared at the processor's size, and the record says so
+    (a shape check alone would refuse every such folder)."""
+    from vitdeploy.exporters.source_check import check_preprocessing, transformers_processor
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, mlp_ratio=2, image_size=56, patch_size=14)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path)
+    transformers.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                      resample=3).save_pretrained(tmp_path)
+    read = load_model(tmp_path).config
+    native = read.preprocessing.at(read.image_size)
+    assert (native.resize_size, native.crop_size) == (64, 56)
+    check = check_preprocessing(transformers_processor(tmp_path), native)
+    assert check.passed is True and check.max_abs < 1e-6, check.line()
+    assert "compared at the processor's 28x28; the artifact's preprocessing gives 56x56" in check.line()
+    squashed = check_preprocessing(transformers_processor(tmp_path), Preprocessing(**{**native.__dict__,
+                                                                                      "resize_mode": "squash"}))
+    assert squashed.passed is False
