@@ -202,6 +202,14 @@ def _read_timm_weights(files: list[Path]) -> dict[str, Any]:
     return strip_prefixes(read_weight_files(files))[0]
 
 
+def _create_timm(timm: Any, architecture: str, kwargs: dict[str, Any]) -> Any:
+    """timm's ``architecture`` with ``kwargs`` and ``dynamic_img_size=True``, untrained."""
+    try:
+        return timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
+    except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
+        raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
+
+
 def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> SourceModel:
     """timm's ``architecture`` with ``dynamic_img_size=True`` and ``kwargs``, the weights in ``files``
     loaded strictly (read as data: safetensors or a weights-only pickle)."""
@@ -213,12 +221,6 @@ def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> 
         head = state.get("head.weight")
         kwargs = {**kwargs, "num_classes": int(head.shape[0]) if head is not None else 0}
     import torch
-
-    def create() -> Any:
-        try:
-            return timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
-        except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
-            raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
 
     def load(module: Any, meta: bool = False) -> Any:
         try:
@@ -234,8 +236,8 @@ def build_timm(files: list[Path], architecture: str, kwargs: dict[str, Any]) -> 
         return module
 
     with torch.device("meta"):  # the names and shapes first: weights that do not fit cost no full-size init
-        load(create(), meta=True)
-    module = load(create())
+        load(_create_timm(timm, architecture, kwargs), meta=True)
+    module = load(_create_timm(timm, architecture, kwargs))
     return SourceModel("timm", timm.__version__, architecture, module.float().eval(), timm_outputs)
 
 
@@ -245,10 +247,7 @@ def build_timm_npz(path: Path, architecture: str, kwargs: dict[str, Any]) -> Sou
     from vitdeploy.timm_import import import_timm
 
     timm = import_timm()
-    try:
-        module = timm.create_model(architecture, pretrained=False, **{**kwargs, "dynamic_img_size": True})
-    except Exception as error:  # noqa: BLE001 - any failure of timm's constructor is a one-line reason
-        raise SourceModelError(f"timm cannot build {architecture} with {kwargs}: {error}") from None
+    module = _create_timm(timm, architecture, kwargs)
     try:
         module.load_pretrained(str(path))
     except Exception as error:  # noqa: BLE001 - an array timm's loader looks for and does not find, or a shape
@@ -477,6 +476,7 @@ class SourcePlan:
     # the library's own image → pixel_values for the checkpoint (transformers' image processor), if it has one
     processor: Callable[[], SourceProcessor] | None = None
     _model: SourceModel | None = field(default=None, repr=False)
+    _processor: SourceProcessor | None = field(default=None, repr=False)
     _memo: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -489,6 +489,13 @@ class SourcePlan:
             assert self.build is not None
             self._model = self.build()
         return self._model
+
+    def image_processor(self) -> SourceProcessor:
+        """The source's own preprocessing, built once (each precision's artifact is compared with it)."""
+        if self._processor is None:
+            assert self.processor is not None
+            self._processor = self.processor()
+        return self._processor
 
     def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The source model's outputs for an fp32 ``[N, 3, H, W]`` batch, computed once per batch."""
@@ -863,7 +870,7 @@ def run_source_check(candidate: Any, plan: SourcePlan, metadata: Any, *, height:
         report.notes.append("no changed non-square size fits the artifact's range; checked at the native size only")
     if plan.processor is not None:
         try:
-            processor = plan.processor()
+            processor = plan.image_processor()
         except SourceModelError as error:
             result.preprocessing = PreprocessingCheck("the source's image processor", reason=str(error))
         else:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vitdeploy.metadata import RESIZE_MODES, Preprocessing
+from vitdeploy.metadata import Preprocessing, check_resize_mode
 from vitdeploy.pos_embed import DEFAULT_RESAMPLE, LEGACY_RESAMPLE, check_resample
 from vitdeploy.rope import RopeSpec, check_rope
 
@@ -103,8 +103,7 @@ class InputPreprocessing:
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         self.crop_pct = float(self.crop_pct)
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        check_resize_mode(self.resize_mode)
 
     def at(self, image_size: int) -> Preprocessing:
         """The resize/crop/normalise steps for ``image_size`` inputs (timm's eval transform)."""

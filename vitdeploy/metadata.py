@@ -20,6 +20,12 @@ PREFIX = "vitdeploy."
 RESIZE_MODES = ("shortest", "squash")
 
 
+def check_resize_mode(mode: str) -> None:
+    """Raise ``ValueError`` naming ``mode`` unless it is one of :data:`RESIZE_MODES`."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
 @dataclass
 class Preprocessing:
     """How an image becomes ``pixel_values``: resize (the short side, or both sides with ``resize_mode``
@@ -35,8 +41,7 @@ class Preprocessing:
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        check_resize_mode(self.resize_mode)
 
     def describe(self) -> str:
         """``resize the short side to 248 (bicubic), centre-crop 224, mean 0.485/0.456/0.406, std ...``."""

@@ -547,10 +547,11 @@ class InputFactory:
         from vitdeploy.preprocessing import INTERPOLATIONS
 
         image = self.images[index % len(self.images)]
-        scale = max(height / image.height, width / image.width)
-        size = (max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale)))
         if self.preprocessing.resize_mode == "squash":
             size = (width, height)
+        else:
+            scale = max(height / image.height, width / image.width)
+            size = (max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale)))
         resample = INTERPOLATIONS.get(self.preprocessing.interpolation, Image.Resampling.BICUBIC)
         resized = np.asarray(image.resize(size, resample), dtype=np.float32)
         top, left = (size[1] - height) // 2, (size[0] - width) // 2

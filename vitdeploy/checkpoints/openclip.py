@@ -40,6 +40,7 @@ from vitdeploy.checkpoints.common import (
     strip_prefixes,
 )
 from vitdeploy.constants import CLIP_MEAN, CLIP_STD
+from vitdeploy.metadata import RESIZE_MODES
 from vitdeploy.variants import VARIANTS
 
 CONFIG_FILE = "open_clip_config.json"
@@ -107,7 +108,7 @@ def _preprocessing(preprocess_cfg: Mapping[str, Any], notes: list[str]) -> dict[
         if preprocess_cfg.get(key) is not None:
             fields[key] = preprocess_cfg[key]
     resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
-    if resize_mode in ("shortest", "squash"):
+    if resize_mode in RESIZE_MODES:  # open_clip's names for the two resizes vitdeploy reproduces
         fields["resize_mode"] = resize_mode
     else:
         notes.append(f"preprocess_cfg resize_mode {resize_mode!r} is not reproduced: vitdeploy's preprocessing "
